@@ -1,0 +1,15 @@
+"""fp8lab: train transformers with FP8 GEMMs, see what FP8 does, and trust the result.
+
+Reading order follows the data: config -> layers -> quantized GEMM (qgemm) ->
+executors/backends -> scaling state -> update_scales -> telemetry.
+"""
+
+from fp8lab.config import DelayedScaling
+from fp8lab.formats import E4M3, E5M2, Role
+from fp8lab.linear import Linear
+from fp8lab.state import ScalingState
+from fp8lab.update import update_scales
+
+__version__ = "0.1.0"
+
+__all__ = ["DelayedScaling", "E4M3", "E5M2", "Linear", "Role", "ScalingState", "update_scales", "__version__"]

@@ -1,0 +1,1 @@
+"""Backend selection and the hardware backends (Transformer Engine, torch._scaled_mm)."""

@@ -1,0 +1,131 @@
+"""Choosing a layer's GEMM backend: one pure function of the facts, plus the probes.
+
+Invariant: ``select_backend`` reads nothing from the environment; everything it depends
+on is an argument, so the whole decision table is tested on CPU. ``probe_*`` gather the
+facts; Transformer Engine is located without being imported.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
+FALLBACKS = ("bf16", "emulate")
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
+HW_GEMM_MULTIPLE = 16  # cuBLASLt FP8 GEMMs need K and N divisible by 16
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for explicitly and cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    type: str  # "cpu", "cuda", ...
+    capability: tuple[int, int] | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class TEFacts:
+    version: str | None  # None: not importable
+    why_not: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str  # "te" | "scaled_mm" | "emulated" | "bf16"
+    reason: str
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.backend == "bf16" else "fp8"
+
+
+def _fallback(fallback: str, why: str) -> Plan:
+    if fallback == "emulate":
+        return Plan("emulated", f"{why}; FP8 emulated in software")
+    return Plan("bf16", why)
+
+
+def _fp8_hardware(device: DeviceFacts) -> bool:
+    return device.type == "cuda" and device.capability is not None and device.capability >= FP8_MIN_CAPABILITY
+
+
+def _sm(device: DeviceFacts) -> str:
+    major, minor = device.capability or (0, 0)
+    return f"sm_{major}{minor}"
+
+
+def select_backend(
+    *,
+    device: DeviceFacts,
+    te: TEFacts,
+    requested: str = "auto",
+    fallback: str = "bf16",
+    dims: tuple[int, int] | None = None,
+) -> Plan:
+    """The backend a layer runs on, with a one-line human reason.
+
+    Args:
+        device: the layer's device facts (type, compute capability, name).
+        te: whether Transformer Engine is importable, and its version.
+        requested: "auto", "te", "scaled_mm", "emulated" or "bf16".
+        fallback: what "auto" uses without FP8 hardware: "bf16" or "emulate".
+        dims: the GEMM's (in_features, out_features); hardware FP8 needs multiples of 16.
+    Raises:
+        BackendUnavailable: an explicitly requested backend cannot run here.
+        ValueError: ``requested`` or ``fallback`` is not one of the allowed names.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if requested == "bf16":
+        return Plan("bf16", "backend='bf16' requested")
+    if requested == "emulated":
+        return Plan("emulated", "backend='emulated' requested; FP8 emulated in software")
+
+    gpu = f"{device.name or 'GPU'} ({_sm(device)})" if device.type == "cuda" else device.type
+    if requested in ("te", "scaled_mm"):
+        if device.type != "cuda":
+            hint = "torch._scaled_mm is never run on CPU (a few GFLOP/s)" if requested == "scaled_mm" else "Transformer Engine needs an NVIDIA GPU"
+            raise BackendUnavailable(f"backend={requested!r} needs a CUDA device, got {device.type}: {hint}; use backend='emulated' or 'auto'")
+        if not _fp8_hardware(device):
+            raise BackendUnavailable(f"backend={requested!r} needs FP8 tensor cores (sm_89 or newer); {gpu} has none; use backend='auto' for the BF16 fallback")
+        if requested == "te" and te.version is None:
+            raise BackendUnavailable(f"backend='te' needs Transformer Engine: pip install 'fp8lab[te]' ({te.why_not or 'not installed'})")
+
+    if device.type != "cuda":
+        return _fallback(fallback, f"no FP8 hardware on {device.type.upper()}")
+    if not _fp8_hardware(device):
+        return _fallback(fallback, f"{gpu} has no FP8 tensor cores")
+    if dims is not None and any(d % HW_GEMM_MULTIPLE for d in dims):
+        return _fallback(fallback, f"dimensions {dims[0]}x{dims[1]} are not multiples of {HW_GEMM_MULTIPLE}, which a hardware FP8 GEMM needs")
+    if requested == "te" or (requested == "auto" and te.version is not None):
+        return Plan("te", f"Transformer Engine {te.version} on {gpu}")
+    if requested == "scaled_mm":
+        return Plan("scaled_mm", f"torch._scaled_mm on {gpu} (requested)")
+    return Plan("scaled_mm", f"torch._scaled_mm on {gpu}; install fp8lab[te] for fused kernels")
+
+
+def probe_device(device: torch.device) -> DeviceFacts:
+    """The facts ``select_backend`` needs about ``device`` (no CUDA call on CPU)."""
+    if device.type != "cuda":
+        return DeviceFacts(device.type)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return DeviceFacts("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+
+
+def probe_te() -> TEFacts:
+    """Whether Transformer Engine for PyTorch is installed, located without importing it."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return TEFacts(None, "transformer_engine is not installed")
+    try:
+        return TEFacts(importlib.metadata.version("transformer_engine"))
+    except importlib.metadata.PackageNotFoundError:
+        return TEFacts("unknown")

@@ -1,0 +1,142 @@
+"""fp8lab.Linear: a drop-in nn.Linear whose GEMMs run in FP8 with delayed scaling.
+
+Invariant: parameters stay float32 (master weights); the layer owns its ScalingState
+(``self.fp8_state``) and never updates the scales itself: ``fp8lab.update_scales``
+does, once per optimizer step. The backend is chosen per device by
+``fp8lab.backends.select`` and the reason is kept for ``fp8lab.describe``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8lab.backends.select import BACKENDS, FALLBACKS, Plan, probe_device, probe_te, select_backend
+from fp8lab.config import DelayedScaling
+from fp8lab.executors import EXECUTORS
+from fp8lab.qgemm import quantized_linear
+from fp8lab.state import ScalingState
+
+# Training forwards without an update_scales call after which a layer warns (once):
+# enough for long gradient accumulation, few enough that stale scales are noticed early.
+STALE_SCALE_FORWARDS = 256
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM returns: autocast's when it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class Linear(nn.Module):
+    """``y = x @ W^T + b`` with FP8 GEMMs (forward E4M3, gradients E5M2 under "hybrid").
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        recipe: the DelayedScaling recipe (default: Transformer Engine's defaults).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        device: where parameters and scaling state are created.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        recipe: DelayedScaling | None = None,
+        backend: str = "auto",
+        fallback: str = "bf16",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.recipe = recipe if recipe is not None else DelayedScaling()
+        self.backend, self.fallback = backend, fallback
+        self.keep_bf16_reason: str | None = None  # set by a precision policy
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.fp8_state = ScalingState(self.recipe, device=device)
+        self._plans: dict[torch.device, Plan] = {}
+        self._warned_stale = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, so converted and fresh layers start alike."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def plan(self, device: torch.device | None = None) -> Plan:
+        """The backend this layer runs on ``device`` (default: its weight's) and why."""
+        device = device if device is not None else self.weight.device
+        plan = self._plans.get(device)
+        if plan is None:
+            if self.keep_bf16_reason is not None:
+                plan = Plan("bf16", self.keep_bf16_reason)
+            else:
+                plan = select_backend(
+                    device=probe_device(device),
+                    te=probe_te(),
+                    requested=self.backend,
+                    fallback=self.fallback,
+                    dims=(self.in_features, self.out_features),
+                )
+            self._plans[device] = plan
+        return plan
+
+    def keep_in_bf16(self, reason: str) -> None:
+        """Run this layer's GEMM in BF16 from now on, recording why."""
+        self.keep_bf16_reason = reason
+        self._plans.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan(x.device)
+        out_dtype = output_dtype(x)
+        if plan.backend == "bf16":
+            with torch.autocast(x.device.type, enabled=False):
+                b = self.bias.to(torch.bfloat16) if self.bias is not None else None
+                return F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), b).to(out_dtype)
+        if plan.backend == "te":
+            from fp8lab.backends import te as te_backend  # imported only when chosen
+
+            return te_backend.linear_forward(self, x)
+        record = self.training
+        if record:
+            self._note_forward()
+        return quantized_linear(
+            x, self.weight, self.bias, self.fp8_state, EXECUTORS[plan.backend], out_dtype, record
+        )
+
+    def _note_forward(self) -> None:
+        state = self.fp8_state
+        state.ran.fill_(True)
+        state.forwards_since_update += 1
+        if state.forwards_since_update > STALE_SCALE_FORWARDS and not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(
+                f"an fp8lab layer ran {STALE_SCALE_FORWARDS} training forwards without "
+                "fp8lab.update_scales(model); its FP8 scales are stale. Call "
+                "update_scales(model) once after every optimizer.step().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, backend={self.backend}, fallback={self.fallback}"
+        )

@@ -1,0 +1,87 @@
+"""The quantized GEMM: one autograd Function for fprop, dgrad and wgrad.
+
+Invariant: scales are read from the layer's ScalingState and never changed here; the
+only state this writes is row 0 of the amax history (a running max until
+``update_scales``) and, on telemetry steps, the cast statistics.
+
+    fprop:  y      = x_fp8 (E4M3)        @ w_fp8 (E4M3)^T   * 1/(s_x * s_w)
+    dgrad:  grad_x = grad_out_fp8 (E5M2) @ w_fp8 (E4M3)     * 1/(s_g * s_w)
+    wgrad:  grad_w = grad_out_fp8^T      @ x_fp8 (E4M3)     * 1/(s_g * s_x)
+            grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
+
+grad_out is E5M2 under "hybrid", E4M3 under "e4m3". x and w are quantized once in the
+forward and the FP8 copies are saved for the backward, as hardware recipes do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp8lab.cast import amax_of, cast_stats
+from fp8lab.formats import Role
+from fp8lab.state import ScalingState
+
+
+def _quantize(x_hp, role: Role, state: ScalingState, executor, record: bool):
+    fmt = state.recipe.format_for(role)
+    scale = state.scale[role]
+    if record:
+        state.record_amax(role, amax_of(x_hp))
+    x_q = executor.quantize(x_hp, scale, fmt)
+    if state.collect_stats:
+        state.stats[role] = cast_stats(x_hp, x_q, scale, fmt)
+    return x_q, scale.reciprocal()
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_hp, w_hp, bias, state, executor, out_dtype, record):
+        x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
+        x_q, x_inv = _quantize(x2d, Role.INPUT, state, executor, record)
+        w_q, w_inv = _quantize(w_hp, Role.WEIGHT, state, executor, record)
+        y = executor.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype)  # (B*T, N)
+        if bias is not None:
+            y = y.add_(bias.to(out_dtype))
+        ctx.save_for_backward(x_q, w_q, x_inv, w_inv)
+        ctx.state, ctx.executor, ctx.record = state, executor, record
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
+        return y.reshape(*x_hp.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_q, w_q, x_inv, w_inv = ctx.saved_tensors
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
+        g_q, g_inv = _quantize(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.executor, ctx.record)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.executor.gemm(g_q, w_q, g_inv, w_inv, ctx.x_dtype)  # (B*T, K)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.executor.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.w_dtype)  # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.sum(dim=0, dtype=torch.float32)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def quantized_linear(
+    x_hp: torch.Tensor,
+    w_hp: torch.Tensor,
+    bias: torch.Tensor | None,
+    state: ScalingState,
+    executor,
+    out_dtype: torch.dtype,
+    record: bool,
+) -> torch.Tensor:
+    """``y = x @ w^T + b`` with both GEMM operands (and the gradient) in FP8.
+
+    Args:
+        x_hp: (..., K) input in any float dtype.
+        w_hp: (N, K) weight (the float32 master copy).
+        bias: (N,) or None.
+        state: the layer's ScalingState (scales read, amaxes recorded).
+        executor: an executor from ``fp8lab.executors``.
+        out_dtype: dtype of y and of grad_x's computation (autocast's dtype when on).
+        record: record amaxes (training); False leaves the history untouched (eval).
+    """
+    with torch.autocast(x_hp.device.type, enabled=False):
+        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, executor, out_dtype, record)

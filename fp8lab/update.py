@@ -1,0 +1,71 @@
+"""update_scales: the once-per-optimizer-step delayed-scaling update of a whole model.
+
+Invariant: this is the only code that rolls amax histories and changes scales. It is
+vectorised: layers that share a recipe are stacked and updated by a fixed number of
+tensor ops, whatever their count; under torch.distributed every rank's row 0 is
+MAX-reduced in one collective first, so all ranks end with identical state. Nothing here
+reads a tensor on the host.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from fp8lab.scaling import update_history_and_scale
+from fp8lab.state import ScalingState
+
+
+def scaling_states(model: nn.Module) -> list[ScalingState]:
+    """Every ScalingState in ``model``, in ``named_modules`` order."""
+    return [m for m in model.modules() if isinstance(m, ScalingState)]
+
+
+def _reduce_amaxes(states: list[ScalingState], group) -> None:
+    """One MAX all-reduce of every layer's row 0 and 'ran' flag, in a single buffer."""
+    if not states:
+        return
+    rows = torch.stack([torch.cat([s.amax_history[0], s.ran.to(s.amax_history.dtype).reshape(1)]) for s in states])
+    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX, group=group)
+    torch._foreach_copy_([s.amax_history[0] for s in states], list(rows[:, :3].unbind(0)))
+    torch._foreach_copy_([s.ran for s in states], list((rows[:, 3] > 0).unbind(0)))
+
+
+def update_scales(model: nn.Module, group=None) -> None:
+    """Roll every layer's amax history and recompute its scales; call after optimizer.step().
+
+    A layer that has not run since the last call keeps its history and scale unchanged.
+    With gradient accumulation, call this once per optimizer step: row 0 then holds the
+    max amax over all micro-batches.
+
+    Args:
+        model: any module containing fp8lab layers.
+        group: the data-parallel process group for the amax reduction (default: WORLD);
+            used only when torch.distributed is initialised and the recipe's
+            ``reduce_amax`` is True.
+    """
+    states = scaling_states(model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _reduce_amaxes([s for s in states if s.recipe.reduce_amax], group)
+
+    by_recipe: dict[object, list[ScalingState]] = defaultdict(list)
+    for state in states:
+        by_recipe[(state.recipe, state.amax_history.device)].append(state)
+        state.forwards_since_update = 0
+
+    for (recipe, device), group_states in by_recipe.items():
+        history = torch.stack([s.amax_history for s in group_states], dim=1)  # (H, N, 3)
+        scale = torch.stack([s.scale for s in group_states])  # (N, 3)
+        ran = torch.stack([s.ran for s in group_states])  # (N,)
+        fp8_max = torch.tensor(recipe.fp8_max, device=device)  # (3,) host->device, no sync
+        new_history, new_scale = update_history_and_scale(
+            history, scale, fp8_max, recipe.margin, recipe.amax_compute_algo
+        )
+        new_history = torch.where(ran[None, :, None], new_history, history)
+        new_scale = torch.where(ran[:, None], new_scale, scale)
+        torch._foreach_copy_([s.amax_history for s in group_states], list(new_history.unbind(1)))
+        torch._foreach_copy_([s.scale for s in group_states], list(new_scale.unbind(0)))
+        for s in group_states:
+            s.ran.fill_(False)
