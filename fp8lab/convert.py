@@ -1,0 +1,131 @@
+"""convert: turn the nn.Linear layers of any model into fp8lab.Linear, in place.
+
+Invariant: a converted layer computes the same function with the same Parameter
+objects (weight ties and optimizer references survive; nothing is copied and the
+global RNG is not touched); a layer that is not converted keeps working as before and
+carries a reason (``SKIP_REASON_ATTR``) that ``fp8lab.describe`` shows. Whether a
+converted layer runs FP8 is its backend plan's business: a layer with dimensions a
+hardware FP8 GEMM cannot take is converted anyway and runs its fallback, with the
+reason in its plan; conversion never stops at an odd layer.
+
+Layers left as they are, with their reason:
+- ``nn.MultiheadAttention.out_proj`` (a ``NonDynamicallyQuantizableLinear``):
+  ``F.multi_head_attention_forward`` reads ``out_proj.weight`` and ``.bias`` directly
+  and never calls its forward, so an fp8lab.Linear there would run in BF16/FP32 while
+  claiming FP8 (its QKV projection is a bare Parameter, not a Linear, for the same
+  reason);
+- subclasses of nn.Linear that override ``forward``, parametrized layers, and lazy
+  layers not yet materialised.
+
+torch's fused ``TransformerEncoderLayer`` inference fast path (eval mode, no grad, no
+autocast) reads ``linear1.weight``/``linear2.weight`` directly too; converting those
+layers switches that fast path off (``activation_relu_or_gelu = 0`` on the layer and
+``use_nested_tensor = False`` on its encoder, both read only by the fast-path checks),
+so the converted GEMMs really run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fp8lab.backends.select import BACKENDS, FALLBACKS
+from fp8lab.config import DelayedScaling
+from fp8lab.linear import Linear
+from fp8lab.policy import PrecisionPolicy
+from fp8lab.state import ScalingState
+
+SKIP_REASON_ATTR = "fp8lab_skip_reason"
+
+
+def _skip_reason(parent: nn.Module | None, name: str, linear: nn.Linear) -> str | None:
+    """Why ``linear`` (child ``name`` of ``parent``) must stay a torch layer, or None."""
+    if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+        return (
+            "not converted: nn.MultiheadAttention reads out_proj.weight directly "
+            "(F.multi_head_attention_forward), so its forward never runs"
+        )
+    if parametrize.is_parametrized(linear):
+        return "not converted: parametrized layer (its weight is computed, not stored)"
+    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+        return "not converted: lazy layer not materialised yet (run one forward first)"
+    if type(linear).forward is not nn.Linear.forward:
+        return f"not converted: {type(linear).__qualname__} overrides nn.Linear.forward"
+    return None
+
+
+def _to_fp8lab(linear: nn.Linear, recipe: DelayedScaling, backend: str, fallback: str) -> Linear:
+    """An fp8lab.Linear that holds ``linear``'s own weight and bias Parameters."""
+    device = linear.weight.device
+    # Built on the meta device so that no throw-away init runs (and no RNG is consumed).
+    new = Linear(
+        linear.in_features, linear.out_features, linear.bias is not None,
+        recipe=recipe, backend=backend, fallback=fallback, device="meta",
+    )  # fmt: skip
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.fp8_state = ScalingState(recipe, device=device)
+    new.train(linear.training)
+    return new
+
+
+def _disable_fused_fast_paths(model: nn.Module) -> None:
+    """Stop torch's fused encoder kernels from reading converted layers' weights."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and (
+            isinstance(module.linear1, Linear) or isinstance(module.linear2, Linear)
+        ):
+            module.activation_relu_or_gelu = 0
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, Linear) for m in module.modules()):
+            module.use_nested_tensor = False
+
+
+def convert(
+    model: nn.Module,
+    *,
+    recipe: DelayedScaling | None = None,
+    policy: PrecisionPolicy | None = None,
+    backend: str = "auto",
+    fallback: str = "bf16",
+) -> nn.Module:
+    """Replace every convertible ``nn.Linear`` in ``model`` by an ``fp8lab.Linear``.
+
+    Returns ``model`` (or the new layer when ``model`` itself is an nn.Linear). Layers
+    already fp8lab are left alone; see the module docstring for those skipped.
+
+    Args:
+        model: any module.
+        recipe: the DelayedScaling recipe of every converted layer (default: TE's).
+        policy: which converted layers stay in BF16 (default: ``PrecisionPolicy()``,
+            which keeps a layer named ``lm_head``).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    recipe = recipe if recipe is not None else DelayedScaling()
+    policy = policy if policy is not None else PrecisionPolicy()
+    if isinstance(model, nn.Linear) and not isinstance(model, Linear):
+        reason = _skip_reason(None, "", model)
+        if reason is not None:
+            setattr(model, SKIP_REASON_ATTR, reason)
+            return model
+        return policy.apply(_to_fp8lab(model, recipe, backend, fallback))
+
+    converted: dict[int, Linear] = {}  # a layer registered twice is converted once
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear) or not isinstance(child, nn.Linear):
+                continue
+            reason = _skip_reason(parent, name, child)
+            if reason is not None:
+                setattr(child, SKIP_REASON_ATTR, reason)
+                continue
+            if id(child) not in converted:
+                converted[id(child)] = _to_fp8lab(child, recipe, backend, fallback)
+            setattr(parent, name, converted[id(child)])
+    _disable_fused_fast_paths(model)
+    return policy.apply(model)

@@ -1,0 +1,89 @@
+"""describe: what precision every GEMM layer of a model runs in, on which backend, and why.
+
+Invariant: describe reads plans and never changes a layer. A row is produced for every
+``fp8lab.Linear`` (from its backend plan) and for every plain ``nn.Linear`` left in the
+model (with the reason ``fp8lab.convert`` recorded, if it skipped the layer), so nothing
+runs outside FP8 without showing up here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_te, select_backend
+from fp8lab.convert import SKIP_REASON_ATTR
+from fp8lab.linear import Linear
+
+UNCONVERTED = "torch"  # precision and backend of an nn.Linear fp8lab does not run
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    layer: str  # qualified name from named_modules
+    precision: str  # "fp8", "bf16", or "torch" for a layer fp8lab does not run
+    backend: str  # "te", "scaled_mm", "emulated", "bf16" or "torch"
+    reason: str
+
+
+class Description(list):
+    """A list of LayerRow that prints as an aligned table."""
+
+    def __str__(self) -> str:
+        header = ("layer", "precision", "backend", "reason")
+        cells = [header] + [(r.layer, r.precision, r.backend, r.reason) for r in self]
+        widths = [max(len(row[i]) for row in cells) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in cells]
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def plan_for(linear: Linear, device: DeviceFacts, te: TEFacts | None = None) -> Plan:
+    """The plan ``linear`` would get on a device with these facts; no device is touched.
+
+    Same decision as ``Linear.plan`` (policy first, then ``select_backend``), so a CUDA
+    plan can be checked on a machine without a GPU.
+
+    Args:
+        linear: the layer.
+        device: facts of the device, e.g. ``DeviceFacts("cuda", (9, 0), "H100")``.
+        te: Transformer Engine facts (default: probed on this machine).
+    """
+    if linear.keep_bf16_reason is not None:
+        return Plan("bf16", linear.keep_bf16_reason)
+    return select_backend(
+        device=device,
+        te=te if te is not None else probe_te(),
+        requested=linear.backend,
+        fallback=linear.fallback,
+        dims=(linear.in_features, linear.out_features),
+    )
+
+
+def describe(
+    model: nn.Module,
+    device: torch.device | str | DeviceFacts | None = None,
+    *,
+    te: TEFacts | None = None,
+) -> Description:
+    """One row per GEMM layer: name, precision, backend, reason.
+
+    Args:
+        model: any module containing fp8lab (or plain torch) Linear layers.
+        device: where to plan for: None (each layer's weight device), a torch device,
+            or ``DeviceFacts`` to plan for hardware this machine does not have.
+        te: Transformer Engine facts, used with ``DeviceFacts`` only (default: probed).
+    """
+    rows = Description()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            if isinstance(device, DeviceFacts):
+                plan = plan_for(module, device, te)
+            else:
+                plan = module.plan(torch.device(device) if device is not None else None)
+            rows.append(LayerRow(name, plan.precision, plan.backend, plan.reason))
+        elif isinstance(module, nn.Linear):
+            reason = getattr(module, SKIP_REASON_ATTR, "plain torch.nn.Linear (not converted)")
+            rows.append(LayerRow(name, UNCONVERTED, UNCONVERTED, reason))
+    return rows

@@ -1,0 +1,69 @@
+"""TransformerBlock: a pre-norm GPT block built from MultiheadAttention and LayerNormMLP.
+
+Invariant: the residual stream is never normalized or quantized in place:
+``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, with each norm fused into the
+module that follows it (``attn.norm``, ``mlp.norm``); the four GEMMs are the
+``fp8lab.Linear`` layers ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8lab.config import DelayedScaling
+from fp8lab.layers.attention import MultiheadAttention
+from fp8lab.layers.mlp import LayerNormMLP
+from fp8lab.layers.norm import check_normalization
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm transformer block over (B, T, C).
+
+    Args:
+        hidden_size: model width C.
+        ffn_hidden_size: MLP intermediate size.
+        num_attention_heads: number of attention heads.
+        normalization: "LayerNorm" or "RMSNorm" (both norms).
+        activation: "gelu" (tanh approximation) or "swiglu".
+        attn_mask_type: "causal" or "no_mask".
+        bias: learn additive biases in all four GEMMs.
+        eps: the norms' epsilon.
+        recipe: the DelayedScaling recipe of all four GEMMs (default: TE's defaults).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        device: where parameters and scaling state are created.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_attention_heads: int,
+        *,
+        normalization: str = "LayerNorm",
+        activation: str = "gelu",
+        attn_mask_type: str = "causal",
+        bias: bool = True,
+        eps: float = 1e-5,
+        recipe: DelayedScaling | None = None,
+        backend: str = "auto",
+        fallback: str = "bf16",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        gemm = dict(bias=bias, eps=eps, recipe=recipe, backend=backend, fallback=fallback, device=device)
+        self.attn = MultiheadAttention(
+            hidden_size,
+            num_attention_heads,
+            attn_mask_type=attn_mask_type,
+            normalization=check_normalization(normalization),
+            **gemm,
+        )
+        self.mlp = LayerNormMLP(
+            hidden_size, ffn_hidden_size, normalization=normalization, activation=activation, **gemm
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)  # (B, T, C); attn.norm is the first pre-norm
+        return x + self.mlp(x)  # mlp.norm is the second

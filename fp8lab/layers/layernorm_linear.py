@@ -1,0 +1,53 @@
+"""LayerNormLinear: a norm followed by one FP8 GEMM (Transformer Engine's LayerNormLinear).
+
+Invariant: the GEMM is an ``fp8lab.Linear`` (``self.linear``), so it has its own
+ScalingState and backend plan; the norm (``self.norm``) runs in float32 and is never
+quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8lab.config import DelayedScaling
+from fp8lab.layers.norm import Norm
+from fp8lab.linear import Linear
+
+
+class LayerNormLinear(nn.Module):
+    """``y = Linear(Norm(x))`` with the Linear's GEMMs in FP8.
+
+    Args:
+        in_features: size of each input sample (the normalized dimension).
+        out_features: size of each output sample.
+        bias: learn an additive bias in the Linear.
+        normalization: "LayerNorm" or "RMSNorm".
+        eps: the norm's epsilon.
+        recipe: the DelayedScaling recipe of the GEMM (default: TE's defaults).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        device: where parameters and scaling state are created.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        normalization: str = "LayerNorm",
+        eps: float = 1e-5,
+        recipe: DelayedScaling | None = None,
+        backend: str = "auto",
+        fallback: str = "bf16",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.norm = Norm(in_features, normalization, eps, device=device)
+        self.linear = Linear(
+            in_features, out_features, bias, recipe=recipe, backend=backend, fallback=fallback, device=device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))  # (..., in) -> (..., out)

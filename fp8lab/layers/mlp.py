@@ -1,0 +1,81 @@
+"""LayerNormMLP: norm, fc1, activation, fc2, with both GEMMs in FP8.
+
+Invariant: fc1 and fc2 are separate ``fp8lab.Linear`` layers, each with its own
+ScalingState; the activation runs in the GEMM's output dtype (BF16 under autocast),
+between the two quantized GEMMs.
+
+Activations, as in Transformer Engine:
+- "gelu": GELU with the tanh approximation (TE's ``gelu`` is the tanh form);
+- "swiglu": fc1 emits 2 * ffn_hidden_size features, split in half as ``(a, b)``,
+  and the activation is ``silu(a) * b`` (TE's ``swiglu``: the first half is gated).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8lab.config import DelayedScaling
+from fp8lab.layers.norm import Norm
+from fp8lab.linear import Linear
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+def check_activation(activation: str) -> str:
+    """``activation`` itself, or ValueError naming the allowed values."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+class LayerNormMLP(nn.Module):
+    """``fc2(act(fc1(Norm(x))))``; the residual is added by the caller.
+
+    Args:
+        hidden_size: size of the input and output features.
+        ffn_hidden_size: size of the intermediate features (per half under SwiGLU).
+        normalization: "LayerNorm" or "RMSNorm".
+        activation: "gelu" (tanh approximation) or "swiglu".
+        bias: learn additive biases in fc1 and fc2.
+        eps: the norm's epsilon.
+        recipe: the DelayedScaling recipe of both GEMMs (default: TE's defaults).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        device: where parameters and scaling state are created.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        *,
+        normalization: str = "LayerNorm",
+        activation: str = "gelu",
+        bias: bool = True,
+        eps: float = 1e-5,
+        recipe: DelayedScaling | None = None,
+        backend: str = "auto",
+        fallback: str = "bf16",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.activation = check_activation(activation)
+        fc1_out = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        gemm = dict(recipe=recipe, backend=backend, fallback=fallback, device=device)
+        self.norm = Norm(hidden_size, normalization, eps, device=device)
+        self.fc1 = Linear(hidden_size, fc1_out, bias, **gemm)
+        self.fc2 = Linear(ffn_hidden_size, hidden_size, bias, **gemm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.norm(x))  # (B, T, F) or (B, T, 2F)
+        if self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            a, b = h.chunk(2, dim=-1)  # (B, T, F) each
+            h = F.silu(a) * b
+        return self.fc2(h)  # (B, T, C)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"

@@ -1,0 +1,96 @@
+"""``fp8lab report RUN_DIR``: the per-layer scaling table read back from the event files.
+
+Invariant: reads only what the run wrote (TensorBoard event files and summary.json)
+through TensorBoard's own event reader, so it shows exactly what TensorBoard shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fp8lab.formats import ROLE_NAMES
+
+# Thresholds for "worth attention", applied to the mean over the run's log steps.
+OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
+UNDERFLOW_PCT = 1.0  # more than 1% of non-zero values flushed to zero
+SQNR_DB = 20.0  # below torchao's bar for an FP8 linear
+
+ADVICE = {
+    "overflow": "raise margin (recipe.margin=1 or 2) or use amax_compute_algo='max' with a longer history",
+    "underflow": "shorten amax_history_len (a stale large amax keeps the scale low) or keep the layer in BF16",
+    "sqnr": "keep the layer in BF16 (variants.<name>.keep_bf16) or check its inputs for outliers",
+}
+
+
+class ReportError(ValueError):
+    """The run folder cannot be read; the message names it and why."""
+
+
+def _load(variant_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(variant_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
+    """{(layer, role, field): values over log steps} from one variant's events."""
+    acc = _load(variant_dir)
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        if tag.startswith("scaling/"):
+            layer_role_field = tag[len("scaling/"):]
+            layer, role, field = layer_role_field.rsplit("/", 2)
+            out[(layer, role, field)] = [e.value for e in acc.Scalars(tag)]
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report(run_dir: str | Path) -> str:
+    """The report text for ``run_dir`` (a ``logs/<recipe>/<run_id>`` folder)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run folder {str(run_dir)!r} does not exist")
+    variants = sorted(p for p in run_dir.iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*")))
+    if not variants:
+        raise ReportError(f"run folder {str(run_dir)!r} holds no TensorBoard event files (is it logs/<recipe>/<run_id>?)")
+    lines = []
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        lines.append(f"run {run_dir}  (recipe {summary['recipe']}, {summary['steps']} steps, {summary['device']})")
+        for name, v in summary["variants"].items():
+            gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}% vs {summary['baseline']}"
+            loss = "-" if v["final_val_loss"] is None else f"{v['final_val_loss']:.4f}"
+            lines.append(f"  {name:<22} val loss {loss}  {gap}")
+    else:
+        lines.append(f"run {run_dir}  (no summary.json: the run did not finish)")
+    for variant_dir in variants:
+        scaling = read_scaling(variant_dir)
+        if not scaling:
+            continue
+        lines += ["", f"== {variant_dir.name}: mean over log steps", f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}"]
+        layers = sorted({k[0] for k in scaling})
+        attention = []
+        for layer in layers:
+            for role in ROLE_NAMES:
+                m = {f: _mean(scaling.get((layer, role, f), [])) for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")}
+                lines.append(f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} {m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}")
+                if m["overflow_pct"] > OVERFLOW_PCT:
+                    attention.append((layer, role, f"overflow {m['overflow_pct']:.3f}%", ADVICE["overflow"]))
+                if m["underflow_pct"] > UNDERFLOW_PCT:
+                    attention.append((layer, role, f"underflow {m['underflow_pct']:.2f}%", ADVICE["underflow"]))
+                if m["sqnr_db"] < SQNR_DB:
+                    attention.append((layer, role, f"SQNR {m['sqnr_db']:.1f} dB", ADVICE["sqnr"]))
+        lines.append("")
+        if attention:
+            lines.append(f"layers worth attention ({variant_dir.name}):")
+            lines += [f"  {layer}/{role}: {what} -> {advice}" for layer, role, what, advice in attention]
+        else:
+            lines.append(f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Running recipes: config -> variants trained on the same batches -> telemetry."""

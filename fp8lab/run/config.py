@@ -1,0 +1,144 @@
+"""The run configuration a recipe returns: frozen, keyword-only, validated sections.
+
+Invariant: a RunConfig that exists is valid; every field is checked in ``__post_init__``
+and a bad one raises ``ConfigError`` whose message starts with the field's dotted name
+(``train.steps``) and says what is allowed. Recipes only construct these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from fp8lab.config import DelayedScaling
+
+PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config field is invalid; the message names the field and what is allowed."""
+
+
+def _check(ok: bool, name: str, allowed: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _int(value, name: str, low: int = 1) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, f"an int >= {low}", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" | "text:PATH" | "tokens:PATH"
+    val_fraction: float = 0.1
+
+    def __post_init__(self):
+        _check(isinstance(self.source, str) and (self.source == "stdlib" or self.source.startswith(("text:", "tokens:"))),
+               "data.source", "'stdlib', 'text:PATH' or 'tokens:PATH'", self.source)
+        _check(isinstance(self.val_fraction, float) and 0 < self.val_fraction <= 0.5, "data.val_fraction", "a float in (0, 0.5]", self.val_fraction)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    preset: str = "tiny"
+    num_layers: int | None = None  # None: the preset's value
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    ffn_hidden_size: int | None = None
+
+    def __post_init__(self):
+        from fp8lab.gpt import PRESETS
+
+        _check(self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+            value = getattr(self, name)
+            if value is not None:
+                _int(value, f"model.{name}")
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    block_size: int = 128
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    seed: int = 1337
+    device: str = "auto"
+    checkpoint_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    max_consecutive_skips: int = 5
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "block_size", "log_interval", "eval_interval", "eval_batches", "keep_checkpoints", "max_consecutive_skips"):
+            _int(getattr(self, name), f"train.{name}")
+        for name in ("warmup_steps", "seed", "checkpoint_interval"):
+            _int(getattr(self, name), f"train.{name}", low=0)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _check(isinstance(value, float) and value >= 0, f"train.{name}", "a float >= 0", value)
+        _check(self.lr > 0, "train.lr", "a float > 0", self.lr)
+        _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr})", self.min_lr)
+        _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One model trained in the run: the BF16 baseline, an FP8 variant, or a reference."""
+
+    name: str
+    precision: str = "fp8"
+    recipe: DelayedScaling = field(default_factory=DelayedScaling)
+    backend: str = "auto"
+    fallback: str = "emulate"
+    keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
+    first_last_bf16: int = 0  # Megatron-style: first N and last N blocks in BF16
+
+    def __post_init__(self):
+        _check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
+               "variant.name", "letters, digits, '_' or '-'", self.name)
+        _check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
+        _check(isinstance(self.recipe, DelayedScaling), f"variants.{self.name}.recipe", "a DelayedScaling", self.recipe)
+        _check(self.fallback in ("bf16", "emulate"), f"variants.{self.name}.fallback", "'bf16' or 'emulate'", self.fallback)
+        _check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
+        _int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole recipe: data, model, training and the variants compared on the same batches."""
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    variants: tuple[Variant, ...] = (Variant(name="bf16", precision="bf16"), Variant(name="fp8"))
+    baseline: str = "bf16"
+
+    def __post_init__(self):
+        names = [v.name for v in self.variants]
+        _check(len(names) == len(set(names)) and names, "variants", "a non-empty tuple with unique names", names)
+        _check(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
+        base = next(v for v in self.variants if v.name == self.baseline)
+        _check(base.precision == "bf16", "baseline", "a variant with precision 'bf16'", base.precision)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """A short stable hash of the resolved config (checkpoints refuse other configs)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]

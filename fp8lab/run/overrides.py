@@ -1,0 +1,96 @@
+"""``--set section.key=value`` overrides, type-checked against the config's own fields.
+
+Invariant: an override either produces a new, fully validated RunConfig or raises
+``ConfigError`` naming the key and what is allowed; it never half-applies.
+
+Keys: ``data.*``, ``model.*``, ``train.*``; ``fp8.<field>`` sets a DelayedScaling field
+(``fp8_format``, ``amax_history_len``, ``amax_compute_algo``, ``margin``,
+``reduce_amax``) on every FP8 variant; ``variants.<name>.<field>`` sets one variant's
+field (``backend``, ``fallback``, ``keep_bf16``, ``first_last_bf16``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+from fp8lab.config import DelayedScaling
+from fp8lab.run.config import ConfigError, RunConfig
+
+
+def _parse(text: str, hint, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # "int | None"
+        if text.lower() == "none" and type(None) in args:
+            return None
+        return _parse(text, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if hint is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} must be a bool (true/false), got {text!r}")
+    if hint is int:
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise ConfigError(f"{key} must be an int, got {text!r}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key} must be a float, got {text!r}") from None
+    if hint is str:
+        return text
+    raise ConfigError(f"{key} cannot be set from the command line")
+
+
+def _replace(obj, field_name: str, text: str, key: str):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    if field_name not in names:
+        raise ConfigError(f"unknown key {key!r}; {key.rsplit('.', 1)[0]} has {names}")
+    try:
+        return dataclasses.replace(obj, **{field_name: _parse(text, hints[field_name], key)})
+    except ConfigError:
+        raise
+    except ValueError as err:  # DelayedScaling's own validation
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
+    """``config`` with each ``section.key=value`` applied in order."""
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {assignment!r} must look like section.key=value")
+        section, _, rest = key.partition(".")
+        if section in ("data", "model", "train") and rest and "." not in rest:
+            config = dataclasses.replace(config, **{section: _replace(getattr(config, section), rest, text, key)})
+        elif section == "fp8" and rest and "." not in rest:
+            _replace(DelayedScaling(), rest, text, key)  # validates the key once
+            variants = tuple(
+                dataclasses.replace(v, recipe=_replace(v.recipe, rest, text, key)) if v.precision == "fp8" else v
+                for v in config.variants
+            )
+            config = dataclasses.replace(config, variants=variants)
+        elif section == "variants" and rest.count(".") == 1:
+            name, field_name = rest.split(".")
+            names = [v.name for v in config.variants]
+            if name not in names:
+                raise ConfigError(f"unknown variant {name!r} in {key!r}; variants are {names}")
+            if field_name in ("name", "recipe"):
+                raise ConfigError(f"{key} cannot be set; use fp8.<field> for recipe fields")
+            variants = tuple(_replace(v, field_name, text, key) if v.name == name else v for v in config.variants)
+            config = dataclasses.replace(config, variants=variants)
+        else:
+            raise ConfigError(
+                f"unknown key {key!r}; keys are data.<field>, model.<field>, train.<field>, "
+                "fp8.<recipe field> or variants.<name>.<field>"
+            )
+    return config

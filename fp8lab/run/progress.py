@@ -1,0 +1,47 @@
+"""A progress line on stderr at log steps: a bar, each variant's loss, tokens/s, ETA.
+
+Invariant: prints only host values it is handed; never touches tensors.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+BAR = 24
+
+
+class Progress:
+    def __init__(self, total: int, *, enabled: bool = True, stream=None):
+        self.total, self.enabled = total, enabled
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+        self.first_step: int | None = None
+
+    def _print(self, text: str, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.tty and not final:
+            self.stream.write("\r" + text + "\x1b[K")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def update(self, step: int, metrics: dict[str, dict]) -> None:
+        if self.first_step is None:
+            self.first_step, self.t0 = step, time.perf_counter()
+        filled = int(BAR * step / self.total)
+        losses = " | ".join(f"{n} {m.get('loss/train', float('nan')):.3f}" for n, m in metrics.items())
+        tps = sum(m.get("perf/tokens_per_s", 0.0) for m in metrics.values()) / max(len(metrics), 1)
+        done = step - self.first_step
+        eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
+        eta_text = f"{eta:.0f}s" if eta == eta else "?"
+        self._print(f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | {tps / 1e3:.1f}k tok/s/variant | eta {eta_text}")
+
+    def note_eval(self, results: dict[str, dict]) -> None:
+        text = " | ".join(f"{n} val {m['loss/val']:.4f}" for n, m in results.items())
+        self._print(f"  eval: {text}", final=True)
+
+    def finish(self, table: str, run_dir) -> None:
+        self._print(f"\n{table}\n\nlogs: {run_dir}\n  tensorboard --logdir {run_dir.parent}", final=True)

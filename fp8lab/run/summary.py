@@ -1,0 +1,96 @@
+"""The run summary: final metrics of every variant, gaps to BF16, layers worth attention.
+
+Invariant: fed only host values (from log and eval steps); ``to_dict`` is what
+``summary.json`` holds and ``table`` is what the runner prints at the end.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from fp8lab.formats import ROLE_NAMES
+from fp8lab.run.config import RunConfig
+from fp8lab.telemetry.collector import LayerStats
+
+TOP_LAYERS = 3
+
+
+class RunSummary:
+    def __init__(self, config: RunConfig, names: list[str]):
+        self.config = config
+        self.names = names
+        self.evals: dict[str, list[tuple[int, dict]]] = {n: [] for n in names}
+        self.train: dict[str, list[tuple[int, dict]]] = {n: [] for n in names}
+        self.log_steps: dict[str, int] = defaultdict(int)
+        self.overflow_steps: dict[str, dict[str, int]] = {n: defaultdict(int) for n in names}
+        self.underflow_sum: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
+        self.first_batch: dict[str, str | None] = {}
+
+    def record_train(self, name: str, step: int, metrics: dict, stats: LayerStats | None) -> None:
+        self.train[name].append((step, metrics))
+        if stats is None or not stats.layers:
+            return
+        self.log_steps[name] += 1
+        for i, layer in enumerate(stats.layers):
+            for r, role in enumerate(ROLE_NAMES):
+                key = f"{layer}/{role}"
+                self.overflow_steps[name][key] += int(stats.values["overflow_pct"][i, r] > 0)
+                self.underflow_sum[name][key] += float(stats.values["underflow_pct"][i, r])
+
+    def record_eval(self, name: str, step: int, metrics: dict) -> None:
+        self.evals[name].append((step, dict(metrics)))
+
+    def last_train(self, name: str) -> dict:
+        return self.train[name][-1][1] if self.train[name] else {}
+
+    def _attention(self, name: str) -> dict:
+        n = max(self.log_steps[name], 1)
+        saturated = sorted(self.overflow_steps[name].items(), key=lambda kv: -kv[1])
+        underflow = sorted(self.underflow_sum[name].items(), key=lambda kv: -kv[1])
+        return {
+            "most_saturated": [{"layer_role": k, "log_steps_with_overflow_pct": 100.0 * v / n} for k, v in saturated[:TOP_LAYERS] if v > 0],
+            "most_underflow": [{"layer_role": k, "mean_underflow_pct": v / n} for k, v in underflow[:TOP_LAYERS] if v > 0],
+        }
+
+    def to_dict(self, fingerprint: str, device: str) -> dict:
+        base_loss = self.evals[self.config.baseline][-1][1]["loss/val"] if self.evals[self.config.baseline] else None
+        variants = {}
+        for name in self.names:
+            final = self.evals[name][-1][1] if self.evals[name] else {}
+            tps = [m["perf/tokens_per_s"] for _, m in self.train[name] if m.get("perf/tokens_per_s")]
+            loss = final.get("loss/val")
+            variants[name] = {
+                "final_val_loss": loss,
+                "final_val_ppl": final.get("metrics/val_ppl"),
+                "final_val_token_acc": final.get("metrics/val_token_acc"),
+                "val_loss_rel_gap": None if loss is None or base_loss is None or name == self.config.baseline else (loss - base_loss) / base_loss,
+                "tokens_per_s": float(np.median(tps)) if tps else None,
+                "first_train_loss": self.train[name][0][1]["loss/train"] if self.train[name] else None,
+                "first_batch_sha": self.first_batch.get(name),
+                **self._attention(name),
+            }
+        return {
+            "recipe": self.config.name,
+            "config_hash": self.config.hash(),
+            "corpus_fingerprint": fingerprint,
+            "device": device,
+            "steps": self.config.train.steps,
+            "baseline": self.config.baseline,
+            "variants": variants,
+        }
+
+    def table(self, result: dict) -> str:
+        head = f"{'variant':<16} {'val loss':>9} {'gap vs bf16':>12} {'tokens/s':>10}  layers to watch"
+        lines = [head, "-" * len(head)]
+        for name, v in result["variants"].items():
+            gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}%"
+            watch = ", ".join(f"{d['layer_role']} (overflow in {d['log_steps_with_overflow_pct']:.0f}% of logs)" for d in v["most_saturated"][:1])
+            watch += ("; " if watch and v["most_underflow"] else "") + ", ".join(
+                f"{d['layer_role']} (underflow {d['mean_underflow_pct']:.2f}%)" for d in v["most_underflow"][:1]
+            )
+            loss = f"{v['final_val_loss']:.4f}" if v["final_val_loss"] is not None else "-"
+            tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
+            lines.append(f"{name:<16} {loss:>9} {gap:>12} {tps:>10}  {watch or '-'}")
+        return "\n".join(lines)

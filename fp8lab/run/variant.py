@@ -1,0 +1,165 @@
+"""One variant of a run: its model, optimizer, train step, evaluation and telemetry.
+
+Invariant: every variant starts from the same initial weights and is fed the batches
+the runner gives it. A training step makes no device-to-host copy: the loss is summed
+on the device, timings use CUDA events (or the host clock on CPU), and the collector
+only reads scaling state when the runner asks for a log step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fp8lab
+from fp8lab.gpt import GPT
+from fp8lab.policy import PrecisionPolicy
+from fp8lab.run.config import RunConfig, Variant
+from fp8lab.telemetry.collector import LayerStats, ScalingCollector
+
+
+def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GPT:
+    """The GPT of ``config.model`` with the variant's precision (BF16 GEMMs for "bf16")."""
+    fp8 = variant.precision == "fp8"
+    policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16)
+    model = GPT.from_preset(
+        config.model.preset,
+        **config.model.overrides(),
+        block_size=config.train.block_size,
+        recipe=variant.recipe,
+        backend=variant.backend if fp8 else "bf16",
+        fallback=variant.fallback,
+        policy=policy if fp8 else None,
+    )
+    return model.to(device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norms, biases) and embeddings' peers don't."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StepTimer:
+    """Accumulates step time between log steps without syncing (events on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple] = []
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def take(self) -> float:
+        """Seconds since the last take (syncs on CUDA: call at log steps only)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+            self.events.clear()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+class VariantRun:
+    """Model, optimizer and bookkeeping of one variant.
+
+    Args:
+        variant: what to train.
+        config: the run config (model shape, optimizer settings).
+        init_state: the shared initial state_dict (identical weights in every variant).
+        device: where to train.
+    """
+
+    def __init__(self, variant: Variant, config: RunConfig, init_state: dict, device: torch.device):
+        self.variant, self.config, self.device = variant, config, device
+        self.model = build_model(config, variant, device)
+        self.model.load_state_dict(init_state)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.95), fused=fused
+        )
+        self.collector = ScalingCollector(self.model)
+        self.timer = StepTimer(device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps_since_log = 0
+        self.first_batch_sha: str | None = None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, log: bool) -> LayerStats | None:
+        """One optimizer step on (x, y); returns the scaling snapshot on log steps."""
+        if self.first_batch_sha is None:  # once: proves every variant trained on the same tokens
+            self.first_batch_sha = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()[:16]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if log:
+            self.collector.arm()
+        with self.timer.measure():
+            self.model.train()
+            with self.autocast():
+                logits = self.model(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = self.collector.collect() if log else None  # before update_scales rolls row 0
+            fp8lab.update_scales(self.model)
+        self.loss_sum += loss.detach()
+        self.steps_since_log += 1
+        return stats
+
+    def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
+        """Mean train loss and throughput since the last log step (the log step's sync)."""
+        seconds = self.timer.take()
+        loss = float(self.loss_sum) / max(self.steps_since_log, 1)
+        tokens = tokens_per_step * self.steps_since_log
+        self.loss_sum.zero_()
+        self.steps_since_log = 0
+        return {"loss/train": loss, "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Validation loss, perplexity and next-token accuracy over fixed batches."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        count = 0
+        for x, y in batches:
+            with self.autocast():
+                logits = self.model(x)
+            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            correct += (logits.argmax(-1) == y).sum()
+            count += y.numel()
+        self.model.train()
+        val_loss = float(loss_sum) / count
+        return {
+            "loss/val": val_loss,
+            "metrics/val_ppl": math.exp(min(val_loss, 50.0)),
+            "metrics/val_token_acc": float(correct) / count,
+        }
+
+    def peak_mem_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide on CPU

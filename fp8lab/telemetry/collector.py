@@ -1,0 +1,78 @@
+"""The scaling collector: per-layer scale, amax and cast statistics, read at log steps.
+
+Invariant: between log steps nothing here runs and no layer computes statistics. On a
+log step the collector arms every FP8 layer's ScalingState (``collect_stats``) before
+the forward, and after the backward (before ``update_scales`` rolls row 0 away) reads
+all layers with ONE device-to-host copy. That copy is a sync point, by design only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fp8lab.formats import ROLE_NAMES
+from fp8lab.linear import Linear
+from fp8lab.state import STAT_NAMES
+
+# Columns of one layer's row: scale x3, amax x3, then (overflow, underflow, sqnr) x3 roles.
+FIELDS = ("scale", "amax") + STAT_NAMES
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Host-side snapshot: ``values[name]`` is (n_layers, 3 roles) for each field."""
+
+    layers: tuple[str, ...]
+    values: dict[str, np.ndarray]
+
+    def rows(self):
+        """(layer, role, field, value) for every entry, for writers and reports."""
+        for i, layer in enumerate(self.layers):
+            for r, role in enumerate(ROLE_NAMES):
+                for field in FIELDS:
+                    yield layer, role, field, float(self.values[field][i, r])
+
+
+def fp8_layers(model: nn.Module) -> list[tuple[str, Linear]]:
+    """(qualified name, layer) of every fp8lab Linear that runs FP8 on its device."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Linear) and m.plan().precision == "fp8"]
+
+
+class ScalingCollector:
+    """Reads the scaling state of every FP8 layer of ``model``.
+
+    Args:
+        model: the model; its FP8 layers are found once, here.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = fp8_layers(model)
+        self.names = tuple(name for name, _ in self.layers)
+
+    def arm(self) -> None:
+        """Ask every layer to compute cast statistics during the coming step."""
+        for _, layer in self.layers:
+            layer.fp8_state.collect_stats = True
+
+    def collect(self) -> LayerStats:
+        """Snapshot after the backward and before update_scales; disarms the layers."""
+        if not self.layers:
+            return LayerStats((), {f: np.zeros((0, 3)) for f in FIELDS})
+        rows = []
+        for _, layer in self.layers:
+            state = layer.fp8_state
+            state.collect_stats = False
+            rows.append(torch.cat([state.scale[None], state.amax_history[0][None], state.stats.t()]))  # (5, 3)
+        host = torch.stack(rows).float().cpu().numpy()  # (n_layers, 5, 3): the one sync of a log step
+        return LayerStats(self.names, {f: host[:, i, :] for i, f in enumerate(FIELDS)})
+
+    def histories(self) -> dict[str, np.ndarray]:
+        """Each layer's whole amax history (H, 3) on the host (for histograms)."""
+        if not self.layers:
+            return {}
+        host = torch.stack([layer.fp8_state.amax_history for _, layer in self.layers]).cpu().numpy()
+        return dict(zip(self.names, host))
