@@ -1,0 +1,1 @@
+"""CPU benchmarks of fp8lab; run from the repository root as ``python -m benchmarks.<name>``."""

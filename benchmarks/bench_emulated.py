@@ -1,0 +1,140 @@
+"""Step time of fp8lab's emulated FP8 executor against BF16 and torchao's emulation.
+
+A step is forward + backward (input gradient included) under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` with float32 master weights, and for
+fp8lab also ``fp8lab.update_scales`` (part of its step); no optimizer step. Variants:
+
+- bf16:    the same module with ``nn.Linear`` GEMMs (autocast runs them in BF16);
+- fp8lab:  ``fp8lab.Linear(fallback="emulate")`` GEMMs (delayed scaling, exact FP8 values);
+- torchao: ``torchao.float8.convert_to_float8_training`` of the bf16 module with
+           ``Float8LinearConfig(emulate=True)`` (default tensorwise dynamic recipe).
+
+All three share weights and inputs and are timed interleaved in one process (see
+``benchmarks/common.py``). Targets (CPU): fp8lab <= 1.5x BF16 and >= 4x faster than
+torchao. Run from the repository root:
+
+    python -m benchmarks.bench_emulated [--quick] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import warnings
+
+import torch
+from torch import nn
+
+import fp8lab
+from benchmarks.common import append_section, load_average, markdown_table, paired_ratio, summary, time_interleaved
+
+TOKENS, HIDDEN, FFN = 2048, 768, 3072
+
+
+def to_nn_linear(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every fp8lab.Linear replaced by an nn.Linear of the same weights."""
+
+    def swap(m: nn.Module) -> nn.Module:
+        if not isinstance(m, fp8lab.Linear):
+            for name, child in m.named_children():
+                setattr(m, name, swap(child))
+            return m
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        linear.weight, linear.bias = m.weight, m.bias  # already copies: module was deep-copied
+        return linear
+
+    return swap(copy.deepcopy(module))
+
+
+def build_cases(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Name -> (fp8lab module with fallback="emulate", input shape)."""
+    emulate = dict(fallback="emulate")
+    cases = {
+        f"Linear {HIDDEN}->{FFN}": (fp8lab.Linear(HIDDEN, FFN, **emulate), (TOKENS, HIDDEN)),
+        f"MLP {HIDDEN}->{FFN}->{HIDDEN}": (
+            nn.Sequential(fp8lab.Linear(HIDDEN, FFN, **emulate), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulate)),
+            (TOKENS, HIDDEN),
+        ),
+    }
+    if hasattr(fp8lab, "TransformerBlock") and not quick:
+        block = fp8lab.TransformerBlock(HIDDEN, FFN, HIDDEN // 64, **emulate)
+        cases[f"TransformerBlock C={HIDDEN} T=512 B=4"] = (block, (4, 512, HIDDEN))
+    elif not hasattr(fp8lab, "TransformerBlock"):
+        print("fp8lab.TransformerBlock is not available: skipping the block case")
+    return cases
+
+
+def make_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, update_scales: bool):
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.backward(grad.to(y.dtype))
+        if update_scales:
+            fp8lab.update_scales(model)
+
+    return step
+
+
+def bench_case(model_fp8: nn.Module, shape: tuple[int, ...], repeats: int, warmup: int):
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    model_bf16 = to_nn_linear(model_fp8)
+    model_ao = convert_to_float8_training(copy.deepcopy(model_bf16), config=Float8LinearConfig(emulate=True))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).requires_grad_(True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_shape = model_bf16(x).shape
+    grad = torch.randn(out_shape, generator=g)
+    steps = {
+        "bf16": make_step(model_bf16, x, grad, False),
+        "fp8lab": make_step(model_fp8, x, grad, True),
+        "torchao": make_step(model_ao, x, grad, False),
+    }
+    return time_interleaved(steps, repeats, warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Linear and MLP only, 7 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15, quick 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    repeats = args.repeats or (7 if args.quick else 15)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", module="torchao")
+    load_before = load_average()
+
+    header = ["case", "variant", "median ms", "IQR ms", "min-max ms", "x BF16", "torchao / this", "faults/step"]
+    rows = []
+    for name, (model, shape) in build_cases(args.quick).items():
+        times, faults = bench_case(model, shape, repeats, args.warmup)
+        for variant, seconds in times.items():
+            s = summary(seconds)
+            rows.append([
+                name if variant == "bf16" else "",
+                variant,
+                f"{s['median']:.1f}",
+                f"{s['q1']:.1f}-{s['q3']:.1f}",
+                f"{s['min']:.1f}-{s['max']:.1f}",
+                f"{paired_ratio(seconds, times['bf16']):.2f}",
+                f"{paired_ratio(times['torchao'], seconds):.2f}",
+                f"{statistics.median(faults[variant]):.0f}",
+            ])
+        print(markdown_table(header, rows[-3:]), flush=True)
+
+    body = (
+        f"{repeats} interleaved repeats after {args.warmup} warm-up rounds; ratios are medians "
+        "of per-repeat ratios; faults/step: median minor page faults per step (4 KiB each). "
+        "Targets: fp8lab `x BF16` <= 1.5, fp8lab `torchao / this` >= 4.\n\n"
+        + markdown_table(header, rows)
+    )
+    if not args.no_write:
+        append_section("bench_emulated: fp8lab emulated vs BF16 vs torchao emulate", body, load_before)
+
+
+if __name__ == "__main__":
+    main()

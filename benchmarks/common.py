@@ -1,0 +1,111 @@
+"""What every CPU benchmark here shares: interleaved timing, summary statistics, the
+machine description, and the dated section appended to BENCHMARKS.md.
+
+Invariant: timings of the variants being compared are taken in one process, repeat
+by repeat in rotating order, so load from other processes hits all of them; ratios
+are medians of per-repeat ratios (paired), never ratios across runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def minor_faults() -> int:
+    """Page faults of this process so far. Fresh large CPU tensors fault page by page
+    (glibc returns freed heap to the OS), which on a VM can rival the arithmetic."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Seconds and page faults per call of each step, over ``repeats`` timed rounds.
+
+    ``warmup`` untimed rounds come first; round r runs the steps in order rotated by r,
+    so no variant always runs first.
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            faults_before, start = minor_faults(), time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+            faults[name].append(minor_faults() - faults_before)
+    return times, faults
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    """Median, quartiles, min and max in milliseconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
+    return {"median": statistics.median(ms), "q1": q1, "q3": q3, "min": ms[0], "max": ms[-1]}
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over repeats of num[r] / den[r] (both timed in the same round)."""
+    return statistics.median(n / d for n, d in zip(num, den))
+
+
+def machine() -> str:
+    """CPU model, cores, SIMD features that matter for bf16 GEMMs, torch version."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags] or ["no AVX-512"]
+    return (
+        f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
+        f"{' '.join(simd)}; torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def append_section(title: str, body: str, load_before: str) -> None:
+    """Append a dated section with the exact command, machine and load averages."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+    text = (
+        f"\n## {title} ({stamp})\n\n"
+        f"- command: `{command}`\n"
+        f"- machine: {machine()}\n"
+        f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}\n\n"
+        f"{body}\n"
+    )
+    if not BENCHMARKS_MD.exists():
+        BENCHMARKS_MD.write_text("# fp8lab benchmarks\n\nSections are appended by the scripts in `benchmarks/`.\n")
+    with BENCHMARKS_MD.open("a") as f:
+        f.write(text)
