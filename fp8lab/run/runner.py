@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def layers_markdown(run: VariantRun) -> str:
     from fp8lab.describe import describe
 
     lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
+    lines += [f"| {r.layer} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
     return "\n".join(lines)
 
 
@@ -73,13 +72,13 @@ class Runner:
         self.corpus: Corpus = load_corpus(config.data.source, val_fraction=config.data.val_fraction)
         torch.manual_seed(config.train.seed)
         reference = build_model(config, config.variants[0], self.device)
-        if self.corpus.vocab_size > reference.vocab_size:
+        if self.corpus.vocab_size > reference.config.vocab_size:
             raise ValueError(
                 f"data.source has token ids up to {self.corpus.vocab_size - 1} but model.preset "
-                f"{config.model.preset!r} has vocab_size {reference.vocab_size}"
+                f"{config.model.preset!r} has vocab_size {reference.config.vocab_size}"
             )
-        init_state = reference.state_dict()
-        self.variants = [VariantRun(v, config, init_state, self.device) for v in config.variants]
+        init_params = {name: p.detach() for name, p in reference.named_parameters()}
+        self.variants = [VariantRun(v, config, init_params, self.device) for v in config.variants]
         t = config.train
         self.sampler = BatchSampler(self.corpus.train, t.batch_size, t.block_size, t.seed)
         val = BatchSampler(self.corpus.val, t.batch_size, t.block_size, t.seed + 1)
@@ -120,7 +119,7 @@ class Runner:
         self._open_writers()
         tokens_per_step = t.batch_size * t.block_size
         for step in range(self.start_step, t.steps):
-            x, y = (a.to(self.device, non_blocking=True) for a in self.sampler.batch(step))
+            x, y = self.sampler.batch(step)  # host tensors; each variant copies them to its device
             lr = learning_rate(step, cfg)
             log = (step + 1) % t.log_interval == 0 or step == t.steps - 1
             for run in self.variants:

@@ -83,17 +83,21 @@ class VariantRun:
     Args:
         variant: what to train.
         config: the run config (model shape, optimizer settings).
-        init_state: the shared initial state_dict (identical weights in every variant).
+        init_params: the shared initial parameters by name (identical weights in every
+            variant; each variant keeps its own fresh scaling state).
         device: where to train.
     """
 
-    def __init__(self, variant: Variant, config: RunConfig, init_state: dict, device: torch.device):
+    def __init__(self, variant: Variant, config: RunConfig, init_params: dict, device: torch.device):
         self.variant, self.config, self.device = variant, config, device
         self.model = build_model(config, variant, device)
-        self.model.load_state_dict(init_state)
-        fused = device.type == "cuda"
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(init_params[name])
+        # fused: one kernel per step, and its step counters never leave the device
+        # (the default single-tensor path calls .item() on them every step).
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.95), fused=fused
+            param_groups(self.model, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.95), fused=True
         )
         self.collector = ScalingCollector(self.model)
         self.timer = StepTimer(device)
@@ -104,10 +108,12 @@ class VariantRun:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, log: bool) -> LayerStats | None:
-        """One optimizer step on (x, y); returns the scaling snapshot on log steps."""
+    def train_step(self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool) -> LayerStats | None:
+        """One optimizer step on the host batch (x, y); returns the scaling snapshot on log steps."""
         if self.first_batch_sha is None:  # once: proves every variant trained on the same tokens
-            self.first_batch_sha = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()[:16]
+            self.first_batch_sha = hashlib.sha256(x_host.numpy().tobytes() + y_host.numpy().tobytes()).hexdigest()[:16]
+        x = x_host.to(self.device, non_blocking=True)
+        y = y_host.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if log:
