@@ -45,3 +45,10 @@ class Progress:
 
     def finish(self, table: str, run_dir) -> None:
         self._print(f"\n{table}\n\nlogs: {run_dir}\n  tensorboard --logdir {run_dir.parent}", final=True)
+
+    def stopped(self, signal_name: str, step: int, checkpoint, run_dir) -> None:
+        self._print(
+            f"\n{signal_name} received: finished step {step}, wrote {checkpoint}.\n"
+            f"Resume with: fp8lab run <the same recipe and --set options> --resume {run_dir}",
+            final=True,
+        )
