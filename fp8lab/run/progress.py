@@ -39,6 +39,9 @@ class Progress:
         eta_text = f"{eta:.0f}s" if eta == eta else "?"
         self._print(f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | {tps / 1e3:.1f}k tok/s/variant | eta {eta_text}")
 
+    def note(self, text: str) -> None:
+        self._print(f"  {text}", final=True)
+
     def note_eval(self, results: dict[str, dict]) -> None:
         text = " | ".join(f"{n} val {m['loss/val']:.4f}" for n, m in results.items())
         self._print(f"  eval: {text}", final=True)

@@ -206,7 +206,12 @@ class Runner:
                 self.writers[run.variant.name].histories(step + 1, run.collector.histories())
         interval = t.checkpoint_interval
         if interval and (step + 1) % interval == 0 and step + 1 < t.steps:
-            self.save_checkpoint(step + 1)
+            # A checkpoint inside a run of skipped steps would only replay the fault on
+            # resume: keep the last good one instead (one sync, on checkpoint steps only).
+            if any(bool(run.counters["consecutive_skips"]) for run in self.variants):
+                self.progress.note(f"checkpoint at step {step + 1} deferred: that step was skipped (non-finite)")
+            else:
+                self.save_checkpoint(step + 1)
 
     def _check_diverged(self, run: VariantRun, step: int, metrics: dict) -> None:
         """At log steps: stop when the run of skipped steps reached the limit."""
