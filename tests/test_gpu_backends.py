@@ -132,8 +132,8 @@ def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
         torch.testing.assert_close(gpu.fp8_state.scale.cpu(), cpu.fp8_state.scale, rtol=1e-6, atol=0)
 
 
-@needs_fp8
 @needs_te
+@needs_fp8
 def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
     from fp8lab.backends.te import _HANDLE, read_te_scaling, sync_te_scaling
 
@@ -165,8 +165,8 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
         assert torch.equal(history, tel.fp8_state.amax_history) and torch.equal(scale, tel.fp8_state.scale)
 
 
-@needs_fp8
 @needs_te
+@needs_fp8
 @pytest.mark.filterwarnings("ignore:fp8lab.Linear\\(backend='te'\\) opened:RuntimeWarning")
 def test_te_state_checkpoint_round_trip(tokens, te_reset):
     from fp8lab.backends.te import _HANDLE, _handle, read_te_scaling
