@@ -1,0 +1,17 @@
+"""Shared test helpers: signal-to-quantization-noise ratio against a float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """10 * log10(||ref||^2 / ||ref - test||^2), computed in float64 (inf when equal)."""
+    ref64, test64 = ref.detach().to(torch.float64), test.detach().to(torch.float64)
+    noise = (ref64 - test64).pow(2).sum()
+    signal = ref64.pow(2).sum()
+    if noise == 0:
+        return math.inf
+    return float(10.0 * torch.log10(signal / noise))
