@@ -117,7 +117,7 @@ def convert(
 
     converted: dict[int, Linear] = {}  # a layer registered twice is converted once
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # named_children() skips repeats
             if isinstance(child, Linear) or not isinstance(child, nn.Linear):
                 continue
             reason = _skip_reason(parent, name, child)

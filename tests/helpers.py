@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 
@@ -15,3 +16,14 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     if noise == 0:
         return math.inf
     return float(10.0 * torch.log10(signal / noise))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a training test, restored afterwards: on the shared
+    2-core CI machine OpenMP's spinning barriers make 2 threads 4-10x slower than 1
+    for these small ops whenever another process is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

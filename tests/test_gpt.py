@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fp8lab
 from fp8lab import GPT, GPTConfig
 from fp8lab.data import BatchSampler, load_corpus
+from tests.helpers import one_thread  # noqa: F401 (fixture)
 
 TRAIN_STEPS, BATCH, BLOCK, LR = 60, 16, 64, 3e-3
 LOSS_RATIO_BOUND = 0.75  # final loss (mean of last 10 steps) < 0.75 * first-step loss (~ln 256 = 5.55)
@@ -94,7 +95,8 @@ def test_future_token_changes_no_earlier_logit():
 def test_tied_embeddings_share_one_parameter():
     model = small_gpt(tie_embeddings=True)
     assert model.lm_head.weight is model.tok_emb.weight
-    assert not small_gpt().lm_head.weight is small_gpt().tok_emb.weight
+    untied = small_gpt()
+    assert untied.lm_head.weight is not untied.tok_emb.weight
 
 
 EXPECTED_KEYS = [
@@ -171,16 +173,6 @@ def test_state_dict_round_trip_is_bit_exact():
 @pytest.fixture(scope="module")
 def corpus():
     return load_corpus("stdlib")
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning barriers make
-    2 threads 4-10x slower than 1 for these small ops; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_tiny(corpus, fallback: str) -> list[float]:
