@@ -179,6 +179,14 @@ class GPT(nn.Module):
         """
         return cls.from_config(GPTConfig.from_preset(name, **overrides))
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
     def _init_weights(self) -> None:
         """GPT-2's: N(0, 0.02), residual projections scaled by 1/sqrt(2 * num_layers)."""
         residual_std = INIT_STD / math.sqrt(2 * self.config.num_layers)
