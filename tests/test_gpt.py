@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fp8lab
 from fp8lab import GPT, GPTConfig
 from fp8lab.data import BatchSampler, load_corpus
-from tests.helpers import one_thread  # noqa: F401 (fixture)
+from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
 TRAIN_STEPS, BATCH, BLOCK, LR = 60, 16, 64, 3e-3
 LOSS_RATIO_BOUND = 0.75  # final loss (mean of last 10 steps) < 0.75 * first-step loss (~ln 256 = 5.55)
@@ -40,7 +40,7 @@ def test_presets():
     assert (tiny.vocab_size, tiny.num_layers, tiny.hidden_size, tiny.num_attention_heads) == (256, 4, 128, 4)
     gpt2 = GPTConfig.from_preset("gpt2-124m")
     assert (gpt2.vocab_size, gpt2.block_size, gpt2.num_layers, gpt2.hidden_size) == (50304, 1024, 12, 768)
-    assert (gpt2.num_attention_heads, gpt2.ffn_hidden_size) == (12, 3072)
+    assert (gpt2.num_attention_heads, gpt2.ffn_hidden_size, gpt2.tie_embeddings) == (12, 3072, True)
     model = GPT.from_preset("tiny", num_layers=2, fallback="emulate")
     assert model.config == GPTConfig.from_preset("tiny", num_layers=2, fallback="emulate")
     assert len(model.blocks) == 2
@@ -196,3 +196,33 @@ def test_tiny_gpt_trains_in_fp8_and_bf16_on_stdlib_bytes(corpus, one_thread):
         finals[fallback] = final
     gap = abs(finals["emulate"] - finals["bf16"]) / finals["bf16"]
     assert gap < FP8_BF16_GAP_BOUND, finals
+
+
+def _no_fp8_cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return f"{torch.cuda.get_device_name()} has no FP8 tensor cores (needs sm_89+)"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_no_fp8_cuda_reason() is not None, reason=str(_no_fp8_cuda_reason()))
+def test_gpt_on_scaled_mm_matches_emulation_on_cuda():
+    """Real FP8 GEMMs and the emulation agree (same weights, same scales): >= 25 dB."""
+    torch.manual_seed(0)
+    hw = GPT.from_preset("tiny", backend="scaled_mm").cuda()
+    emu = GPT.from_preset("tiny", backend="emulated").cuda()
+    emu.load_state_dict(hw.state_dict())
+    assert {r.backend for r in fp8lab.describe(hw) if r.name.startswith("blocks.")} == {"scaled_mm"}
+    idx = torch.randint(0, 256, (8, 64), device="cuda")
+    logits = {}
+    for name, model in (("hw", hw), ("emu", emu)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            F.cross_entropy(model(idx).float().flatten(0, 1), idx.flatten()).backward()
+        fp8lab.update_scales(model)  # same amaxes up to rounding: scales from real data
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits[name] = model(idx)
+    assert torch.isfinite(logits["hw"]).all()
+    db = sqnr_db(logits["emu"], logits["hw"])
+    assert db >= 25.0, db
