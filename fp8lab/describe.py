@@ -22,7 +22,7 @@ UNCONVERTED = "torch"  # precision and backend of an nn.Linear fp8lab does not r
 
 @dataclass(frozen=True)
 class LayerRow:
-    layer: str  # qualified name from named_modules
+    name: str  # qualified layer name from named_modules
     precision: str  # "fp8", "bf16", or "torch" for a layer fp8lab does not run
     backend: str  # "te", "scaled_mm", "emulated", "bf16" or "torch"
     reason: str
@@ -33,7 +33,7 @@ class Description(list):
 
     def __str__(self) -> str:
         header = ("layer", "precision", "backend", "reason")
-        cells = [header] + [(r.layer, r.precision, r.backend, r.reason) for r in self]
+        cells = [header] + [(r.name, r.precision, r.backend, r.reason) for r in self]
         widths = [max(len(row[i]) for row in cells) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in cells]
         return "\n".join(line.rstrip() for line in lines)
@@ -67,7 +67,7 @@ def describe(
     *,
     te: TEFacts | None = None,
 ) -> Description:
-    """One row per GEMM layer: name, precision, backend, reason.
+    """One row per GEMM layer: name, precision, backend, reason (fields of LayerRow).
 
     Args:
         model: any module containing fp8lab (or plain torch) Linear layers.

@@ -55,7 +55,7 @@ def layers_markdown(run: VariantRun) -> str:
     from fp8lab.describe import describe
 
     lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
-    lines += [f"| {r.layer} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
+    lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
     return "\n".join(lines)
 
 
