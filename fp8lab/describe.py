@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_te, select_backend
+from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_te
 from fp8lab.convert import SKIP_REASON_ATTR
 from fp8lab.linear import Linear
 
@@ -42,23 +42,15 @@ class Description(list):
 def plan_for(linear: Linear, device: DeviceFacts, te: TEFacts | None = None) -> Plan:
     """The plan ``linear`` would get on a device with these facts; no device is touched.
 
-    Same decision as ``Linear.plan`` (policy first, then ``select_backend``), so a CUDA
-    plan can be checked on a machine without a GPU.
+    The same decision as ``Linear.plan`` (it is ``Linear.plan_for``), so a CUDA plan can
+    be checked on a machine without a GPU.
 
     Args:
         linear: the layer.
         device: facts of the device, e.g. ``DeviceFacts("cuda", (9, 0), "H100")``.
         te: Transformer Engine facts (default: probed on this machine).
     """
-    if linear.keep_bf16_reason is not None:
-        return Plan("bf16", linear.keep_bf16_reason)
-    return select_backend(
-        device=device,
-        te=te if te is not None else probe_te(),
-        requested=linear.backend,
-        fallback=linear.fallback,
-        dims=(linear.in_features, linear.out_features),
-    )
+    return linear.plan_for(device, te if te is not None else probe_te())
 
 
 def describe(
