@@ -36,6 +36,9 @@ class ScalingState(nn.Module):
         # step boundary, where checkpoints are taken).
         self.register_buffer("ran", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("stats", torch.zeros(3, len(STAT_NAMES), device=device), persistent=False)
+        # Non-finite amaxes seen per role since telemetry last drained them (a counter for
+        # the faults/ tags; not scaling state, so not checkpointed with the layer).
+        self.register_buffer("faults", torch.zeros(3, device=device), persistent=False)
         self.collect_stats = False  # set by the telemetry collector for log steps only
         self.forwards_since_update = 0  # host-side counter, never a tensor read
 

@@ -33,18 +33,22 @@ def _reduce_amaxes(states: list[ScalingState], group) -> None:
     torch._foreach_copy_([s.ran for s in states], list((rows[:, 3] > 0).unbind(0)))
 
 
-def update_scales(model: nn.Module, group=None) -> None:
+def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = None) -> None:
     """Roll every layer's amax history and recompute its scales; call after optimizer.step().
 
     A layer that has not run since the last call keeps its history and scale unchanged.
     With gradient accumulation, call this once per optimizer step: row 0 then holds the
-    max amax over all micro-batches.
+    max amax over all micro-batches. A non-finite amax keeps the previous scale
+    (Transformer Engine's rule) and is counted in the layer's ``fp8_state.faults``.
 
     Args:
         model: any module containing fp8lab layers.
         group: the data-parallel process group for the amax reduction (default: WORLD);
             used only when torch.distributed is initialised and the recipe's
             ``reduce_amax`` is True.
+        skip: optional 0-dim bool tensor on the device (no host read): when True the
+            step was skipped (non-finite loss or gradient), so histories and scales stay
+            as they were and the step's amaxes (row 0) are discarded.
     """
     states = scaling_states(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -60,12 +64,18 @@ def update_scales(model: nn.Module, group=None) -> None:
         scale = torch.stack([s.scale for s in group_states])  # (N, 3)
         ran = torch.stack([s.ran for s in group_states])  # (N,)
         fp8_max = torch.tensor(recipe.fp8_max, device=device)  # (3,) host->device, no sync
+        faults = (~torch.isfinite(history[0]) & ran[:, None]).float()  # (N, 3)
         new_history, new_scale = update_history_and_scale(
             history, scale, fp8_max, recipe.margin, recipe.amax_compute_algo
         )
-        new_history = torch.where(ran[None, :, None], new_history, history)
+        unchanged = history
+        if skip is not None:
+            ran = ran & ~skip
+            unchanged = torch.cat([torch.where(skip, 0.0, history[:1]), history[1:]])  # drop row 0
+        new_history = torch.where(ran[None, :, None], new_history, unchanged)
         new_scale = torch.where(ran[:, None], new_scale, scale)
         torch._foreach_copy_([s.amax_history for s in group_states], list(new_history.unbind(1)))
         torch._foreach_copy_([s.scale for s in group_states], list(new_scale.unbind(0)))
+        torch._foreach_add_([s.faults for s in group_states], list(faults.unbind(0)))
         for s in group_states:
             s.ran.fill_(False)

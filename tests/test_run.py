@@ -1,0 +1,153 @@
+"""Recipes end to end: a shortened quickstart, its event files, overrides, log-step structure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fp8lab.cli import main
+from fp8lab.formats import ROLE_NAMES
+from fp8lab.report import read_scaling
+from fp8lab.run.overrides import apply_overrides
+from fp8lab.run.recipe_file import load_recipe
+from fp8lab.run.runner import Runner
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
+SHORT = ["train.steps=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
+         "train.batch_size=4", "train.block_size=32", "model.num_layers=2"]
+
+
+def _sets(pairs):
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("logs")
+    assert main(["run", QUICKSTART, "--out", str(out), "--quiet", *_sets(SHORT)]) == 0
+    (run_dir,) = (out / "quickstart").iterdir()
+    return run_dir
+
+
+def _scalars(variant_dir: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(variant_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_events_hold_losses_and_every_fp8_layer_role(quick_run):
+    summary = json.loads((quick_run / "summary.json").read_text())
+    assert set(summary["variants"]) == {"bf16", "fp8"}
+    for variant in ("bf16", "fp8"):
+        acc = _scalars(quick_run / variant)
+        steps = [e.step for e in acc.Scalars("loss/train")]
+        assert steps == [2, 4]
+        assert [e.step for e in acc.Scalars("loss/val")] == [4]
+    acc = _scalars(quick_run / "fp8")
+    tags = set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("compare/val_loss_rel_gap")] == [4]
+    # every FP8 layer of a 2-block tiny GPT (the LM head stays BF16 by policy)
+    layers = [f"blocks.{b}.{name}" for b in range(2) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    for layer in layers:
+        for role in ROLE_NAMES:
+            for field in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db"):
+                assert f"scaling/{layer}/{role}/{field}" in tags, (layer, role, field)
+            assert f"amax_history/{layer}/{role}" in acc.Tags()["histograms"]
+    assert not any(t.startswith("scaling/lm_head") for t in tags)
+    assert not any(t.startswith("scaling/") for t in _scalars(quick_run / "bf16").Tags()["scalars"])
+    # the scaling values are real readings: scales moved off their initial 1.0, SQNR is finite
+    scaling = read_scaling(quick_run / "fp8")
+    assert scaling[("blocks.0.mlp.fc1", "input", "scale")][-1] != 1.0
+    assert all(v > 10.0 for v in scaling[("blocks.0.mlp.fc1", "weight", "sqnr_db")])
+
+
+def test_variants_train_on_identical_tokens(quick_run):
+    summary = json.loads((quick_run / "summary.json").read_text())
+    shas = {v["first_batch_sha"] for v in summary["variants"].values()}
+    assert len(shas) == 1 and None not in shas
+
+
+def test_report_reads_the_run(quick_run, capsys):
+    assert main(["report", str(quick_run)]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.1.mlp.fc2" in text and "grad_output" in text
+    assert main(["report", str(quick_run / "nope")]) == 2
+
+
+BAD_OVERRIDES = [
+    ("train.stpes=3", "unknown key 'train.stpes'"),
+    ("train.steps=three", "train.steps must be an int"),
+    ("train.steps=0", "train.steps must be an int >= 1"),
+    ("train.lr=-1", "train.lr must be a float >= 0"),
+    ("data.source=web:foo", "data.source must be 'stdlib'"),
+    ("fp8.margin=-1", "fp8.margin: margin must be an int >= 0"),
+    ("fp8.amax_compute_algo=mean", "amax_compute_algo must be one of"),
+    ("fp8.fp8_format=e5m2", "fp8_format must be one of"),
+    ("variants.fp9.fallback=bf16", "unknown variant 'fp9'"),
+    ("variants.fp8.fallback=cpu", "variants.fp8.fallback must be 'bf16' or 'emulate'"),
+    ("model.preset=huge", "model.preset must be one of"),
+    ("train.steps", "must look like section.key=value"),
+    ("data.source=text:/no/such/file.txt", "no such file"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES)
+def test_bad_override_exits_2_and_writes_nothing(tmp_path, capsys, override, message):
+    out = tmp_path / "logs"
+    assert main(["run", QUICKSTART, "--out", str(out), "--quiet", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not out.exists()
+
+
+def test_overrides_are_typed_and_reach_every_fp8_variant():
+    config = load_recipe(ROOT / "recipes" / "amax_history_sweep.py")
+    config = apply_overrides(config, ["fp8.margin=2", "train.lr=0.001", "fp8.reduce_amax=false"])
+    fp8 = [v for v in config.variants if v.precision == "fp8"]
+    assert len(fp8) == 6 and all(v.recipe.margin == 2 and v.recipe.reduce_amax is False for v in fp8)
+    assert config.train.lr == 0.001
+    assert {v.recipe.amax_history_len for v in fp8} == {1, 16, 1024}  # untouched fields survive
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.stem)
+def test_every_recipe_loads(recipe):
+    config = load_recipe(recipe)
+    assert config.baseline in [v.name for v in config.variants]
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts ops that copy a tensor's value to the host (.item(), float(t), bool(t))."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path):
+    config = apply_overrides(load_recipe(QUICKSTART), SHORT + ["train.steps=3", "train.log_interval=3"])
+    runner = Runner(config, tmp_path, progress=False)
+    run = runner.variants[1]
+    assert run.variant.precision == "fp8"
+    x, y = runner.sampler.batch(0)
+    armed = []
+    original_arm = run.collector.arm
+    run.collector.arm = lambda: (armed.append(True), original_arm())[1]
+    with _HostReads() as plain:
+        assert run.train_step(x, y, 1e-3, log=False) is None
+    assert plain.count == 0 and armed == []
+    assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
+    stats = run.train_step(x, y, 1e-3, log=True)
+    assert armed == [True] and stats is not None and len(stats.layers) == 8
+    assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
