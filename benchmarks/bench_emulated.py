@@ -13,7 +13,7 @@ All three share weights and inputs and are timed interleaved in one process (see
 ``benchmarks/common.py``). Targets (CPU): fp8lab <= 1.5x BF16 and >= 4x faster than
 torchao. Run from the repository root:
 
-    python -m benchmarks.bench_emulated [--quick] [--no-write]
+    python -m benchmarks.bench_emulated [--quick] [--no-write]   (or python benchmarks/bench_emulated.py)
 """
 
 from __future__ import annotations
@@ -21,13 +21,20 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import fp8lab
-from benchmarks.common import append_section, load_average, markdown_table, paired_ratio, summary, time_interleaved
+if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab and benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fp8lab  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_section, load_average, markdown_table, paired_ratio, summary, time_interleaved,
+)
 
 TOKENS, HIDDEN, FFN = 2048, 768, 3072
 

@@ -8,20 +8,25 @@ step, so the share ``update / whole step`` is paired; the models of different de
 are stepped in rotating order. Target: under 1% and flat as blocks grow. Run from the
 repository root:
 
-    python -m benchmarks.bench_update [--quick] [--no-write]
+    python -m benchmarks.bench_update [--quick] [--no-write]   (or python benchmarks/bench_update.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import fp8lab
-from benchmarks.common import append_section, load_average, markdown_table, summary
+if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab and benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fp8lab  # noqa: E402
+from benchmarks.common import append_section, load_average, markdown_table, summary  # noqa: E402
 
 HIDDEN, HEADS, FFN, SEQ, BATCH = 256, 4, 1024, 128, 4
 

@@ -1,0 +1,38 @@
+"""The CPU grid cast works chunk by chunk (fp8lab.cast.CPU_CHUNK); chunking must not
+change a single value. Exact: ``torch.equal`` against ``cast_to_fp8(...).float()``."""
+
+import pytest
+import torch
+
+import fp8lab.cast as cast
+from fp8lab.formats import E4M3, E5M2
+
+
+def _spread(shape, gen):
+    x = torch.randn(shape, generator=gen)
+    return x * torch.exp2(torch.randint(-30, 31, shape, generator=gen).float())
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_chunk_cast_equals_real_cast(fmt, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = _spread((2 * cast.CPU_CHUNK + 3,), gen).to(dtype)  # two full chunks and a tail
+    x[5], x[-1] = float("inf"), -1e30  # saturation in the first and the last chunk
+    for scale in (1 / 3, 37.5):
+        s = torch.tensor(scale)
+        grid = cast.cast_to_fp8_grid(x, s, fmt)
+        assert grid.dtype == torch.bfloat16 and grid.shape == x.shape
+        assert torch.equal(grid.float(), cast.cast_to_fp8(x, s, fmt).float())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunk_boundaries_and_layouts(monkeypatch, chunk):
+    gen = torch.Generator().manual_seed(4)
+    x = _spread((50, 37), gen).t()  # non-contiguous, 1850 elements: many chunks and a tail
+    s = torch.tensor(2.5)
+    expected = cast.cast_to_fp8(x, s, E4M3).float()
+    monkeypatch.setattr(cast, "CPU_CHUNK", chunk)
+    grid = cast.cast_to_fp8_grid(x, s, E4M3)
+    assert grid.shape == (37, 50) and torch.equal(grid.float(), expected)
+    assert cast.cast_to_fp8_grid(torch.empty(0, 4), s, E4M3).shape == (0, 4)
