@@ -33,6 +33,25 @@ def _reduce_amaxes(states: list[ScalingState], group) -> None:
     torch._foreach_copy_([s.ran for s in states], list((rows[:, 3] > 0).unbind(0)))
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _where_layers_(ran: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``torch.where(ran[None, :, None], new, old)``, written into ``new`` (contiguous
+    (H, N, 3), a temporary of the caller), bit for bit (NaN and inf included).
+
+    A bitwise select on an (H, N*3) integer view, in place: torch.where's CPU kernel takes
+    0.8 ms on this broadcast for 192 layers of 1024 rows and allocates 2.4 MB more; these
+    three passes take 0.1 ms.
+    """
+    h, n, roles = new.shape
+    as_int = _SAME_SIZE_INT[new.element_size()]
+    mask = (-ran.to(as_int)).repeat_interleave(roles)  # (N*3,) all ones where the layer ran
+    new_i, old_i = new.view(h, n * roles).view(as_int), old.reshape(h, n * roles).view(as_int)
+    new_i.bitwise_xor_(old_i).bitwise_and_(mask).bitwise_xor_(old_i)
+    return new
+
+
 def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = None) -> None:
     """Roll every layer's amax history and recompute its scales; call after optimizer.step().
 
@@ -60,9 +79,12 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
         state.forwards_since_update = 0
 
     for (recipe, device), group_states in by_recipe.items():
-        history = torch.stack([s.amax_history for s in group_states], dim=1)  # (H, N, 3)
-        scale = torch.stack([s.scale for s in group_states])  # (N, 3)
-        ran = torch.stack([s.ran for s in group_states])  # (N,)
+        histories = [s.amax_history for s in group_states]
+        scales = [s.scale for s in group_states]
+        rans = [s.ran for s in group_states]
+        history = torch.stack(histories, dim=1)  # (H, N, 3)
+        scale = torch.stack(scales)  # (N, 3)
+        ran = torch.stack(rans)  # (N,)
         fp8_max = torch.tensor(recipe.fp8_max, device=device)  # (3,) host->device, no sync
         faults = (~torch.isfinite(history[0]) & ran[:, None]).float()  # (N, 3)
         new_history, new_scale = update_history_and_scale(
@@ -72,10 +94,9 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
         if skip is not None:
             ran = ran & ~skip
             unchanged = torch.cat([torch.where(skip, 0.0, history[:1]), history[1:]])  # drop row 0
-        new_history = torch.where(ran[None, :, None], new_history, unchanged)
+        new_history = _where_layers_(ran, new_history, unchanged)
         new_scale = torch.where(ran[:, None], new_scale, scale)
-        torch._foreach_copy_([s.amax_history for s in group_states], list(new_history.unbind(1)))
-        torch._foreach_copy_([s.scale for s in group_states], list(new_scale.unbind(0)))
+        torch._foreach_copy_(histories, list(new_history.unbind(1)))
+        torch._foreach_copy_(scales, list(new_scale.unbind(0)))
         torch._foreach_add_([s.faults for s in group_states], list(faults.unbind(0)))
-        for s in group_states:
-            s.ran.fill_(False)
+        torch._foreach_zero_(rans)
