@@ -40,7 +40,7 @@ TOKENS, HIDDEN, FFN = 2048, 768, 3072
 
 
 def to_nn_linear(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every fp8lab.Linear replaced by an nn.Linear of the same weights."""
+    """A deep copy of ``module`` with each fp8lab.Linear replaced by an nn.Linear of its weights."""
 
     def swap(m: nn.Module) -> nn.Module:
         if not isinstance(m, fp8lab.Linear):
@@ -60,7 +60,9 @@ def build_cases(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     cases = {
         f"Linear {HIDDEN}->{FFN}": (fp8lab.Linear(HIDDEN, FFN, **emulate), (TOKENS, HIDDEN)),
         f"MLP {HIDDEN}->{FFN}->{HIDDEN}": (
-            nn.Sequential(fp8lab.Linear(HIDDEN, FFN, **emulate), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulate)),
+            nn.Sequential(
+                fp8lab.Linear(HIDDEN, FFN, **emulate), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulate)
+            ),
             (TOKENS, HIDDEN),
         ),
     }
@@ -89,7 +91,8 @@ def bench_case(model_fp8: nn.Module, shape: tuple[int, ...], repeats: int, warmu
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     model_bf16 = to_nn_linear(model_fp8)
-    model_ao = convert_to_float8_training(copy.deepcopy(model_bf16), config=Float8LinearConfig(emulate=True))
+    config = Float8LinearConfig(emulate=True)  # default recipe: tensorwise dynamic scaling
+    model_ao = convert_to_float8_training(copy.deepcopy(model_bf16), config=config)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).requires_grad_(True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,19 +106,47 @@ def bench_case(model_fp8: nn.Module, shape: tuple[int, ...], repeats: int, warmu
     return time_interleaved(steps, repeats, warmup)
 
 
+def profile_mlp(steps: int = 3) -> str:
+    """torch.profiler tables (self CPU time) of the fp8lab and BF16 MLP steps."""
+    from torch.profiler import profile
+
+    model_fp8, shape = build_cases(quick=True)[f"MLP {HIDDEN}->{FFN}->{HIDDEN}"]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    grad = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
+    out = []
+    steps = {
+        "fp8lab": make_step(model_fp8, x, grad, True),
+        "bf16": make_step(to_nn_linear(model_fp8), x, grad, False),
+    }
+    for name, step in steps.items():
+        for _ in range(2):
+            step()
+        with profile() as prof:
+            for _ in range(steps):
+                step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+        out.append(f"{name} MLP, {steps} steps:\n{table}")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Linear and MLP only, 7 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15, quick 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    parser.add_argument("--profile", action="store_true", help="print profiler tables of the MLP step, exit")
     args = parser.parse_args()
-    repeats = args.repeats or (7 if args.quick else 15)
     torch.manual_seed(0)
+    if args.profile:
+        print(profile_mlp())
+        return
+    repeats = args.repeats or (7 if args.quick else 15)
     warnings.filterwarnings("ignore", module="torchao")
     load_before = load_average()
 
-    header = ["case", "variant", "median ms", "IQR ms", "min-max ms", "x BF16", "torchao / this", "faults/step"]
+    header = ["case", "variant", "median ms", "IQR ms", "min-max ms", "x BF16", "torchao / this",
+              "faults/step"]
     rows = []
     for name, (model, shape) in build_cases(args.quick).items():
         times, faults = bench_case(model, shape, repeats, args.warmup)

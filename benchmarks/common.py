@@ -106,6 +106,6 @@ def append_section(title: str, body: str, load_before: str) -> None:
         f"{body}\n"
     )
     if not BENCHMARKS_MD.exists():
-        BENCHMARKS_MD.write_text("# fp8lab benchmarks\n\nSections are appended by the scripts in `benchmarks/`.\n")
+        BENCHMARKS_MD.write_text("# fp8lab benchmarks\n\nSections below are appended by `benchmarks/*.py`.\n")
     with BENCHMARKS_MD.open("a") as f:
         f.write(text)

@@ -41,7 +41,9 @@ def _float32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
-def _scale_clamp_into(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, out: torch.Tensor) -> torch.Tensor:
+def _scale_clamp_into(
+    x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, out: torch.Tensor
+) -> torch.Tensor:
     """``out = clamp(x * scale, -max, max)`` in float32; ``x_hp`` is not modified."""
     if x_hp.dtype == torch.float32:
         torch.mul(x_hp, scale, out=out)
