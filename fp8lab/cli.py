@@ -10,23 +10,32 @@ import argparse
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last checkpoint is intact
 
 
 def _run(args) -> int:
     from fp8lab.data import DataError
+    from fp8lab.run.checkpoint import CheckpointError
     from fp8lab.run.config import ConfigError
     from fp8lab.run.overrides import apply_overrides
     from fp8lab.run.recipe_file import load_recipe
+    from fp8lab.run.stop import TrainingDiverged
 
     try:
         config = apply_overrides(load_recipe(args.recipe), args.set or [])
         from fp8lab.run.runner import Runner
 
-        runner = Runner(config, args.out, progress=not args.quiet)
-    except (ConfigError, DataError) as err:
+        runner = Runner(config, args.out, progress=not args.quiet, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"fp8lab run: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    runner.run()
+    try:
+        result = runner.run()
+    except TrainingDiverged as err:
+        print(f"fp8lab run: training stopped: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if result is None:  # stopped by a signal, after writing a checkpoint
+        return 128 + runner.stop.signum
     return 0
 
 
@@ -56,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field (repeatable)")
     run.add_argument("--out", default="logs", help="logs folder (default: logs)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint (same recipe and --set)")
     run.set_defaults(func=_run)
     info = sub.add_parser("info", help="torch, CUDA, devices, Transformer Engine and the backend 'auto' picks")
     info.set_defaults(func=_info)

@@ -36,6 +36,11 @@ def compute_scale(
     Returns:
         A new float32 tensor of scales.
     """
+    if not isinstance(fp8_max, torch.Tensor):
+        # A Python-float numerator makes torch compute reciprocal(amax) * fp8_max (two
+        # roundings, off by one ulp for ~1/4 of amaxes); a tensor numerator gives the
+        # correctly rounded float32 quotient, as update_scales' per-role tensor does.
+        fp8_max = torch.full_like(amax, fp8_max)
     new_scale = (fp8_max / amax) / (2.0**margin)
     usable = (amax > 0) & torch.isfinite(amax)  # nan > 0 is False; inf is not finite
     new_scale = torch.where(usable, new_scale, scale)

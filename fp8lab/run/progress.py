@@ -39,9 +39,19 @@ class Progress:
         eta_text = f"{eta:.0f}s" if eta == eta else "?"
         self._print(f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | {tps / 1e3:.1f}k tok/s/variant | eta {eta_text}")
 
+    def note(self, text: str) -> None:
+        self._print(f"  {text}", final=True)
+
     def note_eval(self, results: dict[str, dict]) -> None:
         text = " | ".join(f"{n} val {m['loss/val']:.4f}" for n, m in results.items())
         self._print(f"  eval: {text}", final=True)
 
     def finish(self, table: str, run_dir) -> None:
         self._print(f"\n{table}\n\nlogs: {run_dir}\n  tensorboard --logdir {run_dir.parent}", final=True)
+
+    def stopped(self, signal_name: str, step: int, checkpoint, run_dir) -> None:
+        self._print(
+            f"\n{signal_name} received: finished step {step}, wrote {checkpoint}.\n"
+            f"Resume with: fp8lab run <the same recipe and --set options> --resume {run_dir}",
+            final=True,
+        )

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from fp8lab.data import BatchSampler, Corpus, load_corpus
+from fp8lab.run import checkpoint as ckpt
 from fp8lab.run.config import RunConfig
 from fp8lab.run.progress import Progress
+from fp8lab.run.stop import StopRequest, TrainingDiverged
 from fp8lab.run.summary import RunSummary
 from fp8lab.run.variant import VariantRun, build_model
 from fp8lab.telemetry.tensorboard import VariantWriter
@@ -64,10 +66,20 @@ class Runner:
         config: the resolved run config.
         out_root: the logs folder (``logs/``); the run goes to ``out_root/<name>/<run_id>/``.
         progress: print a progress line at log steps (to stderr).
+        resume: a run folder to continue from its newest checkpoint (same config).
+    Raises:
+        CheckpointError: ``resume`` has no usable checkpoint for this config.
     """
 
-    def __init__(self, config: RunConfig, out_root: str | Path = "logs", *, progress: bool = True):
+    def __init__(self, config: RunConfig, out_root: str | Path = "logs", *, progress: bool = True,
+                 resume: str | Path | None = None):
         self.config = config
+        payload = None
+        if resume is not None:
+            resume = Path(resume)
+            if not (resume / "config.json").is_file():
+                raise ckpt.CheckpointError(f"--resume {resume}: not a run folder (no config.json)")
+            self.checkpoint_path, payload = ckpt.newest_usable(resume, config.hash(), config.to_dict())
         self.device = resolve_device(config.train.device)
         self.corpus: Corpus = load_corpus(config.data.source, val_fraction=config.data.val_fraction)
         torch.manual_seed(config.train.seed)
@@ -88,9 +100,46 @@ class Runner:
         self.start_step = 0
         self.progress = Progress(t.steps, enabled=progress)
         self.summary = RunSummary(config, [v.name for v in config.variants])
+        self.stop = StopRequest()
+        self.last_checkpoint: Path | None = None
+        if payload is not None:
+            self._restore(payload)
+            self.run_dir, self.last_checkpoint = resume, self.checkpoint_path
+
+    def _restore(self, payload: dict) -> None:
+        for run in self.variants:
+            try:
+                run.load_state_dict(payload["variants"][run.variant.name])
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise ckpt.CheckpointError(f"checkpoint {self.checkpoint_path}: variant {run.variant.name!r}: {err}") from None
+        self.summary.load_state_dict(payload["summary"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        if self.device.type == "cuda" and payload["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        self.start_step = payload["step"]
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Flush the event files (so nothing logged before ``step`` can be lost), then
+        write the checkpoint of ``step`` atomically."""
+        for writer in self.writers.values():
+            writer.flush()
+        payload = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "step": step,
+            "config_hash": self.config.hash(),
+            "config": self.config.to_dict(),
+            "variants": {run.variant.name: run.state_dict() for run in self.variants},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "summary": self.summary.state_dict(),
+        }
+        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, step, payload, self.config.train.keep_checkpoints)
+        return self.last_checkpoint
 
     def _open_writers(self) -> None:
-        purge = self.start_step if self.start_step else None
+        # On resume, events the dead process wrote after its checkpoint carry steps >
+        # start_step; purge_step makes TensorBoard drop them.
+        purge = self.start_step + 1 if self.start_step else None
         self.writers = {v.variant.name: VariantWriter(self.run_dir, v.variant.name, purge_step=purge) for v in self.variants}
         if self.start_step == 0:
             for run in self.variants:
@@ -109,39 +158,73 @@ class Runner:
             self.summary.record_eval(name, step, metrics)
         self.progress.note_eval(results)
 
-    def run(self) -> dict:
-        """Train every variant for ``train.steps`` steps; write events and summary.json."""
-        cfg, t = self.config, self.config.train
+    def run(self) -> dict | None:
+        """Train every variant for ``train.steps`` steps; write events and summary.json.
+
+        Returns the summary, or None when stopped by SIGTERM/SIGINT (after a checkpoint).
+        Raises TrainingDiverged after ``train.max_consecutive_skips`` skipped steps.
+        """
+        cfg = self.config
         if self.run_dir is None:
             self.run_dir = new_run_dir(self.out_root, cfg)
             self.run_dir.mkdir(parents=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         self._open_writers()
-        tokens_per_step = t.batch_size * t.block_size
-        for step in range(self.start_step, t.steps):
-            x, y = self.sampler.batch(step)  # host tensors; each variant copies them to its device
-            lr = learning_rate(step, cfg)
-            log = (step + 1) % t.log_interval == 0 or step == t.steps - 1
-            for run in self.variants:
-                stats = run.train_step(x, y, lr, log)
-                if log:
-                    writer = self.writers[run.variant.name]
-                    metrics = run.take_train_metrics(tokens_per_step)
-                    metrics["perf/peak_mem_mb"] = run.peak_mem_mb()
-                    writer.scalars(step + 1, metrics)
-                    writer.layer_stats(step + 1, stats)
-                    self.summary.record_train(run.variant.name, step + 1, metrics, stats)
-            if log:
-                self.progress.update(step + 1, {r.variant.name: self.summary.last_train(r.variant.name) for r in self.variants})
-            if (step + 1) % t.eval_interval == 0 or step == t.steps - 1:
-                self._evaluate(step + 1)
-                for run in self.variants:
-                    self.writers[run.variant.name].histories(step + 1, run.collector.histories())
-            self.after_step(step + 1)
+        with self.stop.installed():
+            for step in range(self.start_step, cfg.train.steps):
+                self._step(step)
+                if self.stop:
+                    path = self.save_checkpoint(step + 1)
+                    for writer in self.writers.values():
+                        writer.close()
+                    self.progress.stopped(self.stop.name, step + 1, path, self.run_dir)
+                    return None
         return self.finish()
 
-    def after_step(self, step: int) -> None:
-        """Hook for checkpointing (a no-op here)."""
+    def _step(self, step: int) -> None:
+        cfg, t = self.config, self.config.train
+        tokens_per_step = t.batch_size * t.block_size
+        x, y = self.sampler.batch(step)  # host tensors; each variant copies them to its device
+        lr = learning_rate(step, cfg)
+        log = (step + 1) % t.log_interval == 0 or step == t.steps - 1
+        for run in self.variants:
+            stats = run.train_step(x, y, lr, log)
+            if log:
+                writer = self.writers[run.variant.name]
+                metrics = run.take_train_metrics(tokens_per_step)
+                metrics["perf/peak_mem_mb"] = run.peak_mem_mb()
+                writer.scalars(step + 1, metrics)
+                writer.layer_stats(step + 1, stats)
+                self.summary.record_train(run.variant.name, step + 1, metrics, stats)
+                writer.scalars(step + 1, self.summary.fault_scalars(run.variant.name))
+                self._check_diverged(run, step + 1, metrics)
+        if log:
+            self.progress.update(step + 1, {r.variant.name: self.summary.last_train(r.variant.name) for r in self.variants})
+        if (step + 1) % t.eval_interval == 0 or step == t.steps - 1:
+            self._evaluate(step + 1)
+            for run in self.variants:
+                self.writers[run.variant.name].histories(step + 1, run.collector.histories())
+        interval = t.checkpoint_interval
+        if interval and (step + 1) % interval == 0 and step + 1 < t.steps:
+            # A checkpoint inside a run of skipped steps would only replay the fault on
+            # resume: keep the last good one instead (one sync, on checkpoint steps only).
+            if any(bool(run.counters["consecutive_skips"]) for run in self.variants):
+                self.progress.note(f"checkpoint at step {step + 1} deferred: that step was skipped (non-finite)")
+            else:
+                self.save_checkpoint(step + 1)
+
+    def _check_diverged(self, run: VariantRun, step: int, metrics: dict) -> None:
+        """At log steps: stop when the run of skipped steps reached the limit."""
+        limit = self.config.train.max_consecutive_skips
+        if metrics["faults/consecutive_skips"] < limit:
+            return
+        layers = sorted(self.summary.nonfinite[run.variant.name]) or ["none (the loss itself was non-finite)"]
+        last = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"variant {run.variant.name!r}: {int(metrics['faults/consecutive_skips'])} consecutive steps up to step "
+            f"{step} had a non-finite loss or gradient (train.max_consecutive_skips={limit}); layers whose amax "
+            f"went non-finite: {', '.join(layers)}; {last}"
+        )
 
     def finish(self) -> dict:
         for run in self.variants:
@@ -153,6 +236,7 @@ class Runner:
             metrics = {k: v for k, v in final.items() if k in ("final_val_loss", "val_loss_rel_gap") and v is not None}
             self.writers[name].hparams(hparams_of(self.config, run.variant), {f"hparam/{k}": v for k, v in metrics.items()})
             self.writers[name].close()
+        self.save_checkpoint(self.config.train.steps)
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, self.run_dir / "summary.json")

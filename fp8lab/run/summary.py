@@ -26,7 +26,24 @@ class RunSummary:
         self.log_steps: dict[str, int] = defaultdict(int)
         self.overflow_steps: dict[str, dict[str, int]] = {n: defaultdict(int) for n in names}
         self.underflow_sum: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
+        self.nonfinite: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
         self.first_batch: dict[str, str | None] = {}
+
+    _STATE = ("evals", "train", "log_steps", "overflow_steps", "underflow_sum", "nonfinite")
+
+    def state_dict(self) -> dict:
+        """Plain containers only (checkpoints load with weights_only=True)."""
+        def plain(value):
+            return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+        return {name: plain(getattr(self, name)) for name in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evals = {n: list(v) for n, v in state["evals"].items()}
+        self.train = {n: list(v) for n, v in state["train"].items()}
+        self.log_steps = defaultdict(int, state["log_steps"])
+        for name in ("overflow_steps", "underflow_sum", "nonfinite"):
+            factory = int if name == "overflow_steps" else float
+            setattr(self, name, {n: defaultdict(factory, v) for n, v in state[name].items()})
 
     def record_train(self, name: str, step: int, metrics: dict, stats: LayerStats | None) -> None:
         self.train[name].append((step, metrics))
@@ -38,6 +55,12 @@ class RunSummary:
                 key = f"{layer}/{role}"
                 self.overflow_steps[name][key] += int(stats.values["overflow_pct"][i, r] > 0)
                 self.underflow_sum[name][key] += float(stats.values["underflow_pct"][i, r])
+                if stats.values["nonfinite_amax"][i, r]:
+                    self.nonfinite[name][key] += float(stats.values["nonfinite_amax"][i, r])
+
+    def fault_scalars(self, name: str) -> dict[str, float]:
+        """Cumulative non-finite amax counts of the layers/roles that had any."""
+        return {f"faults/nonfinite_amax/{key}": count for key, count in self.nonfinite[name].items()}
 
     def record_eval(self, name: str, step: int, metrics: dict) -> None:
         self.evals[name].append((step, dict(metrics)))
@@ -69,6 +92,8 @@ class RunSummary:
                 "tokens_per_s": float(np.median(tps)) if tps else None,
                 "first_train_loss": self.train[name][0][1]["loss/train"] if self.train[name] else None,
                 "first_batch_sha": self.first_batch.get(name),
+                "skipped_steps": self.train[name][-1][1].get("faults/skipped_steps", 0.0) if self.train[name] else 0.0,
+                "nonfinite_amax": dict(self.nonfinite[name]),
                 **self._attention(name),
             }
         return {

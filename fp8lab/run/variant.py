@@ -22,6 +22,8 @@ from fp8lab.policy import PrecisionPolicy
 from fp8lab.run.config import RunConfig, Variant
 from fp8lab.telemetry.collector import LayerStats, ScalingCollector
 
+COUNTERS = ("loss_sum", "good_steps", "skipped", "consecutive_skips")
+
 
 def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GPT:
     """The GPT of ``config.model`` with the variant's precision (BF16 GEMMs for "bf16")."""
@@ -101,7 +103,9 @@ class VariantRun:
         )
         self.collector = ScalingCollector(self.model)
         self.timer = StepTimer(device)
-        self.loss_sum = torch.zeros((), device=device)
+        # Device-side counters, read only at log steps: loss sum and count of good steps
+        # since the last log, steps skipped in total, and the current run of skips.
+        self.counters = {name: torch.zeros((), device=device) for name in COUNTERS}
         self.steps_since_log = 0
         self.first_batch_sha: str | None = None
 
@@ -124,23 +128,59 @@ class VariantRun:
                 logits = self.model(x)  # (B, T, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
+            # A non-finite loss or gradient skips the optimizer step and the scale update,
+            # decided on the device: fused AdamW skips itself when found_inf is 1.
+            skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
+            self.optimizer.found_inf = skip.float()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self.collector.collect() if log else None  # before update_scales rolls row 0
-            fp8lab.update_scales(self.model)
-        self.loss_sum += loss.detach()
+            snapshot = self.collector.snapshot() if log else None  # before update_scales rolls row 0
+            fp8lab.update_scales(self.model, skip=skip)
+            stats = self.collector.read(snapshot) if log else None
+        c = self.counters
+        c["loss_sum"] += torch.where(skip, 0.0, loss.detach())
+        c["good_steps"] += (~skip).float()
+        c["skipped"] += skip.float()
+        c["consecutive_skips"] = torch.where(skip, c["consecutive_skips"] + 1, 0.0)
         self.steps_since_log += 1
         return stats
 
     def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
-        """Mean train loss and throughput since the last log step (the log step's sync)."""
+        """Train loss, throughput and skip counts since the last log step (one sync)."""
         seconds = self.timer.take()
-        loss = float(self.loss_sum) / max(self.steps_since_log, 1)
+        values = dict(zip(COUNTERS, torch.stack([self.counters[n] for n in COUNTERS]).tolist()))
         tokens = tokens_per_step * self.steps_since_log
-        self.loss_sum.zero_()
+        self.counters["loss_sum"].zero_()
+        self.counters["good_steps"].zero_()
         self.steps_since_log = 0
-        return {"loss/train": loss, "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+        loss = values["loss_sum"] / values["good_steps"] if values["good_steps"] else float("nan")
+        return {
+            "loss/train": loss,
+            "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "faults/skipped_steps": values["skipped"],
+            "faults/consecutive_skips": values["consecutive_skips"],
+        }
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint needs to continue this variant bit for bit."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "counters": {n: t.detach().clone() for n, t in self.counters.items()},
+            "faults": self.collector.faults(),
+            "steps_since_log": self.steps_since_log,
+            "first_batch_sha": self.first_batch_sha,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])  # raises if scaling state is missing
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, value in state["counters"].items():
+            self.counters[name].copy_(value)
+        self.collector.load_faults(state["faults"])
+        self.steps_since_log = state["steps_since_log"]
+        self.first_batch_sha = state["first_batch_sha"]
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

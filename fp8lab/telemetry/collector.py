@@ -2,8 +2,9 @@
 
 Invariant: between log steps nothing here runs and no layer computes statistics. On a
 log step the collector arms every FP8 layer's ScalingState (``collect_stats``) before
-the forward, and after the backward (before ``update_scales`` rolls row 0 away) reads
-all layers with ONE device-to-host copy. That copy is a sync point, by design only here.
+the forward, snapshots the state on the device after the backward (before
+``update_scales`` rolls row 0 away), and after the update reads snapshot and fault
+counts with ONE device-to-host copy. That copy is a sync point, by design only here.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from fp8lab.formats import ROLE_NAMES
 from fp8lab.linear import Linear
 from fp8lab.state import STAT_NAMES
 
-# Columns of one layer's row: scale x3, amax x3, then (overflow, underflow, sqnr) x3 roles.
+# Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
+# and the non-finite amaxes counted since the previous log step.
 FIELDS = ("scale", "amax") + STAT_NAMES
+NONFINITE = "nonfinite_amax"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class LayerStats:
     values: dict[str, np.ndarray]
 
     def rows(self):
-        """(layer, role, field, value) for every entry, for writers and reports."""
+        """(layer, role, field, value) for every scaling entry, for writers and reports."""
         for i, layer in enumerate(self.layers):
             for r, role in enumerate(ROLE_NAMES):
                 for field in FIELDS:
@@ -58,17 +61,37 @@ class ScalingCollector:
         for _, layer in self.layers:
             layer.fp8_state.collect_stats = True
 
-    def collect(self) -> LayerStats:
-        """Snapshot after the backward and before update_scales; disarms the layers."""
+    def snapshot(self) -> torch.Tensor | None:
+        """Scale, amax (row 0) and cast stats of every layer, on the device, before
+        update_scales rolls row 0 away; disarms the layers. No host copy."""
         if not self.layers:
-            return LayerStats((), {f: np.zeros((0, 3)) for f in FIELDS})
+            return None
         rows = []
         for _, layer in self.layers:
             state = layer.fp8_state
             state.collect_stats = False
             rows.append(torch.cat([state.scale[None], state.amax_history[0][None], state.stats.t()]))  # (5, 3)
-        host = torch.stack(rows).float().cpu().numpy()  # (n_layers, 5, 3): the one sync of a log step
-        return LayerStats(self.names, {f: host[:, i, :] for i, f in enumerate(FIELDS)})
+        return torch.stack(rows)  # (n_layers, 5, 3)
+
+    def read(self, snapshot: torch.Tensor | None) -> LayerStats:
+        """The snapshot plus the non-finite amaxes counted by this step's update_scales,
+        copied to the host together: the one sync of a log step. Resets the fault counts."""
+        if snapshot is None:
+            return LayerStats((), {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)})
+        faults = torch.stack([layer.fp8_state.faults for _, layer in self.layers])[:, None]  # (n, 1, 3)
+        host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, 6, 3)
+        torch._foreach_zero_([layer.fp8_state.faults for _, layer in self.layers])
+        return LayerStats(self.names, {f: host[:, i, :] for i, f in enumerate(FIELDS + (NONFINITE,))})
+
+    def faults(self) -> torch.Tensor:
+        """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""
+        if not self.layers:
+            return torch.zeros(0, 3)
+        return torch.stack([layer.fp8_state.faults for _, layer in self.layers]).cpu()
+
+    def load_faults(self, faults: torch.Tensor) -> None:
+        for (_, layer), row in zip(self.layers, faults):
+            layer.fp8_state.faults.copy_(row)
 
     def histories(self) -> dict[str, np.ndarray]:
         """Each layer's whole amax history (H, 3) on the host (for histograms)."""

@@ -1,0 +1,191 @@
+"""Casts into FP8: bit-exact against torch's float8 dtypes, saturating, ties to even.
+
+Tolerances: ``cast_to_fp8`` is compared bit for bit (``.view(torch.uint8)``) and
+``cast_to_fp8_grid`` value for value (``torch.equal`` after ``.float()``; -0 == +0). The
+expected rounding of every midpoint between FP8 neighbours is derived independently from
+the bit codes (ties go to the even code). SQNR against float64: E4M3 >= 28 dB, E5M2 >= 22 dB
+on Gaussian data with scale = fp8_max / amax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fp8lab.cast import amax_of, cast_stats, cast_to_fp8, cast_to_fp8_grid
+from fp8lab.formats import E4M3, E5M2
+from helpers import sqnr_db
+
+FORMATS = pytest.mark.parametrize("fmt", (E4M3, E5M2), ids=("e4m3", "e5m2"))
+IN_DTYPES = pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+ONE = torch.tensor(1.0)
+
+
+def reference_cast(x: torch.Tensor, scale: torch.Tensor, fmt) -> torch.Tensor:
+    """(x * scale).clamp(-max, max).to(fp8), the product formed in float32."""
+    return (x.float() * scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
+
+
+def positive_codes(fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes 0..k of the finite non-negative FP8 values, and the values (increasing)."""
+    codes = torch.arange(128, dtype=torch.uint8)
+    values = codes.view(fmt.dtype).float()
+    finite = torch.isfinite(values)
+    return codes[finite], values[finite]
+
+
+def test_format_constants():
+    assert (E4M3.max, E5M2.max) == (448.0, 57344.0)
+    assert (E4M3.min_normal, E5M2.min_normal) == (2.0**-6, 2.0**-14)
+
+
+@FORMATS
+@IN_DTYPES
+def test_every_representable_value_is_kept(fmt, dtype):
+    all_values = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).float()
+    values = all_values[torch.isfinite(all_values)]
+    x = values.to(dtype)
+    assert torch.equal(x.float(), values)  # exact in bf16 too
+    assert torch.equal(cast_to_fp8(x, ONE, fmt).float(), values)
+    assert torch.equal(cast_to_fp8_grid(x, ONE, fmt).float(), values)
+    assert cast_to_fp8_grid(x, ONE, fmt).dtype == torch.bfloat16
+
+
+@FORMATS
+@IN_DTYPES
+def test_midpoints_round_to_even_code(fmt, dtype):
+    codes, values = positive_codes(fmt)
+    assert torch.equal(codes.long(), torch.arange(len(codes)))  # increasing, no gaps
+    mids = (values[:-1].double() + values[1:].double()) / 2
+    even_lower = codes[:-1] % 2 == 0
+    expected_codes = torch.where(even_lower, codes[:-1], codes[1:])
+    expected_values = torch.where(even_lower, values[:-1], values[1:])
+    x = torch.cat([mids, -mids]).to(dtype)
+    assert torch.equal(x.double(), torch.cat([mids, -mids]))  # midpoints are exact inputs
+
+    out = cast_to_fp8(x, ONE, fmt)
+    assert torch.equal(out.view(torch.uint8), torch.cat([expected_codes, expected_codes | 0x80]))
+    grid = cast_to_fp8_grid(x, ONE, fmt).float()
+    assert torch.equal(grid, torch.cat([expected_values, -expected_values]))
+
+
+@FORMATS
+def test_one_float32_ulp_off_a_midpoint_rounds_to_the_nearer_neighbour(fmt):
+    codes, values = positive_codes(fmt)
+    mids = ((values[:-1].double() + values[1:].double()) / 2).float()
+    above = torch.nextafter(mids, torch.tensor(math.inf))
+    below = torch.nextafter(mids, torch.tensor(0.0))
+    assert torch.equal(cast_to_fp8(above, ONE, fmt).view(torch.uint8), codes[1:])
+    assert torch.equal(cast_to_fp8(below, ONE, fmt).view(torch.uint8), codes[:-1])
+    assert torch.equal(cast_to_fp8_grid(above, ONE, fmt).float(), values[1:])
+    assert torch.equal(cast_to_fp8_grid(below, ONE, fmt).float(), values[:-1])
+
+
+@pytest.mark.parametrize(
+    "x, expected",
+    [(1.0625, 1.0), (17.0, 16.0), (-17.0, -16.0), (1.1875, 1.25), (0.0029296875, 0.00390625)],
+)
+def test_e4m3_rounding_cases(x, expected):
+    # 1.0625: tie between 1.0 and 1.125 -> 1.0; 17: tie between 16 and 18 -> 16;
+    # 1.1875: tie between 1.125 and 1.25 -> 1.25; 3*2^-10: subnormal tie 2^-9 | 2^-8 -> 2^-8
+    xt = torch.tensor([x])
+    assert cast_to_fp8(xt, ONE, E4M3).float().item() == expected
+    assert cast_to_fp8_grid(xt, ONE, E4M3).float().item() == expected
+
+
+@FORMATS
+@IN_DTYPES
+def test_grid_equals_real_cast_over_many_magnitudes_and_scales(fmt, dtype):
+    gen = torch.Generator().manual_seed(7)
+    n = 1 << 16
+    exponents = torch.randint(-40, 41, (n,), generator=gen).float()
+    x = (torch.randn(n, generator=gen) * torch.exp2(exponents)).to(dtype)
+    amax = x.float().abs().max()
+    for scale in (2.0**-20, 1 / 3, 1.0, 3.7, fmt.max / amax.item(), 2.0**20, 1e30):
+        s = torch.tensor(scale, dtype=torch.float32)
+        real = cast_to_fp8(x, s, fmt)
+        assert torch.equal(real.view(torch.uint8), reference_cast(x, s, fmt).view(torch.uint8))
+        grid = cast_to_fp8_grid(x, s, fmt)
+        assert torch.equal(grid.float(), real.float()), f"scale={scale}"
+
+
+@FORMATS
+@IN_DTYPES
+def test_cast_to_fp8_is_bit_exact_against_clamp_then_convert(fmt, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4096, generator=gen) * 300).to(dtype)
+    for s in (torch.tensor(0.5), torch.tensor(1.0), torch.tensor(fmt.max / 7.0)):
+        expected = (x.float() * s).clamp(-fmt.max, fmt.max).to(fmt.dtype)
+        out = cast_to_fp8(x, s, fmt)
+        assert out.dtype == fmt.dtype
+        assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
+@FORMATS
+@IN_DTYPES
+def test_saturates_to_max_never_nan(fmt, dtype):
+    big = torch.tensor([1e30, -1e30, math.inf, -math.inf, fmt.max + 1, -1e5, 1e38, fmt.max * 1.2]).to(dtype)
+    signs = torch.sign(big.float())
+    for s in (torch.tensor(1.0), torch.tensor(2.0**20)):  # 1e38 * 2^20 overflows float32
+        out = cast_to_fp8(big, s, fmt).float()
+        grid = cast_to_fp8_grid(big, s, fmt).float()
+        assert not out.isnan().any() and not grid.isnan().any()
+        assert torch.equal(out, signs * fmt.max)
+        assert torch.equal(grid, signs * fmt.max)
+
+
+@FORMATS
+@IN_DTYPES
+def test_nan_stays_nan(fmt, dtype):
+    x = torch.tensor([1.0, math.nan, -2.0]).to(dtype)
+    for out in (cast_to_fp8(x, ONE, fmt).float(), cast_to_fp8_grid(x, ONE, fmt).float()):
+        assert torch.equal(out.isnan(), torch.tensor([False, True, False]))
+        assert out[0].item() == 1.0 and out[2].item() == -2.0
+
+
+@IN_DTYPES
+def test_amax_of(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 257, generator=gen) * 10).to(dtype)
+    x[1, 100] = -1536.0  # the extreme is negative (exact in bf16)
+    out = amax_of(x)
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert torch.equal(out, x.abs().max().float())
+    assert out.item() == 1536.0
+    assert amax_of(-x.abs()).item() == 1536.0  # all negative
+    x[2, 3] = math.nan
+    assert amax_of(x).isnan().item()
+
+
+@pytest.mark.parametrize("scale", (1.0, 2.0, 0.25))
+def test_cast_stats_overflow_and_underflow_percentages_are_exact(scale):
+    # 64 elements (100/64 is exact in float32): 5 overflow, 9 underflow, 3 exact zeros.
+    over = [1000.0, -500.0, 449.0, 1e6, -449.5]
+    under = [1e-4, -3e-4, 2.0**-11, -(2.0**-10), 2.0**-12, 1e-6, -1e-9, 5e-4, -9.7e-4]
+    zeros = [0.0, 0.0, -0.0]
+    rest = [(-1.0) ** i * (0.5 + 3.1 * i) for i in range(64 - len(over) - len(under) - len(zeros))]
+    x_scaled = torch.tensor(over + under + zeros + rest)
+    x = x_scaled / scale  # a power of two: exact
+    s = torch.tensor(scale)
+    for q in (cast_to_fp8(x, s, E4M3), cast_to_fp8_grid(x, s, E4M3)):
+        stats = cast_stats(x, q, s, E4M3)
+        assert stats.dtype == torch.float32 and stats.shape == (3,)
+        assert stats[0].item() == 5 * 100 / 64  # 7.8125
+        assert stats[1].item() == 9 * 100 / 64  # 14.0625
+        expected_sqnr = sqnr_db(x, q.float() / s)
+        assert abs(stats[2].item() - expected_sqnr) < 1e-3 * abs(expected_sqnr)
+
+
+@pytest.mark.parametrize("fmt, min_db", [(E4M3, 28.0), (E5M2, 22.0)], ids=("e4m3", "e5m2"))
+@IN_DTYPES
+def test_cast_sqnr_on_gaussian_data(fmt, min_db, dtype):
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(1 << 16, generator=gen).to(dtype)
+    scale = torch.tensor(fmt.max) / amax_of(x)
+    ref = x.double()
+    real = sqnr_db(ref, cast_to_fp8(x, scale, fmt).double() / scale.double())
+    grid = sqnr_db(ref, cast_to_fp8_grid(x, scale, fmt).double() / scale.double())
+    assert real >= min_db, f"{fmt.name} cast SQNR {real:.2f} dB < {min_db}"
+    assert grid == real
