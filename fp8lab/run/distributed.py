@@ -58,11 +58,13 @@ class Distributed:
     """Where this process sits in a data-parallel job (one process per device).
 
     Args:
-        rank: global rank, 0 .. world_size-1; rank 0 writes logs and checkpoints.
+        rank: global rank, 0 .. world_size-1; rank 0 alone writes logs and checkpoints.
         world_size: number of processes.
         local_rank: rank on this node (picks the CUDA device).
         device: this process's device.
-        group: the data-parallel process group (None: WORLD, or no group when world_size == 1).
+        group: the data-parallel process group (None: WORLD).
+        control_group: a gloo group for host-side flags (None: WORLD, already gloo on CPU).
+        owns_group: ``close()`` destroys the default group (``from_env`` created it).
     """
 
     rank: int = 0
@@ -70,6 +72,8 @@ class Distributed:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     group: object = None
+    control_group: object = None
+    owns_group: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -80,27 +84,34 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto", *, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Distributed:
+    def from_env(cls, device: torch.device, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Distributed:
         """Join the job torchrun started (its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
-        Without those variables this is a single process and no group is created. Backend
-        ``nccl`` when the device is CUDA, ``gloo`` on CPU.
+        Without those variables (or with WORLD_SIZE 1) this is a single process and no
+        group is created. Backend ``nccl`` on CUDA (device LOCAL_RANK), ``gloo`` on CPU.
 
         Args:
-            device: ``train.device``: "auto", "cpu" or "cuda"; CUDA uses device LOCAL_RANK.
+            device: the resolved ``train.device`` ("cuda" means this rank's CUDA device).
             timeout: how long a collective may wait for a peer before it fails.
         """
-        if not all(name in os.environ for name in TORCHRUN_VARS):
-            return cls(device=_device(device, 0))
+        if not all(name in os.environ for name in TORCHRUN_VARS) or int(os.environ["WORLD_SIZE"]) == 1:
+            return cls(device=device)
         rank, world_size, local_rank = (int(os.environ[name]) for name in TORCHRUN_VARS)
-        dev = _device(device, local_rank)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"LOCAL_RANK {local_rank} has no CUDA device (this node has {torch.cuda.device_count()}); "
+                    "launch at most one process per GPU (--nproc-per-node)"
+                )
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        owns = not dist.is_initialized()
+        if owns:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
-        return cls(rank, world_size, local_rank, dev)
+        control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
+        return cls(rank, world_size, local_rank, device, control_group=control, owns_group=owns)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` under DDP with summed gradients (see the module docstring); as is for one process."""
@@ -113,38 +124,66 @@ class Distributed:
         ddp.register_comm_hook(self.group, sum_gradients_hook)
         return ddp
 
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``model`` under FSDP2 (``fully_shard``): each block, then the root, summing gradients.
+
+        Parameters (master weights, gradients, optimizer state) are sharded; fp8lab's
+        scaling state is buffers, which FSDP2 leaves whole on every rank, and a layer
+        casts its all-gathered weight, so amaxes and scales mean what they mean under DDP.
+        The runner uses DDP (its checkpoints hold whole tensors); this is for your own loops.
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # SUM: see token_loss
+                module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+        return model
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` (any picklable value), on every rank."""
         if not self.enabled:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over ranks, in place (a no-op for one process)."""
+        """``tensor`` summed over ranks, in place (a no-op for one process; no host sync)."""
         if self.enabled:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any (a host-side gloo collective)."""
+        if not self.enabled:
+            return flag
+        box = torch.tensor([int(flag)])
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(box[0])
+
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier(group=self.group)
+            dist.barrier(group=self.control_group)
 
     def close(self) -> None:
-        """Tear down the process group (only the one ``from_env`` created)."""
-        if self.enabled and dist.is_initialized():
+        """Tear down the process group if ``from_env`` created it."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(
-            f"LOCAL_RANK {local_rank} has no CUDA device (this node has {torch.cuda.device_count()}); "
-            "launch at most one process per GPU (--nproc-per-node)"
-        )
-    return torch.device("cuda", local_rank)
+class NullWriter:
+    """The TensorBoard writer of ranks other than 0: same calls, writes nothing."""
+
+    def scalars(self, step, values) -> None: ...
+    def layer_stats(self, step, stats) -> None: ...
+    def histories(self, step, histories) -> None: ...
+    def text(self, tag, markdown, step=0) -> None: ...
+    def layout(self) -> None: ...
+    def hparams(self, hparams, metrics) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
