@@ -97,8 +97,8 @@ def convert(
     Args:
         model: any module.
         recipe: the DelayedScaling recipe of every converted layer (default: TE's).
-        policy: which converted layers stay in BF16 (default: ``PrecisionPolicy()``,
-            which keeps a layer named ``lm_head``).
+        policy: applied to every fp8lab layer of ``model`` afterwards (default:
+            ``PrecisionPolicy()``, which keeps a layer named ``lm_head`` in BF16).
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
         fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
     """
@@ -117,7 +117,7 @@ def convert(
 
     converted: dict[int, Linear] = {}  # a layer registered twice is converted once
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # named_children() skips repeats
             if isinstance(child, Linear) or not isinstance(child, nn.Linear):
                 continue
             reason = _skip_reason(parent, name, child)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_te, select_backend
+from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_te
 from fp8lab.convert import SKIP_REASON_ATTR
 from fp8lab.linear import Linear
 
@@ -22,7 +22,7 @@ UNCONVERTED = "torch"  # precision and backend of an nn.Linear fp8lab does not r
 
 @dataclass(frozen=True)
 class LayerRow:
-    layer: str  # qualified name from named_modules
+    name: str  # qualified layer name from named_modules
     precision: str  # "fp8", "bf16", or "torch" for a layer fp8lab does not run
     backend: str  # "te", "scaled_mm", "emulated", "bf16" or "torch"
     reason: str
@@ -33,7 +33,7 @@ class Description(list):
 
     def __str__(self) -> str:
         header = ("layer", "precision", "backend", "reason")
-        cells = [header] + [(r.layer, r.precision, r.backend, r.reason) for r in self]
+        cells = [header] + [(r.name, r.precision, r.backend, r.reason) for r in self]
         widths = [max(len(row[i]) for row in cells) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in cells]
         return "\n".join(line.rstrip() for line in lines)
@@ -42,23 +42,15 @@ class Description(list):
 def plan_for(linear: Linear, device: DeviceFacts, te: TEFacts | None = None) -> Plan:
     """The plan ``linear`` would get on a device with these facts; no device is touched.
 
-    Same decision as ``Linear.plan`` (policy first, then ``select_backend``), so a CUDA
-    plan can be checked on a machine without a GPU.
+    The same decision as ``Linear.plan`` (it is ``Linear.plan_for``), so a CUDA plan can
+    be checked on a machine without a GPU.
 
     Args:
         linear: the layer.
         device: facts of the device, e.g. ``DeviceFacts("cuda", (9, 0), "H100")``.
         te: Transformer Engine facts (default: probed on this machine).
     """
-    if linear.keep_bf16_reason is not None:
-        return Plan("bf16", linear.keep_bf16_reason)
-    return select_backend(
-        device=device,
-        te=te if te is not None else probe_te(),
-        requested=linear.backend,
-        fallback=linear.fallback,
-        dims=(linear.in_features, linear.out_features),
-    )
+    return linear.plan_for(device, te if te is not None else probe_te())
 
 
 def describe(
@@ -67,7 +59,7 @@ def describe(
     *,
     te: TEFacts | None = None,
 ) -> Description:
-    """One row per GEMM layer: name, precision, backend, reason.
+    """One row per GEMM layer: name, precision, backend, reason (fields of LayerRow).
 
     Args:
         model: any module containing fp8lab (or plain torch) Linear layers.

@@ -34,7 +34,8 @@ PRESETS: dict[str, dict] = {
     # Byte-level, trains at ~10 steps/s on 2 CPU cores at batch 16 x 64 (emulated FP8).
     "tiny": dict(vocab_size=256, block_size=128, num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512),
     # GPT-2 small; vocab 50257 padded to a multiple of 64 (nanoGPT), so every GEMM can run FP8.
-    "gpt2-124m": dict(vocab_size=50304, block_size=1024, num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072),
+    # Tied embeddings, as GPT-2: 124M parameters (163M untied).
+    "gpt2-124m": dict(vocab_size=50304, block_size=1024, num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, tie_embeddings=True),
 }
 
 
@@ -178,6 +179,14 @@ class GPT(nn.Module):
             overrides: any GPTConfig field, e.g. ``fallback="emulate"``.
         """
         return cls.from_config(GPTConfig.from_preset(name, **overrides))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
 
     def _init_weights(self) -> None:
         """GPT-2's: N(0, 0.02), residual projections scaled by 1/sqrt(2 * num_layers)."""

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8lab.backends.select import BACKENDS, FALLBACKS, Plan, probe_device, probe_te, select_backend
+from fp8lab.backends.select import (
+    BACKENDS, FALLBACKS, DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend,
+)
 from fp8lab.config import DelayedScaling
 from fp8lab.executors import EXECUTORS
 from fp8lab.qgemm import quantized_linear
@@ -85,18 +87,17 @@ class Linear(nn.Module):
         device = device if device is not None else self.weight.device
         plan = self._plans.get(device)
         if plan is None:
-            if self.keep_bf16_reason is not None:
-                plan = Plan("bf16", self.keep_bf16_reason)
-            else:
-                plan = select_backend(
-                    device=probe_device(device),
-                    te=probe_te(),
-                    requested=self.backend,
-                    fallback=self.fallback,
-                    dims=(self.in_features, self.out_features),
-                )
-            self._plans[device] = plan
+            plan = self._plans[device] = self.plan_for(probe_device(device), probe_te())
         return plan
+
+    def plan_for(self, device: DeviceFacts, te: TEFacts) -> Plan:
+        """The plan on a device with these facts (pure: the policy first, then select_backend)."""
+        if self.keep_bf16_reason is not None:
+            return Plan("bf16", self.keep_bf16_reason)
+        return select_backend(
+            device=device, te=te, requested=self.backend, fallback=self.fallback,
+            dims=(self.in_features, self.out_features),
+        )
 
     def keep_in_bf16(self, reason: str) -> None:
         """Run this layer's GEMM in BF16 from now on, recording why."""

@@ -105,7 +105,9 @@ def select_backend(
     if not _fp8_hardware(device):
         return _fallback(fallback, f"{gpu} has no FP8 tensor cores")
     if dims is not None and any(d % HW_GEMM_MULTIPLE for d in dims):
-        return _fallback(fallback, f"dimensions {dims[0]}x{dims[1]} are not multiples of {HW_GEMM_MULTIPLE}, which a hardware FP8 GEMM needs")
+        why = f"dimensions {dims[0]}x{dims[1]} are not multiples of {HW_GEMM_MULTIPLE}, which a hardware FP8 GEMM needs"
+        # An explicit request that cannot be honoured for this one layer says so in the reason.
+        return _fallback(fallback, why if requested == "auto" else f"backend={requested!r} requested, but {why}")
     if requested == "te" or (requested == "auto" and te.version is not None):
         return Plan("te", f"Transformer Engine {te.version} on {gpu}")
     if requested == "scaled_mm":
@@ -122,9 +124,17 @@ def probe_device(device: torch.device) -> DeviceFacts:
 
 
 def probe_te() -> TEFacts:
-    """Whether Transformer Engine for PyTorch is installed, located without importing it."""
+    """Whether Transformer Engine for PyTorch is installed, located without importing it.
+
+    Both the Python package and its compiled PyTorch extension (``transformer_engine_torch``)
+    must be present: a TE installed for JAX only, or without its torch wheel, cannot run.
+    An installed TE whose import fails (e.g. built against another torch) is only found at
+    the first forward, which raises ``BackendUnavailable`` with the import error.
+    """
     if importlib.util.find_spec("transformer_engine") is None:
         return TEFacts(None, "transformer_engine is not installed")
+    if importlib.util.find_spec("transformer_engine_torch") is None:
+        return TEFacts(None, "transformer_engine is installed without its PyTorch extension (transformer_engine_torch)")
     try:
         return TEFacts(importlib.metadata.version("transformer_engine"))
     except importlib.metadata.PackageNotFoundError:

@@ -103,20 +103,31 @@ def check_config(path: Path, payload: dict, config_hash: str, config_dict: dict)
         raise CheckpointError(f"checkpoint {path} was written for another config: " + "; ".join(diffs[:6]))
 
 
-def newest_usable(run_dir: Path, config_hash: str, config_dict: dict) -> tuple[Path, dict]:
-    """The newest checkpoint of ``run_dir``, validated; errors offer an older intact one."""
+def newest_usable(run_dir: Path, config_hash: str, config_dict: dict, validate=None) -> tuple[Path, dict]:
+    """The newest checkpoint of ``run_dir``, validated; errors offer an older intact one.
+
+    Args:
+        validate: optional ``validate(path, payload)`` raising CheckpointError when the
+            payload does not fit the models it will be loaded into.
+    """
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"run folder {run_dir} has no checkpoints in {FOLDER}/ to resume from")
+
+    def usable(path: Path) -> dict:
+        payload = read_checkpoint(path)
+        check_config(path, payload, config_hash, config_dict)
+        if validate is not None:
+            validate(path, payload)
+        return payload
+
     _, newest = found[-1]
     try:
-        payload = read_checkpoint(newest)
-        check_config(newest, payload, config_hash, config_dict)
-        return newest, payload
+        return newest, usable(newest)
     except CheckpointError as err:
         for _, older in reversed(found[:-1]):
             try:
-                check_config(older, read_checkpoint(older), config_hash, config_dict)
+                usable(older)
             except CheckpointError:
                 continue
             raise CheckpointError(f"{err}. An older intact checkpoint exists: {older} "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fp8lab.data import BatchSampler, Corpus, load_corpus
+from fp8lab.data import BatchSampler, Corpus, DataError, load_corpus
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run.config import ConfigError, RunConfig
 from fp8lab.run.distributed import Distributed, NullWriter
@@ -31,7 +31,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device(name)
 
 
@@ -56,7 +56,7 @@ def layers_markdown(run: VariantRun) -> str:
     from fp8lab.describe import describe
 
     lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
-    lines += [f"| {r.layer} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
+    lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
     return "\n".join(lines)
 
 
@@ -83,18 +83,16 @@ class Runner:
         self.config = config
         self.dist = dist if dist is not None else Distributed(device=resolve_device(config.train.device))
         check_world_size(config, self.dist.world_size)
-        payload = None
         if resume is not None:
             resume = Path(resume)
             if not (resume / "config.json").is_file():
                 raise ckpt.CheckpointError(f"--resume {resume}: not a run folder (no config.json)")
-            self.checkpoint_path, payload = ckpt.newest_usable(resume, config.hash(), config.to_dict())
         self.device = self.dist.device
         self.corpus: Corpus = load_corpus(config.data.source, val_fraction=config.data.val_fraction)
         torch.manual_seed(config.train.seed)
         reference = build_model(config, config.variants[0], self.device)
         if self.corpus.vocab_size > reference.config.vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"data.source has token ids up to {self.corpus.vocab_size - 1} but model.preset "
                 f"{config.model.preset!r} has vocab_size {reference.config.vocab_size}"
             )
@@ -111,9 +109,24 @@ class Runner:
         self.summary = RunSummary(config, [v.name for v in config.variants])
         self.stop = StopRequest()
         self.last_checkpoint: Path | None = None
-        if payload is not None:
+        if resume is not None:
+            self.checkpoint_path, payload = ckpt.newest_usable(resume, config.hash(), config.to_dict(), self._validate)
             self._restore(payload)
             self.run_dir, self.last_checkpoint = resume, self.checkpoint_path
+
+    def _validate(self, path: Path, payload: dict) -> None:
+        """The checkpoint holds every variant, with exactly the state keys of its model."""
+        for run in self.variants:
+            state = payload["variants"].get(run.variant.name)
+            if state is None:
+                raise ckpt.CheckpointError(f"checkpoint {path} has no variant {run.variant.name!r}")
+            expected, saved = set(run.model.state_dict()), set(state["model"])
+            missing = sorted(expected - saved)
+            if missing:
+                what = "FP8 scaling state" if any("fp8_state" in k for k in missing) else "model state"
+                raise ckpt.CheckpointError(f"checkpoint {path}: variant {run.variant.name!r} has no {what} for {missing[:3]}")
+            if saved - expected:
+                raise ckpt.CheckpointError(f"checkpoint {path}: variant {run.variant.name!r} has unexpected keys {sorted(saved - expected)[:3]}")
 
     def _restore(self, payload: dict) -> None:
         for run in self.variants:

@@ -11,6 +11,9 @@ from collections import defaultdict
 import numpy as np
 
 from fp8lab.formats import ROLE_NAMES
+# A growing weight clamps a handful of values at every delayed-scaling step; a log step
+# counts as "saturated" only above the report's threshold (0.01% of the tensor).
+from fp8lab.report import OVERFLOW_PCT
 from fp8lab.run.config import RunConfig
 from fp8lab.telemetry.collector import LayerStats
 
@@ -53,7 +56,7 @@ class RunSummary:
         for i, layer in enumerate(stats.layers):
             for r, role in enumerate(ROLE_NAMES):
                 key = f"{layer}/{role}"
-                self.overflow_steps[name][key] += int(stats.values["overflow_pct"][i, r] > 0)
+                self.overflow_steps[name][key] += int(stats.values["overflow_pct"][i, r] > OVERFLOW_PCT)
                 self.underflow_sum[name][key] += float(stats.values["underflow_pct"][i, r])
                 if stats.values["nonfinite_amax"][i, r]:
                     self.nonfinite[name][key] += float(stats.values["nonfinite_amax"][i, r])
@@ -73,7 +76,7 @@ class RunSummary:
         saturated = sorted(self.overflow_steps[name].items(), key=lambda kv: -kv[1])
         underflow = sorted(self.underflow_sum[name].items(), key=lambda kv: -kv[1])
         return {
-            "most_saturated": [{"layer_role": k, "log_steps_with_overflow_pct": 100.0 * v / n} for k, v in saturated[:TOP_LAYERS] if v > 0],
+            "most_saturated": [{"layer_role": k, "log_steps_over_threshold_pct": 100.0 * v / n} for k, v in saturated[:TOP_LAYERS] if v > 0],
             "most_underflow": [{"layer_role": k, "mean_underflow_pct": v / n} for k, v in underflow[:TOP_LAYERS] if v > 0],
         }
 
@@ -111,7 +114,7 @@ class RunSummary:
         lines = [head, "-" * len(head)]
         for name, v in result["variants"].items():
             gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}%"
-            watch = ", ".join(f"{d['layer_role']} (overflow in {d['log_steps_with_overflow_pct']:.0f}% of logs)" for d in v["most_saturated"][:1])
+            watch = ", ".join(f"{d['layer_role']} (overflow in {d['log_steps_over_threshold_pct']:.0f}% of logs)" for d in v["most_saturated"][:1])
             watch += ("; " if watch and v["most_underflow"] else "") + ", ".join(
                 f"{d['layer_role']} (underflow {d['mean_underflow_pct']:.2f}%)" for d in v["most_underflow"][:1]
             )

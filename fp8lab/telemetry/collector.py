@@ -55,6 +55,18 @@ class ScalingCollector:
     def __init__(self, model: nn.Module):
         self.layers = fp8_layers(model)
         self.names = tuple(name for name, _ in self.layers)
+        self.te_layers = [layer for _, layer in self.layers if layer.plan().backend == "te"]
+
+    def _sync_te(self) -> None:
+        """TE layers keep their own scaling state: mirror it into fp8_state first. TE does
+        not expose its casts, so their overflow/underflow/SQNR are reported as NaN."""
+        if not self.te_layers:
+            return
+        from fp8lab.backends.te import sync_from_te
+
+        for layer in self.te_layers:
+            sync_from_te(layer)
+            layer.fp8_state.stats.fill_(float("nan"))
 
     def arm(self) -> None:
         """Ask every layer to compute cast statistics during the coming step."""
@@ -66,6 +78,7 @@ class ScalingCollector:
         update_scales rolls row 0 away; disarms the layers. No host copy."""
         if not self.layers:
             return None
+        self._sync_te()
         rows = []
         for _, layer in self.layers:
             state = layer.fp8_state
@@ -97,5 +110,6 @@ class ScalingCollector:
         """Each layer's whole amax history (H, 3) on the host (for histograms)."""
         if not self.layers:
             return {}
+        self._sync_te()
         host = torch.stack([layer.fp8_state.amax_history for _, layer in self.layers]).cpu().numpy()
         return dict(zip(self.names, host))

@@ -1,0 +1,83 @@
+"""Cost of watching: FP8 step time with per-layer telemetry at log_interval 1, 10, 100 vs none.
+
+Runs the quickstart's FP8 variant (tiny GPT, emulated FP8) through the real runner
+pieces: VariantRun.train_step with the collector armed on log steps, and the
+TensorBoard writer receiving every per-layer scalar. Windows of the four settings are
+interleaved and repeated; the ratio is each setting's median step time over "none"'s,
+measured in the same process. Target (issue 8): <= 3% at interval 10.
+
+    python benchmarks/bench_telemetry.py [--steps 100] [--repeats 3] [--quick] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fp8lab.run.overrides import apply_overrides
+from fp8lab.run.recipe_file import load_recipe
+from fp8lab.run.runner import Runner
+from fp8lab.telemetry.tensorboard import VariantWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERVALS = (None, 100, 10, 1)
+
+
+def window(runner: Runner, writer: VariantWriter, interval: int | None, steps: int, start: int) -> float:
+    """Seconds per step over ``steps`` steps logging every ``interval`` (None: never)."""
+    run = runner.variants[1]
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x, y = runner.sampler.batch(start + i)
+        log = interval is not None and (i + 1) % interval == 0
+        stats = run.train_step(x, y, 1e-3, log)
+        if log:
+            writer.scalars(start + i, run.take_train_metrics(x.numel()))
+            writer.layer_stats(start + i, stats)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="20 steps, 2 repeats")
+    parser.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    args = parser.parse_args()
+    steps, repeats = (20, 2) if args.quick else (args.steps, args.repeats)
+    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"), ["train.batch_size=8", "train.block_size=64"])
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(config, tmp, progress=False)
+        writer = VariantWriter(Path(tmp), "bench")
+        window(runner, writer, None, 5, 0)  # warm-up
+        times: dict = {k: [] for k in INTERVALS}
+        for r in range(repeats):
+            for k in INTERVALS:
+                times[k].append(window(runner, writer, k, steps, 1000 * (r + 1)))
+        writer.close()
+    base = statistics.median(times[None])
+    rows = [f"| {'none' if k is None else k} | {1e3 * statistics.median(v):.1f} | {1e3 * min(v):.1f}-{1e3 * max(v):.1f} | "
+            f"{100 * (statistics.median(v) / base - 1):+.1f}% |" for k, v in times.items()]
+    table = "\n".join(["| log_interval | median ms/step | min-max | overhead vs none |", "|---|---|---|---|", *rows])
+    print(table)
+    if args.write:
+        n_layers = len(runner.variants[1].collector.layers)
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write(f"\n## Telemetry cost ({datetime.date.today()})\n\n"
+                    f"`python benchmarks/bench_telemetry.py --steps {steps} --repeats {repeats} --write` on "
+                    f"{platform.machine()} with {torch.get_num_threads()} threads, torch {torch.__version__}: quickstart FP8 "
+                    f"variant (tiny GPT, {n_layers} FP8 layers x 3 roles, batch 8 x 64, emulated FP8), "
+                    f"{steps}-step windows interleaved, {repeats} repeats.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

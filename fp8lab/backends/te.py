@@ -1,0 +1,276 @@
+"""The Transformer Engine backend: an fp8lab.Linear whose GEMMs run in a ``te.Linear``.
+
+Invariant: a layer builds one ``te.Linear`` per device, kept in the layer's ``__dict__``
+(not a registered submodule, not a global), whose ``weight`` and ``bias`` ARE the
+layer's Parameters: state_dict keys, the optimizer and ``.to()`` see one set of
+parameters, and TE's pickled ``_extra_state`` is never saved.
+
+TE owns the scaling of these layers: it records amaxes and updates scales itself, on
+its own schedule, never through ``fp8lab.update_scales`` (which leaves these layers'
+``fp8_state`` alone, since the TE path never sets its ``ran`` flag). What that means:
+
+- Forward scales/histories are updated when the outermost ``te.autocast`` region exits
+  with grad enabled, grad_output's at the end of the backward of the region's first
+  module. So every micro-batch updates them (fp8lab's once-per-optimizer-step rule does
+  not apply), and so do evaluation forwards run with grad enabled.
+- At each of those points TE updates *every* TE module of the process. A layer opens its
+  own region when none is open, so with N TE layers each history rolls N times per step
+  (N - 1 times with a zero row): scales still match TE's for "most_recent", and for
+  "max" the window covers ~amax_history_len / N steps. Wrap the model's forward in
+  ``fp8lab.backends.te.autocast(recipe)`` for TE's exact once-per-step cadence.
+- ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it (the
+  telemetry collector calls ``sync_te_scaling(model)``; ``state_dict()`` does it
+  through a hook), and ``restore_te`` copies it back when the TE module is built and
+  after ``load_state_dict``. Checkpoints stay plain tensors (``weights_only=True``).
+- Per-cast statistics (overflow %, SQNR) do not exist: TE casts inside its kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8lab.backends.select import BackendUnavailable
+from fp8lab.config import DelayedScaling
+from fp8lab.formats import Role
+
+# Where each fp8lab column lives in TE's fp8_meta: FP8FwdTensors GEMM1_INPUT = 0,
+# GEMM1_WEIGHT = 1; FP8BwdTensors GRAD_OUTPUT1 = 0 (TE csrc/common.h).
+TE_SLOTS = {Role.INPUT: ("scaling_fwd", 0), Role.WEIGHT: ("scaling_fwd", 1), Role.GRAD_OUTPUT: ("scaling_bwd", 0)}
+_TE_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}  # names of TE's recipe.Format members
+TE_TOKEN_MULTIPLE = 16  # TE's FP8 GEMM wants the token count % 8 (its docs say 16): pad to 16
+_HANDLE = "_fp8lab_te"  # key in layer.__dict__
+
+
+def te_recipe_kwargs(recipe: DelayedScaling) -> dict:
+    """Keyword arguments of TE's ``DelayedScaling`` equal to an fp8lab recipe.
+
+    ``fp8_format`` is the *name* of the ``transformer_engine.common.recipe.Format`` member
+    ("HYBRID" or "E4M3"), so this runs without TE; ``te_recipe`` resolves it.
+    """
+    return {
+        "fp8_format": _TE_FORMATS[recipe.fp8_format],
+        "amax_history_len": recipe.amax_history_len,
+        "amax_compute_algo": recipe.amax_compute_algo,
+        "margin": recipe.margin,
+        "reduce_amax": recipe.reduce_amax,
+    }
+
+
+def te_meta_to_fp8lab(te_meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8lab's view of TE's scaling state: (amax_history [H, 3], scale [3]), new tensors.
+
+    Args:
+        te_meta: {"scaling_fwd": (amax_history [H, >=2], scale [>=2]),
+                  "scaling_bwd": (amax_history [H, >=1], scale [>=1])}.
+    """
+    slots = [TE_SLOTS[role] for role in Role]
+    history = torch.stack([te_meta[key][0][:, i] for key, i in slots], dim=1)  # (H, 3)
+    scale = torch.stack([te_meta[key][1][i] for key, i in slots])  # (3,)
+    return history, scale
+
+
+def copy_into_te_meta_(history: torch.Tensor, scale: torch.Tensor, te_meta: dict) -> None:
+    """Write fp8lab's (amax_history [H, 3], scale [3]) into TE's tensors, in place.
+
+    In place because TE's global amax buffers hold references to these very tensors.
+    TE's unused slots (forward output, grad_input) are left as they are.
+    """
+    for role in Role:
+        key, i = TE_SLOTS[role]
+        te_history, te_scale = te_meta[key]
+        if te_history.shape[0] != history.shape[0]:
+            raise ValueError(
+                f"amax_history_len differs: fp8lab state has {history.shape[0]} rows, "
+                f"TE's {key} has {te_history.shape[0]} (use the layer's recipe in te.autocast)"
+            )
+        te_history[:, i].copy_(history[:, role])
+        te_scale[i].copy_(scale[role])
+
+
+def _import_te() -> SimpleNamespace:
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common import recipe
+
+        try:  # TE >= 2.8 keeps it here; transformer_engine.pytorch.fp8 is its deprecated alias
+            from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+        except ImportError:
+            from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    except Exception as exc:  # ImportError, OSError (missing .so), RuntimeError (CUDA/ABI)
+        raise BackendUnavailable(
+            f"backend 'te' needs `import transformer_engine.pytorch`, which failed: {exc}. "
+            "Reinstall it for this torch (pip install 'fp8lab[te]') or use backend='scaled_mm'"
+        ) from exc
+    return SimpleNamespace(te=te, recipe=recipe, manager=FP8GlobalStateManager)
+
+
+def te_recipe(recipe: DelayedScaling):
+    """TE's ``DelayedScaling`` equal to ``recipe`` (needs Transformer Engine)."""
+    kwargs = te_recipe_kwargs(recipe)
+    te_recipe_module = _import_te().recipe
+    kwargs["fp8_format"] = te_recipe_module.Format[kwargs["fp8_format"]]
+    return te_recipe_module.DelayedScaling(**kwargs)
+
+
+def _region(te, recipe_te):
+    if hasattr(te, "autocast"):  # TE >= 2.8
+        return te.autocast(enabled=True, recipe=recipe_te)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe_te)
+
+
+def autocast(recipe: DelayedScaling | None = None):
+    """One TE FP8 region around a whole forward: TE's once-per-step scaling update.
+
+    ``with fp8lab.backends.te.autocast(recipe): loss = model(x)``. Layers inside use
+    this region's recipe (pass the one the layers were built with).
+    """
+    return _region(_import_te().te, te_recipe(recipe if recipe is not None else DelayedScaling()))
+
+
+def _te_meta(te_module: nn.Module) -> dict:
+    meta = te_module.fp8_meta
+    if "scaling_fwd" not in meta or "scaling_bwd" not in meta:
+        raise RuntimeError("Transformer Engine has not created this module's FP8 scaling state yet")
+    return {key: (meta[key].amax_history, meta[key].scale) for key in ("scaling_fwd", "scaling_bwd")}
+
+
+def read_te_scaling(te_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amax_history [H, 3], scale [3]) of a TE module, columns input, weight, grad_output."""
+    return te_meta_to_fp8lab(_te_meta(te_module))
+
+
+@dataclass
+class _Handle:
+    te: SimpleNamespace
+    module: nn.Module  # the te.Linear
+    recipe: object  # TE's DelayedScaling for this layer
+    device: torch.device
+    warned: bool = False
+
+
+@torch.no_grad()
+def sync_from_te(layer: nn.Module) -> None:
+    """Copy TE's scaling state into ``layer.fp8_state`` (no-op before TE ran the layer)."""
+    handle = layer.__dict__.get(_HANDLE)
+    if handle is None:
+        return
+    history, scale = read_te_scaling(handle.module)
+    state = layer.fp8_state
+    if history.shape != state.amax_history.shape:
+        raise ValueError(
+            f"TE's amax history is {tuple(history.shape)} but fp8_state's is "
+            f"{tuple(state.amax_history.shape)}: the te.autocast recipe differs from the layer's"
+        )
+    state.amax_history.copy_(history)
+    state.scale.copy_(scale)
+
+
+@torch.no_grad()
+def restore_te(layer: nn.Module) -> None:
+    """Copy ``layer.fp8_state`` into TE's scaling state (e.g. after loading a checkpoint)."""
+    handle = layer.__dict__.get(_HANDLE)
+    if handle is not None:
+        state = layer.fp8_state
+        copy_into_te_meta_(state.amax_history, state.scale, _te_meta(handle.module))
+
+
+def sync_te_scaling(model: nn.Module) -> None:
+    """``sync_from_te`` for every TE-backed layer of ``model`` (call before reading fp8_state)."""
+    for module in model.modules():
+        if _HANDLE in module.__dict__:
+            sync_from_te(module)
+
+
+def _sync_hook(module, prefix, keep_vars) -> None:
+    sync_from_te(module)
+
+
+def _restore_hook(module, incompatible_keys) -> None:
+    restore_te(module)
+
+
+def _build(layer: nn.Module) -> _Handle:
+    lib = _import_te()
+    device = layer.weight.device
+    recipe_te = te_recipe(layer.recipe)
+    with torch.cuda.device(device):  # TE allocates its scaling state on the current device
+        module = lib.te.Linear(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            params_dtype=layer.weight.dtype,  # float32 master weights
+            device=device,
+        )
+        module.weight = layer.weight  # share, not copy: TE reads self.weight at every forward
+        if layer.bias is not None:
+            module.bias = layer.bias
+        # TE creates its scaling tensors at the first FP8 forward; create them now so a
+        # checkpoint's state is in place before TE's first cast. Under no_grad the
+        # region's exit updates no scales.
+        with torch.no_grad(), _region(lib.te, recipe_te):
+            module.init_fp8_metadata(num_gemms=1)
+    return _Handle(lib, module, recipe_te, device)
+
+
+def _handle(layer: nn.Module) -> _Handle:
+    handle = layer.__dict__.get(_HANDLE)
+    if handle is not None and handle.device == layer.weight.device:
+        if handle.module.weight is not layer.weight:  # parameters were reassigned (tying, FSDP)
+            handle.module.weight = layer.weight
+        if layer.bias is not None and handle.module.bias is not layer.bias:
+            handle.module.bias = layer.bias
+        return handle
+    if handle is not None:  # the layer moved device: carry TE's state over via fp8_state
+        sync_from_te(layer)
+    else:
+        layer.register_state_dict_pre_hook(_sync_hook)
+        layer.register_load_state_dict_post_hook(_restore_hook)
+    layer.__dict__[_HANDLE] = handle = _build(layer)
+    restore_te(layer)
+    return handle
+
+
+def _fp8_region(handle: _Handle):
+    if handle.te.manager.is_fp8_enabled():
+        return contextlib.nullcontext()  # the caller's region owns the recipe and the cadence
+    if not handle.warned:
+        handle.warned = True
+        warnings.warn(
+            "fp8lab.Linear(backend='te') opened its own te.autocast region. Transformer "
+            "Engine updates the scaling of all its modules at every region exit, so with "
+            "several TE layers each amax history rolls once per layer per step. Wrap the "
+            "model's forward in `with fp8lab.backends.te.autocast(recipe):` for TE's "
+            "once-per-step update.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _region(handle.te.te, handle.recipe)
+
+
+def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through Transformer Engine (called by ``fp8lab.Linear.forward``).
+
+    Args:
+        layer: an fp8lab.Linear whose plan is "te".
+        x: (..., in_features) on the layer's CUDA device.
+    """
+    handle = _handle(layer)
+    x2d = x.reshape(-1, x.shape[-1])  # (B*T, K)
+    tokens = x2d.shape[0]
+    pad = -tokens % TE_TOKEN_MULTIPLE
+    if pad:  # zero rows: exact (no amax, weight or bias gradient changes); costs one copy
+        x2d = F.pad(x2d, (0, 0, 0, pad))
+    # TE takes its activation dtype from torch.autocast, else from x, and refuses x whose
+    # dtype differs from the float32 parameters: give a low-precision x its own autocast.
+    low_precision_x = x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled("cuda")
+    amp = torch.autocast("cuda", dtype=x.dtype) if low_precision_x else contextlib.nullcontext()
+    with torch.cuda.device(x.device), amp, _fp8_region(handle):
+        y2d = handle.module(x2d)  # (B*T + pad, N)
+    return y2d[:tokens].reshape(*x.shape[:-1], y2d.shape[-1])

@@ -1,0 +1,110 @@
+"""``fp8lab info``: what this machine offers for FP8 and what ``backend="auto"`` would pick.
+
+Invariant: ``collect_info`` only gathers facts (it never runs a GEMM) and returns plain
+Python values; ``format_info`` is a pure function of that dict, so both the CLI text and
+the JSON-able dict come from the same facts.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+import fp8lab
+from fp8lab.backends.select import (
+    FALLBACKS,
+    FP8_MIN_CAPABILITY,
+    BackendUnavailable,
+    DeviceFacts,
+    TEFacts,
+    probe_device,
+    probe_te,
+    select_backend,
+)
+
+PROBE_DIMS = (4096, 4096)  # a typical transformer Linear: in_features x out_features
+
+
+def _te_status(import_te: bool) -> dict:
+    facts = probe_te()
+    status = {"version": facts.version, "importable": None, "why_not": facts.why_not}
+    if facts.version is not None and import_te:
+        try:
+            importlib.import_module("transformer_engine.pytorch")
+            status["importable"] = True
+        except Exception as exc:  # ImportError, OSError, RuntimeError: report, never crash
+            status["importable"] = False
+            status["why_not"] = f"import transformer_engine.pytorch failed: {type(exc).__name__}: {exc}"
+    return status
+
+
+def auto_choices(device: DeviceFacts, te: TEFacts) -> list[dict]:
+    """What ``backend="auto"`` picks for a PROBE_DIMS Linear on ``device``, per fallback."""
+    choices = []
+    for fallback in FALLBACKS:
+        try:
+            plan = select_backend(device=device, te=te, requested="auto", fallback=fallback, dims=PROBE_DIMS)
+            choices.append({"fallback": fallback, "backend": plan.backend, "reason": plan.reason})
+        except BackendUnavailable as exc:  # "auto" never raises today; report it if it ever does
+            choices.append({"fallback": fallback, "backend": None, "reason": str(exc)})
+    return choices
+
+
+def collect_info(import_te: bool = True) -> dict:
+    """Versions, devices, Transformer Engine status and the ``auto`` backend per device.
+
+    Args:
+        import_te: also try ``import transformer_engine.pytorch`` when TE is installed, to
+            report an import error (slow: TE loads its CUDA libraries).
+    """
+    cuda = torch.cuda.is_available()
+    devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count() if cuda else 0)]
+    te_facts = probe_te()
+    rows = []
+    for device in devices:
+        facts = probe_device(device)
+        rows.append({
+            "device": str(device),
+            "name": facts.name or "CPU",
+            "capability": list(facts.capability) if facts.capability else None,
+            "fp8_tensor_cores": facts.capability is not None and facts.capability >= FP8_MIN_CAPABILITY,
+            "auto": auto_choices(facts, te_facts),
+        })
+    return {
+        "fp8lab": fp8lab.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,  # None for a CPU-only build of torch
+        "cuda_available": cuda,
+        "transformer_engine": _te_status(import_te),
+        "probe_dims": list(PROBE_DIMS),
+        "devices": rows,
+    }
+
+
+def format_info(info: dict) -> str:
+    """The text ``fp8lab info`` prints for a ``collect_info()`` dict."""
+    cuda = info["cuda"] or "none (CPU-only build)"
+    lines = [f"fp8lab {info['fp8lab']}  torch {info['torch']}  CUDA {cuda}"]
+    te = info["transformer_engine"]
+    if te["version"] is None:
+        lines.append(f"Transformer Engine: no ({te['why_not']}; pip install 'fp8lab[te]')")
+    elif te["importable"] is False:
+        lines.append(
+            f"Transformer Engine {te['version']}: installed but unusable ({te['why_not']}); "
+            "layers that choose 'te' will raise at their first forward: fix the install or "
+            "use backend='scaled_mm'"
+        )
+    else:
+        lines.append(f"Transformer Engine {te['version']}: installed")
+    dims = "x".join(str(d) for d in info["probe_dims"])
+    for row in info["devices"]:
+        cap = row["capability"]
+        hw = f"sm_{cap[0]}{cap[1]}, FP8 tensor cores: {'yes' if row['fp8_tensor_cores'] else 'no'}" if cap else "no FP8 hardware"
+        lines.append(f"{row['device']}: {row['name']} ({hw})")
+        for choice in row["auto"]:
+            lines.append(
+                f"  backend='auto', fallback={choice['fallback']!r}, {dims} Linear -> "
+                f"{choice['backend']}: {choice['reason']}"
+            )
+    return "\n".join(lines)

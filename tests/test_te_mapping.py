@@ -1,0 +1,98 @@
+"""The Transformer Engine backend's pure parts, on CPU without TE.
+
+Recipe mapping: fp8lab's DelayedScaling -> TE's DelayedScaling keyword arguments (TE's
+field names and defaults from transformer_engine/common/recipe/__init__.py, 2.20.2).
+Scaling-state mapping: TE's fp8_meta (forward [input, weight, output], backward
+[grad_output, grad_input]) <-> fp8lab's columns (input, weight, grad_output), exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from fp8lab import DelayedScaling, Linear
+from fp8lab.backends.select import BackendUnavailable
+from fp8lab.backends.te import copy_into_te_meta_, sync_from_te, sync_te_scaling, te_meta_to_fp8lab, te_recipe, te_recipe_kwargs
+
+TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max", "margin": 0, "reduce_amax": True}
+TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
+
+
+def test_default_recipe_maps_to_te_defaults():
+    assert te_recipe_kwargs(DelayedScaling()) == TE_DEFAULTS
+
+
+def test_every_fp8lab_field_is_mapped():
+    """A field added to fp8lab's recipe without a TE mapping fails here."""
+    names = {f.name for f in dataclasses.fields(DelayedScaling)}
+    assert set(te_recipe_kwargs(DelayedScaling())) == names
+
+
+def test_non_default_recipe_maps_field_by_field():
+    recipe = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
+    assert te_recipe_kwargs(recipe) == {
+        "fp8_format": "E4M3",
+        "amax_history_len": 16,
+        "amax_compute_algo": "most_recent",
+        "margin": 2,
+        "reduce_amax": False,
+    }
+
+
+def _te_shaped_meta(history_len: int) -> dict:
+    """Tensors shaped as TE's DelayedScalingRecipeState: fwd [H, 3] / [3], bwd [H, 2] / [2]."""
+    fwd_h = torch.arange(history_len * 3, dtype=torch.float32).reshape(history_len, 3) + 1
+    bwd_h = -torch.arange(history_len * 2, dtype=torch.float32).reshape(history_len, 2) - 1
+    return {"scaling_fwd": (fwd_h, torch.tensor([10.0, 20.0, 30.0])), "scaling_bwd": (bwd_h, torch.tensor([40.0, 50.0]))}
+
+
+def test_te_meta_columns_map_to_input_weight_grad_output():
+    meta = _te_shaped_meta(5)
+    history, scale = te_meta_to_fp8lab(meta)
+    (fwd_h, _), (bwd_h, _) = meta["scaling_fwd"], meta["scaling_bwd"]
+    assert torch.equal(history, torch.stack([fwd_h[:, 0], fwd_h[:, 1], bwd_h[:, 0]], dim=1))
+    assert torch.equal(scale, torch.tensor([10.0, 20.0, 40.0]))
+    history.zero_()  # a new tensor: TE's state is untouched
+    assert fwd_h.min() == 1
+
+
+def test_copy_into_te_meta_is_in_place_and_round_trips():
+    meta = _te_shaped_meta(4)
+    before = {key: (h.clone(), s.clone()) for key, (h, s) in meta.items()}
+    pointers = [t.data_ptr() for pair in meta.values() for t in pair]
+    history = torch.rand(4, 3) * 100
+    scale = torch.tensor([448.0, 224.0, 57344.0])
+    copy_into_te_meta_(history, scale, meta)
+    assert pointers == [t.data_ptr() for pair in meta.values() for t in pair]  # TE's buffers keep them
+    back_history, back_scale = te_meta_to_fp8lab(meta)
+    assert torch.equal(back_history, history) and torch.equal(back_scale, scale)
+    # TE's slots fp8lab does not use (forward output, grad_input) are left alone
+    assert torch.equal(meta["scaling_fwd"][0][:, 2], before["scaling_fwd"][0][:, 2])
+    assert torch.equal(meta["scaling_fwd"][1][2], before["scaling_fwd"][1][2])
+    assert torch.equal(meta["scaling_bwd"][0][:, 1], before["scaling_bwd"][0][:, 1])
+    assert torch.equal(meta["scaling_bwd"][1][1], before["scaling_bwd"][1][1])
+
+
+def test_history_length_mismatch_names_the_field():
+    with pytest.raises(ValueError, match="amax_history_len differs: fp8lab state has 3 rows, TE's scaling_fwd has 4"):
+        copy_into_te_meta_(torch.zeros(3, 3), torch.ones(3), _te_shaped_meta(4))
+
+
+def test_layers_that_never_ran_on_te_keep_their_state():
+    model = nn.Sequential(Linear(16, 16, backend="emulated"), nn.GELU())
+    state = model[0].fp8_state
+    state.amax_history.fill_(3.0)
+    sync_te_scaling(model)
+    sync_from_te(model[0])
+    assert torch.equal(state.amax_history, torch.full_like(state.amax_history, 3.0))
+
+
+@pytest.mark.skipif(TE_IMPORTABLE, reason="checks the message shown when Transformer Engine is absent")
+def test_missing_te_says_what_to_install():
+    with pytest.raises(BackendUnavailable, match=r"pip install 'fp8lab\[te\]'"):
+        te_recipe(DelayedScaling())
