@@ -8,9 +8,9 @@ operand, grad_output included, has the same values, amaxes and scales on any wor
 (DDP's default -- a per-rank mean, then an average -- multiplies grad_output by the world
 size, which moves its FP8 scales and its E5M2 underflow with the number of ranks). The
 amaxes of a step are MAX-reduced across ranks by ``fp8lab.update_scales``, so every rank
-holds the same scaling state. DDP never broadcasts buffers: the scaling state is kept
-identical by that reduction, and a broadcast would overwrite amaxes that other ranks
-recorded during gradient accumulation.
+holds the same scaling state. DDP syncs buffers once, at construction, never per
+forward: the scaling state is kept identical by that reduction, and a per-forward
+broadcast would overwrite amaxes that other ranks recorded during gradient accumulation.
 """
 
 from __future__ import annotations
