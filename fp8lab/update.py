@@ -24,10 +24,16 @@ def scaling_states(model: nn.Module) -> list[ScalingState]:
 
 
 def _reduce_amaxes(states: list[ScalingState], group) -> None:
-    """One MAX all-reduce of every layer's row 0 and 'ran' flag, in a single buffer."""
+    """One MAX all-reduce of every layer's row 0 and 'ran' flag, in a single buffer.
+
+    NaN is sent as +inf: a MAX reduction drops a NaN depending on which rank holds it
+    (gloo keeps rank 0's NaN and loses rank 1's), while +inf survives on every rank and
+    means the same to ``compute_scale`` and the fault counter (not finite: keep the scale).
+    """
     if not states:
         return
     rows = torch.stack([torch.cat([s.amax_history[0], s.ran.to(s.amax_history.dtype).reshape(1)]) for s in states])
+    rows.masked_fill_(rows.isnan(), float("inf"))
     torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX, group=group)
     torch._foreach_copy_([s.amax_history[0] for s in states], list(rows[:, :3].unbind(0)))
     torch._foreach_copy_([s.ran for s in states], list((rows[:, 3] > 0).unbind(0)))

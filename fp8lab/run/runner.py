@@ -19,6 +19,7 @@ import torch
 from fp8lab.data import BatchSampler, Corpus, DataError, load_corpus
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run.config import ConfigError, RunConfig
+from fp8lab.run.distributed import Distributed, NullWriter
 from fp8lab.run.progress import Progress
 from fp8lab.run.stop import StopRequest, TrainingDiverged
 from fp8lab.run.summary import RunSummary
@@ -67,18 +68,26 @@ class Runner:
         out_root: the logs folder (``logs/``); the run goes to ``out_root/<name>/<run_id>/``.
         progress: print a progress line at log steps (to stderr).
         resume: a run folder to continue from its newest checkpoint (same config).
+        dist: the data-parallel job (``Distributed.from_env()`` under torchrun); each rank
+            trains on its slice of every global batch and only rank 0 writes files.
+        run_dir: the folder of a fresh run (default: a new one under ``out_root``, named
+            by rank 0).
     Raises:
         CheckpointError: ``resume`` has no usable checkpoint for this config.
+        ConfigError: ``train.batch_size`` is not divisible by the number of processes.
     """
 
     def __init__(self, config: RunConfig, out_root: str | Path = "logs", *, progress: bool = True,
-                 resume: str | Path | None = None):
+                 resume: str | Path | None = None, dist: Distributed | None = None,
+                 run_dir: str | Path | None = None):
         self.config = config
+        self.dist = dist if dist is not None else Distributed(device=resolve_device(config.train.device))
+        check_world_size(config, self.dist.world_size)
         if resume is not None:
             resume = Path(resume)
             if not (resume / "config.json").is_file():
                 raise ckpt.CheckpointError(f"--resume {resume}: not a run folder (no config.json)")
-        self.device = resolve_device(config.train.device)
+        self.device = self.dist.device
         self.corpus: Corpus = load_corpus(config.data.source, val_fraction=config.data.val_fraction)
         torch.manual_seed(config.train.seed)
         reference = build_model(config, config.variants[0], self.device)
@@ -88,15 +97,15 @@ class Runner:
                 f"{config.model.preset!r} has vocab_size {reference.config.vocab_size}"
             )
         init_params = {name: p.detach() for name, p in reference.named_parameters()}
-        self.variants = [VariantRun(v, config, init_params, self.device) for v in config.variants]
+        self.variants = [VariantRun(v, config, init_params, self.device, self.dist) for v in config.variants]
         t = config.train
         self.sampler = BatchSampler(self.corpus.train, t.batch_size, t.block_size, t.seed)
         val = BatchSampler(self.corpus.val, t.batch_size, t.block_size, t.seed + 1)
         self.val_batches = [tuple(a.to(self.device) for a in val.batch(i)) for i in range(t.eval_batches)]
         self.out_root = Path(out_root)
-        self.run_dir: Path | None = None
+        self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self.start_step = 0
-        self.progress = Progress(t.steps, enabled=progress)
+        self.progress = Progress(t.steps, enabled=progress and self.dist.is_main)
         self.summary = RunSummary(config, [v.name for v in config.variants])
         self.stop = StopRequest()
         self.last_checkpoint: Path | None = None
@@ -133,7 +142,9 @@ class Runner:
 
     def save_checkpoint(self, step: int) -> Path:
         """Flush the event files (so nothing logged before ``step`` can be lost), then
-        write the checkpoint of ``step`` atomically."""
+        write the checkpoint of ``step`` atomically. Rank 0 only (ranks hold the same state)."""
+        if not self.dist.is_main:
+            return None
         for writer in self.writers.values():
             writer.flush()
         payload = {
@@ -153,7 +164,10 @@ class Runner:
         # On resume, events the dead process wrote after its checkpoint carry steps >
         # start_step; purge_step makes TensorBoard drop them.
         purge = self.start_step + 1 if self.start_step else None
-        self.writers = {v.variant.name: VariantWriter(self.run_dir, v.variant.name, purge_step=purge) for v in self.variants}
+        if self.dist.is_main:
+            self.writers = {v.variant.name: VariantWriter(self.run_dir, v.variant.name, purge_step=purge) for v in self.variants}
+        else:
+            self.writers = {v.variant.name: NullWriter() for v in self.variants}
         if self.start_step == 0:
             for run in self.variants:
                 writer = self.writers[run.variant.name]
@@ -178,15 +192,19 @@ class Runner:
         Raises TrainingDiverged after ``train.max_consecutive_skips`` skipped steps.
         """
         cfg = self.config
-        if self.run_dir is None:
-            self.run_dir = new_run_dir(self.out_root, cfg)
-            self.run_dir.mkdir(parents=True)
+        if self.run_dir is None:  # rank 0 names a fresh run's folder; every rank uses that name
+            self.run_dir = self.dist.broadcast(new_run_dir(self.out_root, cfg) if self.dist.is_main else None)
+        if self.dist.is_main and not (self.run_dir / "config.json").exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         self._open_writers()
+        if self.dist.enabled:  # a job that dies is resumed from this folder
+            self.progress.note(f"run folder: {self.run_dir} ({self.dist.world_size} processes)")
         with self.stop.installed():
             for step in range(self.start_step, cfg.train.steps):
                 self._step(step)
-                if self.stop:
+                # Ranks stop together, after the same step (a host-side flag exchange).
+                if self.dist.any_rank(bool(self.stop)):
                     path = self.save_checkpoint(step + 1)
                     for writer in self.writers.values():
                         writer.close()
@@ -197,7 +215,8 @@ class Runner:
     def _step(self, step: int) -> None:
         cfg, t = self.config, self.config.train
         tokens_per_step = t.batch_size * t.block_size
-        x, y = self.sampler.batch(step)  # host tensors; each variant copies them to its device
+        # host tensors, this rank's slice of the global batch; each variant copies them to its device
+        x, y = self.sampler.batch(step, self.dist.rank, self.dist.world_size)
         lr = learning_rate(step, cfg)
         log = (step + 1) % t.log_interval == 0 or step == t.steps - 1
         for run in self.variants:
@@ -249,12 +268,22 @@ class Runner:
             metrics = {k: v for k, v in final.items() if k in ("final_val_loss", "val_loss_rel_gap") and v is not None}
             self.writers[name].hparams(hparams_of(self.config, run.variant), {f"hparam/{k}": v for k, v in metrics.items()})
             self.writers[name].close()
-        self.save_checkpoint(self.config.train.steps)
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, self.run_dir / "summary.json")
+        if self.dist.is_main:
+            self.save_checkpoint(self.config.train.steps)
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
+        self.dist.barrier()  # the job ends when rank 0's files are written
         self.progress.finish(self.summary.table(result), self.run_dir)
         return result
+
+
+def check_world_size(config: RunConfig, world_size: int) -> None:
+    if config.train.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size must be divisible by the number of processes ({world_size}), "
+            f"got {config.train.batch_size}: every rank trains on an equal slice of the global batch"
+        )
 
 
 def hparams_of(config: RunConfig, variant) -> dict:

@@ -20,6 +20,7 @@ import fp8lab
 from fp8lab.gpt import GPT
 from fp8lab.policy import PrecisionPolicy
 from fp8lab.run.config import RunConfig, Variant
+from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.telemetry.collector import LayerStats, ScalingCollector
 
 COUNTERS = ("loss_sum", "good_steps", "skipped", "consecutive_skips")
@@ -88,11 +89,15 @@ class VariantRun:
         init_params: the shared initial parameters by name (identical weights in every
             variant; each variant keeps its own fresh scaling state).
         device: where to train.
+        dist: the data-parallel job this process is part of (default: a single process);
+            the step then runs DDP on this rank's slice of the global batch.
     """
 
-    def __init__(self, variant: Variant, config: RunConfig, init_params: dict, device: torch.device):
+    def __init__(self, variant: Variant, config: RunConfig, init_params: dict, device: torch.device,
+                 dist: Distributed | None = None):
         self.variant, self.config, self.device = variant, config, device
-        self.model = build_model(config, variant, device)
+        self.dist = dist if dist is not None else Distributed(device=device)
+        self.model = build_model(config, variant, device)  # un-wrapped: checkpoints, eval, telemetry
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 param.copy_(init_params[name])
@@ -101,6 +106,7 @@ class VariantRun:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.95), fused=True
         )
+        self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         self.collector = ScalingCollector(self.model)
         self.timer = StepTimer(device)
         # Device-side counters, read only at log steps: loss sum and count of good steps
@@ -125,13 +131,18 @@ class VariantRun:
         with self.timer.measure():
             self.model.train()
             with self.autocast():
-                logits = self.model(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                logits = self.train_model(x)  # (B_local, T, V)
+            # This rank's share of the global batch's mean loss (run/distributed.py: the
+            # ranks' shares add up to it, and DDP sums the gradients).
+            loss = token_loss(logits, y, self.config.train.batch_size * y.shape[1])
             loss.backward()
+            # After DDP's all-reduce: the same gradients, hence the same norm, on every rank.
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
+            loss = self.dist.all_reduce_sum(loss.detach())  # the global mean loss, on every rank
             # A non-finite loss or gradient skips the optimizer step and the scale update,
-            # decided on the device: fused AdamW skips itself when found_inf is 1.
-            skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
+            # decided on the device from values every rank shares (never one rank's own
+            # loss): fused AdamW skips itself when found_inf is 1.
+            skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))
             self.optimizer.found_inf = skip.float()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -139,7 +150,7 @@ class VariantRun:
             fp8lab.update_scales(self.model, skip=skip)
             stats = self.collector.read(snapshot) if log else None
         c = self.counters
-        c["loss_sum"] += torch.where(skip, 0.0, loss.detach())
+        c["loss_sum"] += torch.where(skip, 0.0, loss)
         c["good_steps"] += (~skip).float()
         c["skipped"] += skip.float()
         c["consecutive_skips"] = torch.where(skip, c["consecutive_skips"] + 1, 0.0)
