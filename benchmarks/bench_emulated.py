@@ -114,11 +114,11 @@ def profile_mlp(steps: int = 3) -> str:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     grad = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
     out = []
-    steps = {
+    variants = {
         "fp8lab": make_step(model_fp8, x, grad, True),
         "bf16": make_step(to_nn_linear(model_fp8), x, grad, False),
     }
-    for name, step in steps.items():
+    for name, step in variants.items():
         for _ in range(2):
             step()
         with profile() as prof:

@@ -1,11 +1,18 @@
-"""The CPU grid cast works chunk by chunk (fp8lab.cast.CPU_CHUNK); chunking must not
-change a single value. Exact: ``torch.equal`` against ``cast_to_fp8(...).float()``."""
+"""CPU work done in slices of about fp8lab.cast.CPU_CHUNK elements (to keep temporaries
+small) must give the same numbers as the whole-tensor op.
+
+- the grid cast: exact, ``torch.equal`` against ``cast_to_fp8(...).float()``;
+- the bias gradient (qgemm._bias_grad): a float32 sum added in another order, so exact
+  where every partial sum is exact (small integers), and otherwise within the float32
+  summation bound n * 2^-24 * sum|g| of a float64 reference.
+"""
 
 import pytest
 import torch
 
 import fp8lab.cast as cast
 from fp8lab.formats import E4M3, E5M2
+from fp8lab.qgemm import _bias_grad
 
 
 def _spread(shape, gen):
@@ -36,3 +43,17 @@ def test_chunk_boundaries_and_layouts(monkeypatch, chunk):
     grid = cast.cast_to_fp8_grid(x, s, E4M3)
     assert grid.shape == (37, 50) and torch.equal(grid.float(), expected)
     assert cast.cast_to_fp8_grid(torch.empty(0, 4), s, E4M3).shape == (0, 4)
+
+
+@pytest.mark.parametrize("shape", [(2048, 3072), (3000, 7), (0, 5), (1, 1)])
+def test_bias_grad_in_slices(shape):
+    gen = torch.Generator().manual_seed(5)
+    ints = torch.randint(-50, 51, shape, generator=gen).to(torch.bfloat16)  # exact sums
+    exact = ints.double().sum(dim=0)
+    got = _bias_grad(ints)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), exact)
+
+    g = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    ref = g.double().sum(dim=0)
+    bound = shape[0] * 2.0**-24 * g.double().abs().sum(dim=0)
+    assert ((_bias_grad(g).double() - ref).abs() <= bound).all()
