@@ -55,7 +55,7 @@ def time_interleaved(
 def summary(seconds: list[float]) -> dict[str, float]:
     """Median, quartiles, min and max in milliseconds."""
     ms = sorted(s * 1e3 for s in seconds)
-    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
     return {"median": statistics.median(ms), "q1": q1, "q3": q3, "min": ms[0], "max": ms[-1]}
 
 
