@@ -10,7 +10,7 @@ Two outputs of the same rounding:
 - ``cast_to_fp8_grid`` returns the same values held in bfloat16, which is exact (bf16 has
   more exponent and mantissa bits than either FP8 format). It rounds with float32
   arithmetic instead of the float8 dtype because torch's CPU float8 -> bf16 conversion is
-  scalar code (38 ms for a 2048x3072 tensor here, three times the GEMM it feeds). The
+  scalar code (7-12 ms for a 2048x3072 tensor on the quiet 2-core dev VM, 38 ms under load). The
   values equal ``cast_to_fp8(...).to(bfloat16)`` exactly; only the sign of a value that
   rounds to zero may differ (+0 for -0), which no GEMM can observe.
 """
