@@ -26,7 +26,6 @@ so the converted GEMMs really run.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
