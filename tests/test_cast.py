@@ -189,3 +189,24 @@ def test_cast_sqnr_on_gaussian_data(fmt, min_db, dtype):
     grid = sqnr_db(ref, cast_to_fp8_grid(x, scale, fmt).double() / scale.double())
     assert real >= min_db, f"{fmt.name} cast SQNR {real:.2f} dB < {min_db}"
     assert grid == real
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_cast_stats_match_a_float64_reference_over_several_chunks(fmt):
+    """The chunked, scaled-domain statistics equal plain float64 formulas: percentages
+    exactly (they are counts), SQNR to 0.01 dB."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 200_000, dtype=torch.bfloat16) * 4  # > 2 CPU chunks
+    x[0, :1000] = 0.0
+    x[1, :1000] = 1e-10  # x * scale is below half the smallest subnormal of either format
+    scale = torch.tensor(fmt.max / 6.0)  # some values overflow, the smallest underflow
+    q = cast_to_fp8_grid(x, scale, fmt)
+    got = cast_stats(x, q, scale, fmt)
+    x64, q64 = x.double(), q.double() / scale.double()
+    overflow = (x64.abs() * scale.double() > fmt.max).double().mean() * 100
+    underflow = ((q64 == 0) & (x64 != 0)).double().mean() * 100
+    sqnr = 10 * torch.log10((x64 ** 2).sum() / ((x64 - q64) ** 2).sum())
+    assert overflow > 0 and underflow > 0
+    assert torch.isclose(got[0].double(), overflow, rtol=1e-6, atol=0)
+    assert torch.isclose(got[1].double(), underflow, rtol=1e-6, atol=0)
+    assert abs(got[2].item() - sqnr.item()) < 0.01
