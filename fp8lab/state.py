@@ -32,6 +32,8 @@ class ScalingState(nn.Module):
         history_len = recipe.amax_history_len
         self.register_buffer("amax_history", torch.zeros(history_len, 3, device=device))
         self.register_buffer("scale", torch.ones(3, device=device))
+        # fp8_max per role, kept on the device so update_scales never copies it from the host.
+        self.register_buffer("fp8_max", torch.tensor(recipe.fp8_max, device=device), persistent=False)
         # Not checkpointed: set by a forward, cleared by update_scales (always False at a
         # step boundary, where checkpoints are taken).
         self.register_buffer("ran", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
@@ -46,9 +48,6 @@ class ScalingState(nn.Module):
         """Fold ``amax`` into row 0: the max over all micro-batches since the last update."""
         row0 = self.amax_history[0, role]
         torch.maximum(row0, amax.to(row0.dtype), out=row0)
-
-    def fp8_max(self) -> tuple[float, float, float]:
-        return self.recipe.fp8_max
 
     def extra_repr(self) -> str:
         r = self.recipe

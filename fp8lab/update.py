@@ -91,16 +91,16 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
         history = torch.stack(histories, dim=1)  # (H, N, 3)
         scale = torch.stack(scales)  # (N, 3)
         ran = torch.stack(rans)  # (N,)
-        fp8_max = torch.tensor(recipe.fp8_max, device=device)  # (3,) host->device, no sync
+        fp8_max = group_states[0].fp8_max  # (3,) the same for every layer of one recipe
         faults = (~torch.isfinite(history[0]) & ran[:, None]).float()  # (N, 3)
         new_history, new_scale = update_history_and_scale(
             history, scale, fp8_max, recipe.margin, recipe.amax_compute_algo
         )
-        unchanged = history
         if skip is not None:
             ran = ran & ~skip
-            unchanged = torch.cat([torch.where(skip, 0.0, history[:1]), history[1:]])  # drop row 0
-        new_history = _where_layers_(ran, new_history, unchanged)
+            # history is our stacked temporary: drop a skipped step's row 0 in place.
+            history[0].masked_fill_(skip, 0.0)
+        new_history = _where_layers_(ran, new_history, history)
         new_scale = torch.where(ran[:, None], new_scale, scale)
         torch._foreach_copy_(histories, list(new_history.unbind(1)))
         torch._foreach_copy_(scales, list(new_scale.unbind(0)))

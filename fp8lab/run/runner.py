@@ -225,10 +225,8 @@ class Runner:
                 writer = self.writers[run.variant.name]
                 metrics = run.take_train_metrics(tokens_per_step)
                 metrics["perf/peak_mem_mb"] = run.peak_mem_mb()
-                writer.scalars(step + 1, metrics)
-                writer.layer_stats(step + 1, stats)
                 self.summary.record_train(run.variant.name, step + 1, metrics, stats)
-                writer.scalars(step + 1, self.summary.fault_scalars(run.variant.name))
+                writer.scalars(step + 1, {**metrics, **self.summary.fault_scalars(run.variant.name), **stats.scalars()})
                 self._check_diverged(run, step + 1, metrics)
         if log:
             self.progress.update(step + 1, {r.variant.name: self.summary.last_train(r.variant.name) for r in self.variants})

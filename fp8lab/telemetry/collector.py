@@ -32,6 +32,10 @@ class LayerStats:
     layers: tuple[str, ...]
     values: dict[str, np.ndarray]
 
+    def scalars(self) -> dict[str, float]:
+        """{"scaling/<layer>/<role>/<field>": value} for the TensorBoard writer."""
+        return {f"scaling/{layer}/{role}/{field}": v for layer, role, field, v in self.rows()}
+
     def rows(self):
         """(layer, role, field, value) for every scaling entry, for writers and reports."""
         for i, layer in enumerate(self.layers):

@@ -45,7 +45,7 @@ class VariantWriter:
             self.writer._get_file_writer().add_summary(summary, step)
 
     def layer_stats(self, step: int, stats: LayerStats) -> None:
-        self.scalars(step, {f"scaling/{layer}/{role}/{field}": v for layer, role, field, v in stats.rows()})
+        self.scalars(step, stats.scalars())
 
     def histories(self, step: int, histories: dict[str, np.ndarray]) -> None:
         for layer, history in histories.items():
