@@ -1,46 +1,72 @@
-"""Executors: who runs a GEMM whose operands are FP8-quantized.
+"""Executors: who runs a GEMM whose operands are quantized (FP8) or rounded (BF16).
 
 Invariant: an executor receives scales (and their inverses) as inputs and never
 computes them. ``quantize`` turns a high-precision tensor into the executor's operand
-type; ``gemm(a, b, a_inv, b_inv)`` returns ``(a @ b) * a_inv * b_inv`` in ``out_dtype``.
+type (taking the tensor's amaxes on the way when asked); ``gemm(a, b, a_inv, b_inv,
+out_dtype, bias)`` returns ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in
+``out_dtype``: the hardware model of ``fp8lab.exact``.
 
-- ``emulated`` (any device): operands are exact FP8 values held in bfloat16, the GEMM
-  accumulates in float32 (oneDNN/AMX on CPU, cuBLAS on GPU). The CPU bf16 GEMM can only
-  emit bf16, so its output is rounded to bf16 once before the inverse scales are applied
-  (relative error <= 2^-9, small next to E4M3's 2^-4 step); the hardware rounds once.
-- ``scaled_mm`` (CUDA, compute capability >= 8.9): real float8 operands through
-  ``torch._scaled_mm``. Never used on CPU, where its kernel runs at a few GFLOP/s. It
-  re-lays out and zero-pads its operands to cuBLASLt's contract (see the class).
+- ``emulated`` (any device): operands are the exact FP8 values, held in the dtype of the
+  machine's exact GEMM path (bf16 or fp32); the GEMM is ``fp8lab.exact.scaled_gemm``.
+- ``bf16`` (any device): operands rounded to bf16, no scaling, the same exact GEMM.
+- ``scaled_mm`` (CUDA, compute capability >= 8.9, for users; CPU too, for tests of small
+  sizes): real float8 operands through ``torch._scaled_mm``. ``select_backend`` never picks
+  it on CPU, where its kernel runs at a few hundredths of a GFLOP/s. It re-lays out and
+  zero-pads its operands to cuBLASLt's contract (see the class).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from fp8lab.cast import cast_to_fp8, cast_to_fp8_grid
 from fp8lab.backends.select import HW_GEMM_MULTIPLE
+from fp8lab.cast import amaxes_of, cast_to_fp8, cast_to_fp8_grid
+from fp8lab.exact import GemmPath, gemm_path, scaled_gemm
 from fp8lab.formats import FP8Format
 
 
+def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torch.Tensor | None:
+    """``scale_inv_a * scale_inv_b`` in float32 (one rounding), as the GEMM epilogue forms it."""
+    if a_inv is None:
+        return b_inv
+    return a_inv if b_inv is None else a_inv * b_inv
+
+
 class EmulatedExecutor:
+    """FP8 numerics in software: exact FP8 values, the exact GEMM of ``path``."""
+
     name = "emulated"
+    fp8 = True
 
-    @staticmethod
-    def quantize(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-        return cast_to_fp8_grid(x_hp, scale, fmt)
+    def __init__(self, path: GemmPath):
+        self.path = path
 
-    @staticmethod
-    def gemm(
-        a: torch.Tensor,
-        b: torch.Tensor,
-        a_inv: torch.Tensor,
-        b_inv: torch.Tensor,
-        out_dtype: torch.dtype,
+    def quantize(
+        self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, amax_out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        out = torch.mm(a, b)  # bf16 x bf16, fp32 accumulation, bf16 out
-        if out_dtype == torch.bfloat16:
-            return out.mul_(a_inv * b_inv)  # computed in fp32, rounded once
-        return out.to(out_dtype).mul_(a_inv * b_inv)
+        return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype, amax_out=amax_out)
+
+    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
+        return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
+
+
+class BF16Executor:
+    """A BF16 GEMM: operands rounded to bf16 (no scale), the exact GEMM of ``path``."""
+
+    name = "bf16"
+    fp8 = False
+
+    def __init__(self, path: GemmPath):
+        self.path = path
+
+    def round(self, x_hp: torch.Tensor) -> torch.Tensor:
+        """x rounded to bf16 (nearest even), held in the path's operand dtype."""
+        return x_hp.to(torch.bfloat16).to(self.path.operand_dtype)
+
+    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
+        return scaled_gemm(a, b, None, out_dtype, bias, path=self.path)
 
 
 def _is_row_major(t: torch.Tensor) -> bool:
@@ -83,35 +109,46 @@ class ScaledMMExecutor:
     select_backend guarantees are multiples of 16. The wgrad (g^T @ x) contracts over
     the token count M, which is dynamic: it is zero-padded to a multiple of 16 here
     (exact: zero rows add nothing), costing one copy of each operand when M % 16 != 0.
+    The bias goes to cuBLASLt's epilogue (bf16/fp16 outputs); an fp32 output, for which
+    cuBLASLt takes no bias, gets it added in fp32 afterwards, which is the same sum.
     """
 
     name = "scaled_mm"
+    fp8 = True
 
     @staticmethod
-    def quantize(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    def quantize(
+        x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, amax_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if amax_out is not None:
+            amax_out.copy_(amaxes_of(x_hp))
         return cast_to_fp8(x_hp, scale, fmt)
 
     @staticmethod
-    def gemm(
-        a: torch.Tensor,
-        b: torch.Tensor,
-        a_inv: torch.Tensor,
-        b_inv: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        # "meta" only checks shapes and layouts against torch's meta function (no compute).
-        if a.device.type not in ("cuda", "meta"):
-            raise RuntimeError("the scaled_mm executor runs on CUDA only; use 'emulated' elsewhere")
+    def gemm(a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
         k_pad = -(-a.shape[1] // HW_GEMM_MULTIPLE) * HW_GEMM_MULTIPLE
         # Layout copies (1-byte data): dgrad's B = w (N, K) and both wgrad operands
         # (g^T, x) arrive row-major/transposed and are re-laid out here.
         a = _a_operand(a, k_pad)
         b = _b_operand(b, k_pad)
-        out_dtype_mm = out_dtype if out_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        epilogue = bias if bias is not None and mm_dtype != torch.float32 else None
         out = torch._scaled_mm(
-            a, b, scale_a=a_inv.reshape(()), scale_b=b_inv.reshape(()), out_dtype=out_dtype_mm
+            a, b, scale_a=a_inv.reshape(()), scale_b=b_inv.reshape(()), bias=epilogue, out_dtype=mm_dtype
         )
+        if bias is not None and epilogue is None:
+            out = out.add_(bias)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-EXECUTORS = {"emulated": EmulatedExecutor, "scaled_mm": ScaledMMExecutor}
+@functools.lru_cache(maxsize=None)
+def executor_for(backend: str, device_type: str):
+    """The executor of ``backend`` ("emulated", "bf16", "scaled_mm") on a device type."""
+    if backend == "scaled_mm":
+        return ScaledMMExecutor()
+    path = gemm_path(device_type)
+    if backend == "emulated":
+        return EmulatedExecutor(path)
+    if backend == "bf16":
+        return BF16Executor(path)
+    raise ValueError(f"no executor for backend {backend!r}")

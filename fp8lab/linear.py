@@ -12,14 +12,14 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fp8lab.backends.select import (
     BACKENDS, FALLBACKS, DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend,
 )
 from fp8lab.config import DelayedScaling
-from fp8lab.executors import EXECUTORS
+from fp8lab.exact import gemm_path
+from fp8lab.executors import executor_for
 from fp8lab.qgemm import quantized_linear
 from fp8lab.state import ScalingState
 
@@ -87,7 +87,10 @@ class Linear(nn.Module):
         device = device if device is not None else self.weight.device
         plan = self._plans.get(device)
         if plan is None:
-            plan = self._plans[device] = self.plan_for(probe_device(device), probe_te())
+            plan = self.plan_for(probe_device(device), probe_te())
+            if plan.backend in ("emulated", "bf16"):  # name the exact GEMM path this machine uses
+                plan = Plan(plan.backend, f"{plan.reason}; {gemm_path(device.type).reason}")
+            self._plans[device] = plan
         return plan
 
     def plan_for(self, device: DeviceFacts, te: TEFacts) -> Plan:
@@ -108,9 +111,8 @@ class Linear(nn.Module):
         plan = self.plan(x.device)
         out_dtype = output_dtype(x)
         if plan.backend == "bf16":
-            with torch.autocast(x.device.type, enabled=False):
-                b = self.bias.to(torch.bfloat16) if self.bias is not None else None
-                return F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), b).to(out_dtype)
+            executor = executor_for("bf16", x.device.type)
+            return quantized_linear(x, self.weight, self.bias, None, executor, out_dtype, record=False)
         if plan.backend == "te":
             from fp8lab.backends import te as te_backend  # imported only when chosen
 
@@ -118,13 +120,11 @@ class Linear(nn.Module):
         record = self.training
         if record:
             self._note_forward()
-        return quantized_linear(
-            x, self.weight, self.bias, self.fp8_state, EXECUTORS[plan.backend], out_dtype, record
-        )
+        executor = executor_for(plan.backend, x.device.type)
+        return quantized_linear(x, self.weight, self.bias, self.fp8_state, executor, out_dtype, record)
 
     def _note_forward(self) -> None:
         state = self.fp8_state
-        state.ran.fill_(True)
         state.forwards_since_update += 1
         if state.forwards_since_update > STALE_SCALE_FORWARDS and not self._warned_stale:
             self._warned_stale = True

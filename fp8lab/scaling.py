@@ -2,9 +2,21 @@
 
 Invariant: nothing here mutates its arguments; every function returns new tensors and
 runs on any device, so the same code is checked exactly on CPU. Semantics follow
-Transformer Engine's ``DelayedScaling`` (``_default_get_amax_and_update_history`` and
-``_default_sf_compute``): the amax is taken over the whole window, row 0 (the step being
-recorded) included; then the window rolls by one and row 0 starts again at zero.
+Transformer Engine's default fused update kernel (``common/recipe/delayed_scaling.cu``,
+``kernel_bulk``), tensor by tensor:
+
+- the amax is taken over the whole window, row 0 (the step being recorded) included;
+- then the window rolls by one and row 0 starts again at zero;
+- a tensor whose recorded amax (row 0) is 0 neither rolls nor changes its scale;
+- ``scale = (fp8_max * 2**-margin) / amax``, one rounding of the quotient; an amax that
+  is 0, inf or NaN keeps the previous scale; a scale that overflows float32 is float32 max.
+
+Where TE's unfused Python fallback (``_default_get_amax_and_update_history`` and
+``_default_sf_compute``) differs: it rolls a zero amax too, takes ``torch.max`` over the
+window (a NaN propagates, where ``fmaxf`` ignores it) and computes ``(fp8_max / amax) /
+2**margin`` (two roundings). The amaxes fp8lab records never hold NaN (its casts take them
+as TE's cast kernels do, ``fmaxf``: NaN elements ignored), so a NaN reaches these functions
+only from a hand-made state; they then do what the kernel does.
 """
 
 from __future__ import annotations
@@ -19,8 +31,9 @@ def compute_scale(
 ) -> torch.Tensor:
     """The scale that maps ``amax`` onto ``fp8_max``, with headroom ``2**margin``.
 
-    ``scale = (fp8_max / amax) / 2**margin``, element-wise, in float32. Edge cases
-    (Transformer Engine's rules):
+    ``scale = (fp8_max * 2**-margin) / amax`` element-wise in float32 (``fp8_max *
+    2**-margin`` is exact, so the quotient is rounded once, as TE's kernel computes it).
+    Edge cases (TE's rules):
 
     - amax == 0: no information, the previous ``scale`` is kept.
     - amax inf or nan: no usable information, the previous ``scale`` is kept.
@@ -37,11 +50,9 @@ def compute_scale(
         A new float32 tensor of scales.
     """
     if not isinstance(fp8_max, torch.Tensor):
-        # A Python-float numerator makes torch compute reciprocal(amax) * fp8_max (two
-        # roundings, off by one ulp for ~1/4 of amaxes); a tensor numerator gives the
-        # correctly rounded float32 quotient, as update_scales' per-role tensor does.
-        fp8_max = torch.full_like(amax, fp8_max)
-    new_scale = (fp8_max / amax) / (2.0**margin)
+        fp8_max = torch.tensor(fp8_max, dtype=torch.float32, device=amax.device)
+    scaled_max = fp8_max * (2.0 ** -margin)  # exact: a power of two times 448 or 57344
+    new_scale = scaled_max / amax
     usable = (amax > 0) & torch.isfinite(amax)  # nan > 0 is False; inf is not finite
     new_scale = torch.where(usable, new_scale, scale)
     return torch.where(torch.isinf(new_scale), torch.full_like(new_scale, FP32_MAX), new_scale)
@@ -54,8 +65,8 @@ def amax_from_history(amax_history: torch.Tensor, algo: str) -> torch.Tensor:
         amax_history: [H, ...] with row 0 the step being recorded.
         algo: "max" or "most_recent".
     """
-    if algo == "max":
-        return amax_history.amax(dim=0)
+    if algo == "max":  # fmaxf, as TE's kernel: NaN ignored (0 when all are NaN), inf counted
+        return amax_history.nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=0)
     if algo == "most_recent":
         return amax_history[0].clone()
     raise ValueError(f"amax_compute_algo must be 'max' or 'most_recent', got {algo!r}")
@@ -80,10 +91,15 @@ def update_history_and_scale(
     margin: int,
     algo: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One delayed-scaling step: (new history, new scale).
+    """One delayed-scaling step: (new history, new scale), TE's fused kernel's rules.
 
     ``amax_history`` is [H, ...] and ``scale`` has the trailing shape ``[...]``, so many
-    layers update at once when their histories are stacked along dim 1 ([H, N, 3]).
+    layers update at once when their histories are stacked along dim 1 ([H, N, 3]). A
+    column whose row 0 is 0 (the tensor was not cast since the last update, or was all
+    zeros) keeps its history and scale unchanged.
     """
+    recorded = amax_history[0] != 0  # [...]
     amax = amax_from_history(amax_history, algo)
-    return roll_history(amax_history), compute_scale(amax, scale, fp8_max, margin)
+    new_history = torch.where(recorded, roll_history(amax_history), amax_history)
+    new_scale = torch.where(recorded, compute_scale(amax, scale, fp8_max, margin), scale)
+    return new_history, new_scale

@@ -2,8 +2,10 @@
 
 Invariant: ``amax_history`` [H, 3] and ``scale`` [3] (columns input, weight,
 grad_output) are the whole persistent state; row 0 of the history is the step being
-recorded, and only ``fp8lab.update_scales`` rolls it. Loading a checkpoint that lacks
-them is an error, never a silent re-initialisation.
+recorded, and only ``fp8lab.update_scales`` rolls it. They are float32 whatever the
+model's dtype (``.to(torch.bfloat16)``, ``.half()`` move them but keep float32, as
+Transformer Engine keeps its FP8 metadata). Loading a checkpoint that lacks them is an
+error, never a silent re-initialisation.
 """
 
 from __future__ import annotations
@@ -30,24 +32,46 @@ class ScalingState(nn.Module):
         super().__init__()
         self.recipe = recipe
         history_len = recipe.amax_history_len
-        self.register_buffer("amax_history", torch.zeros(history_len, 3, device=device))
-        self.register_buffer("scale", torch.ones(3, device=device))
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("amax_history", torch.zeros(history_len, 3, **f32))
+        self.register_buffer("scale", torch.ones(3, **f32))
         # fp8_max per role, kept on the device so update_scales never copies it from the host.
-        self.register_buffer("fp8_max", torch.tensor(recipe.fp8_max, device=device), persistent=False)
-        # Not checkpointed: set by a forward, cleared by update_scales (always False at a
-        # step boundary, where checkpoints are taken).
-        self.register_buffer("ran", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("stats", torch.zeros(3, len(STAT_NAMES), device=device), persistent=False)
-        # Non-finite amaxes seen per role since telemetry last drained them (a counter for
-        # the faults/ tags; not scaling state, so not checkpointed with the layer).
-        self.register_buffer("faults", torch.zeros(3, device=device), persistent=False)
+        self.register_buffer("fp8_max", torch.tensor(recipe.fp8_max, **f32), persistent=False)
+        self.register_buffer("stats", torch.zeros(3, len(STAT_NAMES), **f32), persistent=False)
+        # Casts whose tensor held NaN or inf, per role: ``nonfinite`` since the last update
+        # (MAX-reduced with row 0 under torch.distributed), added by update_scales into
+        # ``faults``, which counts since telemetry last drained it (the faults/ tags). Not
+        # scaling state, so not checkpointed with the layer.
+        self.register_buffer("nonfinite", torch.zeros(3, **f32), persistent=False)
+        self.register_buffer("faults", torch.zeros(3, **f32), persistent=False)
         self.collect_stats = False  # set by the telemetry collector for log steps only
         self.forwards_since_update = 0  # host-side counter, never a tensor read
+        # Set when another library owns this state (Transformer Engine layers): the state is
+        # then a mirror, and update_scales leaves it alone.
+        self.owner: str | None = None
 
-    def record_amax(self, role: Role, amax: torch.Tensor) -> None:
-        """Fold ``amax`` into row 0: the max over all micro-batches since the last update."""
+    def record_amax(self, role: Role, amaxes: torch.Tensor) -> None:
+        """Fold one cast's amaxes (``fp8lab.cast``: [raw, TE's]) into the state.
+
+        Row 0 keeps the max of TE's amax (NaN elements ignored, inf counted) over all
+        micro-batches since the last update; a raw amax that is not finite (the tensor
+        held NaN or inf) adds one to the role's ``nonfinite`` count, so a NaN the scaling
+        ignores still shows in the ``faults/`` telemetry.
+        """
         row0 = self.amax_history[0, role]
-        torch.maximum(row0, amax.to(row0.dtype), out=row0)
+        torch.maximum(row0, amaxes[1], out=row0)
+        self.nonfinite[role].add_(~torch.isfinite(amaxes[0]))
+
+    def _apply(self, fn, recurse=True):
+        """Move with the model, but stay float32 under a dtype conversion."""
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.dtype != t.dtype and t.dtype == torch.float32:
+                return t.to(device=out.device)  # the move only: no rounding of the state
+            return out
+
+        return super()._apply(keep_float32, recurse)
 
     def extra_repr(self) -> str:
         r = self.recipe

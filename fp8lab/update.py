@@ -1,10 +1,10 @@
 """update_scales: the once-per-optimizer-step delayed-scaling update of a whole model.
 
-Invariant: this is the only code that rolls amax histories and changes scales. It is
-vectorised: layers that share a recipe are stacked and updated by a fixed number of
-tensor ops, whatever their count; under torch.distributed every rank's row 0 is
-MAX-reduced in one collective first, so all ranks end with identical state. Nothing here
-reads a tensor on the host.
+Invariant: this is the only code that rolls amax histories and changes scales, with the
+rules of Transformer Engine's fused kernel (``fp8lab.scaling``). It is vectorised: layers
+that share a recipe are stacked and updated by a fixed number of tensor ops, whatever
+their count; under torch.distributed every rank's row 0 is MAX-reduced in one collective
+first, so all ranks end with identical state. Nothing here reads a tensor on the host.
 """
 
 from __future__ import annotations
@@ -14,37 +14,37 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fp8lab.scaling import update_history_and_scale
+from fp8lab.scaling import amax_from_history, compute_scale, roll_history
 from fp8lab.state import ScalingState
 
 
 def scaling_states(model: nn.Module) -> list[ScalingState]:
-    """Every ScalingState in ``model``, in ``named_modules`` order."""
-    return [m for m in model.modules() if isinstance(m, ScalingState)]
+    """Every ScalingState in ``model`` that fp8lab updates, in ``named_modules`` order
+    (states owned by another library, e.g. Transformer Engine's mirrors, are left out)."""
+    return [m for m in model.modules() if isinstance(m, ScalingState) and m.owner is None]
 
 
 def _reduce_amaxes(states: list[ScalingState], group) -> None:
-    """One MAX all-reduce of every layer's row 0 and 'ran' flag, in a single buffer.
+    """One MAX all-reduce of every layer's row 0 and non-finite cast counts, in a single
+    buffer, so every rank updates the same scales and reports the same faults.
 
-    NaN is sent as +inf: a MAX reduction drops a NaN depending on which rank holds it
-    (gloo keeps rank 0's NaN and loses rank 1's), while +inf survives on every rank and
-    means the same to ``compute_scale`` and the fault counter (not finite: keep the scale).
+    Row 0 never holds NaN (casts record amaxes with NaN elements ignored, as TE's do), so
+    the MAX reduction is well defined on every backend; inf survives it.
     """
     if not states:
         return
-    rows = torch.stack([torch.cat([s.amax_history[0], s.ran.to(s.amax_history.dtype).reshape(1)]) for s in states])
-    rows.masked_fill_(rows.isnan(), float("inf"))
+    rows = torch.stack([torch.cat([s.amax_history[0], s.nonfinite]) for s in states])  # (N, 6)
     torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX, group=group)
     torch._foreach_copy_([s.amax_history[0] for s in states], list(rows[:, :3].unbind(0)))
-    torch._foreach_copy_([s.ran for s in states], list((rows[:, 3] > 0).unbind(0)))
+    torch._foreach_copy_([s.nonfinite for s in states], list(rows[:, 3:].unbind(0)))
 
 
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _where_layers_(ran: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``torch.where(ran[None, :, None], new, old)``, written into ``new`` (contiguous
-    (H, N, 3), a temporary of the caller), bit for bit (NaN and inf included).
+def _where_columns_(recorded: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``torch.where(recorded[None], new, old)``, written into ``new`` (contiguous (H, N, 3),
+    a temporary of the caller), bit for bit (NaN and inf included).
 
     A bitwise select on an (H, N*3) integer view, in place: torch.where's CPU kernel takes
     0.8 ms on this broadcast for 192 layers of 1024 rows and allocates 2.4 MB more; these
@@ -52,7 +52,7 @@ def _where_layers_(ran: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> t
     """
     h, n, roles = new.shape
     as_int = _SAME_SIZE_INT[new.element_size()]
-    mask = (-ran.to(as_int)).repeat_interleave(roles)  # (N*3,) all ones where the layer ran
+    mask = -recorded.reshape(n * roles).to(as_int)  # all ones where the column rolls
     new_i, old_i = new.view(h, n * roles).view(as_int), old.reshape(h, n * roles).view(as_int)
     new_i.bitwise_xor_(old_i).bitwise_and_(mask).bitwise_xor_(old_i)
     return new
@@ -61,10 +61,12 @@ def _where_layers_(ran: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> t
 def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = None) -> None:
     """Roll every layer's amax history and recompute its scales; call after optimizer.step().
 
-    A layer that has not run since the last call keeps its history and scale unchanged.
-    With gradient accumulation, call this once per optimizer step: row 0 then holds the
-    max amax over all micro-batches. A non-finite amax keeps the previous scale
-    (Transformer Engine's rule) and is counted in the layer's ``fp8_state.faults``.
+    Transformer Engine's fused update, per tensor: a tensor whose recorded amax (row 0) is
+    0, because its layer did not run since the last call or the tensor was all zeros,
+    keeps its history and scale unchanged; otherwise its history rolls and its scale
+    becomes ``(fp8_max * 2**-margin) / amax`` (amax inf: the previous scale is kept). With
+    gradient accumulation, call this once per optimizer step: row 0 then holds the max
+    amax over all micro-batches.
 
     Args:
         model: any module containing fp8lab layers.
@@ -72,12 +74,16 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
             used only when torch.distributed is initialised and the recipe's
             ``reduce_amax`` is True.
         skip: optional 0-dim bool tensor on the device (no host read): when True the
-            step was skipped (non-finite loss or gradient), so histories and scales stay
-            as they were and the step's amaxes (row 0) are discarded.
+            step was skipped (non-finite loss or gradient), so the step's amaxes (row 0)
+            are discarded and histories and scales stay as they were.
     """
     states = scaling_states(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         _reduce_amaxes([s for s in states if s.recipe.reduce_amax], group)
+
+    if states:  # the casts' NaN/inf counts move to the telemetry counter, skip or not
+        torch._foreach_add_([s.faults for s in states], [s.nonfinite for s in states])
+        torch._foreach_zero_([s.nonfinite for s in states])
 
     by_recipe: dict[object, list[ScalingState]] = defaultdict(list)
     for state in states:
@@ -87,22 +93,14 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
     for (recipe, device), group_states in by_recipe.items():
         histories = [s.amax_history for s in group_states]
         scales = [s.scale for s in group_states]
-        rans = [s.ran for s in group_states]
-        history = torch.stack(histories, dim=1)  # (H, N, 3)
+        history = torch.stack(histories, dim=1)  # (H, N, 3), our temporary
         scale = torch.stack(scales)  # (N, 3)
-        ran = torch.stack(rans)  # (N,)
-        fp8_max = group_states[0].fp8_max  # (3,) the same for every layer of one recipe
-        faults = (~torch.isfinite(history[0]) & ran[:, None]).float()  # (N, 3)
-        new_history, new_scale = update_history_and_scale(
-            history, scale, fp8_max, recipe.margin, recipe.amax_compute_algo
-        )
         if skip is not None:
-            ran = ran & ~skip
-            # history is our stacked temporary: drop a skipped step's row 0 in place.
-            history[0].masked_fill_(skip, 0.0)
-        new_history = _where_layers_(ran, new_history, history)
-        new_scale = torch.where(ran[:, None], new_scale, scale)
+            history[0].masked_fill_(skip, 0.0)  # a skipped step records nothing
+        recorded = history[0] != 0  # (N, 3): TE rolls and rescales only these
+        fp8_max = group_states[0].fp8_max  # (3,) the same for every layer of one recipe
+        amax = amax_from_history(history, recipe.amax_compute_algo)  # (N, 3)
+        new_scale = torch.where(recorded, compute_scale(amax, scale, fp8_max, recipe.margin), scale)
+        new_history = _where_columns_(recorded, roll_history(history), history)
         torch._foreach_copy_(histories, list(new_history.unbind(1)))
         torch._foreach_copy_(scales, list(new_scale.unbind(0)))
-        torch._foreach_add_([s.faults for s in group_states], list(faults.unbind(0)))
-        torch._foreach_zero_(rans)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fp8lab.cast import amax_of, cast_stats, cast_to_fp8, cast_to_fp8_grid
+from fp8lab.cast import amaxes_of, cast_stats, cast_to_fp8, cast_to_fp8_grid
 from fp8lab.formats import E4M3, E5M2
 from helpers import sqnr_db
 
@@ -145,18 +145,52 @@ def test_nan_stays_nan(fmt, dtype):
         assert out[0].item() == 1.0 and out[2].item() == -2.0
 
 
+def _amax_both_ways(x):
+    """amaxes_of(x) and the amaxes the grid cast takes on its own chunks."""
+    taken = torch.zeros(2)
+    cast_to_fp8_grid(x, ONE, E4M3, amax_out=taken)
+    return amaxes_of(x), taken
+
+
 @IN_DTYPES
-def test_amax_of(dtype):
+def test_amaxes_are_max_abs_with_nan_ignored_as_te_takes_them(dtype):
+    """[0] the raw amax (NaN propagates), [1] Transformer Engine's (fmaxf: NaN elements
+    ignored, inf counted), the same from amaxes_of and from the cast, over several chunks."""
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 257, generator=gen) * 10).to(dtype)
-    x[1, 100] = -1536.0  # the extreme is negative (exact in bf16)
-    out = amax_of(x)
-    assert out.dtype == torch.float32 and out.shape == ()
-    assert torch.equal(out, x.abs().max().float())
-    assert out.item() == 1536.0
-    assert amax_of(-x.abs()).item() == 1536.0  # all negative
+    x = (torch.randn(3, 120_000, generator=gen) * 10).to(dtype)  # > 1 CPU chunk
+    x[1, 100_000] = -1536.0  # the extreme is negative (exact in bf16), in the second chunk
+    for out in _amax_both_ways(x):
+        assert out.dtype == torch.float32 and out.tolist() == [1536.0, 1536.0]
+    for out in _amax_both_ways(-x.abs()):  # all negative
+        assert out.tolist() == [1536.0, 1536.0]
     x[2, 3] = math.nan
-    assert amax_of(x).isnan().item()
+    for out in _amax_both_ways(x):
+        assert math.isnan(out[0].item()) and out[1].item() == 1536.0
+    x[0, 7] = -math.inf
+    for out in _amax_both_ways(x):
+        assert math.isnan(out[0].item()) and out[1].item() == math.inf
+    x[2, 3] = 0.0
+    for out in _amax_both_ways(x):
+        assert out.tolist() == [math.inf, math.inf]
+    for out in _amax_both_ways(torch.full((5,), math.nan, dtype=dtype)):  # fmaxf(0, nan) = 0
+        assert math.isnan(out[0].item()) and out[1].item() == 0.0
+    for out in _amax_both_ways(torch.empty(0, 3, dtype=dtype)):
+        assert out.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+@IN_DTYPES
+def test_grid_cast_to_float32_equals_bf16(fmt, dtype):
+    """The fp32 GEMM path holds the same FP8 values in float32."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(300_001, generator=gen) * 300).to(dtype)
+    x[::997] = math.nan
+    s = torch.tensor(0.7)
+    as_bf16 = cast_to_fp8_grid(x, s, fmt)
+    as_f32 = cast_to_fp8_grid(x, s, fmt, dtype=torch.float32)
+    assert as_f32.dtype == torch.float32
+    assert torch.equal(as_f32.isnan(), as_bf16.isnan())
+    assert torch.equal(as_f32.nan_to_num(0.0), as_bf16.float().nan_to_num(0.0))
 
 
 @pytest.mark.parametrize("scale", (1.0, 2.0, 0.25))
@@ -183,7 +217,7 @@ def test_cast_stats_overflow_and_underflow_percentages_are_exact(scale):
 def test_cast_sqnr_on_gaussian_data(fmt, min_db, dtype):
     gen = torch.Generator().manual_seed(42)
     x = torch.randn(1 << 16, generator=gen).to(dtype)
-    scale = torch.tensor(fmt.max) / amax_of(x)
+    scale = torch.tensor(fmt.max) / amaxes_of(x)[1]
     ref = x.double()
     real = sqnr_db(ref, cast_to_fp8(x, scale, fmt).double() / scale.double())
     grid = sqnr_db(ref, cast_to_fp8_grid(x, scale, fmt).double() / scale.double())

@@ -20,6 +20,7 @@ from fp8lab import GPT, PrecisionPolicy
 from fp8lab.backends.select import DeviceFacts, TEFacts
 from fp8lab.convert import SKIP_REASON_ATTR
 from fp8lab.describe import LayerRow, plan_for
+from fp8lab.exact import gemm_path
 from fp8lab.linear import Linear
 from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
@@ -28,7 +29,7 @@ NO_TE = TEFacts(None, "transformer_engine is not installed")
 D_IN, D_MODEL, N_CLASSES = 24, 64, 30
 CONVERTED = ["0", "1.layers.0.linear1", "1.layers.0.linear2", "1.layers.1.linear1", "1.layers.1.linear2", "2"]
 SKIPPED = ["1.layers.0.self_attn.out_proj", "1.layers.1.self_attn.out_proj"]
-CPU_EMULATED = "no FP8 hardware on CPU; FP8 emulated in software"
+CPU_EMULATED = f"no FP8 hardware on CPU; FP8 emulated in software; {gemm_path('cpu').reason}"
 
 
 def encoder_model() -> nn.Sequential:
@@ -88,7 +89,8 @@ def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
     assert head.backend == "bf16" and head.reason.startswith("dimensions 64x30 are not multiples of 16")
     te_plan = plan_for(bf16_fallback.get_submodule("1.layers.1.linear2"), H100, TEFacts("2.1.0"))
     assert te_plan.backend == "te" and te_plan.reason == "Transformer Engine 2.1.0 on H100 (sm_90)"
-    assert fp8lab.describe(bf16_fallback)[0].reason == "no FP8 hardware on CPU"  # on this machine
+    # on this machine: the fallback, and the exact GEMM path that runs it
+    assert fp8lab.describe(bf16_fallback)[0].reason == f"no FP8 hardware on CPU; {gemm_path('cpu').reason}"
 
 
 def test_multihead_attention_out_proj_forward_never_runs(count_linear_forwards):
@@ -99,7 +101,8 @@ def test_multihead_attention_out_proj_forward_never_runs(count_linear_forwards):
     mha.out_proj = naive
     x = torch.randn(2, 8, D_MODEL)
     mha(x, x, x)
-    assert count_linear_forwards == [] and not naive.fp8_state.ran  # FP8 claimed, never run
+    assert count_linear_forwards == [] and naive.fp8_state.forwards_since_update == 0  # FP8 claimed, never run
+    assert torch.equal(naive.fp8_state.amax_history, torch.zeros_like(naive.fp8_state.amax_history))
 
 
 def test_fused_encoder_fast_path_does_not_bypass_converted_layers(count_linear_forwards):
@@ -152,8 +155,8 @@ def test_converted_model_trains_with_emulated_fp8(one_thread):
 def test_convert_applies_policy_and_handles_odd_cases():
     model = fp8lab.convert(encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fallback="emulate")
     rows = {r.name: r for r in fp8lab.describe(model)}
-    assert rows["2"].reason == "kept in BF16 by policy pattern '2'" and rows["2"].precision == "bf16"
-    assert rows["1.layers.1.linear1"].reason == "kept in BF16 by policy pattern '*.layers.1.*'"
+    assert rows["2"].reason.startswith("kept in BF16 by policy pattern '2';") and rows["2"].precision == "bf16"
+    assert rows["1.layers.1.linear1"].reason.startswith("kept in BF16 by policy pattern '*.layers.1.*';")
     assert rows["1.layers.0.linear1"] == LayerRow("1.layers.0.linear1", "fp8", "emulated", CPU_EMULATED)
 
     class Scaled(nn.Linear):
@@ -177,10 +180,10 @@ def test_describe_gpt_default_policy_keeps_only_lm_head_in_bf16():
     assert all(isinstance(r, LayerRow) for r in rows)
     assert [r.name for r in rows] == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")] + ["lm_head"]
     assert all((r.precision, r.backend, r.reason) == ("fp8", "emulated", CPU_EMULATED) for r in rows[:-1])
-    assert rows[-1] == LayerRow("lm_head", "bf16", "bf16", "kept in BF16 by policy pattern 'lm_head'")
+    assert rows[-1] == LayerRow("lm_head", "bf16", "bf16", f"kept in BF16 by policy pattern 'lm_head'; {gemm_path('cpu').reason}")
     with pytest.raises(dataclasses.FrozenInstanceError):
         rows[0].precision = "bf16"
-    assert fp8lab.describe(GPT.from_preset("tiny", num_layers=1))[0].reason == "no FP8 hardware on CPU"
+    assert fp8lab.describe(GPT.from_preset("tiny", num_layers=1))[0].reason.startswith("no FP8 hardware on CPU;")
     lines = str(rows).splitlines()
     assert lines[0].split() == ["layer", "precision", "backend", "reason"] and len(lines) == len(rows) + 1
     assert len({line.index(" fp8 " if " fp8 " in line else " bf16 ") for line in lines[1:]}) == 1  # aligned
@@ -193,8 +196,8 @@ def test_policy_first_and_last_blocks_and_patterns():
     for i in (0, 3):
         for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
             row = rows[f"blocks.{i}.{layer}"]
-            assert row.precision == "bf16" and row.reason == f"kept in BF16 by policy first_last_bf16=1 (block {i} of 4)"
-    assert rows["blocks.1.mlp.fc2"].reason == "kept in BF16 by policy pattern 'blocks.1.mlp.*'"
+            assert row.precision == "bf16" and row.reason.startswith(f"kept in BF16 by policy first_last_bf16=1 (block {i} of 4);")
+    assert rows["blocks.1.mlp.fc2"].reason.startswith("kept in BF16 by policy pattern 'blocks.1.mlp.*';")
     assert [n for n, r in rows.items() if r.precision == "fp8"] == ["blocks.1.attn.qkv", "blocks.1.attn.proj"] + [
         f"blocks.2.{s}" for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     ]

@@ -90,35 +90,37 @@ def test_eval_mode_records_no_amax():
         layer(x)
     assert torch.equal(state.amax_history, history)
     assert torch.equal(state.scale, scale)
-    assert not state.ran.item()
     assert state.forwards_since_update == 0
 
     layer.train()  # the same forward in training mode does record
     with torch.no_grad():
         layer(x)
     assert state.amax_history[0, Role.INPUT].item() == x.abs().max().item()
-    assert state.ran.item()
     assert state.forwards_since_update == 1
 
 
-def test_bf16_backend_records_nothing_and_matches_f_linear():
+def test_bf16_backend_records_nothing_and_is_the_bf16_hardware_model():
+    """A BF16 layer: operands rounded to bf16, fp32 accumulation, bias added in fp32, one
+    rounding to the output dtype (bf16 under autocast; fp32 without, at fp32 precision)."""
     torch.manual_seed(2)
     layer = fp8lab.Linear(64, 32, backend="bf16")
     x = torch.randn(4, 8, 64, requires_grad=True)
+    acc = x.bfloat16().double() @ layer.weight.bfloat16().double().T  # exact products and sum
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-        y_ref = F.linear(x, layer.weight, layer.bias)
-    assert y.dtype == y_ref.dtype == torch.bfloat16
-    assert torch.equal(y, y_ref)
+        y_autocast = F.linear(x, layer.weight, layer.bias)  # torch's own bf16 linear
+    ref = (acc.float() + layer.bias.bfloat16().float()).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert (y == ref).float().mean().item() >= 0.99
+    assert (y == y_autocast).float().mean().item() >= 0.99
     y.float().sum().backward()
     assert layer.weight.grad is not None and x.grad is not None
 
-    y_plain = layer(x)  # no autocast: bf16 GEMM, returned in the input's dtype
-    ref_plain = F.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()
+    y_plain = layer(x)  # no autocast: bf16 operands, an fp32 output at fp32 precision
+    ref_plain = acc + layer.bias.double()
     assert y_plain.dtype == torch.float32
-    assert torch.equal(y_plain, ref_plain)
+    assert (y_plain.double() - ref_plain).abs().max().item() <= 1e-6 * ref_plain.abs().max().item()
 
     state = layer.fp8_state
     assert torch.equal(state.amax_history, torch.zeros_like(state.amax_history))
     assert torch.equal(state.scale, torch.ones(3))
-    assert not state.ran.item()

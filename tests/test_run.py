@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import fp8lab
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fp8lab.cli import main
@@ -123,19 +125,38 @@ def test_every_recipe_loads(recipe):
 
 
 class _HostReads(TorchDispatchMode):
-    """Counts ops that copy a tensor's value to the host (.item(), float(t), bool(t))."""
+    """Records ops that copy a tensor's value to the host (.item(), float(t), bool(t))."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.reads = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
+            t = args[0]
+            self.reads.append((t.device.type, tuple(t.shape), t.dtype))
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path):
+def _force_gemm_path(monkeypatch, path):
+    from fp8lab.executors import BF16Executor, EmulatedExecutor
+
+    executors = {"emulated": EmulatedExecutor(path), "bf16": BF16Executor(path)}
+    monkeypatch.setattr(fp8lab.linear, "executor_for", lambda backend, device: executors[backend])
+
+
+@pytest.mark.parametrize("path_name", ["fp32", "onednn-bf16"])
+def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path, monkeypatch, path_name):
+    """No tensor value is read on the host in a non-log step. The one exception is by
+    design and CPU-only: the oneDNN bf16 path passes each FP8 GEMM's inverse scale as
+    addmm's alpha, a read of a CPU scalar (host memory: no copy, no sync); the portable
+    fp32 path, like every accelerator path, reads nothing."""
+    from fp8lab.exact import GemmPath, cpu_has_native_bf16
+
+    if path_name == "onednn-bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native BF16 GEMM (oneDNN bf16 path unavailable)")
+    dtype = torch.bfloat16 if path_name == "onednn-bf16" else torch.float32
+    _force_gemm_path(monkeypatch, GemmPath(path_name, dtype, "forced by the test"))
     config = apply_overrides(load_recipe(QUICKSTART), SHORT + ["train.steps=3", "train.log_interval=3"])
     runner = Runner(config, tmp_path, progress=False)
     run = runner.variants[1]
@@ -146,7 +167,11 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     run.collector.arm = lambda: (armed.append(True), original_arm())[1]
     with _HostReads() as plain:
         assert run.train_step(x, y, 1e-3, log=False) is None
-    assert plain.count == 0 and armed == []
+    if path_name == "fp32":
+        assert plain.reads == []
+    else:  # fprop, dgrad, wgrad of each of the 8 FP8 layers: CPU 0-dim float32 scales only
+        assert plain.reads == [("cpu", (), torch.float32)] * (3 * 8)
+    assert armed == []
     assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
     stats = run.train_step(x, y, 1e-3, log=True)
     assert armed == [True] and stats is not None and len(stats.layers) == 8

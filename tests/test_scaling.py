@@ -1,11 +1,13 @@
 """Delayed-scaling math, exact (torch.equal) against a reference written here in plain Python.
 
-The reference works on Python floats (float64) and rounds to float32 with ``struct`` the
-way the formula does: ``f32(f32(fp8_max / amax) / 2**margin)``. Rounding a float64
-quotient of two float32 values to float32 equals the float32 division (float64 carries
-more than 2*24+2 bits, so the double rounding is innocuous). Every test also checks that
-the expected state differs from the state before the update, so it cannot pass by
-leaving the state alone.
+The reference transliterates Transformer Engine's fused update kernel
+(``common/recipe/delayed_scaling.cu``, ``kernel_bulk``) column by column, on Python floats
+(float64), rounding to float32 with ``struct``: ``scale = f32((fp8_max * 2**-margin) /
+amax)``. ``fp8_max * 2**-margin`` is exact, and rounding a float64 quotient of two float32
+values to float32 equals the float32 division (float64 carries more than 2*24+2 bits, so
+the double rounding is innocuous). ``max`` is ``fmaxf`` (NaN ignored). Every test also
+checks that the expected state differs from the state before the update, so it cannot pass
+by leaving the state alone.
 """
 
 from __future__ import annotations
@@ -44,8 +46,17 @@ def f32(x: float) -> float:
 def ref_scale(amax: float, prev: float, fp8_max: float, margin: int) -> float:
     if math.isnan(amax) or math.isinf(amax) or amax == 0.0:
         return prev
-    s = f32(f32(fp8_max / amax) / 2.0**margin)
+    s = f32((fp8_max * 2.0**-margin) / amax)
     return F32_MAX if math.isinf(s) else s
+
+
+def fmaxf(a: float, b: float) -> float:
+    """C's fmaxf: a NaN argument is ignored (both NaN: NaN)."""
+    if math.isnan(a):
+        return b
+    if math.isnan(b):
+        return a
+    return max(a, b)
 
 
 def ref_amax(rows: list[list[float]], algo: str) -> list[float]:
@@ -53,7 +64,10 @@ def ref_amax(rows: list[list[float]], algo: str) -> list[float]:
         return list(rows[0])
     out = []
     for col in zip(*rows):
-        out.append(math.nan if any(math.isnan(v) for v in col) else max(col))
+        m = 0.0
+        for v in col:
+            m = fmaxf(m, v)
+        out.append(m)
     return out
 
 
@@ -61,6 +75,28 @@ def ref_roll(rows: list[list[float]]) -> list[list[float]]:
     rolled = [list(r) for r in rows[1:]] + [list(rows[0])]
     rolled[0] = [0.0] * len(rows[0])
     return rolled
+
+
+def ref_te_update(rows, prev, maxima, margin, algo):
+    """TE's ``kernel_bulk`` per column: (new rows, new scales). A column whose row 0 is 0
+    neither rolls nor changes its scale; otherwise amax over the window (fmaxf), roll."""
+    h = len(rows)
+    new_rows = [list(r) for r in rows]
+    scales = []
+    for c in range(len(rows[0])):
+        col = [r[c] for r in rows]
+        last = col[0]
+        amax = 0.0
+        if last != 0.0:  # NaN != 0 is True: a NaN row 0 rolls (fp8lab never records one)
+            a = [col[i + 1] if i < h - 1 else last for i in range(h)]
+            for v in a:
+                amax = fmaxf(amax, v)
+            for i in range(h):
+                new_rows[i][c] = a[i] if i > 0 else 0.0
+        if algo == "most_recent":
+            amax = last
+        scales.append(ref_scale(amax, prev[c], maxima[c], margin))
+    return new_rows, scales
 
 
 def t32(values) -> torch.Tensor:
@@ -157,8 +193,9 @@ def test_amax_from_history_explicit_and_non_finite():
     rows = [[1.0, 0.0, 5.0], [4.0, math.nan, 2.0], [2.0, 3.0, math.inf]]
     out_max = amax_from_history(t32(rows), "max")
     assert out_max[0].item() == 4.0
-    assert math.isnan(out_max[1].item())  # nan anywhere in the window -> nan (scale kept)
+    assert out_max[1].item() == 3.0  # fmaxf: a NaN in the window is ignored, as TE's kernel does
     assert out_max[2].item() == math.inf
+    assert amax_from_history(t32([[math.nan], [math.nan]]), "max").item() == 0.0  # fmaxf(0, nan)
     assert torch.equal(amax_from_history(t32(rows), "most_recent"), t32([1.0, 0.0, 5.0]))
 
 
@@ -210,8 +247,8 @@ def _history_with_special(rng: random.Random, h: int, algo: str, special: str, c
     if special in ("zero", "tiny"):
         for r in window_rows:
             rows[r][col] = 0.0
-        if special == "tiny":
-            rows[h - 1 if algo == "max" else 0][col] = f32(TINY)
+        if special == "tiny":  # recorded this step (row 0), so the column rolls and rescales
+            rows[0][col] = f32(TINY)
     elif special in ("inf", "nan"):
         rows[rng.randrange(h) if algo == "max" else 0][col] = math.inf if special == "inf" else math.nan
     return rows
@@ -237,9 +274,8 @@ def test_update_scales_on_linear_matches_reference(h, algo, margin, fp8_format, 
     state.scale.copy_(t32(prev))
     maxima = (E4M3_MAX, E4M3_MAX, E5M2_MAX) if fp8_format == "hybrid" else (E4M3_MAX,) * 3
 
-    amax = ref_amax(rows, algo)
-    expected_scale = t32([ref_scale(a, p, m, margin) for a, p, m in zip(amax, prev, maxima)])
-    expected_history = t32(ref_roll(rows))
+    new_rows, new_scales = ref_te_update(rows, prev, maxima, margin, algo)
+    expected_scale, expected_history = t32(new_scales), t32(new_rows)
     history_before, scale_before = state.amax_history.clone(), state.scale.clone()
     assert not torch.equal(expected_history.nan_to_num(), history_before.nan_to_num())
     assert not torch.equal(expected_scale, scale_before)
@@ -250,11 +286,12 @@ def test_update_scales_on_linear_matches_reference(h, algo, margin, fp8_format, 
     assert torch.equal(state.amax_history.isnan(), expected_history.isnan())
     assert torch.equal(state.amax_history.nan_to_num(), expected_history.nan_to_num())
     assert torch.equal(state.scale, expected_scale)
-    if special in ("zero", "inf", "nan"):
+    if special in ("zero", "inf") or (special == "nan" and algo == "most_recent"):
         assert state.scale[col].item() == prev[col]
     elif special == "tiny":
         assert state.scale[col].item() == F32_MAX
-    assert not state.ran.item()
+    if special == "zero":  # row 0 is 0: the column neither rolls nor rescales
+        assert torch.equal(state.amax_history[:, col], t32(rows)[:, col])
 
 
 # ----------------------------------------------------------------------------- DelayedScaling

@@ -7,7 +7,7 @@ parameters, and TE's pickled ``_extra_state`` is never saved.
 
 TE owns the scaling of these layers: it records amaxes and updates scales itself, on
 its own schedule, never through ``fp8lab.update_scales`` (which leaves these layers'
-``fp8_state`` alone, since the TE path never sets its ``ran`` flag). What that means:
+``fp8_state`` alone: its ``owner`` is "te"). What that means:
 
 - Forward scales/histories are updated when the outermost ``te.autocast`` region exits
   with grad enabled, grad_output's at the end of the backward of the region's first
@@ -233,6 +233,7 @@ def _handle(layer: nn.Module) -> _Handle:
         layer.register_state_dict_pre_hook(_sync_hook)
         layer.register_load_state_dict_post_hook(_restore_hook)
     layer.__dict__[_HANDLE] = handle = _build(layer)
+    layer.fp8_state.owner = "te"  # a mirror of TE's state from now on: update_scales skips it
     restore_te(layer)
     return handle
 
