@@ -64,8 +64,28 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(num, den))
 
 
+# Environment that makes a CPU with native BF16 (AVX512_BF16, AMX) behave like an AVX2-only
+# one for torch: oneDNN limited to AVX2 (so bf16 matmul takes ATen's scalar fallback, as
+# on an AVX2 laptop; torch.ops.mkldnn._is_mkldnn_bf16_supported() turns False), ATen's
+# vectorised kernels built for AVX2, and MKL's sgemm limited to AVX2. Read by the libraries
+# at start-up, so it must be set before torch is imported (see imitate_avx2_or_exec).
+AVX2_ONLY_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def imitating_avx2() -> bool:
+    return all(os.environ.get(k) == v for k, v in AVX2_ONLY_ENV.items())
+
+
+def reexec_imitating_avx2(argv: list[str]) -> None:
+    """Replace this process by ``python -m benchmarks.<this script> argv`` with AVX2_ONLY_ENV."""
+    module = f"benchmarks.{Path(sys.argv[0]).stem}"
+    env = {**os.environ, **AVX2_ONLY_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
 def machine() -> str:
-    """CPU model, cores, SIMD features that matter for bf16 GEMMs, torch version."""
+    """CPU model, cores, SIMD features that matter for bf16 GEMMs, torch version, and
+    what torch sees of them (AVX2 imitation, native bf16 GEMM, fp8lab's GEMM path)."""
     model, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -76,9 +96,17 @@ def machine() -> str:
     except OSError:
         pass
     simd = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags] or ["no AVX-512"]
+    from fp8lab.exact import cpu_has_native_bf16, gemm_path
+
+    seen = (
+        f"imitating an AVX2-only CPU ({' '.join(f'{k}={v}' for k, v in AVX2_ONLY_ENV.items())})"
+        if imitating_avx2() else "native ISA"
+    )
     return (
         f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
-        f"{' '.join(simd)}; torch {torch.__version__}, Python {platform.python_version()}"
+        f"{' '.join(simd)}; {seen}: torch ISA {torch.backends.cpu.get_cpu_capability()}, "
+        f"oneDNN bf16 GEMM {'yes' if cpu_has_native_bf16() else 'no'}, fp8lab GEMM path "
+        f"{gemm_path('cpu').name}; torch {torch.__version__}, Python {platform.python_version()}"
     )
 
 
@@ -97,7 +125,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def append_section(title: str, body: str, load_before: str) -> None:
     """Append a dated section with the exact command, machine and load averages."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+    args = sys.argv[1:] + (["--imitate-avx2"] if imitating_avx2() and "--imitate-avx2" not in sys.argv else [])
+    command = " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}", *args])
     text = (
         f"\n## {title} ({stamp})\n\n"
         f"- command: `{command}`\n"

@@ -41,42 +41,14 @@ def _float32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
-def _fold_amaxes_(src: torch.Tensor, scratch: torch.Tensor, amax_out: torch.Tensor) -> None:
-    """Fold ``max|src|`` into ``amax_out``: [0] NaN-propagating (the raw amax, which is
-    non-finite iff ``src`` holds NaN or inf), [1] NaN ignored and inf counted, as Transformer
-    Engine's cast kernels take it (``fmaxf(fabsf(x), amax)``). ``scratch``: float32 like src."""
-    if src.numel() == 0:
-        return
-    magnitude = torch.abs(src, out=scratch)
-    torch.maximum(amax_out[0], magnitude.amax(), out=amax_out[0])
-    magnitude.nan_to_num_(nan=0.0, posinf=float("inf"))
-    torch.maximum(amax_out[1], magnitude.amax(), out=amax_out[1])
-
-
-def _scale_clamp_into(
-    x_hp: torch.Tensor,
-    scale: torch.Tensor,
-    fmt: FP8Format,
-    out: torch.Tensor,
-    scratch: torch.Tensor | None = None,
-    amax_out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out = clamp(x * scale, -max, max)`` in float32; ``x_hp`` is not modified.
-
-    With ``amax_out`` (and a float32 ``scratch`` like ``out``), the amaxes of ``x_hp`` are
-    folded into it on the way, while the values are in cache (see ``_fold_amaxes_``).
-    """
+def _scale_clamp_into(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, out: torch.Tensor) -> torch.Tensor:
+    """``out = clamp(x * scale, -max, max)`` in float32; ``x_hp`` is not modified."""
     if x_hp.dtype == torch.float32:
-        if amax_out is not None:
-            _fold_amaxes_(x_hp, scratch, amax_out)
         torch.mul(x_hp, scale, out=out)
     else:
         # Exact upcast first: torch.mul(bf16, fp32 scalar, out=fp32) would compute in bf16
         # (and its mixed-dtype loop is not vectorised).
-        out.copy_(x_hp)
-        if amax_out is not None:
-            _fold_amaxes_(out, scratch, amax_out)
-        out.mul_(scale)
+        out.copy_(x_hp).mul_(scale)
     return out.clamp_(-fmt.max, fmt.max)
 
 
@@ -118,12 +90,7 @@ def round_fp32_to_fp8_grid_(
 
 
 def cast_to_fp8_grid(
-    x_hp: torch.Tensor,
-    scale: torch.Tensor,
-    fmt: FP8Format,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    amax_out: torch.Tensor | None = None,
+    x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, *, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """The values of ``cast_to_fp8(x_hp, scale, fmt)`` as an exact ``dtype`` tensor.
 
@@ -132,9 +99,6 @@ def cast_to_fp8_grid(
         scale: 0-dim float32 scale (values are multiplied by it, then clamped and rounded).
         fmt: the FP8 format.
         dtype: bfloat16 or float32; both hold every FP8 value exactly.
-        amax_out: optional float32 tensor of 2 zeros that receives the amaxes of ``x_hp``:
-            [0] NaN-propagating, [1] as Transformer Engine takes it (NaN ignored, inf
-            counted). Taken on the cast's own chunks, so it costs no pass over memory.
     """
     out = torch.empty(x_hp.shape, dtype=dtype, device=x_hp.device)
     x_flat, out_flat = x_hp.reshape(-1), out.view(-1)
@@ -147,27 +111,43 @@ def cast_to_fp8_grid(
         k = x_part.numel()
         magic = magic_buf if k == magic_buf.numel() else magic_buf[:k]
         v = out_part if v_buf is None else (v_buf if k == v_buf.numel() else v_buf[:k])
-        _scale_clamp_into(x_part, scale, fmt, v, magic.view(torch.float32), amax_out)
-        round_fp32_to_fp8_grid_(v, fmt, magic)
+        round_fp32_to_fp8_grid_(_scale_clamp_into(x_part, scale, fmt, v), fmt, magic)
         if v is not out_part:
             out_part.copy_(v)
     return out
 
 
-def amaxes_of(x: torch.Tensor) -> torch.Tensor:
-    """(raw amax, Transformer Engine's amax) of ``x`` as a float32 tensor of 2.
-
-    [0] is max|x| with NaN propagating (non-finite iff ``x`` holds NaN or inf); [1] is
-    ``fmaxf``'s: NaN elements ignored, inf counted. For the casts that do not take them
-    on their own chunks (``cast_to_fp8``).
-    """
-    amax_out = torch.zeros(2, dtype=torch.float32, device=x.device)
+def _nan_ignoring_amax(x: torch.Tensor) -> torch.Tensor:
+    """max|x| over the non-NaN elements (0 if there are none), in CPU_CHUNK slices on CPU."""
     x_flat = x.reshape(-1)
     chunk = CPU_CHUNK if x.device.type == "cpu" else max(x_flat.numel(), 1)
-    scratch = torch.empty(min(x_flat.numel(), chunk), dtype=torch.float32, device=x.device)
+    amax = torch.zeros((), dtype=torch.float32, device=x.device)
     for part in x_flat.split(chunk):
-        _fold_amaxes_(part.float(), scratch[: part.numel()], amax_out)
-    return amax_out
+        if part.numel():
+            magnitude = part.abs().float().nan_to_num_(nan=0.0, posinf=float("inf"))
+            torch.maximum(amax, magnitude.amax(), out=amax)
+    return amax
+
+
+def amaxes_of(x: torch.Tensor) -> torch.Tensor:
+    """(raw amax, Transformer Engine's amax) of ``x``: a float32 tensor of 2.
+
+    [0] is max|x| with NaN propagating, so it is non-finite iff ``x`` holds NaN or inf
+    (one ``aminmax`` pass); [1] is what TE's cast kernels take (``fmaxf(fabsf(x), amax)``):
+    NaN elements ignored, inf counted. [1] differs from [0] only when ``x`` holds NaN, so on
+    CPU the NaN-ignoring pass runs only then: deciding reads [0] on the host, which for a
+    CPU tensor is a load from host memory (no copy, no sync). On an accelerator both are
+    always computed and selected on the device, so nothing is read.
+    """
+    if x.numel() == 0:
+        return torch.zeros(2, dtype=torch.float32, device=x.device)
+    lo, hi = torch.aminmax(x)
+    raw = torch.maximum(-lo, hi).to(torch.float32)
+    if x.device.type == "cpu":
+        te = _nan_ignoring_amax(x) if torch.isnan(raw) else raw
+    else:
+        te = torch.where(torch.isnan(raw), _nan_ignoring_amax(x), raw)
+    return torch.stack([raw, te])
 
 
 def cast_stats(

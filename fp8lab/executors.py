@@ -2,7 +2,7 @@
 
 Invariant: an executor receives scales (and their inverses) as inputs and never
 computes them. ``quantize`` turns a high-precision tensor into the executor's operand
-type (taking the tensor's amaxes on the way when asked); ``gemm(a, b, a_inv, b_inv,
+type; ``gemm(a, b, a_inv, b_inv,
 out_dtype, bias)`` returns ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in
 ``out_dtype``: the hardware model of ``fp8lab.exact``.
 
@@ -22,7 +22,7 @@ import functools
 import torch
 
 from fp8lab.backends.select import HW_GEMM_MULTIPLE
-from fp8lab.cast import amaxes_of, cast_to_fp8, cast_to_fp8_grid
+from fp8lab.cast import cast_to_fp8, cast_to_fp8_grid
 from fp8lab.exact import GemmPath, gemm_path, scaled_gemm
 from fp8lab.formats import FP8Format
 
@@ -43,10 +43,8 @@ class EmulatedExecutor:
     def __init__(self, path: GemmPath):
         self.path = path
 
-    def quantize(
-        self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, amax_out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype, amax_out=amax_out)
+    def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+        return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype)
 
     def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
         return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
@@ -117,11 +115,7 @@ class ScaledMMExecutor:
     fp8 = True
 
     @staticmethod
-    def quantize(
-        x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, amax_out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if amax_out is not None:
-            amax_out.copy_(amaxes_of(x_hp))
+    def quantize(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
         return cast_to_fp8(x_hp, scale, fmt)
 
     @staticmethod

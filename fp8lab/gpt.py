@@ -22,6 +22,7 @@ from torch import nn
 
 from fp8lab.backends.select import BACKENDS, FALLBACKS
 from fp8lab.config import DelayedScaling
+from fp8lab.layers.attention import check_attention_core
 from fp8lab.layers.block import TransformerBlock
 from fp8lab.layers.mlp import check_activation
 from fp8lab.layers.norm import Norm, check_normalization
@@ -57,6 +58,8 @@ class GPTConfig:
         ffn_hidden_size: MLP intermediate size.
         normalization: "LayerNorm" or "RMSNorm".
         activation: "gelu" (tanh approximation) or "swiglu".
+        attention_core: where the attention core computes: "auto" (float32 on CPU, the
+            activations' dtype elsewhere), "native" or "fp32".
         bias: biases in every block GEMM (the LM head never has one).
         tie_embeddings: share the LM head's weight with the token embedding.
         recipe: the DelayedScaling recipe of every GEMM (None: TE's defaults).
@@ -73,6 +76,7 @@ class GPTConfig:
     ffn_hidden_size: int
     normalization: str = "LayerNorm"
     activation: str = "gelu"
+    attention_core: str = "auto"
     bias: bool = True
     tie_embeddings: bool = False
     recipe: DelayedScaling | None = None
@@ -89,6 +93,7 @@ class GPTConfig:
             )
         check_normalization(self.normalization)
         check_activation(self.activation)
+        check_attention_core(self.attention_core)
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -132,6 +137,7 @@ class GPT(nn.Module):
         *,
         normalization: str = "LayerNorm",
         activation: str = "gelu",
+        attention_core: str = "auto",
         bias: bool = True,
         tie_embeddings: bool = False,
         recipe: DelayedScaling | None = None,
@@ -143,7 +149,7 @@ class GPT(nn.Module):
         cfg = GPTConfig(
             vocab_size=vocab_size, block_size=block_size, num_layers=num_layers, hidden_size=hidden_size,
             num_attention_heads=num_attention_heads, ffn_hidden_size=ffn_hidden_size, normalization=normalization,
-            activation=activation, bias=bias, tie_embeddings=tie_embeddings, recipe=recipe, backend=backend,
+            activation=activation, attention_core=attention_core, bias=bias, tie_embeddings=tie_embeddings, recipe=recipe, backend=backend,
             fallback=fallback, policy=policy,
         )  # fmt: skip
         self.config = cfg
@@ -154,7 +160,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 hidden_size, ffn_hidden_size, num_attention_heads,
-                normalization=normalization, activation=activation, attn_mask_type="causal", bias=bias, **gemm,
+                normalization=normalization, activation=activation, attn_mask_type="causal",
+                attention_core=attention_core, bias=bias, **gemm,
             )  # fmt: skip
             for _ in range(num_layers)
         )

@@ -12,6 +12,7 @@ import importlib
 import torch
 
 import fp8lab
+from fp8lab.exact import gemm_path
 from fp8lab.backends.select import (
     FALLBACKS,
     FP8_MIN_CAPABILITY,
@@ -64,9 +65,11 @@ def collect_info(import_te: bool = True) -> dict:
     rows = []
     for device in devices:
         facts = probe_device(device)
+        path = gemm_path(device.type)
         rows.append({
             "device": str(device),
             "name": facts.name or "CPU",
+            "gemm_path": {"name": path.name, "reason": path.reason},
             "capability": list(facts.capability) if facts.capability else None,
             "fp8_tensor_cores": facts.capability is not None and facts.capability >= FP8_MIN_CAPABILITY,
             "auto": auto_choices(facts, te_facts),
@@ -102,6 +105,8 @@ def format_info(info: dict) -> str:
         cap = row["capability"]
         hw = f"sm_{cap[0]}{cap[1]}, FP8 tensor cores: {'yes' if row['fp8_tensor_cores'] else 'no'}" if cap else "no FP8 hardware"
         lines.append(f"{row['device']}: {row['name']} ({hw})")
+        if "gemm_path" in row:
+            lines.append(f"  emulated FP8 and BF16 GEMMs: {row['gemm_path']['name']} ({row['gemm_path']['reason']})")
         for choice in row["auto"]:
             lines.append(
                 f"  backend='auto', fallback={choice['fallback']!r}, {dims} Linear -> "

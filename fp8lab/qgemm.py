@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.cast import CPU_CHUNK, cast_stats
+from fp8lab.cast import CPU_CHUNK, amaxes_of, cast_stats
 from fp8lab.exact import epilogue_bias
 from fp8lab.formats import Role
 from fp8lab.state import ScalingState
@@ -34,10 +34,9 @@ def _operand(x_hp, role: Role, state: ScalingState | None, executor, record: boo
         return executor.round(x_hp), None
     fmt = state.recipe.format_for(role)
     scale = state.scale[role]
-    amaxes = torch.zeros(2, dtype=torch.float32, device=x_hp.device) if record else None
-    x_q = executor.quantize(x_hp, scale, fmt, amax_out=amaxes)
     if record:
-        state.record_amax(role, amaxes)
+        state.record_amax(role, amaxes_of(x_hp))
+    x_q = executor.quantize(x_hp, scale, fmt)
     if state.collect_stats:
         state.stats[role] = cast_stats(x_hp, x_q, scale, fmt)
     return x_q, scale.reciprocal()

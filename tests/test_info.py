@@ -6,6 +6,8 @@ import json
 
 import torch
 
+from fp8lab.exact import gemm_path
+
 from fp8lab.backends.select import DeviceFacts, TEFacts, probe_te
 from fp8lab.info import auto_choices, collect_info, format_info
 
@@ -19,7 +21,8 @@ def test_collect_info_has_every_key_and_is_json():
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert [row["device"] for row in info["devices"]] == ["cpu"] + [f"cuda:{i}" for i in range(n_cuda)]
     for row in info["devices"]:
-        assert set(row) == {"device", "name", "capability", "fp8_tensor_cores", "auto"}
+        assert set(row) == {"device", "name", "capability", "fp8_tensor_cores", "gemm_path", "auto"}
+        assert row["gemm_path"]["name"] == gemm_path(row["device"].split(":")[0]).name
         assert [c["fallback"] for c in row["auto"]] == ["bf16", "emulate"]
     json.dumps(info)  # the CLI may print it as JSON
 

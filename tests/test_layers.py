@@ -181,3 +181,23 @@ def test_bias_false_has_no_bias_parameters():
 def test_bad_arguments_name_the_field(build, field):
     with pytest.raises(ValueError, match=field):
         build()
+
+
+def test_attention_core_where_it_computes():
+    """"auto" on CPU: float32 math on the bf16 q, k, v (autocast kept out), rounded once;
+    "native": SDPA in bf16. They differ, and fp32 is the closer to a float64 reference."""
+    from fp8lab.layers.attention import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=gen).bfloat16() for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = attention(q, k, v, causal=True, core="auto")
+        native = attention(q, k, v, causal=True, core="native")
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert auto.dtype == native.dtype == torch.bfloat16
+    assert torch.equal(auto, expected.bfloat16())
+    assert not torch.equal(auto, native)
+    assert sqnr_db(ref, auto) > sqnr_db(ref, native)
+    with pytest.raises(ValueError, match="attention_core"):
+        fp8lab.MultiheadAttention(64, 4, attention_core="bf16")

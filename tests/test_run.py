@@ -147,10 +147,12 @@ def _force_gemm_path(monkeypatch, path):
 
 @pytest.mark.parametrize("path_name", ["fp32", "onednn-bf16"])
 def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path, monkeypatch, path_name):
-    """No tensor value is read on the host in a non-log step. The one exception is by
-    design and CPU-only: the oneDNN bf16 path passes each FP8 GEMM's inverse scale as
-    addmm's alpha, a read of a CPU scalar (host memory: no copy, no sync); the portable
-    fp32 path, like every accelerator path, reads nothing."""
+    """No device tensor is read on the host in a non-log step. On CPU, tensors live in host
+    memory and reading one is a load, not a copy; fp8lab does it by design, and only these:
+    one NaN check per FP8 cast (amaxes_of: the NaN-ignoring pass runs only when a NaN is
+    there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM (the inverse scale). Each is
+    a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
+    with CUDA's sync debug mode)."""
     from fp8lab.exact import GemmPath, cpu_has_native_bf16
 
     if path_name == "onednn-bf16" and not cpu_has_native_bf16():
@@ -167,10 +169,10 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     run.collector.arm = lambda: (armed.append(True), original_arm())[1]
     with _HostReads() as plain:
         assert run.train_step(x, y, 1e-3, log=False) is None
-    if path_name == "fp32":
-        assert plain.reads == []
-    else:  # fprop, dgrad, wgrad of each of the 8 FP8 layers: CPU 0-dim float32 scales only
-        assert plain.reads == [("cpu", (), torch.float32)] * (3 * 8)
+    n_fp8 = 8  # FP8 layers of the model; each step casts x, w, grad_out and runs 3 GEMMs
+    nan_checks = [("cpu", (), torch.bool)] * (3 * n_fp8)
+    alphas = [("cpu", (), torch.float32)] * (3 * n_fp8) if path_name == "onednn-bf16" else []
+    assert sorted(plain.reads, key=str) == sorted(nan_checks + alphas, key=str)
     assert armed == []
     assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
     stats = run.train_step(x, y, 1e-3, log=True)

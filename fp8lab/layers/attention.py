@@ -1,12 +1,24 @@
-"""MultiheadAttention: fused QKV projection and output projection in FP8, core in BF16.
+"""MultiheadAttention: fused QKV projection and output projection in FP8, core unquantized.
 
 Invariant: exactly two GEMMs are quantized, ``qkv`` (hidden -> 3 * hidden, one
 ``fp8lab.Linear``) and ``proj`` (hidden -> hidden); the attention core (QK^T, softmax,
-PV) runs in the activations' dtype (BF16 under autocast) through
-``scaled_dot_product_attention``, as in Transformer Engine's FP8 recipes, where
-attention itself is not quantized. The QKV features are laid out ``(three h d)``:
-all query heads, then all key heads, then all value heads (``nn.MultiheadAttention``'s
-``in_proj_weight`` layout), so weights move between the two unchanged.
+PV) is never quantized, as in Transformer Engine's FP8 recipes. The QKV features are
+laid out ``(three h d)``: all query heads, then all key heads, then all value heads
+(``nn.MultiheadAttention``'s ``in_proj_weight`` layout), so weights move between the two
+unchanged.
+
+Where the core computes (``attention_core``), the same for the BF16 baseline and every
+FP8 variant:
+- "auto" (default): in float32 on CPU, on the bf16 values of q, k and v, with the output
+  rounded to the activations' dtype; in the activations' dtype elsewhere (the fused
+  kernel a GPU user runs). On CPU a bf16 attention runs in oneDNN-less scalar code on
+  AVX2-only machines (its backward ~3.5x slower than float32 at quickstart size), and
+  float32 gives the same numbers on every CPU. It is more accurate than a GPU's bf16
+  flash attention, which rounds the softmax probabilities to bf16 before P @ V
+  (relative error ~2e-5 against 2-4e-3); BENCHMARKS.md measures what that changes in the
+  BF16 baseline's loss.
+- "native": ``scaled_dot_product_attention`` in the activations' dtype everywhere.
+- "fp32": float32 everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +33,25 @@ from fp8lab.layers.norm import Norm
 from fp8lab.linear import Linear
 
 ATTN_MASK_TYPES = ("causal", "no_mask")
+ATTENTION_CORES = ("auto", "native", "fp32")
+
+
+def check_attention_core(core: str) -> str:
+    """``core`` itself, or ValueError naming the allowed values."""
+    if core not in ATTENTION_CORES:
+        raise ValueError(f"attention_core must be one of {ATTENTION_CORES}, got {core!r}")
+    return core
+
+
+def attention(q, k, v, *, causal: bool, core: str = "auto") -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` over (B, H, T, D) tensors, where ``core`` says."""
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    if low_precision and (core == "fp32" or (core == "auto" and q.device.type == "cpu")):
+        # autocast would run SDPA in its lower precision again: off for the float32 core
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        return y.to(q.dtype)  # one rounding of the float32 result
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 class MultiheadAttention(nn.Module):
@@ -30,6 +61,8 @@ class MultiheadAttention(nn.Module):
         hidden_size: model width C; must be divisible by ``num_attention_heads``.
         num_attention_heads: number of heads H (head size C / H).
         attn_mask_type: "causal" (token t sees tokens <= t) or "no_mask".
+        attention_core: where the core computes: "auto", "native" or "fp32" (see the
+            module docstring).
         normalization: None (no input norm), "LayerNorm" or "RMSNorm".
         bias: learn additive biases in the QKV and output projections.
         eps: the input norm's epsilon.
@@ -45,6 +78,7 @@ class MultiheadAttention(nn.Module):
         num_attention_heads: int,
         *,
         attn_mask_type: str = "causal",
+        attention_core: str = "auto",
         normalization: str | None = None,
         bias: bool = True,
         eps: float = 1e-5,
@@ -62,6 +96,7 @@ class MultiheadAttention(nn.Module):
                 f"({num_attention_heads}), which must be >= 1"
             )
         self.num_attention_heads, self.attn_mask_type = num_attention_heads, attn_mask_type
+        self.attention_core = check_attention_core(attention_core)
         gemm = dict(recipe=recipe, backend=backend, fallback=fallback, device=device)
         self.norm = Norm(hidden_size, normalization, eps, device=device) if normalization is not None else None
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias, **gemm)
@@ -71,8 +106,11 @@ class MultiheadAttention(nn.Module):
         h = self.norm(x) if self.norm is not None else x  # (B, T, C)
         qkv = self.qkv(h)  # (B, T, 3C)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.num_attention_heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.attn_mask_type == "causal")  # (B, H, T, D)
+        y = attention(q, k, v, causal=self.attn_mask_type == "causal", core=self.attention_core)  # (B, H, T, D)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 
     def extra_repr(self) -> str:
-        return f"num_attention_heads={self.num_attention_heads}, attn_mask_type={self.attn_mask_type}"
+        return (
+            f"num_attention_heads={self.num_attention_heads}, attn_mask_type={self.attn_mask_type}, "
+            f"attention_core={self.attention_core}"
+        )

@@ -27,6 +27,7 @@ class TransformerBlock(nn.Module):
         normalization: "LayerNorm" or "RMSNorm" (both norms).
         activation: "gelu" (tanh approximation) or "swiglu".
         attn_mask_type: "causal" or "no_mask".
+        attention_core: where the attention core computes: "auto", "native" or "fp32".
         bias: learn additive biases in all four GEMMs.
         eps: the norms' epsilon.
         recipe: the DelayedScaling recipe of all four GEMMs (default: TE's defaults).
@@ -44,6 +45,7 @@ class TransformerBlock(nn.Module):
         normalization: str = "LayerNorm",
         activation: str = "gelu",
         attn_mask_type: str = "causal",
+        attention_core: str = "auto",
         bias: bool = True,
         eps: float = 1e-5,
         recipe: DelayedScaling | None = None,
@@ -57,6 +59,7 @@ class TransformerBlock(nn.Module):
             hidden_size,
             num_attention_heads,
             attn_mask_type=attn_mask_type,
+            attention_core=attention_core,
             normalization=check_normalization(normalization),
             **gemm,
         )

@@ -49,11 +49,14 @@ class ModelConfig:
     hidden_size: int | None = None
     num_attention_heads: int | None = None
     ffn_hidden_size: int | None = None
+    attention_core: str = "auto"  # "auto" (float32 on CPU), "native" or "fp32"
 
     def __post_init__(self):
         from fp8lab.gpt import PRESETS
+        from fp8lab.layers.attention import ATTENTION_CORES
 
         _check(self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
+        _check(self.attention_core in ATTENTION_CORES, "model.attention_core", f"one of {ATTENTION_CORES}", self.attention_core)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             value = getattr(self, name)
             if value is not None:
