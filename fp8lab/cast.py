@@ -18,6 +18,7 @@ Two outputs of the same rounding:
 from __future__ import annotations
 
 import struct
+import warnings
 
 import torch
 
@@ -58,8 +59,48 @@ def _scaled_clamped_fp32(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format
     return _scale_clamp_into(x_hp, scale, fmt, out)
 
 
+def _cast_math(x_hp: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(x * scale, -max, max)`` in float32, rounded to nearest even into ``dtype``
+    (a float8 dtype, or float8 and then bf16/fp32, exact). Compiled into one kernel on CUDA."""
+    return (x_hp.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+
+
+def _amaxes_math(x: torch.Tensor) -> torch.Tensor:
+    """(max|x| with NaN propagating, max|x| with NaN ignored); compiled into one pass on CUDA."""
+    magnitude = x.float().abs()
+    return torch.stack([magnitude.amax(), torch.where(magnitude.isnan(), 0.0, magnitude).amax()])
+
+
+def _compile(fn):
+    """``fn`` fused by torch.compile (Triton) for CUDA tensors, or eager ``fn`` where
+    compiling is impossible (no Triton, a torch without inductor): the same values."""
+    compiled = None
+    broken = False
+
+    def run(*args):
+        nonlocal compiled, broken
+        if not broken:
+            try:
+                if compiled is None:
+                    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+                return compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, once, loudly
+                broken = True
+                warnings.warn(f"fp8lab: torch.compile of {fn.__name__} failed ({type(err).__name__}: "
+                              f"{str(err)[:200]}); using eager CUDA kernels", RuntimeWarning, stacklevel=2)
+        return fn(*args)
+
+    return run
+
+
+_cast_cuda = _compile(_cast_math)
+_amaxes_cuda = _compile(_amaxes_math)
+
+
 def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     """``clamp(x * scale, -max, max)`` rounded to nearest even into ``fmt.dtype``."""
+    if x_hp.device.type == "cuda":
+        return _cast_cuda(x_hp, scale, fmt.max, fmt.dtype)
     return _scaled_clamped_fp32(x_hp, scale, fmt).to(fmt.dtype)
 
 
@@ -100,10 +141,12 @@ def cast_to_fp8_grid(
         fmt: the FP8 format.
         dtype: bfloat16 or float32; both hold every FP8 value exactly.
     """
+    if x_hp.device.type == "cuda":  # one fused kernel: the real float8 cast, then exact widening
+        return _cast_cuda(x_hp, scale, fmt.max, fmt.dtype).to(dtype)
     out = torch.empty(x_hp.shape, dtype=dtype, device=x_hp.device)
     x_flat, out_flat = x_hp.reshape(-1), out.view(-1)
     n = x_flat.numel()
-    chunk = CPU_CHUNK if x_hp.device.type == "cpu" else max(n, 1)  # GPU: one pass each
+    chunk = CPU_CHUNK if x_hp.device.type == "cpu" else max(n, 1)  # other devices: one pass each
     # A float32 output is its own work buffer (no copy at the end of each chunk).
     v_buf = None if dtype == torch.float32 else torch.empty(min(n, chunk), dtype=torch.float32, device=x_hp.device)
     magic_buf = torch.empty(min(n, chunk), dtype=torch.int32, device=x_hp.device)
@@ -141,6 +184,8 @@ def amaxes_of(x: torch.Tensor) -> torch.Tensor:
     """
     if x.numel() == 0:
         return torch.zeros(2, dtype=torch.float32, device=x.device)
+    if x.device.type == "cuda":  # both in one fused pass, nothing read on the host
+        return _amaxes_cuda(x)
     lo, hi = torch.aminmax(x)
     raw = torch.maximum(-lo, hi).to(torch.float32)
     if x.device.type == "cpu":

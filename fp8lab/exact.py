@@ -23,7 +23,9 @@ A path is chosen once per process and device type (``gemm_path``) and named in
   an fp32 GEMM (FMA or not) accumulates exactly as the model says; scale, bias and the
   rounding follow as fp32 tensor ops.
 - ``cuda``: cuBLAS bf16 GEMM with an fp32 output (``torch.mm(out_dtype=float32)``), or,
-  on a torch without it, an fp32 GEMM with TF32 switched off for the call.
+  on a torch without it, an fp32 GEMM, with TF32 and reduced-precision reductions switched
+  off for the call (whatever the script set globally); a BF16 GEMM with a bf16 output is
+  cuBLAS's own bf16 GEMM with the bias in its epilogue.
 """
 
 from __future__ import annotations
@@ -113,21 +115,30 @@ def _onednn_bf16(a, b, inv_scale, bias):
     return torch.addmm(bias.to(torch.bfloat16), a, b, beta=1, alpha=alpha)
 
 
+_CUDA_EXACT_FLAGS = ("allow_tf32", "allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+
+
 @contextlib.contextmanager
-def _tf32_off():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+def _cuda_exact():
+    """cuBLAS with fp32 accumulation throughout for the enclosed GEMMs: TF32 and reduced-
+    precision split-K reductions off (torch's global switches, restored afterwards; they
+    are host-side settings, so toggling them costs nothing on the device)."""
+    matmul = torch.backends.cuda.matmul
+    previous = [getattr(matmul, flag) for flag in _CUDA_EXACT_FLAGS]
+    for flag in _CUDA_EXACT_FLAGS:
+        setattr(matmul, flag, False)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        for flag, value in zip(_CUDA_EXACT_FLAGS, previous):
+            setattr(matmul, flag, value)
 
 
 def _fp32_accumulator(a: torch.Tensor, b: torch.Tensor, path: GemmPath) -> torch.Tensor:
-    if path.name == "cuda" and path.operand_dtype == torch.bfloat16:
-        return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
     if a.device.type == "cuda":
-        with _tf32_off():
+        with _cuda_exact():
+            if path.operand_dtype == torch.bfloat16:
+                return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
             return torch.mm(a.float(), b.float())
     return torch.mm(a.float(), b.float())
 
@@ -153,6 +164,12 @@ def scaled_gemm(
     """
     if path.name == "onednn-bf16" and out_dtype == torch.bfloat16:
         return _onednn_bf16(a.to(torch.bfloat16), b.to(torch.bfloat16), inv_scale, bias)
+    if path.name == "cuda" and inv_scale is None and out_dtype == torch.bfloat16:
+        # A BF16 GEMM with a bf16 output is cuBLAS's own: fp32 accumulation, the bias in its
+        # fp32 epilogue, one rounding; no fp32 output to round again.
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        with _cuda_exact():
+            return torch.mm(a16, b16) if bias is None else torch.addmm(bias.to(torch.bfloat16), a16, b16)
     acc = _fp32_accumulator(a, b, path)  # (M, N) float32, a fresh tensor
     if inv_scale is not None:
         acc.mul_(inv_scale)

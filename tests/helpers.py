@@ -1,4 +1,4 @@
-"""Shared test helpers: signal-to-quantization-noise ratio against a float64 reference."""
+"""Shared test helpers: SQNR against a float64 reference, the hardware model of a GEMM."""
 
 from __future__ import annotations
 
@@ -27,3 +27,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def hw_reference(a64, b64, inv: torch.Tensor | None, bias: torch.Tensor | None, out_dtype):
+    """The hardware model of fp8lab.exact on exact operand values (float64 tensors): the
+    exact sum of products rounded once to fp32, times the fp32 inverse scale, plus the bias,
+    in fp32, rounded once to ``out_dtype``."""
+    acc = (a64.double() @ b64.double()).float()
+    if inv is not None:
+        acc = acc * inv.float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+def equal_fraction(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Share of elements that are bit-equal (as values; -0 == +0)."""
+    return (out.float() == ref.float()).float().mean().item()
+
+
+def fp32_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|, in float64."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()

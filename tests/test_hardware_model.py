@@ -23,6 +23,7 @@ from fp8lab.cast import cast_to_fp8
 from fp8lab.exact import GemmPath, cpu_has_native_bf16, gemm_path
 from fp8lab.executors import BF16Executor, EmulatedExecutor, ScaledMMExecutor
 from fp8lab.formats import E4M3, E5M2, Role
+from tests.helpers import equal_fraction, fp32_error, hw_reference
 
 FP32_PATH = GemmPath("fp32", torch.float32, "fp32 (forced by the test)")
 ONEDNN_PATH = GemmPath("onednn-bf16", torch.bfloat16, "oneDNN bf16 (forced by the test)")
@@ -30,24 +31,6 @@ PATHS = [FP32_PATH] + ([ONEDNN_PATH] if cpu_has_native_bf16() else [])
 PATH_IDS = [p.name for p in PATHS]
 BF16_EQUAL = 0.99
 FP32_REL = 1e-5
-
-
-def hw_reference(a64, b64, inv: torch.Tensor | None, bias: torch.Tensor | None, out_dtype):
-    """The hardware model on exact operand values (float64 tensors)."""
-    acc = (a64 @ b64).float()  # the exact sum, rounded once to fp32
-    if inv is not None:
-        acc = acc * inv.float()
-    if bias is not None:
-        acc = acc + bias.float()
-    return acc.to(out_dtype)
-
-
-def equal_fraction(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (out.float() == ref.float()).float().mean().item()
-
-
-def fp32_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def _scales(gen):
