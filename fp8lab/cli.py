@@ -94,11 +94,14 @@ def _quiet_writer_threads() -> None:
     from fp8lab.run.storage import is_storage_fault
 
     previous = threading.excepthook
+    if getattr(previous, "fp8lab_quiet", False):
+        return
 
     def hook(hook_args):
         if not is_storage_fault(hook_args.exc_value):
             previous(hook_args)
 
+    hook.fp8lab_quiet = True
     threading.excepthook = hook
 
 

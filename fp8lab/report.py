@@ -39,6 +39,11 @@ def _load(variant_dir: Path):
 def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
     """{(layer, role, field): values over log steps} from one variant's events."""
     acc = _load(variant_dir)
+    if not any(isinstance(v, list) and v for v in acc.Tags().values()):
+        if any(p.stat().st_size for p in variant_dir.glob("events.out.tfevents.*")):
+            # every run writes its layout and layer table first: nothing readable means damage
+            raise ReportError(f"the event files in {variant_dir} hold no readable event (damaged or not "
+                              "TensorBoard files); restore them from a copy, or move them away")
     out = {}
     for tag in acc.Tags()["scalars"]:
         if tag.startswith("scaling/"):
@@ -95,6 +100,8 @@ def report(run_dir: str | Path) -> str:
     for variant_dir in variants:
         try:
             scaling = read_scaling(variant_dir)
+        except ReportError:
+            raise
         except Exception as err:  # TensorBoard's reader: unreadable or damaged event files
             raise ReportError(f"the event files in {variant_dir} cannot be read ({type(err).__name__}: "
                               f"{str(err)[:200]}); check their permissions, or restore them from a copy") from None

@@ -56,7 +56,7 @@ class ModelConfig:
         from fp8lab.gpt import PRESETS
         from fp8lab.layers.attention import ATTENTION_CORES
 
-        _check(self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
+        _check(isinstance(self.preset, str) and self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
         _check(self.attention_core in ATTENTION_CORES, "model.attention_core", f"one of {ATTENTION_CORES}", self.attention_core)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             value = getattr(self, name)

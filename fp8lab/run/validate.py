@@ -84,7 +84,8 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
 
     key = f"variants.{variant.name}"
     _is(variant.name not in RESERVED_VARIANT_NAMES, "variant.name",
-        f"not one of {RESERVED_VARIANT_NAMES} (the run folder uses those names itself)", variant.name)
+        f"a name other than {', '.join(map(repr, RESERVED_VARIANT_NAMES))} (a folder the run folder holds itself)",
+        variant.name)
     _is(variant.backend in BACKENDS, f"{key}.backend", f"one of {BACKENDS}", variant.backend)
     try:
         policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16)
