@@ -327,8 +327,8 @@ CASES: dict[str, Case] = {
     "eval_batches_too_many_for_memory": Case(lambda c: _sets(c, "train.eval_batches=100000000000"), 2, "too large for this machine"),
     "amax_history_too_long_for_memory": Case(lambda c: _sets(c, "fp8.amax_history_len=100000000000"), 2, "too large for this machine"),
     # --- recipe files ---
-    "recipe_exits_at_import": Case(_recipe("import sys\nsys.exit(0)\n"), 2, "exited while loading (SystemExit(0) (line 4))"),
-    "recipe_config_raises": Case(_recipe("def config():\n    return {}['vocab']\n"), 2, "config() raised KeyError: 'vocab' (line 4)"),
+    "recipe_exits_at_import": Case(_recipe("import sys\nsys.exit(0)\n"), 2, "exited while loading (SystemExit(0) at line 4); a recipe only defines config()"),
+    "recipe_config_raises": Case(_recipe("def config():\n    return {}['vocab']\n"), 2, "config() raised at line 4: KeyError: 'vocab'"),
     "recipe_config_exits": Case(_recipe("import sys\ndef config():\n    sys.exit(3)\n"), 2, "config() exited (SystemExit(3)"),
     "recipe_is_a_folder": Case(_recipe_is_folder, 2, "is a folder; name a recipe .py file"),
     "recipe_returns_dicts_as_variants": Case(_recipe("def config():\n    return RunConfig(name='r', variants=({'name': 'bf16'},))\n"),

@@ -16,10 +16,10 @@ from pathlib import Path
 from fp8lab.run.config import ConfigError, RunConfig
 
 
-def _where(err: BaseException, path: Path) -> str:
-    """' (recipe.py line N)' for the innermost frame of ``err`` inside the recipe file."""
+def _line(err: BaseException, path: Path) -> str:
+    """' at line N' of the innermost frame of ``err`` inside the recipe file, or ''."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
-    return f" (line {frames[-1].lineno})" if frames else ""
+    return f" at line {frames[-1].lineno}" if frames else ""
 
 
 def load_recipe(path: str | Path) -> RunConfig:
@@ -38,10 +38,10 @@ def load_recipe(path: str | Path) -> RunConfig:
     except OSError as err:
         raise ConfigError(f"recipe {path} cannot be read: {err.strerror or err}") from None
     except SystemExit as err:  # a recipe is not a script: exiting would end fp8lab "successfully"
-        raise ConfigError(f"recipe {path} exited while loading (SystemExit({err.code!r}){_where(err, path)}); "
+        raise ConfigError(f"recipe {path} exited while loading (SystemExit({err.code!r}){_line(err, path)}); "
                           "a recipe only defines config()") from None
     except Exception as err:  # a broken recipe file: say which and how
-        raise ConfigError(f"recipe {path} failed to load: {type(err).__name__}: {err}{_where(err, path)}") from None
+        raise ConfigError(f"recipe {path} failed to load{_line(err, path)}: {type(err).__name__}: {err}") from None
     if not callable(getattr(module, "config", None)):
         raise ConfigError(f"recipe {path} must define a function config() returning a RunConfig")
     try:
@@ -49,10 +49,10 @@ def load_recipe(path: str | Path) -> RunConfig:
     except ConfigError as err:
         raise ConfigError(f"recipe {path}: {err}") from None
     except SystemExit as err:
-        raise ConfigError(f"recipe {path}: config() exited (SystemExit({err.code!r}){_where(err, path)}); "
+        raise ConfigError(f"recipe {path}: config() exited (SystemExit({err.code!r}){_line(err, path)}); "
                           "it must return a RunConfig") from None
     except Exception as err:  # the recipe's own code failed: a user error, shown as one line
-        raise ConfigError(f"recipe {path}: config() raised {type(err).__name__}: {err}{_where(err, path)}") from None
+        raise ConfigError(f"recipe {path}: config() raised{_line(err, path)}: {type(err).__name__}: {err}") from None
     if not isinstance(config, RunConfig):
         raise ConfigError(f"recipe {path}: config() returned {type(config).__name__}, not a RunConfig")
     return config

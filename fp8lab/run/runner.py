@@ -2,10 +2,10 @@
 
 Invariant: config errors, data errors, device errors, an unwritable output folder, a
 run folder another process holds and a model too large for memory are raised before
-anything is written under the output folder; a write that fails later for lack of
-space or permission is a ``StorageError`` naming the newest intact checkpoint. In the loop, each step fetches one batch (a pure
-function of seed and step) and gives the same tensors to every variant; device-to-host
-copies happen only on log and eval steps.
+anything is written under the output folder; a write that fails later for lack of space
+or permission is a ``StorageError`` naming the newest intact checkpoint. In the loop,
+each step fetches one batch (a pure function of seed and step) and gives the same
+tensors to every variant; device-to-host copies happen only on log and eval steps.
 """
 
 from __future__ import annotations
@@ -215,7 +215,8 @@ class Runner:
         """Create (fresh run) and lock the run folder; rank 0 writes config.json."""
         cfg = self.config
         if self.run_dir is None:  # rank 0 creates a fresh run's folder; every rank uses that name
-            self.run_dir = self.dist.broadcast(storage.claim_run_dir(self.out_root, cfg.name, cfg.hash()) if self.dist.is_main else None)
+            claimed = storage.claim_run_dir(self.out_root, cfg.name, cfg.hash()) if self.dist.is_main else None
+            self.run_dir = self.dist.broadcast(claimed)
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)  # named by the --nproc launcher, or resumed
