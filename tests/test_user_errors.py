@@ -210,7 +210,7 @@ def _mount_tmpfs(ctx: Ctx, size: int) -> Path:
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): the disk-full case needs one")
     ctx.data["mount"] = mount
-    ctx.cleanups.append(lambda: subprocess.run(["umount", str(mount)], check=False))
+    ctx.cleanups.append(lambda: subprocess.run(["umount", "-l", str(mount)], check=False))  # -l: even if busy
     return mount
 
 

@@ -203,6 +203,7 @@ class Runner:
             except OSError as err:  # disk full, quota, read-only: named, with the intact checkpoint
                 if not storage.is_storage_fault(err):
                     raise
+                self._close_writers_after_fault()
                 raise storage.storage_error(err, self.run_dir, self.last_checkpoint) from err
             finally:
                 if self.lock is not None:
@@ -210,6 +211,14 @@ class Runner:
         if result is not None and self.stop:
             self.progress.stopped_at_end(self.stop.name, self.run_dir)
         return result
+
+    def _close_writers_after_fault(self) -> None:
+        """Close the event files after a failed write; their own flush may fail the same way."""
+        for writer in getattr(self, "writers", {}).values():
+            try:
+                writer.close()
+            except OSError:
+                pass  # the fault is being reported; the events written so far stay readable
 
     def _claim_folder(self) -> None:
         """Create (fresh run) and lock the run folder; rank 0 writes config.json."""
