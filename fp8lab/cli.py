@@ -221,13 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _speaks(err: BaseException) -> bool:
-    """Under torchrun every rank meets the same bad input: rank 0 says it once. Errors
-    that can differ per rank (memory, devices) are said by every rank."""
-    from fp8lab.data import DataError
-    from fp8lab.run.checkpoint import CheckpointError
-    from fp8lab.run.config import ConfigError
+    """Under torchrun every rank meets the same bad input, divergence or signal: rank 0
+    says it once. Memory, which can differ per device, is said by every rank."""
+    from fp8lab.run.memory import ResourceError
 
-    return os.environ.get("RANK", "0") == "0" or not isinstance(err, (ConfigError, DataError, CheckpointError))
+    return os.environ.get("RANK", "0") == "0" or isinstance(err, ResourceError) or _out_of_memory(err)
 
 
 def main(argv: list[str] | None = None) -> int:
