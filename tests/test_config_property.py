@@ -16,6 +16,7 @@ from fp8lab.config import DelayedScaling
 from fp8lab.run.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, Variant
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
+from fp8lab.run.validate import max_margin
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = load_recipe(ROOT / "recipes" / "layerwise.py")  # three variants, two of them FP8
@@ -49,6 +50,7 @@ def assert_usable(config: RunConfig) -> None:
     assert 0 <= t.seed < 2**64
     for variant in config.variants:
         assert isinstance(variant.keep_bf16, tuple) and all(isinstance(p, str) for p in variant.keep_bf16)
+        assert variant.precision != "fp8" or variant.recipe.margin <= max_margin()
 
 
 @SETTINGS

@@ -312,6 +312,8 @@ CASES: dict[str, Case] = {
     "grad_clip_nan": Case(lambda c: _sets(c, "train.grad_clip=nan"), 2, "train.grad_clip must be a float > 0"),
     "weight_decay_zeroes_weights": Case(lambda c: _sets(c, "train.weight_decay=1000"), 2, "train.weight_decay must be < 1 / train.lr"),
     "weight_decay_inf": Case(lambda c: _sets(c, "train.weight_decay=inf"), 2, "train.weight_decay must be a float >= 0 (finite)"),
+    "margin_zeroes_every_cast": Case(lambda c: _sets(c, "fp8.margin=30"), 2,
+                                     "fp8.margin (of variants.fp8) must be <= 17: a larger margin puts even the amax"),
     # --- precision policies ---
     "fp8_variant_all_bf16_by_pattern": Case(lambda c: _sets(c, "variants.fp8.keep_bf16=*"), 2,
                                             "variants.fp8 has precision 'fp8' but its policy keeps every layer in BF16"),

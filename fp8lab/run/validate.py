@@ -9,6 +9,7 @@ Rules:
 - the run name is one folder name, so the run stays inside ``--out``;
 - the model's shape is one ``GPTConfig`` accepts (hidden size divisible by the heads...);
 - every variant names a known backend, and its precision policy is well formed;
+- an FP8 variant's margin leaves the amax representable in E4M3 (else all casts are 0);
 - an FP8 variant keeps at least one layer in FP8, and every ``keep_bf16`` pattern
   matches a layer (a pattern that matches nothing is almost always a typo).
 """
@@ -16,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 from fp8lab.run.config import ConfigError, DataConfig, ModelConfig, TrainConfig, Variant
@@ -93,6 +95,10 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
         raise ConfigError(f"{key}: {err}") from None
     if variant.precision != "fp8":
         return  # the policy only moves FP8 layers; a BF16/FP32/FP16 variant has none
+    limit = max_margin()
+    _is(variant.recipe.margin <= limit, f"fp8.margin (of {key})",
+        f"<= {limit}: a larger margin puts even the amax below E4M3's smallest subnormal, so every value "
+        "casts to zero", variant.recipe.margin)
     blocks = _Blocks(num_layers)
     if not any(policy.reason_for(name, blocks) is None for name in _candidates(num_layers, variant.first_last_bf16)):
         raise ConfigError(
@@ -109,6 +115,15 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
                     f"blocks.<0..{num_layers - 1}>.{{{','.join(BLOCK_LAYERS)}}} and {HEAD_LAYER} (fnmatch patterns, "
                     "e.g. 'blocks.0.*')"
                 )
+
+
+def max_margin() -> int:
+    """The largest margin that keeps the amax itself representable in E4M3:
+    (fp8_max / 2**margin) >= the smallest subnormal."""
+    from fp8lab.formats import E4M3
+
+    smallest = E4M3.min_normal * 2.0 ** -E4M3.mantissa_bits
+    return math.floor(math.log2(E4M3.max / smallest))
 
 
 class _Blocks:
