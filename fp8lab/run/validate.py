@@ -22,7 +22,7 @@ import re
 
 from fp8lab.run.config import ConfigError, DataConfig, ModelConfig, TrainConfig, Variant
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")  # one folder under --out
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # one folder under --out
 RESERVED_VARIANT_NAMES = ("checkpoints",)  # folders of the run folder itself
 # The fp8lab.Linear layers of a GPT (fp8lab/gpt.py): 4 per block, then the LM head.
 BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -34,7 +34,7 @@ ENUMERATED_BLOCKS = 4096
 
 def check_types(config) -> None:
     """The sections are the right objects (a recipe could hand anything to RunConfig)."""
-    _is(isinstance(config.name, str) and RUN_NAME.match(config.name) is not None, "name",
+    _is(isinstance(config.name, str) and RUN_NAME.fullmatch(config.name) is not None, "name",
         "a folder name: letters, digits, '_', '-', '.', not starting with '.' or '-' (the run goes to "
         "--out/<name>/<run_id>, and a name with '/' or '..' would write elsewhere)", config.name)
     for key, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
