@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +46,20 @@ def learning_rate(step: int, config: RunConfig) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def wait_past_event_files(run_dir: Path) -> None:
+    """Wait (at most 1 s) until the clock's second is past every event file's in ``run_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: a resumed run's file created
+    in the same second as the dead run's can sort before it (``...12.10`` < ``...12.9``),
+    and its events would then be read first and purge the earlier ones.
+    """
+    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("*/events.out.tfevents.*")
+               if p.name.split(".")[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
 def layers_markdown(run: VariantRun) -> str:
@@ -166,6 +181,8 @@ class Runner:
         # start_step; purge_step makes TensorBoard drop them.
         purge = self.start_step + 1 if self.start_step else None
         if self.dist.is_main:
+            if purge is not None:
+                wait_past_event_files(self.run_dir)
             self.writers = {v.variant.name: VariantWriter(self.run_dir, v.variant.name, purge_step=purge) for v in self.variants}
         else:
             self.writers = {v.variant.name: NullWriter() for v in self.variants}
