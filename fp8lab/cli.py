@@ -1,30 +1,116 @@
 """The ``fp8lab`` command: ``run RECIPE``, ``info``, ``report RUN_DIR``.
 
-Invariant: bad input (recipe file, override, data source, run folder) exits with code 2
-and a message naming the field, before anything is written under the output folder.
+Invariant: ``classify`` is the one place where an error becomes an exit code: every
+error caused by the user's input or environment exits 2 (3 for divergence, 128 + the
+signal for SIGINT/SIGTERM) with one message naming the key, file or resource and what
+to do; any other exception is a bug in fp8lab and shows its traceback (exit 1). Bad
+input is found before anything is written under the output folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
+import threading
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last checkpoint is intact
 
+EXIT_CODES = """exit codes:
+  0    the run finished (summary.json written)
+  1    a bug in fp8lab: a Python traceback (please report it)
+  2    bad input or environment: recipe, --set value, data file, --out or --resume folder,
+       backend, memory or disk space. One message names it and what to do. Nothing was
+       written, or (disk full during training) the newest checkpoint is intact and the
+       message prints the command that resumes
+  3    training diverged: train.max_consecutive_skips non-finite steps in a row
+  130  Ctrl-C (SIGINT), 143 SIGTERM: the current step and a checkpoint are finished first
+       (the resume command is printed); before training started, nothing was written
+"""
 
-def _run(args) -> int:
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input or environment (exit 2)."""
+    from fp8lab.backends.select import BackendUnavailable
     from fp8lab.data import DataError
+    from fp8lab.report import ReportError
     from fp8lab.run.checkpoint import CheckpointError
     from fp8lab.run.config import ConfigError
+    from fp8lab.run.lock import RunFolderBusy
+    from fp8lab.run.memory import ResourceError
+    from fp8lab.run.storage import StorageError
+
+    return (ConfigError, DataError, CheckpointError, ReportError, BackendUnavailable, RunFolderBusy,
+            StorageError, ResourceError)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    text = str(err)
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+
+
+def classify(err: BaseException, args=None) -> tuple[int, str] | None:
+    """(exit code, message) for an error of the user's input or environment; None for a bug."""
+    from fp8lab.run.stop import StopBeforeStart, TrainingDiverged
+
+    if isinstance(err, TrainingDiverged):
+        return EXIT_DIVERGED, f"training stopped: {err}"
+    if isinstance(err, StopBeforeStart):
+        return 128 + err.signum, str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT, "interrupted (SIGINT)"
+    if isinstance(err, _user_errors()):
+        message = str(err)
+        run_dir = getattr(err, "run_dir", None)
+        if run_dir is not None and args is not None and getattr(args, "recipe", None):
+            message += f"\n  resume with: {resume_command(args, run_dir)}"
+        return EXIT_BAD_INPUT, message
+    if _out_of_memory(err):
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return EXIT_BAD_INPUT, (f"out of memory ({type(err).__name__}: {first_line[:300]}). The run needs more memory "
+                                "than this device has free; lower train.batch_size, train.block_size or the model "
+                                "size (model.num_layers, model.hidden_size), or train fewer variants")
+    return None
+
+
+def resume_command(args, run_dir) -> str:
+    """The command line that continues ``run_dir`` with the same recipe and options."""
+    command = ["fp8lab", "run", args.recipe, *(a for s in args.set or [] for a in ("--set", s))]
+    command += ["--quiet"] if args.quiet else []
+    command += ["--nproc", str(args.nproc)] if args.nproc else []
+    return shlex.join([*command, "--resume", str(run_dir)])
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread hands a failed write (disk full) to the main thread,
+    which reports it once with the intact checkpoint; the thread's own traceback on
+    stderr would only repeat it."""
+    from fp8lab.run.storage import is_storage_fault
+
+    previous = threading.excepthook
+    if getattr(previous, "fp8lab_quiet", False):
+        return
+
+    def hook(hook_args):
+        if not is_storage_fault(hook_args.exc_value):
+            previous(hook_args)
+
+    hook.fp8lab_quiet = True
+    threading.excepthook = hook
+
+
+def _run(args) -> int:
     from fp8lab.run.overrides import apply_overrides
     from fp8lab.run.recipe_file import load_recipe
-    from fp8lab.run.stop import TrainingDiverged
+    from fp8lab.run.stop import stop_before_start
 
-    dist = None
-    try:
+    with stop_before_start():  # a signal here stops at once: nothing is written yet
         config = apply_overrides(load_recipe(args.recipe), args.set or [])
         if args.nproc is not None:
             return _launch(args, config)
@@ -32,20 +118,17 @@ def _run(args) -> int:
         from fp8lab.run.runner import Runner, resolve_device
 
         dist = Distributed.from_env(resolve_device(config.train.device))
-        runner = Runner(config, args.out, progress=not args.quiet, resume=args.resume, dist=dist,
-                        run_dir=args.run_dir)
-    except (ConfigError, DataError, CheckpointError) as err:
-        if dist is None or dist.is_main:  # every rank finds the same error: say it once
-            print(f"fp8lab run: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        try:
+            runner = Runner(config, args.out, progress=not args.quiet, resume=args.resume, dist=dist,
+                            run_dir=args.run_dir)
+        except BaseException:
+            dist.close()
+            raise
+    _quiet_writer_threads()
     try:
-        result = runner.run()
-    except TrainingDiverged as err:
-        if dist.is_main:
-            print(f"fp8lab run: training stopped: {err}", file=sys.stderr)
-        return EXIT_DIVERGED
+        result = runner.run()  # from here a signal finishes the step and checkpoints
     except RuntimeError as err:
-        if not dist.enabled:
+        if not dist.enabled or classify(err) is not None:
             raise
         # Typically a collective whose peer died; torchrun reports which rank failed first.
         first_line = (str(err).splitlines() or [""])[0]
@@ -55,7 +138,7 @@ def _run(args) -> int:
         raise
     finally:
         dist.close()
-    if result is None:  # stopped by a signal (on this rank or another), after a checkpoint
+    if result is None or runner.stop:  # a signal (on this rank or another): after a checkpoint
         return 128 + (runner.stop.signum or signal.SIGTERM)
     return 0
 
@@ -67,7 +150,9 @@ def _launch(args, config) -> int:
     from fp8lab.run.checkpoint import CheckpointError, newest_usable
     from fp8lab.run.config import ConfigError
     from fp8lab.run.launch import launch_local
-    from fp8lab.run.runner import check_world_size, new_run_dir
+    from fp8lab.run.lock import check_not_busy
+    from fp8lab.run.storage import check_writable, new_run_dir
+    from fp8lab.run.runner import check_world_size
 
     if "LOCAL_RANK" in os.environ:
         raise ConfigError("--nproc starts torchrun itself; under torchrun, leave --nproc out")
@@ -80,10 +165,13 @@ def _launch(args, config) -> int:
         resume = Path(args.resume)
         if not (resume / "config.json").is_file():
             raise CheckpointError(f"--resume {resume}: not a run folder (no config.json)")
+        check_not_busy(resume)
+        check_writable(resume / "checkpoints", f"--resume {resume}")
         newest_usable(resume, config.hash(), config.to_dict())  # fail here, before any process starts
         run_dir, worker = resume, ["--resume", str(resume)]
     else:
-        run_dir = new_run_dir(Path(args.out), config)
+        check_writable(Path(args.out) / config.name, f"--out {args.out}")
+        run_dir = new_run_dir(Path(args.out), config.name, config.hash())
         worker = ["--run-dir", str(run_dir)]
     return launch_local(args.nproc, ["run", *common, *worker], run_dir,
                         ["fp8lab", "run", *common, "--nproc", str(args.nproc)])
@@ -104,20 +192,17 @@ def _info(args) -> int:
 
 
 def _report(args) -> int:
-    from fp8lab.report import ReportError, report
+    from fp8lab.report import report
 
-    try:
-        print(report(args.run_dir))
-    except ReportError as err:
-        print(f"fp8lab report: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    print(report(args.run_dir))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8lab", description="Train with FP8 GEMMs and compare against BF16.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train a recipe's variants on the same batches")
+    run = sub.add_parser("run", help="train a recipe's variants on the same batches", epilog=EXIT_CODES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("recipe", help="a recipe file, e.g. recipes/quickstart.py")
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field (repeatable)")
     run.add_argument("--out", default="logs", help="logs folder (default: logs)")
@@ -135,9 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _speaks(err: BaseException) -> bool:
+    """Under torchrun every rank meets the same bad input, divergence or signal: rank 0
+    says it once. Memory, which can differ per device, is said by every rank."""
+    from fp8lab.run.memory import ResourceError
+
+    return os.environ.get("RANK", "0") == "0" or isinstance(err, ResourceError) or _out_of_memory(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BaseException as err:  # the one place an error becomes an exit code
+        verdict = classify(err, args)
+        if verdict is None:
+            raise  # a bug: the traceback is what a report needs
+        code, message = verdict
+        if _speaks(err):
+            rank = os.environ.get("RANK", "0")
+            print(f"fp8lab {args.command}: {'' if rank == '0' else f'rank {rank}: '}{message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

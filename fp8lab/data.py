@@ -49,8 +49,16 @@ def _stdlib_bytes(max_bytes: int) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
-def _read_tokens(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
+def _read(source: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:  # permissions, an I/O error: say which file and why
+        raise DataError(f"data.source {source!r}: cannot read {str(path)!r} ({err.strerror or err}); "
+                        "check that this user may read it") from None
+
+
+def _read_tokens(source: str, path: Path) -> np.ndarray:
+    raw = _read(source, path)
     if len(raw) % 2:
         raise DataError(f"data.source tokens:{path}: {len(raw)} bytes is not a whole number of uint16 tokens")
     return np.frombuffer(raw, dtype=np.uint16)
@@ -65,7 +73,7 @@ def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.1, max_bytes:
         val_fraction: share of the corpus held out for validation, in (0, 0.5].
         max_bytes: cap on the stdlib corpus size.
     Raises:
-        DataError: unknown source kind, missing/empty file, or too little data.
+        DataError: unknown source kind, missing, unreadable or empty file, or too little data.
     """
     if not 0 < val_fraction <= 0.5:
         raise DataError(f"data.val_fraction must be in (0, 0.5], got {val_fraction}")
@@ -75,12 +83,14 @@ def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.1, max_bytes:
     elif source.startswith(("text:", "tokens:")):
         kind, _, name = source.partition(":")
         path = Path(name).expanduser()
+        if path.is_dir():
+            raise DataError(f"data.source {source!r}: {str(path)!r} is a folder; name a file")
         if not path.is_file():
             raise DataError(f"data.source {source!r}: no such file {str(path)!r}")
         if kind == "text":
-            tokens, vocab = np.frombuffer(path.read_bytes(), dtype=np.uint8), 256
+            tokens, vocab = np.frombuffer(_read(source, path), dtype=np.uint8), 256
         else:
-            tokens = _read_tokens(path)
+            tokens = _read_tokens(source, path)
             vocab = int(tokens.max()) + 1 if tokens.size else 0
     else:
         raise DataError(f"data.source must be 'stdlib', 'text:PATH' or 'tokens:PATH', got {source!r}")
@@ -109,7 +119,8 @@ class BatchSampler:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 (B/world_size, T) for ``step``: this rank's slice of the global batch."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        # modulo 2**64: a 64-bit train.seed stays a valid generator seed (smaller ones are unchanged)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**64)
         starts = torch.randint(self.tokens.numel() - self.block_size - 1, (self.batch_size,), generator=gen)
         per_rank = self.batch_size // world_size
         starts = starts[rank * per_rank : (rank + 1) * per_rank]

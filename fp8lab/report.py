@@ -1,7 +1,8 @@
 """``fp8lab report RUN_DIR``: the per-layer scaling table read back from the event files.
 
 Invariant: reads only what the run wrote (TensorBoard event files and summary.json)
-through TensorBoard's own event reader, so it shows exactly what TensorBoard shows.
+through TensorBoard's own event reader, so it shows exactly what TensorBoard shows; a
+missing, unreadable or damaged input is a ``ReportError`` naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def _load(variant_dir: Path):
 def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
     """{(layer, role, field): values over log steps} from one variant's events."""
     acc = _load(variant_dir)
+    if not any(isinstance(v, list) and v for v in acc.Tags().values()):
+        if any(p.stat().st_size for p in variant_dir.glob("events.out.tfevents.*")):
+            # every run writes its layout and layer table first: nothing readable means damage
+            raise ReportError(f"the event files in {variant_dir} hold no readable event (damaged or not "
+                              "TensorBoard files); restore them from a copy, or move them away")
     out = {}
     for tag in acc.Tags()["scalars"]:
         if tag.startswith("scaling/"):
@@ -51,27 +57,54 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _summary_lines(run_dir: Path, path: Path) -> list[str]:
+    """The head of the report from summary.json; a damaged file is refused by name."""
+    try:
+        summary = json.loads(path.read_text())
+        lines = [f"run {run_dir}  (recipe {summary['recipe']}, {summary['steps']} steps, {summary['device']})"]
+        for name, v in summary["variants"].items():
+            gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}% vs {summary['baseline']}"
+            loss = "-" if v["final_val_loss"] is None else f"{v['final_val_loss']:.4f}"
+            lines.append(f"  {name:<22} val loss {loss}  {gap}")
+    except OSError as err:
+        raise ReportError(f"{path} cannot be read ({err.strerror or err}); check its permissions") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not fp8lab's summary
+        what = f"{type(err).__name__}: {err}" if not isinstance(err, KeyError) else f"no field {err}"
+        raise ReportError(
+            f"{path} is damaged ({what}); rewrite it by running the same recipe and --set options with "
+            f"--resume {run_dir} (the final checkpoint holds everything it needs), or move it away to see "
+            "the per-layer table alone"
+        ) from None
+    return lines
+
+
 def report(run_dir: str | Path) -> str:
     """The report text for ``run_dir`` (a ``logs/<recipe>/<run_id>`` folder)."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ReportError(f"{str(run_dir)!r} is a file; name a run folder: logs/<recipe>/<run_id>")
     if not run_dir.is_dir():
         raise ReportError(f"run folder {str(run_dir)!r} does not exist")
-    variants = sorted(p for p in run_dir.iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*")))
+    try:
+        variants = sorted(p for p in run_dir.iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*")))
+    except OSError as err:
+        raise ReportError(f"run folder {str(run_dir)!r} cannot be read ({err.strerror or err}); check its permissions") from None
     if not variants:
         raise ReportError(f"run folder {str(run_dir)!r} holds no TensorBoard event files (is it logs/<recipe>/<run_id>?)")
     lines = []
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        lines.append(f"run {run_dir}  (recipe {summary['recipe']}, {summary['steps']} steps, {summary['device']})")
-        for name, v in summary["variants"].items():
-            gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}% vs {summary['baseline']}"
-            loss = "-" if v["final_val_loss"] is None else f"{v['final_val_loss']:.4f}"
-            lines.append(f"  {name:<22} val loss {loss}  {gap}")
+        lines += _summary_lines(run_dir, summary_path)
     else:
         lines.append(f"run {run_dir}  (no summary.json: the run did not finish)")
     for variant_dir in variants:
-        scaling = read_scaling(variant_dir)
+        try:
+            scaling = read_scaling(variant_dir)
+        except ReportError:
+            raise
+        except Exception as err:  # TensorBoard's reader: unreadable or damaged event files
+            raise ReportError(f"the event files in {variant_dir} cannot be read ({type(err).__name__}: "
+                              f"{str(err)[:200]}); check their permissions, or restore them from a copy") from None
         if not scaling:
             continue
         lines += ["", f"== {variant_dir.name}: mean over log steps", f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}"]

@@ -2,9 +2,11 @@
 
 Invariant: a file named ``checkpoints/step_XXXXXXXX.pt`` is always complete: it is written
 to a temporary name, fsynced, renamed, and the folder fsynced, so a crash or SIGKILL at
-any moment leaves either the old set or the new one. Files hold only tensors and plain
-containers and load with ``torch.load(weights_only=True)``; scaling state (amax history
-and scale of every layer) travels inside each model's state_dict.
+any moment leaves either the old set or the new one; a write that fails (disk full)
+removes its temporary file and leaves the previous checkpoints as they were. Files hold
+only tensors and plain containers and load with ``torch.load(weights_only=True)``;
+scaling state (amax history and scale of every layer) travels inside each model's
+state_dict.
 """
 
 from __future__ import annotations
@@ -46,17 +48,51 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _Sink:
+    """A file wrapper that remembers the OSError of a failed write (ENOSPC, EDQUOT...)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):  # name, fileno, ...: the file's own
+        return getattr(self.f, name)
+
+
 def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     """Write ``payload`` as the checkpoint of ``step`` atomically; keep the newest ``keep``."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            sink = _Sink(f)
+            try:
+                torch.save(payload, sink)
+            except RuntimeError:  # torch's zip writer hides the OSError of a failed write
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # disk full, a signal's exception, anything: no partial file stays
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(folder)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from fp8lab.config import DelayedScaling
@@ -55,7 +56,7 @@ class ModelConfig:
         from fp8lab.gpt import PRESETS
         from fp8lab.layers.attention import ATTENTION_CORES
 
-        _check(self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
+        _check(isinstance(self.preset, str) and self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
         _check(self.attention_core in ATTENTION_CORES, "model.attention_core", f"one of {ATTENTION_CORES}", self.attention_core)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             value = getattr(self, name)
@@ -90,11 +91,18 @@ class TrainConfig:
             _int(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "seed", "checkpoint_interval"):
             _int(getattr(self, name), f"train.{name}", low=0)
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        _check(self.seed < 2**64, "train.seed", "an int in [0, 2**64 - 1] (torch seeds are 64-bit)", self.seed)
+        for name in ("lr", "min_lr", "weight_decay"):
             value = getattr(self, name)
-            _check(isinstance(value, float) and value >= 0, f"train.{name}", "a float >= 0", value)
-        _check(self.lr > 0, "train.lr", "a float > 0", self.lr)
+            _check(isinstance(value, float) and math.isfinite(value) and value >= 0, f"train.{name}", "a float >= 0 (finite)", value)
+        # Degenerate values that train nothing: AdamW moves a weight by up to lr per step,
+        # and multiplies it by (1 - lr * weight_decay); a gradient clipped to norm 0 is zero.
+        _check(0 < self.lr <= 1, "train.lr", "a float in (0, 1] (AdamW moves every weight by up to lr per step)", self.lr)
         _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr})", self.min_lr)
+        _check(self.lr * self.weight_decay < 1, "train.weight_decay",
+               f"< 1 / train.lr ({1 / self.lr:.4g}): AdamW multiplies every weight by 1 - lr * weight_decay per step", self.weight_decay)
+        _check(isinstance(self.grad_clip, float) and self.grad_clip > 0, "train.grad_clip",
+               "a float > 0 (inf: no clipping; 0 would zero every gradient)", self.grad_clip)
         _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
 
 
@@ -132,11 +140,15 @@ class RunConfig:
     baseline: str = "bf16"
 
     def __post_init__(self):
+        from fp8lab.run import validate  # cross-field rules (name, model shape, policies)
+
+        validate.check_types(self)
         names = [v.name for v in self.variants]
         _check(len(names) == len(set(names)) and names, "variants", "a non-empty tuple with unique names", names)
         _check(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
         base = next(v for v in self.variants if v.name == self.baseline)
         _check(base.precision == "bf16", "baseline", "a variant with precision 'bf16'", base.precision)
+        validate.check_run(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,15 +12,16 @@ BAR = 24
 
 
 class Progress:
-    def __init__(self, total: int, *, enabled: bool = True, stream=None):
+    def __init__(self, total: int, *, enabled: bool = True, stream=None, main: bool = True):
         self.total, self.enabled = total, enabled
+        self.main = main  # this process speaks for the run: stop messages print even when quiet
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.t0 = time.perf_counter()
         self.first_step: int | None = None
 
-    def _print(self, text: str, final: bool = False) -> None:
-        if not self.enabled:
+    def _print(self, text: str, final: bool = False, always: bool = False) -> None:
+        if not (self.enabled or (always and self.main)):
             return
         if self.tty and not final:
             self.stream.write("\r" + text + "\x1b[K")
@@ -53,5 +54,12 @@ class Progress:
         self._print(
             f"\n{signal_name} received: finished step {step}, wrote {checkpoint}.\n"
             f"Resume with: fp8lab run <the same recipe and --set options> --resume {run_dir}",
-            final=True,
+            final=True, always=True,
+        )
+
+    def stopped_at_end(self, signal_name: str, run_dir) -> None:
+        self._print(
+            f"\n{signal_name} received while writing the final checkpoint and summary; both were completed "
+            f"first: the run is finished ({run_dir}).",
+            final=True, always=True,
         )

@@ -1,16 +1,17 @@
 """The runner: every variant trained step by step on the same batches, logged side by side.
 
-Invariant: config errors, data errors and device errors are raised before anything is
-written under the output folder. In the loop, each step fetches one batch (a pure
-function of seed and step) and gives the same tensors to every variant; device-to-host
-copies happen only on log and eval steps.
+Invariant: config errors, data errors, device errors, an unwritable output folder, a
+run folder another process holds and a model too large for memory are raised before
+anything is written under the output folder; a write that fails later for lack of space
+or permission is a ``StorageError`` naming the newest intact checkpoint. In the loop,
+each step fetches one batch (a pure function of seed and step) and gives the same
+tensors to every variant; device-to-host copies happen only on log and eval steps.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,8 +19,11 @@ import torch
 
 from fp8lab.data import BatchSampler, Corpus, DataError, load_corpus
 from fp8lab.run import checkpoint as ckpt
+from fp8lab.run import storage
 from fp8lab.run.config import ConfigError, RunConfig
 from fp8lab.run.distributed import Distributed, NullWriter
+from fp8lab.run.lock import RunFolderBusy, RunLock
+from fp8lab.run.preflight import preflight
 from fp8lab.run.progress import Progress
 from fp8lab.run.stop import StopRequest, TrainingDiverged
 from fp8lab.run.summary import RunSummary
@@ -44,12 +48,18 @@ def learning_rate(step: int, config: RunConfig) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def new_run_dir(out_root: Path, config: RunConfig) -> Path:
-    base = out_root / config.name / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.hash()[:6]}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = Path(f"{base}-{n}"), n + 1
-    return run_dir
+def wait_past_event_files(run_dir: Path) -> None:
+    """Wait (at most 1 s) until the clock's second is past every event file's in ``run_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: a resumed run's file created
+    in the same second as the dead run's can sort before it (``...12.10`` < ``...12.9``),
+    and its events would then be read first and purge the earlier ones.
+    """
+    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("*/events.out.tfevents.*")
+               if p.name.split(".")[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
 def layers_markdown(run: VariantRun) -> str:
@@ -74,7 +84,12 @@ class Runner:
             by rank 0).
     Raises:
         CheckpointError: ``resume`` has no usable checkpoint for this config.
-        ConfigError: ``train.batch_size`` is not divisible by the number of processes.
+        ConfigError: ``train.batch_size`` is not divisible by the number of processes, or
+            a variant's backend cannot run here.
+        StorageError: the output (or resumed) folder cannot be written, or has no room
+            for one checkpoint.
+        RunFolderBusy: another process is writing into ``resume``.
+        ResourceError: the run's memory estimate exceeds the device's free memory.
     """
 
     def __init__(self, config: RunConfig, out_root: str | Path = "logs", *, progress: bool = True,
@@ -83,10 +98,10 @@ class Runner:
         self.config = config
         self.dist = dist if dist is not None else Distributed(device=resolve_device(config.train.device))
         check_world_size(config, self.dist.world_size)
-        if resume is not None:
-            resume = Path(resume)
-            if not (resume / "config.json").is_file():
-                raise ckpt.CheckpointError(f"--resume {resume}: not a run folder (no config.json)")
+        self.lock: RunLock | None = None
+        resume = Path(resume) if resume is not None else None
+        preflight(config, self.dist.device, world_size=self.dist.world_size, is_main=self.dist.is_main,
+                  out_root=Path(out_root), resume=resume, run_dir=Path(run_dir) if run_dir is not None else None)
         self.device = self.dist.device
         self.corpus: Corpus = load_corpus(config.data.source, val_fraction=config.data.val_fraction)
         torch.manual_seed(config.train.seed)
@@ -105,10 +120,11 @@ class Runner:
         self.out_root = Path(out_root)
         self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self.start_step = 0
-        self.progress = Progress(t.steps, enabled=progress and self.dist.is_main)
+        self.progress = Progress(t.steps, enabled=progress and self.dist.is_main, main=self.dist.is_main)
         self.summary = RunSummary(config, [v.name for v in config.variants])
         self.stop = StopRequest()
         self.last_checkpoint: Path | None = None
+        self.checkpoint_path: Path | None = None
         if resume is not None:
             self.checkpoint_path, payload = ckpt.newest_usable(resume, config.hash(), config.to_dict(), self._validate)
             self._restore(payload)
@@ -165,6 +181,8 @@ class Runner:
         # start_step; purge_step makes TensorBoard drop them.
         purge = self.start_step + 1 if self.start_step else None
         if self.dist.is_main:
+            if purge is not None:
+                wait_past_event_files(self.run_dir)
             self.writers = {v.variant.name: VariantWriter(self.run_dir, v.variant.name, purge_step=purge) for v in self.variants}
         else:
             self.writers = {v.variant.name: NullWriter() for v in self.variants}
@@ -188,28 +206,68 @@ class Runner:
     def run(self) -> dict | None:
         """Train every variant for ``train.steps`` steps; write events and summary.json.
 
-        Returns the summary, or None when stopped by SIGTERM/SIGINT (after a checkpoint).
-        Raises TrainingDiverged after ``train.max_consecutive_skips`` skipped steps.
+        Returns the summary, or None when stopped by SIGTERM/SIGINT (after a checkpoint);
+        a signal during the final writes lets them finish, and ``self.stop`` names it.
+        Raises TrainingDiverged after ``train.max_consecutive_skips`` skipped steps,
+        StorageError when a write fails for lack of space or permission, and
+        RunFolderBusy when another process holds the run folder.
         """
+        # SIGTERM/SIGINT only set a flag from here to the end, final writes included.
+        with self.stop.installed():
+            try:
+                self._claim_folder()
+                result = self._train()
+            except OSError as err:  # disk full, quota, read-only: named, with the intact checkpoint
+                if not storage.is_storage_fault(err):
+                    raise
+                self._close_writers_after_fault()
+                raise storage.storage_error(err, self.run_dir, self.last_checkpoint) from err
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
+        if result is not None and self.stop:
+            self.progress.stopped_at_end(self.stop.name, self.run_dir)
+        return result
+
+    def _close_writers_after_fault(self) -> None:
+        """Close the event files after a failed write; their own flush may fail the same way."""
+        for writer in getattr(self, "writers", {}).values():
+            try:
+                writer.close()
+            except OSError:
+                pass  # the fault is being reported; the events written so far stay readable
+
+    def _claim_folder(self) -> None:
+        """Create (fresh run) and lock the run folder; rank 0 writes config.json."""
         cfg = self.config
-        if self.run_dir is None:  # rank 0 names a fresh run's folder; every rank uses that name
-            self.run_dir = self.dist.broadcast(new_run_dir(self.out_root, cfg) if self.dist.is_main else None)
-        if self.dist.is_main and not (self.run_dir / "config.json").exists():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        if self.run_dir is None:  # rank 0 creates a fresh run's folder; every rank uses that name
+            claimed = storage.claim_run_dir(self.out_root, cfg.name, cfg.hash()) if self.dist.is_main else None
+            self.run_dir = self.dist.broadcast(claimed)
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # named by the --nproc launcher, or resumed
+        self.lock = RunLock(self.run_dir).acquire()
+        found = ckpt.list_checkpoints(self.run_dir)
+        if self.checkpoint_path is not None and (not found or found[-1][1] != self.checkpoint_path):
+            raise RunFolderBusy(f"run folder {self.run_dir} changed while this process loaded {self.checkpoint_path} "
+                                "(another process wrote into it); resume again")
+        if not (self.run_dir / "config.json").exists():
+            storage.write_atomic(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
+
+    def _train(self) -> dict | None:
+        cfg = self.config
         self._open_writers()
         if self.dist.enabled:  # a job that dies is resumed from this folder
             self.progress.note(f"run folder: {self.run_dir} ({self.dist.world_size} processes)")
-        with self.stop.installed():
-            for step in range(self.start_step, cfg.train.steps):
-                self._step(step)
-                # Ranks stop together, after the same step (a host-side flag exchange).
-                if self.dist.any_rank(bool(self.stop)):
-                    path = self.save_checkpoint(step + 1)
-                    for writer in self.writers.values():
-                        writer.close()
-                    self.progress.stopped(self.stop.name, step + 1, path, self.run_dir)
-                    return None
+        for step in range(self.start_step, cfg.train.steps):
+            self._step(step)
+            # Ranks stop together, after the same step (a host-side flag exchange).
+            if self.dist.any_rank(bool(self.stop)):
+                path = self.save_checkpoint(step + 1)
+                for writer in self.writers.values():
+                    writer.close()
+                self.progress.stopped(self.stop.name, step + 1, path, self.run_dir)
+                return None
         return self.finish()
 
     def _step(self, step: int) -> None:
@@ -268,9 +326,7 @@ class Runner:
             self.writers[name].close()
         if self.dist.is_main:
             self.save_checkpoint(self.config.train.steps)
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2))
-            os.replace(tmp, self.run_dir / "summary.json")
+            storage.write_atomic(self.run_dir / "summary.json", json.dumps(result, indent=2))
         self.dist.barrier()  # the job ends when rank 0's files are written
         self.progress.finish(self.summary.table(result), self.run_dir)
         return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import math
 import time
 
@@ -42,6 +43,30 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
     return model.to(device)
 
 
+def check_backends(model: torch.nn.Module, variant: Variant, device: torch.device) -> None:
+    """Choose every FP8 layer's backend now, so that one which cannot run here (e.g.
+    ``backend='te'`` without Transformer Engine) is refused before anything is written
+    rather than at the first forward."""
+    from fp8lab.backends.select import BackendUnavailable
+    from fp8lab.run.config import ConfigError
+
+    key = f"variants.{variant.name}.backend"
+    plans = []
+    for layer in model.modules():
+        if isinstance(layer, fp8lab.Linear):
+            try:
+                plans.append(layer.plan(device))
+            except BackendUnavailable as err:
+                raise ConfigError(f"{key}={variant.backend!r} cannot run here: {err}") from None
+    if any(plan.backend == "te" for plan in plans):
+        try:  # found installed; an import that fails (ABI, CUDA) would otherwise stop the first step
+            importlib.import_module("transformer_engine.pytorch")
+        except Exception as err:
+            raise ConfigError(f"{key}: Transformer Engine is installed but `import transformer_engine.pytorch` "
+                              f"failed ({type(err).__name__}: {err}); reinstall it for this torch "
+                              "(pip install 'fp8lab[te]') or set backend='scaled_mm'") from None
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay, vectors (norms, biases) and embeddings' peers don't."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -50,12 +75,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class StepTimer:
-    """Accumulates step time between log steps without syncing (events on CUDA)."""
+    """Accumulates step time and the number of timed steps between log steps without
+    syncing (events on CUDA). Both travel in checkpoints, so the first interval after a
+    resume divides the tokens of the steps it timed by the time they took."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.events: list[tuple] = []
         self.seconds = 0.0
+        self.steps = 0
 
     @contextlib.contextmanager
     def measure(self):
@@ -69,15 +97,27 @@ class StepTimer:
             t0 = time.perf_counter()
             yield
             self.seconds += time.perf_counter() - t0
+        self.steps += 1
 
-    def take(self) -> float:
-        """Seconds since the last take (syncs on CUDA: call at log steps only)."""
-        if self.cuda:
+    def _fold(self) -> None:
+        if self.cuda:  # a sync: log and checkpoint steps only
             torch.cuda.synchronize()
             self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1e3
             self.events.clear()
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+
+    def take(self) -> tuple[float, int]:
+        """(seconds, steps) timed since the last take (syncs on CUDA: call at log steps only)."""
+        self._fold()
+        taken = (self.seconds, self.steps)
+        self.seconds, self.steps = 0.0, 0
+        return taken
+
+    def state_dict(self) -> dict:
+        self._fold()
+        return {"seconds": self.seconds, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds, self.steps = float(state["seconds"]), int(state["steps"])
 
 
 class VariantRun:
@@ -98,6 +138,7 @@ class VariantRun:
         self.variant, self.config, self.device = variant, config, device
         self.dist = dist if dist is not None else Distributed(device=device)
         self.model = build_model(config, variant, device)  # un-wrapped: checkpoints, eval, telemetry
+        check_backends(self.model, variant, device)
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 param.copy_(init_params[name])
@@ -159,9 +200,9 @@ class VariantRun:
 
     def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
         """Train loss, throughput and skip counts since the last log step (one sync)."""
-        seconds = self.timer.take()
+        seconds, timed_steps = self.timer.take()
         values = dict(zip(COUNTERS, torch.stack([self.counters[n] for n in COUNTERS]).tolist()))
-        tokens = tokens_per_step * self.steps_since_log
+        tokens = tokens_per_step * timed_steps  # steps before a resume were timed by the dead process
         self.counters["loss_sum"].zero_()
         self.counters["good_steps"].zero_()
         self.steps_since_log = 0
@@ -182,6 +223,7 @@ class VariantRun:
             "faults": self.collector.faults(),
             "steps_since_log": self.steps_since_log,
             "first_batch_sha": self.first_batch_sha,
+            "timer": self.timer.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -192,6 +234,8 @@ class VariantRun:
         self.collector.load_faults(state["faults"])
         self.steps_since_log = state["steps_since_log"]
         self.first_batch_sha = state["first_batch_sha"]
+        if "timer" in state:  # older checkpoints: the interval counts the steps timed after the resume
+            self.timer.load_state_dict(state["timer"])
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
