@@ -10,7 +10,7 @@ step. Variants, all sharing weights and inputs, timed interleaved in one process
               plain PyTorch gives (on an AVX2-only CPU its bf16 GEMMs are ATen's scalar code);
 - bf16:       fp8lab's BF16 baseline: ``fp8lab.Linear`` kept in BF16, under the same
               autocast (the bf16 hardware model on the machine's exact GEMM path);
-- fp8lab:     ``fp8lab.Linear(fallback="emulate")`` (delayed scaling, exact FP8 values);
+- fp8lab:     ``fp8lab.Linear(fp8=FP8Options(fallback="emulate"))`` (delayed scaling, exact FP8 values);
 - torchao:    ``torchao.float8.convert_to_float8_training`` of the torch-bf16 module with
               ``Float8LinearConfig(emulate=True)`` (default tensorwise dynamic recipe).
 
@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
+from fp8lab import FP8Options  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     append_section, imitating_avx2, load_average, markdown_table, paired_ratio, reexec_imitating_avx2, summary,
     time_interleaved,
@@ -63,7 +64,7 @@ def to_nn_linear(module: nn.Module) -> nn.Module:
 
 def build_cases(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     """Name -> (fp8lab module with fallback="emulate", input shape)."""
-    emulate = dict(fallback="emulate")
+    emulate = dict(fp8=FP8Options(fallback="emulate"))
     cases = {
         f"Linear {HIDDEN}->{FFN}": (fp8lab.Linear(HIDDEN, FFN, **emulate), (TOKENS, HIDDEN)),
         f"MLP {HIDDEN}->{FFN}->{HIDDEN}": (

@@ -21,6 +21,7 @@ import statistics
 import torch
 
 import fp8lab
+from fp8lab import FP8Options
 from fp8lab.backends.select import probe_te
 
 
@@ -64,7 +65,7 @@ def main() -> None:
     results = {}
     for backend in backends:
         torch.manual_seed(0)
-        block = fp8lab.TransformerBlock(args.hidden, 4 * args.hidden, args.heads, recipe=recipe, backend=backend).to(device)
+        block = fp8lab.TransformerBlock(args.hidden, 4 * args.hidden, args.heads, fp8=FP8Options(scaling=recipe, backend=backend)).to(device)
         region = contextlib.nullcontext
         if backend == "te":
             from fp8lab.backends import te as te_backend

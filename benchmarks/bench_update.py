@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
+from fp8lab import FP8Options  # noqa: E402
 from benchmarks.common import append_section, load_average, markdown_table, summary  # noqa: E402
 
 HIDDEN, HEADS, FFN, SEQ, BATCH = 256, 4, 1024, 128, 4
@@ -33,15 +34,15 @@ HIDDEN, HEADS, FFN, SEQ, BATCH = 256, 4, 1024, 128, 4
 
 def build(num_blocks: int) -> nn.Module:
     if hasattr(fp8lab, "TransformerBlock"):
-        blocks = [fp8lab.TransformerBlock(HIDDEN, FFN, HEADS, fallback="emulate") for _ in range(num_blocks)]
+        blocks = [fp8lab.TransformerBlock(HIDDEN, FFN, HEADS, fp8=FP8Options(fallback="emulate")) for _ in range(num_blocks)]
     else:  # same four GEMMs per block, without norms and attention
         print("fp8lab.TransformerBlock is not available: 4 fp8lab.Linear per block instead")
         blocks = [
             nn.Sequential(
-                fp8lab.Linear(HIDDEN, 3 * HIDDEN, fallback="emulate"),
-                fp8lab.Linear(3 * HIDDEN, HIDDEN, fallback="emulate"),
-                fp8lab.Linear(HIDDEN, FFN, fallback="emulate"),
-                fp8lab.Linear(FFN, HIDDEN, fallback="emulate"),
+                fp8lab.Linear(HIDDEN, 3 * HIDDEN, fp8=FP8Options(fallback="emulate")),
+                fp8lab.Linear(3 * HIDDEN, HIDDEN, fp8=FP8Options(fallback="emulate")),
+                fp8lab.Linear(HIDDEN, FFN, fp8=FP8Options(fallback="emulate")),
+                fp8lab.Linear(FFN, HIDDEN, fp8=FP8Options(fallback="emulate")),
             )
             for _ in range(num_blocks)
         ]

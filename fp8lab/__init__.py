@@ -6,6 +6,7 @@ executors/backends -> scaling state -> update_scales -> telemetry.
 
 from fp8lab.config import DelayedScaling
 from fp8lab.formats import E4M3, E5M2, Role
+from fp8lab.options import FP8Options
 from fp8lab.linear import Linear
 from fp8lab.state import ScalingState
 from fp8lab.update import update_scales
@@ -17,6 +18,6 @@ from fp8lab.describe import describe
 
 __version__ = "0.1.0"
 
-__all__ = ["DelayedScaling", "E4M3", "E5M2", "Linear", "Role", "ScalingState", "update_scales", "__version__",
+__all__ = ["DelayedScaling", "E4M3", "E5M2", "FP8Options", "Linear", "Role", "ScalingState", "update_scales", "__version__",
            "LayerNormLinear", "LayerNormMLP", "MultiheadAttention", "TransformerBlock", "GPT", "GPTConfig",
            "PrecisionPolicy", "convert", "describe"]

@@ -14,12 +14,10 @@ import warnings
 import torch
 from torch import nn
 
-from fp8lab.backends.select import (
-    BACKENDS, FALLBACKS, DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend,
-)
-from fp8lab.config import DelayedScaling
+from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
 from fp8lab.exact import gemm_path
 from fp8lab.executors import executor_for
+from fp8lab.options import FP8Options
 from fp8lab.qgemm import quantized_linear
 from fp8lab.state import ScalingState
 
@@ -42,9 +40,7 @@ class Linear(nn.Module):
         in_features: size of each input sample.
         out_features: size of each output sample.
         bias: learn an additive bias.
-        recipe: the DelayedScaling recipe (default: Transformer Engine's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options: scaling, backend, fallback (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -54,23 +50,16 @@ class Linear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.recipe = recipe if recipe is not None else DelayedScaling()
-        self.backend, self.fallback = backend, fallback
+        self.fp8 = fp8 if fp8 is not None else FP8Options()
         self.keep_bf16_reason: str | None = None  # set by a precision policy
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self.fp8_state = ScalingState(self.recipe, device=device)
+        self.fp8_state = ScalingState(self.fp8.scaling, device=device)
         self._plans: dict[torch.device, Plan] = {}
         self._warned_stale = False
         self.reset_parameters()
@@ -98,7 +87,7 @@ class Linear(nn.Module):
         if self.keep_bf16_reason is not None:
             return Plan("bf16", self.keep_bf16_reason)
         return select_backend(
-            device=device, te=te, requested=self.backend, fallback=self.fallback,
+            device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
             dims=(self.in_features, self.out_features),
         )
 
@@ -139,5 +128,5 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, backend={self.backend}, fallback={self.fallback}"
+            f"bias={self.bias is not None}, backend={self.fp8.backend}, fallback={self.fp8.fallback}"
         )

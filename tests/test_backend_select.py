@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from fp8lab.backends.select import (
-    BACKENDS,
-    FALLBACKS,
     BackendUnavailable,
     DeviceFacts,
     Plan,
@@ -24,6 +22,7 @@ from fp8lab.backends.select import (
     probe_te,
     select_backend,
 )
+from fp8lab.options import BACKENDS, FALLBACKS, FP8Options
 
 CPU = DeviceFacts("cpu")
 A100 = DeviceFacts("cuda", (8, 0), "A100")
@@ -141,10 +140,11 @@ def test_whole_table_is_total():
     assert raised == expected
 
 
-@pytest.mark.parametrize("field,kwargs", [("backend", {"requested": "fp8"}), ("fallback", {"fallback": "fp32"})])
+@pytest.mark.parametrize("field,kwargs", [("backend", {"backend": "fp8"}), ("fallback", {"fallback": "fp32"})])
 def test_bad_names_say_field_and_allowed(field, kwargs):
+    """Names are checked once, by FP8Options, before any plan is made."""
     with pytest.raises(ValueError, match=rf"^{field} must be one of"):
-        select_backend(device=CPU, te=NO_TE, **kwargs)
+        FP8Options(**kwargs)
 
 
 def test_probe_device_on_cpu_makes_no_cuda_call():

@@ -25,6 +25,8 @@ RECIPES = {  # recipe file body -> the message it must produce
     "negative_steps": ("def config():\n    return RunConfig(name='r', train=TrainConfig(steps=-5))\n", "train.steps must be an int >= 1"),
     "bad_margin": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', recipe=DelayedScaling(margin=-1))))\n",
                    "margin must be an int >= 0"),
+    "backend_typo": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', backend='emulted')))\n",
+                     "variants.f.backend must be one of"),
     "duplicate_variants": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='bf16')))\n",
                            "variants must be a non-empty tuple with unique names"),
     "baseline_not_bf16": ("def config():\n    return RunConfig(name='r', baseline='f', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f')))\n",

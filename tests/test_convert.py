@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fp8lab
-from fp8lab import GPT, PrecisionPolicy
+from fp8lab import FP8Options, GPT, PrecisionPolicy
 from fp8lab.backends.select import DeviceFacts, TEFacts
 from fp8lab.convert import SKIP_REASON_ATTR
 from fp8lab.describe import LayerRow, plan_for
@@ -61,7 +61,7 @@ def test_convert_replaces_every_convertible_linear_in_place():
     model = encoder_model()
     params_before = {id(p) for p in model.parameters()}
     rng_before = torch.get_rng_state()
-    assert fp8lab.convert(model, fallback="emulate") is model
+    assert fp8lab.convert(model, fp8=FP8Options(fallback="emulate")) is model
     assert torch.equal(torch.get_rng_state(), rng_before)  # no throw-away init ran
     assert fp8lab_names(model) == CONVERTED
     assert {id(p) for p in model.parameters()} == params_before  # same Parameters, ties kept
@@ -72,7 +72,7 @@ def test_convert_replaces_every_convertible_linear_in_place():
 
 
 def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
-    model = fp8lab.convert(encoder_model(), fallback="emulate")
+    model = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="emulate"))
     rows = {r.name: r for r in fp8lab.describe(model, H100, te=NO_TE)}
     assert [n for n in rows if rows[n].backend == "scaled_mm"] == CONVERTED[1:-1]
     assert rows["0"] == LayerRow(
@@ -84,7 +84,7 @@ def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
     for name in SKIPPED:
         assert rows[name].precision == "torch" and "not converted" in rows[name].reason
 
-    bf16_fallback = fp8lab.convert(encoder_model(), fallback="bf16")
+    bf16_fallback = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="bf16"))
     head = plan_for(bf16_fallback.get_submodule("2"), H100, NO_TE)
     assert head.backend == "bf16" and head.reason.startswith("dimensions 64x30 are not multiples of 16")
     te_plan = plan_for(bf16_fallback.get_submodule("1.layers.1.linear2"), H100, TEFacts("2.1.0"))
@@ -96,7 +96,7 @@ def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
 def test_multihead_attention_out_proj_forward_never_runs(count_linear_forwards):
     """Why convert leaves out_proj alone: torch reads its weight, never calls it."""
     mha = nn.MultiheadAttention(D_MODEL, 4, batch_first=True)
-    naive = Linear(D_MODEL, D_MODEL, fallback="emulate")
+    naive = Linear(D_MODEL, D_MODEL, fp8=FP8Options(fallback="emulate"))
     naive.weight, naive.bias = mha.out_proj.weight, mha.out_proj.bias
     mha.out_proj = naive
     x = torch.randn(2, 8, D_MODEL)
@@ -108,7 +108,7 @@ def test_multihead_attention_out_proj_forward_never_runs(count_linear_forwards):
 def test_fused_encoder_fast_path_does_not_bypass_converted_layers(count_linear_forwards):
     # eval + no_grad + no autocast is where torch's fused encoder kernel would read
     # linear1/linear2 weights directly; convert switches it off.
-    model = fp8lab.convert(encoder_model(), fallback="emulate").eval()
+    model = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="emulate")).eval()
     with torch.no_grad():
         model(torch.randn(2, 8, D_IN))
     assert sorted(n for n, m in model.named_modules() if m in count_linear_forwards) == sorted(CONVERTED)
@@ -117,7 +117,7 @@ def test_fused_encoder_fast_path_does_not_bypass_converted_layers(count_linear_f
 def test_converted_output_matches_float64_original():
     model = encoder_model()
     original64 = copy.deepcopy(model).double()
-    fp8lab.convert(model, fallback="emulate")
+    fp8lab.convert(model, fp8=FP8Options(fallback="emulate"))
     x = torch.randn(8, 16, D_IN, generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().pow(2).mean().backward()  # set the scales from real amaxes
@@ -131,7 +131,7 @@ def test_converted_output_matches_float64_original():
 
 
 def test_converted_model_trains_with_emulated_fp8(one_thread):
-    model = fp8lab.convert(encoder_model(), fallback="emulate")
+    model = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="emulate"))
     teacher = torch.randn(D_IN, N_CLASSES, generator=torch.Generator().manual_seed(2))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(3)
@@ -153,7 +153,7 @@ def test_converted_model_trains_with_emulated_fp8(one_thread):
 
 
 def test_convert_applies_policy_and_handles_odd_cases():
-    model = fp8lab.convert(encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fallback="emulate")
+    model = fp8lab.convert(encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fp8=FP8Options(fallback="emulate"))
     rows = {r.name: r for r in fp8lab.describe(model)}
     assert rows["2"].reason.startswith("kept in BF16 by policy pattern '2';") and rows["2"].precision == "bf16"
     assert rows["1.layers.1.linear1"].reason.startswith("kept in BF16 by policy pattern '*.layers.1.*';")
@@ -171,7 +171,7 @@ def test_convert_applies_policy_and_handles_odd_cases():
     assert "lazy layer not materialised" in getattr(odd[3], SKIP_REASON_ATTR)
     assert isinstance(fp8lab.convert(nn.Linear(16, 32)), Linear)
     with pytest.raises(ValueError, match="fallback"):
-        fp8lab.convert(nn.Linear(16, 32), fallback="fp16")
+        fp8lab.convert(nn.Linear(16, 32), fp8=FP8Options(fallback="fp16"))
 
 
 def test_describe_gpt_default_policy_keeps_only_lm_head_in_bf16():

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fp8lab
+from fp8lab import FP8Options
 from fp8lab.data import BatchSampler, load_corpus
 from fp8lab.formats import Role
 from fp8lab.run.distributed import Distributed, token_loss
@@ -34,7 +35,7 @@ GPT_STEPS, GPT_BATCH, GPT_BLOCK, GPT_LR = 20, 4, 32, 1e-3
 # ---------------------------------------------------------------- shared by ranks and references
 def small_model(num_layers: int) -> nn.Sequential:
     torch.manual_seed(0)
-    layers = [fp8lab.Linear(16, 16, recipe=RECIPE, backend="emulated") for _ in range(num_layers)]
+    layers = [fp8lab.Linear(16, 16, fp8=FP8Options(scaling=RECIPE, backend="emulated")) for _ in range(num_layers)]
     return nn.Sequential(*layers)
 
 
@@ -58,7 +59,7 @@ def states(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def gpt() -> fp8lab.GPT:
     torch.manual_seed(0)
     return fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=2, block_size=GPT_BLOCK,
-                                  recipe=fp8lab.DelayedScaling(amax_history_len=8))
+                                  scaling=fp8lab.DelayedScaling(amax_history_len=8))
 
 
 def sampler() -> BatchSampler:

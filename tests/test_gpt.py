@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
-from fp8lab import GPT, GPTConfig
+from fp8lab import FP8Options, GPT, GPTConfig
 from fp8lab.data import BatchSampler, load_corpus
 from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
@@ -68,7 +68,7 @@ def test_unknown_preset():
 
 
 def test_logits_shape_and_dtype():
-    model = small_gpt(fallback="emulate")
+    model = small_gpt(fp8=FP8Options(fallback="emulate"))
     idx = torch.randint(0, 256, (3, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(idx)
@@ -80,7 +80,7 @@ def test_logits_shape_and_dtype():
 
 def test_future_token_changes_no_earlier_logit():
     torch.manual_seed(0)
-    model = small_gpt(num_layers=2, fallback="emulate")
+    model = small_gpt(num_layers=2, fp8=FP8Options(fallback="emulate"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (2, 16))
     train_step(model, opt, idx, idx)  # real scales, not the initial 1.0
@@ -132,7 +132,7 @@ EXPECTED_KEYS = [
 
 def test_state_dict_keys_contract():
     recipe = fp8lab.DelayedScaling(amax_history_len=16)
-    sd = small_gpt(recipe=recipe).state_dict()
+    sd = small_gpt(fp8=FP8Options(scaling=recipe)).state_dict()
     assert list(sd) == EXPECTED_KEYS
     assert sd["blocks.0.attn.qkv.fp8_state.amax_history"].shape == (16, 3)
     assert sd["blocks.0.attn.qkv.fp8_state.scale"].shape == (3,)
@@ -145,7 +145,7 @@ def test_state_dict_keys_contract():
 def test_state_dict_round_trip_is_bit_exact():
     recipe = fp8lab.DelayedScaling(amax_history_len=8)
     torch.manual_seed(0)
-    trained = small_gpt(num_layers=2, recipe=recipe, fallback="emulate")
+    trained = small_gpt(num_layers=2, fp8=FP8Options(scaling=recipe, fallback="emulate"))
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (4, 16))
     for _ in range(2):
@@ -156,7 +156,7 @@ def test_state_dict_round_trip_is_bit_exact():
     loaded = torch.load(buf, weights_only=True)
 
     torch.manual_seed(1)
-    fresh = small_gpt(num_layers=2, recipe=recipe, fallback="emulate")
+    fresh = small_gpt(num_layers=2, fp8=FP8Options(scaling=recipe, fallback="emulate"))
     before = fresh.state_dict()
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])
     assert not torch.equal(before["blocks.1.mlp.fc2.fp8_state.scale"], loaded["blocks.1.mlp.fc2.fp8_state.scale"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8lab import DelayedScaling, Linear
+from fp8lab import DelayedScaling, FP8Options, Linear
 from fp8lab.backends.select import BackendUnavailable
 from fp8lab.backends.te import copy_into_te_meta_, sync_from_te, sync_te_scaling, te_meta_to_fp8lab, te_recipe, te_recipe_kwargs
 
@@ -84,7 +84,7 @@ def test_history_length_mismatch_names_the_field():
 
 
 def test_layers_that_never_ran_on_te_keep_their_state():
-    model = nn.Sequential(Linear(16, 16, backend="emulated"), nn.GELU())
+    model = nn.Sequential(Linear(16, 16, fp8=FP8Options(backend="emulated")), nn.GELU())
     state = model[0].fp8_state
     state.amax_history.fill_(3.0)
     sync_te_scaling(model)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fp8lab
+from fp8lab import FP8Options
 from fp8lab.config import DelayedScaling
 from fp8lab.formats import Role
 
@@ -40,7 +41,7 @@ def python_fallback(history: torch.Tensor, scale: torch.Tensor, fp8_max: torch.T
 
 def _layer(margin=0, algo="max") -> fp8lab.Linear:
     recipe = DelayedScaling(amax_history_len=H, amax_compute_algo=algo, margin=margin)
-    layer = fp8lab.Linear(16, 16, bias=False, recipe=recipe, fallback="emulate")
+    layer = fp8lab.Linear(16, 16, bias=False, fp8=FP8Options(scaling=recipe, fallback="emulate"))
     with torch.no_grad():
         layer.weight.copy_(torch.full((16, 16), 0.5))
         layer.fp8_state.amax_history[1:].fill_(PAST)
@@ -116,7 +117,7 @@ def _te_expected(history, scale, fp8_max, margin, algo):
 @pytest.mark.parametrize("case", CASES)
 def test_te_fused_rule(case):
     layer, expected_row0, expected_faults = CASES[case]()
-    state, recipe = layer.fp8_state, layer.recipe
+    state, scaling = layer.fp8_state, layer.fp8.scaling
     # before the update: what the casts recorded
     for role, value in expected_row0.items():
         assert state.amax_history[0, role].item() == value, role
@@ -124,11 +125,11 @@ def test_te_fused_rule(case):
         assert state.nonfinite[role].item() == expected_faults.get(role, 0), role
     assert torch.equal(state.scale, PREV_SCALE)
     history, scale = state.amax_history.clone(), state.scale.clone()
-    fallback = python_fallback(history, scale, state.fp8_max, recipe.margin, recipe.amax_compute_algo)
+    fallback = python_fallback(history, scale, state.fp8_max, scaling.margin, scaling.amax_compute_algo)
 
     fp8lab.update_scales(layer)
 
-    exp_history, exp_scale = _te_expected(history, scale, state.fp8_max, recipe.margin, recipe.amax_compute_algo)
+    exp_history, exp_scale = _te_expected(history, scale, state.fp8_max, scaling.margin, scaling.amax_compute_algo)
     assert torch.equal(state.amax_history, exp_history)
     assert torch.equal(state.scale, exp_scale)
     assert [state.faults[r].item() for r in Role] == [expected_faults.get(r, 0) for r in Role]
@@ -158,7 +159,7 @@ def test_te_fused_rule(case):
 def test_a_nan_never_freezes_the_scale_for_the_window():
     """With "max" and TE's default 1024-row window, a NaN element recorded as NaN would keep
     the scale for 1024 steps; ignored, the next step's amax sets it."""
-    layer = fp8lab.Linear(16, 16, recipe=DelayedScaling(), fallback="emulate")
+    layer = fp8lab.Linear(16, 16, fp8=FP8Options(scaling=DelayedScaling(), fallback="emulate"))
     x = torch.ones(2, 16)
     x[0, 0] = math.nan
     _step(layer, x)
@@ -207,7 +208,7 @@ def test_a_model_built_with_a_bfloat16_default_dtype_keeps_float32_scaling_state
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        layer = fp8lab.Linear(16, 16, fallback="emulate")
+        layer = fp8lab.Linear(16, 16, fp8=FP8Options(fallback="emulate"))
     finally:
         torch.set_default_dtype(previous)
     assert layer.weight.dtype == torch.bfloat16

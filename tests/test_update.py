@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import fp8lab
+from fp8lab import FP8Options
 from fp8lab.cast import amaxes_of
 from fp8lab.config import DelayedScaling
 from fp8lab.formats import Role
@@ -32,7 +33,7 @@ def t32(values) -> torch.Tensor:
 
 
 def _linear(k=16, n=16, **recipe_kw) -> fp8lab.Linear:
-    return fp8lab.Linear(k, n, recipe=DelayedScaling(**recipe_kw), fallback="emulate")
+    return fp8lab.Linear(k, n, fp8=FP8Options(scaling=DelayedScaling(**recipe_kw), fallback="emulate"))
 
 
 @pytest.mark.parametrize("h", (1, 4, 31))

@@ -199,7 +199,7 @@ def _restore_hook(module, incompatible_keys) -> None:
 def _build(layer: nn.Module) -> _Handle:
     lib = _import_te()
     device = layer.weight.device
-    recipe_te = te_recipe(layer.recipe)
+    recipe_te = te_recipe(layer.fp8.scaling)
     with torch.cuda.device(device):  # TE allocates its scaling state on the current device
         module = lib.te.Linear(
             layer.in_features,

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from fp8lab.config import DelayedScaling
+from fp8lab.options import FP8Options
 
 PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,7 +101,11 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One model trained in the run: the BF16 baseline, an FP8 variant, or a reference."""
+    """One model trained in the run: the BF16 baseline, an FP8 variant, or a reference.
+
+    The FP8 fields are flat (``--set variants.<name>.backend=...`` sets one) and are
+    checked by building the variant's ``FP8Options`` once, exposed as ``fp8``.
+    """
 
     name: str
     precision: str = "fp8"
@@ -114,10 +119,18 @@ class Variant:
         _check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
                "variant.name", "letters, digits, '_' or '-'", self.name)
         _check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
-        _check(isinstance(self.recipe, DelayedScaling), f"variants.{self.name}.recipe", "a DelayedScaling", self.recipe)
-        _check(self.fallback in ("bf16", "emulate"), f"variants.{self.name}.fallback", "'bf16' or 'emulate'", self.fallback)
+        try:  # FP8Options names the bad field first in its message
+            fp8 = FP8Options(scaling=self.recipe, backend=self.backend, fallback=self.fallback)
+        except ValueError as err:
+            raise ConfigError(f"variants.{self.name}.{err}") from None
+        object.__setattr__(self, "_fp8", fp8)  # not a field: no second copy in to_dict() or the hash
         _check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
         _int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
+
+    @property
+    def fp8(self) -> FP8Options:
+        """The FP8 options every GEMM of this variant's model gets (precision "fp8")."""
+        return self._fp8
 
 
 @dataclass(frozen=True, kw_only=True)

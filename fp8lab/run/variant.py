@@ -9,6 +9,7 @@ only reads scaling state when the runner asks for a log step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -34,9 +35,7 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
         config.model.preset,
         **config.model.overrides(),
         block_size=config.train.block_size,
-        recipe=variant.recipe,
-        backend=variant.backend if fp8 else "bf16",
-        fallback=variant.fallback,
+        fp8=variant.fp8 if fp8 else dataclasses.replace(variant.fp8, backend="bf16"),
         policy=policy if fp8 else None,
     )
     return model.to(device)

@@ -1,0 +1,41 @@
+"""FP8Options: a layer's FP8 settings (scaling recipe, backend, fallback) as one frozen object.
+
+Invariant: an FP8Options is immutable and valid once constructed; this is the only place
+that checks backend and fallback names, and a bad field raises ``ValueError`` whose
+message starts with the field's name and lists the allowed values. Every fp8lab layer,
+``GPT`` and ``convert`` take one ``fp8=`` keyword of this type (None: ``FP8Options()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fp8lab.config import DelayedScaling
+
+BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
+FALLBACKS = ("bf16", "emulate")
+SCALING_RECIPES = (DelayedScaling,)  # the scaling recipes fp8lab implements
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8Options:
+    """How a layer runs its GEMMs in FP8.
+
+    Args:
+        scaling: the scaling recipe (today ``DelayedScaling``; default: TE's defaults).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+    """
+
+    scaling: DelayedScaling = field(default_factory=DelayedScaling)
+    backend: str = "auto"
+    fallback: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scaling, SCALING_RECIPES):
+            names = ", ".join(r.__name__ for r in SCALING_RECIPES)
+            raise ValueError(f"scaling must be a scaling recipe ({names}), got {self.scaling!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
