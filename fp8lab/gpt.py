@@ -186,7 +186,7 @@ class GPT(nn.Module):
         Args:
             name: "tiny" (byte-level, CPU-sized) or "gpt2-124m".
             overrides: any GPTConfig field, or a shorthand for a field of ``fp8``
-                (``scaling=``, ``backend=``, ``fallback=``), e.g. ``fallback="emulate"``.
+                (``scaling=``, ``backend=``, ``fallback=``), e.g. ``fallback="emulated"``.
         """
         return cls.from_config(GPTConfig.from_preset(name, **overrides))
 

@@ -8,12 +8,15 @@ message starts with the field's name and lists the allowed values. Every fp8lab 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from fp8lab.config import DelayedScaling
 
 BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
-FALLBACKS = ("bf16", "emulate")
+FALLBACKS = ("bf16", "emulated")
+# Old spellings still accepted from external code, with a DeprecationWarning: old -> new.
+LEGACY_FALLBACKS = {"emulate": "emulated"}
 SCALING_RECIPES = (DelayedScaling,)  # the scaling recipes fp8lab implements
 
 
@@ -24,7 +27,8 @@ class FP8Options:
     Args:
         scaling: the scaling recipe (today ``DelayedScaling``; default: TE's defaults).
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
+            spelling "emulate" is accepted with a DeprecationWarning).
     """
 
     scaling: DelayedScaling = field(default_factory=DelayedScaling)
@@ -37,5 +41,13 @@ class FP8Options:
             raise ValueError(f"scaling must be a scaling recipe ({names}), got {self.scaling!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fallback in LEGACY_FALLBACKS:
+            new = LEGACY_FALLBACKS[self.fallback]
+            warnings.warn(
+                f"fallback={self.fallback!r} is deprecated; use fallback={new!r}",
+                DeprecationWarning,
+                stacklevel=3,  # the caller of FP8Options(...)
+            )
+            object.__setattr__(self, "fallback", new)
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")

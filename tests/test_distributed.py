@@ -58,7 +58,7 @@ def states(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gpt() -> fp8lab.GPT:
     torch.manual_seed(0)
-    return fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=2, block_size=GPT_BLOCK,
+    return fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=2, block_size=GPT_BLOCK,
                                   scaling=fp8lab.DelayedScaling(amax_history_len=8))
 
 

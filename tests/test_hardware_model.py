@@ -94,7 +94,7 @@ def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeyp
     """Through fp8lab.Linear: with bias, non-power-of-2 scales, every GEMM of the step."""
     monkeypatch.setattr(fp8lab.linear, "executor_for", lambda backend, device: EmulatedExecutor(path))
     torch.manual_seed(1)
-    layer = fp8lab.Linear(256, 192, fp8=FP8Options(fallback="emulate"))
+    layer = fp8lab.Linear(256, 192, fp8=FP8Options(fallback="emulated"))
     scales = torch.tensor([448.0 / 4.7, 448.0 / 0.093, 57344.0 / 0.011])
     layer.fp8_state.scale.copy_(scales)
     s_x, s_w, s_g = scales.unbind()
@@ -139,7 +139,7 @@ def test_this_machine_picks_an_exact_path_and_says_which():
     path = gemm_path("cpu")
     assert path.name == ("onednn-bf16" if cpu_has_native_bf16() else "fp32")
     assert path.reason.startswith("exact GEMM:")
-    layer = fp8lab.Linear(32, 32, fp8=FP8Options(fallback="emulate"))
+    layer = fp8lab.Linear(32, 32, fp8=FP8Options(fallback="emulated"))
     assert layer.plan().reason.endswith(path.reason)
 
 

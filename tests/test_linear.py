@@ -21,7 +21,7 @@ B, T, K, N = 4, 32, 256, 128
 
 
 def _emulated(k: int = K, n: int = N, **kw) -> fp8lab.Linear:
-    return fp8lab.Linear(k, n, fp8=FP8Options(fallback="emulate"), **kw)
+    return fp8lab.Linear(k, n, fp8=FP8Options(fallback="emulated"), **kw)
 
 
 def _step(layer, x, grad_out):

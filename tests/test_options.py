@@ -24,7 +24,7 @@ def test_defaults_are_te_scaling_auto_backend_bf16_fallback():
     "kwargs,message",
     [
         (dict(backend="fp8"), r"^backend must be one of \('auto', 'te', 'scaled_mm', 'emulated', 'bf16'\), got 'fp8'"),
-        (dict(fallback="fp32"), r"^fallback must be one of \('bf16', 'emulate'\), got 'fp32'"),
+        (dict(fallback="fp32"), r"^fallback must be one of \('bf16', 'emulated'\), got 'fp32'"),
         (dict(scaling={"margin": 1}), r"^scaling must be a scaling recipe \(DelayedScaling\)"),
     ],
 )
@@ -54,10 +54,26 @@ def test_from_preset_folds_shorthands_into_fp8():
     scaling = DelayedScaling(margin=1)
     config = GPTConfig.from_preset("tiny", scaling=scaling, backend="bf16")
     assert config.fp8 == FP8Options(scaling=scaling, backend="bf16")
-    base = FP8Options(fallback="emulate")
+    base = FP8Options(fallback="emulated")
     assert GPTConfig.from_preset("tiny", fp8=base, backend="emulated").fp8 == dataclasses.replace(base, backend="emulated")
     assert GPTConfig.from_preset("tiny").fp8 == FP8Options()
     model = fp8lab.GPT.from_preset("tiny", num_layers=1, backend="emulated")
     assert all(m.fp8 is model.config.fp8 for m in model.modules() if isinstance(m, fp8lab.Linear))
     with pytest.raises(ValueError, match="backend must be one of"):
         GPTConfig.from_preset("tiny", backend="fp8")
+
+
+def test_legacy_emulate_spelling_warns_and_means_emulated():
+    """External code still writes fallback="emulate" (DESIGN.md's from_preset example):
+    accepted, normalised to "emulated", with a DeprecationWarning naming the new spelling."""
+    from fp8lab.run.config import Variant
+
+    with pytest.warns(DeprecationWarning, match="fallback='emulate' is deprecated; use fallback='emulated'"):
+        options = FP8Options(fallback="emulate")
+    assert options == FP8Options(fallback="emulated")
+    with pytest.warns(DeprecationWarning, match="use fallback='emulated'"):
+        model = fp8lab.GPT.from_preset("tiny", fallback="emulate")
+    assert model.config.fp8.fallback == "emulated" and model.blocks[0].mlp.fc1.plan().backend == "emulated"
+    with pytest.warns(DeprecationWarning, match="use fallback='emulated'"):
+        variant = Variant(name="fp8", fallback="emulate")
+    assert variant.fallback == "emulated" and variant.fp8 == FP8Options(fallback="emulated")

@@ -41,7 +41,7 @@ def python_fallback(history: torch.Tensor, scale: torch.Tensor, fp8_max: torch.T
 
 def _layer(margin=0, algo="max") -> fp8lab.Linear:
     recipe = DelayedScaling(amax_history_len=H, amax_compute_algo=algo, margin=margin)
-    layer = fp8lab.Linear(16, 16, bias=False, fp8=FP8Options(scaling=recipe, fallback="emulate"))
+    layer = fp8lab.Linear(16, 16, bias=False, fp8=FP8Options(scaling=recipe, fallback="emulated"))
     with torch.no_grad():
         layer.weight.copy_(torch.full((16, 16), 0.5))
         layer.fp8_state.amax_history[1:].fill_(PAST)
@@ -159,7 +159,7 @@ def test_te_fused_rule(case):
 def test_a_nan_never_freezes_the_scale_for_the_window():
     """With "max" and TE's default 1024-row window, a NaN element recorded as NaN would keep
     the scale for 1024 steps; ignored, the next step's amax sets it."""
-    layer = fp8lab.Linear(16, 16, fp8=FP8Options(scaling=DelayedScaling(), fallback="emulate"))
+    layer = fp8lab.Linear(16, 16, fp8=FP8Options(scaling=DelayedScaling(), fallback="emulated"))
     x = torch.ones(2, 16)
     x[0, 0] = math.nan
     _step(layer, x)
@@ -172,7 +172,7 @@ def test_a_nan_never_freezes_the_scale_for_the_window():
 
 @pytest.mark.parametrize("convert", ["to_bf16", "half", "bfloat16", "double"])
 def test_scaling_state_stays_float32_whatever_the_model_dtype(convert):
-    model = fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=1, block_size=16)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1, block_size=16)
     layer = model.blocks[0].mlp.fc1
     layer.fp8_state.amax_history[1, 0] = 1.0 + 2.0**-20  # not representable in bf16 or fp16
     before = layer.fp8_state.amax_history.clone()
@@ -188,7 +188,7 @@ def test_scaling_state_stays_float32_whatever_the_model_dtype(convert):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_model_cast_to_low_precision_trains(dtype):
     torch.manual_seed(0)
-    model = fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=2, block_size=32).to(dtype)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=2, block_size=32).to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x = torch.randint(0, 256, (4, 32))
     losses = []
@@ -208,7 +208,7 @@ def test_a_model_built_with_a_bfloat16_default_dtype_keeps_float32_scaling_state
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        layer = fp8lab.Linear(16, 16, fp8=FP8Options(fallback="emulate"))
+        layer = fp8lab.Linear(16, 16, fp8=FP8Options(fallback="emulated"))
     finally:
         torch.set_default_dtype(previous)
     assert layer.weight.dtype == torch.bfloat16

@@ -33,7 +33,7 @@ def t32(values) -> torch.Tensor:
 
 
 def _linear(k=16, n=16, **recipe_kw) -> fp8lab.Linear:
-    return fp8lab.Linear(k, n, fp8=FP8Options(scaling=DelayedScaling(**recipe_kw), fallback="emulate"))
+    return fp8lab.Linear(k, n, fp8=FP8Options(scaling=DelayedScaling(**recipe_kw), fallback="emulated"))
 
 
 @pytest.mark.parametrize("h", (1, 4, 31))

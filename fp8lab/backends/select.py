@@ -45,7 +45,7 @@ class Plan:
 
 
 def _fallback(fallback: str, why: str) -> Plan:
-    if fallback == "emulate":
+    if fallback == "emulated":
         return Plan("emulated", f"{why}; FP8 emulated in software")
     return Plan("bf16", why)
 
