@@ -60,17 +60,17 @@ def main() -> None:
         raise SystemExit("bench_gpu_block needs a CUDA device with compute capability >= 8.9")
     device = torch.device("cuda")
     x = torch.randn(1, args.seq, args.hidden, device=device, requires_grad=True)
-    recipe = fp8lab.DelayedScaling(amax_history_len=16)
+    scaling = fp8lab.DelayedScaling(amax_history_len=16)
     backends = ["bf16", "scaled_mm"] + (["te"] if probe_te().version else [])
     results = {}
     for backend in backends:
         torch.manual_seed(0)
-        block = fp8lab.TransformerBlock(args.hidden, 4 * args.hidden, args.heads, fp8=FP8Options(scaling=recipe, backend=backend)).to(device)
+        block = fp8lab.TransformerBlock(args.hidden, 4 * args.hidden, args.heads, fp8=FP8Options(scaling=scaling, backend=backend)).to(device)
         region = contextlib.nullcontext
         if backend == "te":
             from fp8lab.backends import te as te_backend
 
-            region = lambda: te_backend.autocast(recipe)  # noqa: E731
+            region = lambda: te_backend.autocast(scaling)  # noqa: E731
         step = step_fn(block, x, region)
         results[backend] = time_ms(step, args.repeats)
         torch.cuda.set_sync_debug_mode("error")  # any host sync in a plain step raises

@@ -1,7 +1,7 @@
 """Cost of ``fp8lab.update_scales`` as a share of a training step, for 12, 24 and 48 blocks.
 
 A training step of a stack of ``fp8lab.TransformerBlock`` (hidden 256, 4 heads, FFN
-1024, seq 128, batch 4, ``fallback="emulated"``, TE's default recipe: amax history
+1024, seq 128, batch 4, ``fallback="emulated"``, TE's default scaling: amax history
 1024) is zero_grad, forward under ``torch.autocast("cpu", bfloat16)``, backward,
 ``AdamW.step()``, then ``update_scales(model)``. Each part is timed inside the same
 step, so the share ``update / whole step`` is paired; the models of different depth

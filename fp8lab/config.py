@@ -1,4 +1,4 @@
-"""DelayedScaling: the FP8 recipe, with Transformer Engine's field names and defaults.
+"""DelayedScaling: per-tensor delayed scaling, with Transformer Engine's field names and defaults.
 
 Invariant: a DelayedScaling is immutable and valid once constructed; every field is
 checked in ``__post_init__`` and a bad one raises ``ValueError`` naming the field.

@@ -1,4 +1,4 @@
-"""FP8Options: a layer's FP8 settings (scaling recipe, backend, fallback) as one frozen object.
+"""FP8Options: a layer's FP8 settings (scaling, backend, fallback) as one frozen object.
 
 Invariant: an FP8Options is immutable and valid once constructed; this is the only place
 that checks backend and fallback names, and a bad field raises ``ValueError`` whose
@@ -17,7 +17,7 @@ BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
 FALLBACKS = ("bf16", "emulated")
 # Old spellings still accepted from external code, with a DeprecationWarning: old -> new.
 LEGACY_FALLBACKS = {"emulate": "emulated"}
-SCALING_RECIPES = (DelayedScaling,)  # the scaling recipes fp8lab implements
+SCALING_TYPES = (DelayedScaling,)  # the scalings fp8lab implements (TE calls them recipes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,7 +25,7 @@ class FP8Options:
     """How a layer runs its GEMMs in FP8.
 
     Args:
-        scaling: the scaling recipe (today ``DelayedScaling``; default: TE's defaults).
+        scaling: how scales are computed (today ``DelayedScaling``; default: TE's defaults).
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
         fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
             spelling "emulate" is accepted with a DeprecationWarning).
@@ -36,9 +36,9 @@ class FP8Options:
     fallback: str = "bf16"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scaling, SCALING_RECIPES):
-            names = ", ".join(r.__name__ for r in SCALING_RECIPES)
-            raise ValueError(f"scaling must be a scaling recipe ({names}), got {self.scaling!r}")
+        if not isinstance(self.scaling, SCALING_TYPES):
+            names = tuple(t.__name__ for t in SCALING_TYPES)
+            raise ValueError(f"scaling must be one of the scaling types {names}, got {self.scaling!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.fallback in LEGACY_FALLBACKS:

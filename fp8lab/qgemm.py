@@ -11,7 +11,7 @@ steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.exact``
             grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
 
 grad_out is E5M2 under "hybrid", E4M3 under "e4m3". x and w are quantized once in the
-forward and the FP8 copies are saved for the backward, as hardware recipes do. All three
+forward and the FP8 copies are saved for the backward, as hardware FP8 training does. All three
 GEMMs round once to the activation dtype (autocast's, else x's), as Transformer Engine's
 Linear does without ``fuse_wgrad_accumulation``; autograd then casts grad_x and grad_w to
 the dtypes of x and w. A BF16 layer runs the same Function with operands rounded to bf16
@@ -32,7 +32,7 @@ def _operand(x_hp, role: Role, state: ScalingState | None, executor, record: boo
     """(values, inverse scale) of one GEMM operand: FP8 with the state's scale, or bf16."""
     if state is None:
         return executor.round(x_hp), None
-    fmt = state.recipe.format_for(role)
+    fmt = state.scaling.format_for(role)
     scale = state.scale[role]
     if record:
         state.record_amax(role, amaxes_of(x_hp))

@@ -24,19 +24,19 @@ class ScalingState(nn.Module):
     """Amax history and scales of the three GEMM operands of one layer.
 
     Args:
-        recipe: the DelayedScaling recipe; its ``amax_history_len`` sets H.
+        scaling: the layer's DelayedScaling; its ``amax_history_len`` sets H.
         device: where the buffers live.
     """
 
-    def __init__(self, recipe: DelayedScaling, device: torch.device | str | None = None):
+    def __init__(self, scaling: DelayedScaling, device: torch.device | str | None = None):
         super().__init__()
-        self.recipe = recipe
-        history_len = recipe.amax_history_len
+        self.scaling = scaling
+        history_len = scaling.amax_history_len
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("amax_history", torch.zeros(history_len, 3, **f32))
         self.register_buffer("scale", torch.ones(3, **f32))
         # fp8_max per role, kept on the device so update_scales never copies it from the host.
-        self.register_buffer("fp8_max", torch.tensor(recipe.fp8_max, **f32), persistent=False)
+        self.register_buffer("fp8_max", torch.tensor(scaling.fp8_max, **f32), persistent=False)
         self.register_buffer("stats", torch.zeros(3, len(STAT_NAMES), **f32), persistent=False)
         # Casts whose tensor held NaN or inf, per role: ``nonfinite`` since the last update
         # (MAX-reduced with row 0 under torch.distributed), added by update_scales into
@@ -74,7 +74,7 @@ class ScalingState(nn.Module):
         return super()._apply(keep_float32, recurse)
 
     def extra_repr(self) -> str:
-        r = self.recipe
+        r = self.scaling
         return (
             f"format={r.fp8_format}, history={r.amax_history_len}, "
             f"algo={r.amax_compute_algo}, margin={r.margin}"
@@ -94,8 +94,8 @@ class ScalingState(nn.Module):
         if tuple(history.shape) != tuple(self.amax_history.shape):
             raise ValueError(
                 f"{prefix}amax_history has shape {tuple(history.shape)} in the checkpoint but "
-                f"this layer's recipe needs {tuple(self.amax_history.shape)} "
-                f"(amax_history_len={self.recipe.amax_history_len}, roles {ROLE_NAMES})"
+                f"this layer's scaling needs {tuple(self.amax_history.shape)} "
+                f"(amax_history_len={self.scaling.amax_history_len}, roles {ROLE_NAMES})"
             )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

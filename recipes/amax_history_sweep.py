@@ -5,7 +5,7 @@ from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
 
 SWEEP = tuple(
     Variant(name=f"fp8_h{length}_{algo}", precision="fp8", fallback="emulated",
-            recipe=DelayedScaling(amax_history_len=length, amax_compute_algo=algo))
+            scaling=DelayedScaling(amax_history_len=length, amax_compute_algo=algo))
     for length in (1, 16, 1024)
     for algo in ("max", "most_recent")
 )

@@ -16,6 +16,6 @@ def config() -> RunConfig:
                           log_interval=10, eval_interval=100, eval_batches=8),
         variants=(
             Variant(name="bf16", precision="bf16"),
-            Variant(name="fp8", precision="fp8", recipe=DelayedScaling(amax_history_len=16), fallback="emulated"),
+            Variant(name="fp8", precision="fp8", scaling=DelayedScaling(amax_history_len=16), fallback="emulated"),
         ),
     )

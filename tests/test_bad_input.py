@@ -23,7 +23,7 @@ RECIPES = {  # recipe file body -> the message it must produce
     "bad_precision": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='x', precision='fp4')))\n",
                       "variants.x.precision must be one of"),
     "negative_steps": ("def config():\n    return RunConfig(name='r', train=TrainConfig(steps=-5))\n", "train.steps must be an int >= 1"),
-    "bad_margin": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', recipe=DelayedScaling(margin=-1))))\n",
+    "bad_margin": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', scaling=DelayedScaling(margin=-1))))\n",
                    "margin must be an int >= 0"),
     "backend_typo": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', backend='emulted')))\n",
                      "variants.f.backend must be one of"),

@@ -27,7 +27,7 @@ from fp8lab.run.distributed import Distributed, token_loss
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 150  # a hung collective fails the test instead of hanging it
-RECIPE = fp8lab.DelayedScaling(amax_history_len=4)
+SCALING = fp8lab.DelayedScaling(amax_history_len=4)
 OUTLIER = 1e4
 GPT_STEPS, GPT_BATCH, GPT_BLOCK, GPT_LR = 20, 4, 32, 1e-3
 
@@ -35,7 +35,7 @@ GPT_STEPS, GPT_BATCH, GPT_BLOCK, GPT_LR = 20, 4, 32, 1e-3
 # ---------------------------------------------------------------- shared by ranks and references
 def small_model(num_layers: int) -> nn.Sequential:
     torch.manual_seed(0)
-    layers = [fp8lab.Linear(16, 16, fp8=FP8Options(scaling=RECIPE, backend="emulated")) for _ in range(num_layers)]
+    layers = [fp8lab.Linear(16, 16, fp8=FP8Options(scaling=SCALING, backend="emulated")) for _ in range(num_layers)]
     return nn.Sequential(*layers)
 
 

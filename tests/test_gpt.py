@@ -131,8 +131,8 @@ EXPECTED_KEYS = [
 
 
 def test_state_dict_keys_contract():
-    recipe = fp8lab.DelayedScaling(amax_history_len=16)
-    sd = small_gpt(fp8=FP8Options(scaling=recipe)).state_dict()
+    scaling = fp8lab.DelayedScaling(amax_history_len=16)
+    sd = small_gpt(fp8=FP8Options(scaling=scaling)).state_dict()
     assert list(sd) == EXPECTED_KEYS
     assert sd["blocks.0.attn.qkv.fp8_state.amax_history"].shape == (16, 3)
     assert sd["blocks.0.attn.qkv.fp8_state.scale"].shape == (3,)
@@ -143,9 +143,9 @@ def test_state_dict_keys_contract():
 
 
 def test_state_dict_round_trip_is_bit_exact():
-    recipe = fp8lab.DelayedScaling(amax_history_len=8)
+    scaling = fp8lab.DelayedScaling(amax_history_len=8)
     torch.manual_seed(0)
-    trained = small_gpt(num_layers=2, fp8=FP8Options(scaling=recipe, fallback="emulated"))
+    trained = small_gpt(num_layers=2, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (4, 16))
     for _ in range(2):
@@ -156,7 +156,7 @@ def test_state_dict_round_trip_is_bit_exact():
     loaded = torch.load(buf, weights_only=True)
 
     torch.manual_seed(1)
-    fresh = small_gpt(num_layers=2, fp8=FP8Options(scaling=recipe, fallback="emulated"))
+    fresh = small_gpt(num_layers=2, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     before = fresh.state_dict()
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])
     assert not torch.equal(before["blocks.1.mlp.fc2.fp8_state.scale"], loaded["blocks.1.mlp.fc2.fp8_state.scale"])

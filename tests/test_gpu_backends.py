@@ -38,7 +38,7 @@ needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA device with com
 needs_te = pytest.mark.skipif(not HAS_TE, reason="Transformer Engine not installed")
 
 RTOL, ATOL, MIN_SQNR_DB = 0.125, 0.0675, 25.0
-RECIPE = DelayedScaling(amax_history_len=4)  # short, so the window rolls over within a test
+SCALING = DelayedScaling(amax_history_len=4)  # short, so the window rolls over within a test
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -102,8 +102,8 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner):
 def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
-    ref = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="emulated"), device="cuda")
-    hw = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="scaled_mm"), device="cuda")
+    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
+    hw = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="scaled_mm"), device="cuda")
     hw.load_state_dict(ref.state_dict())
     assert hw.plan().backend == "scaled_mm"
     for step in range(5):  # step 0 runs at scale 1, later steps at the updated scales
@@ -121,7 +121,7 @@ def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
 def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
     x, g = tokens
     torch.manual_seed(0)
-    cpu = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="emulated"))
+    cpu = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"))
     gpu = copy.deepcopy(cpu).cuda()
     for step in range(3):
         want, got = run_step(cpu, x, g), run_step(gpu, x.cuda(), g.cuda())
@@ -139,8 +139,8 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
 
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
-    ref = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="emulated"), device="cuda")
-    tel = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="te"), device="cuda")
+    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
+    tel = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     tel.load_state_dict(ref.state_dict())
     assert tel.plan().backend == "te"
     for step in range(5):
@@ -172,7 +172,7 @@ def test_te_state_checkpoint_round_trip(tokens, te_reset):
     from fp8lab.backends.te import _HANDLE, _handle, read_te_scaling
 
     x, g = (t.cuda() for t in tokens)
-    src = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="te"), device="cuda")
+    src = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     for _ in range(3):
         run_step(src, x, g)
     buf = io.BytesIO()
@@ -182,11 +182,11 @@ def test_te_state_checkpoint_round_trip(tokens, te_reset):
     assert torch.equal(saved["fp8_state.amax_history"].cuda(), want_history)
     assert (saved["fp8_state.scale"] != 1).any()
 
-    fresh = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="te"), device="cuda")
+    fresh = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     fresh.load_state_dict(saved)  # before TE exists: restored when it is built
     history, scale = read_te_scaling(_handle(fresh).module)
     assert torch.equal(history, want_history) and torch.equal(scale, want_scale)
-    built = Linear(256, 128, fp8=FP8Options(scaling=RECIPE, backend="te"), device="cuda")
+    built = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     run_step(built, x, g)  # TE exists now ...
     built.load_state_dict(saved)  # ... so the load hook restores it
     history, scale = read_te_scaling(built.__dict__[_HANDLE].module)
@@ -209,9 +209,9 @@ def _teacher_batches(steps: int):
 def _train(backend: str, region: bool, steps: int = 60) -> tuple[float, float]:
     torch.manual_seed(3)
     model = nn.Sequential(
-        Linear(64, 256, fp8=FP8Options(scaling=RECIPE, backend=backend), device="cuda"),
+        Linear(64, 256, fp8=FP8Options(scaling=SCALING, backend=backend), device="cuda"),
         nn.GELU(),
-        Linear(256, 64, fp8=FP8Options(scaling=RECIPE, backend=backend), device="cuda"),
+        Linear(256, 64, fp8=FP8Options(scaling=SCALING, backend=backend), device="cuda"),
     )
     assert model[0].plan().backend == backend
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -220,7 +220,7 @@ def _train(backend: str, region: bool, steps: int = 60) -> tuple[float, float]:
         if region:
             from fp8lab.backends.te import autocast as te_autocast
 
-            ctx = te_autocast(RECIPE)
+            ctx = te_autocast(SCALING)
         else:
             ctx = contextlib.nullcontext()
         with ctx, torch.autocast("cuda", dtype=torch.bfloat16):

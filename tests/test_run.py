@@ -114,9 +114,9 @@ def test_overrides_are_typed_and_reach_every_fp8_variant():
     config = load_recipe(ROOT / "recipes" / "amax_history_sweep.py")
     config = apply_overrides(config, ["fp8.margin=2", "train.lr=0.001", "fp8.reduce_amax=false"])
     fp8 = [v for v in config.variants if v.precision == "fp8"]
-    assert len(fp8) == 6 and all(v.recipe.margin == 2 and v.recipe.reduce_amax is False for v in fp8)
+    assert len(fp8) == 6 and all(v.scaling.margin == 2 and v.scaling.reduce_amax is False for v in fp8)
     assert config.train.lr == 0.001
-    assert {v.recipe.amax_history_len for v in fp8} == {1, 16, 1024}  # untouched fields survive
+    assert {v.scaling.amax_history_len for v in fp8} == {1, 16, 1024}  # untouched fields survive
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.stem)

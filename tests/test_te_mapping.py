@@ -1,6 +1,6 @@
 """The Transformer Engine backend's pure parts, on CPU without TE.
 
-Recipe mapping: fp8lab's DelayedScaling -> TE's DelayedScaling keyword arguments (TE's
+Scaling mapping: fp8lab's DelayedScaling -> TE's DelayedScaling recipe keyword arguments (TE's
 field names and defaults from transformer_engine/common/recipe/__init__.py, 2.20.2).
 Scaling-state mapping: TE's fp8_meta (forward [input, weight, output], backward
 [grad_output, grad_input]) <-> fp8lab's columns (input, weight, grad_output), exact.
@@ -23,19 +23,19 @@ TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_a
 TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
 
 
-def test_default_recipe_maps_to_te_defaults():
+def test_default_scaling_maps_to_te_defaults():
     assert te_recipe_kwargs(DelayedScaling()) == TE_DEFAULTS
 
 
 def test_every_fp8lab_field_is_mapped():
-    """A field added to fp8lab's recipe without a TE mapping fails here."""
+    """A field added to fp8lab's DelayedScaling without a TE mapping fails here."""
     names = {f.name for f in dataclasses.fields(DelayedScaling)}
     assert set(te_recipe_kwargs(DelayedScaling())) == names
 
 
-def test_non_default_recipe_maps_field_by_field():
-    recipe = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
-    assert te_recipe_kwargs(recipe) == {
+def test_non_default_scaling_maps_field_by_field():
+    scaling = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
+    assert te_recipe_kwargs(scaling) == {
         "fp8_format": "E4M3",
         "amax_history_len": 16,
         "amax_compute_algo": "most_recent",

@@ -40,8 +40,8 @@ def python_fallback(history: torch.Tensor, scale: torch.Tensor, fp8_max: torch.T
 
 
 def _layer(margin=0, algo="max") -> fp8lab.Linear:
-    recipe = DelayedScaling(amax_history_len=H, amax_compute_algo=algo, margin=margin)
-    layer = fp8lab.Linear(16, 16, bias=False, fp8=FP8Options(scaling=recipe, fallback="emulated"))
+    scaling = DelayedScaling(amax_history_len=H, amax_compute_algo=algo, margin=margin)
+    layer = fp8lab.Linear(16, 16, bias=False, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     with torch.no_grad():
         layer.weight.copy_(torch.full((16, 16), 0.5))
         layer.fp8_state.amax_history[1:].fill_(PAST)

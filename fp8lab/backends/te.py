@@ -17,7 +17,7 @@ its own schedule, never through ``fp8lab.update_scales`` (which leaves these lay
   own region when none is open, so with N TE layers each history rolls N times per step
   (N - 1 times with a zero row): scales still match TE's for "most_recent", and for
   "max" the window covers ~amax_history_len / N steps. Wrap the model's forward in
-  ``fp8lab.backends.te.autocast(recipe)`` for TE's exact once-per-step cadence.
+  ``fp8lab.backends.te.autocast(scaling)`` for TE's exact once-per-step cadence.
 - ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it (the
   telemetry collector calls ``sync_te_scaling(model)``; ``state_dict()`` does it
   through a hook), and ``restore_te`` copies it back when the TE module is built and
@@ -48,18 +48,18 @@ TE_TOKEN_MULTIPLE = 16  # TE's FP8 GEMM wants the token count % 8 (its docs say 
 _HANDLE = "_fp8lab_te"  # key in layer.__dict__
 
 
-def te_recipe_kwargs(recipe: DelayedScaling) -> dict:
-    """Keyword arguments of TE's ``DelayedScaling`` equal to an fp8lab recipe.
+def te_recipe_kwargs(scaling: DelayedScaling) -> dict:
+    """Keyword arguments of TE's ``DelayedScaling`` recipe equal to fp8lab's ``scaling``.
 
     ``fp8_format`` is the *name* of the ``transformer_engine.common.recipe.Format`` member
     ("HYBRID" or "E4M3"), so this runs without TE; ``te_recipe`` resolves it.
     """
     return {
-        "fp8_format": _TE_FORMATS[recipe.fp8_format],
-        "amax_history_len": recipe.amax_history_len,
-        "amax_compute_algo": recipe.amax_compute_algo,
-        "margin": recipe.margin,
-        "reduce_amax": recipe.reduce_amax,
+        "fp8_format": _TE_FORMATS[scaling.fp8_format],
+        "amax_history_len": scaling.amax_history_len,
+        "amax_compute_algo": scaling.amax_compute_algo,
+        "margin": scaling.margin,
+        "reduce_amax": scaling.reduce_amax,
     }
 
 
@@ -88,7 +88,7 @@ def copy_into_te_meta_(history: torch.Tensor, scale: torch.Tensor, te_meta: dict
         if te_history.shape[0] != history.shape[0]:
             raise ValueError(
                 f"amax_history_len differs: fp8lab state has {history.shape[0]} rows, "
-                f"TE's {key} has {te_history.shape[0]} (use the layer's recipe in te.autocast)"
+                f"TE's {key} has {te_history.shape[0]} (use the layer's scaling in te.autocast)"
             )
         te_history[:, i].copy_(history[:, role])
         te_scale[i].copy_(scale[role])
@@ -108,30 +108,30 @@ def _import_te() -> SimpleNamespace:
             f"backend 'te' needs `import transformer_engine.pytorch`, which failed: {exc}. "
             "Reinstall it for this torch (pip install 'fp8lab[te]') or use backend='scaled_mm'"
         ) from exc
-    return SimpleNamespace(te=te, recipe=recipe, manager=FP8GlobalStateManager)
+    return SimpleNamespace(te=te, recipe_module=recipe, manager=FP8GlobalStateManager)
 
 
-def te_recipe(recipe: DelayedScaling):
-    """TE's ``DelayedScaling`` equal to ``recipe`` (needs Transformer Engine)."""
-    kwargs = te_recipe_kwargs(recipe)
-    te_recipe_module = _import_te().recipe
+def te_recipe(scaling: DelayedScaling):
+    """TE's ``DelayedScaling`` recipe equal to ``scaling`` (needs Transformer Engine)."""
+    kwargs = te_recipe_kwargs(scaling)
+    te_recipe_module = _import_te().recipe_module
     kwargs["fp8_format"] = te_recipe_module.Format[kwargs["fp8_format"]]
     return te_recipe_module.DelayedScaling(**kwargs)
 
 
-def _region(te, recipe_te):
+def _region(te, te_recipe_obj):
     if hasattr(te, "autocast"):  # TE >= 2.8
-        return te.autocast(enabled=True, recipe=recipe_te)
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe_te)
+        return te.autocast(enabled=True, recipe=te_recipe_obj)
+    return te.fp8_autocast(enabled=True, fp8_recipe=te_recipe_obj)
 
 
-def autocast(recipe: DelayedScaling | None = None):
+def autocast(scaling: DelayedScaling | None = None):
     """One TE FP8 region around a whole forward: TE's once-per-step scaling update.
 
-    ``with fp8lab.backends.te.autocast(recipe): loss = model(x)``. Layers inside use
-    this region's recipe (pass the one the layers were built with).
+    ``with fp8lab.backends.te.autocast(scaling): loss = model(x)``. Layers inside use
+    this region's scaling (pass the one the layers were built with).
     """
-    return _region(_import_te().te, te_recipe(recipe if recipe is not None else DelayedScaling()))
+    return _region(_import_te().te, te_recipe(scaling if scaling is not None else DelayedScaling()))
 
 
 def _te_meta(te_module: nn.Module) -> dict:
@@ -150,7 +150,7 @@ def read_te_scaling(te_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 class _Handle:
     te: SimpleNamespace
     module: nn.Module  # the te.Linear
-    recipe: object  # TE's DelayedScaling for this layer
+    te_recipe: object  # TE's DelayedScaling recipe for this layer
     device: torch.device
     warned: bool = False
 
@@ -166,7 +166,7 @@ def sync_from_te(layer: nn.Module) -> None:
     if history.shape != state.amax_history.shape:
         raise ValueError(
             f"TE's amax history is {tuple(history.shape)} but fp8_state's is "
-            f"{tuple(state.amax_history.shape)}: the te.autocast recipe differs from the layer's"
+            f"{tuple(state.amax_history.shape)}: the te.autocast scaling differs from the layer's"
         )
     state.amax_history.copy_(history)
     state.scale.copy_(scale)
@@ -199,7 +199,7 @@ def _restore_hook(module, incompatible_keys) -> None:
 def _build(layer: nn.Module) -> _Handle:
     lib = _import_te()
     device = layer.weight.device
-    recipe_te = te_recipe(layer.fp8.scaling)
+    layer_te_recipe = te_recipe(layer.fp8.scaling)
     with torch.cuda.device(device):  # TE allocates its scaling state on the current device
         module = lib.te.Linear(
             layer.in_features,
@@ -214,9 +214,9 @@ def _build(layer: nn.Module) -> _Handle:
         # TE creates its scaling tensors at the first FP8 forward; create them now so a
         # checkpoint's state is in place before TE's first cast. Under no_grad the
         # region's exit updates no scales.
-        with torch.no_grad(), _region(lib.te, recipe_te):
+        with torch.no_grad(), _region(lib.te, layer_te_recipe):
             module.init_fp8_metadata(num_gemms=1)
-    return _Handle(lib, module, recipe_te, device)
+    return _Handle(lib, module, layer_te_recipe, device)
 
 
 def _handle(layer: nn.Module) -> _Handle:
@@ -240,19 +240,19 @@ def _handle(layer: nn.Module) -> _Handle:
 
 def _fp8_region(handle: _Handle):
     if handle.te.manager.is_fp8_enabled():
-        return contextlib.nullcontext()  # the caller's region owns the recipe and the cadence
+        return contextlib.nullcontext()  # the caller's region owns the TE recipe and the cadence
     if not handle.warned:
         handle.warned = True
         warnings.warn(
             "fp8lab.Linear(backend='te') opened its own te.autocast region. Transformer "
             "Engine updates the scaling of all its modules at every region exit, so with "
             "several TE layers each amax history rolls once per layer per step. Wrap the "
-            "model's forward in `with fp8lab.backends.te.autocast(recipe):` for TE's "
+            "model's forward in `with fp8lab.backends.te.autocast(scaling):` for TE's "
             "once-per-step update.",
             RuntimeWarning,
             stacklevel=3,
         )
-    return _region(handle.te.te, handle.recipe)
+    return _region(handle.te.te, handle.te_recipe)
 
 
 def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

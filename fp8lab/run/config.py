@@ -109,7 +109,7 @@ class Variant:
 
     name: str
     precision: str = "fp8"
-    recipe: DelayedScaling = field(default_factory=DelayedScaling)
+    scaling: DelayedScaling = field(default_factory=DelayedScaling)
     backend: str = "auto"
     fallback: str = "emulated"
     keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
@@ -120,7 +120,7 @@ class Variant:
                "variant.name", "letters, digits, '_' or '-'", self.name)
         _check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
         try:  # FP8Options names the bad field first in its message
-            fp8 = FP8Options(scaling=self.recipe, backend=self.backend, fallback=self.fallback)
+            fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback)
         except ValueError as err:
             raise ConfigError(f"variants.{self.name}.{err}") from None
         object.__setattr__(self, "fallback", fp8.fallback)  # the legacy "emulate" is stored as "emulated"

@@ -285,7 +285,7 @@ def check_world_size(config: RunConfig, world_size: int) -> None:
 
 
 def hparams_of(config: RunConfig, variant) -> dict:
-    r = variant.recipe
+    r = variant.scaling
     return {
         "variant": variant.name, "precision": variant.precision, "fp8_format": r.fp8_format,
         "amax_history_len": r.amax_history_len, "amax_compute_algo": r.amax_compute_algo,
