@@ -4,7 +4,7 @@ NOT YET RUN: written in a session without a GPU (no figure in BENCHMARKS.md come
 it). On a CUDA device with compute capability >= 8.9 it times, with CUDA events and a
 median over repeats, a TransformerBlock at hidden 4096, sequence 2048 (batch 1) with
 backend "bf16", "scaled_mm" and, if Transformer Engine imports, "te" (inside one
-``fp8lab.backends.te.autocast`` region, TE's once-per-step cadence). It then runs a step under
+``fp8lab.gemm.backends.te.autocast`` region, TE's once-per-step cadence). It then runs a step under
 ``torch.cuda.set_sync_debug_mode("error")`` to show that no host sync happens between
 log steps. Target (issue 8): FP8 >= 1.3x BF16. Not written yet: the comparison with a
 raw ``te.TransformerLayer`` (fp8lab's overhead over TE, target <= 3%).
@@ -22,7 +22,7 @@ import torch
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.backends.select import probe_te
+from fp8lab.gemm.backends.select import probe_te
 
 
 def step_fn(block: torch.nn.Module, x: torch.Tensor, region) -> callable:
@@ -68,7 +68,7 @@ def main() -> None:
         block = fp8lab.TransformerBlock(args.hidden, 4 * args.hidden, args.heads, fp8=FP8Options(scaling=scaling, backend=backend)).to(device)
         region = contextlib.nullcontext
         if backend == "te":
-            from fp8lab.backends import te as te_backend
+            from fp8lab.gemm.backends import te as te_backend
 
             region = lambda: te_backend.autocast(scaling)  # noqa: E731
         step = step_fn(block, x, region)

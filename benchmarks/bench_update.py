@@ -26,8 +26,8 @@ if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
-from fp8lab import FP8Options  # noqa: E402
 from benchmarks.common import append_section, load_average, markdown_table, summary  # noqa: E402
+from fp8lab import FP8Options  # noqa: E402
 
 HIDDEN, HEADS, FFN, SEQ, BATCH = 256, 4, 1024, 128, 4
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from fp8lab.config import DelayedScaling
+from fp8lab.scaling.delayed import DelayedScaling
 
 BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
 FALLBACKS = ("bf16", "emulated")

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from fp8lab.backends.select import (
+from fp8lab.gemm.backends.select import (
     BackendUnavailable,
     DeviceFacts,
     Plan,

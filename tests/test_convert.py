@@ -17,11 +17,11 @@ from torch import nn
 
 import fp8lab
 from fp8lab import FP8Options, GPT, PrecisionPolicy
-from fp8lab.backends.select import DeviceFacts, TEFacts
-from fp8lab.convert import SKIP_REASON_ATTR
-from fp8lab.describe import LayerRow, plan_for
-from fp8lab.exact import gemm_path
-from fp8lab.linear import Linear
+from fp8lab.gemm.backends.select import DeviceFacts, TEFacts
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.layers.convert import SKIP_REASON_ATTR
+from fp8lab.layers.describe import LayerRow, plan_for
+from fp8lab.layers.linear import Linear
 from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
 H100 = DeviceFacts("cuda", (9, 0), "H100")
@@ -149,7 +149,7 @@ def test_converted_model_trains_with_emulated_fp8(one_thread):
         losses.append(loss.detach())
     first, last = losses[0].item(), torch.stack(losses[-5:]).mean().item()
     assert last < 0.6 * first, (first, last)
-    assert all(not torch.equal(s.scale, torch.ones(3)) for s in fp8lab.update.scaling_states(model))
+    assert all(not torch.equal(s.scale, torch.ones(3)) for s in fp8lab.scaling.update.scaling_states(model))
 
 
 def test_convert_applies_policy_and_handles_odd_cases():

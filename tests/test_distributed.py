@@ -52,7 +52,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor) -> None:
 
 def states(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(histories (L, H, 3), scales (L, 3)) copies of every layer's scaling state."""
-    found = fp8lab.update.scaling_states(model)
+    found = fp8lab.scaling.update.scaling_states(model)
     return torch.stack([s.amax_history.clone() for s in found]), torch.stack([s.scale.clone() for s in found])
 
 
@@ -139,7 +139,7 @@ def rank_scenarios(rank: int) -> dict:
     forward_backward(model, x_nan)
     fp8lab.update_scales(model)
     out["states_nan"] = states(model)
-    out["faults_nan"] = torch.stack([s.faults.clone() for s in fp8lab.update.scaling_states(model)])
+    out["faults_nan"] = torch.stack([s.faults.clone() for s in fp8lab.scaling.update.scaling_states(model)])
 
     ddp = Distributed(rank, WORLD, rank, torch.device("cpu")).wrap(gpt())
     data = sampler()

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from fp8lab import DelayedScaling, FP8Options, Linear, update_scales
-from fp8lab.backends.select import probe_te
-from fp8lab.cast import cast_to_fp8
-from fp8lab.executors import EmulatedExecutor, ScaledMMExecutor
 from fp8lab.formats import E4M3, E5M2
+from fp8lab.gemm.backends.emulated import EmulatedExecutor
+from fp8lab.gemm.backends.scaled_mm import ScaledMMExecutor
+from fp8lab.gemm.backends.select import probe_te
+from fp8lab.quantize import cast_to_fp8
 
 pytestmark = pytest.mark.gpu
 
@@ -73,7 +74,7 @@ def tokens():
 @pytest.fixture
 def te_reset():
     """TE keeps process-global scaling buffers; start each TE test from a clean one."""
-    from fp8lab.backends.te import _import_te
+    from fp8lab.gemm.backends.te import _import_te
 
     _import_te().manager.reset()
     yield
@@ -135,7 +136,7 @@ def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
 @needs_te
 @needs_fp8
 def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
-    from fp8lab.backends.te import _HANDLE, read_te_scaling, sync_te_scaling
+    from fp8lab.gemm.backends.te import _HANDLE, read_te_scaling, sync_te_scaling
 
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
@@ -169,7 +170,7 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
 @needs_fp8
 @pytest.mark.filterwarnings("ignore:fp8lab.Linear\\(backend='te'\\) opened:RuntimeWarning")
 def test_te_state_checkpoint_round_trip(tokens, te_reset):
-    from fp8lab.backends.te import _HANDLE, _handle, read_te_scaling
+    from fp8lab.gemm.backends.te import _HANDLE, _handle, read_te_scaling
 
     x, g = (t.cuda() for t in tokens)
     src = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
@@ -218,7 +219,7 @@ def _train(backend: str, region: bool, steps: int = 60) -> tuple[float, float]:
     losses = []
     for x, target in _teacher_batches(steps):
         if region:
-            from fp8lab.backends.te import autocast as te_autocast
+            from fp8lab.gemm.backends.te import autocast as te_autocast
 
             ctx = te_autocast(SCALING)
         else:

@@ -1,4 +1,4 @@
-"""The emulation computes what a Hopper GEMM computes (the hardware model of fp8lab.exact).
+"""The emulation computes what a Hopper GEMM computes (the hardware model of fp8lab.gemm.exact).
 
 Reference, in float64 then float32 tensor ops: the exact sum of the products of the FP8
 operand values (float64 holds it exactly at these sizes), rounded once to float32 (the
@@ -20,10 +20,12 @@ import torch
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.cast import cast_to_fp8
-from fp8lab.exact import GemmPath, cpu_has_native_bf16, gemm_path
-from fp8lab.executors import BF16Executor, EmulatedExecutor, ScaledMMExecutor
 from fp8lab.formats import E4M3, E5M2, Role
+from fp8lab.gemm.backends.bf16 import BF16Executor
+from fp8lab.gemm.backends.emulated import EmulatedExecutor
+from fp8lab.gemm.backends.scaled_mm import ScaledMMExecutor
+from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16, gemm_path
+from fp8lab.quantize import cast_to_fp8
 
 FP32_PATH = GemmPath("fp32", torch.float32, "fp32 (forced by the test)")
 ONEDNN_PATH = GemmPath("onednn-bf16", torch.bfloat16, "oneDNN bf16 (forced by the test)")
@@ -70,7 +72,7 @@ def test_emulated_gemm_is_the_hardware_model(path, out_dtype):
     x_ref, w_ref = cast_to_fp8(x, s_x, E4M3).double(), cast_to_fp8(w, s_w, E4M3).double()
     assert torch.equal(x_q.double(), x_ref) and torch.equal(w_q.double(), w_ref)
     inv_x, inv_w = s_x.reciprocal(), s_w.reciprocal()
-    b = fp8lab.exact.epilogue_bias(bias, out_dtype, fp8=True)
+    b = fp8lab.gemm.exact.epilogue_bias(bias, out_dtype, fp8=True)
 
     out = executor.gemm(x_q, w_q.t(), inv_x, inv_w, out_dtype, b)
     ref = hw_reference(x_ref, w_ref.T, inv_x * inv_w, b, out_dtype)
@@ -92,7 +94,7 @@ def _quantized(x, scale, fmt):
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "fp32"])
 def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeypatch):
     """Through fp8lab.Linear: with bias, non-power-of-2 scales, every GEMM of the step."""
-    monkeypatch.setattr(fp8lab.linear, "executor_for", lambda backend, device: EmulatedExecutor(path))
+    monkeypatch.setattr(fp8lab.layers.linear, "executor_for", lambda backend, device: EmulatedExecutor(path))
     torch.manual_seed(1)
     layer = fp8lab.Linear(256, 192, fp8=FP8Options(fallback="emulated"))
     scales = torch.tensor([448.0 / 4.7, 448.0 / 0.093, 57344.0 / 0.011])
@@ -108,7 +110,7 @@ def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeyp
     x_q = _quantized(x.detach().reshape(-1, 256), s_x, E4M3)
     w_q = _quantized(layer.weight.detach(), s_w, E4M3)
     g_q = _quantized(g.to(dtype).reshape(-1, 192), s_g, E5M2)
-    bias = fp8lab.exact.epilogue_bias(layer.bias.detach(), dtype, fp8=True)
+    bias = fp8lab.gemm.exact.epilogue_bias(layer.bias.detach(), dtype, fp8=True)
     refs = {
         "fprop": (y.reshape(-1, 192), hw_reference(x_q, w_q.T, s_x.reciprocal() * s_w.reciprocal(), bias, dtype)),
         "dgrad": (x.grad.reshape(-1, 256), hw_reference(g_q, w_q, s_g.reciprocal() * s_w.reciprocal(), None, dtype)),
@@ -127,7 +129,7 @@ def test_bf16_executor_is_the_bf16_hardware_model(path):
     gen = torch.Generator().manual_seed(2)
     x, w, bias = torch.randn(64, 96, generator=gen), torch.randn(80, 96, generator=gen), torch.randn(80, generator=gen)
     executor = BF16Executor(path)
-    b = fp8lab.exact.epilogue_bias(bias, torch.bfloat16, fp8=False)
+    b = fp8lab.gemm.exact.epilogue_bias(bias, torch.bfloat16, fp8=False)
     out = executor.gemm(executor.round(x), executor.round(w).t(), None, None, torch.bfloat16, b)
     ref = hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, b, torch.bfloat16)
     assert equal_fraction(out, ref) >= BF16_EQUAL
@@ -169,7 +171,7 @@ def test_scaled_mm_executor_on_cpu_equals_the_emulation(tokens, scales, exact):
     bias = torch.randn(n, generator=gen)
     s_x, s_w, s_g = scales.unbind()
     emu, smm = EmulatedExecutor(FP32_PATH), ScaledMMExecutor()
-    b = fp8lab.exact.epilogue_bias(bias, torch.bfloat16, fp8=True)
+    b = fp8lab.gemm.exact.epilogue_bias(bias, torch.bfloat16, fp8=True)
     with torch.backends.mkldnn.flags(enabled=False):
         for name, (a_x, a_s, a_f), (b_x, b_s, b_f), transpose, bias_ in [
             ("fprop", (x, s_x, E4M3), (w, s_w, E4M3), "b", b),

@@ -140,10 +140,10 @@ class _HostReads(TorchDispatchMode):
 
 
 def _force_gemm_path(monkeypatch, path):
-    from fp8lab.executors import BF16Executor, EmulatedExecutor
-
+    from fp8lab.gemm.backends.bf16 import BF16Executor
+    from fp8lab.gemm.backends.emulated import EmulatedExecutor
     executors = {"emulated": EmulatedExecutor(path), "bf16": BF16Executor(path)}
-    monkeypatch.setattr(fp8lab.linear, "executor_for", lambda backend, device: executors[backend])
+    monkeypatch.setattr(fp8lab.layers.linear, "executor_for", lambda backend, device: executors[backend])
 
 
 @pytest.mark.parametrize("path_name", ["fp32", "onednn-bf16"])
@@ -154,7 +154,7 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM (the inverse scale). Each is
     a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
     with CUDA's sync debug mode)."""
-    from fp8lab.exact import GemmPath, cpu_has_native_bf16
+    from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16
 
     if path_name == "onednn-bf16" and not cpu_has_native_bf16():
         pytest.skip("this CPU has no native BF16 GEMM (oneDNN bf16 path unavailable)")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp8lab.cast import cast_to_fp8
-from fp8lab.config import DelayedScaling
-from fp8lab.executors import ScaledMMExecutor, _a_operand, _b_operand
 from fp8lab.formats import E4M3, E5M2
-from fp8lab.qgemm import _QuantizedLinear  # quantized_linear's torch.autocast has no "meta"
-from fp8lab.state import ScalingState
+from fp8lab.gemm.backends.scaled_mm import ScaledMMExecutor, _a_operand, _b_operand
+from fp8lab.gemm.qlinear import _QuantizedLinear  # quantized_linear's torch.autocast has no "meta"
+from fp8lab.quantize import cast_to_fp8
+from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.scaling.state import ScalingState
 
 META = torch.device("meta")
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.config import DelayedScaling
+from fp8lab.scaling.delayed import DelayedScaling
 
 H = 16
 

@@ -17,8 +17,8 @@ import torch
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.config import DelayedScaling
 from fp8lab.formats import Role
+from fp8lab.scaling.delayed import DelayedScaling
 
 H = 4
 PREV_SCALE = torch.tensor([3.0, 5.0, 7.0])
@@ -178,7 +178,7 @@ def test_scaling_state_stays_float32_whatever_the_model_dtype(convert):
     before = layer.fp8_state.amax_history.clone()
     model = {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
              "bfloat16": lambda m: m.bfloat16(), "double": lambda m: m.double()}[convert](model)
-    for state in fp8lab.update.scaling_states(model):
+    for state in fp8lab.scaling.update.scaling_states(model):
         for name in ("amax_history", "scale", "fp8_max", "faults", "nonfinite"):
             assert getattr(state, name).dtype == torch.float32, name
     assert torch.equal(layer.fp8_state.amax_history, before)  # moved, never rounded

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
-from fp8lab.linear import Linear
 from fp8lab.options import FP8Options
 
 ATTN_MASK_TYPES = ("causal", "no_mask")

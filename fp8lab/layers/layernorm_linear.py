@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
-from fp8lab.linear import Linear
 from fp8lab.options import FP8Options
 
 

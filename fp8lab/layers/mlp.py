@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
-from fp8lab.linear import Linear
 from fp8lab.options import FP8Options
 
 ACTIVATIONS = ("gelu", "swiglu")

@@ -12,8 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from fp8lab.config import DelayedScaling
 from fp8lab.options import FP8Options
+from fp8lab.scaling.delayed import DelayedScaling
 
 PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,7 +53,7 @@ class ModelConfig:
     attention_core: str = "auto"  # "auto" (float32 on CPU), "native" or "fp32"
 
     def __post_init__(self):
-        from fp8lab.gpt import PRESETS
+        from fp8lab.layers.gpt import PRESETS
         from fp8lab.layers.attention import ATTENTION_CORES
 
         _check(self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)

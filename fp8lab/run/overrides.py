@@ -15,8 +15,8 @@ import dataclasses
 import types
 import typing
 
-from fp8lab.config import DelayedScaling
 from fp8lab.run.config import ConfigError, RunConfig
+from fp8lab.scaling.delayed import DelayedScaling
 
 
 def _parse(text: str, hint, key: str):

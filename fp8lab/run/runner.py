@@ -53,7 +53,7 @@ def new_run_dir(out_root: Path, config: RunConfig) -> Path:
 
 
 def layers_markdown(run: VariantRun) -> str:
-    from fp8lab.describe import describe
+    from fp8lab.layers.describe import describe
 
     lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
     lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
-from fp8lab.gpt import GPT
-from fp8lab.policy import PrecisionPolicy
+from fp8lab.layers.gpt import GPT
+from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.run.config import RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.telemetry.collector import LayerStats, ScalingCollector

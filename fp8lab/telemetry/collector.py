@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fp8lab.formats import ROLE_NAMES
-from fp8lab.linear import Linear
-from fp8lab.state import STAT_NAMES
+from fp8lab.layers.linear import Linear
+from fp8lab.scaling.state import STAT_NAMES
 
 # Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
 # and the non-finite amaxes counted since the previous log step.
@@ -66,7 +66,7 @@ class ScalingCollector:
         not expose its casts, so their overflow/underflow/SQNR are reported as NaN."""
         if not self.te_layers:
             return
-        from fp8lab.backends.te import sync_from_te
+        from fp8lab.gemm.backends.te import sync_from_te
 
         for layer in self.te_layers:
             sync_from_te(layer)

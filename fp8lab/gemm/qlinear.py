@@ -3,7 +3,7 @@
 Invariant: scales are read from the layer's ScalingState and never changed here; the
 only state this writes is row 0 of the amax history (a running max until
 ``update_scales``), the fault count of casts that met NaN or inf, and, on telemetry
-steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.exact``:
+steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
 
     fprop:  y      = x_fp8 (E4M3)        @ w_fp8 (E4M3)^T   * 1/(s_x * s_w) + b
     dgrad:  grad_x = grad_out_fp8 (E5M2) @ w_fp8 (E4M3)     * 1/(s_g * s_w)
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.cast import CPU_CHUNK, amaxes_of, cast_stats
-from fp8lab.exact import epilogue_bias
 from fp8lab.formats import Role
-from fp8lab.state import ScalingState
+from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.quantize import CPU_CHUNK, amaxes_of, cast_stats
+from fp8lab.scaling.state import ScalingState
 
 
 def _operand(x_hp, role: Role, state: ScalingState | None, executor, record: bool):
@@ -106,7 +106,7 @@ def quantized_linear(
         bias: (N,) or None.
         state: the layer's ScalingState (scales read, amaxes recorded); None for a BF16
             GEMM (``executor`` is then a ``BF16Executor``).
-        executor: an executor from ``fp8lab.executors``.
+        executor: an executor from ``fp8lab.gemm.backends``.
         out_dtype: dtype of all three GEMM outputs (autocast's dtype when on, else x's).
         record: record amaxes (training); False leaves the history untouched (eval).
     """

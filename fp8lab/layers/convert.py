@@ -29,10 +29,10 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fp8lab.linear import Linear
+from fp8lab.layers.linear import Linear
+from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.options import FP8Options
-from fp8lab.policy import PrecisionPolicy
-from fp8lab.state import ScalingState
+from fp8lab.scaling.state import ScalingState
 
 SKIP_REASON_ATTR = "fp8lab_skip_reason"
 

@@ -17,7 +17,7 @@ its own schedule, never through ``fp8lab.update_scales`` (which leaves these lay
   own region when none is open, so with N TE layers each history rolls N times per step
   (N - 1 times with a zero row): scales still match TE's for "most_recent", and for
   "max" the window covers ~amax_history_len / N steps. Wrap the model's forward in
-  ``fp8lab.backends.te.autocast(scaling)`` for TE's exact once-per-step cadence.
+  ``fp8lab.gemm.backends.te.autocast(scaling)`` for TE's exact once-per-step cadence.
 - ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it (the
   telemetry collector calls ``sync_te_scaling(model)``; ``state_dict()`` does it
   through a hook), and ``restore_te`` copies it back when the TE module is built and
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8lab.backends.select import BackendUnavailable
-from fp8lab.config import DelayedScaling
 from fp8lab.formats import Role
+from fp8lab.gemm.backends.select import BackendUnavailable
+from fp8lab.scaling.delayed import DelayedScaling
 
 # Where each fp8lab column lives in TE's fp8_meta: FP8FwdTensors GEMM1_INPUT = 0,
 # GEMM1_WEIGHT = 1; FP8BwdTensors GRAD_OUTPUT1 = 0 (TE csrc/common.h).
@@ -128,7 +128,7 @@ def _region(te, te_recipe_obj):
 def autocast(scaling: DelayedScaling | None = None):
     """One TE FP8 region around a whole forward: TE's once-per-step scaling update.
 
-    ``with fp8lab.backends.te.autocast(scaling): loss = model(x)``. Layers inside use
+    ``with fp8lab.gemm.backends.te.autocast(scaling): loss = model(x)``. Layers inside use
     this region's scaling (pass the one the layers were built with).
     """
     return _region(_import_te().te, te_recipe(scaling if scaling is not None else DelayedScaling()))
@@ -247,7 +247,7 @@ def _fp8_region(handle: _Handle):
             "fp8lab.Linear(backend='te') opened its own te.autocast region. Transformer "
             "Engine updates the scaling of all its modules at every region exit, so with "
             "several TE layers each amax history rolls once per layer per step. Wrap the "
-            "model's forward in `with fp8lab.backends.te.autocast(scaling):` for TE's "
+            "model's forward in `with fp8lab.gemm.backends.te.autocast(scaling):` for TE's "
             "once-per-step update.",
             RuntimeWarning,
             stacklevel=3,

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8lab.config import DelayedScaling
 from fp8lab.formats import ROLE_NAMES, Role
+from fp8lab.scaling.delayed import DelayedScaling
 
-# Telemetry slots filled only while ``collect_stats`` is on (see fp8lab.cast.cast_stats).
+# Telemetry slots filled only while ``collect_stats`` is on (see fp8lab.quantize.cast_stats).
 STAT_NAMES = ("overflow_pct", "underflow_pct", "sqnr_db")
 
 
@@ -51,7 +51,7 @@ class ScalingState(nn.Module):
         self.owner: str | None = None
 
     def record_amax(self, role: Role, amaxes: torch.Tensor) -> None:
-        """Fold one cast's amaxes (``fp8lab.cast``: [raw, TE's]) into the state.
+        """Fold one cast's amaxes (``fp8lab.quantize.amaxes_of``: [raw, TE's]) into the state.
 
         Row 0 keeps the max of TE's amax (NaN elements ignored, inf counted) over all
         micro-batches since the last update; a raw amax that is not finite (the tensor

@@ -1,7 +1,7 @@
 """Casting high-precision tensors into FP8 with a given scale.
 
 Invariant: casting takes the scale as an input and never computes one (delayed scaling
-lives in ``fp8lab.scaling`` / ``fp8lab.update``). Every cast clamps to +-fp8_max before
+lives in ``fp8lab.scaling``). Every cast clamps to +-fp8_max before
 rounding to nearest even, so finite input never becomes NaN (older torch turns E4M3
 overflow into NaN). The product ``x * scale`` is formed in float32, as TE's kernels do.
 

@@ -3,7 +3,7 @@
 Invariant: parameters stay float32 (master weights); the layer owns its ScalingState
 (``self.fp8_state``) and never updates the scales itself: ``fp8lab.update_scales``
 does, once per optimizer step. The backend is chosen per device by
-``fp8lab.backends.select`` and the reason is kept for ``fp8lab.describe``.
+``fp8lab.gemm.backends.select`` and the reason is kept for ``fp8lab.describe``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import warnings
 import torch
 from torch import nn
 
-from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
-from fp8lab.exact import gemm_path
-from fp8lab.executors import executor_for
+from fp8lab.gemm.backends import executor_for
+from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.gemm.qlinear import quantized_linear
 from fp8lab.options import FP8Options
-from fp8lab.qgemm import quantized_linear
-from fp8lab.state import ScalingState
+from fp8lab.scaling.state import ScalingState
 
 # Training forwards without an update_scales call after which a layer warns (once):
 # enough for long gradient accumulation, few enough that stale scales are noticed early.
@@ -103,7 +103,7 @@ class Linear(nn.Module):
             executor = executor_for("bf16", x.device.type)
             return quantized_linear(x, self.weight, self.bias, None, executor, out_dtype, record=False)
         if plan.backend == "te":
-            from fp8lab.backends import te as te_backend  # imported only when chosen
+            from fp8lab.gemm.backends import te as te_backend  # imported only when chosen
 
             return te_backend.linear_forward(self, x)
         record = self.training

@@ -14,8 +14,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fp8lab.scaling import amax_from_history, compute_scale, roll_history
-from fp8lab.state import ScalingState
+from fp8lab.scaling.delayed import amax_from_history, compute_scale, roll_history
+from fp8lab.scaling.state import ScalingState
 
 
 def scaling_states(model: nn.Module) -> list[ScalingState]:

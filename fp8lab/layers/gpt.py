@@ -22,11 +22,11 @@ from torch import nn
 
 from fp8lab.layers.attention import check_attention_core
 from fp8lab.layers.block import TransformerBlock
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.mlp import check_activation
 from fp8lab.layers.norm import Norm, check_normalization
-from fp8lab.linear import Linear
+from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.options import FP8Options
-from fp8lab.policy import PrecisionPolicy
 
 INIT_STD = 0.02  # GPT-2's initialisation
 
