@@ -1,4 +1,4 @@
-"""Step time of fp8lab's emulated FP8 executor against BF16, FP32 and torchao's emulation.
+"""Step time of fp8lab's emulated FP8 backend against BF16, FP32 and torchao's emulation.
 
 A step is forward + backward (input gradient included) with float32 master weights, and
 for fp8lab's FP8 variant also ``fp8lab.update_scales`` (part of its step); no optimizer

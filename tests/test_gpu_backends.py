@@ -1,12 +1,12 @@
 """Hardware backends on a GPU: torch._scaled_mm and Transformer Engine against the emulation.
 
 Every test here needs CUDA and skips elsewhere with the reason. Tolerances, all stated:
-- same quantized operands, different GEMM (executor level): SQNR >= 40 dB (bf16 output
+- same quantized operands, different GEMM (backend level): SQNR >= 40 dB (bf16 output
   rounded once by cuBLASLt, twice by the emulation: relative error ~2^-8);
 - Linear outputs and gradients, hardware vs emulated with the same scales: E4M3 tolerance
   rtol 0.125, atol 0.0675, and SQNR >= 25 dB;
 - amax histories: identical inputs give identical amaxes, so torch.equal between fp8lab
-  executors; against TE rtol 2^-8 (one bf16 rounding), scales rtol 1e-6 (op order).
+  backends; against TE rtol 2^-8 (one bf16 rounding), scales rtol 1e-6 (op order).
 - training: a 2-layer MLP regressing a fixed random teacher for 60 AdamW steps; the loss
   must fall below half its start, and end within 25 % of the BF16 baseline's.
 """
@@ -24,8 +24,9 @@ from torch import nn
 
 from fp8lab import DelayedScaling, FP8Options, Linear, update_scales
 from fp8lab.formats import E4M3, E5M2
-from fp8lab.gemm.backends.emulated import EmulatedExecutor
-from fp8lab.gemm.backends.scaled_mm import ScaledMMExecutor
+from fp8lab.gemm.backends.emulated import EmulatedBackend
+from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
+from fp8lab.gemm.exact import gemm_path
 from fp8lab.gemm.backends.select import probe_te
 from fp8lab.quantize import cast_to_fp8
 
@@ -88,13 +89,12 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner):
     a_hp = torch.randn(48, inner, generator=gen).cuda()
     b_hp = torch.randn(inner, 32, generator=gen).cuda()
     s_a, s_b = torch.tensor(16.0, device="cuda"), torch.tensor(512.0, device="cuda")
-    ref = EmulatedExecutor.gemm(
-        EmulatedExecutor.quantize(a_hp, s_a, E5M2), EmulatedExecutor.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16
-    )
+    emulated = EmulatedBackend(gemm_path("cuda"))
+    ref = emulated.gemm(emulated.quantize(a_hp, s_a, E5M2), emulated.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16)
     # laid out as the wgrad gets them: A = grad_out^T (column-major), B = x (row-major)
     a_q = cast_to_fp8(a_hp.t().contiguous(), s_a, E5M2).t()
     b_q = cast_to_fp8(b_hp, s_b, E4M3)
-    out = ScaledMMExecutor.gemm(a_q, b_q, 1 / s_a, 1 / s_b, torch.bfloat16)
+    out = ScaledMMBackend().gemm(a_q, b_q, 1 / s_a, 1 / s_b, torch.bfloat16)
     assert out.shape == (48, 32) and out.dtype == torch.bfloat16
     assert sqnr_db(ref, out) >= 40.0
 
@@ -136,7 +136,7 @@ def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
 @needs_te
 @needs_fp8
 def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
-    from fp8lab.gemm.backends.te import _HANDLE, read_te_scaling, sync_te_scaling
+    from fp8lab.gemm.backends.te import read_te_scaling, sync_te_scaling
 
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
         if step == 0:
             with pytest.warns(RuntimeWarning, match="opened its own te.autocast region"):
                 got = run_step(tel, x, g)
-            te_linear = tel.__dict__[_HANDLE].module
+            te_linear = tel.te_handle.module
             assert te_linear.weight is tel.weight and te_linear.bias is tel.bias
             assert [n for n, _ in tel.named_parameters()] == ["weight", "bias"]
             assert tel.state_dict().keys() == ref.state_dict().keys()  # no TE keys, no _extra_state
@@ -170,7 +170,7 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
 @needs_fp8
 @pytest.mark.filterwarnings("ignore:fp8lab.Linear\\(backend='te'\\) opened:RuntimeWarning")
 def test_te_state_checkpoint_round_trip(tokens, te_reset):
-    from fp8lab.gemm.backends.te import _HANDLE, _handle, read_te_scaling
+    from fp8lab.gemm.backends.te import ensure_handle, read_te_scaling
 
     x, g = (t.cuda() for t in tokens)
     src = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
@@ -179,18 +179,18 @@ def test_te_state_checkpoint_round_trip(tokens, te_reset):
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)  # the pre-hook copies TE's state into fp8_state
     saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    want_history, want_scale = read_te_scaling(src.__dict__[_HANDLE].module)
+    want_history, want_scale = read_te_scaling(src.te_handle.module)
     assert torch.equal(saved["fp8_state.amax_history"].cuda(), want_history)
     assert (saved["fp8_state.scale"] != 1).any()
 
     fresh = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     fresh.load_state_dict(saved)  # before TE exists: restored when it is built
-    history, scale = read_te_scaling(_handle(fresh).module)
+    history, scale = read_te_scaling(ensure_handle(fresh).module)
     assert torch.equal(history, want_history) and torch.equal(scale, want_scale)
     built = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     run_step(built, x, g)  # TE exists now ...
     built.load_state_dict(saved)  # ... so the load hook restores it
-    history, scale = read_te_scaling(built.__dict__[_HANDLE].module)
+    history, scale = read_te_scaling(built.te_handle.module)
     assert torch.equal(history, want_history) and torch.equal(scale, want_scale)
     # same weights and restored scales: the source's next forward and the fresh one agree
     # (to one bf16 rounding; with scale 1 instead of the restored ones they differ by ~2^-4)

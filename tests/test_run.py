@@ -140,10 +140,10 @@ class _HostReads(TorchDispatchMode):
 
 
 def _force_gemm_path(monkeypatch, path):
-    from fp8lab.gemm.backends.bf16 import BF16Executor
-    from fp8lab.gemm.backends.emulated import EmulatedExecutor
-    executors = {"emulated": EmulatedExecutor(path), "bf16": BF16Executor(path)}
-    monkeypatch.setattr(fp8lab.layers.linear, "executor_for", lambda backend, device: executors[backend])
+    from fp8lab.gemm.backends.bf16 import BF16Backend
+    from fp8lab.gemm.backends.emulated import EmulatedBackend
+    backends = {"emulated": EmulatedBackend(path), "bf16": BF16Backend(path)}
+    monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: backends[name])
 
 
 @pytest.mark.parametrize("path_name", ["fp32", "onednn-bf16"])

@@ -11,7 +11,7 @@ steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.gemm.ex
             grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
 
 grad_out is E5M2 under "hybrid", E4M3 under "e4m3". x and w are quantized once in the
-forward and the FP8 copies are saved for the backward, as hardware FP8 training does. All three
+forward and the FP8 copies are saved for the backward, as on FP8 hardware. All three
 GEMMs round once to the activation dtype (autocast's, else x's), as Transformer Engine's
 Linear does without ``fuse_wgrad_accumulation``; autograd then casts grad_x and grad_w to
 the dtypes of x and w. A BF16 layer runs the same Function with operands rounded to bf16
@@ -28,15 +28,22 @@ from fp8lab.quantize import CPU_CHUNK, amaxes_of, cast_stats
 from fp8lab.scaling.state import ScalingState
 
 
-def _operand(x_hp, role: Role, state: ScalingState | None, executor, record: bool):
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM returns: autocast's when it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _operand(x_hp, role: Role, state: ScalingState | None, backend, record: bool):
     """(values, inverse scale) of one GEMM operand: FP8 with the state's scale, or bf16."""
     if state is None:
-        return executor.round(x_hp), None
+        return backend.round(x_hp), None
     fmt = state.scaling.format_for(role)
     scale = state.scale[role]
     if record:
         state.record_amax(role, amaxes_of(x_hp))
-    x_q = executor.quantize(x_hp, scale, fmt)
+    x_q = backend.quantize(x_hp, scale, fmt)
     if state.collect_stats:
         state.stats[role] = cast_stats(x_hp, x_q, scale, fmt)
     return x_q, scale.reciprocal()
@@ -62,14 +69,14 @@ def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, state, executor, out_dtype, record):
+    def forward(ctx, x_hp, w_hp, bias, state, backend, out_dtype, record):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
-        x_q, x_inv = _operand(x2d, Role.INPUT, state, executor, record)
-        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, executor, record)
-        b = epilogue_bias(bias, out_dtype, executor.fp8)
-        y = executor.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype, b)  # (B*T, N)
+        x_q, x_inv = _operand(x2d, Role.INPUT, state, backend, record)
+        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, backend, record)
+        b = epilogue_bias(bias, out_dtype, backend.fp8)
+        y = backend.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype, b)  # (B*T, N)
         ctx.save_for_backward(x_q, w_q, x_inv, w_inv)
-        ctx.state, ctx.executor, ctx.record, ctx.out_dtype = state, executor, record, out_dtype
+        ctx.state, ctx.backend, ctx.record, ctx.out_dtype = state, backend, record, out_dtype
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
@@ -77,13 +84,13 @@ class _QuantizedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_q, w_q, x_inv, w_inv = ctx.saved_tensors
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
-        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.executor, ctx.record)
+        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.backend, ctx.record)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.executor.gemm(g_q, w_q, g_inv, w_inv, ctx.out_dtype)  # (B*T, K)
+            grad_x = ctx.backend.gemm(g_q, w_q, g_inv, w_inv, ctx.out_dtype)  # (B*T, K)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.executor.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
+            grad_w = ctx.backend.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bias_grad(g2d)
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -94,7 +101,7 @@ def quantized_linear(
     w_hp: torch.Tensor,
     bias: torch.Tensor | None,
     state: ScalingState | None,
-    executor,
+    backend,
     out_dtype: torch.dtype,
     record: bool,
 ) -> torch.Tensor:
@@ -105,10 +112,12 @@ def quantized_linear(
         w_hp: (N, K) weight (the float32 master copy).
         bias: (N,) or None.
         state: the layer's ScalingState (scales read, amaxes recorded); None for a BF16
-            GEMM (``executor`` is then a ``BF16Executor``).
-        executor: an executor from ``fp8lab.gemm.backends``.
+            GEMM (``backend`` is then the ``BF16Backend``).
+        backend: rounds or quantizes the operands and runs the GEMMs: a
+            ``QuantizedGemmBackend`` (``quantize``, ``gemm``) or the ``BF16Backend``
+            (``round``, ``gemm``).
         out_dtype: dtype of all three GEMM outputs (autocast's dtype when on, else x's).
         record: record amaxes (training); False leaves the history untouched (eval).
     """
     with torch.autocast(x_hp.device.type, enabled=False):
-        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, executor, out_dtype, record)
+        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, backend, out_dtype, record)

@@ -3,7 +3,8 @@
 Invariant: parameters stay float32 (master weights); the layer owns its ScalingState
 (``self.fp8_state``) and never updates the scales itself: ``fp8lab.update_scales``
 does, once per optimizer step. The backend is chosen per device by
-``fp8lab.gemm.backends.select`` and the reason is kept for ``fp8lab.describe``.
+``fp8lab.gemm.backends.select`` (the plan, whose reason ``fp8lab.describe`` shows), and
+``forward`` is only: plan -> backend -> ``backend.forward(self, x)``.
 """
 
 from __future__ import annotations
@@ -14,23 +15,15 @@ import warnings
 import torch
 from torch import nn
 
-from fp8lab.gemm.backends import executor_for
+from fp8lab.gemm.backends import backend_for
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
 from fp8lab.gemm.exact import gemm_path
-from fp8lab.gemm.qlinear import quantized_linear
 from fp8lab.options import FP8Options
 from fp8lab.scaling.state import ScalingState
 
 # Training forwards without an update_scales call after which a layer warns (once):
 # enough for long gradient accumulation, few enough that stale scales are noticed early.
 STALE_SCALE_FORWARDS = 256
-
-
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a GEMM returns: autocast's when it is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class Linear(nn.Module):
@@ -42,6 +35,12 @@ class Linear(nn.Module):
         bias: learn an additive bias.
         fp8: the FP8 options: scaling, backend, fallback (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
+
+    Attributes read by the backends (``fp8lab.gemm.backends.base``):
+        fp8_state: the ScalingState (amax history and scales, saved in the state_dict).
+        te_handle: the Transformer Engine module when the plan is "te" (built by that
+            backend at the first forward), else None; a plain attribute, not a
+            submodule, so TE's pickled ``_extra_state`` never enters the state_dict.
     """
 
     def __init__(
@@ -60,6 +59,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.fp8_state = ScalingState(self.fp8.scaling, device=device)
+        self.te_handle = None  # a fp8lab.gemm.backends.te.TEHandle once TE runs this layer
         self._plans: dict[torch.device, Plan] = {}
         self._warned_stale = False
         self.reset_parameters()
@@ -97,22 +97,12 @@ class Linear(nn.Module):
         self._plans.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan(x.device)
-        out_dtype = output_dtype(x)
-        if plan.backend == "bf16":
-            executor = executor_for("bf16", x.device.type)
-            return quantized_linear(x, self.weight, self.bias, None, executor, out_dtype, record=False)
-        if plan.backend == "te":
-            from fp8lab.gemm.backends import te as te_backend  # imported only when chosen
+        backend = backend_for(self.plan(x.device).backend, x.device.type)
+        return backend.forward(self, x)  # (..., in_features) -> (..., out_features)
 
-            return te_backend.linear_forward(self, x)
-        record = self.training
-        if record:
-            self._note_forward()
-        executor = executor_for(plan.backend, x.device.type)
-        return quantized_linear(x, self.weight, self.bias, self.fp8_state, executor, out_dtype, record)
-
-    def _note_forward(self) -> None:
+    def note_training_forward(self) -> None:
+        """Count a training forward since the last update_scales; warn once when stale.
+        Called by the backends whose scales ``fp8lab.update_scales`` updates."""
         state = self.fp8_state
         state.forwards_since_update += 1
         if state.forwards_since_update > STALE_SCALE_FORWARDS and not self._warned_stale:

@@ -1,4 +1,4 @@
-"""The emulated executor: FP8 numerics in software, on any device.
+"""The emulated backend: FP8 numerics in software, on any device.
 
 Invariant: operands are the exact FP8 values (rounded by ``fp8lab.quantize`` with the
 scale it is given; it never computes one), held in the dtype of the machine's exact GEMM
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import FP8Format
+from fp8lab.gemm.backends.base import QuantizedGemmBackend
 from fp8lab.gemm.exact import GemmPath, scaled_gemm
 from fp8lab.quantize import cast_to_fp8_grid
 
@@ -22,11 +23,14 @@ def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torc
     return a_inv if b_inv is None else a_inv * b_inv
 
 
-class EmulatedExecutor:
-    """FP8 numerics in software: exact FP8 values, the exact GEMM of ``path``."""
+class EmulatedBackend(QuantizedGemmBackend):
+    """FP8 numerics in software: exact FP8 values, the exact GEMM of ``path``.
+
+    Args:
+        path: the exact GEMM path of the device type (``fp8lab.gemm.exact.gemm_path``).
+    """
 
     name = "emulated"
-    fp8 = True
 
     def __init__(self, path: GemmPath):
         self.path = path

@@ -1,11 +1,11 @@
-"""The scaled_mm executor: real float8 operands through ``torch._scaled_mm``.
+"""The scaled_mm backend: real float8 operands through ``torch._scaled_mm``.
 
 Invariant: it receives scales (and their inverses) as inputs and never computes them;
 ``gemm`` returns ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in the output dtype, the
 hardware model of ``fp8lab.gemm.exact``, computed by cuBLASLt. For users it runs on CUDA
 with compute capability >= 8.9; tests also run it on CPU at small sizes (``select_backend``
 never picks it there: torch's CPU kernel runs at a few hundredths of a GFLOP/s). Operands
-are re-laid out and zero-padded to cuBLASLt's contract (see ``ScaledMMExecutor``).
+are re-laid out and zero-padded to cuBLASLt's contract (see ``ScaledMMBackend``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import FP8Format
-from fp8lab.gemm.backends.select import HW_GEMM_MULTIPLE
+from fp8lab.gemm.backends.base import QuantizedGemmBackend
 from fp8lab.quantize import cast_to_fp8
+
+HW_GEMM_MULTIPLE = 16  # cuBLASLt FP8 GEMMs need K and N divisible by 16
 
 
 def _is_row_major(t: torch.Tensor) -> bool:
@@ -47,7 +49,7 @@ def _b_operand(b: torch.Tensor, k_pad: int) -> torch.Tensor:
     return out.view(b.dtype).t()
 
 
-class ScaledMMExecutor:
+class ScaledMMBackend(QuantizedGemmBackend):
     """``torch._scaled_mm`` with per-tensor scales (torch 2.13 contract, see meta_scaled_mm).
 
     A must be row-major and B column-major; K (A's columns) and both dimensions of B must
@@ -62,7 +64,6 @@ class ScaledMMExecutor:
     """
 
     name = "scaled_mm"
-    fp8 = True
 
     @staticmethod
     def quantize(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8lab.gemm.backends.scaled_mm import HW_GEMM_MULTIPLE  # the hardware GEMM's shape contract
+
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
-HW_GEMM_MULTIPLE = 16  # cuBLASLt FP8 GEMMs need K and N divisible by 16
 
 
 class BackendUnavailable(RuntimeError):

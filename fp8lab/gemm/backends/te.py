@@ -1,9 +1,10 @@
 """The Transformer Engine backend: an fp8lab.Linear whose GEMMs run in a ``te.Linear``.
 
-Invariant: a layer builds one ``te.Linear`` per device, kept in the layer's ``__dict__``
-(not a registered submodule, not a global), whose ``weight`` and ``bias`` ARE the
-layer's Parameters: state_dict keys, the optimizer and ``.to()`` see one set of
-parameters, and TE's pickled ``_extra_state`` is never saved.
+Invariant: a layer builds one ``te.Linear`` per device, held by a ``TEHandle`` in the
+layer's declared ``te_handle`` attribute (a plain attribute: not a registered submodule,
+not a global), whose ``weight`` and ``bias`` ARE the layer's Parameters: state_dict keys,
+the optimizer and ``.to()`` see one set of parameters, and TE's pickled ``_extra_state``
+is never saved.
 
 TE owns the scaling of these layers: it records amaxes and updates scales itself, on
 its own schedule, never through ``fp8lab.update_scales`` (which leaves these layers'
@@ -45,7 +46,6 @@ from fp8lab.scaling.delayed import DelayedScaling
 TE_SLOTS = {Role.INPUT: ("scaling_fwd", 0), Role.WEIGHT: ("scaling_fwd", 1), Role.GRAD_OUTPUT: ("scaling_bwd", 0)}
 _TE_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}  # names of TE's recipe.Format members
 TE_TOKEN_MULTIPLE = 16  # TE's FP8 GEMM wants the token count % 8 (its docs say 16): pad to 16
-_HANDLE = "_fp8lab_te"  # key in layer.__dict__
 
 
 def te_recipe_kwargs(scaling: DelayedScaling) -> dict:
@@ -147,18 +147,20 @@ def read_te_scaling(te_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class _Handle:
-    te: SimpleNamespace
-    module: nn.Module  # the te.Linear
+class TEHandle:
+    """One layer's Transformer Engine module, kept in ``layer.te_handle``."""
+
+    te: SimpleNamespace  # the imported TE modules (``_import_te``)
+    module: nn.Module  # the te.Linear, sharing the layer's Parameters
     te_recipe: object  # TE's DelayedScaling recipe for this layer
     device: torch.device
-    warned: bool = False
+    warned: bool = False  # the "own te.autocast region" warning was given
 
 
 @torch.no_grad()
 def sync_from_te(layer: nn.Module) -> None:
     """Copy TE's scaling state into ``layer.fp8_state`` (no-op before TE ran the layer)."""
-    handle = layer.__dict__.get(_HANDLE)
+    handle = layer.te_handle
     if handle is None:
         return
     history, scale = read_te_scaling(handle.module)
@@ -175,7 +177,7 @@ def sync_from_te(layer: nn.Module) -> None:
 @torch.no_grad()
 def restore_te(layer: nn.Module) -> None:
     """Copy ``layer.fp8_state`` into TE's scaling state (e.g. after loading a checkpoint)."""
-    handle = layer.__dict__.get(_HANDLE)
+    handle = layer.te_handle
     if handle is not None:
         state = layer.fp8_state
         copy_into_te_meta_(state.amax_history, state.scale, _te_meta(handle.module))
@@ -184,7 +186,7 @@ def restore_te(layer: nn.Module) -> None:
 def sync_te_scaling(model: nn.Module) -> None:
     """``sync_from_te`` for every TE-backed layer of ``model`` (call before reading fp8_state)."""
     for module in model.modules():
-        if _HANDLE in module.__dict__:
+        if getattr(module, "te_handle", None) is not None:
             sync_from_te(module)
 
 
@@ -196,7 +198,7 @@ def _restore_hook(module, incompatible_keys) -> None:
     restore_te(module)
 
 
-def _build(layer: nn.Module) -> _Handle:
+def _build(layer: nn.Module) -> TEHandle:
     lib = _import_te()
     device = layer.weight.device
     layer_te_recipe = te_recipe(layer.fp8.scaling)
@@ -216,11 +218,12 @@ def _build(layer: nn.Module) -> _Handle:
         # region's exit updates no scales.
         with torch.no_grad(), _region(lib.te, layer_te_recipe):
             module.init_fp8_metadata(num_gemms=1)
-    return _Handle(lib, module, layer_te_recipe, device)
+    return TEHandle(lib, module, layer_te_recipe, device)
 
 
-def _handle(layer: nn.Module) -> _Handle:
-    handle = layer.__dict__.get(_HANDLE)
+def ensure_handle(layer: nn.Module) -> TEHandle:
+    """``layer.te_handle``, built (or rebuilt on a new device) and in step with the layer."""
+    handle = layer.te_handle
     if handle is not None and handle.device == layer.weight.device:
         if handle.module.weight is not layer.weight:  # parameters were reassigned (tying, FSDP)
             handle.module.weight = layer.weight
@@ -232,13 +235,13 @@ def _handle(layer: nn.Module) -> _Handle:
     else:
         layer.register_state_dict_pre_hook(_sync_hook)
         layer.register_load_state_dict_post_hook(_restore_hook)
-    layer.__dict__[_HANDLE] = handle = _build(layer)
+    layer.te_handle = handle = _build(layer)
     layer.fp8_state.owner = "te"  # a mirror of TE's state from now on: update_scales skips it
     restore_te(layer)
     return handle
 
 
-def _fp8_region(handle: _Handle):
+def _fp8_region(handle: TEHandle):
     if handle.te.manager.is_fp8_enabled():
         return contextlib.nullcontext()  # the caller's region owns the TE recipe and the cadence
     if not handle.warned:
@@ -250,19 +253,23 @@ def _fp8_region(handle: _Handle):
             "model's forward in `with fp8lab.gemm.backends.te.autocast(scaling):` for TE's "
             "once-per-step update.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the fp8lab.Linear.forward that called TEBackend.forward
         )
     return _region(handle.te.te, handle.te_recipe)
 
 
-def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through Transformer Engine (called by ``fp8lab.Linear.forward``).
+class TEBackend:
+    """The whole layer in a Transformer Engine ``te.Linear``; TE owns the scaling."""
 
-    Args:
-        layer: an fp8lab.Linear whose plan is "te".
-        x: (..., in_features) on the layer's CUDA device.
-    """
-    handle = _handle(layer)
+    name = "te"
+    fp8 = True
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` through TE; ``x`` is (..., in_features) on the layer's CUDA device."""
+        return _te_forward(ensure_handle(layer), x)
+
+
+def _te_forward(handle: TEHandle, x: torch.Tensor) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])  # (B*T, K)
     tokens = x2d.shape[0]
     pad = -tokens % TE_TOKEN_MULTIPLE
