@@ -36,6 +36,9 @@ _EXPONENT_MASK = 0x7F800000
 # 2^20: 1.23-1.31 (5-11k faults per step in some runs). Cost: 8 tensor ops per chunk.
 CPU_CHUNK = 1 << 18
 
+# The statistics of one cast, in the order ``cast_stats`` returns them.
+STAT_NAMES = ("overflow_pct", "underflow_pct", "sqnr_db")
+
 
 def _float32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
@@ -153,7 +156,7 @@ def amaxes_of(x: torch.Tensor) -> torch.Tensor:
 def cast_stats(
     x_hp: torch.Tensor, x_fp8_values: torch.Tensor, scale: torch.Tensor, fmt: FP8Format
 ) -> torch.Tensor:
-    """[overflow %, underflow %, SQNR dB] of one cast, computed on the tensor's device.
+    """[overflow %, underflow %, SQNR dB] (``STAT_NAMES``) of one cast, on the tensor's device.
 
     overflow: elements with |x * scale| > fmt.max (clamped); underflow: non-zero elements
     that became zero; SQNR: 10*log10(|x|^2 / |x - dequant(x_fp8)|^2) in float32.

@@ -175,7 +175,7 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     alphas = [("cpu", (), torch.float32)] * (3 * n_fp8) if path_name == "onednn-bf16" else []
     assert sorted(plain.reads, key=str) == sorted(nan_checks + alphas, key=str)
     assert armed == []
-    assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
+    assert not any(layer.telemetry.armed for _, layer in run.collector.layers)
     stats = run.train_step(x, y, 1e-3, log=True)
     assert armed == [True] and stats is not None and len(stats.layers) == 8
-    assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
+    assert not any(layer.telemetry.armed for _, layer in run.collector.layers)

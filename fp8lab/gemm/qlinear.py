@@ -2,8 +2,8 @@
 
 Invariant: scales are read from the layer's ScalingState and never changed here; the
 only state this writes is row 0 of the amax history (a running max until
-``update_scales``), the fault count of casts that met NaN or inf, and, on telemetry
-steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
+``update_scales``), the fault count of casts that met NaN or inf, and, while the layer's
+TelemetrySlot is armed (log steps), its cast statistics. Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
 
     fprop:  y      = x_fp8 (E4M3)        @ w_fp8 (E4M3)^T   * 1/(s_x * s_w) + b
     dgrad:  grad_x = grad_out_fp8 (E5M2) @ w_fp8 (E4M3)     * 1/(s_g * s_w)
@@ -24,6 +24,7 @@ import torch
 
 from fp8lab.formats import Role
 from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.quantize import CPU_CHUNK, amaxes_of, cast_stats
 from fp8lab.scaling.state import ScalingState
 
@@ -35,7 +36,8 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _operand(x_hp, role: Role, state: ScalingState | None, backend, record: bool):
+def _operand(x_hp, role: Role, state: ScalingState | None, backend, record: bool,
+             slot: TelemetrySlot | None):
     """(values, inverse scale) of one GEMM operand: FP8 with the state's scale, or bf16."""
     if state is None:
         return backend.round(x_hp), None
@@ -44,8 +46,8 @@ def _operand(x_hp, role: Role, state: ScalingState | None, backend, record: bool
     if record:
         state.record_amax(role, amaxes_of(x_hp))
     x_q = backend.quantize(x_hp, scale, fmt)
-    if state.collect_stats:
-        state.stats[role] = cast_stats(x_hp, x_q, scale, fmt)
+    if slot is not None and slot.armed:  # log steps only: a host flag, no device read
+        slot.cast_stats[role] = cast_stats(x_hp, x_q, scale, fmt)
     return x_q, scale.reciprocal()
 
 
@@ -69,14 +71,14 @@ def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, state, backend, out_dtype, record):
+    def forward(ctx, x_hp, w_hp, bias, state, backend, out_dtype, record, slot):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
-        x_q, x_inv = _operand(x2d, Role.INPUT, state, backend, record)
-        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, backend, record)
+        x_q, x_inv = _operand(x2d, Role.INPUT, state, backend, record, slot)
+        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, backend, record, slot)
         b = epilogue_bias(bias, out_dtype, backend.fp8)
         y = backend.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype, b)  # (B*T, N)
         ctx.save_for_backward(x_q, w_q, x_inv, w_inv)
-        ctx.state, ctx.backend, ctx.record, ctx.out_dtype = state, backend, record, out_dtype
+        ctx.state, ctx.backend, ctx.record, ctx.out_dtype, ctx.slot = state, backend, record, out_dtype, slot
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
@@ -84,7 +86,7 @@ class _QuantizedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_q, w_q, x_inv, w_inv = ctx.saved_tensors
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
-        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.backend, ctx.record)
+        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.backend, ctx.record, ctx.slot)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = ctx.backend.gemm(g_q, w_q, g_inv, w_inv, ctx.out_dtype)  # (B*T, K)
@@ -93,7 +95,7 @@ class _QuantizedLinear(torch.autograd.Function):
             grad_w = ctx.backend.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bias_grad(g2d)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def quantized_linear(
@@ -104,6 +106,7 @@ def quantized_linear(
     backend,
     out_dtype: torch.dtype,
     record: bool,
+    slot: TelemetrySlot | None = None,
 ) -> torch.Tensor:
     """``y = x @ w^T + b`` with both GEMM operands (and the gradient) in FP8, or in bf16.
 
@@ -118,6 +121,7 @@ def quantized_linear(
             (``round``, ``gemm``).
         out_dtype: dtype of all three GEMM outputs (autocast's dtype when on, else x's).
         record: record amaxes (training); False leaves the history untouched (eval).
+        slot: the layer's TelemetrySlot; while armed, each cast's statistics go there.
     """
     with torch.autocast(x_hp.device.type, enabled=False):
-        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, backend, out_dtype, record)
+        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, backend, out_dtype, record, slot)

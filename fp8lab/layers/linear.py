@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from fp8lab.gemm.backends import backend_for
+from fp8lab.gemm.backends.base import ScalingView
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
 from fp8lab.gemm.exact import gemm_path
+from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.options import FP8Options
 from fp8lab.scaling.state import ScalingState
 
@@ -38,6 +40,7 @@ class Linear(nn.Module):
 
     Attributes read by the backends (``fp8lab.gemm.backends.base``):
         fp8_state: the ScalingState (amax history and scales, saved in the state_dict).
+        telemetry: the TelemetrySlot the collector arms on log steps (cast statistics).
         te_handle: the Transformer Engine module when the plan is "te" (built by that
             backend at the first forward), else None; a plain attribute, not a
             submodule, so TE's pickled ``_extra_state`` never enters the state_dict.
@@ -59,6 +62,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.fp8_state = ScalingState(self.fp8.scaling, device=device)
+        self.telemetry = TelemetrySlot()
         self.te_handle = None  # a fp8lab.gemm.backends.te.TEHandle once TE runs this layer
         self._plans: dict[torch.device, Plan] = {}
         self._warned_stale = False
@@ -99,6 +103,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = backend_for(self.plan(x.device).backend, x.device.type)
         return backend.forward(self, x)  # (..., in_features) -> (..., out_features)
+
+    def scaling_view(self) -> ScalingView | None:
+        """This layer's scaling as telemetry reads it, on its weight's device (a TE
+        layer's is synced from TE first); None when its plan is BF16."""
+        return backend_for(self.plan().backend, self.weight.device.type).scaling_view(self)
 
     def note_training_forward(self) -> None:
         """Count a training forward since the last update_scales; warn once when stale.

@@ -16,9 +16,6 @@ from torch import nn
 from fp8lab.formats import ROLE_NAMES, Role
 from fp8lab.scaling.delayed import DelayedScaling
 
-# Telemetry slots filled only while ``collect_stats`` is on (see fp8lab.quantize.cast_stats).
-STAT_NAMES = ("overflow_pct", "underflow_pct", "sqnr_db")
-
 
 class ScalingState(nn.Module):
     """Amax history and scales of the three GEMM operands of one layer.
@@ -37,14 +34,12 @@ class ScalingState(nn.Module):
         self.register_buffer("scale", torch.ones(3, **f32))
         # fp8_max per role, kept on the device so update_scales never copies it from the host.
         self.register_buffer("fp8_max", torch.tensor(scaling.fp8_max, **f32), persistent=False)
-        self.register_buffer("stats", torch.zeros(3, len(STAT_NAMES), **f32), persistent=False)
         # Casts whose tensor held NaN or inf, per role: ``nonfinite`` since the last update
-        # (MAX-reduced with row 0 under torch.distributed), added by update_scales into
-        # ``faults``, which counts since telemetry last drained it (the faults/ tags). Not
-        # scaling state, so not checkpointed with the layer.
+        # (MAX-reduced with row 0 in update_scales' one collective), added by update_scales
+        # into ``faults``, which counts since telemetry last drained it (the faults/ tags).
+        # Counters of the update, not scales: not in the layer's state_dict.
         self.register_buffer("nonfinite", torch.zeros(3, **f32), persistent=False)
         self.register_buffer("faults", torch.zeros(3, **f32), persistent=False)
-        self.collect_stats = False  # set by the telemetry collector for log steps only
         self.forwards_since_update = 0  # host-side counter, never a tensor read
         # Set when another library owns this state (Transformer Engine layers): the state is
         # then a mirror, and update_scales leaves it alone.

@@ -3,8 +3,9 @@
 Invariant: a backend object holds no per-layer state; one is shared by every layer with
 the same plan on the same device type (``fp8lab.gemm.backends.backend_for``). What a
 backend needs from a layer it reads from the layer's declared attributes: ``weight``,
-``bias``, ``training``, ``fp8`` (FP8Options), ``fp8_state`` (ScalingState) and, for the
-Transformer Engine backend, ``te_handle``.
+``bias``, ``training``, ``fp8`` (FP8Options), ``fp8_state`` (ScalingState), ``telemetry``
+(TelemetrySlot) and, for the Transformer Engine backend, ``te_handle``. Telemetry reads a
+layer only through ``scaling_view``, so it never needs to know which backend runs it.
 
 Two kinds of backend implement it:
 - ``QuantizedGemmBackend`` subclasses (``emulated``, ``scaled_mm``) run fp8lab's own
@@ -16,12 +17,33 @@ Two kinds of backend implement it:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
+from fp8lab.quantize import STAT_NAMES
+
+
+@dataclass(frozen=True)
+class ScalingView:
+    """One FP8 layer's scaling as telemetry reads it: the live tensors, not copies.
+
+    Read-only for telemetry, except ``faults``, whose contract is "counts since telemetry
+    last drained it": the collector zeroes it after reading (and restores it on resume).
+    """
+
+    amax_history: torch.Tensor  # (H, 3) float32; row 0 = the step being recorded
+    scale: torch.Tensor  # (3,) float32: input, weight, grad_output
+    cast_stats: torch.Tensor  # (3, len(STAT_NAMES)) of the last armed step; NaN: not measured
+    faults: torch.Tensor  # (3,) casts that met NaN or inf since telemetry last drained them
+
+
+def not_measured(device: torch.device) -> torch.Tensor:
+    """Cast statistics of a layer whose casts fp8lab cannot see: all NaN, (3, len(STAT_NAMES))."""
+    return torch.full((3, len(STAT_NAMES)), float("nan"), dtype=torch.float32, device=device)
 
 
 class Backend(Protocol):
@@ -32,6 +54,10 @@ class Backend(Protocol):
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)``: (..., in_features) -> (..., out_features)."""
+        ...
+
+    def scaling_view(self, layer: nn.Module) -> ScalingView | None:
+        """The layer's scaling for telemetry; None when the GEMMs do not run in FP8."""
         ...
 
 
@@ -52,4 +78,12 @@ class QuantizedGemmBackend:
         record = layer.training  # eval forwards leave the amax history alone
         if record:
             layer.note_training_forward()
-        return quantized_linear(x, layer.weight, layer.bias, layer.fp8_state, self, output_dtype(x), record)
+        return quantized_linear(
+            x, layer.weight, layer.bias, layer.fp8_state, self, output_dtype(x), record, layer.telemetry
+        )
+
+    def scaling_view(self, layer: nn.Module) -> ScalingView:
+        state, stats = layer.fp8_state, layer.telemetry.cast_stats
+        if stats is None:  # never armed
+            stats = not_measured(state.scale.device)
+        return ScalingView(state.amax_history, state.scale, stats, state.faults)

@@ -37,3 +37,6 @@ class BF16Backend:
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, layer.weight, layer.bias, None, self, output_dtype(x), record=False)
+
+    def scaling_view(self, layer: nn.Module) -> None:
+        return None  # no FP8, no scaling to read

@@ -19,11 +19,13 @@ its own schedule, never through ``fp8lab.update_scales`` (which leaves these lay
   (N - 1 times with a zero row): scales still match TE's for "most_recent", and for
   "max" the window covers ~amax_history_len / N steps. Wrap the model's forward in
   ``fp8lab.gemm.backends.te.autocast(scaling)`` for TE's exact once-per-step cadence.
-- ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it (the
-  telemetry collector calls ``sync_te_scaling(model)``; ``state_dict()`` does it
-  through a hook), and ``restore_te`` copies it back when the TE module is built and
-  after ``load_state_dict``. Checkpoints stay plain tensors (``weights_only=True``).
-- Per-cast statistics (overflow %, SQNR) do not exist: TE casts inside its kernels.
+- ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it
+  (``TEBackend.scaling_view``, hence ``layer.scaling_view()``, does it for telemetry;
+  ``state_dict()`` does it through a hook), and ``restore_te`` copies it back when the TE
+  module is built and after ``load_state_dict``. Checkpoints stay plain tensors
+  (``weights_only=True``).
+- Per-cast statistics (overflow %, SQNR) do not exist: TE casts inside its kernels; the
+  view reports them as NaN.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8lab.formats import Role
+from fp8lab.gemm.backends.base import ScalingView, not_measured
 from fp8lab.gemm.backends.select import BackendUnavailable
 from fp8lab.scaling.delayed import DelayedScaling
 
@@ -267,6 +270,11 @@ class TEBackend:
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` through TE; ``x`` is (..., in_features) on the layer's CUDA device."""
         return _te_forward(ensure_handle(layer), x)
+
+    def scaling_view(self, layer: nn.Module) -> ScalingView:
+        sync_from_te(layer)  # the mirror, refreshed from TE (no-op before TE ran the layer)
+        state = layer.fp8_state
+        return ScalingView(state.amax_history, state.scale, not_measured(state.scale.device), state.faults)
 
 
 def _te_forward(handle: TEHandle, x: torch.Tensor) -> torch.Tensor:
