@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from torch import nn
 
 import fp8lab
@@ -77,3 +78,21 @@ def test_legacy_emulate_spelling_warns_and_means_emulated():
     with pytest.warns(DeprecationWarning, match="use fallback='emulated'"):
         variant = Variant(name="fp8", fallback="emulate")
     assert variant.fallback == "emulated" and variant.fp8 == FP8Options(fallback="emulated")
+
+
+def test_the_scaling_decides_whether_a_layer_has_state():
+    """DelayedScaling keeps persistent state; a scaling without it (current or block
+    scaling, later) yields ``fp8_state is None`` through the same constructors."""
+    layer = fp8lab.Linear(16, 16)
+    assert isinstance(layer.fp8_state, fp8lab.ScalingState) and layer.fp8_state.scaling is layer.fp8.scaling
+
+    class Stateless(DelayedScaling):  # stands in for a scaling with no persistent state
+        def new_state(self, device=None):
+            return None
+
+    options = FP8Options(scaling=Stateless(), backend="bf16")
+    for stateless in (fp8lab.Linear(16, 16, fp8=options), fp8lab.convert(nn.Linear(16, 16), fp8=options)):
+        assert stateless.fp8_state is None
+        assert list(stateless.state_dict()) == ["weight", "bias"]
+        stateless(torch.randn(2, 16)).sum().backward()
+        fp8lab.update_scales(stateless)  # nothing to update

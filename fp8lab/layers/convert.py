@@ -32,7 +32,6 @@ from torch.nn.utils import parametrize
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.options import FP8Options
-from fp8lab.scaling.state import ScalingState
 
 SKIP_REASON_ATTR = "fp8lab_skip_reason"
 
@@ -62,7 +61,7 @@ def _to_fp8lab(linear: nn.Linear, fp8: FP8Options) -> Linear:
     )
     new.weight = linear.weight
     new.bias = linear.bias
-    new.fp8_state = ScalingState(fp8.scaling, device=device)
+    new.fp8_state = fp8.scaling.new_state(device)  # on the layer's device, not meta
     new.train(linear.training)
     return new
 

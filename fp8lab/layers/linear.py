@@ -1,8 +1,8 @@
 """fp8lab.Linear: a drop-in nn.Linear whose GEMMs run in FP8 with delayed scaling.
 
-Invariant: parameters stay float32 (master weights); the layer owns its ScalingState
-(``self.fp8_state``) and never updates the scales itself: ``fp8lab.update_scales``
-does, once per optimizer step. The backend is chosen per device by
+Invariant: parameters stay float32 (master weights); the layer owns the state its
+scaling asks for (``self.fp8_state``: a ScalingState under DelayedScaling) and never
+updates the scales itself: ``fp8lab.update_scales`` does, once per optimizer step. The backend is chosen per device by
 ``fp8lab.gemm.backends.select`` (the plan, whose reason ``fp8lab.describe`` shows), and
 ``forward`` is only: plan -> backend -> ``backend.forward(self, x)``.
 """
@@ -21,7 +21,6 @@ from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device
 from fp8lab.gemm.exact import gemm_path
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.options import FP8Options
-from fp8lab.scaling.state import ScalingState
 
 # Training forwards without an update_scales call after which a layer warns (once):
 # enough for long gradient accumulation, few enough that stale scales are noticed early.
@@ -39,7 +38,9 @@ class Linear(nn.Module):
         device: where parameters and scaling state are created.
 
     Attributes read by the backends (``fp8lab.gemm.backends.base``):
-        fp8_state: the ScalingState (amax history and scales, saved in the state_dict).
+        fp8_state: what ``fp8.scaling.new_state`` made: a ScalingState (amax history and
+            scales, saved in the state_dict) for DelayedScaling; None for a scaling
+            without persistent state.
         telemetry: the TelemetrySlot the collector arms on log steps (cast statistics).
         te_handle: the Transformer Engine module when the plan is "te" (built by that
             backend at the first forward), else None; a plain attribute, not a
@@ -61,9 +62,9 @@ class Linear(nn.Module):
         self.keep_bf16_reason: str | None = None  # set by a precision policy
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self.fp8_state = ScalingState(self.fp8.scaling, device=device)
+        self.fp8_state = self.fp8.scaling.new_state(device)  # the scaling decides (None: stateless)
         self.telemetry = TelemetrySlot()
-        self.te_handle = None  # a fp8lab.gemm.backends.te.TEHandle once TE runs this layer
+        self.te_handle = None  # an fp8lab.gemm.backends.te.TEHandle once TE runs this layer
         self._plans: dict[torch.device, Plan] = {}
         self._warned_stale = False
         self.reset_parameters()

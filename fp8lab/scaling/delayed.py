@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8lab.formats import E4M3, E5M2, FP8Format, Role
+from fp8lab.scaling.state import ScalingState
 
 FP8_FORMATS = ("hybrid", "e4m3")
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -82,6 +83,16 @@ class DelayedScaling:
     def fp8_max(self) -> tuple[float, float, float]:
         """fp8_max per role (input, weight, grad_output)."""
         return tuple(self.format_for(role).max for role in Role)
+
+    def new_state(self, device: torch.device | str | None = None) -> ScalingState | None:
+        """The persistent state one layer keeps for this scaling: its amax history and
+        scales. A layer stores whatever this returns as ``fp8_state``; a scaling without
+        persistent state (current or block scaling) returns None.
+
+        Args:
+            device: where the state's buffers are created.
+        """
+        return ScalingState(self, device=device)
 
 
 FP32_MAX = torch.finfo(torch.float32).max

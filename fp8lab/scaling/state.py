@@ -10,11 +10,15 @@ error, never a silent re-initialisation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from fp8lab.formats import ROLE_NAMES, Role
-from fp8lab.scaling.delayed import DelayedScaling
+
+if TYPE_CHECKING:  # DelayedScaling.new_state builds a ScalingState: no import cycle at run time
+    from fp8lab.scaling.delayed import DelayedScaling
 
 
 class ScalingState(nn.Module):
