@@ -123,7 +123,7 @@ class Variant:
             fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback)
         except ValueError as err:
             raise ConfigError(f"variants.{self.name}.{err}") from None
-        object.__setattr__(self, "fallback", fp8.fallback)  # the legacy "emulate" is stored as "emulated"
+        object.__setattr__(self, "fallback", fp8.fallback)  # a legacy spelling is stored normalised
         object.__setattr__(self, "_fp8", fp8)  # not a field: no second copy in to_dict() or the hash
         _check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
         _int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)

@@ -7,11 +7,11 @@ backend needs from a layer it reads from the layer's declared attributes: ``weig
 (TelemetrySlot) and, for the Transformer Engine backend, ``te_handle``. Telemetry reads a
 layer only through ``scaling_view``, so it never needs to know which backend runs it.
 
-Two kinds of backend implement it:
+Implementations:
 - ``QuantizedGemmBackend`` subclasses (``emulated``, ``scaled_mm``) run fp8lab's own
   quantized GEMM (``fp8lab.gemm.qlinear``) with the layer's ScalingState: they supply
-  ``quantize`` (cast with a given scale) and ``gemm`` (the hardware model); the BF16
-  backend does the same with ``round`` and no scaling;
+  ``quantize`` (cast with a given scale) and ``gemm`` (the hardware model);
+- the ``bf16`` backend runs the same GEMM with ``round`` (to bf16) and no scaling;
 - the ``te`` backend runs the whole layer in a Transformer Engine module.
 """
 
@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fp8lab.formats import FP8Format
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
 from fp8lab.quantize import STAT_NAMES
 
@@ -68,10 +69,12 @@ class QuantizedGemmBackend:
     name: str
     fp8 = True
 
-    def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt) -> torch.Tensor:
+    def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+        """``x_hp`` cast onto ``fmt``'s grid with ``scale`` (given, never computed here)."""
         raise NotImplementedError
 
     def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
+        """``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in ``out_dtype``."""
         raise NotImplementedError
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
