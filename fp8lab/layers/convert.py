@@ -56,9 +56,7 @@ def _to_fp8lab(linear: nn.Linear, fp8: FP8Options) -> Linear:
     """An fp8lab.Linear that holds ``linear``'s own weight and bias Parameters."""
     device = linear.weight.device
     # Built on the meta device so that no throw-away init runs (and no RNG is consumed).
-    new = Linear(
-        linear.in_features, linear.out_features, linear.bias is not None, fp8=fp8, device="meta"
-    )
+    new = Linear(linear.in_features, linear.out_features, linear.bias is not None, fp8=fp8, device="meta")
     new.weight = linear.weight
     new.bias = linear.bias
     new.fp8_state = fp8.scaling.new_state(device)  # on the layer's device, not meta

@@ -41,9 +41,7 @@ class LayerNormLinear(nn.Module):
     ):
         super().__init__()
         self.norm = Norm(in_features, normalization, eps, device=device)
-        self.linear = Linear(
-            in_features, out_features, bias, fp8=fp8, device=device
-        )
+        self.linear = Linear(in_features, out_features, bias, fp8=fp8, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(x))  # (..., in) -> (..., out)
