@@ -1,4 +1,4 @@
-"""Step time of fp8lab's emulated FP8 executor against BF16, FP32 and torchao's emulation.
+"""Step time of fp8lab's emulated FP8 backend against BF16, FP32 and torchao's emulation.
 
 A step is forward + backward (input gradient included) with float32 master weights, and
 for fp8lab's FP8 variant also ``fp8lab.update_scales`` (part of its step); no optimizer
@@ -10,7 +10,7 @@ step. Variants, all sharing weights and inputs, timed interleaved in one process
               plain PyTorch gives (on an AVX2-only CPU its bf16 GEMMs are ATen's scalar code);
 - bf16:       fp8lab's BF16 baseline: ``fp8lab.Linear`` kept in BF16, under the same
               autocast (the bf16 hardware model on the machine's exact GEMM path);
-- fp8lab:     ``fp8lab.Linear(fallback="emulate")`` (delayed scaling, exact FP8 values);
+- fp8lab:     ``fp8lab.Linear(fp8=FP8Options(fallback="emulated"))`` (delayed scaling, exact FP8 values);
 - torchao:    ``torchao.float8.convert_to_float8_training`` of the torch-bf16 module with
               ``Float8LinearConfig(emulate=True)`` (default tensorwise dynamic recipe).
 
@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
+from fp8lab import FP8Options  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     append_section, imitating_avx2, load_average, markdown_table, paired_ratio, reexec_imitating_avx2, summary,
     time_interleaved,
@@ -62,19 +63,19 @@ def to_nn_linear(module: nn.Module) -> nn.Module:
 
 
 def build_cases(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    """Name -> (fp8lab module with fallback="emulate", input shape)."""
-    emulate = dict(fallback="emulate")
+    """Name -> (fp8lab module with fallback="emulated", input shape)."""
+    emulated = dict(fp8=FP8Options(fallback="emulated"))
     cases = {
-        f"Linear {HIDDEN}->{FFN}": (fp8lab.Linear(HIDDEN, FFN, **emulate), (TOKENS, HIDDEN)),
+        f"Linear {HIDDEN}->{FFN}": (fp8lab.Linear(HIDDEN, FFN, **emulated), (TOKENS, HIDDEN)),
         f"MLP {HIDDEN}->{FFN}->{HIDDEN}": (
             nn.Sequential(
-                fp8lab.Linear(HIDDEN, FFN, **emulate), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulate)
+                fp8lab.Linear(HIDDEN, FFN, **emulated), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulated)
             ),
             (TOKENS, HIDDEN),
         ),
     }
     if hasattr(fp8lab, "TransformerBlock") and not quick:
-        block = fp8lab.TransformerBlock(HIDDEN, FFN, HIDDEN // 64, **emulate)
+        block = fp8lab.TransformerBlock(HIDDEN, FFN, HIDDEN // 64, **emulated)
         cases[f"TransformerBlock C={HIDDEN} T=512 B=4"] = (block, (4, 512, HIDDEN))
     elif not hasattr(fp8lab, "TransformerBlock"):
         print("fp8lab.TransformerBlock is not available: skipping the block case")

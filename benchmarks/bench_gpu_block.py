@@ -113,8 +113,8 @@ def bench_blocks(hiddens, tokens: int, repeats: int, compile_torchao: bool) -> l
         heads = hidden // 64 if hidden < 4096 else 32
         seq = 2048
         torch.manual_seed(0)
-        fp8_opts = dict(recipe=fp8lab.DelayedScaling(amax_history_len=16), backend="scaled_mm")
-        block = fp8lab.TransformerBlock(hidden, 4 * hidden, heads, **fp8_opts).cuda()
+        fp8 = fp8lab.FP8Options(scaling=fp8lab.DelayedScaling(amax_history_len=16), backend="scaled_mm")
+        block = fp8lab.TransformerBlock(hidden, 4 * hidden, heads, fp8=fp8).cuda()
         x = torch.randn(tokens // seq, seq, hidden, device="cuda", requires_grad=True)
         torch_nn = to_nn_linear(block)
         steps = {

@@ -1,7 +1,7 @@
 """Cost of ``fp8lab.update_scales`` as a share of a training step, for 12, 24 and 48 blocks.
 
 A training step of a stack of ``fp8lab.TransformerBlock`` (hidden 256, 4 heads, FFN
-1024, seq 128, batch 4, ``fallback="emulate"``, TE's default recipe: amax history
+1024, seq 128, batch 4, ``fallback="emulated"``, TE's default scaling: amax history
 1024) is zero_grad, forward under ``torch.autocast("cpu", bfloat16)``, backward,
 ``AdamW.step()``, then ``update_scales(model)``. Each part is timed inside the same
 step, so the share ``update / whole step`` is paired; the models of different depth
@@ -27,21 +27,22 @@ if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab an
 
 import fp8lab  # noqa: E402
 from benchmarks.common import append_section, load_average, markdown_table, summary  # noqa: E402
+from fp8lab import FP8Options  # noqa: E402
 
 HIDDEN, HEADS, FFN, SEQ, BATCH = 256, 4, 1024, 128, 4
 
 
 def build(num_blocks: int) -> nn.Module:
     if hasattr(fp8lab, "TransformerBlock"):
-        blocks = [fp8lab.TransformerBlock(HIDDEN, FFN, HEADS, fallback="emulate") for _ in range(num_blocks)]
+        blocks = [fp8lab.TransformerBlock(HIDDEN, FFN, HEADS, fp8=FP8Options(fallback="emulated")) for _ in range(num_blocks)]
     else:  # same four GEMMs per block, without norms and attention
         print("fp8lab.TransformerBlock is not available: 4 fp8lab.Linear per block instead")
         blocks = [
             nn.Sequential(
-                fp8lab.Linear(HIDDEN, 3 * HIDDEN, fallback="emulate"),
-                fp8lab.Linear(3 * HIDDEN, HIDDEN, fallback="emulate"),
-                fp8lab.Linear(HIDDEN, FFN, fallback="emulate"),
-                fp8lab.Linear(FFN, HIDDEN, fallback="emulate"),
+                fp8lab.Linear(HIDDEN, 3 * HIDDEN, fp8=FP8Options(fallback="emulated")),
+                fp8lab.Linear(3 * HIDDEN, HIDDEN, fp8=FP8Options(fallback="emulated")),
+                fp8lab.Linear(HIDDEN, FFN, fp8=FP8Options(fallback="emulated")),
+                fp8lab.Linear(FFN, HIDDEN, fp8=FP8Options(fallback="emulated")),
             )
             for _ in range(num_blocks)
         ]

@@ -96,7 +96,7 @@ def machine() -> str:
     except OSError:
         pass
     simd = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags] or ["no AVX-512"]
-    from fp8lab.exact import cpu_has_native_bf16, gemm_path
+    from fp8lab.gemm.exact import cpu_has_native_bf16, gemm_path
 
     seen = (
         f"imitating an AVX2-only CPU ({' '.join(f'{k}={v}' for k, v in AVX2_ONLY_ENV.items())})"

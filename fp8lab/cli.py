@@ -34,7 +34,7 @@ EXIT_CODES = """exit codes:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input or environment (exit 2)."""
-    from fp8lab.backends.select import BackendUnavailable
+    from fp8lab.gemm.backends.select import BackendUnavailable
     from fp8lab.data import DataError
     from fp8lab.report import ReportError
     from fp8lab.run.checkpoint import CheckpointError

@@ -12,9 +12,7 @@ import importlib
 import torch
 
 import fp8lab
-from fp8lab.exact import gemm_path
-from fp8lab.backends.select import (
-    FALLBACKS,
+from fp8lab.gemm.backends.select import (
     FP8_MIN_CAPABILITY,
     BackendUnavailable,
     DeviceFacts,
@@ -23,6 +21,8 @@ from fp8lab.backends.select import (
     probe_te,
     select_backend,
 )
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.options import FALLBACKS
 
 PROBE_DIMS = (4096, 4096)  # a typical transformer Linear: in_features x out_features
 

@@ -18,7 +18,7 @@ UNDERFLOW_PCT = 1.0  # more than 1% of non-zero values flushed to zero
 SQNR_DB = 20.0  # below torchao's bar for an FP8 linear
 
 ADVICE = {
-    "overflow": "raise margin (recipe.margin=1 or 2) or use amax_compute_algo='max' with a longer history",
+    "overflow": "raise margin (fp8.margin=1 or 2) or use amax_compute_algo='max' with a longer history",
     "underflow": "shorten amax_history_len (a stale large amax keeps the scale low) or keep the layer in BF16",
     "sqnr": "keep the layer in BF16 (variants.<name>.keep_bf16) or check its inputs for outliers",
 }

@@ -18,6 +18,6 @@ def config() -> RunConfig:
                           log_interval=20, eval_interval=250, eval_batches=20, checkpoint_interval=500),
         variants=(
             Variant(name="bf16", precision="bf16"),
-            Variant(name="fp8", precision="fp8", recipe=DelayedScaling(), fallback="emulate"),
+            Variant(name="fp8", precision="fp8", scaling=DelayedScaling(), fallback="emulated"),
         ),
     )

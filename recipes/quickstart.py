@@ -1,7 +1,7 @@
 """Quickstart: a tiny byte-level GPT on the Python stdlib, FP8 (emulated) against BF16.
 
 Runs on a 2-core CPU in a few minutes, both variants included. FP8 uses
-fallback="emulate" so its numerics are FP8's on any machine.
+fallback="emulated" so its numerics are FP8's on any machine.
 """
 
 from fp8lab import DelayedScaling
@@ -16,6 +16,6 @@ def config() -> RunConfig:
                           log_interval=10, eval_interval=100, eval_batches=8),
         variants=(
             Variant(name="bf16", precision="bf16"),
-            Variant(name="fp8", precision="fp8", recipe=DelayedScaling(amax_history_len=16), fallback="emulate"),
+            Variant(name="fp8", precision="fp8", scaling=DelayedScaling(amax_history_len=16), fallback="emulated"),
         ),
     )

@@ -30,7 +30,7 @@ def one_thread():
 
 
 def hw_reference(a64, b64, inv: torch.Tensor | None, bias: torch.Tensor | None, out_dtype):
-    """The hardware model of fp8lab.exact on exact operand values (float64 tensors): the
+    """The hardware model of fp8lab.gemm.exact on exact operand values (float64 tensors): the
     exact sum of products rounded once to fp32, times the fp32 inverse scale, plus the bias,
     in fp32, rounded once to ``out_dtype``."""
     acc = (a64.double() @ b64.double()).float()

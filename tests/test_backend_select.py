@@ -13,9 +13,7 @@ import itertools
 import pytest
 import torch
 
-from fp8lab.backends.select import (
-    BACKENDS,
-    FALLBACKS,
+from fp8lab.gemm.backends.select import (
     BackendUnavailable,
     DeviceFacts,
     Plan,
@@ -24,6 +22,7 @@ from fp8lab.backends.select import (
     probe_te,
     select_backend,
 )
+from fp8lab.options import BACKENDS, FALLBACKS, FP8Options
 
 CPU = DeviceFacts("cpu")
 A100 = DeviceFacts("cuda", (8, 0), "A100")
@@ -45,30 +44,30 @@ SMM_REASON = "torch._scaled_mm on {}; install fp8lab[te] for fused kernels"
 CASES = [
     # auto without FP8 hardware: the layer's fallback, with the hardware reason
     (CPU, TE, "auto", "bf16", ALIGNED, "bf16", "no FP8 hardware on CPU"),
-    (CPU, NO_TE, "auto", "emulate", ALIGNED, "emulated", "no FP8 hardware on CPU" + EMU),
+    (CPU, NO_TE, "auto", "emulated", ALIGNED, "emulated", "no FP8 hardware on CPU" + EMU),
     (CPU, NO_TE, "auto", "bf16", ODD, "bf16", "no FP8 hardware on CPU"),
     (A100, TE, "auto", "bf16", ALIGNED, "bf16", "A100 (sm_80) has no FP8 tensor cores"),
-    (A100, NO_TE, "auto", "emulate", ALIGNED, "emulated", "A100 (sm_80) has no FP8 tensor cores" + EMU),
+    (A100, NO_TE, "auto", "emulated", ALIGNED, "emulated", "A100 (sm_80) has no FP8 tensor cores" + EMU),
     (A10, TE, "auto", "bf16", ALIGNED, "bf16", "A10 (sm_86) has no FP8 tensor cores"),
-    (A10, NO_TE, "auto", "emulate", ODD, "emulated", "A10 (sm_86) has no FP8 tensor cores" + EMU),
+    (A10, NO_TE, "auto", "emulated", ODD, "emulated", "A10 (sm_86) has no FP8 tensor cores" + EMU),
     # auto with FP8 hardware: TE when importable, else torch._scaled_mm; fallback unused
     (L4, TE, "auto", "bf16", ALIGNED, "te", TE_REASON.format("L4 (sm_89)")),
-    (L4, NO_TE, "auto", "emulate", ALIGNED, "scaled_mm", SMM_REASON.format("L4 (sm_89)")),
+    (L4, NO_TE, "auto", "emulated", ALIGNED, "scaled_mm", SMM_REASON.format("L4 (sm_89)")),
     (H100, TE, "auto", "bf16", ALIGNED, "te", TE_REASON.format("H100 (sm_90)")),
-    (H100, TE, "auto", "emulate", ALIGNED, "te", TE_REASON.format("H100 (sm_90)")),
+    (H100, TE, "auto", "emulated", ALIGNED, "te", TE_REASON.format("H100 (sm_90)")),
     (H100, NO_TE, "auto", "bf16", ALIGNED, "scaled_mm", SMM_REASON.format("H100 (sm_90)")),
     (B200, TE, "auto", "bf16", ALIGNED, "te", TE_REASON.format("B200 (sm_100)")),
-    (B200, NO_TE, "auto", "emulate", ALIGNED, "scaled_mm", SMM_REASON.format("B200 (sm_100)")),
+    (B200, NO_TE, "auto", "emulated", ALIGNED, "scaled_mm", SMM_REASON.format("B200 (sm_100)")),
     # a layer a hardware FP8 GEMM cannot take falls back alone, saying why
     (H100, TE, "auto", "bf16", ODD, "bf16", "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs"),
-    (H100, NO_TE, "auto", "emulate", ODD, "emulated", "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU),
+    (H100, NO_TE, "auto", "emulated", ODD, "emulated", "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU),
     (H100, TE, "te", "bf16", ODD, "bf16", "backend='te' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs"),
-    (L4, NO_TE, "scaled_mm", "emulate", ODD, "emulated", "backend='scaled_mm' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU),
+    (L4, NO_TE, "scaled_mm", "emulated", ODD, "emulated", "backend='scaled_mm' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU),
     # explicit hardware requests that can run
     (H100, TE, "te", "bf16", ALIGNED, "te", TE_REASON.format("H100 (sm_90)")),
-    (L4, TE, "te", "emulate", None, "te", TE_REASON.format("L4 (sm_89)")),
+    (L4, TE, "te", "emulated", None, "te", TE_REASON.format("L4 (sm_89)")),
     (H100, TE, "scaled_mm", "bf16", ALIGNED, "scaled_mm", "torch._scaled_mm on H100 (sm_90) (requested)"),
-    (B200, NO_TE, "scaled_mm", "emulate", ALIGNED, "scaled_mm", "torch._scaled_mm on B200 (sm_100) (requested)"),
+    (B200, NO_TE, "scaled_mm", "emulated", ALIGNED, "scaled_mm", "torch._scaled_mm on B200 (sm_100) (requested)"),
 ]
 
 
@@ -141,10 +140,11 @@ def test_whole_table_is_total():
     assert raised == expected
 
 
-@pytest.mark.parametrize("field,kwargs", [("backend", {"requested": "fp8"}), ("fallback", {"fallback": "fp32"})])
+@pytest.mark.parametrize("field,kwargs", [("backend", {"backend": "fp8"}), ("fallback", {"fallback": "fp32"})])
 def test_bad_names_say_field_and_allowed(field, kwargs):
+    """Names are checked once, by FP8Options, before any plan is made."""
     with pytest.raises(ValueError, match=rf"^{field} must be one of"):
-        select_backend(device=CPU, te=NO_TE, **kwargs)
+        FP8Options(**kwargs)
 
 
 def test_probe_device_on_cpu_makes_no_cuda_call():

@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fp8lab.config import DelayedScaling
+from fp8lab.scaling import DelayedScaling
 from fp8lab.run.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, Variant
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
@@ -50,7 +50,7 @@ def assert_usable(config: RunConfig) -> None:
     assert 0 <= t.seed < 2**64
     for variant in config.variants:
         assert isinstance(variant.keep_bf16, tuple) and all(isinstance(p, str) for p in variant.keep_bf16)
-        assert variant.precision != "fp8" or variant.recipe.margin <= max_margin()
+        assert variant.precision != "fp8" or variant.scaling.margin <= max_margin()
 
 
 @SETTINGS

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fp8lab
-from fp8lab import GPT, PrecisionPolicy
-from fp8lab.backends.select import DeviceFacts, TEFacts
-from fp8lab.convert import SKIP_REASON_ATTR
-from fp8lab.describe import LayerRow, plan_for
-from fp8lab.exact import gemm_path
-from fp8lab.linear import Linear
+from fp8lab import FP8Options, GPT, PrecisionPolicy
+from fp8lab.gemm.backends.select import DeviceFacts, TEFacts
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.layers.convert import SKIP_REASON_ATTR
+from fp8lab.layers.describe import LayerRow, plan_for
+from fp8lab.layers.linear import Linear
 from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
 H100 = DeviceFacts("cuda", (9, 0), "H100")
@@ -61,7 +61,7 @@ def test_convert_replaces_every_convertible_linear_in_place():
     model = encoder_model()
     params_before = {id(p) for p in model.parameters()}
     rng_before = torch.get_rng_state()
-    assert fp8lab.convert(model, fallback="emulate") is model
+    assert fp8lab.convert(model, fp8=FP8Options(fallback="emulated")) is model
     assert torch.equal(torch.get_rng_state(), rng_before)  # no throw-away init ran
     assert fp8lab_names(model) == CONVERTED
     assert {id(p) for p in model.parameters()} == params_before  # same Parameters, ties kept
@@ -72,7 +72,7 @@ def test_convert_replaces_every_convertible_linear_in_place():
 
 
 def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
-    model = fp8lab.convert(encoder_model(), fallback="emulate")
+    model = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="emulated"))
     rows = {r.name: r for r in fp8lab.describe(model, H100, te=NO_TE)}
     assert [n for n in rows if rows[n].backend == "scaled_mm"] == CONVERTED[1:-1]
     assert rows["0"] == LayerRow(
@@ -84,7 +84,7 @@ def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
     for name in SKIPPED:
         assert rows[name].precision == "torch" and "not converted" in rows[name].reason
 
-    bf16_fallback = fp8lab.convert(encoder_model(), fallback="bf16")
+    bf16_fallback = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="bf16"))
     head = plan_for(bf16_fallback.get_submodule("2"), H100, NO_TE)
     assert head.backend == "bf16" and head.reason.startswith("dimensions 64x30 are not multiples of 16")
     te_plan = plan_for(bf16_fallback.get_submodule("1.layers.1.linear2"), H100, TEFacts("2.1.0"))
@@ -96,7 +96,7 @@ def test_odd_dimensions_fall_back_alone_on_fp8_hardware():
 def test_multihead_attention_out_proj_forward_never_runs(count_linear_forwards):
     """Why convert leaves out_proj alone: torch reads its weight, never calls it."""
     mha = nn.MultiheadAttention(D_MODEL, 4, batch_first=True)
-    naive = Linear(D_MODEL, D_MODEL, fallback="emulate")
+    naive = Linear(D_MODEL, D_MODEL, fp8=FP8Options(fallback="emulated"))
     naive.weight, naive.bias = mha.out_proj.weight, mha.out_proj.bias
     mha.out_proj = naive
     x = torch.randn(2, 8, D_MODEL)
@@ -108,7 +108,7 @@ def test_multihead_attention_out_proj_forward_never_runs(count_linear_forwards):
 def test_fused_encoder_fast_path_does_not_bypass_converted_layers(count_linear_forwards):
     # eval + no_grad + no autocast is where torch's fused encoder kernel would read
     # linear1/linear2 weights directly; convert switches it off.
-    model = fp8lab.convert(encoder_model(), fallback="emulate").eval()
+    model = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="emulated")).eval()
     with torch.no_grad():
         model(torch.randn(2, 8, D_IN))
     assert sorted(n for n, m in model.named_modules() if m in count_linear_forwards) == sorted(CONVERTED)
@@ -117,7 +117,7 @@ def test_fused_encoder_fast_path_does_not_bypass_converted_layers(count_linear_f
 def test_converted_output_matches_float64_original():
     model = encoder_model()
     original64 = copy.deepcopy(model).double()
-    fp8lab.convert(model, fallback="emulate")
+    fp8lab.convert(model, fp8=FP8Options(fallback="emulated"))
     x = torch.randn(8, 16, D_IN, generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().pow(2).mean().backward()  # set the scales from real amaxes
@@ -131,7 +131,7 @@ def test_converted_output_matches_float64_original():
 
 
 def test_converted_model_trains_with_emulated_fp8(one_thread):
-    model = fp8lab.convert(encoder_model(), fallback="emulate")
+    model = fp8lab.convert(encoder_model(), fp8=FP8Options(fallback="emulated"))
     teacher = torch.randn(D_IN, N_CLASSES, generator=torch.Generator().manual_seed(2))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(3)
@@ -149,11 +149,11 @@ def test_converted_model_trains_with_emulated_fp8(one_thread):
         losses.append(loss.detach())
     first, last = losses[0].item(), torch.stack(losses[-5:]).mean().item()
     assert last < 0.6 * first, (first, last)
-    assert all(not torch.equal(s.scale, torch.ones(3)) for s in fp8lab.update.scaling_states(model))
+    assert all(not torch.equal(s.scale, torch.ones(3)) for s in fp8lab.scaling.update.scaling_states(model))
 
 
 def test_convert_applies_policy_and_handles_odd_cases():
-    model = fp8lab.convert(encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fallback="emulate")
+    model = fp8lab.convert(encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fp8=FP8Options(fallback="emulated"))
     rows = {r.name: r for r in fp8lab.describe(model)}
     assert rows["2"].reason.startswith("kept in BF16 by policy pattern '2';") and rows["2"].precision == "bf16"
     assert rows["1.layers.1.linear1"].reason.startswith("kept in BF16 by policy pattern '*.layers.1.*';")
@@ -171,11 +171,11 @@ def test_convert_applies_policy_and_handles_odd_cases():
     assert "lazy layer not materialised" in getattr(odd[3], SKIP_REASON_ATTR)
     assert isinstance(fp8lab.convert(nn.Linear(16, 32)), Linear)
     with pytest.raises(ValueError, match="fallback"):
-        fp8lab.convert(nn.Linear(16, 32), fallback="fp16")
+        fp8lab.convert(nn.Linear(16, 32), fp8=FP8Options(fallback="fp16"))
 
 
 def test_describe_gpt_default_policy_keeps_only_lm_head_in_bf16():
-    model = GPT.from_preset("tiny", num_layers=2, fallback="emulate")
+    model = GPT.from_preset("tiny", num_layers=2, fallback="emulated")
     rows = fp8lab.describe(model)
     assert all(isinstance(r, LayerRow) for r in rows)
     assert [r.name for r in rows] == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")] + ["lm_head"]
@@ -191,7 +191,7 @@ def test_describe_gpt_default_policy_keeps_only_lm_head_in_bf16():
 
 def test_policy_first_and_last_blocks_and_patterns():
     policy = PrecisionPolicy(keep_bf16=("lm_head", "blocks.1.mlp.*"), first_last_bf16=1)
-    model = GPT.from_preset("tiny", fallback="emulate", policy=policy)  # 4 blocks
+    model = GPT.from_preset("tiny", fallback="emulated", policy=policy)  # 4 blocks
     rows = {r.name: r for r in fp8lab.describe(model)}
     for i in (0, 3):
         for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
@@ -201,7 +201,7 @@ def test_policy_first_and_last_blocks_and_patterns():
     assert [n for n, r in rows.items() if r.precision == "fp8"] == ["blocks.1.attn.qkv", "blocks.1.attn.proj"] + [
         f"blocks.2.{s}" for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     ]
-    all_fp8 = GPT.from_preset("tiny", num_layers=1, fallback="emulate", policy=PrecisionPolicy(keep_bf16=()))
+    all_fp8 = GPT.from_preset("tiny", num_layers=1, fallback="emulated", policy=PrecisionPolicy(keep_bf16=()))
     assert {r.precision for r in fp8lab.describe(all_fp8)} == {"fp8"}
 
 

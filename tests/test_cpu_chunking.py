@@ -1,8 +1,8 @@
-"""CPU work done in slices of about fp8lab.cast.CPU_CHUNK elements (to keep temporaries
+"""CPU work done in slices of about fp8lab.quantize.CPU_CHUNK elements (to keep temporaries
 small) must give the same numbers as the whole-tensor op.
 
 - the grid cast: exact, ``torch.equal`` against ``cast_to_fp8(...).float()``;
-- the bias gradient (qgemm._bias_grad): a float32 sum added in another order, so exact
+- the bias gradient (gemm.qlinear._bias_grad): a float32 sum added in another order, so exact
   where every partial sum is exact (small integers), and otherwise within the float32
   summation bound n * 2^-24 * sum|g| of a float64 reference.
 """
@@ -10,9 +10,9 @@ small) must give the same numbers as the whole-tensor op.
 import pytest
 import torch
 
-import fp8lab.cast as cast
+import fp8lab.quantize as quantize
 from fp8lab.formats import E4M3, E5M2
-from fp8lab.qgemm import _bias_grad
+from fp8lab.gemm.qlinear import _bias_grad
 
 
 def _spread(shape, gen):
@@ -24,13 +24,13 @@ def _spread(shape, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_multi_chunk_cast_equals_real_cast(fmt, dtype):
     gen = torch.Generator().manual_seed(3)
-    x = _spread((2 * cast.CPU_CHUNK + 3,), gen).to(dtype)  # two full chunks and a tail
+    x = _spread((2 * quantize.CPU_CHUNK + 3,), gen).to(dtype)  # two full chunks and a tail
     x[5], x[-1] = float("inf"), -1e30  # saturation in the first and the last chunk
     for scale in (1 / 3, 37.5):
         s = torch.tensor(scale)
-        grid = cast.cast_to_fp8_grid(x, s, fmt)
+        grid = quantize.cast_to_fp8_grid(x, s, fmt)
         assert grid.dtype == torch.bfloat16 and grid.shape == x.shape
-        assert torch.equal(grid.float(), cast.cast_to_fp8(x, s, fmt).float())
+        assert torch.equal(grid.float(), quantize.cast_to_fp8(x, s, fmt).float())
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -38,11 +38,11 @@ def test_chunk_boundaries_and_layouts(monkeypatch, chunk):
     gen = torch.Generator().manual_seed(4)
     x = _spread((50, 37), gen).t()  # non-contiguous, 1850 elements: many chunks and a tail
     s = torch.tensor(2.5)
-    expected = cast.cast_to_fp8(x, s, E4M3).float()
-    monkeypatch.setattr(cast, "CPU_CHUNK", chunk)
-    grid = cast.cast_to_fp8_grid(x, s, E4M3)
+    expected = quantize.cast_to_fp8(x, s, E4M3).float()
+    monkeypatch.setattr(quantize, "CPU_CHUNK", chunk)
+    grid = quantize.cast_to_fp8_grid(x, s, E4M3)
     assert grid.shape == (37, 50) and torch.equal(grid.float(), expected)
-    assert cast.cast_to_fp8_grid(torch.empty(0, 4), s, E4M3).shape == (0, 4)
+    assert quantize.cast_to_fp8_grid(torch.empty(0, 4), s, E4M3).shape == (0, 4)
 
 
 @pytest.mark.parametrize("shape", [(2048, 3072), (3000, 7), (0, 5), (1, 1)])

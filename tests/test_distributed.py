@@ -20,13 +20,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fp8lab
+from fp8lab import FP8Options
 from fp8lab.data import BatchSampler, load_corpus
 from fp8lab.formats import Role
 from fp8lab.run.distributed import Distributed, token_loss
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 150  # a hung collective fails the test instead of hanging it
-RECIPE = fp8lab.DelayedScaling(amax_history_len=4)
+SCALING = fp8lab.DelayedScaling(amax_history_len=4)
 OUTLIER = 1e4
 GPT_STEPS, GPT_BATCH, GPT_BLOCK, GPT_LR = 20, 4, 32, 1e-3
 
@@ -34,7 +35,7 @@ GPT_STEPS, GPT_BATCH, GPT_BLOCK, GPT_LR = 20, 4, 32, 1e-3
 # ---------------------------------------------------------------- shared by ranks and references
 def small_model(num_layers: int) -> nn.Sequential:
     torch.manual_seed(0)
-    layers = [fp8lab.Linear(16, 16, recipe=RECIPE, backend="emulated") for _ in range(num_layers)]
+    layers = [fp8lab.Linear(16, 16, fp8=FP8Options(scaling=SCALING, backend="emulated")) for _ in range(num_layers)]
     return nn.Sequential(*layers)
 
 
@@ -51,14 +52,14 @@ def forward_backward(model: nn.Module, x: torch.Tensor) -> None:
 
 def states(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(histories (L, H, 3), scales (L, 3)) copies of every layer's scaling state."""
-    found = fp8lab.update.scaling_states(model)
+    found = fp8lab.scaling.update.scaling_states(model)
     return torch.stack([s.amax_history.clone() for s in found]), torch.stack([s.scale.clone() for s in found])
 
 
 def gpt() -> fp8lab.GPT:
     torch.manual_seed(0)
-    return fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=2, block_size=GPT_BLOCK,
-                                  recipe=fp8lab.DelayedScaling(amax_history_len=8))
+    return fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=2, block_size=GPT_BLOCK,
+                                  scaling=fp8lab.DelayedScaling(amax_history_len=8))
 
 
 def sampler() -> BatchSampler:
@@ -138,7 +139,7 @@ def rank_scenarios(rank: int) -> dict:
     forward_backward(model, x_nan)
     fp8lab.update_scales(model)
     out["states_nan"] = states(model)
-    out["faults_nan"] = torch.stack([s.faults.clone() for s in fp8lab.update.scaling_states(model)])
+    out["faults_nan"] = torch.stack([s.faults.clone() for s in fp8lab.scaling.update.scaling_states(model)])
 
     ddp = Distributed(rank, WORLD, rank, torch.device("cpu")).wrap(gpt())
     data = sampler()

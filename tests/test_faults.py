@@ -15,7 +15,7 @@ import torch
 
 import fp8lab
 from fp8lab.cli import classify
-from fp8lab.gpt import GPT
+from fp8lab.layers.gpt import GPT
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import memory, storage, validate
 from fp8lab.run.lock import RunFolderBusy, RunLock, check_not_busy

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
-from fp8lab import GPT, GPTConfig
+from fp8lab import FP8Options, GPT, GPTConfig
 from fp8lab.data import BatchSampler, load_corpus
 from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
@@ -41,8 +41,8 @@ def test_presets():
     gpt2 = GPTConfig.from_preset("gpt2-124m")
     assert (gpt2.vocab_size, gpt2.block_size, gpt2.num_layers, gpt2.hidden_size) == (50304, 1024, 12, 768)
     assert (gpt2.num_attention_heads, gpt2.ffn_hidden_size, gpt2.tie_embeddings) == (12, 3072, True)
-    model = GPT.from_preset("tiny", num_layers=2, fallback="emulate")
-    assert model.config == GPTConfig.from_preset("tiny", num_layers=2, fallback="emulate")
+    model = GPT.from_preset("tiny", num_layers=2, fallback="emulated")
+    assert model.config == GPTConfig.from_preset("tiny", num_layers=2, fallback="emulated")
     assert len(model.blocks) == 2
 
 
@@ -68,7 +68,7 @@ def test_unknown_preset():
 
 
 def test_logits_shape_and_dtype():
-    model = small_gpt(fallback="emulate")
+    model = small_gpt(fp8=FP8Options(fallback="emulated"))
     idx = torch.randint(0, 256, (3, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(idx)
@@ -80,7 +80,7 @@ def test_logits_shape_and_dtype():
 
 def test_future_token_changes_no_earlier_logit():
     torch.manual_seed(0)
-    model = small_gpt(num_layers=2, fallback="emulate")
+    model = small_gpt(num_layers=2, fp8=FP8Options(fallback="emulated"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (2, 16))
     train_step(model, opt, idx, idx)  # real scales, not the initial 1.0
@@ -131,8 +131,8 @@ EXPECTED_KEYS = [
 
 
 def test_state_dict_keys_contract():
-    recipe = fp8lab.DelayedScaling(amax_history_len=16)
-    sd = small_gpt(recipe=recipe).state_dict()
+    scaling = fp8lab.DelayedScaling(amax_history_len=16)
+    sd = small_gpt(fp8=FP8Options(scaling=scaling)).state_dict()
     assert list(sd) == EXPECTED_KEYS
     assert sd["blocks.0.attn.qkv.fp8_state.amax_history"].shape == (16, 3)
     assert sd["blocks.0.attn.qkv.fp8_state.scale"].shape == (3,)
@@ -143,9 +143,9 @@ def test_state_dict_keys_contract():
 
 
 def test_state_dict_round_trip_is_bit_exact():
-    recipe = fp8lab.DelayedScaling(amax_history_len=8)
+    scaling = fp8lab.DelayedScaling(amax_history_len=8)
     torch.manual_seed(0)
-    trained = small_gpt(num_layers=2, recipe=recipe, fallback="emulate")
+    trained = small_gpt(num_layers=2, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (4, 16))
     for _ in range(2):
@@ -156,7 +156,7 @@ def test_state_dict_round_trip_is_bit_exact():
     loaded = torch.load(buf, weights_only=True)
 
     torch.manual_seed(1)
-    fresh = small_gpt(num_layers=2, recipe=recipe, fallback="emulate")
+    fresh = small_gpt(num_layers=2, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     before = fresh.state_dict()
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])
     assert not torch.equal(before["blocks.1.mlp.fc2.fp8_state.scale"], loaded["blocks.1.mlp.fc2.fp8_state.scale"])
@@ -178,7 +178,7 @@ def corpus():
 def train_tiny(corpus, fallback: str) -> list[float]:
     torch.manual_seed(0)
     model = GPT.from_preset("tiny", fallback=fallback)
-    expected = "fp8" if fallback == "emulate" else "bf16"
+    expected = "fp8" if fallback == "emulated" else "bf16"
     assert {r.precision for r in fp8lab.describe(model) if r.name.startswith("blocks.")} == {expected}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sampler = BatchSampler(corpus.train, BATCH, BLOCK, seed=0)
@@ -188,13 +188,13 @@ def train_tiny(corpus, fallback: str) -> list[float]:
 
 def test_tiny_gpt_trains_in_fp8_and_bf16_on_stdlib_bytes(corpus, one_thread):
     finals = {}
-    for fallback in ("emulate", "bf16"):
+    for fallback in ("emulated", "bf16"):
         losses = train_tiny(corpus, fallback)
         final = sum(losses[-10:]) / 10
         assert 5.0 < losses[0] < 6.0  # ~ln(256) = 5.55 at init
         assert final < LOSS_RATIO_BOUND * losses[0], (fallback, losses[0], final)
         finals[fallback] = final
-    gap = abs(finals["emulate"] - finals["bf16"]) / finals["bf16"]
+    gap = abs(finals["emulated"] - finals["bf16"]) / finals["bf16"]
     assert gap < FP8_BF16_GAP_BOUND, finals
 
 

@@ -12,7 +12,7 @@ Every test here needs CUDA and skips elsewhere with the reason. Tolerances, all 
   >= 99% of bf16 outputs bit-equal, fp32 outputs within 1e-5 of max|ref|, with TF32 and
   reduced-precision bf16 reductions switched ON globally (the exact path must not use them);
 - amax histories: identical inputs give identical amaxes, so torch.equal between fp8lab
-  executors; against TE rtol 2^-8 (one bf16 rounding), scales rtol 1e-6 (op order).
+  backends; against TE rtol 2^-8 (one bf16 rounding), scales rtol 1e-6 (op order).
 - training: a 2-layer MLP regressing a fixed random teacher for 60 AdamW steps; the loss
   must fall below half its start, and end within 25 % of the BF16 baseline's; a tiny GPT
   for 40 steps per backend ends within 5 % of the BF16 GPT's loss.
@@ -29,12 +29,13 @@ import pytest
 import torch
 from torch import nn
 
-from fp8lab import DelayedScaling, Linear, update_scales
-from fp8lab.backends.select import probe_te
-from fp8lab.cast import cast_to_fp8
-from fp8lab.exact import gemm_path
-from fp8lab.executors import EmulatedExecutor, ScaledMMExecutor
+from fp8lab import DelayedScaling, FP8Options, Linear, update_scales
+from fp8lab.quantize import cast_to_fp8
 from fp8lab.formats import E4M3, E5M2
+from fp8lab.gemm.backends.emulated import EmulatedBackend
+from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.gemm.backends.select import probe_te
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +47,7 @@ needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA device with com
 needs_te = pytest.mark.skipif(not HAS_TE, reason="Transformer Engine not installed")
 
 RTOL, ATOL, MIN_SQNR_DB = 0.125, 0.0675, 25.0
-RECIPE = DelayedScaling(amax_history_len=4)  # short, so the window rolls over within a test
+SCALING = DelayedScaling(amax_history_len=4)  # short, so the window rolls over within a test
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -81,7 +82,7 @@ def tokens():
 @pytest.fixture
 def te_reset():
     """TE keeps process-global scaling buffers; start each TE test from a clean one."""
-    from fp8lab.backends.te import _import_te
+    from fp8lab.gemm.backends.te import _import_te
 
     _import_te().manager.reset()
     yield
@@ -102,12 +103,12 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner, scales):
     a_hp = torch.randn(48, inner, generator=gen).cuda()
     b_hp = torch.randn(inner, 32, generator=gen).cuda()
     s_a, s_b = (torch.tensor(s, device="cuda") for s in scales)
-    emu = EmulatedExecutor(gemm_path("cuda"))
-    ref = emu.gemm(emu.quantize(a_hp, s_a, E5M2), emu.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16)
+    emulated = EmulatedBackend(gemm_path("cuda"))
+    ref = emulated.gemm(emulated.quantize(a_hp, s_a, E5M2), emulated.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16)
     # laid out as the wgrad gets them: A = grad_out^T (column-major), B = x (row-major)
     a_q = cast_to_fp8(a_hp.t().contiguous(), s_a, E5M2).t()
     b_q = cast_to_fp8(b_hp, s_b, E4M3)
-    out = ScaledMMExecutor.gemm(a_q, b_q, 1 / s_a, 1 / s_b, torch.bfloat16)
+    out = ScaledMMBackend().gemm(a_q, b_q, 1 / s_a, 1 / s_b, torch.bfloat16)
     assert out.shape == (48, 32) and out.dtype == torch.bfloat16
     assert (out == ref).float().mean().item() >= 0.99
     assert _bf16_ulps(out, ref).max().item() <= 2.0
@@ -117,8 +118,8 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner, scales):
 def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
-    ref = Linear(256, 128, recipe=RECIPE, backend="emulated", device="cuda")
-    hw = Linear(256, 128, recipe=RECIPE, backend="scaled_mm", device="cuda")
+    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
+    hw = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="scaled_mm"), device="cuda")
     hw.load_state_dict(ref.state_dict())
     assert hw.plan().backend == "scaled_mm"
     for step in range(5):  # step 0 runs at scale 1, later steps at the updated scales
@@ -136,7 +137,7 @@ def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
 def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
     x, g = tokens
     torch.manual_seed(0)
-    cpu = Linear(256, 128, recipe=RECIPE, backend="emulated")
+    cpu = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"))
     gpu = copy.deepcopy(cpu).cuda()
     for step in range(3):
         want, got = run_step(cpu, x, g), run_step(gpu, x.cuda(), g.cuda())
@@ -150,12 +151,12 @@ def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
 @needs_te
 @needs_fp8
 def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
-    from fp8lab.backends.te import _HANDLE, read_te_scaling, sync_te_scaling
+    from fp8lab.gemm.backends.te import read_te_scaling, sync_te_scaling
 
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
-    ref = Linear(256, 128, recipe=RECIPE, backend="emulated", device="cuda")
-    tel = Linear(256, 128, recipe=RECIPE, backend="te", device="cuda")
+    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
+    tel = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     tel.load_state_dict(ref.state_dict())
     assert tel.plan().backend == "te"
     for step in range(5):
@@ -163,7 +164,7 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
         if step == 0:
             with pytest.warns(RuntimeWarning, match="opened its own te.autocast region"):
                 got = run_step(tel, x, g)
-            te_linear = tel.__dict__[_HANDLE].module
+            te_linear = tel.te_handle.module
             assert te_linear.weight is tel.weight and te_linear.bias is tel.bias
             assert [n for n, _ in tel.named_parameters()] == ["weight", "bias"]
             assert tel.state_dict().keys() == ref.state_dict().keys()  # no TE keys, no _extra_state
@@ -184,27 +185,27 @@ def test_te_linear_matches_emulated_and_shares_parameters(tokens, te_reset):
 @needs_fp8
 @pytest.mark.filterwarnings("ignore:fp8lab.Linear\\(backend='te'\\) opened:RuntimeWarning")
 def test_te_state_checkpoint_round_trip(tokens, te_reset):
-    from fp8lab.backends.te import _HANDLE, _handle, read_te_scaling
+    from fp8lab.gemm.backends.te import ensure_handle, read_te_scaling
 
     x, g = (t.cuda() for t in tokens)
-    src = Linear(256, 128, recipe=RECIPE, backend="te", device="cuda")
+    src = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     for _ in range(3):
         run_step(src, x, g)
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)  # the pre-hook copies TE's state into fp8_state
     saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    want_history, want_scale = read_te_scaling(src.__dict__[_HANDLE].module)
+    want_history, want_scale = read_te_scaling(src.te_handle.module)
     assert torch.equal(saved["fp8_state.amax_history"].cuda(), want_history)
     assert (saved["fp8_state.scale"] != 1).any()
 
-    fresh = Linear(256, 128, recipe=RECIPE, backend="te", device="cuda")
+    fresh = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     fresh.load_state_dict(saved)  # before TE exists: restored when it is built
-    history, scale = read_te_scaling(_handle(fresh).module)
+    history, scale = read_te_scaling(ensure_handle(fresh).module)
     assert torch.equal(history, want_history) and torch.equal(scale, want_scale)
-    built = Linear(256, 128, recipe=RECIPE, backend="te", device="cuda")
+    built = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="te"), device="cuda")
     run_step(built, x, g)  # TE exists now ...
     built.load_state_dict(saved)  # ... so the load hook restores it
-    history, scale = read_te_scaling(built.__dict__[_HANDLE].module)
+    history, scale = read_te_scaling(built.te_handle.module)
     assert torch.equal(history, want_history) and torch.equal(scale, want_scale)
     # same weights and restored scales: the source's next forward and the fresh one agree
     # (to one bf16 rounding; with scale 1 instead of the restored ones they differ by ~2^-4)
@@ -224,18 +225,18 @@ def _teacher_batches(steps: int):
 def _train(backend: str, region: bool, steps: int = 60) -> tuple[float, float]:
     torch.manual_seed(3)
     model = nn.Sequential(
-        Linear(64, 256, recipe=RECIPE, backend=backend, device="cuda"),
+        Linear(64, 256, fp8=FP8Options(scaling=SCALING, backend=backend), device="cuda"),
         nn.GELU(),
-        Linear(256, 64, recipe=RECIPE, backend=backend, device="cuda"),
+        Linear(256, 64, fp8=FP8Options(scaling=SCALING, backend=backend), device="cuda"),
     )
     assert model[0].plan().backend == backend
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for x, target in _teacher_batches(steps):
         if region:
-            from fp8lab.backends.te import autocast as te_autocast
+            from fp8lab.gemm.backends.te import autocast as te_autocast
 
-            ctx = te_autocast(RECIPE)
+            ctx = te_autocast(SCALING)
         else:
             ctx = contextlib.nullcontext()
         with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
@@ -275,8 +276,8 @@ def test_scaled_mm_linear_equals_the_emulation_at_the_same_scales(tokens, pow2):
     and, for any scales, its epilogue may differ)."""
     x, g = (t.cuda() for t in tokens)
     torch.manual_seed(0)
-    ref = Linear(256, 128, recipe=RECIPE, backend="emulated", device="cuda")
-    hw = Linear(256, 128, recipe=RECIPE, backend="scaled_mm", device="cuda")
+    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
+    hw = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="scaled_mm"), device="cuda")
     hw.load_state_dict(ref.state_dict())
     scales = [2.0**5, 2.0**9, 2.0**13] if pow2 else [448.0 / 3.3, 448.0 / 0.061, 57344.0 / 0.0077]
     for layer in (ref, hw):
@@ -303,7 +304,7 @@ def test_emulated_on_cuda_is_the_hardware_model_whatever_the_global_flags(out_dt
     flags = (matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction)
     matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = True, True
     try:
-        emu = EmulatedExecutor(gemm_path("cuda"))
+        emu = EmulatedBackend(gemm_path("cuda"))
         b = fp8lab_epilogue_bias(bias, out_dtype)
         out = emu.gemm(emu.quantize(x, s_x, E4M3), emu.quantize(w, s_w, E4M3).t(), 1 / s_x, 1 / s_w, out_dtype, b)
     finally:
@@ -317,7 +318,7 @@ def test_emulated_on_cuda_is_the_hardware_model_whatever_the_global_flags(out_dt
 
 
 def fp8lab_epilogue_bias(bias, out_dtype):
-    from fp8lab.exact import epilogue_bias
+    from fp8lab.gemm.exact import epilogue_bias
 
     return epilogue_bias(bias, out_dtype, fp8=True)
 
@@ -326,7 +327,7 @@ def _train_gpt(backend: str, steps: int = 40) -> list[float]:
     from fp8lab import GPT
 
     torch.manual_seed(5)
-    model = GPT.from_preset("tiny", backend=backend, recipe=DelayedScaling(amax_history_len=16),
+    model = GPT.from_preset("tiny", backend=backend, scaling=DelayedScaling(amax_history_len=16),
                             block_size=64).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     gen = torch.Generator().manual_seed(6)

@@ -1,4 +1,4 @@
-"""The emulation computes what a Hopper GEMM computes (the hardware model of fp8lab.exact).
+"""The emulation computes what a Hopper GEMM computes (the hardware model of fp8lab.gemm.exact).
 
 Reference, in float64 then float32 tensor ops: the exact sum of the products of the FP8
 operand values (float64 holds it exactly at these sizes), rounded once to float32 (the
@@ -8,7 +8,7 @@ torch's real float8 dtypes (``cast_to_fp8``), not from the emulation's own cast.
 
 Bounds: >= 99% of bf16 outputs bit-equal to the reference (a real GEMM accumulates in
 another order than the exact sum, which moves an output across a bf16 rounding boundary
-for ~0.01-0.1% of outputs; the old executor, which rounded to bf16 before scaling, was at
+for ~0.01-0.1% of outputs; the old emulation, which rounded to bf16 before scaling, was at
 65%); fp32 outputs within 1e-5 of max|ref| (fp32 accumulation: ~1e-7). Every exact path
 this machine has is checked: "fp32" always, "onednn-bf16" where the CPU runs bf16 natively.
 """
@@ -19,10 +19,13 @@ import pytest
 import torch
 
 import fp8lab
-from fp8lab.cast import cast_to_fp8
-from fp8lab.exact import GemmPath, cpu_has_native_bf16, gemm_path
-from fp8lab.executors import BF16Executor, EmulatedExecutor, ScaledMMExecutor
+from fp8lab import FP8Options
 from fp8lab.formats import E4M3, E5M2, Role
+from fp8lab.gemm.backends.bf16 import BF16Backend
+from fp8lab.gemm.backends.emulated import EmulatedBackend
+from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
+from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16, gemm_path
+from fp8lab.quantize import cast_to_fp8
 from tests.helpers import equal_fraction, fp32_error, hw_reference
 
 FP32_PATH = GemmPath("fp32", torch.float32, "fp32 (forced by the test)")
@@ -47,14 +50,14 @@ def test_emulated_gemm_is_the_hardware_model(path, out_dtype):
     w = torch.randn(n, k, generator=gen) * 0.05
     bias = torch.randn(n, generator=gen)
     s_x, s_w, _ = _scales(gen)
-    executor = EmulatedExecutor(path)
-    x_q, w_q = executor.quantize(x, s_x, E4M3), executor.quantize(w, s_w, E4M3)
+    backend = EmulatedBackend(path)
+    x_q, w_q = backend.quantize(x, s_x, E4M3), backend.quantize(w, s_w, E4M3)
     x_ref, w_ref = cast_to_fp8(x, s_x, E4M3).double(), cast_to_fp8(w, s_w, E4M3).double()
     assert torch.equal(x_q.double(), x_ref) and torch.equal(w_q.double(), w_ref)
     inv_x, inv_w = s_x.reciprocal(), s_w.reciprocal()
-    b = fp8lab.exact.epilogue_bias(bias, out_dtype, fp8=True)
+    b = fp8lab.gemm.exact.epilogue_bias(bias, out_dtype, fp8=True)
 
-    out = executor.gemm(x_q, w_q.t(), inv_x, inv_w, out_dtype, b)
+    out = backend.gemm(x_q, w_q.t(), inv_x, inv_w, out_dtype, b)
     ref = hw_reference(x_ref, w_ref.T, inv_x * inv_w, b, out_dtype)
     assert out.dtype == out_dtype
     if out_dtype == torch.bfloat16:
@@ -74,9 +77,9 @@ def _quantized(x, scale, fmt):
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "fp32"])
 def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeypatch):
     """Through fp8lab.Linear: with bias, non-power-of-2 scales, every GEMM of the step."""
-    monkeypatch.setattr(fp8lab.linear, "executor_for", lambda backend, device: EmulatedExecutor(path))
+    monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: EmulatedBackend(path))
     torch.manual_seed(1)
-    layer = fp8lab.Linear(256, 192, fallback="emulate")
+    layer = fp8lab.Linear(256, 192, fp8=FP8Options(fallback="emulated"))
     scales = torch.tensor([448.0 / 4.7, 448.0 / 0.093, 57344.0 / 0.011])
     layer.fp8_state.scale.copy_(scales)
     s_x, s_w, s_g = scales.unbind()
@@ -90,7 +93,7 @@ def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeyp
     x_q = _quantized(x.detach().reshape(-1, 256), s_x, E4M3)
     w_q = _quantized(layer.weight.detach(), s_w, E4M3)
     g_q = _quantized(g.to(dtype).reshape(-1, 192), s_g, E5M2)
-    bias = fp8lab.exact.epilogue_bias(layer.bias.detach(), dtype, fp8=True)
+    bias = fp8lab.gemm.exact.epilogue_bias(layer.bias.detach(), dtype, fp8=True)
     refs = {
         "fprop": (y.reshape(-1, 192), hw_reference(x_q, w_q.T, s_x.reciprocal() * s_w.reciprocal(), bias, dtype)),
         "dgrad": (x.grad.reshape(-1, 256), hw_reference(g_q, w_q, s_g.reciprocal() * s_w.reciprocal(), None, dtype)),
@@ -105,15 +108,15 @@ def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeyp
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_bf16_executor_is_the_bf16_hardware_model(path):
+def test_bf16_backend_is_the_bf16_hardware_model(path):
     gen = torch.Generator().manual_seed(2)
     x, w, bias = torch.randn(64, 96, generator=gen), torch.randn(80, 96, generator=gen), torch.randn(80, generator=gen)
-    executor = BF16Executor(path)
-    b = fp8lab.exact.epilogue_bias(bias, torch.bfloat16, fp8=False)
-    out = executor.gemm(executor.round(x), executor.round(w).t(), None, None, torch.bfloat16, b)
+    backend = BF16Backend(path)
+    b = fp8lab.gemm.exact.epilogue_bias(bias, torch.bfloat16, fp8=False)
+    out = backend.gemm(backend.round(x), backend.round(w).t(), None, None, torch.bfloat16, b)
     ref = hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, b, torch.bfloat16)
     assert equal_fraction(out, ref) >= BF16_EQUAL
-    out32 = executor.gemm(executor.round(x), executor.round(w).t(), None, None, torch.float32, bias)
+    out32 = backend.gemm(backend.round(x), backend.round(w).t(), None, None, torch.float32, bias)
     assert fp32_error(out32, hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, bias, torch.float32)) <= FP32_REL
 
 
@@ -121,7 +124,7 @@ def test_this_machine_picks_an_exact_path_and_says_which():
     path = gemm_path("cpu")
     assert path.name == ("onednn-bf16" if cpu_has_native_bf16() else "fp32")
     assert path.reason.startswith("exact GEMM:")
-    layer = fp8lab.Linear(32, 32, fallback="emulate")
+    layer = fp8lab.Linear(32, 32, fp8=FP8Options(fallback="emulated"))
     assert layer.plan().reason.endswith(path.reason)
 
 
@@ -137,8 +140,8 @@ def _any_scales():
 @pytest.mark.parametrize("tokens", [5, 21, 32])
 @pytest.mark.parametrize("scales, exact", [(_power_of_two_scales(), True), (_any_scales(), False)],
                          ids=["pow2-scales", "any-scales"])
-def test_scaled_mm_executor_on_cpu_equals_the_emulation(tokens, scales, exact):
-    """The real scaled_mm executor, run by torch's CPU kernel (dequantize, then an fp32
+def test_scaled_mm_backend_on_cpu_equals_the_emulation(tokens, scales, exact):
+    """The real scaled_mm backend, run by torch's CPU kernel (dequantize, then an fp32
     GEMM; oneDNN pinned off, as hosts with AMX would take a oneDNN path): fprop, dgrad and
     wgrad (whose token count is zero-padded to 16) equal the emulation bit for bit with
     power-of-2 scales, and within one ulp of the output otherwise (the CPU kernel scales
@@ -150,8 +153,8 @@ def test_scaled_mm_executor_on_cpu_equals_the_emulation(tokens, scales, exact):
     g = (torch.randn(tokens, n, generator=gen) * 0.01).bfloat16()
     bias = torch.randn(n, generator=gen)
     s_x, s_w, s_g = scales.unbind()
-    emu, smm = EmulatedExecutor(FP32_PATH), ScaledMMExecutor()
-    b = fp8lab.exact.epilogue_bias(bias, torch.bfloat16, fp8=True)
+    emu, smm = EmulatedBackend(FP32_PATH), ScaledMMBackend()
+    b = fp8lab.gemm.exact.epilogue_bias(bias, torch.bfloat16, fp8=True)
     with torch.backends.mkldnn.flags(enabled=False):
         for name, (a_x, a_s, a_f), (b_x, b_s, b_f), transpose, bias_ in [
             ("fprop", (x, s_x, E4M3), (w, s_w, E4M3), "b", b),

@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from fp8lab.exact import gemm_path
+from fp8lab.gemm.exact import gemm_path
 
-from fp8lab.backends.select import DeviceFacts, TEFacts, probe_te
+from fp8lab.gemm.backends.select import DeviceFacts, TEFacts, probe_te
 from fp8lab.info import auto_choices, collect_info, format_info
 
 
@@ -23,7 +23,7 @@ def test_collect_info_has_every_key_and_is_json():
     for row in info["devices"]:
         assert set(row) == {"device", "name", "capability", "fp8_tensor_cores", "gemm_path", "auto"}
         assert row["gemm_path"]["name"] == gemm_path(row["device"].split(":")[0]).name
-        assert [c["fallback"] for c in row["auto"]] == ["bf16", "emulate"]
+        assert [c["fallback"] for c in row["auto"]] == ["bf16", "emulated"]
     json.dumps(info)  # the CLI may print it as JSON
 
 
@@ -32,7 +32,7 @@ def test_cpu_reason_appears_in_dict_and_text():
     cpu = info["devices"][0]
     assert cpu["auto"] == [
         {"fallback": "bf16", "backend": "bf16", "reason": "no FP8 hardware on CPU"},
-        {"fallback": "emulate", "backend": "emulated", "reason": "no FP8 hardware on CPU; FP8 emulated in software"},
+        {"fallback": "emulated", "backend": "emulated", "reason": "no FP8 hardware on CPU; FP8 emulated in software"},
     ]
     text = format_info(info)
     assert f"torch {torch.__version__}" in text

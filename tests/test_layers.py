@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
-from fp8lab import LayerNormLinear, LayerNormMLP, MultiheadAttention, TransformerBlock
+from fp8lab import FP8Options, LayerNormLinear, LayerNormMLP, MultiheadAttention, TransformerBlock
 from tests.helpers import sqnr_db
 
 B, T, C, HEADS, FFN = 4, 32, 64, 4, 128
@@ -112,7 +112,7 @@ def check_against_reference(layer, ref_fn):
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_layernorm_linear_matches_float64(normalization):
     torch.manual_seed(0)
-    layer = LayerNormLinear(C, 96, normalization=normalization, fallback="emulate")
+    layer = LayerNormLinear(C, 96, normalization=normalization, fp8=FP8Options(fallback="emulated"))
     with torch.no_grad():  # a non-trivial affine norm, so its gradients are checked too
         layer.norm.weight.uniform_(0.5, 1.5)
         if layer.norm.bias is not None:
@@ -124,7 +124,7 @@ def test_layernorm_linear_matches_float64(normalization):
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_layernorm_mlp_matches_float64(normalization, activation):
     torch.manual_seed(0)
-    layer = LayerNormMLP(C, FFN, normalization=normalization, activation=activation, fallback="emulate")
+    layer = LayerNormMLP(C, FFN, normalization=normalization, activation=activation, fp8=FP8Options(fallback="emulated"))
     assert layer.fc1.out_features == (2 * FFN if activation == "swiglu" else FFN)
     check_against_reference(layer, lambda x, p: ref_mlp(x, p, normalization, activation))
 
@@ -133,7 +133,7 @@ def test_layernorm_mlp_matches_float64(normalization, activation):
 @pytest.mark.parametrize("attn_mask_type", ["causal", "no_mask"])
 def test_multihead_attention_matches_float64(attn_mask_type, normalization):
     torch.manual_seed(0)
-    layer = MultiheadAttention(C, HEADS, attn_mask_type=attn_mask_type, normalization=normalization, fallback="emulate")
+    layer = MultiheadAttention(C, HEADS, attn_mask_type=attn_mask_type, normalization=normalization, fp8=FP8Options(fallback="emulated"))
     causal = attn_mask_type == "causal"
     check_against_reference(layer, lambda x, p: ref_attention(x, p, causal, normalization))
 
@@ -141,14 +141,14 @@ def test_multihead_attention_matches_float64(attn_mask_type, normalization):
 @pytest.mark.parametrize("normalization,activation", [("LayerNorm", "gelu"), ("RMSNorm", "swiglu")])
 def test_transformer_block_matches_float64(normalization, activation):
     torch.manual_seed(0)
-    layer = TransformerBlock(C, FFN, HEADS, normalization=normalization, activation=activation, fallback="emulate")
+    layer = TransformerBlock(C, FFN, HEADS, normalization=normalization, activation=activation, fp8=FP8Options(fallback="emulated"))
     check_against_reference(layer, lambda x, p: ref_block(x, p, normalization, activation))
 
 
 @pytest.mark.parametrize("attn_mask_type", ["causal", "no_mask"])
 def test_future_token_changes_no_earlier_output_under_causal_mask(attn_mask_type):
     torch.manual_seed(0)
-    layer = MultiheadAttention(C, HEADS, attn_mask_type=attn_mask_type, normalization="LayerNorm", fallback="emulate")
+    layer = MultiheadAttention(C, HEADS, attn_mask_type=attn_mask_type, normalization="LayerNorm", fp8=FP8Options(fallback="emulated"))
     x = torch.randn(B, T, C)
     fp8_step(layer, x, torch.randn(B, T, C))
     fp8lab.update_scales(layer)
@@ -164,7 +164,7 @@ def test_future_token_changes_no_earlier_output_under_causal_mask(attn_mask_type
 
 
 def test_bias_false_has_no_bias_parameters():
-    block = TransformerBlock(C, FFN, HEADS, bias=False, fallback="emulate")
+    block = TransformerBlock(C, FFN, HEADS, bias=False, fp8=FP8Options(fallback="emulated"))
     assert not any(n.endswith("bias") and "norm" not in n for n, _ in block.named_parameters())
 
 

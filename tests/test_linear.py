@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
+from fp8lab import FP8Options
 from fp8lab.formats import Role
 from helpers import sqnr_db
 
@@ -20,7 +21,7 @@ B, T, K, N = 4, 32, 256, 128
 
 
 def _emulated(k: int = K, n: int = N, **kw) -> fp8lab.Linear:
-    return fp8lab.Linear(k, n, fallback="emulate", **kw)
+    return fp8lab.Linear(k, n, fp8=FP8Options(fallback="emulated"), **kw)
 
 
 def _step(layer, x, grad_out):
@@ -33,7 +34,7 @@ def _step(layer, x, grad_out):
 def test_backend_plans_on_cpu():
     assert _emulated().plan().backend == "emulated"
     assert fp8lab.Linear(K, N).plan().backend == "bf16"  # default fallback on CPU
-    assert fp8lab.Linear(K, N, backend="bf16").plan().backend == "bf16"
+    assert fp8lab.Linear(K, N, fp8=FP8Options(backend="bf16")).plan().backend == "bf16"
 
 
 def test_emulated_linear_sqnr_against_float64():
@@ -103,7 +104,7 @@ def test_bf16_backend_records_nothing_and_is_the_bf16_hardware_model():
     """A BF16 layer: operands rounded to bf16, fp32 accumulation, bias added in fp32, one
     rounding to the output dtype (bf16 under autocast; fp32 without, at fp32 precision)."""
     torch.manual_seed(2)
-    layer = fp8lab.Linear(64, 32, backend="bf16")
+    layer = fp8lab.Linear(64, 32, fp8=FP8Options(backend="bf16"))
     x = torch.randn(4, 8, 64, requires_grad=True)
     acc = x.bfloat16().double() @ layer.weight.bfloat16().double().T  # exact products and sum
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -93,7 +93,8 @@ BAD_OVERRIDES = [
     ("fp8.amax_compute_algo=mean", "amax_compute_algo must be one of"),
     ("fp8.fp8_format=e5m2", "fp8_format must be one of"),
     ("variants.fp9.fallback=bf16", "unknown variant 'fp9'"),
-    ("variants.fp8.fallback=cpu", "variants.fp8.fallback must be 'bf16' or 'emulate'"),
+    ("variants.fp8.fallback=cpu", "variants.fp8.fallback must be one of ('bf16', 'emulated')"),
+    ("variants.fp8.backend=emulted", "variants.fp8.backend must be one of ('auto', 'te', 'scaled_mm', 'emulated', 'bf16')"),
     ("model.preset=huge", "model.preset must be one of"),
     ("train.steps", "must look like section.key=value"),
     ("data.source=text:/no/such/file.txt", "no such file"),
@@ -113,9 +114,9 @@ def test_overrides_are_typed_and_reach_every_fp8_variant():
     config = load_recipe(ROOT / "recipes" / "amax_history_sweep.py")
     config = apply_overrides(config, ["fp8.margin=2", "train.lr=0.001", "fp8.reduce_amax=false"])
     fp8 = [v for v in config.variants if v.precision == "fp8"]
-    assert len(fp8) == 6 and all(v.recipe.margin == 2 and v.recipe.reduce_amax is False for v in fp8)
+    assert len(fp8) == 6 and all(v.scaling.margin == 2 and v.scaling.reduce_amax is False for v in fp8)
     assert config.train.lr == 0.001
-    assert {v.recipe.amax_history_len for v in fp8} == {1, 16, 1024}  # untouched fields survive
+    assert {v.scaling.amax_history_len for v in fp8} == {1, 16, 1024}  # untouched fields survive
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.stem)
@@ -139,10 +140,10 @@ class _HostReads(TorchDispatchMode):
 
 
 def _force_gemm_path(monkeypatch, path):
-    from fp8lab.executors import BF16Executor, EmulatedExecutor
-
-    executors = {"emulated": EmulatedExecutor(path), "bf16": BF16Executor(path)}
-    monkeypatch.setattr(fp8lab.linear, "executor_for", lambda backend, device: executors[backend])
+    from fp8lab.gemm.backends.bf16 import BF16Backend
+    from fp8lab.gemm.backends.emulated import EmulatedBackend
+    backends = {"emulated": EmulatedBackend(path), "bf16": BF16Backend(path)}
+    monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: backends[name])
 
 
 @pytest.mark.parametrize("path_name", ["fp32", "onednn-bf16"])
@@ -153,7 +154,7 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM (the inverse scale). Each is
     a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
     with CUDA's sync debug mode)."""
-    from fp8lab.exact import GemmPath, cpu_has_native_bf16
+    from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16
 
     if path_name == "onednn-bf16" and not cpu_has_native_bf16():
         pytest.skip("this CPU has no native BF16 GEMM (oneDNN bf16 path unavailable)")
@@ -174,7 +175,7 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     alphas = [("cpu", (), torch.float32)] * (3 * n_fp8) if path_name == "onednn-bf16" else []
     assert sorted(plain.reads, key=str) == sorted(nan_checks + alphas, key=str)
     assert armed == []
-    assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
+    assert not any(layer.telemetry.armed for _, layer in run.collector.layers)
     stats = run.train_step(x, y, 1e-3, log=True)
     assert armed == [True] and stats is not None and len(stats.layers) == 8
-    assert not any(layer.fp8_state.collect_stats for _, layer in run.collector.layers)
+    assert not any(layer.telemetry.armed for _, layer in run.collector.layers)

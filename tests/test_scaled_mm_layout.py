@@ -1,4 +1,4 @@
-"""The scaled_mm executor against torch's own ``_scaled_mm`` contract, on CPU.
+"""The scaled_mm backend against torch's own ``_scaled_mm`` contract, on CPU.
 
 ``torch._scaled_mm`` on "meta" tensors runs torch's ``meta_scaled_mm`` with the CUDA
 checks (A row-major, B column-major, K and both dims of B multiples of 16, fp32 scalar
@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp8lab.cast import cast_to_fp8
-from fp8lab.config import DelayedScaling
-from fp8lab.executors import ScaledMMExecutor, _a_operand, _b_operand
 from fp8lab.formats import E4M3, E5M2
-from fp8lab.qgemm import _QuantizedLinear  # quantized_linear's torch.autocast has no "meta"
-from fp8lab.state import ScalingState
+from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend, _a_operand, _b_operand
+from fp8lab.gemm.qlinear import _QuantizedLinear  # quantized_linear's torch.autocast has no "meta"
+from fp8lab.quantize import cast_to_fp8
+from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.scaling.state import ScalingState
 
 META = torch.device("meta")
 
@@ -29,7 +29,7 @@ def test_fprop_dgrad_wgrad_meet_the_scaled_mm_contract(tokens, fmt):
     x = torch.empty(*tokens, 64, device=META, requires_grad=True)  # (B, T, K)
     w = torch.empty(48, 64, device=META, requires_grad=True)  # (N, K)
     b = torch.empty(48, device=META, requires_grad=True)
-    y = _QuantizedLinear.apply(x, w, b, state, ScaledMMExecutor, torch.bfloat16, True)
+    y = _QuantizedLinear.apply(x, w, b, state, ScaledMMBackend(), torch.bfloat16, True, None)
     assert (y.shape, y.dtype) == ((*tokens, 48), torch.bfloat16)
     y.backward(torch.empty_like(y))  # dgrad: g @ w; wgrad: g^T @ x, inner dim = B*T
     assert (x.grad.shape, x.grad.dtype) == (x.shape, torch.float32)

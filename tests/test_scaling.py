@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import fp8lab
-from fp8lab.config import DelayedScaling
-from fp8lab.scaling import amax_from_history, compute_scale, roll_history, update_history_and_scale
+from fp8lab import FP8Options
+from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.scaling.delayed import amax_from_history, compute_scale, roll_history, update_history_and_scale
 
 F32_MAX = 3.4028234663852886e38  # largest finite float32, written out
 TINY = 1e-40  # a float32 subnormal: 448 / TINY overflows float32
@@ -260,10 +261,10 @@ def _history_with_special(rng: random.Random, h: int, algo: str, special: str, c
 @pytest.mark.parametrize("fp8_format", ("hybrid", "e4m3"))
 @pytest.mark.parametrize("special", SPECIALS)
 def test_update_scales_on_linear_matches_reference(h, algo, margin, fp8_format, special):
-    recipe = DelayedScaling(
+    scaling = DelayedScaling(
         fp8_format=fp8_format, amax_history_len=h, amax_compute_algo=algo, margin=margin
     )
-    layer = fp8lab.Linear(16, 16, recipe=recipe, fallback="emulate")
+    layer = fp8lab.Linear(16, 16, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     layer(torch.randn(2, 16))  # a real training forward: the layer has run this step
     state = layer.fp8_state
     col = SPECIALS.index(special) % 3

@@ -1,6 +1,6 @@
 """The Transformer Engine backend's pure parts, on CPU without TE.
 
-Recipe mapping: fp8lab's DelayedScaling -> TE's DelayedScaling keyword arguments (TE's
+Scaling mapping: fp8lab's DelayedScaling -> TE's DelayedScaling recipe keyword arguments (TE's
 field names and defaults from transformer_engine/common/recipe/__init__.py, 2.20.2).
 Scaling-state mapping: TE's fp8_meta (forward [input, weight, output], backward
 [grad_output, grad_input]) <-> fp8lab's columns (input, weight, grad_output), exact.
@@ -15,27 +15,27 @@ import pytest
 import torch
 from torch import nn
 
-from fp8lab import DelayedScaling, Linear
-from fp8lab.backends.select import BackendUnavailable
-from fp8lab.backends.te import copy_into_te_meta_, sync_from_te, sync_te_scaling, te_meta_to_fp8lab, te_recipe, te_recipe_kwargs
+from fp8lab import DelayedScaling, FP8Options, Linear
+from fp8lab.gemm.backends.select import BackendUnavailable
+from fp8lab.gemm.backends.te import copy_into_te_meta_, sync_from_te, sync_te_scaling, te_meta_to_fp8lab, te_recipe, te_recipe_kwargs
 
 TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max", "margin": 0, "reduce_amax": True}
 TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
 
 
-def test_default_recipe_maps_to_te_defaults():
+def test_default_scaling_maps_to_te_defaults():
     assert te_recipe_kwargs(DelayedScaling()) == TE_DEFAULTS
 
 
 def test_every_fp8lab_field_is_mapped():
-    """A field added to fp8lab's recipe without a TE mapping fails here."""
+    """A field added to fp8lab's DelayedScaling without a TE mapping fails here."""
     names = {f.name for f in dataclasses.fields(DelayedScaling)}
     assert set(te_recipe_kwargs(DelayedScaling())) == names
 
 
-def test_non_default_recipe_maps_field_by_field():
-    recipe = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
-    assert te_recipe_kwargs(recipe) == {
+def test_non_default_scaling_maps_field_by_field():
+    scaling = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
+    assert te_recipe_kwargs(scaling) == {
         "fp8_format": "E4M3",
         "amax_history_len": 16,
         "amax_compute_algo": "most_recent",
@@ -84,7 +84,7 @@ def test_history_length_mismatch_names_the_field():
 
 
 def test_layers_that_never_ran_on_te_keep_their_state():
-    model = nn.Sequential(Linear(16, 16, backend="emulated"), nn.GELU())
+    model = nn.Sequential(Linear(16, 16, fp8=FP8Options(backend="emulated")), nn.GELU())
     state = model[0].fp8_state
     state.amax_history.fill_(3.0)
     sync_te_scaling(model)

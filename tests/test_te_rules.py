@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import fp8lab
-from fp8lab.config import DelayedScaling
+from fp8lab import FP8Options
 from fp8lab.formats import Role
+from fp8lab.scaling.delayed import DelayedScaling
 
 H = 4
 PREV_SCALE = torch.tensor([3.0, 5.0, 7.0])
@@ -39,8 +40,8 @@ def python_fallback(history: torch.Tensor, scale: torch.Tensor, fp8_max: torch.T
 
 
 def _layer(margin=0, algo="max") -> fp8lab.Linear:
-    recipe = DelayedScaling(amax_history_len=H, amax_compute_algo=algo, margin=margin)
-    layer = fp8lab.Linear(16, 16, bias=False, recipe=recipe, fallback="emulate")
+    scaling = DelayedScaling(amax_history_len=H, amax_compute_algo=algo, margin=margin)
+    layer = fp8lab.Linear(16, 16, bias=False, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     with torch.no_grad():
         layer.weight.copy_(torch.full((16, 16), 0.5))
         layer.fp8_state.amax_history[1:].fill_(PAST)
@@ -116,7 +117,7 @@ def _te_expected(history, scale, fp8_max, margin, algo):
 @pytest.mark.parametrize("case", CASES)
 def test_te_fused_rule(case):
     layer, expected_row0, expected_faults = CASES[case]()
-    state, recipe = layer.fp8_state, layer.recipe
+    state, scaling = layer.fp8_state, layer.fp8.scaling
     # before the update: what the casts recorded
     for role, value in expected_row0.items():
         assert state.amax_history[0, role].item() == value, role
@@ -124,11 +125,11 @@ def test_te_fused_rule(case):
         assert state.nonfinite[role].item() == expected_faults.get(role, 0), role
     assert torch.equal(state.scale, PREV_SCALE)
     history, scale = state.amax_history.clone(), state.scale.clone()
-    fallback = python_fallback(history, scale, state.fp8_max, recipe.margin, recipe.amax_compute_algo)
+    fallback = python_fallback(history, scale, state.fp8_max, scaling.margin, scaling.amax_compute_algo)
 
     fp8lab.update_scales(layer)
 
-    exp_history, exp_scale = _te_expected(history, scale, state.fp8_max, recipe.margin, recipe.amax_compute_algo)
+    exp_history, exp_scale = _te_expected(history, scale, state.fp8_max, scaling.margin, scaling.amax_compute_algo)
     assert torch.equal(state.amax_history, exp_history)
     assert torch.equal(state.scale, exp_scale)
     assert [state.faults[r].item() for r in Role] == [expected_faults.get(r, 0) for r in Role]
@@ -158,7 +159,7 @@ def test_te_fused_rule(case):
 def test_a_nan_never_freezes_the_scale_for_the_window():
     """With "max" and TE's default 1024-row window, a NaN element recorded as NaN would keep
     the scale for 1024 steps; ignored, the next step's amax sets it."""
-    layer = fp8lab.Linear(16, 16, recipe=DelayedScaling(), fallback="emulate")
+    layer = fp8lab.Linear(16, 16, fp8=FP8Options(scaling=DelayedScaling(), fallback="emulated"))
     x = torch.ones(2, 16)
     x[0, 0] = math.nan
     _step(layer, x)
@@ -171,13 +172,13 @@ def test_a_nan_never_freezes_the_scale_for_the_window():
 
 @pytest.mark.parametrize("convert", ["to_bf16", "half", "bfloat16", "double"])
 def test_scaling_state_stays_float32_whatever_the_model_dtype(convert):
-    model = fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=1, block_size=16)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1, block_size=16)
     layer = model.blocks[0].mlp.fc1
     layer.fp8_state.amax_history[1, 0] = 1.0 + 2.0**-20  # not representable in bf16 or fp16
     before = layer.fp8_state.amax_history.clone()
     model = {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
              "bfloat16": lambda m: m.bfloat16(), "double": lambda m: m.double()}[convert](model)
-    for state in fp8lab.update.scaling_states(model):
+    for state in fp8lab.scaling.update.scaling_states(model):
         for name in ("amax_history", "scale", "fp8_max", "faults", "nonfinite"):
             assert getattr(state, name).dtype == torch.float32, name
     assert torch.equal(layer.fp8_state.amax_history, before)  # moved, never rounded
@@ -187,7 +188,7 @@ def test_scaling_state_stays_float32_whatever_the_model_dtype(convert):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_model_cast_to_low_precision_trains(dtype):
     torch.manual_seed(0)
-    model = fp8lab.GPT.from_preset("tiny", fallback="emulate", num_layers=2, block_size=32).to(dtype)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=2, block_size=32).to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x = torch.randint(0, 256, (4, 32))
     losses = []
@@ -207,7 +208,7 @@ def test_a_model_built_with_a_bfloat16_default_dtype_keeps_float32_scaling_state
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        layer = fp8lab.Linear(16, 16, fallback="emulate")
+        layer = fp8lab.Linear(16, 16, fp8=FP8Options(fallback="emulated"))
     finally:
         torch.set_default_dtype(previous)
     assert layer.weight.dtype == torch.bfloat16

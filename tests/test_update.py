@@ -1,4 +1,4 @@
-"""update_scales over real fp8lab.Linear layers: window, accumulation, idle layers, recipes, warning.
+"""update_scales over real fp8lab.Linear layers: window, accumulation, idle layers, scalings, warning.
 
 All comparisons are exact (torch.equal / ==): expected scales are written out by hand or
 rounded from a Python float64 quotient to float32 (``torch.tensor(q, dtype=float32)``),
@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 import fp8lab
-from fp8lab.cast import amaxes_of
-from fp8lab.config import DelayedScaling
+from fp8lab import FP8Options
 from fp8lab.formats import Role
-from fp8lab.linear import STALE_SCALE_FORWARDS
+from fp8lab.layers.linear import STALE_SCALE_FORWARDS
+from fp8lab.quantize import amaxes_of
+from fp8lab.scaling.delayed import DelayedScaling
 
 INPUT, WEIGHT, GRAD = Role.INPUT, Role.WEIGHT, Role.GRAD_OUTPUT
 
@@ -31,8 +32,8 @@ def t32(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _linear(k=16, n=16, **recipe_kw) -> fp8lab.Linear:
-    return fp8lab.Linear(k, n, recipe=DelayedScaling(**recipe_kw), fallback="emulate")
+def _linear(k=16, n=16, **scaling_kw) -> fp8lab.Linear:
+    return fp8lab.Linear(k, n, fp8=FP8Options(scaling=DelayedScaling(**scaling_kw), fallback="emulated"))
 
 
 @pytest.mark.parametrize("h", (1, 4, 31))
@@ -116,10 +117,10 @@ def _rolled(rows):
     return [[new[c] if rows[0][c] != 0.0 else old[c] for c in range(3)] for new, old in zip(rolled, rows)]
 
 
-def test_update_scales_groups_layers_of_different_recipes():
-    recipe_a = dict(amax_history_len=4)  # hybrid, max, margin 0
-    recipe_b = dict(fp8_format="e4m3", amax_history_len=8, amax_compute_algo="most_recent", margin=2)
-    layers = [_linear(**recipe_a), _linear(**recipe_b), _linear(**recipe_a), _linear(**recipe_b)]
+def test_update_scales_groups_layers_of_different_scalings():
+    scaling_a = dict(amax_history_len=4)  # hybrid, max, margin 0
+    scaling_b = dict(fp8_format="e4m3", amax_history_len=8, amax_compute_algo="most_recent", margin=2)
+    layers = [_linear(**scaling_a), _linear(**scaling_b), _linear(**scaling_a), _linear(**scaling_b)]
     model = nn.Sequential(*layers)
     model(torch.randn(2, 16))  # every layer ran
     histories = [

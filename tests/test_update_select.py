@@ -1,11 +1,11 @@
 """update_scales picks each column's (layer x role) new or old history with a bitwise select
-(fp8lab.update._where_columns_); it must equal torch.where bit for bit, NaN payloads and
+(fp8lab.scaling.update._where_columns_); it must equal torch.where bit for bit, NaN payloads and
 infinities included, for every float dtype a model can be cast to."""
 
 import pytest
 import torch
 
-from fp8lab.update import _where_columns_
+from fp8lab.scaling.update import _where_columns_
 
 INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -106,11 +106,11 @@ def _damage_events(run_dir: Path) -> None:
 
 def _te_without_te(ctx: Ctx):
     """A Hopper GPU without Transformer Engine, as backend selection sees it."""
-    import fp8lab.linear
-    from fp8lab.backends.select import DeviceFacts, TEFacts
+    import fp8lab.layers.linear
+    from fp8lab.gemm.backends.select import DeviceFacts, TEFacts
 
-    ctx.monkeypatch.setattr(fp8lab.linear, "probe_device", lambda device: DeviceFacts("cuda", (9, 0), "NVIDIA H100"))
-    ctx.monkeypatch.setattr(fp8lab.linear, "probe_te", lambda: TEFacts(None, "transformer_engine is not installed"))
+    ctx.monkeypatch.setattr(fp8lab.layers.linear, "probe_device", lambda device: DeviceFacts("cuda", (9, 0), "NVIDIA H100"))
+    ctx.monkeypatch.setattr(fp8lab.layers.linear, "probe_te", lambda: TEFacts(None, "transformer_engine is not installed"))
     ctx.argv = ctx.run("variants.fp8.backend=te")
 
 

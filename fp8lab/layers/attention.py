@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from fp8lab.config import DelayedScaling
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
-from fp8lab.linear import Linear
+from fp8lab.options import FP8Options
 
 ATTN_MASK_TYPES = ("causal", "no_mask")
 ATTENTION_CORES = ("auto", "native", "fp32")
@@ -66,9 +66,7 @@ class MultiheadAttention(nn.Module):
         normalization: None (no input norm), "LayerNorm" or "RMSNorm".
         bias: learn additive biases in the QKV and output projections.
         eps: the input norm's epsilon.
-        recipe: the DelayedScaling recipe of both GEMMs (default: TE's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options of both GEMMs (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -82,9 +80,7 @@ class MultiheadAttention(nn.Module):
         normalization: str | None = None,
         bias: bool = True,
         eps: float = 1e-5,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -97,7 +93,7 @@ class MultiheadAttention(nn.Module):
             )
         self.num_attention_heads, self.attn_mask_type = num_attention_heads, attn_mask_type
         self.attention_core = check_attention_core(attention_core)
-        gemm = dict(recipe=recipe, backend=backend, fallback=fallback, device=device)
+        gemm = dict(fp8=fp8, device=device)
         self.norm = Norm(hidden_size, normalization, eps, device=device) if normalization is not None else None
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias, **gemm)
         self.proj = Linear(hidden_size, hidden_size, bias, **gemm)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8lab.config import DelayedScaling
 from fp8lab.layers.attention import MultiheadAttention
 from fp8lab.layers.mlp import LayerNormMLP
 from fp8lab.layers.norm import check_normalization
+from fp8lab.options import FP8Options
 
 
 class TransformerBlock(nn.Module):
@@ -30,9 +30,7 @@ class TransformerBlock(nn.Module):
         attention_core: where the attention core computes: "auto", "native" or "fp32".
         bias: learn additive biases in all four GEMMs.
         eps: the norms' epsilon.
-        recipe: the DelayedScaling recipe of all four GEMMs (default: TE's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options of all four GEMMs (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -48,13 +46,11 @@ class TransformerBlock(nn.Module):
         attention_core: str = "auto",
         bias: bool = True,
         eps: float = 1e-5,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        gemm = dict(bias=bias, eps=eps, recipe=recipe, backend=backend, fallback=fallback, device=device)
+        gemm = dict(bias=bias, eps=eps, fp8=fp8, device=device)
         self.attn = MultiheadAttention(
             hidden_size,
             num_attention_heads,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8lab.config import DelayedScaling
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
-from fp8lab.linear import Linear
+from fp8lab.options import FP8Options
 
 
 class LayerNormLinear(nn.Module):
@@ -24,9 +24,7 @@ class LayerNormLinear(nn.Module):
         bias: learn an additive bias in the Linear.
         normalization: "LayerNorm" or "RMSNorm".
         eps: the norm's epsilon.
-        recipe: the DelayedScaling recipe of the GEMM (default: TE's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options of the GEMM (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -38,16 +36,12 @@ class LayerNormLinear(nn.Module):
         *,
         normalization: str = "LayerNorm",
         eps: float = 1e-5,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.norm = Norm(in_features, normalization, eps, device=device)
-        self.linear = Linear(
-            in_features, out_features, bias, recipe=recipe, backend=backend, fallback=fallback, device=device
-        )
+        self.linear = Linear(in_features, out_features, bias, fp8=fp8, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(x))  # (..., in) -> (..., out)

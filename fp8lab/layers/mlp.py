@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8lab.config import DelayedScaling
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
-from fp8lab.linear import Linear
+from fp8lab.options import FP8Options
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -40,9 +40,7 @@ class LayerNormMLP(nn.Module):
         activation: "gelu" (tanh approximation) or "swiglu".
         bias: learn additive biases in fc1 and fc2.
         eps: the norm's epsilon.
-        recipe: the DelayedScaling recipe of both GEMMs (default: TE's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options of both GEMMs (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -55,15 +53,13 @@ class LayerNormMLP(nn.Module):
         activation: str = "gelu",
         bias: bool = True,
         eps: float = 1e-5,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.activation = check_activation(activation)
         fc1_out = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        gemm = dict(recipe=recipe, backend=backend, fallback=fallback, device=device)
+        gemm = dict(fp8=fp8, device=device)
         self.norm = Norm(hidden_size, normalization, eps, device=device)
         self.fc1 = Linear(hidden_size, fc1_out, bias, **gemm)
         self.fc2 = Linear(ffn_hidden_size, hidden_size, bias, **gemm)

@@ -13,7 +13,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from fp8lab.config import DelayedScaling
+from fp8lab.options import FP8Options
+from fp8lab.scaling.delayed import DelayedScaling
 
 PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,7 +54,7 @@ class ModelConfig:
     attention_core: str = "auto"  # "auto" (float32 on CPU), "native" or "fp32"
 
     def __post_init__(self):
-        from fp8lab.gpt import PRESETS
+        from fp8lab.layers.gpt import PRESETS
         from fp8lab.layers.attention import ATTENTION_CORES
 
         _check(isinstance(self.preset, str) and self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
@@ -108,13 +109,17 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One model trained in the run: the BF16 baseline, an FP8 variant, or a reference."""
+    """One model trained in the run: the BF16 baseline, an FP8 variant, or a reference.
+
+    The FP8 fields are flat (``--set variants.<name>.backend=...`` sets one) and are
+    checked by building the variant's ``FP8Options`` once, exposed as ``fp8``.
+    """
 
     name: str
     precision: str = "fp8"
-    recipe: DelayedScaling = field(default_factory=DelayedScaling)
+    scaling: DelayedScaling = field(default_factory=DelayedScaling)
     backend: str = "auto"
-    fallback: str = "emulate"
+    fallback: str = "emulated"
     keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
     first_last_bf16: int = 0  # Megatron-style: first N and last N blocks in BF16
 
@@ -122,10 +127,19 @@ class Variant:
         _check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
                "variant.name", "letters, digits, '_' or '-'", self.name)
         _check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
-        _check(isinstance(self.recipe, DelayedScaling), f"variants.{self.name}.recipe", "a DelayedScaling", self.recipe)
-        _check(self.fallback in ("bf16", "emulate"), f"variants.{self.name}.fallback", "'bf16' or 'emulate'", self.fallback)
+        try:  # FP8Options names the bad field first in its message
+            fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback)
+        except ValueError as err:
+            raise ConfigError(f"variants.{self.name}.{err}") from None
+        object.__setattr__(self, "fallback", fp8.fallback)  # a legacy spelling is stored normalised
+        object.__setattr__(self, "_fp8", fp8)  # not a field: no second copy in to_dict() or the hash
         _check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
         _int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
+
+    @property
+    def fp8(self) -> FP8Options:
+        """The FP8 options every GEMM of this variant's model gets (precision "fp8")."""
+        return self._fp8
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,7 +51,7 @@ class Estimate:
 
 def gpt_shape(config) -> dict:
     """The GPT fields of ``config`` (preset, model.* overrides, train.block_size)."""
-    from fp8lab.gpt import PRESETS
+    from fp8lab.layers.gpt import PRESETS
 
     return {**PRESETS[config.model.preset], **config.model.overrides(), "block_size": config.train.block_size}
 
@@ -77,7 +77,7 @@ def estimate(config, processes: int = 1) -> Estimate:
     shape = gpt_shape(config)
     params = gpt_params(shape)
     n = len(config.variants)
-    histories = sum(v.recipe.amax_history_len for v in config.variants if v.precision == "fp8")
+    histories = sum(v.scaling.amax_history_len for v in config.variants if v.precision == "fp8")
     t = config.train
     batch = max(t.batch_size // processes, 1)
     tokens = batch * t.block_size
@@ -91,7 +91,7 @@ def estimate(config, processes: int = 1) -> Estimate:
 def checkpoint_bytes(config) -> int:
     """About the size of one checkpoint file of ``config``."""
     shape = gpt_shape(config)
-    histories = sum(v.recipe.amax_history_len for v in config.variants if v.precision == "fp8")
+    histories = sum(v.scaling.amax_history_len for v in config.variants if v.precision == "fp8")
     return (len(config.variants) * CHECKPOINT_BYTES * gpt_params(shape)
             + histories * fp8_layers(shape) * HISTORY_ROW_BYTES)
 

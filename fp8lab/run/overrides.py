@@ -15,8 +15,8 @@ import dataclasses
 import types
 import typing
 
-from fp8lab.config import DelayedScaling
 from fp8lab.run.config import ConfigError, RunConfig
+from fp8lab.scaling.delayed import DelayedScaling
 
 
 def _parse(text: str, hint, key: str):
@@ -75,7 +75,7 @@ def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
         elif section == "fp8" and rest and "." not in rest:
             _replace(DelayedScaling(), rest, text, key)  # validates the key once
             variants = tuple(
-                dataclasses.replace(v, recipe=_replace(v.recipe, rest, text, key)) if v.precision == "fp8" else v
+                dataclasses.replace(v, scaling=_replace(v.scaling, rest, text, key)) if v.precision == "fp8" else v
                 for v in config.variants
             )
             config = dataclasses.replace(config, variants=variants)
@@ -84,13 +84,13 @@ def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
             names = [v.name for v in config.variants]
             if name not in names:
                 raise ConfigError(f"unknown variant {name!r} in {key!r}; variants are {names}")
-            if field_name in ("name", "recipe"):
-                raise ConfigError(f"{key} cannot be set; use fp8.<field> for recipe fields")
+            if field_name in ("name", "scaling"):
+                raise ConfigError(f"{key} cannot be set; use fp8.<field> for scaling fields")
             variants = tuple(_replace(v, field_name, text, key) if v.name == name else v for v in config.variants)
             config = dataclasses.replace(config, variants=variants)
         else:
             raise ConfigError(
                 f"unknown key {key!r}; keys are data.<field>, model.<field>, train.<field>, "
-                "fp8.<recipe field> or variants.<name>.<field>"
+                "fp8.<scaling field> or variants.<name>.<field>"
             )
     return config

@@ -63,7 +63,7 @@ def wait_past_event_files(run_dir: Path) -> None:
 
 
 def layers_markdown(run: VariantRun) -> str:
-    from fp8lab.describe import describe
+    from fp8lab.layers.describe import describe
 
     lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
     lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
@@ -341,7 +341,7 @@ def check_world_size(config: RunConfig, world_size: int) -> None:
 
 
 def hparams_of(config: RunConfig, variant) -> dict:
-    r = variant.recipe
+    r = variant.scaling
     return {
         "variant": variant.name, "precision": variant.precision, "fp8_format": r.fp8_format,
         "amax_history_len": r.amax_history_len, "amax_compute_algo": r.amax_compute_algo,

@@ -64,7 +64,7 @@ def _check_data(data: DataConfig) -> None:
 
 def _check_model(config) -> int:
     """The GPT shape of ``model`` + ``train.block_size``; returns its number of blocks."""
-    from fp8lab.gpt import PRESETS, GPTConfig
+    from fp8lab.layers.gpt import PRESETS, GPTConfig
 
     fields = {**PRESETS[config.model.preset], **config.model.overrides()}
     hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
@@ -81,14 +81,12 @@ def _check_model(config) -> int:
 
 
 def _check_variant(variant: Variant, num_layers: int) -> None:
-    from fp8lab.backends.select import BACKENDS
-    from fp8lab.policy import PrecisionPolicy
+    from fp8lab.layers.policy import PrecisionPolicy
 
     key = f"variants.{variant.name}"
     _is(variant.name not in RESERVED_VARIANT_NAMES, "variant.name",
         f"a name other than {', '.join(map(repr, RESERVED_VARIANT_NAMES))} (a folder the run folder holds itself)",
         variant.name)
-    _is(variant.backend in BACKENDS, f"{key}.backend", f"one of {BACKENDS}", variant.backend)
     try:
         policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16)
     except ValueError as err:
@@ -96,9 +94,9 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
     if variant.precision != "fp8":
         return  # the policy only moves FP8 layers; a BF16/FP32/FP16 variant has none
     limit = max_margin()
-    _is(variant.recipe.margin <= limit, f"fp8.margin (of {key})",
+    _is(variant.scaling.margin <= limit, f"fp8.margin (of {key})",
         f"<= {limit}: a larger margin puts even the amax below E4M3's smallest subnormal, so every value "
-        "casts to zero", variant.recipe.margin)
+        "casts to zero", variant.scaling.margin)
     blocks = _Blocks(num_layers)
     if not any(policy.reason_for(name, blocks) is None for name in _candidates(num_layers, variant.first_last_bf16)):
         raise ConfigError(

@@ -9,6 +9,7 @@ only reads scaling state when the runner asks for a log step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
-from fp8lab.gpt import GPT
-from fp8lab.policy import PrecisionPolicy
+from fp8lab.layers.gpt import GPT
+from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.run.config import RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.telemetry.collector import LayerStats, ScalingCollector
@@ -35,9 +36,7 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
         config.model.preset,
         **config.model.overrides(),
         block_size=config.train.block_size,
-        recipe=variant.recipe,
-        backend=variant.backend if fp8 else "bf16",
-        fallback=variant.fallback,
+        fp8=variant.fp8 if fp8 else dataclasses.replace(variant.fp8, backend="bf16"),
         policy=policy if fp8 else None,
     )
     return model.to(device)
@@ -47,7 +46,7 @@ def check_backends(model: torch.nn.Module, variant: Variant, device: torch.devic
     """Choose every FP8 layer's backend now, so that one which cannot run here (e.g.
     ``backend='te'`` without Transformer Engine) is refused before anything is written
     rather than at the first forward."""
-    from fp8lab.backends.select import BackendUnavailable
+    from fp8lab.gemm.backends.select import BackendUnavailable
     from fp8lab.run.config import ConfigError
 
     key = f"variants.{variant.name}.backend"

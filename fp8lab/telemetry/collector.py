@@ -1,10 +1,13 @@
 """The scaling collector: per-layer scale, amax and cast statistics, read at log steps.
 
-Invariant: between log steps nothing here runs and no layer computes statistics. On a
-log step the collector arms every FP8 layer's ScalingState (``collect_stats``) before
-the forward, snapshots the state on the device after the backward (before
-``update_scales`` rolls row 0 away), and after the update reads snapshot and fault
-counts with ONE device-to-host copy. That copy is a sync point, by design only here.
+Invariant: between log steps nothing here runs and no layer computes statistics. The
+collector reads layers only through ``layer.scaling_view()`` (so it imports no backend;
+a Transformer Engine layer syncs from TE inside its view) and writes only the layers'
+telemetry slots and the fault counters it drains. On a log step it arms every FP8
+layer's TelemetrySlot before the forward, snapshots the views on the device after the
+backward (before ``update_scales`` rolls row 0 away), and after the update reads snapshot
+and fault counts with ONE device-to-host copy. That copy is a sync point, by design only
+here.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 from torch import nn
 
 from fp8lab.formats import ROLE_NAMES
-from fp8lab.linear import Linear
-from fp8lab.state import STAT_NAMES
+from fp8lab.layers.linear import Linear
+from fp8lab.quantize import STAT_NAMES
 
 # Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
 # and the non-finite amaxes counted since the previous log step.
@@ -50,7 +53,7 @@ def fp8_layers(model: nn.Module) -> list[tuple[str, Linear]]:
 
 
 class ScalingCollector:
-    """Reads the scaling state of every FP8 layer of ``model``.
+    """Reads the scaling of every FP8 layer of ``model``.
 
     Args:
         model: the model; its FP8 layers are found once, here.
@@ -59,61 +62,49 @@ class ScalingCollector:
     def __init__(self, model: nn.Module):
         self.layers = fp8_layers(model)
         self.names = tuple(name for name, _ in self.layers)
-        self.te_layers = [layer for _, layer in self.layers if layer.plan().backend == "te"]
 
-    def _sync_te(self) -> None:
-        """TE layers keep their own scaling state: mirror it into fp8_state first. TE does
-        not expose its casts, so their overflow/underflow/SQNR are reported as NaN."""
-        if not self.te_layers:
-            return
-        from fp8lab.backends.te import sync_from_te
-
-        for layer in self.te_layers:
-            sync_from_te(layer)
-            layer.fp8_state.stats.fill_(float("nan"))
+    def _views(self) -> list:
+        return [layer.scaling_view() for _, layer in self.layers]
 
     def arm(self) -> None:
         """Ask every layer to compute cast statistics during the coming step."""
         for _, layer in self.layers:
-            layer.fp8_state.collect_stats = True
+            layer.telemetry.arm(layer.weight.device)
 
     def snapshot(self) -> torch.Tensor | None:
         """Scale, amax (row 0) and cast stats of every layer, on the device, before
         update_scales rolls row 0 away; disarms the layers. No host copy."""
         if not self.layers:
             return None
-        self._sync_te()
-        rows = []
         for _, layer in self.layers:
-            state = layer.fp8_state
-            state.collect_stats = False
-            rows.append(torch.cat([state.scale[None], state.amax_history[0][None], state.stats.t()]))  # (5, 3)
+            layer.telemetry.disarm()
+        rows = [torch.cat([v.scale[None], v.amax_history[0][None], v.cast_stats.t()]) for v in self._views()]  # (5, 3)
         return torch.stack(rows)  # (n_layers, 5, 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:
         """The snapshot plus the non-finite amaxes counted by this step's update_scales,
-        copied to the host together: the one sync of a log step. Resets the fault counts."""
+        copied to the host together: the one sync of a log step. Drains the fault counts."""
         if snapshot is None:
             return LayerStats((), {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)})
-        faults = torch.stack([layer.fp8_state.faults for _, layer in self.layers])[:, None]  # (n, 1, 3)
+        counters = [v.faults for v in self._views()]
+        faults = torch.stack(counters)[:, None]  # (n, 1, 3)
         host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, 6, 3)
-        torch._foreach_zero_([layer.fp8_state.faults for _, layer in self.layers])
+        torch._foreach_zero_(counters)
         return LayerStats(self.names, {f: host[:, i, :] for i, f in enumerate(FIELDS + (NONFINITE,))})
 
     def faults(self) -> torch.Tensor:
         """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""
         if not self.layers:
             return torch.zeros(0, 3)
-        return torch.stack([layer.fp8_state.faults for _, layer in self.layers]).cpu()
+        return torch.stack([v.faults for v in self._views()]).cpu()
 
     def load_faults(self, faults: torch.Tensor) -> None:
-        for (_, layer), row in zip(self.layers, faults):
-            layer.fp8_state.faults.copy_(row)
+        for view, row in zip(self._views(), faults):
+            view.faults.copy_(row)
 
     def histories(self) -> dict[str, np.ndarray]:
         """Each layer's whole amax history (H, 3) on the host (for histograms)."""
         if not self.layers:
             return {}
-        self._sync_te()
-        host = torch.stack([layer.fp8_state.amax_history for _, layer in self.layers]).cpu().numpy()
+        host = torch.stack([v.amax_history for v in self._views()]).cpu().numpy()
         return dict(zip(self.names, host))

@@ -1,9 +1,10 @@
 """The Transformer Engine backend: an fp8lab.Linear whose GEMMs run in a ``te.Linear``.
 
-Invariant: a layer builds one ``te.Linear`` per device, kept in the layer's ``__dict__``
-(not a registered submodule, not a global), whose ``weight`` and ``bias`` ARE the
-layer's Parameters: state_dict keys, the optimizer and ``.to()`` see one set of
-parameters, and TE's pickled ``_extra_state`` is never saved.
+Invariant: a layer builds one ``te.Linear`` per device, held by a ``TEHandle`` in the
+layer's declared ``te_handle`` attribute (a plain attribute: not a registered submodule,
+not a global), whose ``weight`` and ``bias`` ARE the layer's Parameters: state_dict keys,
+the optimizer and ``.to()`` see one set of parameters, and TE's pickled ``_extra_state``
+is never saved.
 
 TE owns the scaling of these layers: it records amaxes and updates scales itself, on
 its own schedule, never through ``fp8lab.update_scales`` (which leaves these layers'
@@ -17,12 +18,14 @@ its own schedule, never through ``fp8lab.update_scales`` (which leaves these lay
   own region when none is open, so with N TE layers each history rolls N times per step
   (N - 1 times with a zero row): scales still match TE's for "most_recent", and for
   "max" the window covers ~amax_history_len / N steps. Wrap the model's forward in
-  ``fp8lab.backends.te.autocast(recipe)`` for TE's exact once-per-step cadence.
-- ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it (the
-  telemetry collector calls ``sync_te_scaling(model)``; ``state_dict()`` does it
-  through a hook), and ``restore_te`` copies it back when the TE module is built and
-  after ``load_state_dict``. Checkpoints stay plain tensors (``weights_only=True``).
-- Per-cast statistics (overflow %, SQNR) do not exist: TE casts inside its kernels.
+  ``fp8lab.gemm.backends.te.autocast(scaling)`` for TE's exact once-per-step cadence.
+- ``layer.fp8_state`` is a mirror. ``sync_from_te`` copies TE's state into it
+  (``TEBackend.scaling_view``, hence ``layer.scaling_view()``, does it for telemetry;
+  ``state_dict()`` does it through a hook), and ``restore_te`` copies it back when the TE
+  module is built and after ``load_state_dict``. Checkpoints stay plain tensors
+  (``weights_only=True``).
+- Per-cast statistics (overflow %, SQNR) do not exist: TE casts inside its kernels; the
+  view reports them as NaN.
 """
 
 from __future__ import annotations
@@ -36,30 +39,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8lab.backends.select import BackendUnavailable
-from fp8lab.config import DelayedScaling
 from fp8lab.formats import Role
+from fp8lab.gemm.backends.base import ScalingView, not_measured
+from fp8lab.gemm.backends.select import BackendUnavailable
+from fp8lab.scaling.delayed import DelayedScaling
 
 # Where each fp8lab column lives in TE's fp8_meta: FP8FwdTensors GEMM1_INPUT = 0,
 # GEMM1_WEIGHT = 1; FP8BwdTensors GRAD_OUTPUT1 = 0 (TE csrc/common.h).
 TE_SLOTS = {Role.INPUT: ("scaling_fwd", 0), Role.WEIGHT: ("scaling_fwd", 1), Role.GRAD_OUTPUT: ("scaling_bwd", 0)}
 _TE_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}  # names of TE's recipe.Format members
 TE_TOKEN_MULTIPLE = 16  # TE's FP8 GEMM wants the token count % 8 (its docs say 16): pad to 16
-_HANDLE = "_fp8lab_te"  # key in layer.__dict__
 
 
-def te_recipe_kwargs(recipe: DelayedScaling) -> dict:
-    """Keyword arguments of TE's ``DelayedScaling`` equal to an fp8lab recipe.
+def te_recipe_kwargs(scaling: DelayedScaling) -> dict:
+    """Keyword arguments of TE's ``DelayedScaling`` recipe equal to fp8lab's ``scaling``.
 
     ``fp8_format`` is the *name* of the ``transformer_engine.common.recipe.Format`` member
     ("HYBRID" or "E4M3"), so this runs without TE; ``te_recipe`` resolves it.
     """
     return {
-        "fp8_format": _TE_FORMATS[recipe.fp8_format],
-        "amax_history_len": recipe.amax_history_len,
-        "amax_compute_algo": recipe.amax_compute_algo,
-        "margin": recipe.margin,
-        "reduce_amax": recipe.reduce_amax,
+        "fp8_format": _TE_FORMATS[scaling.fp8_format],
+        "amax_history_len": scaling.amax_history_len,
+        "amax_compute_algo": scaling.amax_compute_algo,
+        "margin": scaling.margin,
+        "reduce_amax": scaling.reduce_amax,
     }
 
 
@@ -88,7 +91,7 @@ def copy_into_te_meta_(history: torch.Tensor, scale: torch.Tensor, te_meta: dict
         if te_history.shape[0] != history.shape[0]:
             raise ValueError(
                 f"amax_history_len differs: fp8lab state has {history.shape[0]} rows, "
-                f"TE's {key} has {te_history.shape[0]} (use the layer's recipe in te.autocast)"
+                f"TE's {key} has {te_history.shape[0]} (use the layer's scaling in te.autocast)"
             )
         te_history[:, i].copy_(history[:, role])
         te_scale[i].copy_(scale[role])
@@ -108,30 +111,30 @@ def _import_te() -> SimpleNamespace:
             f"backend 'te' needs `import transformer_engine.pytorch`, which failed: {exc}. "
             "Reinstall it for this torch (pip install 'fp8lab[te]') or use backend='scaled_mm'"
         ) from exc
-    return SimpleNamespace(te=te, recipe=recipe, manager=FP8GlobalStateManager)
+    return SimpleNamespace(te=te, recipe_module=recipe, manager=FP8GlobalStateManager)
 
 
-def te_recipe(recipe: DelayedScaling):
-    """TE's ``DelayedScaling`` equal to ``recipe`` (needs Transformer Engine)."""
-    kwargs = te_recipe_kwargs(recipe)
-    te_recipe_module = _import_te().recipe
+def te_recipe(scaling: DelayedScaling):
+    """TE's ``DelayedScaling`` recipe equal to ``scaling`` (needs Transformer Engine)."""
+    kwargs = te_recipe_kwargs(scaling)
+    te_recipe_module = _import_te().recipe_module
     kwargs["fp8_format"] = te_recipe_module.Format[kwargs["fp8_format"]]
     return te_recipe_module.DelayedScaling(**kwargs)
 
 
-def _region(te, recipe_te):
+def _region(te, te_recipe_obj):
     if hasattr(te, "autocast"):  # TE >= 2.8
-        return te.autocast(enabled=True, recipe=recipe_te)
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe_te)
+        return te.autocast(enabled=True, recipe=te_recipe_obj)
+    return te.fp8_autocast(enabled=True, fp8_recipe=te_recipe_obj)
 
 
-def autocast(recipe: DelayedScaling | None = None):
+def autocast(scaling: DelayedScaling | None = None):
     """One TE FP8 region around a whole forward: TE's once-per-step scaling update.
 
-    ``with fp8lab.backends.te.autocast(recipe): loss = model(x)``. Layers inside use
-    this region's recipe (pass the one the layers were built with).
+    ``with fp8lab.gemm.backends.te.autocast(scaling): loss = model(x)``. Layers inside use
+    this region's scaling (pass the one the layers were built with).
     """
-    return _region(_import_te().te, te_recipe(recipe if recipe is not None else DelayedScaling()))
+    return _region(_import_te().te, te_recipe(scaling if scaling is not None else DelayedScaling()))
 
 
 def _te_meta(te_module: nn.Module) -> dict:
@@ -147,18 +150,20 @@ def read_te_scaling(te_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class _Handle:
-    te: SimpleNamespace
-    module: nn.Module  # the te.Linear
-    recipe: object  # TE's DelayedScaling for this layer
+class TEHandle:
+    """One layer's Transformer Engine module, kept in ``layer.te_handle``."""
+
+    te: SimpleNamespace  # the imported TE modules (``_import_te``)
+    module: nn.Module  # the te.Linear, sharing the layer's Parameters
+    te_recipe: object  # TE's DelayedScaling recipe for this layer
     device: torch.device
-    warned: bool = False
+    warned: bool = False  # the "own te.autocast region" warning was given
 
 
 @torch.no_grad()
 def sync_from_te(layer: nn.Module) -> None:
     """Copy TE's scaling state into ``layer.fp8_state`` (no-op before TE ran the layer)."""
-    handle = layer.__dict__.get(_HANDLE)
+    handle = layer.te_handle
     if handle is None:
         return
     history, scale = read_te_scaling(handle.module)
@@ -166,7 +171,7 @@ def sync_from_te(layer: nn.Module) -> None:
     if history.shape != state.amax_history.shape:
         raise ValueError(
             f"TE's amax history is {tuple(history.shape)} but fp8_state's is "
-            f"{tuple(state.amax_history.shape)}: the te.autocast recipe differs from the layer's"
+            f"{tuple(state.amax_history.shape)}: the te.autocast scaling differs from the layer's"
         )
     state.amax_history.copy_(history)
     state.scale.copy_(scale)
@@ -175,7 +180,7 @@ def sync_from_te(layer: nn.Module) -> None:
 @torch.no_grad()
 def restore_te(layer: nn.Module) -> None:
     """Copy ``layer.fp8_state`` into TE's scaling state (e.g. after loading a checkpoint)."""
-    handle = layer.__dict__.get(_HANDLE)
+    handle = layer.te_handle
     if handle is not None:
         state = layer.fp8_state
         copy_into_te_meta_(state.amax_history, state.scale, _te_meta(handle.module))
@@ -184,7 +189,7 @@ def restore_te(layer: nn.Module) -> None:
 def sync_te_scaling(model: nn.Module) -> None:
     """``sync_from_te`` for every TE-backed layer of ``model`` (call before reading fp8_state)."""
     for module in model.modules():
-        if _HANDLE in module.__dict__:
+        if getattr(module, "te_handle", None) is not None:
             sync_from_te(module)
 
 
@@ -196,10 +201,10 @@ def _restore_hook(module, incompatible_keys) -> None:
     restore_te(module)
 
 
-def _build(layer: nn.Module) -> _Handle:
+def _build(layer: nn.Module) -> TEHandle:
     lib = _import_te()
     device = layer.weight.device
-    recipe_te = te_recipe(layer.recipe)
+    layer_te_recipe = te_recipe(layer.fp8.scaling)
     with torch.cuda.device(device):  # TE allocates its scaling state on the current device
         module = lib.te.Linear(
             layer.in_features,
@@ -214,13 +219,14 @@ def _build(layer: nn.Module) -> _Handle:
         # TE creates its scaling tensors at the first FP8 forward; create them now so a
         # checkpoint's state is in place before TE's first cast. Under no_grad the
         # region's exit updates no scales.
-        with torch.no_grad(), _region(lib.te, recipe_te):
+        with torch.no_grad(), _region(lib.te, layer_te_recipe):
             module.init_fp8_metadata(num_gemms=1)
-    return _Handle(lib, module, recipe_te, device)
+    return TEHandle(lib, module, layer_te_recipe, device)
 
 
-def _handle(layer: nn.Module) -> _Handle:
-    handle = layer.__dict__.get(_HANDLE)
+def ensure_handle(layer: nn.Module) -> TEHandle:
+    """``layer.te_handle``, built (or rebuilt on a new device) and in step with the layer."""
+    handle = layer.te_handle
     if handle is not None and handle.device == layer.weight.device:
         if handle.module.weight is not layer.weight:  # parameters were reassigned (tying, FSDP)
             handle.module.weight = layer.weight
@@ -232,37 +238,46 @@ def _handle(layer: nn.Module) -> _Handle:
     else:
         layer.register_state_dict_pre_hook(_sync_hook)
         layer.register_load_state_dict_post_hook(_restore_hook)
-    layer.__dict__[_HANDLE] = handle = _build(layer)
+    layer.te_handle = handle = _build(layer)
     layer.fp8_state.owner = "te"  # a mirror of TE's state from now on: update_scales skips it
     restore_te(layer)
     return handle
 
 
-def _fp8_region(handle: _Handle):
+def _fp8_region(handle: TEHandle):
     if handle.te.manager.is_fp8_enabled():
-        return contextlib.nullcontext()  # the caller's region owns the recipe and the cadence
+        return contextlib.nullcontext()  # the caller's region owns the TE recipe and the cadence
     if not handle.warned:
         handle.warned = True
         warnings.warn(
             "fp8lab.Linear(backend='te') opened its own te.autocast region. Transformer "
             "Engine updates the scaling of all its modules at every region exit, so with "
             "several TE layers each amax history rolls once per layer per step. Wrap the "
-            "model's forward in `with fp8lab.backends.te.autocast(recipe):` for TE's "
+            "model's forward in `with fp8lab.gemm.backends.te.autocast(scaling):` for TE's "
             "once-per-step update.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the fp8lab.Linear.forward that called TEBackend.forward
         )
-    return _region(handle.te.te, handle.recipe)
+    return _region(handle.te.te, handle.te_recipe)
 
 
-def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through Transformer Engine (called by ``fp8lab.Linear.forward``).
+class TEBackend:
+    """The whole layer in a Transformer Engine ``te.Linear``; TE owns the scaling."""
 
-    Args:
-        layer: an fp8lab.Linear whose plan is "te".
-        x: (..., in_features) on the layer's CUDA device.
-    """
-    handle = _handle(layer)
+    name = "te"
+    fp8 = True
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` through TE; ``x`` is (..., in_features) on the layer's CUDA device."""
+        return _te_forward(ensure_handle(layer), x)
+
+    def scaling_view(self, layer: nn.Module) -> ScalingView:
+        sync_from_te(layer)  # the mirror, refreshed from TE (no-op before TE ran the layer)
+        state = layer.fp8_state
+        return ScalingView(state.amax_history, state.scale, not_measured(state.scale.device), state.faults)
+
+
+def _te_forward(handle: TEHandle, x: torch.Tensor) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])  # (B*T, K)
     tokens = x2d.shape[0]
     pad = -tokens % TE_TOKEN_MULTIPLE

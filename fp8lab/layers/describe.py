@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fp8lab.backends.select import DeviceFacts, Plan, TEFacts, probe_te
-from fp8lab.convert import SKIP_REASON_ATTR
-from fp8lab.linear import Linear
+from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_te
+from fp8lab.layers.convert import SKIP_REASON_ATTR
+from fp8lab.layers.linear import Linear
 
 UNCONVERTED = "torch"  # precision and backend of an nn.Linear fp8lab does not run
 

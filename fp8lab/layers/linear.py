@@ -1,9 +1,10 @@
 """fp8lab.Linear: a drop-in nn.Linear whose GEMMs run in FP8 with delayed scaling.
 
-Invariant: parameters stay float32 (master weights); the layer owns its ScalingState
-(``self.fp8_state``) and never updates the scales itself: ``fp8lab.update_scales``
-does, once per optimizer step. The backend is chosen per device by
-``fp8lab.backends.select`` and the reason is kept for ``fp8lab.describe``.
+Invariant: parameters stay float32 (master weights); the layer owns the state its
+scaling asks for (``self.fp8_state``: a ScalingState under DelayedScaling) and never
+updates the scales itself: ``fp8lab.update_scales`` does, once per optimizer step. The backend is chosen per device by
+``fp8lab.gemm.backends.select`` (the plan, whose reason ``fp8lab.describe`` shows), and
+``forward`` is only: plan -> backend -> ``backend.forward(self, x)``.
 """
 
 from __future__ import annotations
@@ -14,25 +15,16 @@ import warnings
 import torch
 from torch import nn
 
-from fp8lab.backends.select import (
-    BACKENDS, FALLBACKS, DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend,
-)
-from fp8lab.config import DelayedScaling
-from fp8lab.exact import gemm_path
-from fp8lab.executors import executor_for
-from fp8lab.qgemm import quantized_linear
-from fp8lab.state import ScalingState
+from fp8lab.gemm.backends import backend_for
+from fp8lab.gemm.backends.base import ScalingView
+from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.gemm.telemetry_slot import TelemetrySlot
+from fp8lab.options import FP8Options
 
 # Training forwards without an update_scales call after which a layer warns (once):
 # enough for long gradient accumulation, few enough that stale scales are noticed early.
 STALE_SCALE_FORWARDS = 256
-
-
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a GEMM returns: autocast's when it is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class Linear(nn.Module):
@@ -42,10 +34,17 @@ class Linear(nn.Module):
         in_features: size of each input sample.
         out_features: size of each output sample.
         bias: learn an additive bias.
-        recipe: the DelayedScaling recipe (default: Transformer Engine's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options: scaling, backend, fallback (None: ``FP8Options()``).
         device: where parameters and scaling state are created.
+
+    Attributes read by the backends (``fp8lab.gemm.backends.base``):
+        fp8_state: what ``fp8.scaling.new_state`` made: a ScalingState (amax history and
+            scales, saved in the state_dict) for DelayedScaling; None for a scaling
+            without persistent state.
+        telemetry: the TelemetrySlot the collector arms on log steps (cast statistics).
+        te_handle: the Transformer Engine module when the plan is "te" (built by that
+            backend at the first forward), else None; a plain attribute, not a
+            submodule, so TE's pickled ``_extra_state`` never enters the state_dict.
     """
 
     def __init__(
@@ -54,23 +53,18 @@ class Linear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.recipe = recipe if recipe is not None else DelayedScaling()
-        self.backend, self.fallback = backend, fallback
+        self.fp8 = fp8 if fp8 is not None else FP8Options()
         self.keep_bf16_reason: str | None = None  # set by a precision policy
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self.fp8_state = ScalingState(self.recipe, device=device)
+        self.fp8_state = self.fp8.scaling.new_state(device)  # the scaling decides (None: stateless)
+        self.telemetry = TelemetrySlot()
+        self.te_handle = None  # an fp8lab.gemm.backends.te.TEHandle once TE runs this layer
         self._plans: dict[torch.device, Plan] = {}
         self._warned_stale = False
         self.reset_parameters()
@@ -98,7 +92,7 @@ class Linear(nn.Module):
         if self.keep_bf16_reason is not None:
             return Plan("bf16", self.keep_bf16_reason)
         return select_backend(
-            device=device, te=te, requested=self.backend, fallback=self.fallback,
+            device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
             dims=(self.in_features, self.out_features),
         )
 
@@ -108,22 +102,17 @@ class Linear(nn.Module):
         self._plans.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan(x.device)
-        out_dtype = output_dtype(x)
-        if plan.backend == "bf16":
-            executor = executor_for("bf16", x.device.type)
-            return quantized_linear(x, self.weight, self.bias, None, executor, out_dtype, record=False)
-        if plan.backend == "te":
-            from fp8lab.backends import te as te_backend  # imported only when chosen
+        backend = backend_for(self.plan(x.device).backend, x.device.type)
+        return backend.forward(self, x)  # (..., in_features) -> (..., out_features)
 
-            return te_backend.linear_forward(self, x)
-        record = self.training
-        if record:
-            self._note_forward()
-        executor = executor_for(plan.backend, x.device.type)
-        return quantized_linear(x, self.weight, self.bias, self.fp8_state, executor, out_dtype, record)
+    def scaling_view(self) -> ScalingView | None:
+        """This layer's scaling as telemetry reads it, on its weight's device (a TE
+        layer's is synced from TE first); None when its plan is BF16."""
+        return backend_for(self.plan().backend, self.weight.device.type).scaling_view(self)
 
-    def _note_forward(self) -> None:
+    def note_training_forward(self) -> None:
+        """Count a training forward since the last update_scales; warn once when stale.
+        Called by the backends whose scales ``fp8lab.update_scales`` updates."""
         state = self.fp8_state
         state.forwards_since_update += 1
         if state.forwards_since_update > STALE_SCALE_FORWARDS and not self._warned_stale:
@@ -139,5 +128,5 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, backend={self.backend}, fallback={self.fallback}"
+            f"bias={self.bias is not None}, backend={self.fp8.backend}, fallback={self.fp8.fallback}"
         )

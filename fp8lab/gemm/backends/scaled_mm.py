@@ -1,70 +1,22 @@
-"""Executors: who runs a GEMM whose operands are quantized (FP8) or rounded (BF16).
+"""The scaled_mm backend: real float8 operands through ``torch._scaled_mm``.
 
-Invariant: an executor receives scales (and their inverses) as inputs and never
-computes them. ``quantize`` turns a high-precision tensor into the executor's operand
-type; ``gemm(a, b, a_inv, b_inv,
-out_dtype, bias)`` returns ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in
-``out_dtype``: the hardware model of ``fp8lab.exact``.
-
-- ``emulated`` (any device): operands are the exact FP8 values, held in the dtype of the
-  machine's exact GEMM path (bf16 or fp32); the GEMM is ``fp8lab.exact.scaled_gemm``.
-- ``bf16`` (any device): operands rounded to bf16, no scaling, the same exact GEMM.
-- ``scaled_mm`` (CUDA, compute capability >= 8.9, for users; CPU too, for tests of small
-  sizes): real float8 operands through ``torch._scaled_mm``. ``select_backend`` never picks
-  it on CPU, where its kernel runs at a few hundredths of a GFLOP/s. It re-lays out and
-  zero-pads its operands to cuBLASLt's contract (see the class).
+Invariant: it receives scales (and their inverses) as inputs and never computes them;
+``gemm`` returns ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in the output dtype, the
+hardware model of ``fp8lab.gemm.exact``, computed by cuBLASLt. For users it runs on CUDA
+with compute capability >= 8.9; tests also run it on CPU at small sizes (``select_backend``
+never picks it there: torch's CPU kernel runs at a few hundredths of a GFLOP/s). Operands
+are re-laid out and zero-padded to cuBLASLt's contract (see ``ScaledMMBackend``).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fp8lab.backends.select import HW_GEMM_MULTIPLE
-from fp8lab.cast import cast_to_fp8, cast_to_fp8_grid
-from fp8lab.exact import GemmPath, gemm_path, scaled_gemm
 from fp8lab.formats import FP8Format
+from fp8lab.gemm.backends.base import QuantizedGemmBackend
+from fp8lab.quantize import cast_to_fp8
 
-
-def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torch.Tensor | None:
-    """``scale_inv_a * scale_inv_b`` in float32 (one rounding), as the GEMM epilogue forms it."""
-    if a_inv is None:
-        return b_inv
-    return a_inv if b_inv is None else a_inv * b_inv
-
-
-class EmulatedExecutor:
-    """FP8 numerics in software: exact FP8 values, the exact GEMM of ``path``."""
-
-    name = "emulated"
-    fp8 = True
-
-    def __init__(self, path: GemmPath):
-        self.path = path
-
-    def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-        return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype)
-
-    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
-        return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
-
-
-class BF16Executor:
-    """A BF16 GEMM: operands rounded to bf16 (no scale), the exact GEMM of ``path``."""
-
-    name = "bf16"
-    fp8 = False
-
-    def __init__(self, path: GemmPath):
-        self.path = path
-
-    def round(self, x_hp: torch.Tensor) -> torch.Tensor:
-        """x rounded to bf16 (nearest even), held in the path's operand dtype."""
-        return x_hp.to(torch.bfloat16).to(self.path.operand_dtype)
-
-    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
-        return scaled_gemm(a, b, None, out_dtype, bias, path=self.path)
+HW_GEMM_MULTIPLE = 16  # cuBLASLt FP8 GEMMs need K and N divisible by 16
 
 
 def _is_row_major(t: torch.Tensor) -> bool:
@@ -97,7 +49,7 @@ def _b_operand(b: torch.Tensor, k_pad: int) -> torch.Tensor:
     return out.view(b.dtype).t()
 
 
-class ScaledMMExecutor:
+class ScaledMMBackend(QuantizedGemmBackend):
     """``torch._scaled_mm`` with per-tensor scales (torch 2.13 contract, see meta_scaled_mm).
 
     A must be row-major and B column-major; K (A's columns) and both dimensions of B must
@@ -112,7 +64,6 @@ class ScaledMMExecutor:
     """
 
     name = "scaled_mm"
-    fp8 = True
 
     @staticmethod
     def quantize(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
@@ -133,16 +84,3 @@ class ScaledMMExecutor:
         if bias is not None and epilogue is None:
             out = out.add_(bias)
         return out if out.dtype == out_dtype else out.to(out_dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def executor_for(backend: str, device_type: str):
-    """The executor of ``backend`` ("emulated", "bf16", "scaled_mm") on a device type."""
-    if backend == "scaled_mm":
-        return ScaledMMExecutor()
-    path = gemm_path(device_type)
-    if backend == "emulated":
-        return EmulatedExecutor(path)
-    if backend == "bf16":
-        return BF16Executor(path)
-    raise ValueError(f"no executor for backend {backend!r}")

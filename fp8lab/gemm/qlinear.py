@@ -2,8 +2,8 @@
 
 Invariant: scales are read from the layer's ScalingState and never changed here; the
 only state this writes is row 0 of the amax history (a running max until
-``update_scales``), the fault count of casts that met NaN or inf, and, on telemetry
-steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.exact``:
+``update_scales``), the fault count of casts that met NaN or inf, and, while the layer's
+TelemetrySlot is armed (log steps), its cast statistics. Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
 
     fprop:  y      = x_fp8 (E4M3)        @ w_fp8 (E4M3)^T   * 1/(s_x * s_w) + b
     dgrad:  grad_x = grad_out_fp8 (E5M2) @ w_fp8 (E4M3)     * 1/(s_g * s_w)
@@ -11,7 +11,7 @@ steps, the cast statistics. Every GEMM is the hardware model of ``fp8lab.exact``
             grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
 
 grad_out is E5M2 under "hybrid", E4M3 under "e4m3". x and w are quantized once in the
-forward and the FP8 copies are saved for the backward, as hardware recipes do. All three
+forward and the FP8 copies are saved for the backward, as on FP8 hardware. All three
 GEMMs round once to the activation dtype (autocast's, else x's), as Transformer Engine's
 Linear does without ``fuse_wgrad_accumulation``; autograd then casts grad_x and grad_w to
 the dtypes of x and w. A BF16 layer runs the same Function with operands rounded to bf16
@@ -22,23 +22,32 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.cast import CPU_CHUNK, amaxes_of, cast_stats
-from fp8lab.exact import epilogue_bias
 from fp8lab.formats import Role
-from fp8lab.state import ScalingState
+from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.gemm.telemetry_slot import TelemetrySlot
+from fp8lab.quantize import CPU_CHUNK, amaxes_of, cast_stats
+from fp8lab.scaling.state import ScalingState
 
 
-def _operand(x_hp, role: Role, state: ScalingState | None, executor, record: bool):
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM returns: autocast's when it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _operand(x_hp, role: Role, state: ScalingState | None, backend, record: bool,
+             slot: TelemetrySlot | None):
     """(values, inverse scale) of one GEMM operand: FP8 with the state's scale, or bf16."""
     if state is None:
-        return executor.round(x_hp), None
-    fmt = state.recipe.format_for(role)
+        return backend.round(x_hp), None
+    fmt = state.scaling.format_for(role)
     scale = state.scale[role]
     if record:
         state.record_amax(role, amaxes_of(x_hp))
-    x_q = executor.quantize(x_hp, scale, fmt)
-    if state.collect_stats:
-        state.stats[role] = cast_stats(x_hp, x_q, scale, fmt)
+    x_q = backend.quantize(x_hp, scale, fmt)
+    if slot is not None and slot.armed:  # log steps only: a host flag, no device read
+        slot.cast_stats[role] = cast_stats(x_hp, x_q, scale, fmt)
     return x_q, scale.reciprocal()
 
 
@@ -62,14 +71,14 @@ def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, state, executor, out_dtype, record):
+    def forward(ctx, x_hp, w_hp, bias, state, backend, out_dtype, record, slot):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
-        x_q, x_inv = _operand(x2d, Role.INPUT, state, executor, record)
-        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, executor, record)
-        b = epilogue_bias(bias, out_dtype, executor.fp8)
-        y = executor.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype, b)  # (B*T, N)
+        x_q, x_inv = _operand(x2d, Role.INPUT, state, backend, record, slot)
+        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, backend, record, slot)
+        b = epilogue_bias(bias, out_dtype, backend.fp8)
+        y = backend.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype, b)  # (B*T, N)
         ctx.save_for_backward(x_q, w_q, x_inv, w_inv)
-        ctx.state, ctx.executor, ctx.record, ctx.out_dtype = state, executor, record, out_dtype
+        ctx.state, ctx.backend, ctx.record, ctx.out_dtype, ctx.slot = state, backend, record, out_dtype, slot
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
@@ -77,16 +86,16 @@ class _QuantizedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_q, w_q, x_inv, w_inv = ctx.saved_tensors
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
-        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.executor, ctx.record)
+        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.backend, ctx.record, ctx.slot)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.executor.gemm(g_q, w_q, g_inv, w_inv, ctx.out_dtype)  # (B*T, K)
+            grad_x = ctx.backend.gemm(g_q, w_q, g_inv, w_inv, ctx.out_dtype)  # (B*T, K)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.executor.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
+            grad_w = ctx.backend.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bias_grad(g2d)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def quantized_linear(
@@ -94,9 +103,10 @@ def quantized_linear(
     w_hp: torch.Tensor,
     bias: torch.Tensor | None,
     state: ScalingState | None,
-    executor,
+    backend,
     out_dtype: torch.dtype,
     record: bool,
+    slot: TelemetrySlot | None = None,
 ) -> torch.Tensor:
     """``y = x @ w^T + b`` with both GEMM operands (and the gradient) in FP8, or in bf16.
 
@@ -105,10 +115,13 @@ def quantized_linear(
         w_hp: (N, K) weight (the float32 master copy).
         bias: (N,) or None.
         state: the layer's ScalingState (scales read, amaxes recorded); None for a BF16
-            GEMM (``executor`` is then a ``BF16Executor``).
-        executor: an executor from ``fp8lab.executors``.
+            GEMM (``backend`` is then the ``BF16Backend``).
+        backend: rounds or quantizes the operands and runs the GEMMs: a
+            ``QuantizedGemmBackend`` (``quantize``, ``gemm``) or the ``BF16Backend``
+            (``round``, ``gemm``).
         out_dtype: dtype of all three GEMM outputs (autocast's dtype when on, else x's).
         record: record amaxes (training); False leaves the history untouched (eval).
+        slot: the layer's TelemetrySlot; while armed, each cast's statistics go there.
     """
     with torch.autocast(x_hp.device.type, enabled=False):
-        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, executor, out_dtype, record)
+        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, backend, out_dtype, record, slot)

@@ -29,11 +29,9 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fp8lab.backends.select import BACKENDS, FALLBACKS
-from fp8lab.config import DelayedScaling
-from fp8lab.linear import Linear
-from fp8lab.policy import PrecisionPolicy
-from fp8lab.state import ScalingState
+from fp8lab.layers.linear import Linear
+from fp8lab.layers.policy import PrecisionPolicy
+from fp8lab.options import FP8Options
 
 SKIP_REASON_ATTR = "fp8lab_skip_reason"
 
@@ -54,17 +52,14 @@ def _skip_reason(parent: nn.Module | None, name: str, linear: nn.Linear) -> str 
     return None
 
 
-def _to_fp8lab(linear: nn.Linear, recipe: DelayedScaling, backend: str, fallback: str) -> Linear:
+def _to_fp8lab(linear: nn.Linear, fp8: FP8Options) -> Linear:
     """An fp8lab.Linear that holds ``linear``'s own weight and bias Parameters."""
     device = linear.weight.device
     # Built on the meta device so that no throw-away init runs (and no RNG is consumed).
-    new = Linear(
-        linear.in_features, linear.out_features, linear.bias is not None,
-        recipe=recipe, backend=backend, fallback=fallback, device="meta",
-    )  # fmt: skip
+    new = Linear(linear.in_features, linear.out_features, linear.bias is not None, fp8=fp8, device="meta")
     new.weight = linear.weight
     new.bias = linear.bias
-    new.fp8_state = ScalingState(recipe, device=device)
+    new.fp8_state = fp8.scaling.new_state(device)  # on the layer's device, not meta
     new.train(linear.training)
     return new
 
@@ -83,10 +78,8 @@ def _disable_fused_fast_paths(model: nn.Module) -> None:
 def convert(
     model: nn.Module,
     *,
-    recipe: DelayedScaling | None = None,
+    fp8: FP8Options | None = None,
     policy: PrecisionPolicy | None = None,
-    backend: str = "auto",
-    fallback: str = "bf16",
 ) -> nn.Module:
     """Replace every convertible ``nn.Linear`` in ``model`` by an ``fp8lab.Linear``.
 
@@ -95,24 +88,18 @@ def convert(
 
     Args:
         model: any module.
-        recipe: the DelayedScaling recipe of every converted layer (default: TE's).
+        fp8: the FP8 options of every converted layer (None: ``FP8Options()``).
         policy: applied to every fp8lab layer of ``model`` afterwards (default:
             ``PrecisionPolicy()``, which keeps a layer named ``lm_head`` in BF16).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-    recipe = recipe if recipe is not None else DelayedScaling()
+    fp8 = fp8 if fp8 is not None else FP8Options()
     policy = policy if policy is not None else PrecisionPolicy()
     if isinstance(model, nn.Linear) and not isinstance(model, Linear):
         reason = _skip_reason(None, "", model)
         if reason is not None:
             setattr(model, SKIP_REASON_ATTR, reason)
             return model
-        return policy.apply(_to_fp8lab(model, recipe, backend, fallback))
+        return policy.apply(_to_fp8lab(model, fp8))
 
     converted: dict[int, Linear] = {}  # a layer registered twice is converted once
     for parent in list(model.modules()):
@@ -124,7 +111,7 @@ def convert(
                 setattr(child, SKIP_REASON_ATTR, reason)
                 continue
             if id(child) not in converted:
-                converted[id(child)] = _to_fp8lab(child, recipe, backend, fallback)
+                converted[id(child)] = _to_fp8lab(child, fp8)
             setattr(parent, name, converted[id(child)])
     _disable_fused_fast_paths(model)
     return policy.apply(model)

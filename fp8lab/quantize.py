@@ -1,7 +1,7 @@
 """Casting high-precision tensors into FP8 with a given scale.
 
 Invariant: casting takes the scale as an input and never computes one (delayed scaling
-lives in ``fp8lab.scaling`` / ``fp8lab.update``). Every cast clamps to +-fp8_max before
+lives in ``fp8lab.scaling``). Every cast clamps to +-fp8_max before
 rounding to nearest even, so finite input never becomes NaN (older torch turns E4M3
 overflow into NaN). The product ``x * scale`` is formed in float32, as TE's kernels do.
 
@@ -36,6 +36,9 @@ _EXPONENT_MASK = 0x7F800000
 # per step); chunks of 2^17: 1.22-1.25; 2^18: 1.16-1.21 (no faults); 2^19: 1.17-1.28;
 # 2^20: 1.23-1.31 (5-11k faults per step in some runs). Cost: 8 tensor ops per chunk.
 CPU_CHUNK = 1 << 18
+
+# The statistics of one cast, in the order ``cast_stats`` returns them.
+STAT_NAMES = ("overflow_pct", "underflow_pct", "sqnr_db")
 
 
 def _float32_bits(value: float) -> int:
@@ -198,7 +201,7 @@ def amaxes_of(x: torch.Tensor) -> torch.Tensor:
 def cast_stats(
     x_hp: torch.Tensor, x_fp8_values: torch.Tensor, scale: torch.Tensor, fmt: FP8Format
 ) -> torch.Tensor:
-    """[overflow %, underflow %, SQNR dB] of one cast, computed on the tensor's device.
+    """[overflow %, underflow %, SQNR dB] (``STAT_NAMES``) of one cast, on the tensor's device.
 
     overflow: elements with |x * scale| > fmt.max (clamped); underflow: non-zero elements
     that became zero; SQNR: 10*log10(|x|^2 / |x - dequant(x_fp8)|^2) in float32.

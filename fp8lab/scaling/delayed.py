@@ -1,9 +1,12 @@
-"""Delayed-scaling math as pure functions: history in, amax out; amax in, scale out.
+"""Delayed scaling: the ``DelayedScaling`` settings and its math as pure functions.
 
-Invariant: nothing here mutates its arguments; every function returns new tensors and
-runs on any device, so the same code is checked exactly on CPU. Semantics follow
-Transformer Engine's default fused update kernel (``common/recipe/delayed_scaling.cu``,
-``kernel_bulk``), tensor by tensor:
+Invariants: a DelayedScaling is immutable and valid once constructed (every field is
+checked in ``__post_init__``; a bad one raises ``ValueError`` naming the field), with
+Transformer Engine's field names and defaults. The math functions (history in, amax
+out; amax in, scale out) never mutate their arguments; every function returns new
+tensors and runs on any device, so the same code is checked exactly on CPU. Semantics
+follow Transformer Engine's default fused update kernel
+(``common/recipe/delayed_scaling.cu``, ``kernel_bulk``), tensor by tensor:
 
 - the amax is taken over the whole window, row 0 (the step being recorded) included;
 - then the window rolls by one and row 0 starts again at zero;
@@ -21,7 +24,76 @@ only from a hand-made state; they then do what the kernel does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from fp8lab.formats import E4M3, E5M2, FP8Format, Role
+from fp8lab.scaling.state import ScalingState
+
+FP8_FORMATS = ("hybrid", "e4m3")
+AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DelayedScaling:
+    """Per-tensor delayed scaling from an amax history (TE's ``DelayedScaling``).
+
+    Args:
+        fp8_format: "hybrid" (E4M3 forward, E5M2 gradients) or "e4m3" (E4M3 everywhere).
+        amax_history_len: how many past amaxes the window holds, the current one included.
+        amax_compute_algo: "max" over the window, or "most_recent" (the current amax).
+        margin: scale = (fp8_max / amax) / 2**margin; a larger margin leaves headroom.
+        reduce_amax: all-reduce amaxes (MAX) across the data-parallel group before the
+            scale update, when torch.distributed is initialised.
+    """
+
+    fp8_format: str = "hybrid"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    margin: int = 0
+    reduce_amax: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fp8_format not in FP8_FORMATS:
+            raise ValueError(
+                f"fp8_format must be one of {FP8_FORMATS}, got {self.fp8_format!r} "
+                "(pure E5M2 training is not supported, as in Transformer Engine)"
+            )
+        if isinstance(self.amax_history_len, bool) or not isinstance(self.amax_history_len, int):
+            raise ValueError(f"amax_history_len must be an int >= 1, got {self.amax_history_len!r}")
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        if self.amax_compute_algo not in AMAX_COMPUTE_ALGOS:
+            raise ValueError(
+                f"amax_compute_algo must be one of {AMAX_COMPUTE_ALGOS}, got {self.amax_compute_algo!r}"
+            )
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+            raise ValueError(f"margin must be an int >= 0, got {self.margin!r}")
+        if not isinstance(self.reduce_amax, bool):
+            raise ValueError(f"reduce_amax must be a bool, got {self.reduce_amax!r}")
+
+    def format_for(self, role: Role) -> FP8Format:
+        """The FP8 format of a GEMM operand: gradients are E5M2 under "hybrid"."""
+        if role == Role.GRAD_OUTPUT and self.fp8_format == "hybrid":
+            return E5M2
+        return E4M3
+
+    @property
+    def fp8_max(self) -> tuple[float, float, float]:
+        """fp8_max per role (input, weight, grad_output)."""
+        return tuple(self.format_for(role).max for role in Role)
+
+    def new_state(self, device: torch.device | str | None = None) -> ScalingState | None:
+        """The persistent state one layer keeps for this scaling: its amax history and
+        scales. A layer stores whatever this returns as ``fp8_state``; a scaling without
+        persistent state (current or block scaling) returns None.
+
+        Args:
+            device: where the state's buffers are created.
+        """
+        return ScalingState(self, device=device)
+
 
 FP32_MAX = torch.finfo(torch.float32).max
 

@@ -10,48 +10,47 @@ error, never a silent re-initialisation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from fp8lab.config import DelayedScaling
 from fp8lab.formats import ROLE_NAMES, Role
 
-# Telemetry slots filled only while ``collect_stats`` is on (see fp8lab.cast.cast_stats).
-STAT_NAMES = ("overflow_pct", "underflow_pct", "sqnr_db")
+if TYPE_CHECKING:  # DelayedScaling.new_state builds a ScalingState: no import cycle at run time
+    from fp8lab.scaling.delayed import DelayedScaling
 
 
 class ScalingState(nn.Module):
     """Amax history and scales of the three GEMM operands of one layer.
 
     Args:
-        recipe: the DelayedScaling recipe; its ``amax_history_len`` sets H.
+        scaling: the layer's DelayedScaling; its ``amax_history_len`` sets H.
         device: where the buffers live.
     """
 
-    def __init__(self, recipe: DelayedScaling, device: torch.device | str | None = None):
+    def __init__(self, scaling: DelayedScaling, device: torch.device | str | None = None):
         super().__init__()
-        self.recipe = recipe
-        history_len = recipe.amax_history_len
+        self.scaling = scaling
+        history_len = scaling.amax_history_len
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("amax_history", torch.zeros(history_len, 3, **f32))
         self.register_buffer("scale", torch.ones(3, **f32))
         # fp8_max per role, kept on the device so update_scales never copies it from the host.
-        self.register_buffer("fp8_max", torch.tensor(recipe.fp8_max, **f32), persistent=False)
-        self.register_buffer("stats", torch.zeros(3, len(STAT_NAMES), **f32), persistent=False)
+        self.register_buffer("fp8_max", torch.tensor(scaling.fp8_max, **f32), persistent=False)
         # Casts whose tensor held NaN or inf, per role: ``nonfinite`` since the last update
-        # (MAX-reduced with row 0 under torch.distributed), added by update_scales into
-        # ``faults``, which counts since telemetry last drained it (the faults/ tags). Not
-        # scaling state, so not checkpointed with the layer.
+        # (MAX-reduced with row 0 in update_scales' one collective), added by update_scales
+        # into ``faults``, which counts since telemetry last drained it (the faults/ tags).
+        # Counters of the update, not scales: not in the layer's state_dict.
         self.register_buffer("nonfinite", torch.zeros(3, **f32), persistent=False)
         self.register_buffer("faults", torch.zeros(3, **f32), persistent=False)
-        self.collect_stats = False  # set by the telemetry collector for log steps only
         self.forwards_since_update = 0  # host-side counter, never a tensor read
         # Set when another library owns this state (Transformer Engine layers): the state is
         # then a mirror, and update_scales leaves it alone.
         self.owner: str | None = None
 
     def record_amax(self, role: Role, amaxes: torch.Tensor) -> None:
-        """Fold one cast's amaxes (``fp8lab.cast``: [raw, TE's]) into the state.
+        """Fold one cast's amaxes (``fp8lab.quantize.amaxes_of``: [raw, TE's]) into the state.
 
         Row 0 keeps the max of TE's amax (NaN elements ignored, inf counted) over all
         micro-batches since the last update; a raw amax that is not finite (the tensor
@@ -74,7 +73,7 @@ class ScalingState(nn.Module):
         return super()._apply(keep_float32, recurse)
 
     def extra_repr(self) -> str:
-        r = self.recipe
+        r = self.scaling
         return (
             f"format={r.fp8_format}, history={r.amax_history_len}, "
             f"algo={r.amax_compute_algo}, margin={r.margin}"
@@ -94,8 +93,8 @@ class ScalingState(nn.Module):
         if tuple(history.shape) != tuple(self.amax_history.shape):
             raise ValueError(
                 f"{prefix}amax_history has shape {tuple(history.shape)} in the checkpoint but "
-                f"this layer's recipe needs {tuple(self.amax_history.shape)} "
-                f"(amax_history_len={self.recipe.amax_history_len}, roles {ROLE_NAMES})"
+                f"this layer's scaling needs {tuple(self.amax_history.shape)} "
+                f"(amax_history_len={self.scaling.amax_history_len}, roles {ROLE_NAMES})"
             )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
-FALLBACKS = ("bf16", "emulate")
+from fp8lab.gemm.backends.scaled_mm import HW_GEMM_MULTIPLE  # the hardware GEMM's shape contract
+
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
-HW_GEMM_MULTIPLE = 16  # cuBLASLt FP8 GEMMs need K and N divisible by 16
 
 
 class BackendUnavailable(RuntimeError):
@@ -47,7 +46,7 @@ class Plan:
 
 
 def _fallback(fallback: str, why: str) -> Plan:
-    if fallback == "emulate":
+    if fallback == "emulated":
         return Plan("emulated", f"{why}; FP8 emulated in software")
     return Plan("bf16", why)
 
@@ -74,17 +73,12 @@ def select_backend(
     Args:
         device: the layer's device facts (type, compute capability, name).
         te: whether Transformer Engine is importable, and its version.
-        requested: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" uses without FP8 hardware: "bf16" or "emulate".
+        requested: a backend name of ``fp8lab.options.BACKENDS`` (FP8Options validated it).
+        fallback: what "auto" uses without FP8 hardware, one of ``fp8lab.options.FALLBACKS``.
         dims: the GEMM's (in_features, out_features); hardware FP8 needs multiples of 16.
     Raises:
         BackendUnavailable: an explicitly requested backend cannot run here.
-        ValueError: ``requested`` or ``fallback`` is not one of the allowed names.
     """
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if requested == "bf16":
         return Plan("bf16", "backend='bf16' requested")
     if requested == "emulated":

@@ -2,7 +2,7 @@
 
 Invariant: this is the only code that rolls amax histories and changes scales, with the
 rules of Transformer Engine's fused kernel (``fp8lab.scaling``). It is vectorised: layers
-that share a recipe are stacked and updated by a fixed number of tensor ops, whatever
+that share a scaling are stacked and updated by a fixed number of tensor ops, whatever
 their count; under torch.distributed every rank's row 0 is MAX-reduced in one collective
 first, so all ranks end with identical state. Nothing here reads a tensor on the host.
 """
@@ -14,8 +14,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from fp8lab.scaling import amax_from_history, compute_scale, roll_history
-from fp8lab.state import ScalingState
+from fp8lab.scaling.delayed import amax_from_history, compute_scale, roll_history
+from fp8lab.scaling.state import ScalingState
 
 
 def scaling_states(model: nn.Module) -> list[ScalingState]:
@@ -71,7 +71,7 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
     Args:
         model: any module containing fp8lab layers.
         group: the data-parallel process group for the amax reduction (default: WORLD);
-            used only when torch.distributed is initialised and the recipe's
+            used only when torch.distributed is initialised and the scaling's
             ``reduce_amax`` is True.
         skip: optional 0-dim bool tensor on the device (no host read): when True the
             step was skipped (non-finite loss or gradient), so the step's amaxes (row 0)
@@ -79,18 +79,18 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
     """
     states = scaling_states(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        _reduce_amaxes([s for s in states if s.recipe.reduce_amax], group)
+        _reduce_amaxes([s for s in states if s.scaling.reduce_amax], group)
 
     if states:  # the casts' NaN/inf counts move to the telemetry counter, skip or not
         torch._foreach_add_([s.faults for s in states], [s.nonfinite for s in states])
         torch._foreach_zero_([s.nonfinite for s in states])
 
-    by_recipe: dict[object, list[ScalingState]] = defaultdict(list)
+    by_scaling: dict[object, list[ScalingState]] = defaultdict(list)
     for state in states:
-        by_recipe[(state.recipe, state.amax_history.device)].append(state)
+        by_scaling[(state.scaling, state.amax_history.device)].append(state)
         state.forwards_since_update = 0
 
-    for (recipe, device), group_states in by_recipe.items():
+    for (scaling, device), group_states in by_scaling.items():
         histories = [s.amax_history for s in group_states]
         scales = [s.scale for s in group_states]
         history = torch.stack(histories, dim=1)  # (H, N, 3), our temporary
@@ -98,9 +98,9 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
         if skip is not None:
             history[0].masked_fill_(skip, 0.0)  # a skipped step records nothing
         recorded = history[0] != 0  # (N, 3): TE rolls and rescales only these
-        fp8_max = group_states[0].fp8_max  # (3,) the same for every layer of one recipe
-        amax = amax_from_history(history, recipe.amax_compute_algo)  # (N, 3)
-        new_scale = torch.where(recorded, compute_scale(amax, scale, fp8_max, recipe.margin), scale)
+        fp8_max = group_states[0].fp8_max  # (3,) the same for every layer of one scaling
+        amax = amax_from_history(history, scaling.amax_compute_algo)  # (N, 3)
+        new_scale = torch.where(recorded, compute_scale(amax, scale, fp8_max, scaling.margin), scale)
         new_history = _where_columns_(recorded, roll_history(history), history)
         torch._foreach_copy_(histories, list(new_history.unbind(1)))
         torch._foreach_copy_(scales, list(new_scale.unbind(0)))

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fp8lab.backends.select import BACKENDS, FALLBACKS
-from fp8lab.config import DelayedScaling
 from fp8lab.layers.attention import check_attention_core
 from fp8lab.layers.block import TransformerBlock
+from fp8lab.layers.linear import Linear
 from fp8lab.layers.mlp import check_activation
 from fp8lab.layers.norm import Norm, check_normalization
-from fp8lab.linear import Linear
-from fp8lab.policy import PrecisionPolicy
+from fp8lab.layers.policy import PrecisionPolicy
+from fp8lab.options import FP8Options
 
 INIT_STD = 0.02  # GPT-2's initialisation
 
@@ -38,6 +37,10 @@ PRESETS: dict[str, dict] = {
     # Tied embeddings, as GPT-2: 124M parameters (163M untied).
     "gpt2-124m": dict(vocab_size=50304, block_size=1024, num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, tie_embeddings=True),
 }
+
+
+# GPTConfig.from_preset keywords folded into ``fp8`` (fields of FP8Options).
+FP8_SHORTHANDS = ("scaling", "backend", "fallback")
 
 
 def _positive_int(name: str, value) -> None:
@@ -62,9 +65,7 @@ class GPTConfig:
             activations' dtype elsewhere), "native" or "fp32".
         bias: biases in every block GEMM (the LM head never has one).
         tie_embeddings: share the LM head's weight with the token embedding.
-        recipe: the DelayedScaling recipe of every GEMM (None: TE's defaults).
-        backend: "auto", "te", "scaled_mm", "emulated" or "bf16".
-        fallback: what "auto" does without FP8 hardware: "bf16" or "emulate".
+        fp8: the FP8 options of every GEMM (None: ``FP8Options()``).
         policy: which layers stay in BF16 (None: ``PrecisionPolicy()``, the LM head).
     """
 
@@ -79,9 +80,7 @@ class GPTConfig:
     attention_core: str = "auto"
     bias: bool = True
     tie_embeddings: bool = False
-    recipe: DelayedScaling | None = None
-    backend: str = "auto"
-    fallback: str = "bf16"
+    fp8: FP8Options | None = None
     policy: PrecisionPolicy | None = None
 
     def __post_init__(self) -> None:
@@ -97,24 +96,31 @@ class GPTConfig:
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.recipe is not None and not isinstance(self.recipe, DelayedScaling):
-            raise ValueError(f"recipe must be a DelayedScaling or None, got {self.recipe!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.fp8 is None:
+            object.__setattr__(self, "fp8", FP8Options())
+        if not isinstance(self.fp8, FP8Options):
+            raise ValueError(f"fp8 must be an FP8Options or None, got {self.fp8!r}")
         if self.policy is not None and not isinstance(self.policy, PrecisionPolicy):
             raise ValueError(f"policy must be a PrecisionPolicy or None, got {self.policy!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
-        """A preset ("tiny", "gpt2-124m") with any field replaced by ``overrides``."""
+        """A preset ("tiny", "gpt2-124m") with any field replaced by ``overrides``.
+
+        Args:
+            name: "tiny" or "gpt2-124m".
+            overrides: GPTConfig fields, plus the shorthands ``scaling=``, ``backend=``
+                and ``fallback=``, which replace those fields of ``fp8`` (given or default).
+        """
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        shorthand = {k: overrides.pop(k) for k in FP8_SHORTHANDS if k in overrides}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}; allowed: {sorted(fields)}")
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; allowed: {sorted(fields | set(FP8_SHORTHANDS))}")
+        if shorthand:
+            overrides["fp8"] = dataclasses.replace(overrides.get("fp8") or FP8Options(), **shorthand)
         return cls(**{**PRESETS[name], **overrides})
 
 
@@ -140,33 +146,29 @@ class GPT(nn.Module):
         attention_core: str = "auto",
         bias: bool = True,
         tie_embeddings: bool = False,
-        recipe: DelayedScaling | None = None,
-        backend: str = "auto",
-        fallback: str = "bf16",
+        fp8: FP8Options | None = None,
         policy: PrecisionPolicy | None = None,
     ):
         super().__init__()
         cfg = GPTConfig(
             vocab_size=vocab_size, block_size=block_size, num_layers=num_layers, hidden_size=hidden_size,
             num_attention_heads=num_attention_heads, ffn_hidden_size=ffn_hidden_size, normalization=normalization,
-            activation=activation, attention_core=attention_core, bias=bias, tie_embeddings=tie_embeddings, recipe=recipe, backend=backend,
-            fallback=fallback, policy=policy,
+            activation=activation, attention_core=attention_core, bias=bias, tie_embeddings=tie_embeddings, fp8=fp8,
+            policy=policy,
         )  # fmt: skip
         self.config = cfg
-        recipe = recipe if recipe is not None else DelayedScaling()  # one object: one update group
-        gemm = dict(recipe=recipe, backend=backend, fallback=fallback)
         self.tok_emb = nn.Embedding(vocab_size, hidden_size)
         self.pos_emb = nn.Embedding(block_size, hidden_size)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 hidden_size, ffn_hidden_size, num_attention_heads,
                 normalization=normalization, activation=activation, attn_mask_type="causal",
-                attention_core=attention_core, bias=bias, **gemm,
+                attention_core=attention_core, bias=bias, fp8=cfg.fp8,
             )  # fmt: skip
             for _ in range(num_layers)
         )
         self.final_norm = Norm(hidden_size, normalization)
-        self.lm_head = Linear(hidden_size, vocab_size, bias=False, **gemm)
+        self.lm_head = Linear(hidden_size, vocab_size, bias=False, fp8=cfg.fp8)
         self._init_weights()
         if tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -183,7 +185,8 @@ class GPT(nn.Module):
 
         Args:
             name: "tiny" (byte-level, CPU-sized) or "gpt2-124m".
-            overrides: any GPTConfig field, e.g. ``fallback="emulate"``.
+            overrides: any GPTConfig field, or a shorthand for a field of ``fp8``
+                (``scaling=``, ``backend=``, ``fallback=``), e.g. ``fallback="emulated"``.
         """
         return cls.from_config(GPTConfig.from_preset(name, **overrides))
 

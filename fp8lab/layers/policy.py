@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fp8lab.linear import Linear
+from fp8lab.layers.linear import Linear
 
 _BLOCK_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?blocks)\.(?P<index>\d+)\.")
 

@@ -1,1 +1,0 @@
-"""Backend selection and the hardware backends (Transformer Engine, torch._scaled_mm)."""

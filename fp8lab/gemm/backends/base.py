@@ -1,0 +1,92 @@
+"""The backend interface: what an ``fp8lab.Linear`` asks of the backend its plan names.
+
+Invariant: a backend object holds no per-layer state; one is shared by every layer with
+the same plan on the same device type (``fp8lab.gemm.backends.backend_for``). What a
+backend needs from a layer it reads from the layer's declared attributes: ``weight``,
+``bias``, ``training``, ``fp8`` (FP8Options), ``fp8_state`` (ScalingState), ``telemetry``
+(TelemetrySlot) and, for the Transformer Engine backend, ``te_handle``. Telemetry reads a
+layer only through ``scaling_view``, so it never needs to know which backend runs it.
+
+Implementations:
+- ``QuantizedGemmBackend`` subclasses (``emulated``, ``scaled_mm``) run fp8lab's own
+  quantized GEMM (``fp8lab.gemm.qlinear``) with the layer's ScalingState: they supply
+  ``quantize`` (cast with a given scale) and ``gemm`` (the hardware model);
+- the ``bf16`` backend runs the same GEMM with ``round`` (to bf16) and no scaling;
+- the ``te`` backend runs the whole layer in a Transformer Engine module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fp8lab.formats import FP8Format
+from fp8lab.gemm.qlinear import output_dtype, quantized_linear
+from fp8lab.quantize import STAT_NAMES
+
+
+@dataclass(frozen=True)
+class ScalingView:
+    """One FP8 layer's scaling as telemetry reads it: the live tensors, not copies.
+
+    Read-only for telemetry, except ``faults``, whose contract is "counts since telemetry
+    last drained it": the collector zeroes it after reading (and restores it on resume).
+    """
+
+    amax_history: torch.Tensor  # (H, 3) float32; row 0 = the step being recorded
+    scale: torch.Tensor  # (3,) float32: input, weight, grad_output
+    cast_stats: torch.Tensor  # (3, len(STAT_NAMES)) of the last armed step; NaN: not measured
+    faults: torch.Tensor  # (3,) casts that met NaN or inf since telemetry last drained them
+
+
+def not_measured(device: torch.device) -> torch.Tensor:
+    """Cast statistics of a layer whose casts fp8lab cannot see: all NaN, (3, len(STAT_NAMES))."""
+    return torch.full((3, len(STAT_NAMES)), float("nan"), dtype=torch.float32, device=device)
+
+
+class Backend(Protocol):
+    """One way to run a layer's GEMMs."""
+
+    name: str  # "te", "scaled_mm", "emulated" or "bf16", as in the layer's Plan
+    fp8: bool  # whether the GEMMs run in FP8
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)``: (..., in_features) -> (..., out_features)."""
+        ...
+
+    def scaling_view(self, layer: nn.Module) -> ScalingView | None:
+        """The layer's scaling for telemetry; None when the GEMMs do not run in FP8."""
+        ...
+
+
+class QuantizedGemmBackend:
+    """Base of the FP8 backends whose scaling fp8lab owns: it records amaxes into the
+    layer's ScalingState in training, and ``fp8lab.update_scales`` updates the scales."""
+
+    name: str
+    fp8 = True
+
+    def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+        """``x_hp`` cast onto ``fmt``'s grid with ``scale`` (given, never computed here)."""
+        raise NotImplementedError
+
+    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
+        """``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in ``out_dtype``."""
+        raise NotImplementedError
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        record = layer.training  # eval forwards leave the amax history alone
+        if record:
+            layer.note_training_forward()
+        return quantized_linear(
+            x, layer.weight, layer.bias, layer.fp8_state, self, output_dtype(x), record, layer.telemetry
+        )
+
+    def scaling_view(self, layer: nn.Module) -> ScalingView:
+        state, stats = layer.fp8_state, layer.telemetry.cast_stats
+        if stats is None:  # never armed
+            stats = not_measured(state.scale.device)
+        return ScalingView(state.amax_history, state.scale, stats, state.faults)

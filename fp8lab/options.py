@@ -1,0 +1,53 @@
+"""FP8Options: a layer's FP8 settings (scaling, backend, fallback) as one frozen object.
+
+Invariant: an FP8Options is immutable and valid once constructed; this is the only place
+that checks backend and fallback names, and a bad field raises ``ValueError`` whose
+message starts with the field's name and lists the allowed values. Every fp8lab layer,
+``GPT`` and ``convert`` take one ``fp8=`` keyword of this type (None: ``FP8Options()``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from fp8lab.scaling.delayed import DelayedScaling
+
+BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
+FALLBACKS = ("bf16", "emulated")
+# Old spellings still accepted from external code, with a DeprecationWarning: old -> new.
+LEGACY_FALLBACKS = {"emulate": "emulated"}
+SCALING_TYPES = (DelayedScaling,)  # the scalings fp8lab implements (TE calls them recipes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP8Options:
+    """How a layer runs its GEMMs in FP8.
+
+    Args:
+        scaling: how scales are computed (today ``DelayedScaling``; default: TE's defaults).
+        backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
+        fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
+            spelling "emulate" is accepted with a DeprecationWarning).
+    """
+
+    scaling: DelayedScaling = field(default_factory=DelayedScaling)
+    backend: str = "auto"
+    fallback: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scaling, SCALING_TYPES):
+            names = tuple(t.__name__ for t in SCALING_TYPES)
+            raise ValueError(f"scaling must be one of the scaling types {names}, got {self.scaling!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fallback in LEGACY_FALLBACKS:
+            new = LEGACY_FALLBACKS[self.fallback]
+            warnings.warn(
+                f"fallback={self.fallback!r} is deprecated; use fallback={new!r}",
+                DeprecationWarning,
+                stacklevel=3,  # the caller of FP8Options(...)
+            )
+            object.__setattr__(self, "fallback", new)
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
