@@ -1,14 +1,16 @@
 """fp8lab: train transformers with FP8 GEMMs, see what FP8 does, and trust the result.
 
 Reading order follows the data: ``formats``, ``options`` (FP8Options) -> ``scaling``
-(DelayedScaling, ScalingState, update_scales) -> ``quantize`` (casts onto the FP8 grid)
+(the scaling recipes, ScalingState, update_scales) -> ``quantize`` (casts onto the FP8 grid)
 -> ``gemm`` (the quantized GEMM and its backends) -> ``layers`` (Linear ... GPT,
 convert, policy, describe) -> ``telemetry`` -> ``run`` (recipes, the CLI's training runs).
 """
 
 from fp8lab.formats import E4M3, E5M2, Role
 from fp8lab.options import FP8Options
-from fp8lab.scaling import DelayedScaling, ScalingState, update_scales
+from fp8lab.scaling import (
+    DelayedScaling, Float8BlockScaling, Float8CurrentScaling, MXFP8BlockScaling, ScalingState, update_scales,
+)
 from fp8lab.layers import (
     GPT, GPTConfig, LayerNormLinear, LayerNormMLP, Linear, MultiheadAttention, PrecisionPolicy, TransformerBlock,
     convert, describe,
@@ -16,6 +18,6 @@ from fp8lab.layers import (
 
 __version__ = "0.1.0"
 
-__all__ = ["DelayedScaling", "E4M3", "E5M2", "FP8Options", "Linear", "Role", "ScalingState", "update_scales", "__version__",
+__all__ = ["DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling", "E4M3", "E5M2", "FP8Options", "Linear", "Role", "ScalingState", "update_scales", "__version__",
            "LayerNormLinear", "LayerNormMLP", "MultiheadAttention", "TransformerBlock", "GPT", "GPTConfig",
            "PrecisionPolicy", "convert", "describe"]

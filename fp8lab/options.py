@@ -11,13 +11,20 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+from fp8lab.scaling.block import Float8BlockScaling
+from fp8lab.scaling.current import Float8CurrentScaling
 from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
 
 BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
 FALLBACKS = ("bf16", "emulated")
 # Old spellings still accepted from external code, with a DeprecationWarning: old -> new.
 LEGACY_FALLBACKS = {"emulate": "emulated"}
-SCALING_TYPES = (DelayedScaling,)  # the scalings fp8lab implements (TE calls them recipes)
+# The scalings fp8lab implements (Transformer Engine calls them recipes), by short name.
+SCALINGS = {"delayed": DelayedScaling, "current": Float8CurrentScaling, "block": Float8BlockScaling,
+            "mxfp8": MXFP8BlockScaling}
+SCALING_TYPES = tuple(SCALINGS.values())
+Scaling = DelayedScaling | Float8CurrentScaling | Float8BlockScaling | MXFP8BlockScaling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,13 +32,14 @@ class FP8Options:
     """How a layer runs its GEMMs in FP8.
 
     Args:
-        scaling: how scales are computed (today ``DelayedScaling``; default: TE's defaults).
+        scaling: how scales are computed: ``DelayedScaling`` (default, TE's defaults),
+            ``Float8CurrentScaling``, ``Float8BlockScaling`` or ``MXFP8BlockScaling``.
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
         fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
             spelling "emulate" is accepted with a DeprecationWarning).
     """
 
-    scaling: DelayedScaling = field(default_factory=DelayedScaling)
+    scaling: Scaling = field(default_factory=DelayedScaling)
     backend: str = "auto"
     fallback: str = "bf16"
 

@@ -26,7 +26,8 @@ def test_defaults_are_te_scaling_auto_backend_bf16_fallback():
     [
         (dict(backend="fp8"), r"^backend must be one of \('auto', 'te', 'scaled_mm', 'emulated', 'bf16'\), got 'fp8'"),
         (dict(fallback="fp32"), r"^fallback must be one of \('bf16', 'emulated'\), got 'fp32'"),
-        (dict(scaling={"margin": 1}), r"^scaling must be one of the scaling types \('DelayedScaling',\)"),
+        (dict(scaling={"margin": 1}), r"^scaling must be one of the scaling types \('DelayedScaling', "
+         r"'Float8CurrentScaling', 'Float8BlockScaling', 'MXFP8BlockScaling'\)"),
     ],
 )
 def test_a_bad_field_is_named_with_the_allowed_values(kwargs, message):

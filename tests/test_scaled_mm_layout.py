@@ -29,7 +29,7 @@ def test_fprop_dgrad_wgrad_meet_the_scaled_mm_contract(tokens, fmt):
     x = torch.empty(*tokens, 64, device=META, requires_grad=True)  # (B, T, K)
     w = torch.empty(48, 64, device=META, requires_grad=True)  # (N, K)
     b = torch.empty(48, device=META, requires_grad=True)
-    y = _QuantizedLinear.apply(x, w, b, state, ScaledMMBackend(), torch.bfloat16, True, None)
+    y = _QuantizedLinear.apply(x, w, b, state.scaling, state, ScaledMMBackend(), torch.bfloat16, True, None)
     assert (y.shape, y.dtype) == ((*tokens, 48), torch.bfloat16)
     y.backward(torch.empty_like(y))  # dgrad: g @ w; wgrad: g^T @ x, inner dim = B*T
     assert (x.grad.shape, x.grad.dtype) == (x.shape, torch.float32)

@@ -24,8 +24,9 @@ import torch
 
 from fp8lab.formats import Role
 from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.gemm.operands import COLUMNWISE, ROWWISE, Operand, make_operand, per_tensor
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
-from fp8lab.quantize import CPU_CHUNK, amaxes_of, cast_stats
+from fp8lab.quantize import CPU_CHUNK
 from fp8lab.scaling.state import ScalingState
 
 
@@ -36,19 +37,12 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _operand(x_hp, role: Role, state: ScalingState | None, backend, record: bool,
-             slot: TelemetrySlot | None):
-    """(values, inverse scale) of one GEMM operand: FP8 with the state's scale, or bf16."""
-    if state is None:
-        return backend.round(x_hp), None
-    fmt = state.scaling.format_for(role)
-    scale = state.scale[role]
-    if record:
-        state.record_amax(role, amaxes_of(x_hp))
-    x_q = backend.quantize(x_hp, scale, fmt)
-    if slot is not None and slot.armed:  # log steps only: a host flag, no device read
-        slot.cast_stats[role] = cast_stats(x_hp, x_q, scale, fmt)
-    return x_q, scale.reciprocal()
+def _operand(x2d, role: Role, usage: str, ctx_or_args, record: bool) -> Operand:
+    """An FP8 operand (``fp8lab.gemm.operands``), or x rounded to bf16 for a BF16 GEMM."""
+    scaling, state, backend, slot = ctx_or_args
+    if scaling is None:
+        return Operand(backend.round(x2d), None)
+    return make_operand(x2d, role, usage, scaling=scaling, state=state, backend=backend, record=record, slot=slot)
 
 
 def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
@@ -71,37 +65,46 @@ def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, state, backend, out_dtype, record, slot):
+    def forward(ctx, x_hp, w_hp, bias, scaling, state, backend, out_dtype, record, slot):
+        parts = (scaling, state, backend, slot)
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
-        x_q, x_inv = _operand(x2d, Role.INPUT, state, backend, record, slot)
-        w_q, w_inv = _operand(w_hp, Role.WEIGHT, state, backend, record, slot)
+        x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record)  # fprop contracts K
+        w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record)
         b = epilogue_bias(bias, out_dtype, backend.fp8)
-        y = backend.gemm(x_q, w_q.t(), x_inv, w_inv, out_dtype, b)  # (B*T, N)
-        ctx.save_for_backward(x_q, w_q, x_inv, w_inv)
-        ctx.state, ctx.backend, ctx.record, ctx.out_dtype, ctx.slot = state, backend, record, out_dtype, slot
+        y = backend.gemm(x_row.values, w_row.values.t(), x_row.inv_scale, w_row.inv_scale, out_dtype, b)  # (B*T, N)
+        # The backward contracts x over the tokens (wgrad) and w over N (dgrad): one scale per
+        # tensor serves every usage; block scalings cast those copies from x and w again.
+        same = scaling is None or per_tensor(scaling)
+        x_col = x_row if same else _operand(x2d, Role.INPUT, COLUMNWISE, parts, False)
+        w_col = w_row if same else _operand(w_hp, Role.WEIGHT, COLUMNWISE, parts, False)
+        ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale)
+        ctx.parts, ctx.record, ctx.out_dtype, ctx.same = parts, record, out_dtype, same
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x_q, w_q, x_inv, w_inv = ctx.saved_tensors
+        backend = ctx.parts[2]
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
-        g_q, g_inv = _operand(g2d, Role.GRAD_OUTPUT, ctx.state, ctx.backend, ctx.record, ctx.slot)
+        g_row = _operand(g2d, Role.GRAD_OUTPUT, ROWWISE, ctx.parts, ctx.record)  # dgrad contracts N
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.backend.gemm(g_q, w_q, g_inv, w_inv, ctx.out_dtype)  # (B*T, K)
+            grad_x = backend.gemm(g_row.values, w_q, g_row.inv_scale, w_inv, ctx.out_dtype)  # (B*T, K)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.backend.gemm(g_q.t(), x_q, g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
+            g_col = g_row if ctx.same else _operand(g2d, Role.GRAD_OUTPUT, COLUMNWISE, ctx.parts, False)
+            grad_w = backend.gemm(g_col.values.t(), x_q, g_col.inv_scale, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bias_grad(g2d)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def quantized_linear(
     x_hp: torch.Tensor,
     w_hp: torch.Tensor,
     bias: torch.Tensor | None,
+    scaling,
     state: ScalingState | None,
     backend,
     out_dtype: torch.dtype,
@@ -114,14 +117,16 @@ def quantized_linear(
         x_hp: (..., K) input in any float dtype.
         w_hp: (N, K) weight (the float32 master copy).
         bias: (N,) or None.
-        state: the layer's ScalingState (scales read, amaxes recorded); None for a BF16
-            GEMM (``backend`` is then the ``BF16Backend``).
-        backend: rounds or quantizes the operands and runs the GEMMs: a
-            ``QuantizedGemmBackend`` (``quantize``, ``gemm``) or the ``BF16Backend``
-            (``round``, ``gemm``).
+        scaling: the layer's scaling (``fp8.scaling``), or None for a BF16 GEMM (``backend``
+            is then the ``BF16Backend``).
+        state: the layer's ScalingState under delayed scaling (scales read, amaxes
+            recorded), else None.
+        backend: quantizes the operands with given scales (``quantize``,
+            ``quantize_blocks``) and runs the GEMMs (``gemm``), or rounds them (``round``).
         out_dtype: dtype of all three GEMM outputs (autocast's dtype when on, else x's).
-        record: record amaxes (training); False leaves the history untouched (eval).
+        record: training: record amaxes and count NaN/inf casts; False (eval) leaves
+            scaling state and fault counts alone.
         slot: the layer's TelemetrySlot; while armed, each cast's statistics go there.
     """
     with torch.autocast(x_hp.device.type, enabled=False):
-        return _QuantizedLinear.apply(x_hp, w_hp, bias, state, backend, out_dtype, record, slot)
+        return _QuantizedLinear.apply(x_hp, w_hp, bias, scaling, state, backend, out_dtype, record, slot)

@@ -114,6 +114,8 @@ class Linear(nn.Module):
         """Count a training forward since the last update_scales; warn once when stale.
         Called by the backends whose scales ``fp8lab.update_scales`` updates."""
         state = self.fp8_state
+        if state is None:  # a scaling without persistent state has nothing to go stale
+            return
         state.forwards_since_update += 1
         if state.forwards_since_update > STALE_SCALE_FORWARDS and not self._warned_stale:
             self._warned_stale = True

@@ -25,7 +25,9 @@ from torch import nn
 
 from fp8lab.formats import FP8Format
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
+from fp8lab.gemm.operands import per_tensor
 from fp8lab.quantize import STAT_NAMES
+from fp8lab.quantize_blocks import BLOCK_STAT_NAMES
 
 
 @dataclass(frozen=True)
@@ -34,17 +36,21 @@ class ScalingView:
 
     Read-only for telemetry, except ``faults``, whose contract is "counts since telemetry
     last drained it": the collector zeroes it after reading (and restores it on resume).
+    A value a scaling does not have is NaN (the scale of a block scaling, the cast
+    statistics of a layer never armed or whose casts fp8lab cannot see).
     """
 
-    amax_history: torch.Tensor  # (H, 3) float32; row 0 = the step being recorded
-    scale: torch.Tensor  # (3,) float32: input, weight, grad_output
-    cast_stats: torch.Tensor  # (3, len(STAT_NAMES)) of the last armed step; NaN: not measured
+    scale: torch.Tensor  # (3,) float32: the scale of each role's cast (input, weight, grad_output)
+    amax: torch.Tensor  # (3,) float32: the amax recorded this step
+    cast_stats: torch.Tensor  # (3, len(STAT_NAMES)) of the last armed step
     faults: torch.Tensor  # (3,) casts that met NaN or inf since telemetry last drained them
+    amax_history: torch.Tensor | None = None  # (H, 3) under delayed scaling; row 0 = this step
+    block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES)) under block scalings
 
 
-def not_measured(device: torch.device) -> torch.Tensor:
-    """Cast statistics of a layer whose casts fp8lab cannot see: all NaN, (3, len(STAT_NAMES))."""
-    return torch.full((3, len(STAT_NAMES)), float("nan"), dtype=torch.float32, device=device)
+def not_measured(device: torch.device, columns: int = len(STAT_NAMES)) -> torch.Tensor:
+    """Statistics fp8lab has not measured (or cannot see): all NaN, (3, columns)."""
+    return torch.full((3, columns), float("nan"), dtype=torch.float32, device=device)
 
 
 class Backend(Protocol):
@@ -82,11 +88,17 @@ class QuantizedGemmBackend:
         if record:
             layer.note_training_forward()
         return quantized_linear(
-            x, layer.weight, layer.bias, layer.fp8_state, self, output_dtype(x), record, layer.telemetry
+            x, layer.weight, layer.bias, layer.fp8.scaling, layer.fp8_state, self, output_dtype(x), record,
+            layer.telemetry,
         )
 
     def scaling_view(self, layer: nn.Module) -> ScalingView:
-        state, stats = layer.fp8_state, layer.telemetry.cast_stats
-        if stats is None:  # never armed
-            stats = not_measured(state.scale.device)
-        return ScalingView(state.amax_history, state.scale, stats, state.faults)
+        slot, state, device = layer.telemetry, layer.fp8_state, layer.weight.device
+        stats = slot.cast_stats if slot.cast_stats is not None else not_measured(device)
+        if state is not None:  # delayed scaling: the ScalingState holds scale, amax, faults
+            return ScalingView(state.scale, state.amax_history[0], stats, state.faults, state.amax_history)
+        scale_amax = slot.scale_amax if slot.scale_amax is not None else not_measured(device, 2)
+        blocks = None
+        if not per_tensor(layer.fp8.scaling):
+            blocks = slot.block_stats if slot.block_stats is not None else not_measured(device, len(BLOCK_STAT_NAMES))
+        return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks)

@@ -3,7 +3,8 @@
 Invariant: operands are the exact FP8 values (rounded by ``fp8lab.quantize`` with the
 scale it is given; it never computes one), held in the dtype of the machine's exact GEMM
 path (bf16 or fp32), and the GEMM is ``fp8lab.gemm.exact.scaled_gemm``: the hardware
-model, ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in the output dtype.
+model, ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in the output dtype. Block-scaled
+operands arrive dequantized (exact: their scales are powers of two) with no inverse scale.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fp8lab.formats import FP8Format
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
 from fp8lab.gemm.exact import GemmPath, scaled_gemm
 from fp8lab.quantize import cast_to_fp8_grid
+from fp8lab.quantize_blocks import cast_blocks_dequantized
 
 
 def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torch.Tensor | None:
@@ -37,6 +39,10 @@ class EmulatedBackend(QuantizedGemmBackend):
 
     def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
         return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype)
+
+    def quantize_blocks(self, x2d: torch.Tensor, block, scale, scale_inv, fmt: FP8Format) -> torch.Tensor:
+        """``x2d`` cast block by block with the given power-of-2 scales, dequantized exactly."""
+        return cast_blocks_dequantized(x2d, block, scale, scale_inv, fmt, dtype=self.path.operand_dtype)
 
     def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
         return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)

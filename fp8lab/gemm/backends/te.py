@@ -274,7 +274,8 @@ class TEBackend:
     def scaling_view(self, layer: nn.Module) -> ScalingView:
         sync_from_te(layer)  # the mirror, refreshed from TE (no-op before TE ran the layer)
         state = layer.fp8_state
-        return ScalingView(state.amax_history, state.scale, not_measured(state.scale.device), state.faults)
+        return ScalingView(state.scale, state.amax_history[0], not_measured(state.scale.device), state.faults,
+                           state.amax_history)
 
 
 def _te_forward(handle: TEHandle, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Block scaling (DeepSeek-V3 style): one power-of-2 scale per 1x128 tile or 128x128 block.
+
+Invariant: ``Float8BlockScaling`` is immutable and valid once constructed, with Transformer
+Engine's names and defaults: E4M3 everywhere, 1-D tiles (1 x 128 along the dimension the
+GEMM contracts) for activations and gradients, 2-D 128 x 128 blocks for weights. Each
+block's scale is TE's ``compute_scale_from_amax`` of the block's amax, rounded down to a
+power of two; a block of zeros gets scale 1. No state persists between steps.
+
+A 1-D tile runs along the GEMM's contraction dimension, so the forward GEMM and the
+backward GEMMs see one tensor through different tiles: x in (1, 128) tiles for fprop and
+(128, 1) for wgrad, the gradient in (1, 128) for dgrad and (128, 1) for wgrad, each cast
+from the high-precision tensor (TE quantizes "rowwise" and "columnwise" copies). A 2-D
+block is the same both ways, so a weight is quantized once.
+
+fp8lab always uses power-of-2 block scales (TE's default): the dequantized values of a
+block are then exact, so the emulation's one GEMM on them equals the hardware's
+per-block accumulation. TE's non-default fp32 block scales (NVTE_FP8_BLOCK_SCALING_FP32_SCALES)
+are not offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp8lab.formats import FP8Format, Role
+from fp8lab.scaling.blocks import te_scale_from_amax
+from fp8lab.scaling.current import check_epsilon, check_format, format_for
+
+BLOCK = 128
+ROWWISE, COLUMNWISE = "rowwise", "columnwise"  # the GEMM contracts the last dim / dim 0
+
+
+def tile(dim: int, usage: str, size: int) -> tuple[int, int]:
+    """The block shape of an operand: 1-D tiles along the contracted dim, or 2-D squares."""
+    if dim == 2:
+        return (size, size)
+    return (1, size) if usage == ROWWISE else (size, 1)
+
+
+def _check_dim(name: str, value) -> None:
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ValueError(f"{name} must be 1 (1x128 tiles) or 2 (128x128 blocks), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float8BlockScaling:
+    """Blockwise FP8 scaling (TE's ``Float8BlockScaling``).
+
+    Args:
+        fp8_format: "e4m3" (TE's default here) or "hybrid" (E5M2 gradients).
+        x_block_scaling_dim: 1 (1x128 tiles) or 2 (128x128 blocks) for inputs.
+        w_block_scaling_dim: the same for weights (default 2).
+        grad_block_scaling_dim: the same for output gradients (default 1).
+        amax_epsilon: a floor under every block's amax.
+    """
+
+    fp8_format: str = "e4m3"
+    x_block_scaling_dim: int = 1
+    w_block_scaling_dim: int = 2
+    grad_block_scaling_dim: int = 1
+    amax_epsilon: float = 0.0
+
+    name = "block"
+
+    def __post_init__(self) -> None:
+        check_format(self.fp8_format)
+        for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim"):
+            _check_dim(name, getattr(self, name))
+        dims = (self.x_block_scaling_dim, self.w_block_scaling_dim, self.grad_block_scaling_dim)
+        if sum(d == 2 for d in dims) > 1:  # a GEMM of two 2-D blocked operands (TE refuses it too)
+            raise ValueError(f"at most one of x/w/grad_block_scaling_dim may be 2 (2D by 2D block GEMM), got {dims}")
+        check_epsilon(self.amax_epsilon)
+
+    def format_for(self, role: Role) -> FP8Format:
+        return format_for(self.fp8_format, role)
+
+    def new_state(self, device=None) -> None:
+        return None
+
+    def block(self, role: Role, usage: str) -> tuple[int, int]:
+        dim = (self.x_block_scaling_dim, self.w_block_scaling_dim, self.grad_block_scaling_dim)[role]
+        return tile(dim, usage, BLOCK)
+
+    def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
+        """(scale, scale_inv) of blocks with these amaxes; scale_inv = 1 / scale (exact)."""
+        value_for_inf = torch.finfo(input_dtype).max if input_dtype.is_floating_point else torch.finfo(torch.float32).max
+        scale = te_scale_from_amax(amax, fmt.max, pow2=True, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf)
+        return scale, scale.reciprocal()

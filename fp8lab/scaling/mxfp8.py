@@ -1,0 +1,59 @@
+"""MXFP8: one E8M0 (power-of-2) scale per 32 consecutive values along the contraction dim.
+
+Invariant: ``MXFP8BlockScaling`` is immutable and valid once constructed, with Transformer
+Engine's names and defaults (E4M3 everywhere). A block's E8M0 code is TE's
+``float_to_e8m0(amax * (1 / fp8_max))`` (the float32 product, rounded up to a power of two,
+``2^ceil(log2(amax / fp8_max))``), values are multiplied by ``2^(127 - e)`` before the cast
+and the GEMM multiplies them back by ``2^(e - 127)``, so a dequantized block is exact. As in
+TE, the copies a forward and a backward GEMM use run their blocks along different
+dimensions and are each cast from the high-precision tensor. No state persists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp8lab.formats import FP8Format, Role
+from fp8lab.scaling.block import tile
+from fp8lab.scaling.blocks import e8m0_scale, e8m0_scale_inv, float_to_e8m0
+from fp8lab.scaling.current import check_format, format_for
+
+BLOCK = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class MXFP8BlockScaling:
+    """Microscaling FP8 (TE's ``MXFP8BlockScaling``; on hardware: Blackwell, sm_100).
+
+    Args:
+        fp8_format: "e4m3" (TE's default) or "hybrid" (E5M2 gradients).
+        enable_2d_quantization: 32x32 blocks for weights (TE's option), instead of 1x32.
+    """
+
+    fp8_format: str = "e4m3"
+    enable_2d_quantization: bool = False
+
+    name = "mxfp8"
+
+    def __post_init__(self) -> None:
+        check_format(self.fp8_format)
+        if not isinstance(self.enable_2d_quantization, bool):
+            raise ValueError(f"enable_2d_quantization must be a bool, got {self.enable_2d_quantization!r}")
+
+    def format_for(self, role: Role) -> FP8Format:
+        return format_for(self.fp8_format, role)
+
+    def new_state(self, device=None) -> None:
+        return None
+
+    def block(self, role: Role, usage: str) -> tuple[int, int]:
+        dim = 2 if role == Role.WEIGHT and self.enable_2d_quantization else 1
+        return tile(dim, usage, BLOCK)
+
+    def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
+        """(scale, scale_inv) of blocks with these amaxes: powers of two from E8M0 codes."""
+        rcp = torch.tensor(1.0 / fmt.max, dtype=torch.float32, device=amax.device)  # TE's max_norm_rcp
+        code = float_to_e8m0(amax.float() * rcp)
+        return e8m0_scale(code), e8m0_scale_inv(code)
