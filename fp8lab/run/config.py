@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from fp8lab.options import FP8Options
+from fp8lab.options import FP8Options, Scaling
 from fp8lab.scaling.delayed import DelayedScaling
 
 PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
@@ -117,7 +117,7 @@ class Variant:
 
     name: str
     precision: str = "fp8"
-    scaling: DelayedScaling = field(default_factory=DelayedScaling)
+    scaling: Scaling = field(default_factory=DelayedScaling)  # any of fp8lab.options.SCALINGS
     backend: str = "auto"
     fallback: str = "emulated"
     keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
@@ -165,7 +165,10 @@ class RunConfig:
         validate.check_run(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for variant, saved in zip(self.variants, out["variants"]):  # the recipe's kind, not only its fields
+            saved["scaling"] = {"kind": variant.scaling.name, **saved["scaling"]}
+        return out
 
     def hash(self) -> str:
         """A short stable hash of the resolved config (checkpoints refuse other configs)."""

@@ -77,7 +77,7 @@ def estimate(config, processes: int = 1) -> Estimate:
     shape = gpt_shape(config)
     params = gpt_params(shape)
     n = len(config.variants)
-    histories = sum(v.scaling.amax_history_len for v in config.variants if v.precision == "fp8")
+    histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
     t = config.train
     batch = max(t.batch_size // processes, 1)
     tokens = batch * t.block_size
@@ -91,7 +91,7 @@ def estimate(config, processes: int = 1) -> Estimate:
 def checkpoint_bytes(config) -> int:
     """About the size of one checkpoint file of ``config``."""
     shape = gpt_shape(config)
-    histories = sum(v.scaling.amax_history_len for v in config.variants if v.precision == "fp8")
+    histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
     return (len(config.variants) * CHECKPOINT_BYTES * gpt_params(shape)
             + histories * fp8_layers(shape) * HISTORY_ROW_BYTES)
 

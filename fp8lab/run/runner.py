@@ -10,6 +10,7 @@ tensors to every variant; device-to-host copies happen only on log and eval step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -341,10 +342,9 @@ def check_world_size(config: RunConfig, world_size: int) -> None:
 
 
 def hparams_of(config: RunConfig, variant) -> dict:
-    r = variant.scaling
+    scaling = {f"scaling.{k}": v for k, v in dataclasses.asdict(variant.scaling).items()}  # the recipe's own fields
     return {
-        "variant": variant.name, "precision": variant.precision, "fp8_format": r.fp8_format,
-        "amax_history_len": r.amax_history_len, "amax_compute_algo": r.amax_compute_algo,
-        "margin": r.margin, "first_last_bf16": variant.first_last_bf16,
+        "variant": variant.name, "precision": variant.precision, "scaling": variant.scaling.name, **scaling,
+        "first_last_bf16": variant.first_last_bf16,
         "steps": config.train.steps, "lr": config.train.lr, "batch_size": config.train.batch_size,
     }

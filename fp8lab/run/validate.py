@@ -94,9 +94,10 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
     if variant.precision != "fp8":
         return  # the policy only moves FP8 layers; a BF16/FP32/FP16 variant has none
     limit = max_margin()
-    _is(variant.scaling.margin <= limit, f"fp8.margin (of {key})",
+    margin = getattr(variant.scaling, "margin", 0)  # only delayed scaling has one
+    _is(margin <= limit, f"fp8.margin (of {key})",
         f"<= {limit}: a larger margin puts even the amax below E4M3's smallest subnormal, so every value "
-        "casts to zero", variant.scaling.margin)
+        "casts to zero", margin)
     blocks = _Blocks(num_layers)
     if not any(policy.reason_for(name, blocks) is None for name in _candidates(num_layers, variant.first_last_bf16)):
         raise ConfigError(

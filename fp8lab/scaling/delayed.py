@@ -54,6 +54,8 @@ class DelayedScaling:
     margin: int = 0
     reduce_amax: bool = True
 
+    name = "delayed"  # not a field: the short name runs, tags and reports use
+
     def __post_init__(self) -> None:
         if self.fp8_format not in FP8_FORMATS:
             raise ValueError(

@@ -12,6 +12,7 @@ here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,15 @@ from torch import nn
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.layers.linear import Linear
 from fp8lab.quantize import STAT_NAMES
+from fp8lab.quantize_blocks import BLOCK_STAT_NAMES
 
 # Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
-# and the non-finite amaxes counted since the previous log step.
-FIELDS = ("scale", "amax") + STAT_NAMES
+# the block-scale statistics, and the non-finite casts counted since the previous log step.
+FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES
 NONFINITE = "nonfinite_amax"
+# Fields a scaling may not have (NaN then, and not logged): a block scaling has no single
+# scale, a per-tensor scaling no block statistics.
+OPTIONAL = ("scale",) + BLOCK_STAT_NAMES
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,13 @@ class LayerStats:
     values: dict[str, np.ndarray]
 
     def scalars(self) -> dict[str, float]:
-        """{"scaling/<layer>/<role>/<field>": value} for the TensorBoard writer."""
-        return {f"scaling/{layer}/{role}/{field}": v for layer, role, field, v in self.rows()}
+        """{"scaling/<layer>/<role>/<field>": value} for the TensorBoard writer: every field
+        a layer's scaling has (an optional field that is NaN is one it does not have)."""
+        return {
+            f"scaling/{layer}/{role}/{field}": v
+            for layer, role, field, v in self.rows()
+            if not (field in OPTIONAL and math.isnan(v))
+        }
 
     def rows(self):
         """(layer, role, field, value) for every scaling entry, for writers and reports."""
@@ -78,8 +88,13 @@ class ScalingCollector:
             return None
         for _, layer in self.layers:
             layer.telemetry.disarm()
-        rows = [torch.cat([v.scale[None], v.amax_history[0][None], v.cast_stats.t()]) for v in self._views()]  # (5, 3)
-        return torch.stack(rows)  # (n_layers, 5, 3)
+        rows = []
+        for v in self._views():
+            blocks = v.block_stats
+            if blocks is None:  # a per-tensor scaling: no block statistics
+                blocks = torch.full((3, len(BLOCK_STAT_NAMES)), float("nan"), device=v.scale.device)
+            rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t()]))  # (len(FIELDS), 3)
+        return torch.stack(rows)  # (n_layers, len(FIELDS), 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:
         """The snapshot plus the non-finite amaxes counted by this step's update_scales,
@@ -88,7 +103,7 @@ class ScalingCollector:
             return LayerStats((), {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)})
         counters = [v.faults for v in self._views()]
         faults = torch.stack(counters)[:, None]  # (n, 1, 3)
-        host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, 6, 3)
+        host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, len(FIELDS) + 1, 3)
         torch._foreach_zero_(counters)
         return LayerStats(self.names, {f: host[:, i, :] for i, f in enumerate(FIELDS + (NONFINITE,))})
 
@@ -103,8 +118,10 @@ class ScalingCollector:
             view.faults.copy_(row)
 
     def histories(self) -> dict[str, np.ndarray]:
-        """Each layer's whole amax history (H, 3) on the host (for histograms)."""
-        if not self.layers:
+        """Each delayed-scaling layer's whole amax history (H, 3) on the host (histograms)."""
+        found = [(name, v.amax_history) for name, v in zip(self.names, self._views()) if v.amax_history is not None]
+        if not found:
             return {}
-        host = torch.stack([v.amax_history for v in self._views()]).cpu().numpy()
-        return dict(zip(self.names, host))
+        if len({h.shape for _, h in found}) == 1:  # one copy when all windows are alike
+            return dict(zip([name for name, _ in found], torch.stack([h for _, h in found]).cpu().numpy()))
+        return {name: h.cpu().numpy() for name, h in found}
