@@ -157,3 +157,37 @@ def test_probe_te_matches_installed_packages():
     assert (facts.version is not None) == installed
     if not installed:
         assert "transformer_engine is" in facts.why_not
+
+
+H100_CUDA12_8 = DeviceFacts("cuda", (9, 0), "H100", (12, 8))
+H100_CUDA13 = DeviceFacts("cuda", (9, 0), "H100", (13, 0))
+B200_CUDA13 = DeviceFacts("cuda", (10, 0), "B200", (13, 0))
+
+# (device, te, scaling, requested, fallback) -> (backend, reason fragment)
+SCALING_CASES = [
+    (H100_CUDA13, NO_TE, "current", "auto", "bf16", "scaled_mm", "torch._scaled_mm on H100 (sm_90)"),
+    (H100_CUDA13, TE, "current", "auto", "bf16", "te", "Transformer Engine 2.20.2 on H100 (sm_90)"),
+    (H100_CUDA13, TE, "block", "auto", "bf16", "te", "Transformer Engine 2.20.2 on H100 (sm_90)"),
+    (H100_CUDA12_8, TE, "block", "auto", "emulated", "emulated", "needs sm_90 or newer and CUDA 12.9 or newer"),
+    (H100_CUDA13, NO_TE, "block", "auto", "bf16", "bf16", "block scaling on H100 (sm_90): Transformer Engine is not installed"),
+    (H100_CUDA13, TE, "mxfp8", "auto", "emulated", "emulated", "MXFP8BlockScaling needs sm_100"),
+    (B200_CUDA13, TE, "mxfp8", "auto", "bf16", "te", "Transformer Engine 2.20.2 on B200 (sm_100)"),
+    (B200_CUDA13, NO_TE, "mxfp8", "auto", "emulated", "emulated", "torch._scaled_mm runs per-tensor scaling only"),
+    (CPU, TE, "mxfp8", "auto", "emulated", "emulated", "no FP8 hardware on CPU"),
+]
+
+
+@pytest.mark.parametrize("device, te, scaling, requested, fallback, backend, reason", SCALING_CASES)
+def test_each_scaling_goes_where_hardware_can_run_it(device, te, scaling, requested, fallback, backend, reason):
+    plan = select_backend(device=device, te=te, requested=requested, fallback=fallback, dims=ALIGNED, scaling=scaling)
+    assert plan.backend == backend and reason in plan.reason
+
+
+@pytest.mark.parametrize("device, te, scaling, requested, message", [
+    (H100_CUDA13, TE, "block", "scaled_mm", "runs per-tensor scalings only"),
+    (H100_CUDA13, TE, "mxfp8", "te", "needs sm_100"),
+    (H100_CUDA12_8, TE, "block", "te", "CUDA 12.9"),
+])
+def test_an_explicit_backend_that_cannot_run_the_scaling_says_why(device, te, scaling, requested, message):
+    with pytest.raises(BackendUnavailable, match=message):
+        select_backend(device=device, te=te, requested=requested, fallback="bf16", dims=ALIGNED, scaling=scaling)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8lab import DelayedScaling, FP8Options, Linear
+from fp8lab import DelayedScaling, FP8Options, Float8BlockScaling, Float8CurrentScaling, Linear, MXFP8BlockScaling
 from fp8lab.gemm.backends.select import BackendUnavailable
 from fp8lab.gemm.backends.te import copy_into_te_meta_, sync_from_te, sync_te_scaling, te_meta_to_fp8lab, te_recipe, te_recipe_kwargs
 
@@ -24,24 +24,40 @@ TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
 
 
 def test_default_scaling_maps_to_te_defaults():
-    assert te_recipe_kwargs(DelayedScaling()) == TE_DEFAULTS
+    spec = te_recipe_kwargs(DelayedScaling())
+    assert spec == {"recipe": "DelayedScaling", "kwargs": TE_DEFAULTS, "qparams": None}
 
 
-def test_every_fp8lab_field_is_mapped():
-    """A field added to fp8lab's DelayedScaling without a TE mapping fails here."""
-    names = {f.name for f in dataclasses.fields(DelayedScaling)}
-    assert set(te_recipe_kwargs(DelayedScaling())) == names
+@pytest.mark.parametrize("scaling", [DelayedScaling(), Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling()],
+                         ids=lambda s: type(s).__name__)
+def test_every_fp8lab_field_is_mapped(scaling):
+    """A field added to one of fp8lab's scaling recipes without a TE mapping fails here:
+    every field is a TE constructor argument or a QParams setting."""
+    spec = te_recipe_kwargs(scaling)
+    assert spec["recipe"] == type(scaling).__name__  # TE's names
+    names = {f.name for f in dataclasses.fields(scaling)}
+    mapped = set(spec["kwargs"]) | ({"amax_epsilon"} if spec["qparams"] else set())
+    assert names <= mapped
 
 
 def test_non_default_scaling_maps_field_by_field():
     scaling = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
-    assert te_recipe_kwargs(scaling) == {
+    assert te_recipe_kwargs(scaling)["kwargs"] == {
         "fp8_format": "E4M3",
         "amax_history_len": 16,
         "amax_compute_algo": "most_recent",
         "margin": 2,
         "reduce_amax": False,
     }
+    current = te_recipe_kwargs(Float8CurrentScaling(fp8_format="e4m3", use_power_2_scales=True, amax_epsilon=1e-6))
+    assert current["kwargs"] == {"fp8_format": "E4M3", "use_power_2_scales": True}
+    assert current["qparams"] == {"power_2_scale": True, "amax_epsilon": 1e-6}
+    block = te_recipe_kwargs(Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1))
+    assert block["kwargs"] == {"fp8_format": "HYBRID", "x_block_scaling_dim": 2, "w_block_scaling_dim": 1,
+                               "grad_block_scaling_dim": 1}
+    assert block["qparams"] == {"power_2_scale": True, "amax_epsilon": 0.0}  # fp8lab's block scales are powers of 2
+    assert te_recipe_kwargs(MXFP8BlockScaling(enable_2d_quantization=True))["kwargs"] == {
+        "fp8_format": "E4M3", "enable_2d_quantization": True}
 
 
 def _te_shaped_meta(history_len: int) -> dict:

@@ -93,7 +93,7 @@ class Linear(nn.Module):
             return Plan("bf16", self.keep_bf16_reason)
         return select_backend(
             device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
-            dims=(self.in_features, self.out_features),
+            dims=(self.in_features, self.out_features), scaling=self.fp8.scaling.name,
         )
 
     def keep_in_bf16(self, reason: str) -> None:

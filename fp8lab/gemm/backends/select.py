@@ -27,6 +27,22 @@ class DeviceFacts:
     type: str  # "cpu", "cuda", ...
     capability: tuple[int, int] | None = None
     name: str | None = None
+    cuda: tuple[int, int] | None = None  # the CUDA version torch was built with
+
+
+PER_TENSOR = ("delayed", "current")  # scalings torch._scaled_mm runs (one scale per tensor)
+
+
+def te_supports(scaling: str, device: DeviceFacts) -> str | None:
+    """Why Transformer Engine cannot run ``scaling`` on ``device``, or None when it can
+    (TE's ``check_recipe_support``: FP8 from sm_89, block scaling from sm_90 with CUDA
+    12.9, MXFP8 on sm_100 up to but not including sm_120)."""
+    cap = device.capability or (0, 0)
+    if scaling == "block" and not (cap >= (9, 0) and (device.cuda or (0, 0)) >= (12, 9)):
+        return "Transformer Engine's Float8BlockScaling needs sm_90 or newer and CUDA 12.9 or newer"
+    if scaling == "mxfp8" and not ((10, 0) <= cap < (12, 0)):
+        return "Transformer Engine's MXFP8BlockScaling needs sm_100 (Blackwell; not sm_120)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -67,15 +83,19 @@ def select_backend(
     requested: str = "auto",
     fallback: str = "bf16",
     dims: tuple[int, int] | None = None,
+    scaling: str = "delayed",
 ) -> Plan:
     """The backend a layer runs on, with a one-line human reason.
 
     Args:
-        device: the layer's device facts (type, compute capability, name).
+        device: the layer's device facts (type, compute capability, name, CUDA version).
         te: whether Transformer Engine is importable, and its version.
         requested: a backend name of ``fp8lab.options.BACKENDS`` (FP8Options validated it).
         fallback: what "auto" uses without FP8 hardware, one of ``fp8lab.options.FALLBACKS``.
         dims: the GEMM's (in_features, out_features); hardware FP8 needs multiples of 16.
+        scaling: the scaling's short name ("delayed", "current", "block", "mxfp8"):
+            Transformer Engine runs each on some GPUs only, torch._scaled_mm only the
+            per-tensor ones; a layer that no hardware path can run falls back, saying why.
     Raises:
         BackendUnavailable: an explicitly requested backend cannot run here.
     """
@@ -85,6 +105,7 @@ def select_backend(
         return Plan("emulated", "backend='emulated' requested; FP8 emulated in software")
 
     gpu = f"{device.name or 'GPU'} ({_sm(device)})" if device.type == "cuda" else device.type
+    te_why_not = te_supports(scaling, device) if te.version is not None else None
     if requested in ("te", "scaled_mm"):
         if device.type != "cuda":
             hint = "torch._scaled_mm is never run on CPU (a few GFLOP/s)" if requested == "scaled_mm" else "Transformer Engine needs an NVIDIA GPU"
@@ -93,6 +114,13 @@ def select_backend(
             raise BackendUnavailable(f"backend={requested!r} needs FP8 tensor cores (sm_89 or newer); {gpu} has none; use backend='auto' for the BF16 fallback")
         if requested == "te" and te.version is None:
             raise BackendUnavailable(f"backend='te' needs Transformer Engine: pip install 'fp8lab[te]' ({te.why_not or 'not installed'})")
+        if requested == "te" and te_why_not:
+            raise BackendUnavailable(f"backend='te' with {scaling} scaling on {gpu}: {te_why_not}; use backend='emulated'")
+        if requested == "scaled_mm" and scaling not in PER_TENSOR:
+            raise BackendUnavailable(
+                f"backend='scaled_mm' runs per-tensor scalings only; {scaling} scaling needs backend='te' "
+                "(or 'emulated'): fp8lab does not drive torch._scaled_mm's blockwise modes"
+            )
 
     if device.type != "cuda":
         return _fallback(fallback, f"no FP8 hardware on {device.type.upper()}")
@@ -102,10 +130,13 @@ def select_backend(
         why = f"dimensions {dims[0]}x{dims[1]} are not multiples of {HW_GEMM_MULTIPLE}, which a hardware FP8 GEMM needs"
         # An explicit request that cannot be honoured for this one layer says so in the reason.
         return _fallback(fallback, why if requested == "auto" else f"backend={requested!r} requested, but {why}")
-    if requested == "te" or (requested == "auto" and te.version is not None):
+    if requested == "te" or (requested == "auto" and te.version is not None and not te_why_not):
         return Plan("te", f"Transformer Engine {te.version} on {gpu}")
     if requested == "scaled_mm":
         return Plan("scaled_mm", f"torch._scaled_mm on {gpu} (requested)")
+    if scaling not in PER_TENSOR:  # auto, and neither TE nor torch._scaled_mm can run it here
+        why = te_why_not or "Transformer Engine is not installed"
+        return _fallback(fallback, f"{scaling} scaling on {gpu}: {why}, and torch._scaled_mm runs per-tensor scaling only")
     return Plan("scaled_mm", f"torch._scaled_mm on {gpu}; install fp8lab[te] for fused kernels")
 
 
@@ -114,7 +145,8 @@ def probe_device(device: torch.device) -> DeviceFacts:
     if device.type != "cuda":
         return DeviceFacts(device.type)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return DeviceFacts("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+    cuda = tuple(int(p) for p in torch.version.cuda.split(".")[:2]) if torch.version.cuda else None
+    return DeviceFacts("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index), cuda)
 
 
 def probe_te() -> TEFacts:

@@ -42,7 +42,10 @@ from torch import nn
 from fp8lab.formats import Role
 from fp8lab.gemm.backends.base import ScalingView, not_measured
 from fp8lab.gemm.backends.select import BackendUnavailable
+from fp8lab.scaling.block import Float8BlockScaling
+from fp8lab.scaling.current import Float8CurrentScaling
 from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
 
 # Where each fp8lab column lives in TE's fp8_meta: FP8FwdTensors GEMM1_INPUT = 0,
 # GEMM1_WEIGHT = 1; FP8BwdTensors GRAD_OUTPUT1 = 0 (TE csrc/common.h).
@@ -51,19 +54,34 @@ _TE_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}  # names of TE's recipe.Forma
 TE_TOKEN_MULTIPLE = 16  # TE's FP8 GEMM wants the token count % 8 (its docs say 16): pad to 16
 
 
-def te_recipe_kwargs(scaling: DelayedScaling) -> dict:
-    """Keyword arguments of TE's ``DelayedScaling`` recipe equal to fp8lab's ``scaling``.
+def te_recipe_kwargs(scaling) -> dict:
+    """The Transformer Engine recipe equal to fp8lab's ``scaling``, without TE:
+    {"recipe": TE's class name, "kwargs": its constructor arguments, "qparams": QParams
+    arguments or None}.
 
     ``fp8_format`` is the *name* of the ``transformer_engine.common.recipe.Format`` member
-    ("HYBRID" or "E4M3"), so this runs without TE; ``te_recipe`` resolves it.
+    ("HYBRID" or "E4M3"); ``te_recipe`` resolves it. TE's current and block recipes take
+    their power-of-2 and epsilon settings from class-level ``QParams`` defaults (computed
+    from environment variables at import), not from constructor arguments, so ``te_recipe``
+    sets ``fp8_quant_fwd_inp``/``fp8_quant_fwd_weight``/``fp8_quant_bwd_grad`` on the object.
     """
-    return {
-        "fp8_format": _TE_FORMATS[scaling.fp8_format],
-        "amax_history_len": scaling.amax_history_len,
-        "amax_compute_algo": scaling.amax_compute_algo,
-        "margin": scaling.margin,
-        "reduce_amax": scaling.reduce_amax,
-    }
+    fmt = {"fp8_format": _TE_FORMATS[scaling.fp8_format]}
+    if isinstance(scaling, DelayedScaling):
+        kwargs = {**fmt, "amax_history_len": scaling.amax_history_len, "amax_compute_algo": scaling.amax_compute_algo,
+                  "margin": scaling.margin, "reduce_amax": scaling.reduce_amax}
+        return {"recipe": "DelayedScaling", "kwargs": kwargs, "qparams": None}
+    if isinstance(scaling, Float8CurrentScaling):
+        qparams = {"power_2_scale": scaling.use_power_2_scales, "amax_epsilon": float(scaling.amax_epsilon)}
+        return {"recipe": "Float8CurrentScaling", "kwargs": {**fmt, "use_power_2_scales": scaling.use_power_2_scales},
+                "qparams": qparams}
+    if isinstance(scaling, Float8BlockScaling):
+        dims = {name: getattr(scaling, name) for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")}
+        return {"recipe": "Float8BlockScaling", "kwargs": {**fmt, **dims},
+                "qparams": {"power_2_scale": True, "amax_epsilon": float(scaling.amax_epsilon)}}
+    if isinstance(scaling, MXFP8BlockScaling):
+        return {"recipe": "MXFP8BlockScaling", "kwargs": {**fmt, "enable_2d_quantization": scaling.enable_2d_quantization},
+                "qparams": None}
+    raise TypeError(f"no Transformer Engine recipe for {type(scaling).__name__}")
 
 
 def te_meta_to_fp8lab(te_meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,12 +132,16 @@ def _import_te() -> SimpleNamespace:
     return SimpleNamespace(te=te, recipe_module=recipe, manager=FP8GlobalStateManager)
 
 
-def te_recipe(scaling: DelayedScaling):
-    """TE's ``DelayedScaling`` recipe equal to ``scaling`` (needs Transformer Engine)."""
-    kwargs = te_recipe_kwargs(scaling)
-    te_recipe_module = _import_te().recipe_module
-    kwargs["fp8_format"] = te_recipe_module.Format[kwargs["fp8_format"]]
-    return te_recipe_module.DelayedScaling(**kwargs)
+def te_recipe(scaling):
+    """TE's recipe object equal to ``scaling`` (needs Transformer Engine)."""
+    spec = te_recipe_kwargs(scaling)
+    module = _import_te().recipe_module
+    kwargs = {**spec["kwargs"], "fp8_format": module.Format[spec["kwargs"]["fp8_format"]]}
+    recipe = getattr(module, spec["recipe"])(**kwargs)
+    if spec["qparams"] is not None:
+        for name in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
+            setattr(recipe, name, module.QParams(**spec["qparams"]))
+    return recipe
 
 
 def _region(te, te_recipe_obj):
@@ -128,7 +150,7 @@ def _region(te, te_recipe_obj):
     return te.fp8_autocast(enabled=True, fp8_recipe=te_recipe_obj)
 
 
-def autocast(scaling: DelayedScaling | None = None):
+def autocast(scaling=None):
     """One TE FP8 region around a whole forward: TE's once-per-step scaling update.
 
     ``with fp8lab.gemm.backends.te.autocast(scaling): loss = model(x)``. Layers inside use
@@ -164,7 +186,7 @@ class TEHandle:
 def sync_from_te(layer: nn.Module) -> None:
     """Copy TE's scaling state into ``layer.fp8_state`` (no-op before TE ran the layer)."""
     handle = layer.te_handle
-    if handle is None:
+    if handle is None or layer.fp8_state is None:  # only delayed scaling has state to mirror
         return
     history, scale = read_te_scaling(handle.module)
     state = layer.fp8_state
@@ -181,7 +203,7 @@ def sync_from_te(layer: nn.Module) -> None:
 def restore_te(layer: nn.Module) -> None:
     """Copy ``layer.fp8_state`` into TE's scaling state (e.g. after loading a checkpoint)."""
     handle = layer.te_handle
-    if handle is not None:
+    if handle is not None and layer.fp8_state is not None:
         state = layer.fp8_state
         copy_into_te_meta_(state.amax_history, state.scale, _te_meta(handle.module))
 
@@ -218,9 +240,10 @@ def _build(layer: nn.Module) -> TEHandle:
             module.bias = layer.bias
         # TE creates its scaling tensors at the first FP8 forward; create them now so a
         # checkpoint's state is in place before TE's first cast. Under no_grad the
-        # region's exit updates no scales.
-        with torch.no_grad(), _region(lib.te, layer_te_recipe):
-            module.init_fp8_metadata(num_gemms=1)
+        # region's exit updates no scales. (Only delayed scaling keeps such state.)
+        if layer.fp8_state is not None:
+            with torch.no_grad(), _region(lib.te, layer_te_recipe):
+                module.init_fp8_metadata(num_gemms=1)
     return TEHandle(lib, module, layer_te_recipe, device)
 
 
@@ -239,7 +262,8 @@ def ensure_handle(layer: nn.Module) -> TEHandle:
         layer.register_state_dict_pre_hook(_sync_hook)
         layer.register_load_state_dict_post_hook(_restore_hook)
     layer.te_handle = handle = _build(layer)
-    layer.fp8_state.owner = "te"  # a mirror of TE's state from now on: update_scales skips it
+    if layer.fp8_state is not None:
+        layer.fp8_state.owner = "te"  # a mirror of TE's state from now on: update_scales skips it
     restore_te(layer)
     return handle
 
@@ -272,10 +296,15 @@ class TEBackend:
         return _te_forward(ensure_handle(layer), x)
 
     def scaling_view(self, layer: nn.Module) -> ScalingView:
-        sync_from_te(layer)  # the mirror, refreshed from TE (no-op before TE ran the layer)
+        """TE casts inside its kernels: no cast statistics; under delayed scaling the scale
+        and amax history are TE's, mirrored; other scalings keep none fp8lab can read."""
+        device = layer.weight.device
         state = layer.fp8_state
-        return ScalingView(state.scale, state.amax_history[0], not_measured(state.scale.device), state.faults,
-                           state.amax_history)
+        if state is None:
+            nan = not_measured(device, 2)
+            return ScalingView(nan[:, 0], nan[:, 1], not_measured(device), layer.telemetry.fault_counts(device))
+        sync_from_te(layer)  # the mirror, refreshed from TE (no-op before TE ran the layer)
+        return ScalingView(state.scale, state.amax_history[0], not_measured(device), state.faults, state.amax_history)
 
 
 def _te_forward(handle: TEHandle, x: torch.Tensor) -> torch.Tensor:
