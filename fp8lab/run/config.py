@@ -63,6 +63,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None:
                 _int(value, f"model.{name}")
+                # far beyond any model that fits a machine, and what C sizes (ssize_t) can hold
+                _check(value < 2**31, f"model.{name}", "an int < 2**31", value)
 
     def overrides(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}

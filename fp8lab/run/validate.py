@@ -141,8 +141,9 @@ def _layer_names(blocks) -> list[str]:
 
 def _candidates(num_layers: int, first_last: int) -> list[str]:
     """Names that could stay FP8: the blocks first_last_bf16 leaves, and the LM head."""
-    middle = range(min(first_last, num_layers), max(num_layers - first_last, first_last))
-    if len(middle) > ENUMERATED_BLOCKS:
+    start, stop = min(first_last, num_layers), max(num_layers - first_last, first_last)
+    middle = range(start, stop)
+    if stop - start > ENUMERATED_BLOCKS:  # arithmetic, not len(): a range past 2**63 has none
         half = ENUMERATED_BLOCKS // 2
-        middle = itertools.chain(middle[:half], middle[-half:])
+        middle = itertools.chain(range(start, start + half), range(stop - half, stop))
     return _layer_names(middle)
