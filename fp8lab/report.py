@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fp8lab.formats import ROLE_NAMES
+from fp8lab.whatif_report import best_by_layer, read_whatif, whatif_lines
 
 # Thresholds for "worth attention", applied to the mean over the run's log steps.
 OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
@@ -78,6 +79,16 @@ def _summary_lines(run_dir: Path, path: Path) -> list[str]:
     return lines
 
 
+def _scaling_of(run_dir: Path, variant: str) -> str | None:
+    """The scaling recipe a variant ran, from the run's config.json (None if unknown)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        entry = next(v for v in config["variants"] if v["name"] == variant)
+        return entry["scaling"].get("kind", "delayed") if entry.get("precision") == "fp8" else None
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+        return None
+
+
 def report(run_dir: str | Path) -> str:
     """The report text for ``run_dir`` (a ``logs/<recipe>/<run_id>`` folder)."""
     run_dir = Path(run_dir)
@@ -120,6 +131,7 @@ def report(run_dir: str | Path) -> str:
                     attention.append((layer, role, f"underflow {m['underflow_pct']:.2f}%", ADVICE["underflow"]))
                 if m["sqnr_db"] < SQNR_DB:
                     attention.append((layer, role, f"SQNR {m['sqnr_db']:.1f} dB", ADVICE["sqnr"]))
+        lines += whatif_lines(variant_dir.name, best_by_layer(read_whatif(variant_dir)), _scaling_of(run_dir, variant_dir.name))
         lines.append("")
         if attention:
             lines.append(f"layers worth attention ({variant_dir.name}):")

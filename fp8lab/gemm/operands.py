@@ -16,7 +16,8 @@ Per-tensor operands are the same whatever the usage; block operands are cast aga
 the high-precision tensor for each usage, as Transformer Engine does.
 
 While the layer's TelemetrySlot is armed (log steps), the rowwise cast of each role also
-leaves its statistics there; between log steps nothing is measured.
+leaves its statistics there, with what every other recipe would have done to the same
+tensor (``fp8lab.gemm.whatif``); between log steps nothing is measured.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from fp8lab.formats import Role
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
+from fp8lab.gemm.whatif import whatif_stats
 from fp8lab.quantize import amaxes_of, cast_stats
 from fp8lab.quantize_blocks import block_cast_stats, cast_blocks_dequantized
 from fp8lab.scaling.block import COLUMNWISE, ROWWISE, Float8BlockScaling
@@ -78,6 +80,7 @@ def make_operand(
         values = backend.quantize(x2d, scale, fmt)
         if measure:
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
+            slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=scale)
         return Operand(values, scale.reciprocal())
     if isinstance(scaling, Float8CurrentScaling):
         amaxes = amaxes_of(x2d)
@@ -88,6 +91,7 @@ def make_operand(
         if measure:
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
             slot.record_scale(role, scale, amaxes[1])
+            slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None)
         return Operand(values, scale.reciprocal())
     if isinstance(scaling, (Float8BlockScaling, MXFP8BlockScaling)):
         block = scaling.block(role, usage)
@@ -100,5 +104,6 @@ def make_operand(
             stats = block_cast_stats(x2d, values, block, scale, fmt)
             slot.cast_stats[role] = stats[:3]
             slot.record_blocks(role, stats[3:], amax.max())
+            slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None)
         return Operand(values, None)
     raise TypeError(f"no operand for scaling {type(scaling).__name__}")

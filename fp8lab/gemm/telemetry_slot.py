@@ -16,6 +16,8 @@ import torch
 from fp8lab.quantize import STAT_NAMES
 from fp8lab.quantize_blocks import BLOCK_STAT_NAMES
 
+WHATIF_RECIPES = 4  # fp8lab.gemm.whatif.WHATIF_RECIPES
+
 
 class TelemetrySlot:
     """One layer's armed flag, its casts' statistics (3 roles x ``STAT_NAMES``), and, for
@@ -28,6 +30,7 @@ class TelemetrySlot:
         self.scale_amax: torch.Tensor | None = None  # (3, 2): the armed step's scale, amax
         self.block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES))
         self.faults: torch.Tensor | None = None  # (3,) casts with NaN/inf, since drained
+        self.whatif: torch.Tensor | None = None  # (3, recipes, len(STAT_NAMES)): fp8lab.gemm.whatif
 
     def arm(self, device: torch.device) -> None:
         """Ask for statistics during the coming step (buffers are made on first use; values
@@ -37,6 +40,7 @@ class TelemetrySlot:
             self.cast_stats = torch.full((3, len(STAT_NAMES)), float("nan"), **nan)
             self.scale_amax = torch.full((3, 2), float("nan"), **nan)
             self.block_stats = torch.full((3, len(BLOCK_STAT_NAMES)), float("nan"), **nan)
+            self.whatif = torch.full((3, WHATIF_RECIPES, len(STAT_NAMES)), float("nan"), **nan)
         self.armed = True
 
     def disarm(self) -> None:

@@ -6,6 +6,7 @@ Invariant: fed only host values (from log and eval steps); ``to_dict`` is what
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -14,8 +15,10 @@ from fp8lab.formats import ROLE_NAMES
 # A growing weight clamps a handful of values at every delayed-scaling step; a log step
 # counts as "saturated" only above the report's threshold (0.01% of the tensor).
 from fp8lab.report import OVERFLOW_PCT
+from fp8lab.options import SCALINGS
 from fp8lab.run.config import RunConfig
 from fp8lab.telemetry.collector import LayerStats
+from fp8lab.whatif_report import best_by_layer
 
 TOP_LAYERS = 3
 
@@ -31,8 +34,10 @@ class RunSummary:
         self.underflow_sum: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
         self.nonfinite: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
         self.first_batch: dict[str, str | None] = {}
+        # what-if SQNR (dB) per "layer|recipe", over roles and log steps (fp8lab.gemm.whatif)
+        self.whatif: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in names}
 
-    _STATE = ("evals", "train", "log_steps", "overflow_steps", "underflow_sum", "nonfinite")
+    _STATE = ("evals", "train", "log_steps", "overflow_steps", "underflow_sum", "nonfinite", "whatif")
 
     def state_dict(self) -> dict:
         """Plain containers only (checkpoints load with weights_only=True)."""
@@ -47,6 +52,8 @@ class RunSummary:
         for name in ("overflow_steps", "underflow_sum", "nonfinite"):
             factory = int if name == "overflow_steps" else float
             setattr(self, name, {n: defaultdict(factory, v) for n, v in state[name].items()})
+        self.whatif = {n: defaultdict(list, {k: list(v) for k, v in state.get("whatif", {}).get(n, {}).items()})
+                       for n in self.names}
 
     def record_train(self, name: str, step: int, metrics: dict, stats: LayerStats | None) -> None:
         self.train[name].append((step, metrics))
@@ -60,6 +67,10 @@ class RunSummary:
                 self.underflow_sum[name][key] += float(stats.values["underflow_pct"][i, r])
                 if stats.values["nonfinite_amax"][i, r]:
                     self.nonfinite[name][key] += float(stats.values["nonfinite_amax"][i, r])
+                for recipe in SCALINGS:
+                    value = float(stats.values[f"whatif_{recipe}_sqnr_db"][i, r])
+                    if math.isfinite(value):
+                        self.whatif[name][f"{layer}|{recipe}"].append(value)
 
     def fault_scalars(self, name: str) -> dict[str, float]:
         """Cumulative non-finite amax counts of the layers/roles that had any."""
@@ -87,7 +98,10 @@ class RunSummary:
             final = self.evals[name][-1][1] if self.evals[name] else {}
             tps = [m["perf/tokens_per_s"] for _, m in self.train[name] if m.get("perf/tokens_per_s")]
             loss = final.get("loss/val")
+            variant = next(v for v in self.config.variants if v.name == name)
             variants[name] = {
+                "precision": variant.precision,
+                "scaling": variant.scaling.name if variant.precision == "fp8" else None,
                 "final_val_loss": loss,
                 "final_val_ppl": final.get("metrics/val_ppl"),
                 "final_val_token_acc": final.get("metrics/val_token_acc"),
@@ -98,6 +112,7 @@ class RunSummary:
                 "skipped_steps": self.train[name][-1][1].get("faults/skipped_steps", 0.0) if self.train[name] else 0.0,
                 "nonfinite_amax": dict(self.nonfinite[name]),
                 **self._attention(name),
+                "best_scaling": best_by_layer({tuple(k.split("|")): v for k, v in self.whatif[name].items()}),
             }
         return {
             "recipe": self.config.name,
@@ -110,7 +125,7 @@ class RunSummary:
         }
 
     def table(self, result: dict) -> str:
-        head = f"{'variant':<16} {'val loss':>9} {'gap vs bf16':>12} {'tokens/s':>10}  layers to watch"
+        head = f"{'variant':<16} {'scaling':<8} {'val loss':>9} {'gap vs bf16':>12} {'tokens/s':>10}  layers to watch"
         lines = [head, "-" * len(head)]
         for name, v in result["variants"].items():
             gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}%"
@@ -120,5 +135,6 @@ class RunSummary:
             )
             loss = f"{v['final_val_loss']:.4f}" if v["final_val_loss"] is not None else "-"
             tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
-            lines.append(f"{name:<16} {loss:>9} {gap:>12} {tps:>10}  {watch or '-'}")
+            scaling = v.get("scaling") or v.get("precision") or "-"
+            lines.append(f"{name:<16} {scaling:<8} {loss:>9} {gap:>12} {tps:>10}  {watch or '-'}")
         return "\n".join(lines)

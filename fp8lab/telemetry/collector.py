@@ -22,15 +22,27 @@ from torch import nn
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.layers.linear import Linear
 from fp8lab.quantize import STAT_NAMES
+from fp8lab.options import SCALINGS
 from fp8lab.quantize_blocks import BLOCK_STAT_NAMES
 
 # Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
 # the block-scale statistics, and the non-finite casts counted since the previous log step.
-FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES
+# What-if statistics (fp8lab.gemm.whatif): each recipe's cast statistics on the same tensor.
+WHATIF = tuple(f"whatif_{recipe}_{stat}" for recipe in SCALINGS for stat in STAT_NAMES)  # recipes in SCALINGS order
+FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES + WHATIF
 NONFINITE = "nonfinite_amax"
 # Fields a scaling may not have (NaN then, and not logged): a block scaling has no single
-# scale, a per-tensor scaling no block statistics.
-OPTIONAL = ("scale",) + BLOCK_STAT_NAMES
+# scale, a per-tensor scaling no block statistics, a layer without delayed scaling no
+# delayed what-if, a Transformer Engine layer no what-if at all.
+OPTIONAL = ("scale",) + BLOCK_STAT_NAMES + WHATIF
+
+
+def tag(layer: str, role: str, field: str) -> str:
+    """The TensorBoard tag of one statistic: scaling/... or whatif/<layer>/<role>/<recipe>/<stat>."""
+    if field.startswith("whatif_"):
+        recipe, stat = field[len("whatif_"):].split("_", 1)
+        return f"whatif/{layer}/{role}/{recipe}/{stat}"
+    return f"scaling/{layer}/{role}/{field}"
 
 
 @dataclass(frozen=True)
@@ -41,13 +53,9 @@ class LayerStats:
     values: dict[str, np.ndarray]
 
     def scalars(self) -> dict[str, float]:
-        """{"scaling/<layer>/<role>/<field>": value} for the TensorBoard writer: every field
-        a layer's scaling has (an optional field that is NaN is one it does not have)."""
-        return {
-            f"scaling/{layer}/{role}/{field}": v
-            for layer, role, field, v in self.rows()
-            if not (field in OPTIONAL and math.isnan(v))
-        }
+        """{tag: value} for the TensorBoard writer (``tag``): every field a layer's scaling
+        has (an optional field that is NaN is one it does not have)."""
+        return {tag(layer, role, field): v for layer, role, field, v in self.rows() if not (field in OPTIONAL and math.isnan(v))}
 
     def rows(self):
         """(layer, role, field, value) for every scaling entry, for writers and reports."""
@@ -90,10 +98,10 @@ class ScalingCollector:
             layer.telemetry.disarm()
         rows = []
         for v in self._views():
-            blocks = v.block_stats
-            if blocks is None:  # a per-tensor scaling: no block statistics
-                blocks = torch.full((3, len(BLOCK_STAT_NAMES)), float("nan"), device=v.scale.device)
-            rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t()]))  # (len(FIELDS), 3)
+            nan = lambda n: torch.full((3, n), float("nan"), device=v.scale.device)  # noqa: E731
+            blocks = v.block_stats if v.block_stats is not None else nan(len(BLOCK_STAT_NAMES))
+            whatif = v.whatif.reshape(3, -1) if v.whatif is not None else nan(len(WHATIF))
+            rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t(), whatif.t()]))  # (len(FIELDS), 3)
         return torch.stack(rows)  # (n_layers, len(FIELDS), 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:

@@ -46,6 +46,7 @@ class ScalingView:
     faults: torch.Tensor  # (3,) casts that met NaN or inf since telemetry last drained them
     amax_history: torch.Tensor | None = None  # (H, 3) under delayed scaling; row 0 = this step
     block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES)) under block scalings
+    whatif: torch.Tensor | None = None  # (3, len(WHATIF_RECIPES), len(STAT_NAMES)) of the last armed step
 
 
 def not_measured(device: torch.device, columns: int = len(STAT_NAMES)) -> torch.Tensor:
@@ -96,9 +97,11 @@ class QuantizedGemmBackend:
         slot, state, device = layer.telemetry, layer.fp8_state, layer.weight.device
         stats = slot.cast_stats if slot.cast_stats is not None else not_measured(device)
         if state is not None:  # delayed scaling: the ScalingState holds scale, amax, faults
-            return ScalingView(state.scale, state.amax_history[0], stats, state.faults, state.amax_history)
+            return ScalingView(state.scale, state.amax_history[0], stats, state.faults, state.amax_history,
+                               whatif=slot.whatif)
         scale_amax = slot.scale_amax if slot.scale_amax is not None else not_measured(device, 2)
         blocks = None
         if not per_tensor(layer.fp8.scaling):
             blocks = slot.block_stats if slot.block_stats is not None else not_measured(device, len(BLOCK_STAT_NAMES))
-        return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks)
+        return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks,
+                           slot.whatif)
