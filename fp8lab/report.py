@@ -131,7 +131,7 @@ def report(run_dir: str | Path) -> str:
                     attention.append((layer, role, f"underflow {m['underflow_pct']:.2f}%", ADVICE["underflow"]))
                 if m["sqnr_db"] < SQNR_DB:
                     attention.append((layer, role, f"SQNR {m['sqnr_db']:.1f} dB", ADVICE["sqnr"]))
-        lines += whatif_lines(variant_dir.name, best_by_layer(read_whatif(variant_dir)), _scaling_of(run_dir, variant_dir.name))
+        lines += whatif_lines(variant_dir.name, best_by_layer(*read_whatif(variant_dir)), _scaling_of(run_dir, variant_dir.name))
         lines.append("")
         if attention:
             lines.append(f"layers worth attention ({variant_dir.name}):")

@@ -34,7 +34,7 @@ class RunSummary:
         self.underflow_sum: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
         self.nonfinite: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
         self.first_batch: dict[str, str | None] = {}
-        # what-if SQNR (dB) per "layer|recipe", over roles and log steps (fp8lab.gemm.whatif)
+        # what-if SQNR (dB) and lost % per "layer|recipe|sqnr|lost", over roles and log steps
         self.whatif: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in names}
 
     _STATE = ("evals", "train", "log_steps", "overflow_steps", "underflow_sum", "nonfinite", "whatif")
@@ -70,7 +70,9 @@ class RunSummary:
                 for recipe in SCALINGS:
                     value = float(stats.values[f"whatif_{recipe}_sqnr_db"][i, r])
                     if math.isfinite(value):
-                        self.whatif[name][f"{layer}|{recipe}"].append(value)
+                        lost = sum(float(stats.values[f"whatif_{recipe}_{s}"][i, r]) for s in ("overflow_pct", "underflow_pct"))
+                        self.whatif[name][f"{layer}|{recipe}|sqnr"].append(value)
+                        self.whatif[name][f"{layer}|{recipe}|lost"].append(lost)
 
     def fault_scalars(self, name: str) -> dict[str, float]:
         """Cumulative non-finite amax counts of the layers/roles that had any."""
@@ -90,6 +92,13 @@ class RunSummary:
             "most_saturated": [{"layer_role": k, "log_steps_over_threshold_pct": 100.0 * v / n} for k, v in saturated[:TOP_LAYERS] if v > 0],
             "most_underflow": [{"layer_role": k, "mean_underflow_pct": v / n} for k, v in underflow[:TOP_LAYERS] if v > 0],
         }
+
+    def _whatif(self, name: str) -> tuple[dict, dict]:
+        split = {"sqnr": {}, "lost": {}}
+        for key, values in self.whatif[name].items():
+            layer, recipe, what = key.split("|")
+            split[what][(layer, recipe)] = values
+        return split["sqnr"], split["lost"]
 
     def to_dict(self, fingerprint: str, device: str) -> dict:
         base_loss = self.evals[self.config.baseline][-1][1]["loss/val"] if self.evals[self.config.baseline] else None
@@ -112,7 +121,7 @@ class RunSummary:
                 "skipped_steps": self.train[name][-1][1].get("faults/skipped_steps", 0.0) if self.train[name] else 0.0,
                 "nonfinite_amax": dict(self.nonfinite[name]),
                 **self._attention(name),
-                "best_scaling": best_by_layer({tuple(k.split("|")): v for k, v in self.whatif[name].items()}),
+                "best_scaling": best_by_layer(*self._whatif(name)),
             }
         return {
             "recipe": self.config.name,
