@@ -40,6 +40,9 @@ class ScalingView:
     scale: torch.Tensor  # (3,) float32: input, weight, grad_output
     cast_stats: torch.Tensor  # (3, len(STAT_NAMES)) of the last armed step; NaN: not measured
     faults: torch.Tensor  # (3,) casts that met NaN or inf since telemetry last drained them
+    # (3,) fprop, dgrad, wgrad output SQNR (dB) against the BF16 GEMM of the same operands,
+    # of the last armed step (fp8lab.gemm.shadow); None or NaN: not measured
+    shadow_sqnr: torch.Tensor | None = None
 
 
 def not_measured(device: torch.device) -> torch.Tensor:
@@ -89,4 +92,4 @@ class QuantizedGemmBackend:
         state, stats = layer.fp8_state, layer.telemetry.cast_stats
         if stats is None:  # never armed
             stats = not_measured(state.scale.device)
-        return ScalingView(state.amax_history, state.scale, stats, state.faults)
+        return ScalingView(state.amax_history, state.scale, stats, state.faults, layer.telemetry.shadow_sqnr)
