@@ -3,7 +3,7 @@
 Invariant: a backend object holds no per-layer state; one is shared by every layer with
 the same plan on the same device type (``fp8lab.gemm.backends.backend_for``). What a
 backend needs from a layer it reads from the layer's declared attributes: ``weight``,
-``bias``, ``training``, ``fp8`` (FP8Options), ``fp8_state`` (ScalingState), ``telemetry``
+``bias``, ``training``, ``fp8`` (FP8Options), ``gemm_weight()`` (the (out, in) weight the GEMM takes), ``fp8_state`` (ScalingState), ``telemetry``
 (TelemetrySlot) and, for the Transformer Engine backend, ``te_handle``. Telemetry reads a
 layer only through ``scaling_view``, so it never needs to know which backend runs it.
 
@@ -85,7 +85,7 @@ class QuantizedGemmBackend:
         if record:
             layer.note_training_forward()
         return quantized_linear(
-            x, layer.weight, layer.bias, layer.fp8_state, self, output_dtype(x), record, layer.telemetry
+            x, layer.gemm_weight(), layer.bias, layer.fp8_state, self, output_dtype(x), record, layer.telemetry
         )
 
     def scaling_view(self, layer: nn.Module) -> ScalingView:
