@@ -27,12 +27,12 @@ from fp8lab.telemetry.collector import SHADOW, LayerStats
 
 _STATS = ("scale", "amax") + STAT_NAMES
 LAYOUT = {
-    **{f"all layers: {stat}": {f"{role} {stat}": ["Multiline", [rf"^scaling/.*/{role}/{stat}$"]] for role in ROLE_NAMES}
-       for stat in _STATS},
     "all layers: accuracy against BF16": {
         **{f"{gemm} output SQNR (dB)": ["Multiline", [rf"^accuracy/.*/{gemm}_sqnr_db$"]] for gemm in GEMM_NAMES},
         "weight drift ||W_fp8 - W_bf16|| / ||W_bf16||": ["Multiline", [r"^accuracy/.*/weight_rel_diff$"]],
     },
+    **{f"all layers: {stat}": {f"{role} {stat}": ["Multiline", [rf"^scaling/.*/{role}/{stat}$"]] for role in ROLE_NAMES}
+       for stat in _STATS},
 }
 
 # Rows of panels: (what, the LayerStats field, its column names, colour scale).
