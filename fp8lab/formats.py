@@ -41,3 +41,4 @@ class Role(enum.IntEnum):
 
 
 ROLE_NAMES = ("input", "weight", "grad_output")
+GEMM_NAMES = ("fprop", "dgrad", "wgrad")  # the three GEMMs of a layer, as telemetry names them

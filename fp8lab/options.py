@@ -49,6 +49,10 @@ class FP8Options:
             raise ValueError(f"scaling must be one of the scaling types {names}, got {self.scaling!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.backend, str) or not isinstance(self.fallback, str):
+            name, value = ("backend", self.backend) if not isinstance(self.backend, str) else ("fallback", self.fallback)
+            allowed = BACKENDS if name == "backend" else FALLBACKS
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.fallback in LEGACY_FALLBACKS:
             new = LEGACY_FALLBACKS[self.fallback]
             warnings.warn(

@@ -43,7 +43,7 @@ def cast_blocks_dequantized(
         dtype: bfloat16 or float32 (both hold q * 2^k exactly for the scales fp8lab makes).
     """
     r, c = x2d.shape
-    v = padded_blocks(x2d.float(), block).mul(_per_block(scale))  # a fresh float32 tensor
+    v = padded_blocks(x2d.float(), block).mul(_per_block(scale)).contiguous()  # a fresh float32 tensor
     v.clamp_(-fmt.max, fmt.max)
     round_fp32_to_fp8_grid_(v.view(-1), fmt)
     v.mul_(_per_block(scale_inv))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fp8lab.formats import ROLE_NAMES
+from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
 from fp8lab.whatif_report import best_by_layer, read_whatif, whatif_lines
 
 # Thresholds for "worth attention", applied to the mean over the run's log steps.
 OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
 UNDERFLOW_PCT = 1.0  # more than 1% of non-zero values flushed to zero
 SQNR_DB = 20.0  # below torchao's bar for an FP8 linear
+TOP_ACCURACY = 10  # layers shown in each accuracy ranking
 
 ADVICE = {
     "overflow": "raise margin (fp8.margin=1 or 2) or use amax_compute_algo='max' with a longer history",
@@ -39,19 +40,47 @@ def _load(variant_dir: Path):
 
 def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
     """{(layer, role, field): values over log steps} from one variant's events."""
+    return read_variant(variant_dir)[0]
+
+
+def read_variant(variant_dir: Path) -> tuple[dict, dict]:
+    """({(layer, role, field): values}, {(layer, name): values}) of the ``scaling/`` and the
+    ``accuracy/`` tags (name: ``fprop_sqnr_db`` ..., ``weight_rel_diff``) of one variant."""
     acc = _load(variant_dir)
     if not any(isinstance(v, list) and v for v in acc.Tags().values()):
         if any(p.stat().st_size for p in variant_dir.glob("events.out.tfevents.*")):
             # every run writes its layout and layer table first: nothing readable means damage
             raise ReportError(f"the event files in {variant_dir} hold no readable event (damaged or not "
                               "TensorBoard files); restore them from a copy, or move them away")
-    out = {}
+    out, accuracy = {}, {}
     for tag in acc.Tags()["scalars"]:
         if tag.startswith("scaling/"):
             layer_role_field = tag[len("scaling/"):]
             layer, role, field = layer_role_field.rsplit("/", 2)
             out[(layer, role, field)] = [e.value for e in acc.Scalars(tag)]
-    return out
+        elif tag.startswith("accuracy/"):
+            layer, name = tag[len("accuracy/"):].rsplit("/", 1)
+            accuracy[(layer, name)] = [e.value for e in acc.Scalars(tag)]
+    return out, accuracy
+
+
+def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> list[str]:
+    """Layers ranked by output SQNR against BF16 (lowest first) and by weight drift from
+    BF16 (largest first): the layers whose FP8 output or weights differ most."""
+    layers = sorted({layer for layer, _ in accuracy})
+    if not layers:
+        return []
+    sqnr = {layer: [_mean(accuracy.get((layer, f"{g}_sqnr_db"), [])) for g in GEMM_NAMES] for layer in layers}
+    measured = [layer for layer in layers if any(v == v for v in sqnr[layer])]  # NaN != NaN
+    lines = ["", f"== {variant}: accuracy against the BF16 GEMM of the same operands (mean over log steps, lowest first)",
+             f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}"]
+    for layer in sorted(measured, key=lambda name: min(v for v in sqnr[name] if v == v))[:top]:
+        lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in sqnr[layer]))
+    drift = {layer: accuracy[(layer, "weight_rel_diff")][-1] for layer in layers if accuracy.get((layer, "weight_rel_diff"))}
+    if drift:
+        lines += ["", f"== {variant}: weight drift ||W - W_bf16|| / ||W_bf16|| at the last log step (largest first)"]
+        lines += [f"{layer:<34} {value:>9.3g}" for layer, value in sorted(drift.items(), key=lambda kv: -kv[1])[:top]]
+    return lines
 
 
 def _mean(values: list[float]) -> float:
@@ -110,7 +139,7 @@ def report(run_dir: str | Path) -> str:
         lines.append(f"run {run_dir}  (no summary.json: the run did not finish)")
     for variant_dir in variants:
         try:
-            scaling = read_scaling(variant_dir)
+            scaling, accuracy = read_variant(variant_dir)
         except ReportError:
             raise
         except Exception as err:  # TensorBoard's reader: unreadable or damaged event files
@@ -138,4 +167,5 @@ def report(run_dir: str | Path) -> str:
             lines += [f"  {layer}/{role}: {what} -> {advice}" for layer, role, what, advice in attention]
         else:
             lines.append(f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)")
+        lines += accuracy_lines(variant_dir.name, accuracy)
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
 def _scalars(variant_dir: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(variant_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc = EventAccumulator(str(variant_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
     return acc
 
@@ -63,7 +63,18 @@ def test_events_hold_losses_and_every_fp8_layer_role(quick_run):
                 assert f"scaling/{layer}/{role}/{field}" in tags, (layer, role, field)
             assert f"amax_history/{layer}/{role}" in acc.Tags()["histograms"]
     assert not any(t.startswith("scaling/lm_head") for t in tags)
-    assert not any(t.startswith("scaling/") for t in _scalars(quick_run / "bf16").Tags()["scalars"])
+    # accuracy against the BF16 twin: every FP8 layer's three GEMMs, every GEMM layer's weights
+    for layer in layers:
+        for gemm in ("fprop", "dgrad", "wgrad"):
+            assert [e.step for e in acc.Scalars(f"accuracy/{layer}/{gemm}_sqnr_db")] == [2, 4]
+        assert f"accuracy/{layer}/weight_rel_diff" in tags
+    assert "accuracy/lm_head/weight_rel_diff" in tags and not any(t.startswith("accuracy/lm_head/f") for t in tags)
+    assert all(e.value > 0 for e in acc.Scalars("accuracy/blocks.0.mlp.fc1/weight_rel_diff"))
+    # the overview: a heatmap per log step in the Images tab and as a PNG beside summary.json
+    assert [e.step for e in acc.Images("overview/scaling")] == [2, 4]
+    assert (quick_run / "scaling_fp8.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (quick_run / "scaling_bf16.png").exists()
+    assert not any(t.startswith(("scaling/", "accuracy/")) for t in _scalars(quick_run / "bf16").Tags()["scalars"])
     # the scaling values are real readings: scales moved off their initial 1.0, SQNR is finite
     scaling = read_scaling(quick_run / "fp8")
     assert scaling[("blocks.0.mlp.fc1", "input", "scale")][-1] != 1.0
@@ -80,6 +91,7 @@ def test_report_reads_the_run(quick_run, capsys):
     assert main(["report", str(quick_run)]) == 0
     text = capsys.readouterr().out
     assert "blocks.1.mlp.fc2" in text and "grad_output" in text
+    assert "accuracy against the BF16 GEMM" in text and "weight drift" in text
     assert main(["report", str(quick_run / "nope")]) == 2
 
 
@@ -153,7 +165,9 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     one NaN check per FP8 cast (amaxes_of: the NaN-ignoring pass runs only when a NaN is
     there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM (the inverse scale). Each is
     a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
-    with CUDA's sync debug mode)."""
+    with CUDA's sync debug mode). The BF16 shadow GEMMs (accuracy) run on log steps only."""
+    from fp8lab.gemm import shadow
+
     from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16
 
     if path_name == "onednn-bf16" and not cpu_has_native_bf16():
@@ -168,14 +182,18 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     armed = []
     original_arm = run.collector.arm
     run.collector.arm = lambda: (armed.append(True), original_arm())[1]
+    shadows = []
+    original_record = shadow.record
+    monkeypatch.setattr(shadow, "record", lambda *a, **k: (shadows.append(a[1]), original_record(*a, **k))[1])
     with _HostReads() as plain:
         assert run.train_step(x, y, 1e-3, log=False) is None
     n_fp8 = 8  # FP8 layers of the model; each step casts x, w, grad_out and runs 3 GEMMs
     nan_checks = [("cpu", (), torch.bool)] * (3 * n_fp8)
     alphas = [("cpu", (), torch.float32)] * (3 * n_fp8) if path_name == "onednn-bf16" else []
     assert sorted(plain.reads, key=str) == sorted(nan_checks + alphas, key=str)
-    assert armed == []
+    assert armed == [] and shadows == []
     assert not any(layer.telemetry.armed for _, layer in run.collector.layers)
     stats = run.train_step(x, y, 1e-3, log=True)
     assert armed == [True] and stats is not None and len(stats.layers) == 8
+    assert len(shadows) == 3 * n_fp8 and len(stats.accuracy_scalars()) == 3 * n_fp8
     assert not any(layer.telemetry.armed for _, layer in run.collector.layers)

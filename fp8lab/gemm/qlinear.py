@@ -3,7 +3,8 @@
 Invariant: scales are read from the layer's ScalingState and never changed here; the
 only state this writes is row 0 of the amax history (a running max until
 ``update_scales``), the fault count of casts that met NaN or inf, and, while the layer's
-TelemetrySlot is armed (log steps), its cast statistics. Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
+TelemetrySlot is armed (log steps), its cast statistics and each GEMM's SQNR against its
+BF16 shadow (``fp8lab.gemm.shadow``). Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
 
     fprop:  y      = x_fp8 (E4M3)        @ w_fp8 (E4M3)^T   * 1/(s_x * s_w) + b
     dgrad:  grad_x = grad_out_fp8 (E5M2) @ w_fp8 (E4M3)     * 1/(s_g * s_w)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import Role
+from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
 from fp8lab.gemm.operands import COLUMNWISE, ROWWISE, Operand, make_operand, per_tensor
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
@@ -72,29 +74,40 @@ class _QuantizedLinear(torch.autograd.Function):
         w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record)
         b = epilogue_bias(bias, out_dtype, backend.fp8)
         y = backend.gemm(x_row.values, w_row.values.t(), x_row.inv_scale, w_row.inv_scale, out_dtype, b)  # (B*T, N)
+        # Log steps only (a host flag): the BF16 GEMM of the same operands; the backward's
+        # shadows need x_hp and w_hp, kept only then.
+        shadow_on = scaling is not None and slot is not None and slot.armed
+        if shadow_on:
+            shadow.record(slot, shadow.FPROP, x2d, w_hp.t(), y, out_dtype, bias)
         # The backward contracts x over the tokens (wgrad) and w over N (dgrad): one scale per
         # tensor serves every usage; block scalings cast those copies from x and w again.
         same = scaling is None or per_tensor(scaling)
         x_col = x_row if same else _operand(x2d, Role.INPUT, COLUMNWISE, parts, False)
         w_col = w_row if same else _operand(w_hp, Role.WEIGHT, COLUMNWISE, parts, False)
-        ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale)
-        ctx.parts, ctx.record, ctx.out_dtype, ctx.same = parts, record, out_dtype, same
+        ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale,
+                              *((x_hp, w_hp) if shadow_on else ()))
+        ctx.parts, ctx.record, ctx.out_dtype, ctx.same, ctx.shadow = parts, record, out_dtype, same, shadow_on
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_q, w_q, x_inv, w_inv = ctx.saved_tensors
-        backend = ctx.parts[2]
+        x_q, w_q, x_inv, w_inv, *hp = ctx.saved_tensors  # hp: (x_hp, w_hp) on log steps only
+        backend, slot = ctx.parts[2], ctx.parts[3]
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
         g_row = _operand(g2d, Role.GRAD_OUTPUT, ROWWISE, ctx.parts, ctx.record)  # dgrad contracts N
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = backend.gemm(g_row.values, w_q, g_row.inv_scale, w_inv, ctx.out_dtype)  # (B*T, K)
+            if ctx.shadow:
+                shadow.record(slot, shadow.DGRAD, g2d, hp[1], grad_x, ctx.out_dtype)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             g_col = g_row if ctx.same else _operand(g2d, Role.GRAD_OUTPUT, COLUMNWISE, ctx.parts, False)
-            grad_w = backend.gemm(g_col.values.t(), x_q, g_col.inv_scale, x_inv, ctx.out_dtype).to(ctx.w_dtype)  # (N, K)
+            grad_w = backend.gemm(g_col.values.t(), x_q, g_col.inv_scale, x_inv, ctx.out_dtype)  # (N, K)
+            if ctx.shadow:
+                shadow.record(slot, shadow.WGRAD, g2d.t(), hp[0].reshape(-1, hp[0].shape[-1]), grad_w, ctx.out_dtype)
+            grad_w = grad_w.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bias_grad(g2d)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

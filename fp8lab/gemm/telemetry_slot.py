@@ -4,9 +4,11 @@ Invariant: the slot belongs to its layer (``layer.telemetry``), never to the sca
 state: it is not saved with the model, not reduced across ranks and not read by
 ``update_scales``. Only the telemetry collector arms it, for one log step, and reads it
 (through ``layer.scaling_view()``); the quantized GEMM measures and writes statistics only
-while it is armed, so between log steps nothing is measured. The one thing written on
-every training step is ``faults``, the count of casts that met NaN or inf, for scalings
-without a ScalingState (a device-side add, never read on the host between log steps).
+while it is armed, so between log steps nothing is measured (cast statistics, what-if
+statistics, and ``shadow_sqnr``, the output SQNR of each of the layer's FP8 GEMMs against
+its BF16 shadow, ``fp8lab.gemm.shadow``). The one thing written on every training step is
+``faults``, the count of casts that met NaN or inf, for scalings without a ScalingState (a
+device-side add, never read on the host between log steps).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ WHATIF_RECIPES = 4  # fp8lab.gemm.whatif.WHATIF_RECIPES
 
 
 class TelemetrySlot:
-    """One layer's armed flag, its casts' statistics (3 roles x ``STAT_NAMES``), and, for
-    scalings without persistent state, each role's scale and amax of the armed step, block
-    statistics (3 x ``BLOCK_STAT_NAMES``) and fault counts."""
+    """One layer's armed flag, its casts' statistics (3 roles x ``STAT_NAMES``), the output
+    SQNR against BF16 (3 GEMMs, ``fp8lab.formats.GEMM_NAMES``; NaN: that GEMM did not run),
+    and, for scalings without persistent state, each role's scale and amax of the armed step,
+    block statistics (3 x ``BLOCK_STAT_NAMES``) and fault counts."""
 
     def __init__(self) -> None:
         self.armed = False  # a host bool: checking it never touches the device
@@ -31,6 +34,7 @@ class TelemetrySlot:
         self.block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES))
         self.faults: torch.Tensor | None = None  # (3,) casts with NaN/inf, since drained
         self.whatif: torch.Tensor | None = None  # (3, recipes, len(STAT_NAMES)): fp8lab.gemm.whatif
+        self.shadow_sqnr: torch.Tensor | None = None  # (3,) float32 dB: fprop, dgrad, wgrad
 
     def arm(self, device: torch.device) -> None:
         """Ask for statistics during the coming step (buffers are made on first use; values
@@ -41,6 +45,9 @@ class TelemetrySlot:
             self.scale_amax = torch.full((3, 2), float("nan"), **nan)
             self.block_stats = torch.full((3, len(BLOCK_STAT_NAMES)), float("nan"), **nan)
             self.whatif = torch.full((3, WHATIF_RECIPES, len(STAT_NAMES)), float("nan"), **nan)
+        if self.shadow_sqnr is None or self.shadow_sqnr.device != device:
+            self.shadow_sqnr = torch.empty(3, dtype=torch.float32, device=device)
+        self.shadow_sqnr.fill_(float("nan"))  # a GEMM that does not run this step stays unmeasured
         self.armed = True
 
     def disarm(self) -> None:

@@ -1,5 +1,9 @@
 """convert: turn the nn.Linear layers of any model into fp8lab.Linear, in place.
 
+transformers' ``Conv1D`` (GPT-2's transposed Linear) converts too, into a
+``convert_hf.Conv1DLinear`` that keeps its (in, out) weight: the state_dict keys and
+shapes of the original, plus the scaling state.
+
 Invariant: a converted layer computes the same function with the same Parameter
 objects (weight ties and optimizer references survive; nothing is copied and the
 global RNG is not touched); a layer that is not converted keeps working as before and
@@ -29,6 +33,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fp8lab.layers.convert_hf import Conv1DLinear, conv1d_skip_reason, is_hf_conv1d
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.options import FP8Options
@@ -64,6 +69,14 @@ def _to_fp8lab(linear: nn.Linear, fp8: FP8Options) -> Linear:
     return new
 
 
+def _reason(parent: nn.Module | None, name: str, layer: nn.Module) -> str | None:
+    return conv1d_skip_reason(layer) if is_hf_conv1d(layer) else _skip_reason(parent, name, layer)
+
+
+def _converted(layer: nn.Module, fp8: FP8Options) -> Linear:
+    return Conv1DLinear.from_conv1d(layer, fp8) if is_hf_conv1d(layer) else _to_fp8lab(layer, fp8)
+
+
 def _disable_fused_fast_paths(model: nn.Module) -> None:
     """Stop torch's fused encoder kernels from reading converted layers' weights."""
     for module in model.modules():
@@ -81,7 +94,8 @@ def convert(
     fp8: FP8Options | None = None,
     policy: PrecisionPolicy | None = None,
 ) -> nn.Module:
-    """Replace every convertible ``nn.Linear`` in ``model`` by an ``fp8lab.Linear``.
+    """Replace every convertible ``nn.Linear`` (and transformers ``Conv1D``) in ``model``
+    by an ``fp8lab.Linear``.
 
     Returns ``model`` (or the new layer when ``model`` itself is an nn.Linear). Layers
     already fp8lab are left alone; see the module docstring for those skipped.
@@ -94,24 +108,24 @@ def convert(
     """
     fp8 = fp8 if fp8 is not None else FP8Options()
     policy = policy if policy is not None else PrecisionPolicy()
-    if isinstance(model, nn.Linear) and not isinstance(model, Linear):
-        reason = _skip_reason(None, "", model)
+    if not isinstance(model, Linear) and (isinstance(model, nn.Linear) or is_hf_conv1d(model)):
+        reason = _reason(None, "", model)
         if reason is not None:
             setattr(model, SKIP_REASON_ATTR, reason)
             return model
-        return policy.apply(_to_fp8lab(model, fp8))
+        return policy.apply(_converted(model, fp8))
 
     converted: dict[int, Linear] = {}  # a layer registered twice is converted once
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):  # named_children() skips repeats
-            if isinstance(child, Linear) or not isinstance(child, nn.Linear):
+            if isinstance(child, Linear) or not (isinstance(child, nn.Linear) or is_hf_conv1d(child)):
                 continue
-            reason = _skip_reason(parent, name, child)
+            reason = _reason(parent, name, child)
             if reason is not None:
                 setattr(child, SKIP_REASON_ATTR, reason)
                 continue
             if id(child) not in converted:
-                converted[id(child)] = _to_fp8lab(child, fp8)
+                converted[id(child)] = _converted(child, fp8)
             setattr(parent, name, converted[id(child)])
     _disable_fused_fast_paths(model)
     return policy.apply(model)

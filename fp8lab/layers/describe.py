@@ -1,9 +1,11 @@
 """describe: what precision every GEMM layer of a model runs in, on which backend, and why.
 
 Invariant: describe reads plans and never changes a layer. A row is produced for every
-``fp8lab.Linear`` (from its backend plan) and for every plain ``nn.Linear`` left in the
-model (with the reason ``fp8lab.convert`` recorded, if it skipped the layer), so nothing
-runs outside FP8 without showing up here.
+``fp8lab.Linear`` (from its backend plan), for every plain ``nn.Linear`` or transformers
+``Conv1D`` left in the model (with the reason ``fp8lab.convert`` recorded, if it skipped
+the layer) and for every other linear-like module (``convert_hf.unconverted_reason``: a
+2-D weight that is not an embedding or a convolution, nn.MultiheadAttention's packed
+in-projection), so nothing runs outside FP8 without showing up here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_te
 from fp8lab.layers.convert import SKIP_REASON_ATTR
+from fp8lab.layers.convert_hf import is_hf_conv1d, unconverted_reason
 from fp8lab.layers.linear import Linear
 
 UNCONVERTED = "torch"  # precision and backend of an nn.Linear fp8lab does not run
@@ -75,7 +78,10 @@ def describe(
             else:
                 plan = module.plan(torch.device(device) if device is not None else None)
             rows.append(LayerRow(name, plan.precision, plan.backend, plan.reason))
-        elif isinstance(module, nn.Linear):
-            reason = getattr(module, SKIP_REASON_ATTR, "plain torch.nn.Linear (not converted)")
+        elif isinstance(module, nn.Linear) or is_hf_conv1d(module):
+            kind = "torch.nn.Linear" if isinstance(module, nn.Linear) else "transformers Conv1D"
+            reason = getattr(module, SKIP_REASON_ATTR, f"plain {kind} (not converted)")
+            rows.append(LayerRow(name, UNCONVERTED, UNCONVERTED, reason))
+        elif (reason := unconverted_reason(module)) is not None:
             rows.append(LayerRow(name, UNCONVERTED, UNCONVERTED, reason))
     return rows

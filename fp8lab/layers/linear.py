@@ -96,6 +96,11 @@ class Linear(nn.Module):
             dims=(self.in_features, self.out_features), scaling=self.fp8.scaling.name,
         )
 
+    def gemm_weight(self) -> torch.Tensor:
+        """The weight as the GEMM takes it, (out_features, in_features): ``self.weight``
+        itself; a layer that stores it transposed (``convert_hf.Conv1DLinear``) overrides this."""
+        return self.weight
+
     def keep_in_bf16(self, reason: str) -> None:
         """Run this layer's GEMM in BF16 from now on, recording why."""
         self.keep_bf16_reason = reason

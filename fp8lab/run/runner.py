@@ -29,6 +29,8 @@ from fp8lab.run.progress import Progress
 from fp8lab.run.stop import StopRequest, TrainingDiverged
 from fp8lab.run.summary import RunSummary
 from fp8lab.run.variant import VariantRun, build_model
+from fp8lab.telemetry.accuracy import WeightDrift
+from fp8lab.telemetry.overview import ScalingOverview
 from fp8lab.telemetry.tensorboard import VariantWriter
 
 
@@ -114,6 +116,11 @@ class Runner:
             )
         init_params = {name: p.detach() for name, p in reference.named_parameters()}
         self.variants = [VariantRun(v, config, init_params, self.device, self.dist) for v in config.variants]
+        # Accuracy against the BF16 twin and the heatmap overview, per FP8 variant (log steps only).
+        baseline = next(run for run in self.variants if run.variant.name == config.baseline)
+        self.drifts = {run.variant.name: WeightDrift(run.model, baseline.model)
+                       for run in self.variants if run.variant.precision == "fp8"}
+        self.overviews = {run.variant.name: ScalingOverview(f"variant {run.variant.name}") for run in self.variants}
         t = config.train
         self.sampler = BatchSampler(self.corpus.train, t.batch_size, t.block_size, t.seed)
         val = BatchSampler(self.corpus.val, t.batch_size, t.block_size, t.seed + 1)
@@ -152,6 +159,8 @@ class Runner:
             except (KeyError, ValueError, RuntimeError) as err:
                 raise ckpt.CheckpointError(f"checkpoint {self.checkpoint_path}: variant {run.variant.name!r}: {err}") from None
         self.summary.load_state_dict(payload["summary"])
+        for name, state in payload.get("overview", {}).items():  # older checkpoints have none
+            self.overviews[name].load_state_dict(state)
         torch.set_rng_state(payload["rng"]["torch"])
         if self.device.type == "cuda" and payload["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
@@ -173,6 +182,7 @@ class Runner:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "summary": self.summary.state_dict(),
+            "overview": {name: overview.state_dict() for name, overview in self.overviews.items() if overview},
         }
         self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, step, payload, self.config.train.keep_checkpoints)
         return self.last_checkpoint
@@ -278,14 +288,17 @@ class Runner:
         x, y = self.sampler.batch(step, self.dist.rank, self.dist.world_size)
         lr = learning_rate(step, cfg)
         log = (step + 1) % t.log_interval == 0 or step == t.steps - 1
-        for run in self.variants:
-            stats = run.train_step(x, y, lr, log)
-            if log:
-                writer = self.writers[run.variant.name]
+        stats = {run.variant.name: run.train_step(x, y, lr, log) for run in self.variants}
+        if log:  # every variant took this step: weights compare at the same step
+            for run in self.variants:
+                name = run.variant.name
+                writer = self.writers[name]
                 metrics = run.take_train_metrics(tokens_per_step)
                 metrics["perf/peak_mem_mb"] = run.peak_mem_mb()
-                self.summary.record_train(run.variant.name, step + 1, metrics, stats)
-                writer.scalars(step + 1, {**metrics, **self.summary.fault_scalars(run.variant.name), **stats.scalars()})
+                drift = self.drifts[name].read() if name in self.drifts else {}
+                self.summary.record_train(name, step + 1, metrics, stats[name])
+                writer.scalars(step + 1, {**metrics, **self.summary.fault_scalars(name), **stats[name].scalars(), **drift})
+                self._log_overview(name, step + 1, stats[name])
                 self._check_diverged(run, step + 1, metrics)
         if log:
             self.progress.update(step + 1, {r.variant.name: self.summary.last_train(r.variant.name) for r in self.variants})
@@ -301,6 +314,13 @@ class Runner:
                 self.progress.note(f"checkpoint at step {step + 1} deferred: that step was skipped (non-finite)")
             else:
                 self.save_checkpoint(step + 1)
+
+    def _log_overview(self, name: str, step: int, stats) -> None:
+        """The heatmap of every log step so far, in the Images tab (rank 0 draws it)."""
+        overview = self.overviews[name]
+        overview.add(step, stats)
+        if overview and self.dist.is_main:
+            self.writers[name].image("overview/scaling", overview.png(), step)
 
     def _check_diverged(self, run: VariantRun, step: int, metrics: dict) -> None:
         """At log steps: stop when the run of skipped steps reached the limit."""
@@ -327,6 +347,9 @@ class Runner:
             self.writers[name].close()
         if self.dist.is_main:
             self.save_checkpoint(self.config.train.steps)
+            for name, overview in self.overviews.items():
+                if overview:  # the heatmap of the whole run, beside summary.json
+                    storage.write_atomic(self.run_dir / f"scaling_{name}.png", overview.png())
             storage.write_atomic(self.run_dir / "summary.json", json.dumps(result, indent=2))
         self.dist.barrier()  # the job ends when rank 0's files are written
         self.progress.finish(self.summary.table(result), self.run_dir)

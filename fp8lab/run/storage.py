@@ -123,11 +123,11 @@ def claim_run_dir(out_root: Path, name: str, config_hash: str) -> Path:
             continue
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds ``text`` or its previous content, never a part (temporary removed on failure)."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """``path`` holds ``text`` (or bytes) or its previous content, never a part (temporary removed on failure)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -5,11 +5,13 @@ a device tensor. Tags:
     loss/train loss/val metrics/val_ppl metrics/val_token_acc compare/val_loss_rel_gap
     perf/tokens_per_s perf/peak_mem_mb
     scaling/<layer>/<role>/<scale|amax|overflow_pct|underflow_pct|sqnr_db>
-    amax_history/<layer>/<role> (histogram)
+    accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db  accuracy/<layer>/weight_rel_diff
+    amax_history/<layer>/<role> (histogram)   overview/scaling (image)
 """
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.telemetry.collector import LayerStats
+from fp8lab.telemetry.overview import LAYOUT
 
 CUSTOM_LAYOUT = {
     "FP8 vs BF16": {
@@ -55,11 +58,17 @@ class VariantWriter:
                 if column.size:
                     self.writer.add_histogram(f"amax_history/{layer}/{role}", column, step)
 
+    def image(self, tag: str, png: bytes, step: int) -> None:
+        """A PNG picture (the Images tab); its size is read from the PNG header."""
+        width, height = struct.unpack(">II", png[16:24])
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         self.writer.add_text(tag, markdown, step)
 
     def layout(self) -> None:
-        self.writer.add_custom_scalars(CUSTOM_LAYOUT)
+        self.writer.add_custom_scalars({**CUSTOM_LAYOUT, **LAYOUT})  # LAYOUT: every layer on one chart
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         self.writer.add_hparams(hparams, metrics, run_name=".")

@@ -3,7 +3,7 @@
 Invariant: a backend object holds no per-layer state; one is shared by every layer with
 the same plan on the same device type (``fp8lab.gemm.backends.backend_for``). What a
 backend needs from a layer it reads from the layer's declared attributes: ``weight``,
-``bias``, ``training``, ``fp8`` (FP8Options), ``fp8_state`` (ScalingState), ``telemetry``
+``bias``, ``training``, ``fp8`` (FP8Options), ``gemm_weight()`` (the (out, in) weight the GEMM takes), ``fp8_state`` (ScalingState), ``telemetry``
 (TelemetrySlot) and, for the Transformer Engine backend, ``te_handle``. Telemetry reads a
 layer only through ``scaling_view``, so it never needs to know which backend runs it.
 
@@ -47,6 +47,9 @@ class ScalingView:
     amax_history: torch.Tensor | None = None  # (H, 3) under delayed scaling; row 0 = this step
     block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES)) under block scalings
     whatif: torch.Tensor | None = None  # (3, len(WHATIF_RECIPES), len(STAT_NAMES)) of the last armed step
+    # (3,) fprop, dgrad, wgrad output SQNR (dB) against the BF16 GEMM of the same operands,
+    # of the last armed step (fp8lab.gemm.shadow); None or NaN: not measured
+    shadow_sqnr: torch.Tensor | None = None
 
 
 def not_measured(device: torch.device, columns: int = len(STAT_NAMES)) -> torch.Tensor:
@@ -89,7 +92,7 @@ class QuantizedGemmBackend:
         if record:
             layer.note_training_forward()
         return quantized_linear(
-            x, layer.weight, layer.bias, layer.fp8.scaling, layer.fp8_state, self, output_dtype(x), record,
+            x, layer.gemm_weight(), layer.bias, layer.fp8.scaling, layer.fp8_state, self, output_dtype(x), record,
             layer.telemetry,
         )
 
@@ -98,10 +101,10 @@ class QuantizedGemmBackend:
         stats = slot.cast_stats if slot.cast_stats is not None else not_measured(device)
         if state is not None:  # delayed scaling: the ScalingState holds scale, amax, faults
             return ScalingView(state.scale, state.amax_history[0], stats, state.faults, state.amax_history,
-                               whatif=slot.whatif)
+                               whatif=slot.whatif, shadow_sqnr=slot.shadow_sqnr)
         scale_amax = slot.scale_amax if slot.scale_amax is not None else not_measured(device, 2)
         blocks = None
         if not per_tensor(layer.fp8.scaling):
             blocks = slot.block_stats if slot.block_stats is not None else not_measured(device, len(BLOCK_STAT_NAMES))
         return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks,
-                           slot.whatif)
+                           slot.whatif, slot.shadow_sqnr)

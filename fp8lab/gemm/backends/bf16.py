@@ -36,7 +36,7 @@ class BF16Backend:
         return scaled_gemm(a, b, None, out_dtype, bias, path=self.path)
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, layer.weight, layer.bias, None, None, self, output_dtype(x), record=False)
+        return quantized_linear(x, layer.gemm_weight(), layer.bias, None, None, self, output_dtype(x), record=False)
 
     def scaling_view(self, layer: nn.Module) -> None:
         return None  # no FP8, no scaling to read
