@@ -171,7 +171,7 @@ class VariantRun:
         self.loss_scaler = DynamicLossScaler(variant.loss_scale, device) if self.rung.loss_scaling else None
         self.flush_probe = FP16FlushProbe(self.model) if self.rung.loss_scaling else None
         self.saved_counter = footprint.SavedTensorCounter(self.model)
-        self.memory: dict[str, float] = {}  # perf/mem_* of the last log step (host values)
+        self.memory: dict[str, int] = {}  # perf/mem_* of the last log step (host values)
         self.cuda_peak = 0  # bytes: the allocator's peak during this variant's steps since the last log
 
     def autocast(self):
