@@ -6,7 +6,8 @@ Invariant: an override either produces a new, fully validated RunConfig or raise
 Keys: ``data.*``, ``model.*``, ``train.*``; ``fp8.<field>`` sets a DelayedScaling field
 (``fp8_format``, ``amax_history_len``, ``amax_compute_algo``, ``margin``,
 ``reduce_amax``) on every FP8 variant; ``variants.<name>.<field>`` sets one variant's
-field (``backend``, ``fallback``, ``keep_bf16``, ``first_last_bf16``).
+field (``precision``, ``backend``, ``fallback``, ``keep_bf16``, ``first_last_bf16``,
+``activations``, ``master_weights``, ``loss_scale_*``).
 """
 
 from __future__ import annotations
