@@ -7,13 +7,14 @@ multiplies the scale by ``backoff_factor``; ``growth_interval`` good steps in a 
 it by ``growth_factor``. Nothing here reads a tensor on the host.
 
 Why not GradScaler itself: with fused AdamW it makes no host read either (its
-``_step_supports_amp_scaling`` path), but (1) ``GradScaler.step`` sets the optimizer's
-``found_inf`` from the gradients alone, while fp8lab's skip also covers a non-finite loss
-and must be the one flag that skips the optimizer, the FP8 scale update and the counters;
-(2) it refuses to unscale FP16 gradients, which a model without master weights has; (3)
-its state is a private per-optimizer dict. Here the gradients are never unscaled in their
-own dtype: the clipping coefficient and ``1 / scale`` go to the fused AdamW as its
-``grad_scale``, which divides in fp32 inside the kernel (``clip_scaled_``).
+``_step_supports_amp_scaling`` path; a non-fused optimizer costs an ``.item()`` per step),
+but (1) ``GradScaler.step`` sets the optimizer's ``found_inf`` from the gradients alone,
+while fp8lab's skip also covers a non-finite loss and must be the one flag that skips the
+optimizer, the FP8 scale update and the counters; (2) clipping needs unscaled gradients,
+and ``GradScaler.unscale_`` refuses FP16 ones, which a model without master weights has;
+(3) its per-step state is a private per-optimizer dict. Here the gradients are never
+unscaled in their own dtype: the clipping coefficient and ``1 / scale`` go to the fused
+AdamW as its ``grad_scale``, which divides in fp32 inside the kernel (``clip_scaled_``).
 """
 
 from __future__ import annotations
