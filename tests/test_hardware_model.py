@@ -21,7 +21,7 @@ import torch
 import fp8lab
 from fp8lab import FP8Options
 from fp8lab.formats import E4M3, E5M2, Role
-from fp8lab.gemm.backends.bf16 import BF16Backend
+from fp8lab.gemm.backends.rounded import RoundedBackend
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
 from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16, gemm_path
@@ -111,7 +111,7 @@ def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeyp
 def test_bf16_backend_is_the_bf16_hardware_model(path):
     gen = torch.Generator().manual_seed(2)
     x, w, bias = torch.randn(64, 96, generator=gen), torch.randn(80, 96, generator=gen), torch.randn(80, generator=gen)
-    backend = BF16Backend(path)
+    backend = RoundedBackend(path, "bf16")
     b = fp8lab.gemm.exact.epilogue_bias(bias, torch.bfloat16, fp8=False)
     out = backend.gemm(backend.round(x), backend.round(w).t(), None, None, torch.bfloat16, b)
     ref = hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, b, torch.bfloat16)

@@ -152,9 +152,9 @@ class _HostReads(TorchDispatchMode):
 
 
 def _force_gemm_path(monkeypatch, path):
-    from fp8lab.gemm.backends.bf16 import BF16Backend
+    from fp8lab.gemm.backends.rounded import RoundedBackend
     from fp8lab.gemm.backends.emulated import EmulatedBackend
-    backends = {"emulated": EmulatedBackend(path), "bf16": BF16Backend(path)}
+    backends = {"emulated": EmulatedBackend(path), "bf16": RoundedBackend(path, "bf16")}
     monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: backends[name])
 
 

@@ -91,6 +91,29 @@ def gemm_path(device_type: str) -> GemmPath:
     )  # fmt: skip
 
 
+# The precisions of a GEMM without FP8 (the rounded backends), by name.
+ROUNDED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def rounded_gemm_path(device_type: str, precision: str) -> GemmPath:
+    """The exact path of a GEMM whose operands are rounded to ``precision`` (no FP8).
+
+    "bf16" takes ``gemm_path(device_type)``. "fp16" and "fp32" take an fp32 GEMM on the
+    exact operand values (on CUDA with TF32 off): a product of two fp16 values has at most
+    22 significant bits, so fp32 holds it exactly and accumulates as the model says; oneDNN
+    has no fp16 GEMM on the CPUs this runs on, and ``onednn-bf16`` would round fp16 values.
+    """
+    if precision == "bf16":
+        return gemm_path(device_type)
+    if precision not in ROUNDED_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(ROUNDED_DTYPES)}, got {precision!r}")
+    what = "the fp16 operand values (their products are exact in fp32)" if precision == "fp16" else "fp32 operands"
+    if device_type == "cuda":
+        return GemmPath("cuda", torch.float32, f"exact GEMM: cuBLAS fp32 with TF32 off, on {what}")
+    return GemmPath("fp32", torch.float32, f"exact GEMM: fp32 on {what}")
+
+
 def epilogue_bias(bias: torch.Tensor | None, out_dtype: torch.dtype, fp8: bool) -> torch.Tensor | None:
     """The bias as the GEMM epilogue receives it (Transformer Engine's rule).
 

@@ -84,15 +84,18 @@ class _QuantizedLinear(torch.autograd.Function):
         same = scaling is None or per_tensor(scaling)
         x_col = x_row if same else _operand(x2d, Role.INPUT, COLUMNWISE, parts, False)
         w_col = w_row if same else _operand(w_hp, Role.WEIGHT, COLUMNWISE, parts, False)
-        ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale,
-                              *((x_hp, w_hp) if shadow_on else ()))
+        ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale)
+        # Kept outside save_for_backward: telemetry's, not the GEMM's, so saved-tensor hooks
+        # (memory accounting at the hardware path's width) never see them.
+        ctx.shadow_hp = (x_hp.detach(), w_hp.detach()) if shadow_on else ()
         ctx.parts, ctx.record, ctx.out_dtype, ctx.same, ctx.shadow = parts, record, out_dtype, same, shadow_on
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_q, w_q, x_inv, w_inv, *hp = ctx.saved_tensors  # hp: (x_hp, w_hp) on log steps only
+        x_q, w_q, x_inv, w_inv = ctx.saved_tensors
+        hp = ctx.shadow_hp  # (x_hp, w_hp) on log steps only
         backend, slot = ctx.parts[2], ctx.parts[3]
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
         g_row = _operand(g2d, Role.GRAD_OUTPUT, ROWWISE, ctx.parts, ctx.record)  # dgrad contracts N
@@ -131,7 +134,7 @@ def quantized_linear(
         w_hp: (N, K) weight (the float32 master copy).
         bias: (N,) or None.
         scaling: the layer's scaling (``fp8.scaling``), or None for a BF16 GEMM (``backend``
-            is then the ``BF16Backend``).
+            is then a ``RoundedBackend``).
         state: the layer's ScalingState under delayed scaling (scales read, amaxes
             recorded), else None.
         backend: quantizes the operands with given scales (``quantize``,

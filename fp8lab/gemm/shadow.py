@@ -8,7 +8,7 @@ takes the high-precision operands of each of the layer's three GEMMs,
     dgrad:  grad_out, w_hp  (grad_x = grad_out @ w)
     wgrad:  grad_out, x_hp  (grad_w = grad_out^T @ x)
 
-runs them through the BF16 backend's exact GEMM (``fp8lab.gemm.backends.bf16``: operands
+runs them through the BF16 backend's exact GEMM (``fp8lab.gemm.backends.rounded``: operands
 rounded to bf16, fp32 accumulation, one rounding to the same output dtype), and writes
 ``10 * log10(|ref|^2 / |out - ref|^2)`` of the FP8 output into the slot's
 ``shadow_sqnr[gemm]`` (order ``fp8lab.formats.GEMM_NAMES``), on the device. The cost, on

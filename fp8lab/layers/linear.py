@@ -1,6 +1,7 @@
 """fp8lab.Linear: a drop-in nn.Linear whose GEMMs run in FP8 with delayed scaling.
 
-Invariant: parameters stay float32 (master weights); the layer owns the state its
+Invariant: parameters are created float32 (master weights; a run without them converts
+them to its training dtype, ``fp8lab.run.precision``); the layer owns the state its
 scaling asks for (``self.fp8_state``: a ScalingState under DelayedScaling) and never
 updates the scales itself: ``fp8lab.update_scales`` does, once per optimizer step. The backend is chosen per device by
 ``fp8lab.gemm.backends.select`` (the plan, whose reason ``fp8lab.describe`` shows), and
@@ -18,7 +19,7 @@ from torch import nn
 from fp8lab.gemm.backends import backend_for
 from fp8lab.gemm.backends.base import ScalingView
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
-from fp8lab.gemm.exact import gemm_path
+from fp8lab.gemm.exact import ROUNDED_DTYPES, gemm_path, rounded_gemm_path
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.options import FP8Options
 
@@ -59,7 +60,8 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fp8 = fp8 if fp8 is not None else FP8Options()
-        self.keep_bf16_reason: str | None = None  # set by a precision policy
+        self.keep_bf16_reason: str | None = None  # why a policy keeps it out of FP8 (None: it isn't)
+        self.kept_precision = "bf16"  # the precision of its GEMMs while kept: the activations' one
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.fp8_state = self.fp8.scaling.new_state(device)  # the scaling decides (None: stateless)
@@ -82,15 +84,17 @@ class Linear(nn.Module):
         plan = self._plans.get(device)
         if plan is None:
             plan = self.plan_for(probe_device(device), probe_te())
-            if plan.backend in ("emulated", "bf16"):  # name the exact GEMM path this machine uses
+            if plan.backend == "emulated":  # name the exact GEMM path this machine uses
                 plan = Plan(plan.backend, f"{plan.reason}; {gemm_path(device.type).reason}")
+            elif plan.backend in ROUNDED_DTYPES:
+                plan = Plan(plan.backend, f"{plan.reason}; {rounded_gemm_path(device.type, plan.backend).reason}")
             self._plans[device] = plan
         return plan
 
     def plan_for(self, device: DeviceFacts, te: TEFacts) -> Plan:
         """The plan on a device with these facts (pure: the policy first, then select_backend)."""
         if self.keep_bf16_reason is not None:
-            return Plan("bf16", self.keep_bf16_reason)
+            return Plan(self.kept_precision, self.keep_bf16_reason)
         return select_backend(
             device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
             dims=(self.in_features, self.out_features), scaling=self.fp8.scaling.name,
@@ -103,7 +107,14 @@ class Linear(nn.Module):
 
     def keep_in_bf16(self, reason: str) -> None:
         """Run this layer's GEMM in BF16 from now on, recording why."""
-        self.keep_bf16_reason = reason
+        self.keep_out_of_fp8(reason, "bf16")
+
+    def keep_out_of_fp8(self, reason: str, precision: str = "bf16") -> None:
+        """Run this layer's GEMMs in ``precision`` ("bf16", "fp16" or "fp32": the precision
+        of the activations around it) from now on, recording why."""
+        if precision not in ROUNDED_DTYPES:
+            raise ValueError(f"precision must be one of {tuple(ROUNDED_DTYPES)}, got {precision!r}")
+        self.keep_bf16_reason, self.kept_precision = reason, precision
         self._plans.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,10 +111,13 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One model trained in the run: the BF16 baseline, an FP8 variant, or a reference.
+    """One model trained in the run: a rung of the precision ladder (fp32, fp16, bf16, fp8;
+    ``fp8lab.run.precision`` says what each means), with its settings.
 
     The FP8 fields are flat (``--set variants.<name>.backend=...`` sets one) and are
-    checked by building the variant's ``FP8Options`` once, exposed as ``fp8``.
+    checked by building the variant's ``FP8Options`` once, exposed as ``fp8``; the loss-
+    scaling fields likewise build ``loss_scale``. A field the precision does not use must
+    keep its default (``fp8lab.run.precision.check_variant``).
     """
 
     name: str
@@ -124,8 +127,18 @@ class Variant:
     fallback: str = "emulated"
     keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
     first_last_bf16: int = 0  # Megatron-style: first N and last N blocks in BF16
+    activations: str | None = None  # fp8 only: "bf16" (None) or "fp16"; other precisions: their own
+    master_weights: bool = True  # False: parameters and AdamW state in the activations' dtype
+    # Dynamic loss scaling (FP16 activations only; torch.amp.GradScaler's defaults)
+    loss_scale_init: float = 2.0**16
+    loss_scale_growth_factor: float = 2.0
+    loss_scale_backoff_factor: float = 0.5
+    loss_scale_growth_interval: int = 2000
 
     def __post_init__(self):
+        from fp8lab.run.loss_scale import LossScaleConfig
+        from fp8lab.run.precision import check_variant
+
         _check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
                "variant.name", "letters, digits, '_' or '-'", self.name)
         _check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
@@ -137,11 +150,24 @@ class Variant:
         object.__setattr__(self, "_fp8", fp8)  # not a field: no second copy in to_dict() or the hash
         _check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
         _int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
+        check_variant(self)
+        try:  # LossScaleConfig names its field first: init, growth_factor, ...
+            loss_scale = LossScaleConfig(init=self.loss_scale_init, growth_factor=self.loss_scale_growth_factor,
+                                         backoff_factor=self.loss_scale_backoff_factor,
+                                         growth_interval=self.loss_scale_growth_interval)
+        except ValueError as err:
+            raise ConfigError(f"variants.{self.name}.loss_scale_{err}") from None
+        object.__setattr__(self, "_loss_scale", loss_scale)
 
     @property
     def fp8(self) -> FP8Options:
         """The FP8 options every GEMM of this variant's model gets (precision "fp8")."""
         return self._fp8
+
+    @property
+    def loss_scale(self):
+        """The ``LossScaleConfig`` of this variant (used when its activations are FP16)."""
+        return self._loss_scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,17 +179,22 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     variants: tuple[Variant, ...] = (Variant(name="bf16", precision="bf16"), Variant(name="fp8"))
-    baseline: str = "bf16"
+    # What every gap is measured against: a bf16 or fp32 variant. None: the run's (first)
+    # fp32 variant when it has one (the reference of the precision ladder), else "bf16".
+    baseline: str | None = None
 
     def __post_init__(self):
         from fp8lab.run import validate  # cross-field rules (name, model shape, policies)
 
+        if self.baseline is None and isinstance(self.variants, tuple):
+            fp32 = [v.name for v in self.variants if isinstance(v, Variant) and v.precision == "fp32"]
+            object.__setattr__(self, "baseline", fp32[0] if fp32 else "bf16")
         validate.check_types(self)
         names = [v.name for v in self.variants]
         _check(len(names) == len(set(names)) and names, "variants", "a non-empty tuple with unique names", names)
         _check(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
         base = next(v for v in self.variants if v.name == self.baseline)
-        _check(base.precision == "bf16", "baseline", "a variant with precision 'bf16'", base.precision)
+        _check(base.precision in ("bf16", "fp32"), "baseline", "a variant with precision 'bf16' or 'fp32'", base.precision)
         validate.check_run(self)
 
     def to_dict(self) -> dict:

@@ -7,7 +7,8 @@ here allocates a tensor; it reads the config and the free memory only.
 
 What it counts, in bytes (``P`` parameters of the GPT, counted from its shape):
 - every variant's training state at once: ``16 * P`` (fp32 weights, gradients and
-  AdamW's two moments), plus the amax history of every FP8 layer (12 bytes per row);
+  AdamW's two moments; ``8 * P`` in 16 bits for a variant without master weights), plus
+  the amax history of every FP8 layer (12 bytes per row);
 - the activations of one training step of one variant (the variants take turns):
   ``34 * B * T * H`` per block (Megatron's count for BF16 activations, without the
   attention scores a fused attention kernel never stores) and ``6 * B * T * V`` for the
@@ -28,6 +29,8 @@ import torch
 
 TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight + grad + exp_avg + exp_avg_sq
 CHECKPOINT_BYTES = 12  # per parameter: weight + AdamW's two moments (no gradient)
+# A variant without master weights holds all four (three in a checkpoint) in 16 bits.
+HALF = 2
 HISTORY_ROW_BYTES = 12  # one amax history row: 3 roles x float32
 ACTIVATION_BYTES_PER_BLOCK = 34  # x B*T*H (Megatron-LM, activations in 16 bits)
 LOGIT_BYTES = 6  # x B*T*V: bf16 logits + float32 log-softmax
@@ -76,7 +79,7 @@ def estimate(config, processes: int = 1) -> Estimate:
     """The memory one process of a ``processes``-process run needs (see the module docstring)."""
     shape = gpt_shape(config)
     params = gpt_params(shape)
-    n = len(config.variants)
+    state = sum(TRAIN_STATE_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * params
     histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
     t = config.train
     batch = max(t.batch_size // processes, 1)
@@ -85,14 +88,14 @@ def estimate(config, processes: int = 1) -> Estimate:
                             + LOGIT_BYTES * shape["vocab_size"])
     val_batches = t.eval_batches * 2 * t.batch_size * t.block_size * 8  # int64 (x, y), kept on the device
     other = histories * fp8_layers(shape) * HISTORY_ROW_BYTES + val_batches
-    return Estimate(params, n * TRAIN_STATE_BYTES * params, activations, other)
+    return Estimate(params, state, activations, other)
 
 
 def checkpoint_bytes(config) -> int:
     """About the size of one checkpoint file of ``config``."""
     shape = gpt_shape(config)
     histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
-    return (len(config.variants) * CHECKPOINT_BYTES * gpt_params(shape)
+    return (sum(CHECKPOINT_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * gpt_params(shape)
             + histories * fp8_layers(shape) * HISTORY_ROW_BYTES)
 
 

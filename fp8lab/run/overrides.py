@@ -6,9 +6,10 @@ Invariant: an override either produces a new, fully validated RunConfig or raise
 Keys: ``data.*``, ``model.*``, ``train.*``; ``fp8.<field>`` sets a scaling field (e.g.
 DelayedScaling's ``amax_history_len``, ``margin``; every recipe's ``fp8_format``) on
 every FP8 variant whose scaling has it; ``variants.<name>.<field>`` sets one variant's
-field (``backend``, ``fallback``, ``keep_bf16``, ``first_last_bf16``, and ``scaling``:
-"delayed", "current", "block" or "mxfp8", TE's defaults); ``variants.<name>.scaling.<field>``
-sets one field of one variant's scaling.
+field (``precision``, ``backend``, ``fallback``, ``keep_bf16``, ``first_last_bf16``,
+``activations``, ``master_weights``, ``loss_scale_*``, and ``scaling``: "delayed",
+"current", "block" or "mxfp8", TE's defaults); ``variants.<name>.scaling.<field>`` sets
+one field of one variant's scaling.
 """
 
 from __future__ import annotations

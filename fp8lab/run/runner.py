@@ -25,6 +25,7 @@ from fp8lab.run.config import ConfigError, RunConfig
 from fp8lab.run.distributed import Distributed, NullWriter
 from fp8lab.run.lock import RunFolderBusy, RunLock
 from fp8lab.run.preflight import preflight
+from fp8lab.run.precision import rung_of
 from fp8lab.run.progress import Progress
 from fp8lab.run.stop import StopRequest, TrainingDiverged
 from fp8lab.run.summary import RunSummary
@@ -369,5 +370,6 @@ def hparams_of(config: RunConfig, variant) -> dict:
     return {
         "variant": variant.name, "precision": variant.precision, "scaling": variant.scaling.name, **scaling,
         "first_last_bf16": variant.first_last_bf16,
+        "activations": rung_of(variant).activations, "master_weights": variant.master_weights,
         "steps": config.train.steps, "lr": config.train.lr, "batch_size": config.train.batch_size,
     }

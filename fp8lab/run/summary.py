@@ -1,4 +1,5 @@
-"""The run summary: final metrics of every variant, gaps to BF16, layers worth attention.
+"""The run summary: final metrics of every variant, gaps to the baseline (BF16, or the FP32
+reference of a precision ladder), memory, loss scale, layers worth attention.
 
 Invariant: fed only host values (from log and eval steps); ``to_dict`` is what
 ``summary.json`` holds and ``table`` is what the runner prints at the end.
@@ -17,10 +18,16 @@ from fp8lab.formats import ROLE_NAMES
 from fp8lab.report import OVERFLOW_PCT
 from fp8lab.options import SCALINGS
 from fp8lab.run.config import RunConfig
+from fp8lab.run.precision import rung_of
 from fp8lab.telemetry.collector import LayerStats
 from fp8lab.whatif_report import best_by_layer
 
 TOP_LAYERS = 3
+# Exact byte counts a log step records (fp8lab/run/footprint.py), as summary.json names them.
+MEMORY_TAGS = {"perf/mem_params_bytes": "params_bytes", "perf/mem_grads_bytes": "grads_bytes",
+               "perf/mem_optimizer_bytes": "optimizer_bytes", "perf/mem_activations_saved_bytes": "activations_saved_bytes",
+               "perf/mem_weight_copies_saved_bytes": "weight_copies_saved_bytes"}
+FLUSH_TAG = "precision/fp16_flush_pct/"
 
 
 class RunSummary:
@@ -99,6 +106,26 @@ class RunSummary:
             layer, recipe, what = key.split("|")
             split[what][(layer, recipe)] = values
         return split["sqnr"], split["lost"]
+    def _precision(self, name: str) -> dict:
+        """Memory (exact bytes of the last log step; peak MiB), final loss scale, and the layers
+        whose gradients FP16 would most flush without loss scaling (mean % over log steps)."""
+        variant = next(v for v in self.config.variants if v.name == name)
+        last = self.train[name][-1][1] if self.train[name] else {}
+        memory = {key: int(last[tag]) for tag, key in MEMORY_TAGS.items() if tag in last}
+        flush = defaultdict(list)
+        for _, metrics in self.train[name]:
+            for tag, value in metrics.items():
+                if tag.startswith(FLUSH_TAG):
+                    flush[tag[len(FLUSH_TAG):]].append(value)
+        means = sorted(((layer, float(np.mean(v))) for layer, v in flush.items()), key=lambda kv: -kv[1])
+        return {
+            "precision": variant.precision,
+            "activations": rung_of(variant).activations,
+            "master_weights": variant.master_weights,
+            "memory": {**memory, "peak_mem_mb": last.get("perf/peak_mem_mb")},
+            "loss_scale": last.get("precision/loss_scale"),
+            "most_fp16_flush": [{"layer": k, "mean_flush_pct": v} for k, v in means[:TOP_LAYERS]],
+        }
 
     def to_dict(self, fingerprint: str, device: str) -> dict:
         base_loss = self.evals[self.config.baseline][-1][1]["loss/val"] if self.evals[self.config.baseline] else None
@@ -122,6 +149,7 @@ class RunSummary:
                 "nonfinite_amax": dict(self.nonfinite[name]),
                 **self._attention(name),
                 "best_scaling": best_by_layer(*self._whatif(name)),
+                **self._precision(name),
             }
         return {
             "recipe": self.config.name,
@@ -134,10 +162,16 @@ class RunSummary:
         }
 
     def table(self, result: dict) -> str:
-        head = f"{'variant':<16} {'scaling':<8} {'val loss':>9} {'gap vs bf16':>12} {'tokens/s':>10}  layers to watch"
+        gap_head = f"gap vs {result['baseline']}"
+        head = (f"{'variant':<16} {'scaling':<8} {'val loss':>9} {gap_head:>12} {'tokens/s':>10} {'state MiB':>10} "
+                f"{'saved MiB':>10} {'skipped':>8}  layers to watch")
         lines = [head, "-" * len(head)]
         for name, v in result["variants"].items():
             gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}%"
+            mem = v["memory"]
+            state = sum(mem.get(k, 0) for k in ("params_bytes", "grads_bytes", "optimizer_bytes"))
+            state_mib = f"{state / 2**20:.2f}" if state else "-"
+            saved_mib = f"{mem['activations_saved_bytes'] / 2**20:.2f}" if "activations_saved_bytes" in mem else "-"
             watch = ", ".join(f"{d['layer_role']} (overflow in {d['log_steps_over_threshold_pct']:.0f}% of logs)" for d in v["most_saturated"][:1])
             watch += ("; " if watch and v["most_underflow"] else "") + ", ".join(
                 f"{d['layer_role']} (underflow {d['mean_underflow_pct']:.2f}%)" for d in v["most_underflow"][:1]
@@ -145,5 +179,6 @@ class RunSummary:
             loss = f"{v['final_val_loss']:.4f}" if v["final_val_loss"] is not None else "-"
             tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
             scaling = v.get("scaling") or v.get("precision") or "-"
-            lines.append(f"{name:<16} {scaling:<8} {loss:>9} {gap:>12} {tps:>10}  {watch or '-'}")
+            lines.append(f"{name:<16} {scaling:<8} {loss:>9} {gap:>12} {tps:>10} {state_mib:>10} {saved_mib:>10} "
+                         f"{v['skipped_steps']:>8.0f}  {watch or '-'}")
         return "\n".join(lines)

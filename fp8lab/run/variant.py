@@ -2,8 +2,11 @@
 
 Invariant: every variant starts from the same initial weights and is fed the batches
 the runner gives it. A training step makes no device-to-host copy: the loss is summed
-on the device, timings use CUDA events (or the host clock on CPU), and the collector
-only reads scaling state when the runner asks for a log step.
+on the device, timings use CUDA events (or the host clock on CPU), the loss scale lives
+on the device, and the collector, the FP16 flush probe and the memory counts only run
+when the runner asks for a log step. What the variant's precision changes (autocast,
+GEMM precision, parameter dtype, loss scaling) comes from its ``Rung``
+(``fp8lab.run.precision``).
 """
 
 from __future__ import annotations
@@ -21,17 +24,26 @@ import torch.nn.functional as F
 import fp8lab
 from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
+from fp8lab.run import footprint
 from fp8lab.run.config import RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
+from fp8lab.run.loss_scale import DynamicLossScaler, clip_scaled_
+from fp8lab.run.precision import rung_of
 from fp8lab.telemetry.collector import LayerStats, ScalingCollector
+from fp8lab.telemetry.fp16_flush import FP16FlushProbe
 
 COUNTERS = ("loss_sum", "good_steps", "skipped", "consecutive_skips")
 
 
 def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GPT:
-    """The GPT of ``config.model`` with the variant's precision (BF16 GEMMs for "bf16")."""
+    """The GPT of ``config.model`` with the variant's GEMM precisions: FP8 with its policy's
+    kept layers in the activations' precision, or every GEMM in the rung's precision.
+    Parameters are fp32 here (the shared initial weights); ``VariantRun`` casts them when
+    the variant has no master weights."""
+    rung = rung_of(variant)
     fp8 = variant.precision == "fp8"
-    policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16)
+    policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16,
+                             precision=rung.activations)
     model = GPT.from_preset(
         config.model.preset,
         **config.model.overrides(),
@@ -39,7 +51,7 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
         fp8=variant.fp8 if fp8 else dataclasses.replace(variant.fp8, backend="bf16"),
         policy=policy if fp8 else None,
     )
-    return model.to(device)
+    return rung.prepare_gemms(model).to(device)
 
 
 def check_backends(model: torch.nn.Module, variant: Variant, device: torch.device) -> None:
@@ -136,11 +148,13 @@ class VariantRun:
                  dist: Distributed | None = None):
         self.variant, self.config, self.device = variant, config, device
         self.dist = dist if dist is not None else Distributed(device=device)
+        self.rung = rung_of(variant)
         self.model = build_model(config, variant, device)  # un-wrapped: checkpoints, eval, telemetry
         check_backends(self.model, variant, device)
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 param.copy_(init_params[name])
+        self.rung.cast_parameters_(self.model)  # no master weights: the training dtype (rounded once)
         # fused: one kernel per step, and its step counters never leave the device
         # (the default single-tensor path calls .item() on them every step).
         self.optimizer = torch.optim.AdamW(
@@ -154,9 +168,14 @@ class VariantRun:
         self.counters = {name: torch.zeros((), device=device) for name in COUNTERS}
         self.steps_since_log = 0
         self.first_batch_sha: str | None = None
+        self.loss_scaler = DynamicLossScaler(variant.loss_scale, device) if self.rung.loss_scaling else None
+        self.flush_probe = FP16FlushProbe(self.model) if self.rung.loss_scaling else None
+        self.saved_counter = footprint.SavedTensorCounter(self.model)
+        self.memory: dict[str, int] = {}  # perf/mem_* of the last log step (host values)
+        self.cuda_peak = 0  # bytes: the allocator's peak during this variant's steps since the last log
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return self.rung.autocast(self.device)
 
     def train_step(self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool) -> LayerStats | None:
         """One optimizer step on the host batch (x, y); returns the scaling snapshot on log steps."""
@@ -166,18 +185,29 @@ class VariantRun:
         y = y_host.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        scaler = self.loss_scaler
         if log:
             self.collector.arm()
+            if self.flush_probe is not None:
+                self.flush_probe.arm(scaler.scale)
+        if self.device.type == "cuda":  # host-side allocator statistics, no sync
+            torch.cuda.reset_peak_memory_stats(self.device)
         with self.timer.measure():
             self.model.train()
-            with self.autocast():
+            counting = self.saved_counter.counting() if log else contextlib.nullcontext()
+            with self.autocast(), counting:
                 logits = self.train_model(x)  # (B_local, T, V)
             # This rank's share of the global batch's mean loss (run/distributed.py: the
             # ranks' shares add up to it, and DDP sums the gradients).
             loss = token_loss(logits, y, self.config.train.batch_size * y.shape[1])
-            loss.backward()
+            (scaler.scaled(loss) if scaler is not None else loss).backward()
             # After DDP's all-reduce: the same gradients, hence the same norm, on every rank.
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip, foreach=True)
+            params = list(self.model.parameters())
+            if self.rung.plain_gradients:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip, foreach=True)
+            else:  # scaled or 16-bit gradients: fp32 norm, unscaled inside the fused AdamW
+                grad_norm = clip_scaled_(self.optimizer, params, self.config.train.grad_clip,
+                                         scaler.scale if scaler is not None else None)
             loss = self.dist.all_reduce_sum(loss.detach())  # the global mean loss, on every rank
             # A non-finite loss or gradient skips the optimizer step and the scale update,
             # decided on the device from values every rank shares (never one rank's own
@@ -185,33 +215,53 @@ class VariantRun:
             skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))
             self.optimizer.found_inf = skip.float()
             self.optimizer.step()
+            if log:  # exact bytes, from tensor metadata only (gradients are still held here)
+                self.memory = footprint.training_bytes(params, self.optimizer, self.saved_counter)
             self.optimizer.zero_grad(set_to_none=True)
             snapshot = self.collector.snapshot() if log else None  # before update_scales rolls row 0
             fp8lab.update_scales(self.model, skip=skip)
             stats = self.collector.read(snapshot) if log else None
+            # An overflow at a loss scale above 1 is loss scaling at work (the scale backs
+            # off); only a non-finite loss, or gradients that overflow unscaled, is a fault.
+            fault = skip if scaler is None else skip & (~torch.isfinite(loss) | (scaler.scale <= 1))
+            if scaler is not None:
+                scaler.update(skip)
+        if log and self.flush_probe is not None:
+            self.flush_probe.disarm()
+        if self.device.type == "cuda":
+            self.cuda_peak = max(self.cuda_peak, torch.cuda.max_memory_allocated(self.device))
         c = self.counters
         c["loss_sum"] += torch.where(skip, 0.0, loss)
         c["good_steps"] += (~skip).float()
         c["skipped"] += skip.float()
-        c["consecutive_skips"] = torch.where(skip, c["consecutive_skips"] + 1, 0.0)
+        c["consecutive_skips"] = torch.where(fault, c["consecutive_skips"] + 1, torch.where(skip, c["consecutive_skips"], 0.0))
         self.steps_since_log += 1
         return stats
 
     def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
         """Train loss, throughput and skip counts since the last log step (one sync)."""
         seconds, timed_steps = self.timer.take()
-        values = dict(zip(COUNTERS, torch.stack([self.counters[n] for n in COUNTERS]).tolist()))
+        device_values = [self.counters[n] for n in COUNTERS]
+        if self.loss_scaler is not None:  # read with the counters: still one copy
+            device_values.append(self.loss_scaler.scale)
+        host = torch.stack(device_values).tolist()
+        values = dict(zip(COUNTERS, host))
         tokens = tokens_per_step * timed_steps  # steps before a resume were timed by the dead process
         self.counters["loss_sum"].zero_()
         self.counters["good_steps"].zero_()
         self.steps_since_log = 0
         loss = values["loss_sum"] / values["good_steps"] if values["good_steps"] else float("nan")
-        return {
+        metrics = {
             "loss/train": loss,
             "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "faults/skipped_steps": values["skipped"],
             "faults/consecutive_skips": values["consecutive_skips"],
+            **self.memory,
         }
+        if self.loss_scaler is not None:
+            metrics["precision/loss_scale"] = host[-1]
+            metrics.update(self.flush_probe.read())
+        return metrics
 
     def state_dict(self) -> dict:
         """Everything a checkpoint needs to continue this variant bit for bit."""
@@ -223,6 +273,7 @@ class VariantRun:
             "steps_since_log": self.steps_since_log,
             "first_batch_sha": self.first_batch_sha,
             "timer": self.timer.state_dict(),
+            "loss_scale": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,6 +286,8 @@ class VariantRun:
         self.first_batch_sha = state["first_batch_sha"]
         if "timer" in state:  # older checkpoints: the interval counts the steps timed after the resume
             self.timer.load_state_dict(state["timer"])
+        if self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(state["loss_scale"])
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -258,8 +311,11 @@ class VariantRun:
         }
 
     def peak_mem_mb(self) -> float:
+        """CUDA: the allocator's peak during this variant's steps since the last call (all
+        variants' resident tensors included); CPU: the process's max RSS."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak, self.cuda_peak = self.cuda_peak, 0
+            return peak / 2**20
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide on CPU

@@ -11,7 +11,8 @@ Implementations:
 - ``QuantizedGemmBackend`` subclasses (``emulated``, ``scaled_mm``) run fp8lab's own
   quantized GEMM (``fp8lab.gemm.qlinear``) with the layer's ScalingState: they supply
   ``quantize`` (cast with a given scale) and ``gemm`` (the hardware model);
-- the ``bf16`` backend runs the same GEMM with ``round`` (to bf16) and no scaling;
+- the rounded backends (``bf16``, ``fp16``, ``fp32``) run the same GEMM with ``round`` (to
+  their precision) and no scaling;
 - the ``te`` backend runs the whole layer in a Transformer Engine module.
 """
 
@@ -60,7 +61,7 @@ def not_measured(device: torch.device, columns: int = len(STAT_NAMES)) -> torch.
 class Backend(Protocol):
     """One way to run a layer's GEMMs."""
 
-    name: str  # "te", "scaled_mm", "emulated" or "bf16", as in the layer's Plan
+    name: str  # "te", "scaled_mm", "emulated", "bf16", "fp16" or "fp32", as in the layer's Plan
     fp8: bool  # whether the GEMMs run in FP8
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

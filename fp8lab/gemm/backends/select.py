@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8lab.gemm.backends.scaled_mm import HW_GEMM_MULTIPLE  # the hardware GEMM's shape contract
+from fp8lab.gemm.exact import ROUNDED_DTYPES
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 
@@ -53,12 +54,13 @@ class TEFacts:
 
 @dataclass(frozen=True)
 class Plan:
-    backend: str  # "te" | "scaled_mm" | "emulated" | "bf16"
+    backend: str  # "te" | "scaled_mm" | "emulated" | "bf16" | "fp16" | "fp32"
     reason: str
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.backend == "bf16" else "fp8"
+        """"fp8", or the precision of a rounded backend ("bf16", "fp16", "fp32")."""
+        return self.backend if self.backend in ROUNDED_DTYPES else "fp8"
 
 
 def _fallback(fallback: str, why: str) -> Plan:

@@ -1,0 +1,32 @@
+"""The precision ladder: FP32, FP16 (dynamic loss scaling), BF16 and FP8 on the same batches.
+
+Each rung really runs in its precision (fp8lab/run/precision.py has the table). FP32 is the
+reference every gap is measured against. Two more rungs show what the ladder's choices
+buy: BF16 without master weights (parameters and AdamW state in bf16), and FP8 GEMMs
+over FP16 activations, with loss scaling, as Transformer Engine allows. The final table
+gives per rung the val loss, its gap to FP32, tokens/s, exactly counted memory and
+skipped steps. FP8 uses fallback="emulated" so its numerics are FP8's on any machine.
+"""
+
+from fp8lab import DelayedScaling
+from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
+
+SCALING = DelayedScaling(amax_history_len=16)
+
+
+def config() -> RunConfig:
+    return RunConfig(
+        name="precision_ladder",
+        model=ModelConfig(preset="tiny"),  # the quickstart's model and batches: ~3 min on 2 idle cores
+        train=TrainConfig(steps=300, batch_size=16, block_size=128, lr=2e-3, warmup_steps=20,
+                          log_interval=10, eval_interval=100, eval_batches=8),
+        variants=(
+            Variant(name="fp32", precision="fp32"),
+            Variant(name="fp16", precision="fp16"),
+            Variant(name="bf16", precision="bf16"),
+            Variant(name="fp8", precision="fp8", scaling=SCALING, fallback="emulated"),
+            Variant(name="bf16_no_master", precision="bf16", master_weights=False),
+            Variant(name="fp8_fp16", precision="fp8", activations="fp16", scaling=SCALING, fallback="emulated"),
+        ),
+        baseline="fp32",
+    )

@@ -1,0 +1,70 @@
+"""Memory accounting against byte counts computed by hand (fp8lab/run/footprint.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fp8lab
+from fp8lab import FP8Options
+from fp8lab.run.footprint import SavedTensorCounter, tensor_bytes
+from fp8lab.run.precision import rung_of
+from tests.test_precision_ladder import RUNGS, make_run
+
+# The tiny GPT of tiny_config (1 block, hidden 128, ffn 512, vocab 256, block_size 16), by hand:
+P = (256 * 128                       # tok_emb
+     + 16 * 128                      # pos_emb
+     + 2 * 128                       # attn.norm (weight, bias)
+     + 128 * 384 + 384               # attn.qkv
+     + 128 * 128 + 128               # attn.proj
+     + 2 * 128                       # mlp.norm
+     + 128 * 512 + 512               # mlp.fc1
+     + 512 * 128 + 128               # mlp.fc2
+     + 2 * 128                       # final_norm
+     + 128 * 256)                    # lm_head (no bias)
+TENSORS = 17  # parameter tensors: 2 embeddings, 3 norms x 2, 4 Linears x 2, lm_head
+STEP_BYTES = 4  # fused AdamW keeps one float32 step counter per parameter tensor
+
+
+@pytest.mark.parametrize("name,width", [("fp32", 4), ("bf16", 4), ("fp8", 4), ("bf16_no_master", 2)])
+def test_parameters_gradients_and_adamw_state_bytes(name, width):
+    run = make_run(RUNGS[name])
+    x = torch.randint(0, 256, (2, 16))
+    run.train_step(x, torch.roll(x, 1, 1), 1e-3, log=True)
+    memory = run.take_train_metrics(32)
+    assert P == 266112
+    assert memory["perf/mem_params_bytes"] == width * P
+    assert memory["perf/mem_grads_bytes"] == width * P
+    assert memory["perf/mem_optimizer_bytes"] == 2 * width * P + STEP_BYTES * TENSORS  # exp_avg, exp_avg_sq, step
+
+
+M, K, N = 16, 64, 32  # tokens (2 x 8), in_features, out_features
+# rung -> (activation bytes, weight-copy bytes) one Linear saves for its backward, by hand
+SAVED = {
+    "fp32": (M * K * 4, 0),                 # x itself; the fp32 weight is the parameter (not counted again)
+    "fp16": (M * K * 2, N * K * 2),         # fp16 x and weight copy (held in fp32 by the emulation)
+    "bf16": (M * K * 2, N * K * 2),         # bf16 x and weight copy
+    "fp8": (M * K * 1 + 2 * 4, N * K * 1),  # E4M3 x and weight, 1 byte each, and two fp32 inverse scales
+    "bf16_no_master": (M * K * 2, 0),       # the bf16 weight is the parameter
+}
+
+
+@pytest.mark.parametrize("name", list(SAVED))
+def test_saved_for_backward_of_one_linear_at_the_hardware_width(name):
+    rung = rung_of(RUNGS[name])
+    layer = fp8lab.Linear(K, N, fp8=FP8Options(fallback="emulated"))
+    model = rung.cast_parameters_(rung.prepare_gemms(torch.nn.Sequential(layer)))
+    assert layer.plan().precision == ("fp8" if name == "fp8" else rung.activations)
+    counter = SavedTensorCounter(model)
+    x = torch.randn(2, 8, K)
+    with counter.counting(), rung.autocast(torch.device("cpu")):
+        y = model(x)
+    assert (counter.activation_bytes, counter.weight_bytes) == SAVED[name]
+    y.float().sum().backward()  # the counted tensors are the ones the backward uses
+    assert layer.weight.grad is not None
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    base = torch.zeros(10, 4)
+    assert tensor_bytes([base, base[:5], base.t(), None]) == 160
+    assert tensor_bytes([base, torch.zeros(3, dtype=torch.bfloat16)]) == 166
