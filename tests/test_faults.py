@@ -35,7 +35,7 @@ def config(*extra):
 
 
 class FakeClock:
-    """perf_counter for variant.py alone: every call advances 0.5 s, so each step measures 0.5 s."""
+    """perf_counter for fp8lab.run.timer alone: every call advances 0.5 s, so each step measures 0.5 s."""
 
     def __init__(self):
         self.now = 0.0
@@ -46,9 +46,9 @@ class FakeClock:
 
 
 def test_tokens_per_s_of_the_first_interval_after_a_resume(tmp_path, monkeypatch, one_thread):
-    import fp8lab.run.variant as variant
+    import fp8lab.run.timer as timer
 
-    monkeypatch.setattr(variant, "time", types.SimpleNamespace(perf_counter=FakeClock().perf_counter))
+    monkeypatch.setattr(timer, "time", types.SimpleNamespace(perf_counter=FakeClock().perf_counter))
     cfg = config("train.steps=4", "train.log_interval=4", "train.eval_interval=4")
     straight = Runner(cfg, tmp_path / "a", progress=False)
     straight.run()

@@ -17,7 +17,8 @@ from torch import nn
 
 from fp8lab import DelayedScaling, FP8Options, Float8BlockScaling, Float8CurrentScaling, Linear, MXFP8BlockScaling
 from fp8lab.gemm.backends.select import BackendUnavailable
-from fp8lab.gemm.backends.te import copy_into_te_meta_, sync_from_te, sync_te_scaling, te_meta_to_fp8lab, te_recipe, te_recipe_kwargs
+from fp8lab.gemm.backends.te import sync_from_te, sync_te_scaling, te_recipe
+from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab, te_recipe_kwargs
 
 TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max", "margin": 0, "reduce_amax": True}
 TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None

@@ -10,10 +10,7 @@ tensors to every variant; device-to-host copies happen only on log and eval step
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -25,9 +22,10 @@ from fp8lab.run.config import ConfigError, RunConfig
 from fp8lab.run.distributed import Distributed, NullWriter
 from fp8lab.run.lock import RunFolderBusy, RunLock
 from fp8lab.run.preflight import preflight
-from fp8lab.run.precision import rung_of
 from fp8lab.run.progress import Progress
 from fp8lab.run.stop import StopRequest, TrainingDiverged
+from fp8lab.run.records import hparams_of, layers_markdown, wait_past_event_files
+from fp8lab.run.schedule import learning_rate
 from fp8lab.run.summary import RunSummary
 from fp8lab.run.variant import VariantRun, build_model
 from fp8lab.telemetry.accuracy import WeightDrift
@@ -41,37 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device(name)
-
-
-def learning_rate(step: int, config: RunConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr at the last step."""
-    t = config.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def wait_past_event_files(run_dir: Path) -> None:
-    """Wait (at most 1 s) until the clock's second is past every event file's in ``run_dir``.
-
-    TensorBoard reads a folder's event files in name order, and a name is
-    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: a resumed run's file created
-    in the same second as the dead run's can sort before it (``...12.10`` < ``...12.9``),
-    and its events would then be read first and purge the earlier ones.
-    """
-    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("*/events.out.tfevents.*")
-               if p.name.split(".")[3].isdigit()]
-    if seconds:
-        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
-
-
-def layers_markdown(run: VariantRun) -> str:
-    from fp8lab.layers.describe import describe
-
-    lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
-    return "\n".join(lines)
 
 
 class Runner:
@@ -363,13 +330,3 @@ def check_world_size(config: RunConfig, world_size: int) -> None:
             f"train.batch_size must be divisible by the number of processes ({world_size}), "
             f"got {config.train.batch_size}: every rank trains on an equal slice of the global batch"
         )
-
-
-def hparams_of(config: RunConfig, variant) -> dict:
-    scaling = {f"scaling.{k}": v for k, v in dataclasses.asdict(variant.scaling).items()}  # the recipe's own fields
-    return {
-        "variant": variant.name, "precision": variant.precision, "scaling": variant.scaling.name, **scaling,
-        "first_last_bf16": variant.first_last_bf16,
-        "activations": rung_of(variant).activations, "master_weights": variant.master_weights,
-        "steps": config.train.steps, "lr": config.train.lr, "batch_size": config.train.batch_size,
-    }

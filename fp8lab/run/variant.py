@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import importlib
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ import fp8lab
 from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.run import footprint
+from fp8lab.run.timer import StepTimer
 from fp8lab.run.config import RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.run.loss_scale import DynamicLossScaler, clip_scaled_
@@ -83,52 +83,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class StepTimer:
-    """Accumulates step time and the number of timed steps between log steps without
-    syncing (events on CUDA). Both travel in checkpoints, so the first interval after a
-    resume divides the tokens of the steps it timed by the time they took."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.events: list[tuple] = []
-        self.seconds = 0.0
-        self.steps = 0
-
-    @contextlib.contextmanager
-    def measure(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.seconds += time.perf_counter() - t0
-        self.steps += 1
-
-    def _fold(self) -> None:
-        if self.cuda:  # a sync: log and checkpoint steps only
-            torch.cuda.synchronize()
-            self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1e3
-            self.events.clear()
-
-    def take(self) -> tuple[float, int]:
-        """(seconds, steps) timed since the last take (syncs on CUDA: call at log steps only)."""
-        self._fold()
-        taken = (self.seconds, self.steps)
-        self.seconds, self.steps = 0.0, 0
-        return taken
-
-    def state_dict(self) -> dict:
-        self._fold()
-        return {"seconds": self.seconds, "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seconds, self.steps = float(state["seconds"]), int(state["steps"])
 
 
 class VariantRun:
