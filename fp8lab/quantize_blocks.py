@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import FP8Format
-from fp8lab.quantize import round_fp32_to_fp8_grid_
+from fp8lab.quantize import CPU_CHUNK, round_fp32_to_fp8_grid_
 from fp8lab.scaling.blocks import padded_blocks
 
 BLOCK_STAT_NAMES = ("block_scale_log2_min", "block_scale_log2_median", "block_scale_log2_max",
@@ -51,35 +51,68 @@ def cast_blocks_dequantized(
 
 
 def block_cast_stats(
-    x2d: torch.Tensor, dequantized: torch.Tensor, block: tuple[int, int], scale: torch.Tensor, fmt: FP8Format
+    x2d: torch.Tensor,
+    dequantized: torch.Tensor | None,
+    block: tuple[int, int],
+    scale: torch.Tensor,
+    fmt: FP8Format,
+    *,
+    block_stats: bool = True,
 ) -> torch.Tensor:
-    """``STAT_NAMES`` then ``BLOCK_STAT_NAMES`` of one blockwise cast (log steps only).
+    """``STAT_NAMES`` then (``block_stats``) ``BLOCK_STAT_NAMES`` of one blockwise cast (log steps only).
 
     overflow %: elements with |x * scale| > fmt.max (clamped); underflow %: non-zero
     elements that became zero; SQNR: 10*log10(|x|^2 / |x - dequantized|^2); then the
     min / median / max of log2(block scale) over the blocks that hold a non-zero value,
     and the % of blocks with an underflowed element and with a clamped element.
+    ``dequantized`` None: the statistics of ``cast_blocks_dequantized`` with these scales,
+    cast here (the what-if statistics). On CPU the work goes in slices of whole block rows
+    of about CPU_CHUNK elements, as ``fp8lab.quantize.cast_stats`` does, so no
+    tensor-sized float32 temporary is made.
+
+    Args:
+        x2d: the high-precision 2-D tensor.
+        dequantized: its dequantized FP8 values (same shape, any float dtype), or None.
+        block: the block shape (br, bc).
+        scale: (ceil(R/br), ceil(C/bc)) float32 powers of two.
+        fmt: the FP8 format.
     """
-    x32 = x2d.float()
-    xs = padded_blocks(x32, block) * _per_block(scale)
-    deq = padded_blocks(dequantized.float(), block)
-    x_blocks = padded_blocks(x32, block)
-    clamped = xs.abs() > fmt.max
-    flushed = (x_blocks != 0) & (deq == 0)
+    br, bc = block
+    r, c = x2d.shape
+    rows = r if x2d.device.type != "cpu" else max(br, CPU_CHUNK // max(c, 1) // br * br)
+    sums = torch.zeros(4, dtype=torch.float32, device=x2d.device)  # overflow, underflow, signal, noise
+    occupied, flushed_blocks, clamped_blocks = [], [], []
+    for r0 in range(0, max(r, 1), rows):
+        s = _per_block(scale[r0 // br: -(-(r0 + rows) // br)])
+        x32 = x2d[r0:r0 + rows].float()
+        xb = padded_blocks(x32, block)
+        xs = (xb * s).contiguous()  # scaled domain, exact (power-of-2 scales); x2d may be a transposed view
+        if dequantized is None:  # the cast itself, as cast_blocks_dequantized does it
+            q = round_fp32_to_fp8_grid_(xs.clamp(-fmt.max, fmt.max).view(-1), fmt).view(xs.shape)
+        else:
+            q = padded_blocks(dequantized[r0:r0 + rows].float(), block) * s
+        clamped = xs.abs() > fmt.max
+        # underflow: 0 always stays 0, so the non-zero elements lost are the difference of counts
+        underflow = torch.count_nonzero(xb) - torch.count_nonzero(q)
+        if block_stats:
+            nonzero = xb != 0
+            occupied.append(nonzero.any(dim=3).any(dim=1))  # (rows/br, C/bc)
+            flushed_blocks.append((nonzero & (q == 0)).any(dim=3).any(dim=1))
+            clamped_blocks.append(clamped.any(dim=3).any(dim=1))
+        err = q.sub_(xs).div_(s)  # x - dequantized up to sign, exactly (power-of-2 scales)
+        flat_x = x32.reshape(-1)
+        sums += torch.stack([torch.count_nonzero(clamped).float(), underflow.float(), torch.dot(flat_x, flat_x),
+                             torch.dot(err.reshape(-1), err.reshape(-1))])
     n = max(x2d.numel(), 1)
-    err = x32 - dequantized.float()
-    signal, noise = (x32 * x32).sum(), (err * err).sum()
-    sqnr = 10.0 * torch.log10(signal / noise.clamp_min(torch.finfo(torch.float32).tiny))
-    occupied = (x_blocks != 0).any(dim=3).any(dim=1)  # (R/br, C/bc)
-    log2 = torch.log2(scale.float())[occupied]
-    if log2.numel() == 0:
-        log2 = torch.zeros(1, device=x2d.device)
-    blocks = max(occupied.numel(), 1)
-    return torch.stack([
-        clamped.sum().float() * (100.0 / n),
-        flushed.sum().float() * (100.0 / n),
-        sqnr,
-        log2.min(), log2.median(), log2.max(),
-        flushed.any(dim=3).any(dim=1).sum().float() * (100.0 / blocks),
-        clamped.any(dim=3).any(dim=1).sum().float() * (100.0 / blocks),
-    ])
+    sqnr = 10.0 * torch.log10(sums[2] / sums[3].clamp_min(torch.finfo(torch.float32).tiny))
+    stats = [sums[0] * (100.0 / n), sums[1] * (100.0 / n), sqnr]
+    if block_stats:
+        occupied_all = torch.cat(occupied)
+        log2 = torch.log2(scale.float())[occupied_all]
+        if log2.numel() == 0:
+            log2 = torch.zeros(1, device=x2d.device)
+        blocks = max(occupied_all.numel(), 1)
+        stats += [log2.min(), log2.median(), log2.max(),
+                  torch.cat(flushed_blocks).sum().float() * (100.0 / blocks),
+                  torch.cat(clamped_blocks).sum().float() * (100.0 / blocks)]
+    return torch.stack(stats)

@@ -71,6 +71,29 @@ def test_tokens_per_s_of_the_first_interval_after_a_resume(tmp_path, monkeypatch
     resumed.run()
     # 4 steps of 0.5 s, two timed before the stop and two after: not 4 steps' tokens in 1 s
     assert [m["perf/tokens_per_s"] for _, m in resumed.summary.train["fp8"]] == expected
+    assert [m["perf/log_step_ms"] for _, m in resumed.summary.train["fp8"]] == [500.0]
+    every_step_logs = Runner(config("train.steps=2", "train.log_interval=1", "train.eval_interval=2"),
+                             tmp_path / "c", progress=False)
+    every_step_logs.run()  # no training step between log steps: throughput from the log steps
+    assert [m["perf/tokens_per_s"] for _, m in every_step_logs.summary.train["fp8"]] == [2 * 16 / 0.5] * 2
+
+
+def test_throughput_leaves_out_log_steps_and_reports_them_apart(monkeypatch):
+    import fp8lab.run.timer as timer
+
+    clock = iter([0.0, 0.125, 1.0, 1.125, 2.0, 4.0])  # two training steps of 0.125 s, a log step of 2 s
+    monkeypatch.setattr(timer, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    steps = timer.StepTimer(torch.device("cpu"))
+    for log in (False, False, True):
+        with steps.measure(log=log):
+            pass
+    restored = timer.StepTimer(torch.device("cpu"))
+    restored.load_state_dict(steps.state_dict())  # through a checkpoint
+    assert restored.take() == {"train": (0.25, 2), "log": (2.0, 1)}
+    assert restored.take() == {"train": (0.0, 0), "log": (0.0, 0)}
+    older = timer.StepTimer(torch.device("cpu"))
+    older.load_state_dict({"seconds": 1.5, "steps": 3})  # a checkpoint from before log steps were timed apart
+    assert older.take() == {"train": (1.5, 3), "log": (0.0, 0)}
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_and_names_it(tmp_path, monkeypatch, one_thread):

@@ -106,6 +106,20 @@ def test_no_host_read_between_log_steps(monkeypatch, tmp_path, one_thread):
 def test_monitor_checks_its_interval(tmp_path):
     with pytest.raises(ValueError, match="log_interval must be an int >= 1"):
         fp8lab.Monitor(torch.nn.Linear(4, 4), tmp_path, log_interval=0)
+    with pytest.raises(ValueError, match=r"whatif_interval must be None \(every log step\) or a positive multiple"):
+        fp8lab.Monitor(torch.nn.Linear(4, 4), tmp_path, log_interval=2, whatif_interval=3)
+
+
+def test_whatif_interval_thins_out_the_whatif_statistics_only(tmp_path, one_thread):
+    model = _tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with fp8lab.Monitor(model, tmp_path / "fp8", log_interval=2, whatif_interval=4) as monitor:
+        for step in range(4):
+            monitor.begin_step()
+            monitor.end_step(loss=_train_step(model, opt, step))
+    acc = _scalars(tmp_path / "fp8")
+    assert [e.step for e in acc.Scalars("scaling/blocks.0.mlp.fc1/input/sqnr_db")] == [2, 4]
+    assert [e.step for e in acc.Scalars("whatif/blocks.0.mlp.fc1/input/block/sqnr_db")] == [4]
 
 
 def test_hf_trainer_callback_writes_the_recipe_tags(tmp_path, recipe_fp8, one_thread):

@@ -181,7 +181,7 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     x, y = runner.sampler.batch(0)
     armed = []
     original_arm = run.collector.arm
-    run.collector.arm = lambda: (armed.append(True), original_arm())[1]
+    run.collector.arm = lambda **kw: (armed.append(True), original_arm(**kw))[1]
     shadows = []
     original_record = shadow.record
     monkeypatch.setattr(shadow, "record", lambda *a, **k: (shadows.append(a[1]), original_record(*a, **k))[1])

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from fp8lab.formats import E4M3, E5M2, Role
@@ -96,3 +97,84 @@ def test_a_block_variant_logs_block_statistics_and_the_report_compares_recipes(t
     assert result["variants"]["fp8"]["best_scaling"] == summary["variants"]["fp8"]["best_scaling"]
     text = report(run_dir)
     assert "which scaling would have served each layer best" in text and "it ran block" in text
+
+
+def _block_reference(x: torch.Tensor, block: tuple[int, int], scale: torch.Tensor, fmt) -> list[float]:
+    """``block_cast_stats`` in float64, element by element from the definition: scale each
+    block, clamp, round onto the grid (the exact cast), dequantize."""
+    from fp8lab.quantize_blocks import cast_blocks_dequantized
+
+    br, bc = block
+    x64 = x.double()
+    s64 = scale.double().repeat_interleave(br, 0).repeat_interleave(bc, 1)[: x.shape[0], : x.shape[1]]
+    deq = cast_blocks_dequantized(x, block, scale, scale.reciprocal(), fmt, dtype=torch.float32).double()
+    clamped = (x64 * s64).abs() > fmt.max
+    flushed = (x64 != 0) & (deq == 0)
+    n = x.numel()
+    sqnr = 10 * math.log10((x64 ** 2).sum().item() / ((x64 - deq) ** 2).sum().item())
+    nb = scale.shape
+    pad = (0, nb[1] * bc - x.shape[1], 0, nb[0] * br - x.shape[0])
+
+    def per_block(mask):
+        m = torch.nn.functional.pad(mask.double(), pad).reshape(nb[0], br, nb[1], bc)
+        return m.amax(dim=(1, 3)) > 0
+
+    occupied = per_block(x64 != 0)
+    log2 = torch.log2(scale.double())[occupied]
+    return [clamped.sum().item() * 100 / n, flushed.sum().item() * 100 / n, sqnr,
+            log2.min().item(), log2.median().item(), log2.max().item(),
+            per_block(flushed).double().mean().item() * 100, per_block(clamped).double().mean().item() * 100]
+
+
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (1, 32)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_block_cast_stats_match_a_float64_reference(block, transposed):
+    """Chunked block statistics (several CPU chunks, ragged edges, a transposed view,
+    overflow, underflow and an all-zero block) against the definition in float64: counts
+    exactly, SQNR to 1e-3 dB; and the what-if path that casts by itself gives the very
+    same numbers as the path handed the layer's dequantized values."""
+    from fp8lab.quantize_blocks import block_cast_stats
+    from fp8lab.scaling.blocks import blocks_amax
+
+    gen = torch.Generator().manual_seed(5)
+    rows, cols = 1100, 700  # neither a multiple of 128; 770k elements: > 2 chunks of 2^18
+    x = (torch.randn(cols, rows, generator=gen) * 3).bfloat16().t() if transposed else \
+        (torch.randn(rows, cols, generator=gen) * 3).bfloat16()
+    x[:130, :130] = 0  # an all-zero block under every block shape
+    x[200, 5] = 1e-30  # underflows next to normal values in its block
+    amax = blocks_amax(x, block)
+    scale = (torch.full_like(amax, E4M3.max) / amax).nan_to_num(posinf=1.0)
+    scale = torch.exp2(torch.floor(torch.log2(scale)))  # powers of two, as the block recipes make
+    scale[0, -1] *= 4  # one block scaled past fp8_max: saturates
+    from fp8lab.quantize_blocks import cast_blocks_dequantized
+    deq = cast_blocks_dequantized(x, block, scale, scale.reciprocal(), E4M3)
+    given = block_cast_stats(x, deq, block, scale, E4M3)
+    cast_here = block_cast_stats(x, None, block, scale, E4M3)
+    assert torch.equal(given, cast_here)
+    assert torch.equal(block_cast_stats(x, None, block, scale, E4M3, block_stats=False), given[:3])
+    ref = _block_reference(x, block, scale, E4M3)
+    assert ref[0] > 0 and ref[1] > 0 and ref[7] > 0 and ref[6] > 0
+    got = given.tolist()
+    for i in (0, 1, 6, 7):
+        assert math.isclose(got[i], ref[i], rel_tol=1e-6), (i, got[i], ref[i])
+    assert abs(got[2] - ref[2]) < 1e-3
+    assert got[3:6] == ref[3:6]
+
+
+def test_whatif_runs_only_on_the_steps_asked_for(tmp_path, one_thread):
+    """train.whatif_interval: what-if tags on its multiples only, the scaling tags on every
+    log step; a value that is not a multiple of log_interval is refused naming the key."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fp8lab.run.config import ConfigError
+
+    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"), SHORT + ["train.whatif_interval=4"])
+    Runner(config, tmp_path, progress=False).run()
+    run_dir = next((tmp_path / "quickstart").iterdir())
+    acc = EventAccumulator(str(run_dir / "fp8"), size_guidance={"scalars": 0})
+    acc.Reload()
+    layer = "blocks.0.mlp.fc1"
+    assert [e.step for e in acc.Scalars(f"scaling/{layer}/input/sqnr_db")] == [2, 4]
+    assert [e.step for e in acc.Scalars(f"whatif/{layer}/input/mxfp8/sqnr_db")] == [4]
+    with pytest.raises(ConfigError, match=r"train\.whatif_interval"):
+        apply_overrides(config, ["train.whatif_interval=3"])

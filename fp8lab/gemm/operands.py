@@ -80,7 +80,9 @@ def make_operand(
         values = backend.quantize(x2d, scale, fmt)
         if measure:
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
-            slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=scale)
+            if slot.whatif_armed:
+                slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None,
+                                                 known={"delayed": slot.cast_stats[role]})
         return Operand(values, scale.reciprocal())
     if isinstance(scaling, Float8CurrentScaling):
         amaxes = amaxes_of(x2d)
@@ -91,7 +93,9 @@ def make_operand(
         if measure:
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
             slot.record_scale(role, scale, amaxes[1])
-            slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None)
+            if slot.whatif_armed:
+                slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None,
+                                                 known={"current": slot.cast_stats[role]})
         return Operand(values, scale.reciprocal())
     if isinstance(scaling, (Float8BlockScaling, MXFP8BlockScaling)):
         block = scaling.block(role, usage)
@@ -104,6 +108,8 @@ def make_operand(
             stats = block_cast_stats(x2d, values, block, scale, fmt)
             slot.cast_stats[role] = stats[:3]
             slot.record_blocks(role, stats[3:], amax.max())
-            slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None)
+            if slot.whatif_armed:
+                slot.whatif[role] = whatif_stats(x2d, role, fmt, delayed_scale=None,
+                                                 known={scaling.name: slot.cast_stats[role]})
         return Operand(values, None)
     raise TypeError(f"no operand for scaling {type(scaling).__name__}")

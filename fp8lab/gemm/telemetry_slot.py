@@ -29,6 +29,7 @@ class TelemetrySlot:
 
     def __init__(self) -> None:
         self.armed = False  # a host bool: checking it never touches the device
+        self.whatif_armed = False  # while armed: also the what-if statistics
         self.cast_stats: torch.Tensor | None = None  # (3, len(STAT_NAMES)) float32, once armed
         self.scale_amax: torch.Tensor | None = None  # (3, 2): the armed step's scale, amax
         self.block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES))
@@ -36,9 +37,10 @@ class TelemetrySlot:
         self.whatif: torch.Tensor | None = None  # (3, recipes, len(STAT_NAMES)): fp8lab.gemm.whatif
         self.shadow_sqnr: torch.Tensor | None = None  # (3,) float32 dB: fprop, dgrad, wgrad
 
-    def arm(self, device: torch.device) -> None:
-        """Ask for statistics during the coming step (buffers are made on first use; values
-        a scaling does not have stay NaN)."""
+    def arm(self, device: torch.device, whatif: bool = True) -> None:
+        """Ask for statistics during the coming step, the what-if statistics only when
+        ``whatif`` (NaN otherwise, so nothing stale is logged). Buffers are made on first
+        use; values a scaling does not have stay NaN."""
         if self.cast_stats is None or self.cast_stats.device != device:
             nan = dict(dtype=torch.float32, device=device)
             self.cast_stats = torch.full((3, len(STAT_NAMES)), float("nan"), **nan)
@@ -48,6 +50,9 @@ class TelemetrySlot:
         if self.shadow_sqnr is None or self.shadow_sqnr.device != device:
             self.shadow_sqnr = torch.empty(3, dtype=torch.float32, device=device)
         self.shadow_sqnr.fill_(float("nan"))  # a GEMM that does not run this step stays unmeasured
+        if not whatif:
+            self.whatif.fill_(float("nan"))
+        self.whatif_armed = whatif
         self.armed = True
 
     def disarm(self) -> None:

@@ -22,8 +22,8 @@ import torch
 
 from fp8lab.formats import E4M3, FP8Format, Role
 from fp8lab.options import SCALINGS
-from fp8lab.quantize import STAT_NAMES, amaxes_of, cast_stats, cast_to_fp8_grid
-from fp8lab.quantize_blocks import block_cast_stats, cast_blocks_dequantized
+from fp8lab.quantize import STAT_NAMES, amaxes_of, cast_stats
+from fp8lab.quantize_blocks import block_cast_stats
 from fp8lab.scaling.block import ROWWISE, Float8BlockScaling
 from fp8lab.scaling.blocks import blocks_amax
 from fp8lab.scaling.current import Float8CurrentScaling
@@ -32,18 +32,19 @@ from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
 WHATIF_RECIPES = tuple(SCALINGS)  # "delayed", "current", "block", "mxfp8": the rows below, in order
 
 
-def _per_tensor(x2d: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-    return cast_stats(x2d, cast_to_fp8_grid(x2d, scale, fmt, dtype=torch.float32), scale, fmt)
-
-
 def _blocks(x2d: torch.Tensor, role: Role, scaling, fmt: FP8Format) -> torch.Tensor:
     block = scaling.block(role, ROWWISE)
-    scale, scale_inv = scaling.block_scales(blocks_amax(x2d, block), fmt, x2d.dtype)
-    deq = cast_blocks_dequantized(x2d, block, scale, scale_inv, fmt, dtype=torch.float32)
-    return block_cast_stats(x2d, deq, block, scale, fmt)[: len(STAT_NAMES)]
+    scale, _ = scaling.block_scales(blocks_amax(x2d, block), fmt, x2d.dtype)
+    return block_cast_stats(x2d, None, block, scale, fmt, block_stats=False)
 
 
-def whatif_stats(x2d: torch.Tensor, role: Role, fmt: FP8Format, delayed_scale: torch.Tensor | None) -> torch.Tensor:
+def whatif_stats(
+    x2d: torch.Tensor,
+    role: Role,
+    fmt: FP8Format,
+    delayed_scale: torch.Tensor | None,
+    known: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(len(WHATIF_RECIPES), len(STAT_NAMES)) float32: each recipe's statistics on ``x2d``.
 
     Args:
@@ -51,15 +52,23 @@ def whatif_stats(x2d: torch.Tensor, role: Role, fmt: FP8Format, delayed_scale: t
         role: its role (weights get 128x128 blocks under block scaling, as in TE).
         fmt: the layer's FP8 format for this role; every recipe here uses it.
         delayed_scale: the layer's delayed scale for this role, or None.
+        known: rows already measured, by recipe name: the layer's own cast statistics for
+            the recipe it runs (the same numbers, so the cast is not done twice).
     """
+    known = known or {}
     fp8_format = "hybrid" if fmt is not E4M3 else "e4m3"
     rows = []
-    if delayed_scale is not None:
-        rows.append(_per_tensor(x2d, delayed_scale, fmt))
-    else:
-        rows.append(torch.full((len(STAT_NAMES),), float("nan"), device=x2d.device))
-    current = Float8CurrentScaling(fp8_format=fp8_format)
-    rows.append(_per_tensor(x2d, current.scale(amaxes_of(x2d)[1], fmt), fmt))
-    rows.append(_blocks(x2d, role, Float8BlockScaling(fp8_format=fp8_format), fmt))
-    rows.append(_blocks(x2d, role, MXFP8BlockScaling(fp8_format=fp8_format), fmt))
+    for recipe in WHATIF_RECIPES:
+        if recipe in known:
+            rows.append(known[recipe])
+        elif recipe == "delayed":
+            rows.append(cast_stats(x2d, None, delayed_scale, fmt) if delayed_scale is not None
+                        else torch.full((len(STAT_NAMES),), float("nan"), device=x2d.device))
+        elif recipe == "current":
+            scale = Float8CurrentScaling(fp8_format=fp8_format).scale(amaxes_of(x2d)[1], fmt)
+            rows.append(cast_stats(x2d, None, scale, fmt))
+        elif recipe == "block":
+            rows.append(_blocks(x2d, role, Float8BlockScaling(fp8_format=fp8_format), fmt))
+        else:
+            rows.append(_blocks(x2d, role, MXFP8BlockScaling(fp8_format=fp8_format), fmt))
     return torch.stack(rows).float()

@@ -81,6 +81,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     log_interval: int = 10
+    # What-if statistics (every scaling recipe's cast of each FP8 operand) cost about three
+    # extra casts per operand on a log step: None computes them on every log step, an int
+    # (a multiple of log_interval) on every whatif_interval-th step only.
+    whatif_interval: int | None = None
     eval_interval: int = 100
     eval_batches: int = 8
     seed: int = 1337
@@ -94,6 +98,10 @@ class TrainConfig:
             _int(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "seed", "checkpoint_interval"):
             _int(getattr(self, name), f"train.{name}", low=0)
+        _check(self.whatif_interval is None or (isinstance(self.whatif_interval, int) and not isinstance(self.whatif_interval, bool)
+                                                and self.whatif_interval >= 1 and self.whatif_interval % self.log_interval == 0),
+               "train.whatif_interval", f"None (every log step) or a positive multiple of train.log_interval ({self.log_interval})",
+               self.whatif_interval)
         _check(self.seed < 2**64, "train.seed", "an int in [0, 2**64 - 1] (torch seeds are 64-bit)", self.seed)
         for name in ("lr", "min_lr", "weight_decay"):
             value = getattr(self, name)

@@ -256,7 +256,8 @@ class Runner:
         x, y = self.sampler.batch(step, self.dist.rank, self.dist.world_size)
         lr = learning_rate(step, cfg)
         log = (step + 1) % t.log_interval == 0 or step == t.steps - 1
-        stats = {run.variant.name: run.train_step(x, y, lr, log) for run in self.variants}
+        whatif = log and (t.whatif_interval is None or (step + 1) % t.whatif_interval == 0)
+        stats = {run.variant.name: run.train_step(x, y, lr, log, whatif=whatif) for run in self.variants}
         if log:  # every variant took this step: weights compare at the same step
             for run in self.variants:
                 name = run.variant.name

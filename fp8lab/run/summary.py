@@ -133,6 +133,7 @@ class RunSummary:
         for name in self.names:
             final = self.evals[name][-1][1] if self.evals[name] else {}
             tps = [m["perf/tokens_per_s"] for _, m in self.train[name] if m.get("perf/tokens_per_s")]
+            log_ms = [m["perf/log_step_ms"] for _, m in self.train[name] if m.get("perf/log_step_ms")]
             loss = final.get("loss/val")
             variant = next(v for v in self.config.variants if v.name == name)
             variants[name] = {
@@ -143,6 +144,7 @@ class RunSummary:
                 "final_val_token_acc": final.get("metrics/val_token_acc"),
                 "val_loss_rel_gap": None if loss is None or base_loss is None or name == self.config.baseline else (loss - base_loss) / base_loss,
                 "tokens_per_s": float(np.median(tps)) if tps else None,
+                "log_step_ms": float(np.median(log_ms)) if log_ms else None,
                 "first_train_loss": self.train[name][0][1]["loss/train"] if self.train[name] else None,
                 "first_batch_sha": self.first_batch.get(name),
                 "skipped_steps": self.train[name][-1][1].get("faults/skipped_steps", 0.0) if self.train[name] else 0.0,

@@ -131,8 +131,10 @@ class VariantRun:
     def autocast(self):
         return self.rung.autocast(self.device)
 
-    def train_step(self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool) -> LayerStats | None:
-        """One optimizer step on the host batch (x, y); returns the scaling snapshot on log steps."""
+    def train_step(self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool,
+                   whatif: bool = True) -> LayerStats | None:
+        """One optimizer step on the host batch (x, y); returns the scaling snapshot on log
+        steps, with the what-if statistics when ``whatif`` (else they are NaN, not logged)."""
         if self.first_batch_sha is None:  # once: proves every variant trained on the same tokens
             self.first_batch_sha = hashlib.sha256(x_host.numpy().tobytes() + y_host.numpy().tobytes()).hexdigest()[:16]
         x = x_host.to(self.device, non_blocking=True)
@@ -141,12 +143,12 @@ class VariantRun:
             group["lr"] = lr
         scaler = self.loss_scaler
         if log:
-            self.collector.arm()
+            self.collector.arm(whatif=whatif)
             if self.flush_probe is not None:
                 self.flush_probe.arm(scaler.scale)
         if self.device.type == "cuda":  # host-side allocator statistics, no sync
             torch.cuda.reset_peak_memory_stats(self.device)
-        with self.timer.measure():
+        with self.timer.measure(log=log):
             self.model.train()
             counting = self.saved_counter.counting() if log else contextlib.nullcontext()
             with self.autocast(), counting:
@@ -193,8 +195,13 @@ class VariantRun:
         return stats
 
     def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
-        """Train loss, throughput and skip counts since the last log step (one sync)."""
-        seconds, timed_steps = self.timer.take()
+        """Train loss, throughput and skip counts since the last log step (one sync).
+
+        ``perf/tokens_per_s`` counts the training steps between log steps (all steps when
+        every step logs); ``perf/log_step_ms`` is what a log step took, telemetry included."""
+        timed = self.timer.take()
+        seconds, timed_steps = timed["train"] if timed["train"][1] else timed["log"]
+        log_seconds, log_steps = timed["log"]
         device_values = [self.counters[n] for n in COUNTERS]
         if self.loss_scaler is not None:  # read with the counters: still one copy
             device_values.append(self.loss_scaler.scale)
@@ -208,6 +215,7 @@ class VariantRun:
         metrics = {
             "loss/train": loss,
             "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            **({"perf/log_step_ms": 1e3 * log_seconds / log_steps} if log_steps else {}),
             "faults/skipped_steps": values["skipped"],
             "faults/consecutive_skips": values["consecutive_skips"],
             **self.memory,

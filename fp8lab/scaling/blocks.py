@@ -87,6 +87,14 @@ def padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def blocks_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fmaxf(|x|) of every block: (ceil(R/br), ceil(C/bc)) float32."""
-    magnitude = padded_blocks(x.float().abs(), block)
-    return magnitude.nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=(1, 3))
+    """fmaxf(|x|) of every block: (ceil(R/br), ceil(C/bc)) float32 (NaN elements ignored, inf counted).
+
+    |x| and its maxima are exact in x's own dtype, so no float32 copy is made. A NaN
+    element makes its block's plain maximum NaN; on CPU the NaN-ignoring pass runs only
+    then (reading the result is a load from host memory), elsewhere always (no host read).
+    """
+    magnitude = padded_blocks(x.abs(), block)
+    amax = magnitude.amax(dim=(1, 3)) if x.device.type == "cpu" else None
+    if amax is None or bool(torch.isnan(amax).any()):
+        amax = magnitude.nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=(1, 3))
+    return amax.float()

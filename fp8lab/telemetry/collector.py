@@ -106,10 +106,11 @@ class ScalingCollector:
     def _views(self) -> list:
         return [layer.scaling_view() for _, layer in self.layers]
 
-    def arm(self) -> None:
-        """Ask every layer to compute cast statistics during the coming step."""
+    def arm(self, whatif: bool = True) -> None:
+        """Ask every layer to compute cast statistics during the coming step, and the
+        what-if statistics of every scaling recipe when ``whatif``."""
         for _, layer in self.layers:
-            layer.telemetry.arm(layer.weight.device)
+            layer.telemetry.arm(layer.weight.device, whatif=whatif)
 
     def snapshot(self) -> torch.Tensor | None:
         """Scale, amax (row 0), cast stats and output SQNR against BF16 of every layer, on

@@ -46,13 +46,22 @@ class Monitor:
             initial weights; adds ``accuracy/<layer>/weight_rel_diff``.
         histogram_interval: optimizer steps between amax-history histograms (a multiple
             of ``log_interval`` to land on log steps).
+        whatif_interval: optimizer steps between what-if statistics (every scaling
+            recipe's cast of each operand, about three extra casts each): None on every
+            log step, else a multiple of ``log_interval``.
         group: the data-parallel process group passed to ``update_scales``.
     """
 
     def __init__(self, model: nn.Module, log_dir: str | Path, *, log_interval: int = 10,
-                 reference: nn.Module | None = None, histogram_interval: int = 100, group=None):
+                 reference: nn.Module | None = None, histogram_interval: int = 100,
+                 whatif_interval: int | None = None, group=None):
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
             raise ValueError(f"log_interval must be an int >= 1, got {log_interval!r}")
+        if whatif_interval is not None and (isinstance(whatif_interval, bool) or not isinstance(whatif_interval, int)
+                                            or whatif_interval < 1 or whatif_interval % log_interval):
+            raise ValueError(f"whatif_interval must be None (every log step) or a positive multiple of "
+                             f"log_interval ({log_interval}), got {whatif_interval!r}")
+        self.whatif_interval = whatif_interval
         self.model, self.log_interval, self.histogram_interval, self.group = model, log_interval, histogram_interval, group
         self.collector = ScalingCollector(model)
         self.drift = WeightDrift(model, reference) if reference is not None else None
@@ -94,7 +103,8 @@ class Monitor:
             self.step = step
         self._log = self.log_step
         if self._log:
-            self.collector.arm()
+            whatif = self.whatif_interval is None or (self.step + 1) % self.whatif_interval == 0
+            self.collector.arm(whatif=whatif)
 
     def end_step(self, loss: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> dict[str, float] | None:
         """After ``optimizer.step()``: update the scales; on a log step, write the tags.

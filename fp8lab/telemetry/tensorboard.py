@@ -3,7 +3,7 @@
 Invariant: this module only formats and writes host values it is given; it never reads
 a device tensor. Tags:
     loss/train loss/val metrics/val_ppl metrics/val_token_acc compare/val_loss_rel_gap
-    perf/tokens_per_s perf/peak_mem_mb
+    perf/tokens_per_s (training steps) perf/log_step_ms (log steps, telemetry included) perf/peak_mem_mb
     scaling/<layer>/<role>/<scale|amax|overflow_pct|underflow_pct|sqnr_db>
     accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db  accuracy/<layer>/weight_rel_diff
     amax_history/<layer>/<role> (histogram)   overview/scaling (image)
@@ -28,6 +28,7 @@ CUSTOM_LAYOUT = {
         "validation loss": ["Multiline", [r"loss/val"]],
         "relative val-loss gap to the baseline (BF16, or the FP32 reference)": ["Multiline", [r"compare/val_loss_rel_gap"]],
         "tokens/s": ["Multiline", [r"perf/tokens_per_s"]],
+        "log step ms": ["Multiline", [r"perf/log_step_ms"]],
     }
 }
 
