@@ -24,6 +24,13 @@ def _per_block(t: torch.Tensor) -> torch.Tensor:
     return t[:, None, :, None]  # (R/br, C/bc) -> broadcast over (R/br, br, C/bc, bc)
 
 
+def transposed(x2d: torch.Tensor) -> bool:
+    """Whether ``x2d`` is the transpose of a contiguous tensor (the backward's copies). Block
+    work on it runs on that contiguous tensor with the block shape swapped: reductions and
+    passes over a column-major view are many times slower on CPU."""
+    return not x2d.is_contiguous() and x2d.t().is_contiguous()
+
+
 def cast_blocks_dequantized(
     x2d: torch.Tensor,
     block: tuple[int, int],
@@ -35,6 +42,11 @@ def cast_blocks_dequantized(
 ) -> torch.Tensor:
     """The dequantized FP8 values of ``x2d`` (R, C) cast block by block, in ``dtype``.
 
+    Each element: ``x * scale`` in float32, clamped to +-fmt.max, rounded to nearest even on
+    the grid, times ``scale_inv``. On CPU the work goes in slices of whole block rows of
+    about CPU_CHUNK elements through two reused buffers, as ``fp8lab.quantize`` casts, so
+    no tensor-sized float32 temporary is made.
+
     Args:
         x2d: any float tensor, 2-D.
         block: the block shape (br, bc).
@@ -42,12 +54,25 @@ def cast_blocks_dequantized(
         fmt: the FP8 format.
         dtype: bfloat16 or float32 (both hold q * 2^k exactly for the scales fp8lab makes).
     """
+    if transposed(x2d):  # the result is laid out as x2d is: a transpose, which GEMMs take as is
+        return cast_blocks_dequantized(x2d.t(), block[::-1], scale.t(), scale_inv.t(), fmt, dtype=dtype).t()
+    br, bc = block
     r, c = x2d.shape
-    v = padded_blocks(x2d.float(), block).mul(_per_block(scale)).contiguous()  # a fresh float32 tensor
-    v.clamp_(-fmt.max, fmt.max)
-    round_fp32_to_fp8_grid_(v.view(-1), fmt)
-    v.mul_(_per_block(scale_inv))
-    return v.reshape(v.shape[0] * v.shape[1], v.shape[2] * v.shape[3])[:r, :c].to(dtype)
+    out = torch.empty((r, c), dtype=dtype, device=x2d.device)
+    rows = r if x2d.device.type != "cpu" else max(br, CPU_CHUNK // max(c, 1) // br * br)
+    chunk_shape = (-(-min(rows, r) // br), br, -(-c // bc), bc)
+    v_buf = torch.empty(chunk_shape, dtype=torch.float32, device=x2d.device)
+    magic_buf = torch.empty(v_buf.numel(), dtype=torch.int32, device=x2d.device)
+    for r0 in range(0, r, rows):
+        xb = padded_blocks(x2d[r0:r0 + rows], block)
+        v = v_buf[: xb.shape[0]]
+        v.copy_(xb).mul_(_per_block(scale[r0 // br: r0 // br + xb.shape[0]]))
+        v.clamp_(-fmt.max, fmt.max)
+        round_fp32_to_fp8_grid_(v.view(-1), fmt, magic_buf[: v.numel()])
+        v.mul_(_per_block(scale_inv[r0 // br: r0 // br + xb.shape[0]]))
+        part = out[r0:r0 + rows]
+        part.copy_(v.view(v.shape[0] * br, v.shape[2] * bc)[: part.shape[0], :c])
+    return out
 
 
 def block_cast_stats(

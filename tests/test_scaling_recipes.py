@@ -274,3 +274,27 @@ def test_mxfp8_beats_per_tensor_scaling_on_a_tensor_with_an_outlier():
         return sqnr_db(x_other, q)
     assert quality(mx) > quality(per_tensor) + 20.0
     assert quality(block) > quality(per_tensor) + 20.0
+
+
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (1, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_amax_and_cast_of_a_transposed_view_equal_those_of_its_contiguous_copy(block, dtype):
+    """The backward's copies are transposed views; their block amaxes and casts run on the
+    contiguous tensor with the block shape swapped (and the cast in chunks of block rows).
+    Bit for bit what the plain layout gives, NaN, inf and ragged edges included."""
+    from fp8lab.quantize_blocks import cast_blocks_dequantized
+    from fp8lab.scaling.blocks import blocks_amax
+
+    gen = torch.Generator().manual_seed(11)
+    base = (torch.randn(700, 1100, generator=gen) * 4).to(dtype)  # > 2 CPU chunks; not multiples of 128
+    base[3, 5], base[400, 9], base[9, 700] = float("nan"), float("inf"), 1e-30
+    view = base.t()
+    assert not view.is_contiguous()
+    scaling = MXFP8BlockScaling() if block == (1, 32) else Float8BlockScaling()
+    amax = blocks_amax(view, block)
+    assert torch.equal(amax.nan_to_num(-1.0), blocks_amax(view.contiguous(), block).nan_to_num(-1.0))
+    assert amax.shape == (1100 // block[0] + (1100 % block[0] > 0), -(-700 // block[1]))
+    scale, scale_inv = scaling.block_scales(amax, E4M3, dtype)
+    got = cast_blocks_dequantized(view, block, scale, scale_inv, E4M3)
+    want = cast_blocks_dequantized(view.contiguous(), block, scale.contiguous(), scale_inv.contiguous(), E4M3)
+    assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)) and torch.isnan(got).sum() == torch.isnan(want).sum()

@@ -30,7 +30,7 @@ from fp8lab.formats import Role
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.gemm.whatif import whatif_stats
 from fp8lab.quantize import amaxes_of, cast_stats
-from fp8lab.quantize_blocks import block_cast_stats, cast_blocks_dequantized
+from fp8lab.quantize_blocks import block_cast_stats
 from fp8lab.scaling.block import COLUMNWISE, ROWWISE, Float8BlockScaling
 from fp8lab.scaling.blocks import blocks_amax
 from fp8lab.scaling.current import Float8CurrentScaling

@@ -92,9 +92,20 @@ def blocks_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     |x| and its maxima are exact in x's own dtype, so no float32 copy is made. A NaN
     element makes its block's plain maximum NaN; on CPU the NaN-ignoring pass runs only
     then (reading the result is a load from host memory), elsewhere always (no host read).
+    The transpose of a contiguous tensor (the backward's copies) is reduced in its
+    contiguous layout, with the block shape swapped (13x faster on CPU at 2048x3072).
     """
+    if not x.is_contiguous() and x.t().is_contiguous():
+        return blocks_amax(x.t(), block[::-1]).t()
     magnitude = padded_blocks(x.abs(), block)
-    amax = magnitude.amax(dim=(1, 3)) if x.device.type == "cpu" else None
+    amax = _block_max(magnitude) if x.device.type == "cpu" else None
     if amax is None or bool(torch.isnan(amax).any()):
-        amax = magnitude.nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=(1, 3))
+        amax = _block_max(magnitude.nan_to_num(nan=0.0, posinf=float("inf")))
     return amax.float()
+
+
+def _block_max(blocks: torch.Tensor) -> torch.Tensor:
+    """(R/br, br, C/bc, bc) -> (R/br, C/bc): the contiguous dim first, size-1 dims dropped
+    (one reduction over both dims, or over a dim of 1, is a slow extra pass on CPU)."""
+    m = blocks.amax(dim=3) if blocks.shape[3] > 1 else blocks.squeeze(3)
+    return m.amax(dim=1) if m.shape[1] > 1 else m.squeeze(1)
