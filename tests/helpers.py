@@ -18,6 +18,27 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float(10.0 * torch.log10(signal / noise))
 
 
+# The exact GEMM paths a CPU test can force whatever this CPU has (oneDNN bf16 only where native).
+CPU_PATH_NAMES = ("fp32", "onednn-bf16")
+
+
+def force_gemm_path(monkeypatch, path_name: str) -> None:
+    """Make the FP8 and BF16 backends use ``path_name`` (a CI machine may have either);
+    skips the test where this CPU cannot run it."""
+    import fp8lab.layers.linear
+    from fp8lab.gemm.backends.emulated import EmulatedBackend
+    from fp8lab.gemm.backends.rounded import RoundedBackend
+    from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16
+
+    if path_name == "onednn-bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native BF16 (oneDNN bf16 path)")
+    path = GemmPath(path_name, torch.bfloat16 if path_name == "onednn-bf16" else torch.float32, "forced by the test")
+    backends = {"emulated": EmulatedBackend(path), "bf16": RoundedBackend(path, "bf16")}
+    original = fp8lab.layers.linear.backend_for
+    monkeypatch.setattr(fp8lab.layers.linear, "backend_for",
+                        lambda name, device: backends[name] if name in backends else original(name, device))
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for a training test, restored afterwards: on the shared

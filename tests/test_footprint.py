@@ -9,6 +9,7 @@ import fp8lab
 from fp8lab import FP8Options
 from fp8lab.run.footprint import SavedTensorCounter, tensor_bytes
 from fp8lab.run.precision import rung_of
+from tests.helpers import CPU_PATH_NAMES, force_gemm_path
 from tests.test_precision_ladder import RUNGS, make_run
 
 # The tiny GPT of tiny_config (1 block, hidden 128, ffn 512, vocab 256, block_size 16), by hand:
@@ -49,8 +50,12 @@ SAVED = {
 }
 
 
+@pytest.mark.parametrize("path_name", CPU_PATH_NAMES)
 @pytest.mark.parametrize("name", list(SAVED))
-def test_saved_for_backward_of_one_linear_at_the_hardware_width(name):
+def test_saved_for_backward_of_one_linear_at_the_hardware_width(name, path_name, monkeypatch):
+    """The same bytes on either exact CPU path: the fp32 path holds a bf16 weight as an
+    fp32 copy, which the hardware path does not make."""
+    force_gemm_path(monkeypatch, path_name)
     rung = rung_of(RUNGS[name])
     layer = fp8lab.Linear(K, N, fp8=FP8Options(fallback="emulated"))
     model = rung.cast_parameters_(rung.prepare_gemms(torch.nn.Sequential(layer)))

@@ -17,6 +17,7 @@ from fp8lab.report import read_scaling
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
+from tests.helpers import CPU_PATH_NAMES, force_gemm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
@@ -151,14 +152,7 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _force_gemm_path(monkeypatch, path):
-    from fp8lab.gemm.backends.rounded import RoundedBackend
-    from fp8lab.gemm.backends.emulated import EmulatedBackend
-    backends = {"emulated": EmulatedBackend(path), "bf16": RoundedBackend(path, "bf16")}
-    monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: backends[name])
-
-
-@pytest.mark.parametrize("path_name", ["fp32", "onednn-bf16"])
+@pytest.mark.parametrize("path_name", CPU_PATH_NAMES)
 def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path, monkeypatch, path_name):
     """No device tensor is read on the host in a non-log step. On CPU, tensors live in host
     memory and reading one is a load, not a copy; fp8lab does it by design, and only these:
@@ -168,12 +162,7 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     with CUDA's sync debug mode). The BF16 shadow GEMMs (accuracy) run on log steps only."""
     from fp8lab.gemm import shadow
 
-    from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16
-
-    if path_name == "onednn-bf16" and not cpu_has_native_bf16():
-        pytest.skip("this CPU has no native BF16 GEMM (oneDNN bf16 path unavailable)")
-    dtype = torch.bfloat16 if path_name == "onednn-bf16" else torch.float32
-    _force_gemm_path(monkeypatch, GemmPath(path_name, dtype, "forced by the test"))
+    force_gemm_path(monkeypatch, path_name)
     config = apply_overrides(load_recipe(QUICKSTART), SHORT + ["train.steps=3", "train.log_interval=3"])
     runner = Runner(config, tmp_path, progress=False)
     run = runner.variants[1]

@@ -13,7 +13,10 @@ seen twice (a tied weight, three views of one QKV output) counts once.
   holds it in (FP8 values in bf16 or fp32, FP16 values in fp32). Two totals: activations,
   and the low-precision weight copies a Linear keeps for its dgrad (a BF16 or FP8 copy of
   a master weight). Parameters saved by reference (an fp32 GEMM's weight, or a weight
-  already in its GEMM's dtype) are not counted again: they are in the parameters.
+  already in its GEMM's dtype) are not counted again: they are in the parameters. Nor is
+  the operand the exact fp32 GEMM path makes of a weight already in its GEMM's dtype (a
+  bf16 weight without master weights, on CPUs without native BF16): the hardware path
+  multiplies the parameter itself.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from fp8lab.layers.linear import Linear
 
 # Bytes an element of a GEMM operand takes on the hardware path, by plan precision.
 OPERAND_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
+# The dtype a plan precision's operands have on the hardware path (FP8 weights are never parameters).
+OPERAND_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Backends whose saved operands are fp8lab's own (TE stores its own, natively sized).
 OWN_GEMM_BACKENDS = ("emulated", "scaled_mm", "bf16", "fp16", "fp32")
 
@@ -82,9 +87,10 @@ class SavedTensorCounter:
         elif t.numel() == scope["x"]:  # the input operand
             scope["x"] = None
             self.activation_bytes += elements * scope["width"]
-        elif t.numel() == scope["w"]:  # the weight copy
+        elif t.numel() == scope["w"]:  # the weight copy, unless the weight is the operand itself
             scope["w"] = None
-            self.weight_bytes += elements * scope["width"]
+            if not scope["weight_is_operand"]:
+                self.weight_bytes += elements * scope["width"]
         else:
             self.activation_bytes += elements * scope["width"]
         return t
@@ -94,7 +100,8 @@ class SavedTensorCounter:
             plan = module.plan()
             if plan.backend in OWN_GEMM_BACKENDS:
                 self._scope = {"width": OPERAND_BYTES[plan.precision], "x": args[0].numel(),
-                               "w": module.weight.numel()}
+                               "w": module.weight.numel(),
+                               "weight_is_operand": module.weight.dtype == OPERAND_DTYPES.get(plan.precision)}
 
         def post_hook(module, args, output):
             self._scope = None
