@@ -25,8 +25,7 @@ if __package__ in (None, ""):
 import fp8lab  # noqa: E402
 from benchmarks.bench_emulated import make_step, to_fp8lab_bf16  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    append_section, imitating_avx2, load_average, markdown_table, paired_ratio, reexec_imitating_avx2, summary,
-    time_interleaved,
+    append_section, markdown_table, paired_ratio, start, summary, time_interleaved, timing_arguments,
 )
 
 TOKENS, HIDDEN, FFN = 2048, 768, 3072
@@ -46,14 +45,9 @@ def mlp(scaling) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--imitate-avx2", action="store_true")
+    timing_arguments(parser, repeats=11, warmup=2)
     args = parser.parse_args()
-    if args.imitate_avx2 and not imitating_avx2():
-        reexec_imitating_avx2(sys.argv[1:])
-    load_before = load_average()
+    load_before = start(args)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(TOKENS, HIDDEN, generator=gen).requires_grad_(True)
     grad = torch.randn(TOKENS, HIDDEN, generator=gen)

@@ -27,8 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    append_section, imitating_avx2, load_average, markdown_table, paired_ratio, reexec_imitating_avx2, summary,
-    time_interleaved,
+    append_section, markdown_table, paired_ratio, start, summary, time_interleaved, timing_arguments,
 )
 from fp8lab.run.config import Variant  # noqa: E402
 from fp8lab.run.recipe_file import load_recipe  # noqa: E402
@@ -94,17 +93,12 @@ def profile_step(run: VariantRun, batch, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (one step per variant each)")
-    parser.add_argument("--warmup", type=int, default=3)
+    timing_arguments(parser, repeats=9, warmup=3)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--native-attention", action="store_true",
                         help="also time a BF16 variant whose attention core is torch's bf16 SDPA")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--imitate-avx2", action="store_true")
     args = parser.parse_args()
-    if args.imitate_avx2 and not imitating_avx2():
-        reexec_imitating_avx2(sys.argv[1:])
-    load_before = load_average()
+    load_before = start(args)
     config = load_recipe(QUICKSTART)
     specs = variants(config, args.native_attention)
     runs = build_runs(config, specs)

@@ -83,6 +83,22 @@ def reexec_imitating_avx2(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
+def timing_arguments(parser, repeats: int, warmup: int) -> None:
+    """The options every CPU timing benchmark takes: rounds, warm-up, --no-write, --imitate-avx2."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved timing rounds")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    parser.add_argument("--imitate-avx2", action="store_true", help="re-run as on a CPU without native BF16")
+
+
+def start(args) -> str:
+    """Re-execute imitating an AVX2-only CPU when asked (before any timing), then return the
+    load average the section will record as 'before'."""
+    if args.imitate_avx2 and not imitating_avx2():
+        reexec_imitating_avx2(sys.argv[1:])
+    return load_average()
+
+
 def machine() -> str:
     """CPU model, cores, SIMD features that matter for bf16 GEMMs, torch version, and
     what torch sees of them (AVX2 imitation, native bf16 GEMM, fp8lab's GEMM path)."""
