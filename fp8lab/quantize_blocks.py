@@ -14,7 +14,7 @@ import torch
 
 from fp8lab.formats import FP8Format
 from fp8lab.quantize import CPU_CHUNK, round_fp32_to_fp8_grid_
-from fp8lab.scaling.blocks import padded_blocks
+from fp8lab.scaling.blocks import padded_blocks, transposed
 
 BLOCK_STAT_NAMES = ("block_scale_log2_min", "block_scale_log2_median", "block_scale_log2_max",
                     "blocks_underflow_pct", "blocks_saturated_pct")
@@ -22,13 +22,6 @@ BLOCK_STAT_NAMES = ("block_scale_log2_min", "block_scale_log2_median", "block_sc
 
 def _per_block(t: torch.Tensor) -> torch.Tensor:
     return t[:, None, :, None]  # (R/br, C/bc) -> broadcast over (R/br, br, C/bc, bc)
-
-
-def transposed(x2d: torch.Tensor) -> bool:
-    """Whether ``x2d`` is the transpose of a contiguous tensor (the backward's copies). Block
-    work on it runs on that contiguous tensor with the block shape swapped: reductions and
-    passes over a column-major view are many times slower on CPU."""
-    return not x2d.is_contiguous() and x2d.t().is_contiguous()
 
 
 def cast_blocks_dequantized(
