@@ -34,15 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
-from benchmarks.bench_emulated import to_nn_linear  # noqa: E402
-
-
-def keep_bf16(module: nn.Module) -> nn.Module:
-    out = copy.deepcopy(module)
-    for m in out.modules():
-        if isinstance(m, fp8lab.Linear):
-            m.keep_in_bf16("BF16 baseline of the benchmark")
-    return out
+from benchmarks.bench_emulated import to_fp8lab_bf16, to_nn_linear  # noqa: E402
 
 
 def block_step(model: nn.Module, x: torch.Tensor, fp8: bool):
@@ -118,7 +110,7 @@ def bench_blocks(hiddens, tokens: int, repeats: int, compile_torchao: bool) -> l
         x = torch.randn(tokens // seq, seq, hidden, device="cuda", requires_grad=True)
         torch_nn = to_nn_linear(block)
         steps = {
-            "bf16": block_step(keep_bf16(block), x, False),
+            "bf16": block_step(to_fp8lab_bf16(block), x, False),
             "torch-bf16": block_step(torch_nn, x, False),
             "fp8lab": block_step(block, x, True),
         }

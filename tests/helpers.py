@@ -18,6 +18,23 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float(10.0 * torch.log10(signal / noise))
 
 
+def sigterm_in_training_step(runner, step: int):
+    """Send this process a real SIGTERM during the ``step``-th training forward (1-based) of
+    the runner's FP8 variant, mid-step; returns the hook's handle."""
+    import os
+    import signal
+
+    calls = []
+
+    def hook(module, args):
+        if module.training:
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return runner.variants[1].model.blocks[0].mlp.fc1.register_forward_pre_hook(hook)
+
+
 # The exact GEMM paths a CPU test can force whatever this CPU has (oneDNN bf16 only where native).
 CPU_PATH_NAMES = ("fp32", "onednn-bf16")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
 from fp8lab.run.stop import TrainingDiverged
+from tests.helpers import sigterm_in_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"
@@ -47,15 +47,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     straight.run()
 
     interrupted = Runner(cfg, tmp_path / "b", progress=False)
-    fc1 = interrupted.variants[1].model.blocks[0].mlp.fc1
-    calls = []
-
-    def sigterm_in_step_3(module, args):  # a real SIGTERM arriving in the middle of a step
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    hook = fc1.register_forward_pre_hook(sigterm_in_step_3)
+    hook = sigterm_in_training_step(interrupted, 3)  # a real SIGTERM arriving in the middle of a step
     assert interrupted.run() is None  # finished step 3, checkpointed, stopped
     hook.remove()
     run_dir = interrupted.run_dir

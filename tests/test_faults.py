@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import types
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from fp8lab.run.lock import RunFolderBusy, RunLock, check_not_busy
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
-from tests.helpers import one_thread  # noqa: F401 (fixture)
+from tests.helpers import one_thread, sigterm_in_training_step  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"
@@ -56,15 +55,7 @@ def test_tokens_per_s_of_the_first_interval_after_a_resume(tmp_path, monkeypatch
     assert expected == [2 * 16 / 0.5]  # batch x block tokens per 0.5 s step
 
     interrupted = Runner(cfg, tmp_path / "b", progress=False)
-    calls = []
-
-    def sigterm_in_step_2(module, args):
-        if module.training:
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    interrupted.variants[1].model.blocks[0].mlp.fc1.register_forward_pre_hook(sigterm_in_step_2)
+    sigterm_in_training_step(interrupted, 2)
     assert interrupted.run() is None  # stopped after step 2, in the middle of the log interval
     resumed = Runner(cfg, tmp_path / "unused", progress=False, resume=interrupted.run_dir)
     assert resumed.start_step == 2

@@ -3,8 +3,6 @@ alone, and a resumed run continues the scale bit for bit."""
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from fp8lab.run import checkpoint as ckpt
 from fp8lab.run.loss_scale import DynamicLossScaler, LossScaleConfig
 from fp8lab.run.runner import Runner
 from fp8lab.run.variant import VariantRun
+from tests.helpers import sigterm_in_training_step
 from tests.test_precision_ladder import RUNGS, make_run, tiny_config
 from tests.test_run import _HostReads
 from fp8lab.run.config import Variant
@@ -102,15 +101,7 @@ def test_resume_continues_the_loss_scale_and_16_bit_state_bit_for_bit(tmp_path):
     straight.run()
 
     interrupted = Runner(cfg, tmp_path / "b", progress=False)
-    calls = []
-
-    def sigterm_in_step_3(module, args):
-        if module.training:
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    interrupted.variants[1].model.blocks[0].mlp.fc1.register_forward_pre_hook(sigterm_in_step_3)
+    sigterm_in_training_step(interrupted, 3)
     assert interrupted.run() is None
     saved = ckpt.read_checkpoint(ckpt.list_checkpoints(interrupted.run_dir)[-1][1])
     assert saved["step"] == 3
