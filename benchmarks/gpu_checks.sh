@@ -19,6 +19,6 @@ else
   python3 benchmarks/bench_gpu_block.py --out "$out/bench_gpu.md" 2>&1 | tee "$out/bench_gpu.txt"
   python3 -m benchmarks.gpu_fast_accum 2>&1 | tee "$out/fast_accum.md"  # TE's fprop runs with FAST_ACCUM
   start=$(date +%s.%N)
-  python3 -m fp8lab.cli run recipes/quickstart.py --out "$out/logs" 2>&1 | tail -12 | tee "$out/quickstart.txt"
+  python3 -m fp8lab.run.cli run recipes/quickstart.py --out "$out/logs" 2>&1 | tail -12 | tee "$out/quickstart.txt"
   echo "quickstart wall time: $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a "$out/quickstart.txt"
 fi

@@ -153,7 +153,7 @@ def _variant_runs(keep_bf16):
 
 @pytest.mark.parametrize("keep_bf16,zero", [(("*",), True), (("lm_head",), False)], ids=["all-bf16", "fp8"])
 def test_weight_drift_is_zero_when_every_layer_is_kept_in_bf16(one_thread, keep_bf16, zero):
-    from fp8lab.data import BatchSampler, load_corpus
+    from fp8lab.run.data import BatchSampler, load_corpus
 
     config, (base, fp8) = _variant_runs(keep_bf16)
     drift = WeightDrift(fp8.model, base.model)

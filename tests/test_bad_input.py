@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp8lab.cli import main
+from fp8lab.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"

@@ -80,7 +80,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 SLOW_SAVE = """
 import sys, time, torch
 import fp8lab.run.checkpoint as ckpt
-from fp8lab.cli import main
+from fp8lab.run.cli import main
 real_save = torch.save
 def slow_save(obj, f):  # writes the real bytes, slowly, so a kill can land mid-write
     import io
@@ -115,7 +115,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_intact(tmp_path):
     (run_dir,) = (out / "quickstart").iterdir()
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]  # the half-written one has no final name
     assert list((run_dir / "checkpoints").glob(".step_00000004.pt.tmp-*"))
-    done = subprocess.run([sys.executable, "-m", "fp8lab.cli", *args, "--resume", str(run_dir)],
+    done = subprocess.run([sys.executable, "-m", "fp8lab.run.cli", *args, "--resume", str(run_dir)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # stale temporaries cleaned

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fp8lab.cli import main
+from fp8lab.run.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quickstart_v1"
 ROOT = Path(__file__).resolve().parents[1]

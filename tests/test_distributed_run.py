@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fp8lab.cli import EXIT_BAD_INPUT, main
+from fp8lab.run.cli import EXIT_BAD_INPUT, main
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
@@ -54,7 +54,7 @@ def _structure(run_dir: Path) -> dict:
 
 
 def _launch(out: Path, *args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fp8lab.cli", "run", QUICKSTART, "--nproc", "2", "--out", str(out), "--quiet", *args]
+    cmd = [sys.executable, "-m", "fp8lab.run.cli", "run", QUICKSTART, "--nproc", "2", "--out", str(out), "--quiet", *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fp8lab
-from fp8lab.cli import classify
+from fp8lab.run.cli import classify
 from fp8lab.layers.gpt import GPT
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import memory, storage, validate

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fp8lab
 from fp8lab import FP8Options, GPT, GPTConfig
-from fp8lab.data import BatchSampler, load_corpus
+from fp8lab.run.data import BatchSampler, load_corpus
 from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
 
 TRAIN_STEPS, BATCH, BLOCK, LR = 60, 16, 64, 3e-3

@@ -9,7 +9,7 @@ import torch
 from fp8lab.gemm.exact import gemm_path
 
 from fp8lab.gemm.backends.select import DeviceFacts, TEFacts, probe_te
-from fp8lab.info import auto_choices, collect_info, format_info
+from fp8lab.run.info import auto_choices, collect_info, format_info
 
 
 def test_collect_info_has_every_key_and_is_json():

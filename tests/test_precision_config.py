@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fp8lab.cli import main
+from fp8lab.run.cli import main
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe

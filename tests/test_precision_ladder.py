@@ -17,7 +17,7 @@ import torch
 
 import fp8lab
 from fp8lab import DelayedScaling
-from fp8lab.cli import main
+from fp8lab.run.cli import main
 from fp8lab.gemm.backends import emulated, rounded
 from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
 from fp8lab.run.runner import Runner

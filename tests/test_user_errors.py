@@ -28,7 +28,7 @@ from typing import Callable
 import pytest
 import torch
 
-from fp8lab.cli import main
+from fp8lab.run.cli import main
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import memory
 
@@ -404,7 +404,7 @@ def _unprivileged_mode() -> tuple[list[str], Callable | None, str]:
     """(command prefix, preexec_fn, why not) of a way to run without root's override."""
     if os.geteuid() != 0:
         return [], None, ""  # already a plain user
-    probe = [sys.executable, "-c", "import fp8lab.cli"]
+    probe = [sys.executable, "-c", "import fp8lab.run.cli"]
     tried = []
     try:
         if subprocess.run(probe, preexec_fn=_drop_privileges, cwd="/", capture_output=True).returncode == 0:
@@ -432,7 +432,7 @@ def unprivileged():
     env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
 
     def run(argv: list[str]) -> tuple[int, str]:
-        done = subprocess.run([*prefix, sys.executable, "-m", "fp8lab.cli", *argv], cwd="/", env=env,
+        done = subprocess.run([*prefix, sys.executable, "-m", "fp8lab.run.cli", *argv], cwd="/", env=env,
                               capture_output=True, text=True, timeout=300, preexec_fn=preexec)
         return done.returncode, done.stderr
 

@@ -19,12 +19,12 @@ import torch
 from fp8lab.formats import E4M3, E5M2, Role
 from fp8lab.gemm.whatif import WHATIF_RECIPES, whatif_stats
 from fp8lab.quantize import amaxes_of, cast_stats, cast_to_fp8_grid
-from fp8lab.report import report
+from fp8lab.run.report import report
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
 from fp8lab.scaling import Float8CurrentScaling
-from fp8lab.whatif_report import CLEAR_DB, best_by_layer
+from fp8lab.run.whatif_report import CLEAR_DB, best_by_layer
 from tests.helpers import one_thread  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

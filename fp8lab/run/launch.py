@@ -21,9 +21,9 @@ from fp8lab.run.checkpoint import list_checkpoints
 
 
 def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m fp8lab.cli ...``."""
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m fp8lab.run.cli ...``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "fp8lab.cli", *worker_args]
+            "-m", "fp8lab.run.cli", *worker_args]
 
 
 def launch_local(nproc: int, worker_args: list[str], run_dir: Path, resume_command: list[str]) -> int:

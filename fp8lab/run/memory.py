@@ -2,7 +2,7 @@
 
 Invariant: the estimate is deliberately low, so a run it refuses clearly cannot fit,
 and a run that fits is never refused; a run it lets through may still run out of
-memory, which then exits 2 with the allocator's message (see fp8lab/cli.py). Nothing
+memory, which then exits 2 with the allocator's message (see fp8lab/run/cli.py). Nothing
 here allocates a tensor; it reads the config and the free memory only.
 
 What it counts, in bytes (``P`` parameters of the GPT, counted from its shape):

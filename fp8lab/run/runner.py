@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fp8lab.data import BatchSampler, Corpus, DataError, load_corpus
+from fp8lab.run.data import BatchSampler, Corpus, DataError, load_corpus
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import storage
 from fp8lab.run.config import ConfigError, RunConfig

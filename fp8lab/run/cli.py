@@ -35,8 +35,8 @@ EXIT_CODES = """exit codes:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input or environment (exit 2)."""
     from fp8lab.gemm.backends.select import BackendUnavailable
-    from fp8lab.data import DataError
-    from fp8lab.report import ReportError
+    from fp8lab.run.data import DataError
+    from fp8lab.run.report import ReportError
     from fp8lab.run.checkpoint import CheckpointError
     from fp8lab.run.config import ConfigError
     from fp8lab.run.lock import RunFolderBusy
@@ -185,14 +185,14 @@ def _positive_int(text: str) -> int:
 
 
 def _info(args) -> int:
-    from fp8lab.info import collect_info, format_info
+    from fp8lab.run.info import collect_info, format_info
 
     print(format_info(collect_info()))
     return 0
 
 
 def _report(args) -> int:
-    from fp8lab.report import report
+    from fp8lab.run.report import report
 
     print(report(args.run_dir))
     return 0
