@@ -17,7 +17,7 @@ import torch
 import fp8lab
 from fp8lab import FP8Options
 from fp8lab.formats import E4M3, GEMM_NAMES, Role
-from fp8lab.quantize import STAT_NAMES, cast_to_fp8_grid
+from fp8lab.quantize.tensor import STAT_NAMES, cast_to_fp8_grid
 from fp8lab.telemetry.accuracy import WeightDrift
 from helpers import hw_reference, one_thread, sqnr_db  # noqa: F401 (one_thread: a fixture)
 

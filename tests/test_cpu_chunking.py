@@ -10,7 +10,7 @@ small) must give the same numbers as the whole-tensor op.
 import pytest
 import torch
 
-import fp8lab.quantize as quantize
+import fp8lab.quantize.tensor as quantize
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm.qlinear import _bias_grad
 

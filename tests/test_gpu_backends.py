@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fp8lab import DelayedScaling, FP8Options, Linear, update_scales
-from fp8lab.quantize import cast_to_fp8
+from fp8lab.quantize.tensor import cast_to_fp8
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend

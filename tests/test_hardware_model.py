@@ -25,7 +25,7 @@ from fp8lab.gemm.backends.rounded import RoundedBackend
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
 from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16, gemm_path
-from fp8lab.quantize import cast_to_fp8
+from fp8lab.quantize.tensor import cast_to_fp8
 from tests.helpers import equal_fraction, fp32_error, hw_reference
 
 FP32_PATH = GemmPath("fp32", torch.float32, "fp32 (forced by the test)")

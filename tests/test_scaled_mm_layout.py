@@ -15,7 +15,7 @@ import torch
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend, _a_operand, _b_operand
 from fp8lab.gemm.qlinear import _QuantizedLinear  # quantized_linear's torch.autocast has no "meta"
-from fp8lab.quantize import cast_to_fp8
+from fp8lab.quantize.tensor import cast_to_fp8
 from fp8lab.scaling.delayed import DelayedScaling
 from fp8lab.scaling.state import ScalingState
 

@@ -15,7 +15,7 @@ import torch
 import fp8lab
 import fp8lab.telemetry.collector as collector_module
 from fp8lab import FP8Options
-from fp8lab.quantize import STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.telemetry.collector import ScalingCollector
 
 

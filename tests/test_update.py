@@ -18,7 +18,7 @@ import fp8lab
 from fp8lab import FP8Options
 from fp8lab.formats import Role
 from fp8lab.layers.linear import STALE_SCALE_FORWARDS
-from fp8lab.quantize import amaxes_of
+from fp8lab.quantize.tensor import amaxes_of
 from fp8lab.scaling.delayed import DelayedScaling
 
 INPUT, WEIGHT, GRAD = Role.INPUT, Role.WEIGHT, Role.GRAD_OUTPUT

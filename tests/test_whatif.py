@@ -18,7 +18,7 @@ import torch
 
 from fp8lab.formats import E4M3, E5M2, Role
 from fp8lab.gemm.whatif import WHATIF_RECIPES, whatif_stats
-from fp8lab.quantize import amaxes_of, cast_stats, cast_to_fp8_grid
+from fp8lab.quantize.tensor import amaxes_of, cast_stats, cast_to_fp8_grid
 from fp8lab.run.report import report
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
@@ -102,7 +102,7 @@ def test_a_block_variant_logs_block_statistics_and_the_report_compares_recipes(t
 def _block_reference(x: torch.Tensor, block: tuple[int, int], scale: torch.Tensor, fmt) -> list[float]:
     """``block_cast_stats`` in float64, element by element from the definition: scale each
     block, clamp, round onto the grid (the exact cast), dequantize."""
-    from fp8lab.quantize_blocks import cast_blocks_dequantized
+    from fp8lab.quantize.blocks import cast_blocks_dequantized
 
     br, bc = block
     x64 = x.double()
@@ -133,8 +133,8 @@ def test_block_cast_stats_match_a_float64_reference(block, transposed):
     overflow, underflow and an all-zero block) against the definition in float64: counts
     exactly, SQNR to 1e-3 dB; and the what-if path that casts by itself gives the very
     same numbers as the path handed the layer's dequantized values."""
-    from fp8lab.quantize_blocks import block_cast_stats
-    from fp8lab.scaling.blocks import blocks_amax
+    from fp8lab.quantize.blocks import block_cast_stats
+    from fp8lab.quantize.blocks import blocks_amax
 
     gen = torch.Generator().manual_seed(5)
     rows, cols = 1100, 700  # neither a multiple of 128; 770k elements: > 2 chunks of 2^18
@@ -146,7 +146,7 @@ def test_block_cast_stats_match_a_float64_reference(block, transposed):
     scale = (torch.full_like(amax, E4M3.max) / amax).nan_to_num(posinf=1.0)
     scale = torch.exp2(torch.floor(torch.log2(scale)))  # powers of two, as the block recipes make
     scale[0, -1] *= 4  # one block scaled past fp8_max: saturates
-    from fp8lab.quantize_blocks import cast_blocks_dequantized
+    from fp8lab.quantize.blocks import cast_blocks_dequantized
     deq = cast_blocks_dequantized(x, block, scale, scale.reciprocal(), E4M3)
     given = block_cast_stats(x, deq, block, scale, E4M3)
     cast_here = block_cast_stats(x, None, block, scale, E4M3)

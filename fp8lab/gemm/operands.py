@@ -4,7 +4,7 @@ Invariant: every scaling produces, for a 2-D tensor, its role and its *usage* (w
 dimension the GEMM contracts: the last, "rowwise", or the first, "columnwise"), an
 ``Operand``: exact values the backend's GEMM multiplies, and the per-tensor inverse scale
 its epilogue applies (None when the values are already dequantized, as for block scales).
-Scales come from ``fp8lab.scaling`` and casts from ``fp8lab.quantize``/``quantize_blocks``;
+Scales come from ``fp8lab.scaling`` and casts from ``fp8lab.quantize.tensor``/``quantize_blocks``;
 this module only connects them:
 
 - DelayedScaling: the ScalingState's scale; the tensor's amax goes into row 0 in training;
@@ -29,10 +29,10 @@ import torch
 from fp8lab.formats import Role
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.gemm.whatif import whatif_stats
-from fp8lab.quantize import amaxes_of, cast_stats
-from fp8lab.quantize_blocks import block_cast_stats
+from fp8lab.quantize.tensor import amaxes_of, cast_stats
+from fp8lab.quantize.blocks import block_cast_stats
 from fp8lab.scaling.block import COLUMNWISE, ROWWISE, Float8BlockScaling
-from fp8lab.scaling.blocks import blocks_amax
+from fp8lab.quantize.blocks import blocks_amax
 from fp8lab.scaling.current import Float8CurrentScaling
 from fp8lab.scaling.delayed import DelayedScaling
 from fp8lab.scaling.mxfp8 import MXFP8BlockScaling

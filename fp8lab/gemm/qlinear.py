@@ -28,7 +28,7 @@ from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
 from fp8lab.gemm.operands import COLUMNWISE, ROWWISE, Operand, make_operand, per_tensor
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
-from fp8lab.quantize import CPU_CHUNK
+from fp8lab.quantize.tensor import CPU_CHUNK
 from fp8lab.scaling.state import ScalingState
 
 

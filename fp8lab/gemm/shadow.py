@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fp8lab.gemm.exact import epilogue_bias
-from fp8lab.quantize import CPU_CHUNK
+from fp8lab.quantize.tensor import CPU_CHUNK
 
 FPROP, DGRAD, WGRAD = 0, 1, 2  # columns of TelemetrySlot.shadow_sqnr (fp8lab.formats.GEMM_NAMES)
 

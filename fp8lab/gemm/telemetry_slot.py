@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.quantize import STAT_NAMES
-from fp8lab.quantize_blocks import BLOCK_STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
+from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 
 WHATIF_RECIPES = 4  # fp8lab.gemm.whatif.WHATIF_RECIPES
 

@@ -10,7 +10,7 @@ layout of the GEMM that contracts its last dimension, under
 - "block": 1x128 tiles, 128x128 blocks for weights (``Float8BlockScaling``);
 - "mxfp8": 1x32 blocks with E8M0 scales (``MXFP8BlockScaling``);
 
-each with the layer's FP8 format for that role, and measured as ``fp8lab.quantize``'s
+each with the layer's FP8 format for that role, and measured as ``fp8lab.quantize.tensor``'s
 ``STAT_NAMES`` (overflow %, underflow %, SQNR dB). A recipe that cannot be evaluated (delayed
 scaling for a layer without its state) is NaN. Transformer Engine's debug API offers this
 for MXFP8; fp8lab offers it for all four.
@@ -22,10 +22,10 @@ import torch
 
 from fp8lab.formats import E4M3, FP8Format, Role
 from fp8lab.options import SCALINGS
-from fp8lab.quantize import STAT_NAMES, amaxes_of, cast_stats
-from fp8lab.quantize_blocks import block_cast_stats
+from fp8lab.quantize.tensor import STAT_NAMES, amaxes_of, cast_stats
+from fp8lab.quantize.blocks import block_cast_stats
 from fp8lab.scaling.block import ROWWISE, Float8BlockScaling
-from fp8lab.scaling.blocks import blocks_amax
+from fp8lab.quantize.blocks import blocks_amax
 from fp8lab.scaling.current import Float8CurrentScaling
 from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8lab.formats import FP8Format, Role
-from fp8lab.scaling.blocks import te_scale_from_amax
+from fp8lab.scaling.te_scales import te_scale_from_amax
 from fp8lab.scaling.current import check_epsilon, check_format, format_for
 
 BLOCK = 128

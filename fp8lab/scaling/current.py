@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8lab.formats import E4M3, E5M2, FP8Format, Role
-from fp8lab.scaling.blocks import te_scale_from_amax
+from fp8lab.scaling.te_scales import te_scale_from_amax
 
 FP8_FORMATS = ("hybrid", "e4m3")
 

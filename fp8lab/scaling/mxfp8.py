@@ -17,7 +17,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role
 from fp8lab.scaling.block import tile
-from fp8lab.scaling.blocks import e8m0_scale, e8m0_scale_inv, float_to_e8m0
+from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0
 from fp8lab.scaling.current import check_format, format_for
 
 BLOCK = 32

@@ -50,7 +50,7 @@ class ScalingState(nn.Module):
         self.owner: str | None = None
 
     def record_amax(self, role: Role, amaxes: torch.Tensor) -> None:
-        """Fold one cast's amaxes (``fp8lab.quantize.amaxes_of``: [raw, TE's]) into the state.
+        """Fold one cast's amaxes (``fp8lab.quantize.tensor.amaxes_of``: [raw, TE's]) into the state.
 
         Row 0 keeps the max of TE's amax (NaN elements ignored, inf counted) over all
         micro-batches since the last update; a raw amax that is not finite (the tensor

@@ -22,9 +22,9 @@ from torch import nn
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
 from fp8lab.layers.linear import Linear
-from fp8lab.quantize import STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.options import SCALINGS
-from fp8lab.quantize_blocks import BLOCK_STAT_NAMES
+from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 
 # Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
 # the block-scale statistics, and the non-finite casts counted since the previous log step.

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
-from fp8lab.quantize import STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.telemetry.collector import SHADOW, LayerStats
 
 _STATS = ("scale", "amax") + STAT_NAMES

@@ -1,6 +1,6 @@
 """The emulated backend: FP8 numerics in software, on any device.
 
-Invariant: operands are the exact FP8 values (rounded by ``fp8lab.quantize`` with the
+Invariant: operands are the exact FP8 values (rounded by ``fp8lab.quantize.tensor`` with the
 scale it is given; it never computes one), held in the dtype of the machine's exact GEMM
 path (bf16 or fp32), and the GEMM is ``fp8lab.gemm.exact.scaled_gemm``: the hardware
 model, ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in the output dtype. Block-scaled
@@ -14,8 +14,8 @@ import torch
 from fp8lab.formats import FP8Format
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
 from fp8lab.gemm.exact import GemmPath, scaled_gemm
-from fp8lab.quantize import cast_to_fp8_grid
-from fp8lab.quantize_blocks import cast_blocks_dequantized
+from fp8lab.quantize.tensor import cast_to_fp8_grid
+from fp8lab.quantize.blocks import cast_blocks_dequantized
 
 
 def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torch.Tensor | None:

@@ -7,12 +7,9 @@ TE's kernels so that fp8lab quantizes exactly as they do:
   used per tensor by Float8CurrentScaling and per block by Float8BlockScaling;
 - ``float_to_e8m0``, ``e8m0_scale``, ``e8m0_scale_inv``: MXFP8's power-of-2 block scales
   (common/util/ptx_arch_spec.cuh ``float_to_e8m0``, ptx.cuh ``exp2f_rcp``);
-- ``blocks_amax``: ``fmaxf`` over the magnitudes of each block (NaN ignored, inf
-  counted); a block at the tensor's edge covers only the elements that exist (the
-  padding is zeros, which never raise a block's amax).
 
-A block is a shape over a 2-D tensor: (1, 128) tiles along the last dim, (128, 1) along
-dim 0, (128, 128) squares; (1, 32), (32, 1) and (32, 32) for MXFP8.
+The amaxes they start from are taken by ``fp8lab.quantize.tensor`` (``amaxes_of`` per tensor,
+``blocks.blocks_amax`` per block), as TE's cast kernels take them.
 """
 
 from __future__ import annotations
@@ -74,45 +71,3 @@ def e8m0_scale_inv(e8m0: torch.Tensor) -> torch.Tensor:
     e = e8m0.to(torch.int32)
     out = torch.where(e > 0, e << 23, torch.full_like(e, 0x00400000)).view(torch.float32)
     return torch.where(e == 255, torch.full_like(out, float("nan")), out)
-
-
-def transposed(x2d: torch.Tensor) -> bool:
-    """Whether ``x2d`` is the transpose of a contiguous tensor (the backward's copies). Block
-    work on it runs on that contiguous tensor with the block shape swapped: reductions and
-    passes over a column-major view are many times slower on CPU."""
-    return not x2d.is_contiguous() and x2d.t().is_contiguous()
-
-
-def padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """x (R, C) zero-padded to whole blocks and viewed as (R/br, br, C/bc, bc)."""
-    br, bc = block
-    r, c = x.shape
-    pad_r, pad_c = -r % br, -c % bc
-    if pad_r or pad_c:
-        x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r))
-    return x.reshape((r + pad_r) // br, br, (c + pad_c) // bc, bc)
-
-
-def blocks_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fmaxf(|x|) of every block: (ceil(R/br), ceil(C/bc)) float32 (NaN elements ignored, inf counted).
-
-    |x| and its maxima are exact in x's own dtype, so no float32 copy is made. A NaN
-    element makes its block's plain maximum NaN; on CPU the NaN-ignoring pass runs only
-    then (reading the result is a load from host memory), elsewhere always (no host read).
-    The transpose of a contiguous tensor (the backward's copies) is reduced in its
-    contiguous layout, with the block shape swapped (13x faster on CPU at 2048x3072).
-    """
-    if transposed(x):
-        return blocks_amax(x.t(), block[::-1]).t()
-    magnitude = padded_blocks(x.abs(), block)
-    amax = _block_max(magnitude) if x.device.type == "cpu" else None
-    if amax is None or bool(torch.isnan(amax).any()):
-        amax = _block_max(magnitude.nan_to_num(nan=0.0, posinf=float("inf")))
-    return amax.float()
-
-
-def _block_max(blocks: torch.Tensor) -> torch.Tensor:
-    """(R/br, br, C/bc, bc) -> (R/br, C/bc): the contiguous dim first, size-1 dims dropped
-    (one reduction over both dims, or over a dim of 1, is a slow extra pass on CPU)."""
-    m = blocks.amax(dim=3) if blocks.shape[3] > 1 else blocks.squeeze(3)
-    return m.amax(dim=1) if m.shape[1] > 1 else m.squeeze(1)
