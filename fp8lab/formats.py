@@ -1,7 +1,9 @@
-"""FP8 formats: the numbers that define E4M3 and E5M2.
+"""FP8 formats: the numbers that define E4M3 and E5M2, and which operand gets which.
 
 Invariant: every constant here is read from ``torch.finfo`` of the real float8 dtype,
-so the emulation and the hardware path can never disagree about a format's range.
+so the emulation and the hardware path can never disagree about a format's range; the
+recipe-level format names ("hybrid", "e4m3") and what they give each role are defined
+here once for every scaling.
 """
 
 from __future__ import annotations
@@ -42,3 +44,22 @@ class Role(enum.IntEnum):
 
 ROLE_NAMES = ("input", "weight", "grad_output")
 GEMM_NAMES = ("fprop", "dgrad", "wgrad")  # the three GEMMs of a layer, as telemetry names them
+
+
+# A scaling's ``fp8_format``, as Transformer Engine names it: "hybrid" is E4M3 forward and
+# E5M2 gradients, "e4m3" is E4M3 everywhere (pure E5M2 training is not offered, as in TE).
+FP8_FORMATS = ("hybrid", "e4m3")
+
+
+def check_fp8_format(fp8_format) -> None:
+    """Raise ``ValueError`` naming ``fp8_format`` unless it is one of ``FP8_FORMATS``."""
+    if fp8_format not in FP8_FORMATS:
+        raise ValueError(
+            f"fp8_format must be one of {FP8_FORMATS}, got {fp8_format!r} "
+            "(pure E5M2 training is not supported, as in Transformer Engine)"
+        )
+
+
+def format_for(fp8_format: str, role: Role) -> FP8Format:
+    """The FP8 format of a GEMM operand: E4M3, except gradients under "hybrid" (E5M2)."""
+    return E5M2 if role == Role.GRAD_OUTPUT and fp8_format == "hybrid" else E4M3

@@ -11,20 +11,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from fp8lab.scaling.block import Float8BlockScaling
-from fp8lab.scaling.current import Float8CurrentScaling
-from fp8lab.scaling.delayed import DelayedScaling
-from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
+from fp8lab.scaling import SCALINGS, DelayedScaling, Scaling
 
 BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
 FALLBACKS = ("bf16", "emulated")
 # Old spellings still accepted from external code, with a DeprecationWarning: old -> new.
 LEGACY_FALLBACKS = {"emulate": "emulated"}
-# The scalings fp8lab implements (Transformer Engine calls them recipes), by short name.
-SCALINGS = {"delayed": DelayedScaling, "current": Float8CurrentScaling, "block": Float8BlockScaling,
-            "mxfp8": MXFP8BlockScaling}
-SCALING_TYPES = tuple(SCALINGS.values())
-Scaling = DelayedScaling | Float8CurrentScaling | Float8BlockScaling | MXFP8BlockScaling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +24,9 @@ class FP8Options:
     """How a layer runs its GEMMs in FP8.
 
     Args:
-        scaling: how scales are computed: ``DelayedScaling`` (default, TE's defaults),
-            ``Float8CurrentScaling``, ``Float8BlockScaling`` or ``MXFP8BlockScaling``.
+        scaling: how scales are computed, one of ``fp8lab.scaling.SCALINGS``:
+            ``DelayedScaling`` (default, TE's defaults), ``Float8CurrentScaling``,
+            ``Float8BlockScaling`` or ``MXFP8BlockScaling``.
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
         fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
             spelling "emulate" is accepted with a DeprecationWarning).
@@ -44,8 +37,8 @@ class FP8Options:
     fallback: str = "bf16"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scaling, SCALING_TYPES):
-            names = tuple(t.__name__ for t in SCALING_TYPES)
+        if not isinstance(self.scaling, tuple(SCALINGS.values())):
+            names = tuple(t.__name__ for t in SCALINGS.values())
             raise ValueError(f"scaling must be one of the scaling types {names}, got {self.scaling!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

@@ -23,6 +23,7 @@ from fp8lab.gemm.backends.select import (
     select_backend,
 )
 from fp8lab.options import BACKENDS, FALLBACKS, FP8Options
+from fp8lab.scaling import SCALINGS
 
 CPU = DeviceFacts("cpu")
 A100 = DeviceFacts("cuda", (8, 0), "A100")
@@ -179,15 +180,17 @@ SCALING_CASES = [
 
 @pytest.mark.parametrize("device, te, scaling, requested, fallback, backend, reason", SCALING_CASES)
 def test_each_scaling_goes_where_hardware_can_run_it(device, te, scaling, requested, fallback, backend, reason):
-    plan = select_backend(device=device, te=te, requested=requested, fallback=fallback, dims=ALIGNED, scaling=scaling)
+    plan = select_backend(device=device, te=te, requested=requested, fallback=fallback, dims=ALIGNED,
+                          scaling=SCALINGS[scaling]())
     assert plan.backend == backend and reason in plan.reason
 
 
 @pytest.mark.parametrize("device, te, scaling, requested, message", [
-    (H100_CUDA13, TE, "block", "scaled_mm", "runs per-tensor scalings only"),
+    (H100_CUDA13, TE, "block", "scaled_mm", "runs per-tensor scaling only"),
     (H100_CUDA13, TE, "mxfp8", "te", "needs sm_100"),
     (H100_CUDA12_8, TE, "block", "te", "CUDA 12.9"),
 ])
 def test_an_explicit_backend_that_cannot_run_the_scaling_says_why(device, te, scaling, requested, message):
     with pytest.raises(BackendUnavailable, match=message):
-        select_backend(device=device, te=te, requested=requested, fallback="bf16", dims=ALIGNED, scaling=scaling)
+        select_backend(device=device, te=te, requested=requested, fallback="bf16", dims=ALIGNED,
+                       scaling=SCALINGS[scaling]())

@@ -23,7 +23,7 @@ from fp8lab import FP8Options, Float8BlockScaling, Float8CurrentScaling, MXFP8Bl
 from fp8lab.formats import E4M3, E5M2, Role
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.exact import GemmPath
-from fp8lab.gemm.operands import COLUMNWISE, ROWWISE, make_operand
+from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0, te_scale_from_amax
 from tests import te_reference as ref
@@ -94,7 +94,7 @@ def _ref_mxfp8(fmt: str):
 
 def _operand(x, role, usage, scaling):
     """The dequantized operand (per-tensor values times their inverse scale)."""
-    op = make_operand(x, role, usage, scaling=scaling, state=None, backend=FP32, record=False, slot=None)
+    op = scaling.operand(x, role, usage, state=None, backend=FP32, record=False, slot=None)
     return op.values if op.inv_scale is None else op.values * op.inv_scale
 
 
@@ -150,12 +150,12 @@ def test_current_scaling_uses_the_tensors_own_amax_now():
     slot = TelemetrySlot()
     x = torch.randn(64, 64) * 7
     x[5, 5] = math.nan  # ignored by the amax (fmaxf), counted as a fault
-    op = make_operand(x, Role.INPUT, ROWWISE, scaling=scaling, state=None, backend=FP32, record=True, slot=slot)
+    op = scaling.operand(x, Role.INPUT, ROWWISE, state=None, backend=FP32, record=True, slot=slot)
     amax = x.abs().nan_to_num(0.0).max()
     assert op.inv_scale.item() == (torch.tensor(448.0) / amax).reciprocal().item()
     assert slot.faults.tolist() == [1.0, 0.0, 0.0]
-    pow2 = make_operand(x, Role.INPUT, ROWWISE, scaling=Float8CurrentScaling(use_power_2_scales=True),
-                        state=None, backend=FP32, record=False, slot=None)
+    pow2 = Float8CurrentScaling(use_power_2_scales=True).operand(x, Role.INPUT, ROWWISE, state=None, backend=FP32,
+                                                                 record=False, slot=None)
     assert math.log2(pow2.inv_scale.item()).is_integer()
 
 

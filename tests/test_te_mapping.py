@@ -18,14 +18,14 @@ from torch import nn
 from fp8lab import DelayedScaling, FP8Options, Float8BlockScaling, Float8CurrentScaling, Linear, MXFP8BlockScaling
 from fp8lab.gemm.backends.select import BackendUnavailable
 from fp8lab.gemm.backends.te import sync_from_te, sync_te_scaling, te_recipe
-from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab, te_recipe_kwargs
+from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab
 
 TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max", "margin": 0, "reduce_amax": True}
 TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
 
 
 def test_default_scaling_maps_to_te_defaults():
-    spec = te_recipe_kwargs(DelayedScaling())
+    spec = DelayedScaling().te_recipe()
     assert spec == {"recipe": "DelayedScaling", "kwargs": TE_DEFAULTS, "qparams": None}
 
 
@@ -34,7 +34,7 @@ def test_default_scaling_maps_to_te_defaults():
 def test_every_fp8lab_field_is_mapped(scaling):
     """A field added to one of fp8lab's scaling recipes without a TE mapping fails here:
     every field is a TE constructor argument or a QParams setting."""
-    spec = te_recipe_kwargs(scaling)
+    spec = scaling.te_recipe()
     assert spec["recipe"] == type(scaling).__name__  # TE's names
     names = {f.name for f in dataclasses.fields(scaling)}
     mapped = set(spec["kwargs"]) | ({"amax_epsilon"} if spec["qparams"] else set())
@@ -43,21 +43,21 @@ def test_every_fp8lab_field_is_mapped(scaling):
 
 def test_non_default_scaling_maps_field_by_field():
     scaling = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
-    assert te_recipe_kwargs(scaling)["kwargs"] == {
+    assert scaling.te_recipe()["kwargs"] == {
         "fp8_format": "E4M3",
         "amax_history_len": 16,
         "amax_compute_algo": "most_recent",
         "margin": 2,
         "reduce_amax": False,
     }
-    current = te_recipe_kwargs(Float8CurrentScaling(fp8_format="e4m3", use_power_2_scales=True, amax_epsilon=1e-6))
+    current = Float8CurrentScaling(fp8_format="e4m3", use_power_2_scales=True, amax_epsilon=1e-6).te_recipe()
     assert current["kwargs"] == {"fp8_format": "E4M3", "use_power_2_scales": True}
     assert current["qparams"] == {"power_2_scale": True, "amax_epsilon": 1e-6}
-    block = te_recipe_kwargs(Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1))
+    block = Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1).te_recipe()
     assert block["kwargs"] == {"fp8_format": "HYBRID", "x_block_scaling_dim": 2, "w_block_scaling_dim": 1,
                                "grad_block_scaling_dim": 1}
     assert block["qparams"] == {"power_2_scale": True, "amax_epsilon": 0.0}  # fp8lab's block scales are powers of 2
-    assert te_recipe_kwargs(MXFP8BlockScaling(enable_2d_quantization=True))["kwargs"] == {
+    assert MXFP8BlockScaling(enable_2d_quantization=True).te_recipe()["kwargs"] == {
         "fp8_format": "E4M3", "enable_2d_quantization": True}
 
 

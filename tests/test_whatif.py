@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fp8lab.formats import E4M3, E5M2, Role
-from fp8lab.gemm.whatif import WHATIF_RECIPES, whatif_stats
+from fp8lab.scaling.whatif import WHATIF_RECIPES, whatif_stats
 from fp8lab.quantize.tensor import amaxes_of, cast_stats, cast_to_fp8_grid
 from fp8lab.run.report import report
 from fp8lab.run.overrides import apply_overrides
@@ -36,13 +36,13 @@ def test_whatif_rows_are_each_recipes_own_cast_statistics():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 256, generator=gen) * 3
     scale = torch.tensor(11.0)
-    stats = whatif_stats(x, Role.INPUT, E4M3, delayed_scale=scale)
+    delayed = cast_stats(x, cast_to_fp8_grid(x, scale, E4M3), scale, E4M3)  # a delayed layer's own cast
+    stats = whatif_stats(x, Role.INPUT, E4M3, known={"delayed": delayed})
     assert stats.shape == (len(WHATIF_RECIPES), 3) and WHATIF_RECIPES == ("delayed", "current", "block", "mxfp8")
-    delayed = cast_stats(x, cast_to_fp8_grid(x, scale, E4M3), scale, E4M3)
     assert torch.equal(stats[0], delayed)
     current_scale = Float8CurrentScaling().scale(amaxes_of(x)[1], E4M3)
     assert torch.equal(stats[1], cast_stats(x, cast_to_fp8_grid(x, current_scale, E4M3), current_scale, E4M3))
-    assert torch.isnan(whatif_stats(x, Role.GRAD_OUTPUT, E5M2, delayed_scale=None)[0]).all()
+    assert torch.isnan(whatif_stats(x, Role.GRAD_OUTPUT, E5M2)[0]).all()  # no history: not measurable
 
 
 def test_block_recipes_keep_what_per_tensor_scaling_flushes_next_to_an_outlier():
@@ -52,7 +52,7 @@ def test_block_recipes_keep_what_per_tensor_scaling_flushes_next_to_an_outlier()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(128, 512, generator=gen) * 0.01
     x[3, 7] = 3.0e4
-    stats = whatif_stats(x, Role.INPUT, E4M3, delayed_scale=None)
+    stats = whatif_stats(x, Role.INPUT, E4M3)
     underflow = stats[:, 1]
     assert underflow[1] > 99.0 and underflow[2] < 1.0 and underflow[3] < 1.0  # current vs block, mxfp8
     sqnr = {r: [stats[i, 2].item()] for i, r in enumerate(WHATIF_RECIPES) if i}

@@ -199,3 +199,9 @@ def scaled_gemm(
     if bias is not None:
         acc.add_(bias)  # bf16/fp16/fp32 bias values, promoted to fp32 exactly
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
+
+
+def round_operand(x_hp: torch.Tensor, precision: str, path: GemmPath) -> torch.Tensor:
+    """``x_hp`` rounded to ``precision`` ("bf16", "fp16", "fp32"; nearest even), held in the
+    path's operand dtype (which holds every value of that precision exactly)."""
+    return x_hp.to(ROUNDED_DTYPES[precision]).to(path.operand_dtype)

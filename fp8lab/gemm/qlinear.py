@@ -26,10 +26,11 @@ import torch
 from fp8lab.formats import Role
 from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
-from fp8lab.gemm.operands import COLUMNWISE, ROWWISE, Operand, make_operand, per_tensor
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.quantize.tensor import CPU_CHUNK
+from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE, Operand, Scaling
 from fp8lab.scaling.state import ScalingState
+from fp8lab.scaling.whatif import whatif_stats
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -40,11 +41,18 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _operand(x2d, role: Role, usage: str, ctx_or_args, record: bool) -> Operand:
-    """An FP8 operand (``fp8lab.gemm.operands``), or x rounded to bf16 for a BF16 GEMM."""
+    """An FP8 operand (the scaling's ``operand``), or x rounded for a BF16 GEMM. On a log
+    step the rowwise cast of each role also leaves what every recipe would have done to the
+    same tensor in the slot (``fp8lab.scaling.whatif``), the layer's own recipe's row being
+    the cast statistics it just measured."""
     scaling, state, backend, slot = ctx_or_args
     if scaling is None:
         return Operand(backend.round(x2d), None)
-    return make_operand(x2d, role, usage, scaling=scaling, state=state, backend=backend, record=record, slot=slot)
+    op = scaling.operand(x2d, role, usage, state=state, backend=backend, record=record, slot=slot)
+    if slot is not None and slot.armed and slot.whatif_armed and usage == ROWWISE:
+        known = {scaling.name: slot.cast_stats[role]}
+        slot.whatif[role] = whatif_stats(x2d, role, scaling.format_for(role), known=known)
+    return op
 
 
 def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,7 @@ class _QuantizedLinear(torch.autograd.Function):
             shadow.record(slot, shadow.FPROP, x2d, w_hp.t(), y, out_dtype, bias)
         # The backward contracts x over the tokens (wgrad) and w over N (dgrad): one scale per
         # tensor serves every usage; block scalings cast those copies from x and w again.
-        same = scaling is None or per_tensor(scaling)
+        same = scaling is None or scaling.per_tensor
         x_col = x_row if same else _operand(x2d, Role.INPUT, COLUMNWISE, parts, False)
         w_col = w_row if same else _operand(w_hp, Role.WEIGHT, COLUMNWISE, parts, False)
         ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale)
@@ -120,7 +128,7 @@ def quantized_linear(
     x_hp: torch.Tensor,
     w_hp: torch.Tensor,
     bias: torch.Tensor | None,
-    scaling,
+    scaling: Scaling | None,
     state: ScalingState | None,
     backend,
     out_dtype: torch.dtype,

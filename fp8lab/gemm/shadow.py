@@ -8,8 +8,9 @@ takes the high-precision operands of each of the layer's three GEMMs,
     dgrad:  grad_out, w_hp  (grad_x = grad_out @ w)
     wgrad:  grad_out, x_hp  (grad_w = grad_out^T @ x)
 
-runs them through the BF16 backend's exact GEMM (``fp8lab.gemm.backends.rounded``: operands
-rounded to bf16, fp32 accumulation, one rounding to the same output dtype), and writes
+runs them through the BF16 GEMM of the hardware model (``fp8lab.gemm.exact``, as the BF16
+backend does: operands rounded to bf16, fp32 accumulation, one rounding to the same output
+dtype), and writes
 ``10 * log10(|ref|^2 / |out - ref|^2)`` of the FP8 output into the slot's
 ``shadow_sqnr[gemm]`` (order ``fp8lab.formats.GEMM_NAMES``), on the device. The cost, on
 log steps only: one more GEMM per GEMM, and the forward keeps ``x_hp`` for the backward.
@@ -19,16 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.gemm.exact import epilogue_bias, round_operand, rounded_gemm_path, scaled_gemm
 from fp8lab.quantize.tensor import CPU_CHUNK
 
 FPROP, DGRAD, WGRAD = 0, 1, 2  # columns of TelemetrySlot.shadow_sqnr (fp8lab.formats.GEMM_NAMES)
-
-
-def _bf16_backend(device: torch.device):
-    from fp8lab.gemm.backends import backend_for  # the backends import qlinear, which imports this
-
-    return backend_for("bf16", device.type)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -60,6 +55,7 @@ def record(slot, gemm: int, a_hp: torch.Tensor, b_hp: torch.Tensor, out: torch.T
         out_dtype: the dtype both GEMMs round to.
         bias: (N,) the layer's bias (fprop only), added as the BF16 layer adds it.
     """
-    bf16 = _bf16_backend(out.device)
-    ref = bf16.gemm(bf16.round(a_hp), bf16.round(b_hp), None, None, out_dtype, epilogue_bias(bias, out_dtype, False))
+    path = rounded_gemm_path(out.device.type, "bf16")
+    a, b = round_operand(a_hp, "bf16", path), round_operand(b_hp, "bf16", path)
+    ref = scaled_gemm(a, b, None, out_dtype, epilogue_bias(bias, out_dtype, False), path=path)
     slot.shadow_sqnr[gemm] = sqnr_db(ref, out)

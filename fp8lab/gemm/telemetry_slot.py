@@ -18,7 +18,7 @@ import torch
 from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 
-WHATIF_RECIPES = 4  # fp8lab.gemm.whatif.WHATIF_RECIPES
+WHATIF_RECIPES = 4  # fp8lab.scaling.whatif.WHATIF_RECIPES
 
 
 class TelemetrySlot:
@@ -34,7 +34,7 @@ class TelemetrySlot:
         self.scale_amax: torch.Tensor | None = None  # (3, 2): the armed step's scale, amax
         self.block_stats: torch.Tensor | None = None  # (3, len(BLOCK_STAT_NAMES))
         self.faults: torch.Tensor | None = None  # (3,) casts with NaN/inf, since drained
-        self.whatif: torch.Tensor | None = None  # (3, recipes, len(STAT_NAMES)): fp8lab.gemm.whatif
+        self.whatif: torch.Tensor | None = None  # (3, recipes, len(STAT_NAMES)): fp8lab.scaling.whatif
         self.shadow_sqnr: torch.Tensor | None = None  # (3,) float32 dB: fprop, dgrad, wgrad
 
     def arm(self, device: torch.device, whatif: bool = True) -> None:

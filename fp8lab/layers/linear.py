@@ -97,7 +97,7 @@ class Linear(nn.Module):
             return Plan(self.kept_precision, self.keep_bf16_reason)
         return select_backend(
             device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
-            dims=(self.in_features, self.out_features), scaling=self.fp8.scaling.name,
+            dims=(self.in_features, self.out_features), scaling=self.fp8.scaling,
         )
 
     def gemm_weight(self) -> torch.Tensor:

@@ -13,8 +13,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from fp8lab.options import FP8Options, Scaling
-from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.options import FP8Options
+from fp8lab.scaling import DelayedScaling, Scaling
 
 PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -130,7 +130,7 @@ class Variant:
 
     name: str
     precision: str = "fp8"
-    scaling: Scaling = field(default_factory=DelayedScaling)  # any of fp8lab.options.SCALINGS
+    scaling: Scaling = field(default_factory=DelayedScaling)  # any of fp8lab.scaling.SCALINGS
     backend: str = "auto"
     fallback: str = "emulated"
     keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16

@@ -18,7 +18,7 @@ import dataclasses
 import types
 import typing
 
-from fp8lab.options import SCALINGS
+from fp8lab.scaling import SCALINGS
 from fp8lab.run.config import ConfigError, RunConfig
 
 

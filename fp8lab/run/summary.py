@@ -16,7 +16,7 @@ from fp8lab.formats import ROLE_NAMES
 # A growing weight clamps a handful of values at every delayed-scaling step; a log step
 # counts as "saturated" only above the report's threshold (0.01% of the tensor).
 from fp8lab.run.report import OVERFLOW_PCT
-from fp8lab.options import SCALINGS
+from fp8lab.scaling import SCALINGS
 from fp8lab.run.config import RunConfig
 from fp8lab.run.precision import rung_of
 from fp8lab.telemetry.collector import LayerStats

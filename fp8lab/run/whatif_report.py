@@ -14,7 +14,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from fp8lab.options import SCALINGS
+from fp8lab.scaling import SCALINGS
 
 # A recipe "serves a layer best" only by this margin over the next one (dB of cast SQNR):
 # below it the recipes quantize the layer equally well, and the report says "tie".

@@ -1,17 +1,28 @@
 """Scaling: how each layer's FP8 scales are computed, held and updated.
 
-Reading order: ``delayed`` (DelayedScaling and its pure math) -> ``state`` (one layer's
-ScalingState buffers) -> ``update`` (``update_scales``, once per optimizer step); then the
-recipes without persistent state: ``blocks`` (TE's scale arithmetic), ``current``
-(Float8CurrentScaling), ``block`` (Float8BlockScaling), ``mxfp8`` (MXFP8BlockScaling).
+Reading order: ``protocol`` (what every scaling answers for itself) -> ``delayed``
+(DelayedScaling, its operands and its pure math) -> ``state`` (one layer's ScalingState
+buffers) -> ``update`` (``update_scales``, once per optimizer step); then the recipes without
+persistent state: ``te_scales`` (TE's scale arithmetic), ``current`` (Float8CurrentScaling),
+``blockwise`` (what the block recipes share), ``block`` (Float8BlockScaling), ``mxfp8``
+(MXFP8BlockScaling); ``whatif`` (every recipe's statistics on one tensor).
+
+``SCALINGS`` is the registry: a new scaling is one file and one entry here.
 """
 
 from fp8lab.scaling.block import Float8BlockScaling
 from fp8lab.scaling.current import Float8CurrentScaling
 from fp8lab.scaling.delayed import DelayedScaling, compute_scale
 from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
+from fp8lab.scaling.protocol import Scaling
 from fp8lab.scaling.state import ScalingState
 from fp8lab.scaling.update import update_scales
 
-__all__ = ["DelayedScaling", "Float8BlockScaling", "Float8CurrentScaling", "MXFP8BlockScaling", "ScalingState",
-           "compute_scale", "update_scales"]
+# Every scaling fp8lab implements (Transformer Engine calls them recipes), by short name, in
+# the order telemetry lists them (the what-if rows, the report's columns).
+SCALINGS: dict[str, type[Scaling]] = {
+    cls.name: cls for cls in (DelayedScaling, Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling)
+}
+
+__all__ = ["SCALINGS", "DelayedScaling", "Float8BlockScaling", "Float8CurrentScaling", "MXFP8BlockScaling", "Scaling",
+           "ScalingState", "compute_scale", "update_scales"]

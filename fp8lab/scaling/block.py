@@ -4,13 +4,7 @@ Invariant: ``Float8BlockScaling`` is immutable and valid once constructed, with 
 Engine's names and defaults: E4M3 everywhere, 1-D tiles (1 x 128 along the dimension the
 GEMM contracts) for activations and gradients, 2-D 128 x 128 blocks for weights. Each
 block's scale is TE's ``compute_scale_from_amax`` of the block's amax, rounded down to a
-power of two; a block of zeros gets scale 1. No state persists between steps.
-
-A 1-D tile runs along the GEMM's contraction dimension, so the forward GEMM and the
-backward GEMMs see one tensor through different tiles: x in (1, 128) tiles for fprop and
-(128, 1) for wgrad, the gradient in (1, 128) for dgrad and (128, 1) for wgrad, each cast
-from the high-precision tensor (TE quantizes "rowwise" and "columnwise" copies). A 2-D
-block is the same both ways, so a weight is quantized once.
+power of two; a block of zeros gets scale 1 (``fp8lab.scaling.blockwise`` does the rest).
 
 fp8lab always uses power-of-2 block scales (TE's default): the dequantized values of a
 block are then exact, so the emulation's one GEMM on them equals the hardware's
@@ -24,19 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8lab.formats import FP8Format, Role
+from fp8lab.formats import FP8Format, Role, check_fp8_format
+from fp8lab.scaling.blockwise import BlockwiseScaling, tile
+from fp8lab.scaling.current import check_epsilon
+from fp8lab.scaling.protocol import te_format
 from fp8lab.scaling.te_scales import te_scale_from_amax
-from fp8lab.scaling.current import check_epsilon, check_format, format_for
 
 BLOCK = 128
-ROWWISE, COLUMNWISE = "rowwise", "columnwise"  # the GEMM contracts the last dim / dim 0
-
-
-def tile(dim: int, usage: str, size: int) -> tuple[int, int]:
-    """The block shape of an operand: 1-D tiles along the contracted dim, or 2-D squares."""
-    if dim == 2:
-        return (size, size)
-    return (1, size) if usage == ROWWISE else (size, 1)
 
 
 def _check_dim(name: str, value) -> None:
@@ -45,7 +33,7 @@ def _check_dim(name: str, value) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Float8BlockScaling:
+class Float8BlockScaling(BlockwiseScaling):
     """Blockwise FP8 scaling (TE's ``Float8BlockScaling``).
 
     Args:
@@ -65,19 +53,13 @@ class Float8BlockScaling:
     name = "block"
 
     def __post_init__(self) -> None:
-        check_format(self.fp8_format)
+        check_fp8_format(self.fp8_format)
         for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim"):
             _check_dim(name, getattr(self, name))
         dims = (self.x_block_scaling_dim, self.w_block_scaling_dim, self.grad_block_scaling_dim)
         if sum(d == 2 for d in dims) > 1:  # a GEMM of two 2-D blocked operands (TE refuses it too)
             raise ValueError(f"at most one of x/w/grad_block_scaling_dim may be 2 (2D by 2D block GEMM), got {dims}")
         check_epsilon(self.amax_epsilon)
-
-    def format_for(self, role: Role) -> FP8Format:
-        return format_for(self.fp8_format, role)
-
-    def new_state(self, device=None) -> None:
-        return None
 
     def block(self, role: Role, usage: str) -> tuple[int, int]:
         dim = (self.x_block_scaling_dim, self.w_block_scaling_dim, self.grad_block_scaling_dim)[role]
@@ -88,3 +70,14 @@ class Float8BlockScaling:
         value_for_inf = torch.finfo(input_dtype).max if input_dtype.is_floating_point else torch.finfo(torch.float32).max
         scale = te_scale_from_amax(amax, fmt.max, pow2=True, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf)
         return scale, scale.reciprocal()
+
+    def unsupported(self, backend: str, device) -> str | None:
+        """TE's ``check_recipe_support``: block scaling from sm_90 with CUDA 12.9."""
+        if backend == "te" and not ((device.capability or (0, 0)) >= (9, 0) and (device.cuda or (0, 0)) >= (12, 9)):
+            return "Transformer Engine's Float8BlockScaling needs sm_90 or newer and CUDA 12.9 or newer"
+        return super().unsupported(backend, device)
+
+    def te_recipe(self) -> dict:
+        dims = {name: getattr(self, name) for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")}
+        return {"recipe": "Float8BlockScaling", "kwargs": {"fp8_format": te_format(self.fp8_format), **dims},
+                "qparams": {"power_2_scale": True, "amax_epsilon": float(self.amax_epsilon)}}

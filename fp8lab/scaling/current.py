@@ -15,32 +15,20 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8lab.formats import E4M3, E5M2, FP8Format, Role
+from fp8lab.formats import FP8Format, Role, check_fp8_format
+from fp8lab.quantize.tensor import amaxes_of, cast_stats
+from fp8lab.scaling.protocol import ROWWISE, Operand, Scaling, te_format
 from fp8lab.scaling.te_scales import te_scale_from_amax
-
-FP8_FORMATS = ("hybrid", "e4m3")
-
-
-def check_format(fp8_format: str) -> None:
-    if fp8_format not in FP8_FORMATS:
-        raise ValueError(
-            f"fp8_format must be one of {FP8_FORMATS}, got {fp8_format!r} "
-            "(pure E5M2 training is not supported, as in Transformer Engine)"
-        )
 
 
 def check_epsilon(epsilon) -> None:
+    """Raise ``ValueError`` naming ``amax_epsilon`` unless it is a finite number >= 0."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"amax_epsilon must be a finite float >= 0, got {epsilon!r}")
 
 
-def format_for(fp8_format: str, role: Role) -> FP8Format:
-    """E4M3, except gradients under "hybrid" (E5M2)."""
-    return E5M2 if role == Role.GRAD_OUTPUT and fp8_format == "hybrid" else E4M3
-
-
 @dataclass(frozen=True, kw_only=True)
-class Float8CurrentScaling:
+class Float8CurrentScaling(Scaling):
     """Per-tensor scaling from the tensor's own amax at cast time (TE's ``Float8CurrentScaling``).
 
     Args:
@@ -55,19 +43,38 @@ class Float8CurrentScaling:
     amax_epsilon: float = 0.0
 
     name = "current"
+    per_tensor = True
 
     def __post_init__(self) -> None:
-        check_format(self.fp8_format)
+        check_fp8_format(self.fp8_format)
         if not isinstance(self.use_power_2_scales, bool):
             raise ValueError(f"use_power_2_scales must be a bool, got {self.use_power_2_scales!r}")
         check_epsilon(self.amax_epsilon)
 
-    def format_for(self, role: Role) -> FP8Format:
-        return format_for(self.fp8_format, role)
-
-    def new_state(self, device=None) -> None:
-        return None  # nothing persists from one step to the next
-
     def scale(self, amax: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
         """The scale of a tensor whose amax (TE's: NaN ignored) is ``amax``."""
         return te_scale_from_amax(amax, fmt.max, pow2=self.use_power_2_scales, epsilon=float(self.amax_epsilon))
+
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+        """Cast with a scale from this tensor's own amax, now; a cast that met NaN or inf is
+        counted in the slot's faults in training."""
+        fmt, amaxes = self.format_for(role), amaxes_of(x2d)
+        scale = self.scale(amaxes[1], fmt)
+        if record:
+            slot.count_faults(role, amaxes[0])
+        values = backend.quantize(x2d, scale, fmt)
+        if slot is not None and slot.armed and usage == ROWWISE:
+            slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
+            slot.record_scale(role, scale, amaxes[1])
+        return Operand(values, scale.reciprocal())
+
+    @classmethod
+    def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
+        return cast_stats(x2d, None, cls().scale(amaxes_of(x2d)[1], fmt), fmt)
+
+    def te_recipe(self) -> dict:
+        # TE's QParams take power-of-2 and epsilon from class-level defaults (computed from
+        # environment variables at import), so they are set on the recipe object too.
+        qparams = {"power_2_scale": self.use_power_2_scales, "amax_epsilon": float(self.amax_epsilon)}
+        kwargs = {"fp8_format": te_format(self.fp8_format), "use_power_2_scales": self.use_power_2_scales}
+        return {"recipe": "Float8CurrentScaling", "kwargs": kwargs, "qparams": qparams}

@@ -1,8 +1,10 @@
-"""Delayed scaling: the ``DelayedScaling`` settings and its math as pure functions.
+"""Delayed scaling: the ``DelayedScaling`` recipe, its operands, and its math as pure functions.
 
 Invariants: a DelayedScaling is immutable and valid once constructed (every field is
 checked in ``__post_init__``; a bad one raises ``ValueError`` naming the field), with
-Transformer Engine's field names and defaults. The math functions (history in, amax
+Transformer Engine's field names and defaults. Its operands are cast with the scale in the
+layer's ScalingState (from the *previous* update); the tensor's amax goes into row 0 in
+training, and only ``fp8lab.update_scales`` turns amaxes into scales. The math functions (history in, amax
 out; amax in, scale out) never mutate their arguments; every function returns new
 tensors and runs on any device, so the same code is checked exactly on CPU. Semantics
 follow Transformer Engine's default fused update kernel
@@ -28,15 +30,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8lab.formats import E4M3, E5M2, FP8Format, Role
+from fp8lab.formats import FP8Format, Role, check_fp8_format
+from fp8lab.quantize.tensor import amaxes_of, cast_stats
+from fp8lab.scaling.protocol import ROWWISE, Operand, Scaling, not_measured, te_format
 from fp8lab.scaling.state import ScalingState
 
-FP8_FORMATS = ("hybrid", "e4m3")
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DelayedScaling:
+class DelayedScaling(Scaling):
     """Per-tensor delayed scaling from an amax history (TE's ``DelayedScaling``).
 
     Args:
@@ -54,14 +57,11 @@ class DelayedScaling:
     margin: int = 0
     reduce_amax: bool = True
 
-    name = "delayed"  # not a field: the short name runs, tags and reports use
+    name = "delayed"  # class attributes, not fields (fp8lab.scaling.protocol)
+    per_tensor = True
 
     def __post_init__(self) -> None:
-        if self.fp8_format not in FP8_FORMATS:
-            raise ValueError(
-                f"fp8_format must be one of {FP8_FORMATS}, got {self.fp8_format!r} "
-                "(pure E5M2 training is not supported, as in Transformer Engine)"
-            )
+        check_fp8_format(self.fp8_format)
         if isinstance(self.amax_history_len, bool) or not isinstance(self.amax_history_len, int):
             raise ValueError(f"amax_history_len must be an int >= 1, got {self.amax_history_len!r}")
         if self.amax_history_len < 1:
@@ -74,12 +74,6 @@ class DelayedScaling:
             raise ValueError(f"margin must be an int >= 0, got {self.margin!r}")
         if not isinstance(self.reduce_amax, bool):
             raise ValueError(f"reduce_amax must be a bool, got {self.reduce_amax!r}")
-
-    def format_for(self, role: Role) -> FP8Format:
-        """The FP8 format of a GEMM operand: gradients are E5M2 under "hybrid"."""
-        if role == Role.GRAD_OUTPUT and self.fp8_format == "hybrid":
-            return E5M2
-        return E4M3
 
     @property
     def fp8_max(self) -> tuple[float, float, float]:
@@ -95,6 +89,27 @@ class DelayedScaling:
             device: where the state's buffers are created.
         """
         return ScalingState(self, device=device)
+
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+        """Cast with the state's scale for ``role``; in training, the amax into row 0."""
+        fmt, scale = self.format_for(role), state.scale[role]
+        if record:
+            state.record_amax(role, amaxes_of(x2d))
+        values = backend.quantize(x2d, scale, fmt)
+        if slot is not None and slot.armed and usage == ROWWISE:
+            slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
+        return Operand(values, scale.reciprocal())
+
+    @classmethod
+    def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
+        """Not measurable on another recipe's layer: delayed scaling needs the layer's own
+        amax history (NaN)."""
+        return not_measured(x2d.device)
+
+    def te_recipe(self) -> dict:
+        kwargs = {"fp8_format": te_format(self.fp8_format), "amax_history_len": self.amax_history_len,
+                  "amax_compute_algo": self.amax_compute_algo, "margin": self.margin, "reduce_amax": self.reduce_amax}
+        return {"recipe": "DelayedScaling", "kwargs": kwargs, "qparams": None}
 
 
 FP32_MAX = torch.finfo(torch.float32).max

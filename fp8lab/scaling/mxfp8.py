@@ -4,9 +4,8 @@ Invariant: ``MXFP8BlockScaling`` is immutable and valid once constructed, with T
 Engine's names and defaults (E4M3 everywhere). A block's E8M0 code is TE's
 ``float_to_e8m0(amax * (1 / fp8_max))`` (the float32 product, rounded up to a power of two,
 ``2^ceil(log2(amax / fp8_max))``), values are multiplied by ``2^(127 - e)`` before the cast
-and the GEMM multiplies them back by ``2^(e - 127)``, so a dequantized block is exact. As in
-TE, the copies a forward and a backward GEMM use run their blocks along different
-dimensions and are each cast from the high-precision tensor. No state persists.
+and the GEMM multiplies them back by ``2^(e - 127)``, so a dequantized block is exact
+(``fp8lab.scaling.blockwise`` does the rest). No state persists.
 """
 
 from __future__ import annotations
@@ -15,16 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8lab.formats import FP8Format, Role
-from fp8lab.scaling.block import tile
+from fp8lab.formats import FP8Format, Role, check_fp8_format
+from fp8lab.scaling.blockwise import BlockwiseScaling, tile
+from fp8lab.scaling.protocol import te_format
 from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0
-from fp8lab.scaling.current import check_format, format_for
 
 BLOCK = 32
 
 
 @dataclass(frozen=True, kw_only=True)
-class MXFP8BlockScaling:
+class MXFP8BlockScaling(BlockwiseScaling):
     """Microscaling FP8 (TE's ``MXFP8BlockScaling``; on hardware: Blackwell, sm_100).
 
     Args:
@@ -38,15 +37,9 @@ class MXFP8BlockScaling:
     name = "mxfp8"
 
     def __post_init__(self) -> None:
-        check_format(self.fp8_format)
+        check_fp8_format(self.fp8_format)
         if not isinstance(self.enable_2d_quantization, bool):
             raise ValueError(f"enable_2d_quantization must be a bool, got {self.enable_2d_quantization!r}")
-
-    def format_for(self, role: Role) -> FP8Format:
-        return format_for(self.fp8_format, role)
-
-    def new_state(self, device=None) -> None:
-        return None
 
     def block(self, role: Role, usage: str) -> tuple[int, int]:
         dim = 2 if role == Role.WEIGHT and self.enable_2d_quantization else 1
@@ -57,3 +50,13 @@ class MXFP8BlockScaling:
         rcp = torch.tensor(1.0 / fmt.max, dtype=torch.float32, device=amax.device)  # TE's max_norm_rcp
         code = float_to_e8m0(amax.float() * rcp)
         return e8m0_scale(code), e8m0_scale_inv(code)
+
+    def unsupported(self, backend: str, device) -> str | None:
+        """TE's ``check_recipe_support``: MXFP8 on sm_100 up to, not including, sm_120."""
+        if backend == "te" and not ((10, 0) <= (device.capability or (0, 0)) < (12, 0)):
+            return "Transformer Engine's MXFP8BlockScaling needs sm_100 (Blackwell; not sm_120)"
+        return super().unsupported(backend, device)
+
+    def te_recipe(self) -> dict:
+        kwargs = {"fp8_format": te_format(self.fp8_format), "enable_2d_quantization": self.enable_2d_quantization}
+        return {"recipe": "MXFP8BlockScaling", "kwargs": kwargs, "qparams": None}

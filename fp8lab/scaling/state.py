@@ -10,26 +10,23 @@ error, never a silent re-initialisation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from fp8lab.formats import ROLE_NAMES, Role
-
-if TYPE_CHECKING:  # DelayedScaling.new_state builds a ScalingState: no import cycle at run time
-    from fp8lab.scaling.delayed import DelayedScaling
 
 
 class ScalingState(nn.Module):
     """Amax history and scales of the three GEMM operands of one layer.
 
     Args:
-        scaling: the layer's DelayedScaling; its ``amax_history_len`` sets H.
+        scaling: the layer's DelayedScaling (``fp8lab.scaling.delayed``, which builds this
+            state): its ``amax_history_len`` sets H, its ``fp8_max`` the per-role maxima;
+            ``update_scales`` reads its algorithm and margin from here.
         device: where the buffers live.
     """
 
-    def __init__(self, scaling: DelayedScaling, device: torch.device | str | None = None):
+    def __init__(self, scaling, device: torch.device | str | None = None):
         super().__init__()
         self.scaling = scaling
         history_len = scaling.amax_history_len

@@ -23,12 +23,12 @@ from torch import nn
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
 from fp8lab.layers.linear import Linear
 from fp8lab.quantize.tensor import STAT_NAMES
-from fp8lab.options import SCALINGS
+from fp8lab.scaling import SCALINGS
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 
 # Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
 # the block-scale statistics, and the non-finite casts counted since the previous log step.
-# What-if statistics (fp8lab.gemm.whatif): each recipe's cast statistics on the same tensor.
+# What-if statistics (fp8lab.scaling.whatif): each recipe's cast statistics on the same tensor.
 WHATIF = tuple(f"whatif_{recipe}_{stat}" for recipe in SCALINGS for stat in STAT_NAMES)  # recipes in SCALINGS order
 FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES + WHATIF
 NONFINITE = "nonfinite_amax"

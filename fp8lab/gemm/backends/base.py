@@ -26,7 +26,6 @@ from torch import nn
 
 from fp8lab.formats import FP8Format
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
-from fp8lab.gemm.operands import per_tensor
 from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 
@@ -105,7 +104,7 @@ class QuantizedGemmBackend:
                                whatif=slot.whatif, shadow_sqnr=slot.shadow_sqnr)
         scale_amax = slot.scale_amax if slot.scale_amax is not None else not_measured(device, 2)
         blocks = None
-        if not per_tensor(layer.fp8.scaling):
+        if not layer.fp8.scaling.per_tensor:
             blocks = slot.block_stats if slot.block_stats is not None else not_measured(device, len(BLOCK_STAT_NAMES))
         return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks,
                            slot.whatif, slot.shadow_sqnr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8lab.gemm.exact import ROUNDED_DTYPES, GemmPath, scaled_gemm
+from fp8lab.gemm.exact import ROUNDED_DTYPES, GemmPath, round_operand, scaled_gemm
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
 
 
@@ -37,7 +37,7 @@ class RoundedBackend:
 
     def round(self, x_hp: torch.Tensor) -> torch.Tensor:
         """x rounded to the backend's dtype (nearest even), held in the path's operand dtype."""
-        return x_hp.to(self.dtype).to(self.path.operand_dtype)
+        return round_operand(x_hp, self.name, self.path)
 
     def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
         return scaled_gemm(a, b, None, out_dtype, bias, path=self.path)

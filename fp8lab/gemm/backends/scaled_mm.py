@@ -14,9 +14,8 @@ import torch
 
 from fp8lab.formats import FP8Format
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
+from fp8lab.gemm.hardware import HW_GEMM_MULTIPLE
 from fp8lab.quantize.tensor import cast_to_fp8
-
-HW_GEMM_MULTIPLE = 16  # cuBLASLt FP8 GEMMs need K and N divisible by 16
 
 
 def _is_row_major(t: torch.Tensor) -> bool:

@@ -13,37 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8lab.gemm.backends.scaled_mm import HW_GEMM_MULTIPLE  # the hardware GEMM's shape contract
 from fp8lab.gemm.exact import ROUNDED_DTYPES
+from fp8lab.gemm.hardware import FP8_MIN_CAPABILITY, HW_GEMM_MULTIPLE, BackendUnavailable, DeviceFacts
+from fp8lab.scaling.delayed import DelayedScaling
+from fp8lab.scaling.protocol import Scaling
 
-FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for explicitly and cannot run here; the message says why."""
-
-
-@dataclass(frozen=True)
-class DeviceFacts:
-    type: str  # "cpu", "cuda", ...
-    capability: tuple[int, int] | None = None
-    name: str | None = None
-    cuda: tuple[int, int] | None = None  # the CUDA version torch was built with
-
-
-PER_TENSOR = ("delayed", "current")  # scalings torch._scaled_mm runs (one scale per tensor)
-
-
-def te_supports(scaling: str, device: DeviceFacts) -> str | None:
-    """Why Transformer Engine cannot run ``scaling`` on ``device``, or None when it can
-    (TE's ``check_recipe_support``: FP8 from sm_89, block scaling from sm_90 with CUDA
-    12.9, MXFP8 on sm_100 up to but not including sm_120)."""
-    cap = device.capability or (0, 0)
-    if scaling == "block" and not (cap >= (9, 0) and (device.cuda or (0, 0)) >= (12, 9)):
-        return "Transformer Engine's Float8BlockScaling needs sm_90 or newer and CUDA 12.9 or newer"
-    if scaling == "mxfp8" and not ((10, 0) <= cap < (12, 0)):
-        return "Transformer Engine's MXFP8BlockScaling needs sm_100 (Blackwell; not sm_120)"
-    return None
+__all__ = ["BackendUnavailable", "DeviceFacts", "Plan", "TEFacts", "probe_device", "probe_te", "select_backend"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +60,7 @@ def select_backend(
     requested: str = "auto",
     fallback: str = "bf16",
     dims: tuple[int, int] | None = None,
-    scaling: str = "delayed",
+    scaling: Scaling | None = None,
 ) -> Plan:
     """The backend a layer runs on, with a one-line human reason.
 
@@ -95,9 +70,10 @@ def select_backend(
         requested: a backend name of ``fp8lab.options.BACKENDS`` (FP8Options validated it).
         fallback: what "auto" uses without FP8 hardware, one of ``fp8lab.options.FALLBACKS``.
         dims: the GEMM's (in_features, out_features); hardware FP8 needs multiples of 16.
-        scaling: the scaling's short name ("delayed", "current", "block", "mxfp8"):
-            Transformer Engine runs each on some GPUs only, torch._scaled_mm only the
-            per-tensor ones; a layer that no hardware path can run falls back, saying why.
+        scaling: the layer's scaling (default ``DelayedScaling()``); each says which
+            hardware backend cannot run it where (``Scaling.unsupported``): Transformer
+            Engine runs each recipe on some GPUs only, torch._scaled_mm the per-tensor
+            ones; a layer that no hardware path can run falls back, saying why.
     Raises:
         BackendUnavailable: an explicitly requested backend cannot run here.
     """
@@ -106,8 +82,10 @@ def select_backend(
     if requested == "emulated":
         return Plan("emulated", "backend='emulated' requested; FP8 emulated in software")
 
+    scaling = scaling if scaling is not None else DelayedScaling()
     gpu = f"{device.name or 'GPU'} ({_sm(device)})" if device.type == "cuda" else device.type
-    te_why_not = te_supports(scaling, device) if te.version is not None else None
+    te_why_not = scaling.unsupported("te", device) if te.version is not None else None
+    mm_why_not = scaling.unsupported("scaled_mm", device)
     if requested in ("te", "scaled_mm"):
         if device.type != "cuda":
             hint = "torch._scaled_mm is never run on CPU (a few GFLOP/s)" if requested == "scaled_mm" else "Transformer Engine needs an NVIDIA GPU"
@@ -117,11 +95,10 @@ def select_backend(
         if requested == "te" and te.version is None:
             raise BackendUnavailable(f"backend='te' needs Transformer Engine: pip install 'fp8lab[te]' ({te.why_not or 'not installed'})")
         if requested == "te" and te_why_not:
-            raise BackendUnavailable(f"backend='te' with {scaling} scaling on {gpu}: {te_why_not}; use backend='emulated'")
-        if requested == "scaled_mm" and scaling not in PER_TENSOR:
+            raise BackendUnavailable(f"backend='te' with {scaling.name} scaling on {gpu}: {te_why_not}; use backend='emulated'")
+        if requested == "scaled_mm" and mm_why_not:
             raise BackendUnavailable(
-                f"backend='scaled_mm' runs per-tensor scalings only; {scaling} scaling needs backend='te' "
-                "(or 'emulated'): fp8lab does not drive torch._scaled_mm's blockwise modes"
+                f"backend='scaled_mm' with {scaling.name} scaling on {gpu}: {mm_why_not}; use backend='te' (or 'emulated')"
             )
 
     if device.type != "cuda":
@@ -136,9 +113,9 @@ def select_backend(
         return Plan("te", f"Transformer Engine {te.version} on {gpu}")
     if requested == "scaled_mm":
         return Plan("scaled_mm", f"torch._scaled_mm on {gpu} (requested)")
-    if scaling not in PER_TENSOR:  # auto, and neither TE nor torch._scaled_mm can run it here
+    if mm_why_not:  # auto, and neither TE nor torch._scaled_mm can run it here
         why = te_why_not or "Transformer Engine is not installed"
-        return _fallback(fallback, f"{scaling} scaling on {gpu}: {why}, and torch._scaled_mm runs per-tensor scaling only")
+        return _fallback(fallback, f"{scaling.name} scaling on {gpu}: {why}, and {mm_why_not}")
     return Plan("scaled_mm", f"torch._scaled_mm on {gpu}; install fp8lab[te] for fused kernels")
 
 

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8lab.gemm.backends.base import ScalingView, not_measured
-from fp8lab.gemm.backends.select import BackendUnavailable
-from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab, te_recipe_kwargs
+from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab
+from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.scaling.delayed import DelayedScaling
 
 TE_TOKEN_MULTIPLE = 16  # TE's FP8 GEMM wants the token count % 8 (its docs say 16): pad to 16
@@ -66,7 +66,7 @@ def _import_te() -> SimpleNamespace:
 
 def te_recipe(scaling):
     """TE's recipe object equal to ``scaling`` (needs Transformer Engine)."""
-    spec = te_recipe_kwargs(scaling)
+    spec = scaling.te_recipe()
     module = _import_te().recipe_module
     kwargs = {**spec["kwargs"], "fp8_format": module.Format[spec["kwargs"]["fp8_format"]]}
     recipe = getattr(module, spec["recipe"])(**kwargs)

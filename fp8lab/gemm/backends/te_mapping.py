@@ -1,9 +1,9 @@
-"""What maps between fp8lab and Transformer Engine, as pure functions that run without TE.
+"""How TE's scaling state maps onto fp8lab's, as pure functions that run without TE.
 
-Invariant: nothing here imports Transformer Engine; the recipe mapping names TE's classes
-and fields as strings (``te.py`` resolves them), and the scaling-state mapping moves
-tensors between TE's ``fp8_meta`` layout and fp8lab's (input, weight, grad_output) columns,
-exactly, so both are checked on CPU (tests/test_te_mapping.py).
+Invariant: nothing here imports Transformer Engine. The scaling-state mapping moves tensors
+between TE's ``fp8_meta`` layout and fp8lab's (input, weight, grad_output) columns, exactly,
+so it is checked on CPU (tests/test_te_mapping.py). The recipe mapping is each scaling's
+own (``Scaling.te_recipe``: TE's class and field names as strings, resolved by ``te.py``).
 """
 
 from __future__ import annotations
@@ -11,45 +11,10 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import Role
-from fp8lab.scaling.block import Float8BlockScaling
-from fp8lab.scaling.current import Float8CurrentScaling
-from fp8lab.scaling.delayed import DelayedScaling
-from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
 
 # Where each fp8lab column lives in TE's fp8_meta: FP8FwdTensors GEMM1_INPUT = 0,
 # GEMM1_WEIGHT = 1; FP8BwdTensors GRAD_OUTPUT1 = 0 (TE csrc/common.h).
 TE_SLOTS = {Role.INPUT: ("scaling_fwd", 0), Role.WEIGHT: ("scaling_fwd", 1), Role.GRAD_OUTPUT: ("scaling_bwd", 0)}
-_TE_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}  # names of TE's recipe.Format members
-
-
-def te_recipe_kwargs(scaling) -> dict:
-    """The Transformer Engine recipe equal to fp8lab's ``scaling``, without TE:
-    {"recipe": TE's class name, "kwargs": its constructor arguments, "qparams": QParams
-    arguments or None}.
-
-    ``fp8_format`` is the *name* of the ``transformer_engine.common.recipe.Format`` member
-    ("HYBRID" or "E4M3"); ``te_recipe`` resolves it. TE's current and block recipes take
-    their power-of-2 and epsilon settings from class-level ``QParams`` defaults (computed
-    from environment variables at import), not from constructor arguments, so ``te_recipe``
-    sets ``fp8_quant_fwd_inp``/``fp8_quant_fwd_weight``/``fp8_quant_bwd_grad`` on the object.
-    """
-    fmt = {"fp8_format": _TE_FORMATS[scaling.fp8_format]}
-    if isinstance(scaling, DelayedScaling):
-        kwargs = {**fmt, "amax_history_len": scaling.amax_history_len, "amax_compute_algo": scaling.amax_compute_algo,
-                  "margin": scaling.margin, "reduce_amax": scaling.reduce_amax}
-        return {"recipe": "DelayedScaling", "kwargs": kwargs, "qparams": None}
-    if isinstance(scaling, Float8CurrentScaling):
-        qparams = {"power_2_scale": scaling.use_power_2_scales, "amax_epsilon": float(scaling.amax_epsilon)}
-        return {"recipe": "Float8CurrentScaling", "kwargs": {**fmt, "use_power_2_scales": scaling.use_power_2_scales},
-                "qparams": qparams}
-    if isinstance(scaling, Float8BlockScaling):
-        dims = {name: getattr(scaling, name) for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")}
-        return {"recipe": "Float8BlockScaling", "kwargs": {**fmt, **dims},
-                "qparams": {"power_2_scale": True, "amax_epsilon": float(scaling.amax_epsilon)}}
-    if isinstance(scaling, MXFP8BlockScaling):
-        return {"recipe": "MXFP8BlockScaling", "kwargs": {**fmt, "enable_2d_quantization": scaling.enable_2d_quantization},
-                "qparams": None}
-    raise TypeError(f"no Transformer Engine recipe for {type(scaling).__name__}")
 
 
 def te_meta_to_fp8lab(te_meta: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,66 @@
+"""What the block recipes share: one scale per block of a 2-D operand, dequantized exactly.
+
+Invariant: a blockwise recipe (``Float8BlockScaling``, ``MXFP8BlockScaling``) says only
+which block each operand gets (``block``) and how a block's amax becomes its scale
+(``block_scales``, powers of two); everything else is here. A 1-D block runs along the
+GEMM's contraction dimension, so the forward and backward GEMMs see one tensor through
+different tiles, each cast from the high-precision tensor (TE quantizes "rowwise" and
+"columnwise" copies); the operands' values arrive dequantized (exact: power-of-2 scales),
+with no per-tensor inverse scale. No state persists between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp8lab.formats import FP8Format, Role
+from fp8lab.quantize.blocks import block_cast_stats, blocks_amax
+from fp8lab.quantize.tensor import amaxes_of
+from fp8lab.scaling.protocol import ROWWISE, Operand, Scaling
+
+
+def tile(dim: int, usage: str, size: int) -> tuple[int, int]:
+    """The block shape of an operand: 1-D tiles along the contracted dim, or 2-D squares."""
+    if dim == 2:
+        return (size, size)
+    return (1, size) if usage == ROWWISE else (size, 1)
+
+
+class BlockwiseScaling(Scaling):
+    """Base of the block recipes: they define ``block(role, usage)`` and
+    ``block_scales(amax, fmt, input_dtype) -> (scale, scale_inv)``."""
+
+    per_tensor = False
+
+    def block(self, role: Role, usage: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
+        raise NotImplementedError
+
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+        """Cast block by block with scales from each block's amax; the rowwise cast counts
+        NaN/inf faults in training and leaves cast and block statistics on log steps."""
+        fmt, block = self.format_for(role), self.block(role, usage)
+        amax = blocks_amax(x2d, block)
+        scale, scale_inv = self.block_scales(amax, fmt, x2d.dtype)
+        if record and usage == ROWWISE:
+            slot.count_faults(role, amaxes_of(x2d)[0])
+        values = backend.quantize_blocks(x2d, block, scale, scale_inv, fmt)
+        if slot is not None and slot.armed and usage == ROWWISE:
+            stats = block_cast_stats(x2d, values, block, scale, fmt)
+            slot.cast_stats[role] = stats[:3]
+            slot.record_blocks(role, stats[3:], amax.max())
+        return Operand(values, None)
+
+    @classmethod
+    def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
+        scaling = cls()  # TE's defaults (the format is ``fmt``, given)
+        block = scaling.block(role, ROWWISE)
+        scale, _ = scaling.block_scales(blocks_amax(x2d, block), fmt, x2d.dtype)
+        return block_cast_stats(x2d, None, block, scale, fmt, block_stats=False)
+
+    def unsupported(self, backend: str, device) -> str | None:
+        if backend == "scaled_mm":
+            return "torch._scaled_mm runs per-tensor scaling only (fp8lab does not drive its blockwise modes)"
+        return None

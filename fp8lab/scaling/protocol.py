@@ -1,0 +1,112 @@
+"""The Scaling protocol: every question fp8lab asks of a scaling recipe, answered by the recipe.
+
+Invariant: no code outside ``fp8lab/scaling`` dispatches on a scaling's type. The quantized
+GEMM, the what-if statistics, the backend choice and the Transformer Engine mapping each
+call one method of this protocol; a scaling is a frozen keyword-only dataclass that is
+valid once constructed (``__post_init__`` raises ``ValueError`` naming the field) with
+Transformer Engine's field names and defaults. A new scaling is one file with a subclass
+of ``Scaling`` and one entry in ``fp8lab.scaling.SCALINGS``.
+
+The questions, in the order a training step asks them:
+
+- ``format_for(role)``: the FP8 format of each GEMM operand (E5M2 gradients under "hybrid");
+- ``new_state(device)``: the persistent state a layer keeps (delayed scaling's amax history
+  and scales), or None;
+- ``operand(x2d, role, usage, ...)``: a high-precision tensor made into what one GEMM
+  multiplies: the scale decided here, the cast done by the backend it is handed (which
+  takes scales and never computes them), amaxes and fault counts recorded in training,
+  cast statistics left in the layer's telemetry slot on log steps;
+- ``whatif_stats(x2d, role, fmt)`` (a class method): what this recipe, at TE's defaults,
+  would do to a tensor another recipe cast (log steps only);
+- ``unsupported(backend, device)``: why a hardware backend cannot run it there, or None;
+- ``te_recipe()``: TE's recipe class name and constructor arguments, without TE.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from fp8lab.formats import FP8Format, Role, format_for
+from fp8lab.quantize.tensor import STAT_NAMES
+
+# Which dimension of a 2-D operand a GEMM contracts: the last ("rowwise") or the first
+# ("columnwise", the transposed copies the backward multiplies).
+ROWWISE, COLUMNWISE = "rowwise", "columnwise"
+
+
+class Operand(NamedTuple):
+    """What one GEMM multiplies: exact values in the backend's operand dtype, and the 0-dim
+    float32 inverse scale its epilogue applies (None when the values are already exact
+    dequantized values, as for power-of-2 block scales)."""
+
+    values: torch.Tensor
+    inv_scale: torch.Tensor | None
+
+
+def not_measured(device: torch.device) -> torch.Tensor:
+    """A what-if row of a recipe that cannot be evaluated here: NaN for every statistic."""
+    return torch.full((len(STAT_NAMES),), float("nan"), device=device)
+
+
+def te_format(fp8_format: str) -> str:
+    """The name of the ``transformer_engine.common.recipe.Format`` member of ``fp8_format``."""
+    return {"hybrid": "HYBRID", "e4m3": "E4M3"}[fp8_format]
+
+
+class Scaling:
+    """Base of every scaling recipe (see the module docstring for the protocol).
+
+    Class attributes:
+        name: the short name runs, tags, reports and ``--set variants.<v>.scaling=`` use.
+        per_tensor: one scale covers the whole tensor, so one operand serves every usage
+            (forward and backward); block recipes cast a copy per usage instead.
+    """
+
+    name: ClassVar[str]
+    per_tensor: ClassVar[bool]
+    fp8_format: str
+
+    def format_for(self, role: Role) -> FP8Format:
+        """The FP8 format of a GEMM operand in ``role``."""
+        return format_for(self.fp8_format, role)
+
+    def new_state(self, device: torch.device | str | None = None) -> nn.Module | None:
+        """The persistent state a layer stores as ``fp8_state`` (a ``ScalingState`` for
+        delayed scaling; None: nothing persists from one step to the next)."""
+        return None
+
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+        """``x2d`` (2-D, high precision) made into the operand of a GEMM contracting it as
+        ``usage`` says (``ROWWISE`` or ``COLUMNWISE``).
+
+        Args:
+            state: the layer's ``fp8_state`` (what ``new_state`` made), or None.
+            backend: casts with given scales (``quantize``, ``quantize_blocks``).
+            record: training: take amaxes into the state and count casts that met NaN/inf.
+            slot: the layer's TelemetrySlot or None; while armed, the rowwise cast of each
+                role leaves its statistics there.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
+        """``STAT_NAMES`` of this recipe at TE's defaults, in ``fmt``, cast onto ``x2d`` in
+        the layout of the GEMM contracting its last dimension (float32, on x2d's device)."""
+        raise NotImplementedError
+
+    def unsupported(self, backend: str, device) -> str | None:
+        """Why ``backend`` ("te" or "scaled_mm") cannot run this scaling on ``device`` (a
+        ``fp8lab.gemm.backends.select.DeviceFacts``), or None when it can; the device is
+        already known to have FP8 tensor cores."""
+        return None
+
+    def te_recipe(self) -> dict:
+        """Transformer Engine's recipe equal to this scaling, without importing TE:
+        {"recipe": class name in ``transformer_engine.common.recipe``, "kwargs": its
+        constructor arguments (``fp8_format`` as the name of a ``Format`` member),
+        "qparams": ``QParams`` arguments to set on the object, or None}."""
+        raise NotImplementedError
+
