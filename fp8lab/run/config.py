@@ -1,8 +1,10 @@
 """The run configuration a recipe returns: frozen, keyword-only, validated sections.
 
 Invariant: a RunConfig that exists is valid; every field is checked in ``__post_init__``
+(each section's own fields in ``sections``, the rules across sections in ``validate``)
 and a bad one raises ``ConfigError`` whose message starts with the field's dotted name
-(``train.steps``) and says what is allowed. Recipes only construct these objects.
+(``train.steps``) and says what is allowed. Recipes only construct these objects:
+``from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant``.
 """
 
 from __future__ import annotations
@@ -10,172 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 
-from fp8lab.options import FP8Options
-from fp8lab.scaling import DelayedScaling, Scaling
+from fp8lab.run import validate
+from fp8lab.run.checks import ConfigError, check
+from fp8lab.run.sections import DataConfig, ModelConfig, TrainConfig, Variant
 
-PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A config field is invalid; the message names the field and what is allowed."""
-
-
-def _check(ok: bool, name: str, allowed: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _int(value, name: str, low: int = 1) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, f"an int >= {low}", value)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    source: str = "stdlib"  # "stdlib" | "text:PATH" | "tokens:PATH"
-    val_fraction: float = 0.1
-
-    def __post_init__(self):
-        _check(isinstance(self.source, str) and (self.source == "stdlib" or self.source.startswith(("text:", "tokens:"))),
-               "data.source", "'stdlib', 'text:PATH' or 'tokens:PATH'", self.source)
-        _check(isinstance(self.val_fraction, float) and 0 < self.val_fraction <= 0.5, "data.val_fraction", "a float in (0, 0.5]", self.val_fraction)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    preset: str = "tiny"
-    num_layers: int | None = None  # None: the preset's value
-    hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    ffn_hidden_size: int | None = None
-    attention_core: str = "auto"  # "auto" (float32 on CPU), "native" or "fp32"
-
-    def __post_init__(self):
-        from fp8lab.layers.gpt import PRESETS
-        from fp8lab.layers.attention import ATTENTION_CORES
-
-        _check(isinstance(self.preset, str) and self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
-        _check(self.attention_core in ATTENTION_CORES, "model.attention_core", f"one of {ATTENTION_CORES}", self.attention_core)
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
-            value = getattr(self, name)
-            if value is not None:
-                _int(value, f"model.{name}")
-                # far beyond any model that fits a machine, and what C sizes (ssize_t) can hold
-                _check(value < 2**31, f"model.{name}", "an int < 2**31", value)
-
-    def overrides(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
-    block_size: int = 128
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    log_interval: int = 10
-    # What-if statistics (every scaling recipe's cast of each FP8 operand) cost about three
-    # extra casts per operand on a log step: None computes them on every log step, an int
-    # (a multiple of log_interval) on every whatif_interval-th step only.
-    whatif_interval: int | None = None
-    eval_interval: int = 100
-    eval_batches: int = 8
-    seed: int = 1337
-    device: str = "auto"
-    checkpoint_interval: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    max_consecutive_skips: int = 5
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "block_size", "log_interval", "eval_interval", "eval_batches", "keep_checkpoints", "max_consecutive_skips"):
-            _int(getattr(self, name), f"train.{name}")
-        for name in ("warmup_steps", "seed", "checkpoint_interval"):
-            _int(getattr(self, name), f"train.{name}", low=0)
-        _check(self.whatif_interval is None or (isinstance(self.whatif_interval, int) and not isinstance(self.whatif_interval, bool)
-                                                and self.whatif_interval >= 1 and self.whatif_interval % self.log_interval == 0),
-               "train.whatif_interval", f"None (every log step) or a positive multiple of train.log_interval ({self.log_interval})",
-               self.whatif_interval)
-        _check(self.seed < 2**64, "train.seed", "an int in [0, 2**64 - 1] (torch seeds are 64-bit)", self.seed)
-        for name in ("lr", "min_lr", "weight_decay"):
-            value = getattr(self, name)
-            _check(isinstance(value, float) and math.isfinite(value) and value >= 0, f"train.{name}", "a float >= 0 (finite)", value)
-        # Degenerate values that train nothing: AdamW moves a weight by up to lr per step,
-        # and multiplies it by (1 - lr * weight_decay); a gradient clipped to norm 0 is zero.
-        _check(0 < self.lr <= 1, "train.lr", "a float in (0, 1] (AdamW moves every weight by up to lr per step)", self.lr)
-        _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr})", self.min_lr)
-        _check(self.lr * self.weight_decay < 1, "train.weight_decay",
-               f"< 1 / train.lr ({1 / self.lr:.4g}): AdamW multiplies every weight by 1 - lr * weight_decay per step", self.weight_decay)
-        _check(isinstance(self.grad_clip, float) and self.grad_clip > 0, "train.grad_clip",
-               "a float > 0 (inf: no clipping; 0 would zero every gradient)", self.grad_clip)
-        _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Variant:
-    """One model trained in the run: a rung of the precision ladder (fp32, fp16, bf16, fp8;
-    ``fp8lab.run.precision`` says what each means), with its settings.
-
-    The FP8 fields are flat (``--set variants.<name>.backend=...`` sets one) and are
-    checked by building the variant's ``FP8Options`` once, exposed as ``fp8``; the loss-
-    scaling fields likewise build ``loss_scale``. A field the precision does not use must
-    keep its default (``fp8lab.run.precision.check_variant``).
-    """
-
-    name: str
-    precision: str = "fp8"
-    scaling: Scaling = field(default_factory=DelayedScaling)  # any of fp8lab.scaling.SCALINGS
-    backend: str = "auto"
-    fallback: str = "emulated"
-    keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
-    first_last_bf16: int = 0  # Megatron-style: first N and last N blocks in BF16
-    activations: str | None = None  # fp8 only: "bf16" (None) or "fp16"; other precisions: their own
-    master_weights: bool = True  # False: parameters and AdamW state in the activations' dtype
-    # Dynamic loss scaling (FP16 activations only; torch.amp.GradScaler's defaults)
-    loss_scale_init: float = 2.0**16
-    loss_scale_growth_factor: float = 2.0
-    loss_scale_backoff_factor: float = 0.5
-    loss_scale_growth_interval: int = 2000
-
-    def __post_init__(self):
-        from fp8lab.run.loss_scale import LossScaleConfig
-        from fp8lab.run.precision import check_variant
-
-        _check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
-               "variant.name", "letters, digits, '_' or '-'", self.name)
-        _check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
-        try:  # FP8Options names the bad field first in its message
-            fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback)
-        except ValueError as err:
-            raise ConfigError(f"variants.{self.name}.{err}") from None
-        object.__setattr__(self, "fallback", fp8.fallback)  # a legacy spelling is stored normalised
-        object.__setattr__(self, "_fp8", fp8)  # not a field: no second copy in to_dict() or the hash
-        _check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
-        _int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
-        check_variant(self)
-        try:  # LossScaleConfig names its field first: init, growth_factor, ...
-            loss_scale = LossScaleConfig(init=self.loss_scale_init, growth_factor=self.loss_scale_growth_factor,
-                                         backoff_factor=self.loss_scale_backoff_factor,
-                                         growth_interval=self.loss_scale_growth_interval)
-        except ValueError as err:
-            raise ConfigError(f"variants.{self.name}.loss_scale_{err}") from None
-        object.__setattr__(self, "_loss_scale", loss_scale)
-
-    @property
-    def fp8(self) -> FP8Options:
-        """The FP8 options every GEMM of this variant's model gets (precision "fp8")."""
-        return self._fp8
-
-    @property
-    def loss_scale(self):
-        """The ``LossScaleConfig`` of this variant (used when its activations are FP16)."""
-        return self._loss_scale
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "Variant"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,17 +35,15 @@ class RunConfig:
     baseline: str | None = None
 
     def __post_init__(self):
-        from fp8lab.run import validate  # cross-field rules (name, model shape, policies)
-
         if self.baseline is None and isinstance(self.variants, tuple):
             fp32 = [v.name for v in self.variants if isinstance(v, Variant) and v.precision == "fp32"]
             object.__setattr__(self, "baseline", fp32[0] if fp32 else "bf16")
         validate.check_types(self)
         names = [v.name for v in self.variants]
-        _check(len(names) == len(set(names)) and names, "variants", "a non-empty tuple with unique names", names)
-        _check(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
+        check(len(names) == len(set(names)) and names, "variants", "a non-empty tuple with unique names", names)
+        check(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
         base = next(v for v in self.variants if v.name == self.baseline)
-        _check(base.precision in ("bf16", "fp32"), "baseline", "a variant with precision 'bf16' or 'fp32'", base.precision)
+        check(base.precision in ("bf16", "fp32"), "baseline", "a variant with precision 'bf16' or 'fp32'", base.precision)
         validate.check_run(self)
 
     def to_dict(self) -> dict:

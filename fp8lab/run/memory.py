@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from fp8lab.layers.gpt import PRESETS
+
 TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight + grad + exp_avg + exp_avg_sq
 CHECKPOINT_BYTES = 12  # per parameter: weight + AdamW's two moments (no gradient)
 # A variant without master weights holds all four (three in a checkpoint) in 16 bits.
@@ -54,8 +56,6 @@ class Estimate:
 
 def gpt_shape(config) -> dict:
     """The GPT fields of ``config`` (preset, model.* overrides, train.block_size)."""
-    from fp8lab.layers.gpt import PRESETS
-
     return {**PRESETS[config.model.preset], **config.model.overrides(), "block_size": config.train.block_size}
 
 

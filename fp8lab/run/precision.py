@@ -31,6 +31,7 @@ from torch import nn
 
 from fp8lab.gemm.exact import ROUNDED_DTYPES
 from fp8lab.layers.linear import Linear
+from fp8lab.run.checks import ConfigError
 
 ACTIVATIONS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "bf16"}  # precision -> default
 FP8_ACTIVATIONS = ("bf16", "fp16")  # what an FP8 variant's activations may be (Transformer Engine's)
@@ -109,8 +110,6 @@ def check_variant(variant) -> None:
     Args:
         variant: the Variant being validated (its precision is one of ACTIVATIONS).
     """
-    from fp8lab.run.config import ConfigError
-
     key, precision = f"variants.{variant.name}", variant.precision
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(variant) if f.name in FP8_FIELDS + LOSS_SCALE_FIELDS}

@@ -1,5 +1,5 @@
-"""What a run writes besides its metrics: the layer table and hparams of each variant, and
-the wait that keeps a resumed run's event files sorted after the dead run's.
+"""What a run writes besides its metrics: the hparams of each variant, and the wait that
+keeps a resumed run's event files sorted after the dead run's.
 
 Invariant: pure formatting of host values (and one bounded sleep); nothing here reads a
 device tensor or trains.
@@ -27,14 +27,6 @@ def wait_past_event_files(run_dir: Path) -> None:
                if p.name.split(".")[3].isdigit()]
     if seconds:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))
-
-
-def layers_markdown(run) -> str:
-    from fp8lab.layers.describe import describe
-
-    lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(run.model)]
-    return "\n".join(lines)
 
 
 def hparams_of(config: RunConfig, variant) -> dict:

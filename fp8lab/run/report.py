@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
+from fp8lab.telemetry.keys import ACCURACY, SCALING, parse_tag
 from fp8lab.run.whatif_report import best_by_layer, read_whatif, whatif_lines
 
 # Thresholds for "worth attention", applied to the mean over the run's log steps.
@@ -43,9 +44,10 @@ def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
     return read_variant(variant_dir)[0]
 
 
-def read_variant(variant_dir: Path) -> tuple[dict, dict]:
-    """({(layer, role, field): values}, {(layer, name): values}) of the ``scaling/`` and the
-    ``accuracy/`` tags (name: ``fprop_sqnr_db`` ..., ``weight_rel_diff``) of one variant."""
+def read_variant(variant_dir: Path) -> tuple[dict, dict, tuple[dict, dict]]:
+    """({(layer, role, field): values}, {(layer, name): values}, what-if) of the ``scaling/``,
+    the ``accuracy/`` (name: ``fprop_sqnr_db`` ..., ``weight_rel_diff``) and the ``whatif/``
+    tags of one variant (``read_whatif``), from one read of its events."""
     acc = _load(variant_dir)
     if not any(isinstance(v, list) and v for v in acc.Tags().values()):
         if any(p.stat().st_size for p in variant_dir.glob("events.out.tfevents.*")):
@@ -54,14 +56,12 @@ def read_variant(variant_dir: Path) -> tuple[dict, dict]:
                               "TensorBoard files); restore them from a copy, or move them away")
     out, accuracy = {}, {}
     for tag in acc.Tags()["scalars"]:
-        if tag.startswith("scaling/"):
-            layer_role_field = tag[len("scaling/"):]
-            layer, role, field = layer_role_field.rsplit("/", 2)
-            out[(layer, role, field)] = [e.value for e in acc.Scalars(tag)]
-        elif tag.startswith("accuracy/"):
-            layer, name = tag[len("accuracy/"):].rsplit("/", 1)
-            accuracy[(layer, name)] = [e.value for e in acc.Scalars(tag)]
-    return out, accuracy
+        key = parse_tag(tag)
+        if key is not None and key.group == SCALING:
+            out[(key.layer, key.role, key.stat)] = [e.value for e in acc.Scalars(tag)]
+        elif key is not None and key.group == ACCURACY:
+            accuracy[(key.layer, key.stat)] = [e.value for e in acc.Scalars(tag)]
+    return out, accuracy, read_whatif(acc)
 
 
 def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> list[str]:
@@ -139,7 +139,7 @@ def report(run_dir: str | Path) -> str:
         lines.append(f"run {run_dir}  (no summary.json: the run did not finish)")
     for variant_dir in variants:
         try:
-            scaling, accuracy = read_variant(variant_dir)
+            scaling, accuracy, whatif = read_variant(variant_dir)
         except ReportError:
             raise
         except Exception as err:  # TensorBoard's reader: unreadable or damaged event files
@@ -160,7 +160,7 @@ def report(run_dir: str | Path) -> str:
                     attention.append((layer, role, f"underflow {m['underflow_pct']:.2f}%", ADVICE["underflow"]))
                 if m["sqnr_db"] < SQNR_DB:
                     attention.append((layer, role, f"SQNR {m['sqnr_db']:.1f} dB", ADVICE["sqnr"]))
-        lines += whatif_lines(variant_dir.name, best_by_layer(*read_whatif(variant_dir)), _scaling_of(run_dir, variant_dir.name))
+        lines += whatif_lines(variant_dir.name, best_by_layer(*whatif), _scaling_of(run_dir, variant_dir.name))
         lines.append("")
         if attention:
             lines.append(f"layers worth attention ({variant_dir.name}):")

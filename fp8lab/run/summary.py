@@ -13,21 +13,35 @@ from collections import defaultdict
 import numpy as np
 
 from fp8lab.formats import ROLE_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
+from fp8lab.run.config import RunConfig
+from fp8lab.run.precision import rung_of
+
 # A growing weight clamps a handful of values at every delayed-scaling step; a log step
 # counts as "saturated" only above the report's threshold (0.01% of the tensor).
 from fp8lab.run.report import OVERFLOW_PCT
-from fp8lab.scaling import SCALINGS
-from fp8lab.run.config import RunConfig
-from fp8lab.run.precision import rung_of
-from fp8lab.telemetry.collector import LayerStats
 from fp8lab.run.whatif_report import best_by_layer
+from fp8lab.scaling.whatif import WHATIF_RECIPES
+from fp8lab.telemetry.collector import LayerStats
+from fp8lab.telemetry.keys import FP16_FLUSH, parse_tag
+from fp8lab.telemetry.step import FaultTotals
 
 TOP_LAYERS = 3
 # Exact byte counts a log step records (fp8lab/run/footprint.py), as summary.json names them.
 MEMORY_TAGS = {"perf/mem_params_bytes": "params_bytes", "perf/mem_grads_bytes": "grads_bytes",
                "perf/mem_optimizer_bytes": "optimizer_bytes", "perf/mem_activations_saved_bytes": "activations_saved_bytes",
                "perf/mem_weight_copies_saved_bytes": "weight_copies_saved_bytes"}
-FLUSH_TAG = "precision/fp16_flush_pct/"
+SQNR, OVERFLOW, UNDERFLOW = (STAT_NAMES.index(s) for s in ("sqnr_db", "overflow_pct", "underflow_pct"))
+
+
+def _by_name(table: dict[tuple[str, ...], object]) -> dict[str, object]:
+    """{(a, b, ...): v} -> {"a/b/...": v}: the checkpoint's and summary.json's form."""
+    return {"/".join(key): value for key, value in table.items()}
+
+
+def _layer_role(name: str) -> tuple[str, str]:
+    layer, role = name.rsplit("/", 1)  # layer names hold no "/"
+    return layer, role
 
 
 class RunSummary:
@@ -37,53 +51,61 @@ class RunSummary:
         self.evals: dict[str, list[tuple[int, dict]]] = {n: [] for n in names}
         self.train: dict[str, list[tuple[int, dict]]] = {n: [] for n in names}
         self.log_steps: dict[str, int] = defaultdict(int)
-        self.overflow_steps: dict[str, dict[str, int]] = {n: defaultdict(int) for n in names}
-        self.underflow_sum: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
-        self.nonfinite: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
+        # per variant, per (layer, role): log steps over the overflow threshold, summed underflow %
+        self.overflow_steps: dict[str, dict[tuple[str, str], int]] = {n: defaultdict(int) for n in names}
+        self.underflow_sum: dict[str, dict[tuple[str, str], float]] = {n: defaultdict(float) for n in names}
+        self.nonfinite: dict[str, FaultTotals] = {n: FaultTotals() for n in names}
         self.first_batch: dict[str, str | None] = {}
-        # what-if SQNR (dB) and lost % per "layer|recipe|sqnr|lost", over roles and log steps
-        self.whatif: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in names}
-
-    _STATE = ("evals", "train", "log_steps", "overflow_steps", "underflow_sum", "nonfinite", "whatif")
+        # what-if SQNR (dB) and lost % per (layer, recipe), over roles and log steps
+        self.whatif_sqnr: dict[str, dict[tuple[str, str], list[float]]] = {n: defaultdict(list) for n in names}
+        self.whatif_lost: dict[str, dict[tuple[str, str], list[float]]] = {n: defaultdict(list) for n in names}
 
     def state_dict(self) -> dict:
-        """Plain containers only (checkpoints load with weights_only=True)."""
-        def plain(value):
-            return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
-        return {name: plain(getattr(self, name)) for name in self._STATE}
+        """Plain containers only (checkpoints load with weights_only=True); keys of layers
+        and recipes as "layer/role" and "layer|recipe|sqnr" strings (the checkpoint format)."""
+        whatif = {n: {f"{layer}|{recipe}|{what}": values for what, table in (("sqnr", self.whatif_sqnr[n]),
+                                                                              ("lost", self.whatif_lost[n]))
+                      for (layer, recipe), values in table.items()} for n in self.names}
+        return {"evals": self.evals, "train": self.train, "log_steps": dict(self.log_steps),
+                "overflow_steps": {n: _by_name(v) for n, v in self.overflow_steps.items()},
+                "underflow_sum": {n: _by_name(v) for n, v in self.underflow_sum.items()},
+                "nonfinite": {n: totals.by_layer_role() for n, totals in self.nonfinite.items()},
+                "whatif": whatif}
 
     def load_state_dict(self, state: dict) -> None:
         self.evals = {n: list(v) for n, v in state["evals"].items()}
         self.train = {n: list(v) for n, v in state["train"].items()}
         self.log_steps = defaultdict(int, state["log_steps"])
-        for name in ("overflow_steps", "underflow_sum", "nonfinite"):
-            factory = int if name == "overflow_steps" else float
-            setattr(self, name, {n: defaultdict(factory, v) for n, v in state[name].items()})
-        self.whatif = {n: defaultdict(list, {k: list(v) for k, v in state.get("whatif", {}).get(n, {}).items()})
-                       for n in self.names}
+        self.overflow_steps = {n: defaultdict(int, {_layer_role(k): c for k, c in v.items()})
+                               for n, v in state["overflow_steps"].items()}
+        self.underflow_sum = {n: defaultdict(float, {_layer_role(k): c for k, c in v.items()})
+                              for n, v in state["underflow_sum"].items()}
+        for n, by_layer_role in state["nonfinite"].items():
+            self.nonfinite[n].load(by_layer_role)
+        for n in self.names:
+            for key, values in state.get("whatif", {}).get(n, {}).items():
+                layer, recipe, what = key.split("|")
+                (self.whatif_sqnr if what == "sqnr" else self.whatif_lost)[n][(layer, recipe)] = list(values)
 
     def record_train(self, name: str, step: int, metrics: dict, stats: LayerStats | None) -> None:
         self.train[name].append((step, metrics))
         if stats is None or not stats.layers:
             return
         self.log_steps[name] += 1
+        self.nonfinite[name].add(stats)
         for i, layer in enumerate(stats.layers):
             for r, role in enumerate(ROLE_NAMES):
-                key = f"{layer}/{role}"
-                self.overflow_steps[name][key] += int(stats.values["overflow_pct"][i, r] > OVERFLOW_PCT)
-                self.underflow_sum[name][key] += float(stats.values["underflow_pct"][i, r])
-                if stats.values["nonfinite_amax"][i, r]:
-                    self.nonfinite[name][key] += float(stats.values["nonfinite_amax"][i, r])
-                for recipe in SCALINGS:
-                    value = float(stats.values[f"whatif_{recipe}_sqnr_db"][i, r])
-                    if math.isfinite(value):
-                        lost = sum(float(stats.values[f"whatif_{recipe}_{s}"][i, r]) for s in ("overflow_pct", "underflow_pct"))
-                        self.whatif[name][f"{layer}|{recipe}|sqnr"].append(value)
-                        self.whatif[name][f"{layer}|{recipe}|lost"].append(lost)
+                self.overflow_steps[name][(layer, role)] += int(stats.values["overflow_pct"][i, r] > OVERFLOW_PCT)
+                self.underflow_sum[name][(layer, role)] += float(stats.values["underflow_pct"][i, r])
+                for j, recipe in enumerate(WHATIF_RECIPES):
+                    row = stats.whatif[i, r, j]
+                    if math.isfinite(float(row[SQNR])):
+                        self.whatif_sqnr[name][(layer, recipe)].append(float(row[SQNR]))
+                        self.whatif_lost[name][(layer, recipe)].append(float(row[OVERFLOW]) + float(row[UNDERFLOW]))
 
     def fault_scalars(self, name: str) -> dict[str, float]:
         """Cumulative non-finite amax counts of the layers/roles that had any."""
-        return {f"faults/nonfinite_amax/{key}": count for key, count in self.nonfinite[name].items()}
+        return self.nonfinite[name].scalars()
 
     def record_eval(self, name: str, step: int, metrics: dict) -> None:
         self.evals[name].append((step, dict(metrics)))
@@ -93,19 +115,13 @@ class RunSummary:
 
     def _attention(self, name: str) -> dict:
         n = max(self.log_steps[name], 1)
-        saturated = sorted(self.overflow_steps[name].items(), key=lambda kv: -kv[1])
-        underflow = sorted(self.underflow_sum[name].items(), key=lambda kv: -kv[1])
+        saturated = sorted(_by_name(self.overflow_steps[name]).items(), key=lambda kv: -kv[1])
+        underflow = sorted(_by_name(self.underflow_sum[name]).items(), key=lambda kv: -kv[1])
         return {
             "most_saturated": [{"layer_role": k, "log_steps_over_threshold_pct": 100.0 * v / n} for k, v in saturated[:TOP_LAYERS] if v > 0],
             "most_underflow": [{"layer_role": k, "mean_underflow_pct": v / n} for k, v in underflow[:TOP_LAYERS] if v > 0],
         }
 
-    def _whatif(self, name: str) -> tuple[dict, dict]:
-        split = {"sqnr": {}, "lost": {}}
-        for key, values in self.whatif[name].items():
-            layer, recipe, what = key.split("|")
-            split[what][(layer, recipe)] = values
-        return split["sqnr"], split["lost"]
     def _precision(self, name: str) -> dict:
         """Memory (exact bytes of the last log step; peak MiB), final loss scale, and the layers
         whose gradients FP16 would most flush without loss scaling (mean % over log steps)."""
@@ -115,8 +131,9 @@ class RunSummary:
         flush = defaultdict(list)
         for _, metrics in self.train[name]:
             for tag, value in metrics.items():
-                if tag.startswith(FLUSH_TAG):
-                    flush[tag[len(FLUSH_TAG):]].append(value)
+                key = parse_tag(tag)
+                if key is not None and key.group == FP16_FLUSH:
+                    flush[key.layer].append(value)
         means = sorted(((layer, float(np.mean(v))) for layer, v in flush.items()), key=lambda kv: -kv[1])
         return {
             "precision": variant.precision,
@@ -148,9 +165,9 @@ class RunSummary:
                 "first_train_loss": self.train[name][0][1]["loss/train"] if self.train[name] else None,
                 "first_batch_sha": self.first_batch.get(name),
                 "skipped_steps": self.train[name][-1][1].get("faults/skipped_steps", 0.0) if self.train[name] else 0.0,
-                "nonfinite_amax": dict(self.nonfinite[name]),
+                "nonfinite_amax": self.nonfinite[name].by_layer_role(),
                 **self._attention(name),
-                "best_scaling": best_by_layer(*self._whatif(name)),
+                "best_scaling": best_by_layer(self.whatif_sqnr[name], self.whatif_lost[name]),
                 **self._precision(name),
             }
         return {

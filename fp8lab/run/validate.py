@@ -20,7 +20,11 @@ import itertools
 import math
 import re
 
-from fp8lab.run.config import ConfigError, DataConfig, ModelConfig, TrainConfig, Variant
+from fp8lab.formats import E4M3
+from fp8lab.layers.gpt import PRESETS, GPTConfig
+from fp8lab.layers.policy import PrecisionPolicy
+from fp8lab.run.checks import ConfigError
+from fp8lab.run.sections import DataConfig, ModelConfig, TrainConfig, Variant
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # one folder under --out
 RESERVED_VARIANT_NAMES = ("checkpoints",)  # folders of the run folder itself
@@ -64,8 +68,6 @@ def _check_data(data: DataConfig) -> None:
 
 def _check_model(config) -> int:
     """The GPT shape of ``model`` + ``train.block_size``; returns its number of blocks."""
-    from fp8lab.layers.gpt import PRESETS, GPTConfig
-
     fields = {**PRESETS[config.model.preset], **config.model.overrides()}
     hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
     if hidden % heads:
@@ -81,8 +83,6 @@ def _check_model(config) -> int:
 
 
 def _check_variant(variant: Variant, num_layers: int) -> None:
-    from fp8lab.layers.policy import PrecisionPolicy
-
     key = f"variants.{variant.name}"
     _is(variant.name not in RESERVED_VARIANT_NAMES, "variant.name",
         f"a name other than {', '.join(map(repr, RESERVED_VARIANT_NAMES))} (a folder the run folder holds itself)",
@@ -119,8 +119,6 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
 def max_margin() -> int:
     """The largest margin that keeps the amax itself representable in E4M3:
     (fp8_max / 2**margin) >= the smallest subnormal."""
-    from fp8lab.formats import E4M3
-
     smallest = E4M3.min_normal * 2.0 ** -E4M3.mantissa_bits
     return math.floor(math.log2(E4M3.max / smallest))
 

@@ -25,14 +25,14 @@ from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.run import footprint
 from fp8lab.run.timer import StepTimer
-from fp8lab.run.config import RunConfig, Variant
+from fp8lab.gemm.hardware import BackendUnavailable
+from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.run.loss_scale import DynamicLossScaler, clip_scaled_
 from fp8lab.run.precision import rung_of
-from fp8lab.telemetry.collector import LayerStats, ScalingCollector
+from fp8lab.telemetry.collector import LayerStats
 from fp8lab.telemetry.fp16_flush import FP16FlushProbe
-
-COUNTERS = ("loss_sum", "good_steps", "skipped", "consecutive_skips")
+from fp8lab.telemetry.step import StepTelemetry
 
 
 def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GPT:
@@ -58,9 +58,6 @@ def check_backends(model: torch.nn.Module, variant: Variant, device: torch.devic
     """Choose every FP8 layer's backend now, so that one which cannot run here (e.g.
     ``backend='te'`` without Transformer Engine) is refused before anything is written
     rather than at the first forward."""
-    from fp8lab.gemm.backends.select import BackendUnavailable
-    from fp8lab.run.config import ConfigError
-
     key = f"variants.{variant.name}.backend"
     plans = []
     for layer in model.modules():
@@ -115,12 +112,11 @@ class VariantRun:
             param_groups(self.model, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.95), fused=True
         )
         self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
-        self.collector = ScalingCollector(self.model)
+        t = config.train
+        # The log-step protocol (shared with fp8lab.Monitor): arming, update_scales, the counters.
+        self.telemetry = StepTelemetry(self.model, log_interval=t.log_interval, whatif_interval=t.whatif_interval)
+        self.collector = self.telemetry.collector
         self.timer = StepTimer(device)
-        # Device-side counters, read only at log steps: loss sum and count of good steps
-        # since the last log, steps skipped in total, and the current run of skips.
-        self.counters = {name: torch.zeros((), device=device) for name in COUNTERS}
-        self.steps_since_log = 0
         self.first_batch_sha: str | None = None
         self.loss_scaler = DynamicLossScaler(variant.loss_scale, device) if self.rung.loss_scaling else None
         self.flush_probe = FP16FlushProbe(self.model) if self.rung.loss_scaling else None
@@ -133,66 +129,63 @@ class VariantRun:
 
     def train_step(self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool,
                    whatif: bool = True) -> LayerStats | None:
-        """One optimizer step on the host batch (x, y); returns the scaling snapshot on log
+        """One optimizer step on the host batch (x, y); returns the layers' statistics on log
         steps, with the what-if statistics when ``whatif`` (else they are NaN, not logged)."""
         if self.first_batch_sha is None:  # once: proves every variant trained on the same tokens
             self.first_batch_sha = hashlib.sha256(x_host.numpy().tobytes() + y_host.numpy().tobytes()).hexdigest()[:16]
-        x = x_host.to(self.device, non_blocking=True)
-        y = y_host.to(self.device, non_blocking=True)
+        x, y = x_host.to(self.device, non_blocking=True), y_host.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scaler = self.loss_scaler
-        if log:
-            self.collector.arm(whatif=whatif)
-            if self.flush_probe is not None:
-                self.flush_probe.arm(scaler.scale)
+        self.telemetry.begin(log, whatif)
+        if log and self.flush_probe is not None:
+            self.flush_probe.arm(scaler.scale)
         if self.device.type == "cuda":  # host-side allocator statistics, no sync
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.timer.measure(log=log):
-            self.model.train()
-            counting = self.saved_counter.counting() if log else contextlib.nullcontext()
-            with self.autocast(), counting:
-                logits = self.train_model(x)  # (B_local, T, V)
-            # This rank's share of the global batch's mean loss (run/distributed.py: the
-            # ranks' shares add up to it, and DDP sums the gradients).
-            loss = token_loss(logits, y, self.config.train.batch_size * y.shape[1])
-            (scaler.scaled(loss) if scaler is not None else loss).backward()
-            # After DDP's all-reduce: the same gradients, hence the same norm, on every rank.
-            params = list(self.model.parameters())
-            if self.rung.plain_gradients:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip, foreach=True)
-            else:  # scaled or 16-bit gradients: fp32 norm, unscaled inside the fused AdamW
-                grad_norm = clip_scaled_(self.optimizer, params, self.config.train.grad_clip,
-                                         scaler.scale if scaler is not None else None)
-            loss = self.dist.all_reduce_sum(loss.detach())  # the global mean loss, on every rank
-            # A non-finite loss or gradient skips the optimizer step and the scale update,
-            # decided on the device from values every rank shares (never one rank's own
-            # loss): fused AdamW skips itself when found_inf is 1.
-            skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))
-            self.optimizer.found_inf = skip.float()
-            self.optimizer.step()
-            if log:  # exact bytes, from tensor metadata only (gradients are still held here)
-                self.memory = footprint.training_bytes(params, self.optimizer, self.saved_counter)
-            self.optimizer.zero_grad(set_to_none=True)
-            snapshot = self.collector.snapshot() if log else None  # before update_scales rolls row 0
-            fp8lab.update_scales(self.model, skip=skip)
-            stats = self.collector.read(snapshot) if log else None
+            loss, skip = self._optimizer_step(self._forward_backward(x, y, log), log)
             # An overflow at a loss scale above 1 is loss scaling at work (the scale backs
             # off); only a non-finite loss, or gradients that overflow unscaled, is a fault.
             fault = skip if scaler is None else skip & (~torch.isfinite(loss) | (scaler.scale <= 1))
+            stats = self.telemetry.end(loss=loss, skip=skip, fault=fault)
             if scaler is not None:
                 scaler.update(skip)
         if log and self.flush_probe is not None:
             self.flush_probe.disarm()
         if self.device.type == "cuda":
             self.cuda_peak = max(self.cuda_peak, torch.cuda.max_memory_allocated(self.device))
-        c = self.counters
-        c["loss_sum"] += torch.where(skip, 0.0, loss)
-        c["good_steps"] += (~skip).float()
-        c["skipped"] += skip.float()
-        c["consecutive_skips"] = torch.where(fault, c["consecutive_skips"] + 1, torch.where(skip, c["consecutive_skips"], 0.0))
-        self.steps_since_log += 1
         return stats
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, log: bool) -> torch.Tensor:
+        """Forward under the rung's autocast (saved tensors counted on log steps), then the
+        backward of this rank's share of the global batch's mean loss (``run/distributed.py``:
+        the ranks' shares add up to it, and DDP sums the gradients), scaled when loss scaling."""
+        self.model.train()
+        counting = self.saved_counter.counting() if log else contextlib.nullcontext()
+        with self.autocast(), counting:
+            logits = self.train_model(x)  # (B_local, T, V)
+        loss = token_loss(logits, y, self.config.train.batch_size * y.shape[1])  # this rank's share
+        (self.loss_scaler.scaled(loss) if self.loss_scaler is not None else loss).backward()
+        return loss
+
+    def _optimizer_step(self, local_loss: torch.Tensor, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step and zero the gradients; returns (the global mean loss, skip), both on the
+        device. A non-finite loss or gradient skips the step, decided from values every rank
+        shares (never one rank's own loss): fused AdamW skips itself when found_inf is 1."""
+        params = list(self.model.parameters())  # after DDP's all-reduce: the same norm on every rank
+        if self.rung.plain_gradients:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip, foreach=True)
+        else:  # scaled or 16-bit gradients: fp32 norm, unscaled inside the fused AdamW
+            scale = self.loss_scaler.scale if self.loss_scaler is not None else None
+            grad_norm = clip_scaled_(self.optimizer, params, self.config.train.grad_clip, scale)
+        loss = self.dist.all_reduce_sum(local_loss.detach())  # the global mean loss, on every rank
+        skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))
+        self.optimizer.found_inf = skip.float()
+        self.optimizer.step()
+        if log:  # exact bytes, from tensor metadata only (gradients are still held here)
+            self.memory = footprint.training_bytes(params, self.optimizer, self.saved_counter)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, skip
 
     def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
         """Train loss, throughput and skip counts since the last log step (one sync).
@@ -202,37 +195,36 @@ class VariantRun:
         timed = self.timer.take()
         seconds, timed_steps = timed["train"] if timed["train"][1] else timed["log"]
         log_seconds, log_steps = timed["log"]
-        device_values = [self.counters[n] for n in COUNTERS]
-        if self.loss_scaler is not None:  # read with the counters: still one copy
-            device_values.append(self.loss_scaler.scale)
-        host = torch.stack(device_values).tolist()
-        values = dict(zip(COUNTERS, host))
+        scale = (self.loss_scaler.scale,) if self.loss_scaler is not None else ()
+        counters, extra = self.telemetry.take(scale)  # the loss scale in the same copy
         tokens = tokens_per_step * timed_steps  # steps before a resume were timed by the dead process
-        self.counters["loss_sum"].zero_()
-        self.counters["good_steps"].zero_()
-        self.steps_since_log = 0
-        loss = values["loss_sum"] / values["good_steps"] if values["good_steps"] else float("nan")
         metrics = {
-            "loss/train": loss,
+            "loss/train": StepTelemetry.mean_loss(counters),
             "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             **({"perf/log_step_ms": 1e3 * log_seconds / log_steps} if log_steps else {}),
-            "faults/skipped_steps": values["skipped"],
-            "faults/consecutive_skips": values["consecutive_skips"],
+            "faults/skipped_steps": counters["skipped"],
+            "faults/consecutive_skips": counters["consecutive_skips"],
             **self.memory,
         }
         if self.loss_scaler is not None:
-            metrics["precision/loss_scale"] = host[-1]
+            metrics["precision/loss_scale"] = extra[0]
             metrics.update(self.flush_probe.read())
         return metrics
 
+    @property
+    def consecutive_skips(self) -> torch.Tensor:
+        """The current run of faulty steps (a 0-dim device tensor)."""
+        return self.telemetry.counters["consecutive_skips"]
+
     def state_dict(self) -> dict:
         """Everything a checkpoint needs to continue this variant bit for bit."""
+        telemetry = self.telemetry.state_dict()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "counters": {n: t.detach().clone() for n, t in self.counters.items()},
-            "faults": self.collector.faults(),
-            "steps_since_log": self.steps_since_log,
+            "counters": telemetry["counters"],
+            "faults": telemetry["faults"],
+            "steps_since_log": telemetry["steps_since_take"],
             "first_batch_sha": self.first_batch_sha,
             "timer": self.timer.state_dict(),
             "loss_scale": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
@@ -241,10 +233,8 @@ class VariantRun:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])  # raises if scaling state is missing
         self.optimizer.load_state_dict(state["optimizer"])
-        for name, value in state["counters"].items():
-            self.counters[name].copy_(value)
-        self.collector.load_faults(state["faults"])
-        self.steps_since_log = state["steps_since_log"]
+        self.telemetry.load_state_dict({"counters": state["counters"], "faults": state["faults"],
+                                        "steps_since_take": state["steps_since_log"]})
         self.first_batch_sha = state["first_batch_sha"]
         if "timer" in state:  # older checkpoints: the interval counts the steps timed after the resume
             self.timer.load_state_dict(state["timer"])

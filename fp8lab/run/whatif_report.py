@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fp8lab.scaling import SCALINGS
+from fp8lab.telemetry.keys import WHATIF, parse_tag
 
 # A recipe "serves a layer best" only by this margin over the next one (dB of cast SQNR):
 # below it the recipes quantize the layer equally well, and the report says "tie".
@@ -57,24 +58,21 @@ def best_by_layer(sqnr: dict[tuple[str, str], list[float]],
     return out
 
 
-def read_whatif(variant_dir: Path) -> tuple[dict, dict]:
+def read_whatif(acc) -> tuple[dict, dict]:
     """({(layer, recipe): SQNR dB}, {(layer, recipe): overflow + underflow %}) over roles
-    and log steps, from one variant's events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(variant_dir), size_guidance={"scalars": 0})
-    acc.Reload()
+    and log steps, from one variant's events (a loaded TensorBoard ``EventAccumulator``)."""
     sqnr: dict[tuple[str, str], list[float]] = defaultdict(list)
     lost: dict[tuple[str, str], list[float]] = defaultdict(list)
     pct: dict[tuple[str, str, str], dict[int, float]] = defaultdict(lambda: defaultdict(float))
     for tag in acc.Tags()["scalars"]:
-        if tag.startswith("whatif/"):
-            layer, role, recipe, stat = tag[len("whatif/"):].rsplit("/", 3)
-            if stat == "sqnr_db":
-                sqnr[(layer, recipe)] += [e.value for e in acc.Scalars(tag)]
-            else:  # overflow_pct, underflow_pct: summed per step and role
-                for e in acc.Scalars(tag):
-                    pct[(layer, recipe, role)][e.step] += e.value
+        key = parse_tag(tag)
+        if key is None or key.group != WHATIF:
+            continue
+        if key.stat == "sqnr_db":
+            sqnr[(key.layer, key.scaling)] += [e.value for e in acc.Scalars(tag)]
+        else:  # overflow_pct, underflow_pct: summed per step and role
+            for e in acc.Scalars(tag):
+                pct[(key.layer, key.scaling, key.role)][e.step] += e.value
     for (layer, recipe, _role), by_step in pct.items():
         lost[(layer, recipe)] += list(by_step.values())
     return sqnr, lost

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from fp8lab.layers.linear import Linear
-
-TAG = "accuracy/{layer}/weight_rel_diff"
+from fp8lab.telemetry.keys import ACCURACY, Key
 
 
 class WeightDrift:
@@ -51,4 +50,4 @@ class WeightDrift:
     def read(self) -> dict[str, float]:
         """{"accuracy/<layer>/weight_rel_diff": value}: one device-to-host copy (log steps)."""
         host = self.compute().cpu().tolist()
-        return {TAG.format(layer=name): value for (name, _, _), value in zip(self.pairs, host)}
+        return {Key(ACCURACY, name, stat="weight_rel_diff").tag: value for (name, _, _), value in zip(self.pairs, host)}

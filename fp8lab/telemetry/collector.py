@@ -22,62 +22,73 @@ from torch import nn
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
 from fp8lab.layers.linear import Linear
-from fp8lab.quantize.tensor import STAT_NAMES
-from fp8lab.scaling import SCALINGS
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
+from fp8lab.scaling.whatif import WHATIF_RECIPES
+from fp8lab.telemetry.keys import ACCURACY, SCALING, WHATIF, Key
 
-# Rows of one layer's snapshot, each over the 3 roles: scale, amax, the cast statistics,
-# the block-scale statistics, and the non-finite casts counted since the previous log step.
-# What-if statistics (fp8lab.scaling.whatif): each recipe's cast statistics on the same tensor.
-WHATIF = tuple(f"whatif_{recipe}_{stat}" for recipe in SCALINGS for stat in STAT_NAMES)  # recipes in SCALINGS order
-FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES + WHATIF
-NONFINITE = "nonfinite_amax"
+# Per-role statistics of one layer's snapshot: scale, amax, the cast statistics and the
+# block-scale statistics (each (n_layers, 3 roles) in ``LayerStats.values``).
+FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES
 # Fields a scaling may not have (NaN then, and not logged): a block scaling has no single
-# scale, a per-tensor scaling no block statistics, a layer without delayed scaling no
-# delayed what-if, a Transformer Engine layer no what-if at all.
-OPTIONAL = ("scale",) + BLOCK_STAT_NAMES + WHATIF
-# One row over the 3 GEMMs (not roles): fprop, dgrad, wgrad output SQNR against BF16.
-SHADOW = "shadow_sqnr_db"
-ROWS = FIELDS + (SHADOW, NONFINITE)
-
-
-def tag(layer: str, role: str, field: str) -> str:
-    """The TensorBoard tag of one statistic: scaling/... or whatif/<layer>/<role>/<recipe>/<stat>."""
-    if field.startswith("whatif_"):
-        recipe, stat = field[len("whatif_"):].split("_", 1)
-        return f"whatif/{layer}/{role}/{recipe}/{stat}"
-    return f"scaling/{layer}/{role}/{field}"
+# scale, a per-tensor scaling no block statistics. (The what-if rows a layer cannot have are
+# NaN too: delayed scaling on another recipe's layer, any recipe on a Transformer Engine one.)
+OPTIONAL = ("scale",) + BLOCK_STAT_NAMES
+NONFINITE = "nonfinite_amax"  # casts that met NaN/inf since the previous log step, per role
+SHADOW = "shadow_sqnr_db"  # per GEMM (fprop, dgrad, wgrad): output SQNR against BF16
+_WHATIF_ROWS = len(WHATIF_RECIPES) * len(STAT_NAMES)
+_ROWS = len(FIELDS) + _WHATIF_ROWS + 2  # + the shadow SQNR row and the fault counts, each over 3
 
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Host-side snapshot: ``values[name]`` is (n_layers, 3 roles) for each field."""
+    """Host-side snapshot of one log step, structured (nothing here is a tag string).
+
+    Attributes:
+        layers: the FP8 layers' qualified names (rows of every array).
+        values: ``FIELDS`` and ``NONFINITE`` -> (n_layers, 3 roles).
+        whatif: (n_layers, 3 roles, len(WHATIF_RECIPES), len(STAT_NAMES)): what every recipe
+            would have done to each role's tensor (NaN: not measured).
+        shadow: (n_layers, 3 GEMMs): each GEMM's output SQNR against BF16 (NaN: not measured).
+    """
 
     layers: tuple[str, ...]
     values: dict[str, np.ndarray]
+    whatif: np.ndarray
+    shadow: np.ndarray
 
-    def scalars(self) -> dict[str, float]:
-        """{tag: value} for the TensorBoard writer (``tag``): every field a layer's scaling
-        has (an optional field that is NaN is one it does not have), and the output SQNR
-        against BF16 as "accuracy/<layer>/<gemm>_sqnr_db" (a GEMM not measured is left out)."""
-        out = {tag(layer, role, field): v for layer, role, field, v in self.rows() if not (field in OPTIONAL and math.isnan(v))}
-        return out | self.accuracy_scalars()
+    @classmethod
+    def empty(cls) -> LayerStats:
+        return cls((), {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)},
+                   np.zeros((0, 3, len(WHATIF_RECIPES), len(STAT_NAMES))), np.zeros((0, 3)))
 
-    def accuracy_scalars(self) -> dict[str, float]:
-        """{"accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db": dB} of the measured GEMMs."""
-        shadow = self.values.get(SHADOW)
-        if shadow is None:
-            return {}
-        return {f"accuracy/{layer}/{gemm}_sqnr_db": float(shadow[i, g])
-                for i, layer in enumerate(self.layers) for g, gemm in enumerate(GEMM_NAMES)
-                if not math.isnan(float(shadow[i, g]))}
+    def column(self, field: str) -> np.ndarray:
+        """(n_layers, 3) of a per-role field, or of ``SHADOW`` (per GEMM)."""
+        return self.shadow if field == SHADOW else self.values[field]
 
-    def rows(self):
-        """(layer, role, field, value) for every scaling entry, for writers and reports."""
+    def items(self):
+        """(Key, value) of every value a log step writes: each layer's per-role scaling
+        statistics (an ``OPTIONAL`` one only where its scaling has it), its what-if rows and
+        the output SQNR of each GEMM against BF16 (only those measured)."""
         for i, layer in enumerate(self.layers):
             for r, role in enumerate(ROLE_NAMES):
                 for field in FIELDS:
-                    yield layer, role, field, float(self.values[field][i, r])
+                    value = float(self.values[field][i, r])
+                    if not (field in OPTIONAL and math.isnan(value)):
+                        yield Key(SCALING, layer, role, stat=field), value
+                for j, recipe in enumerate(WHATIF_RECIPES):
+                    for k, stat in enumerate(STAT_NAMES):
+                        value = float(self.whatif[i, r, j, k])
+                        if not math.isnan(value):
+                            yield Key(WHATIF, layer, role, recipe, stat), value
+            for g, gemm in enumerate(GEMM_NAMES):
+                value = float(self.shadow[i, g])
+                if not math.isnan(value):
+                    yield Key(ACCURACY, layer, stat=f"{gemm}_sqnr_db"), value
+
+    def scalars(self) -> dict[str, float]:
+        """{tag: value} of ``items`` for the TensorBoard writer."""
+        return {key.tag: value for key, value in self.items()}
 
 
 def fp8_layers(model: nn.Module) -> list[tuple[str, Linear]]:
@@ -123,21 +134,24 @@ class ScalingCollector:
         for v in self._views():
             nan = lambda n: torch.full((3, n), float("nan"), device=v.scale.device)  # noqa: E731
             blocks = v.block_stats if v.block_stats is not None else nan(len(BLOCK_STAT_NAMES))
-            whatif = v.whatif.reshape(3, -1) if v.whatif is not None else nan(len(WHATIF))
+            whatif = v.whatif.reshape(3, -1) if v.whatif is not None else nan(_WHATIF_ROWS)
             rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t(), whatif.t(),
-                                   _shadow(v)[None]]))  # (len(FIELDS) + 1, 3)
-        return torch.stack(rows)  # (n_layers, len(FIELDS) + 1, 3)
+                                   _shadow(v)[None]]))  # (_ROWS - 1, 3)
+        return torch.stack(rows)  # (n_layers, _ROWS - 1, 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:
         """The snapshot plus the non-finite amaxes counted by this step's update_scales,
         copied to the host together: the one sync of a log step. Drains the fault counts."""
         if snapshot is None:
-            return LayerStats((), {f: np.zeros((0, 3)) for f in ROWS})
+            return LayerStats.empty()
         counters = [v.faults for v in self._views()]
         faults = torch.stack(counters)[:, None]  # (n, 1, 3)
-        host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, len(ROWS), 3)
+        host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, _ROWS, 3)
         torch._foreach_zero_(counters)
-        return LayerStats(self.names, {f: host[:, i, :] for i, f in enumerate(ROWS)})
+        values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
+        n, per_role = len(self.names), host[:, len(FIELDS):len(FIELDS) + _WHATIF_ROWS, :]
+        whatif = per_role.transpose(0, 2, 1).reshape(n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))
+        return LayerStats(self.names, values, whatif, host[:, -2, :])
 
     def faults(self) -> torch.Tensor:
         """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""

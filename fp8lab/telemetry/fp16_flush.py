@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from fp8lab.layers.linear import Linear
+from fp8lab.telemetry.keys import FP16_FLUSH, Key
 
 FLUSH_BOUND = 2.0**-25  # the largest magnitude FP16 rounds to zero (a tie, to even: 0)
-TAG = "precision/fp16_flush_pct"
 
 
 class FP16FlushProbe:
@@ -65,4 +65,5 @@ class FP16FlushProbe:
         """``{"precision/fp16_flush_pct/<layer>": %}`` since the last read (one host copy)."""
         host = self.counts.tolist()  # a copy (.cpu() of a CPU tensor would be the tensor itself)
         self.counts.zero_()
-        return {f"{TAG}/{name}": 100.0 * flush / total for (name, _), (flush, total) in zip(self.layers, host) if total}
+        return {Key(FP16_FLUSH, name).tag: 100.0 * flush / total for (name, _), (flush, total) in zip(self.layers, host)
+                if total}

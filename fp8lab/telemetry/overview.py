@@ -99,8 +99,7 @@ class ScalingOverview:
             self.layers = stats.layers
         self.steps.append(step)
         for _, field, _, _ in PANELS:
-            column = stats.values.get(field)
-            self.values[field].append(np.full((len(self.layers), 3), np.nan) if column is None else np.asarray(column, dtype=np.float64))
+            self.values[field].append(np.asarray(stats.column(field), dtype=np.float64))
 
     def __bool__(self) -> bool:
         return bool(self.steps and self.layers)

@@ -1,7 +1,7 @@
-"""TensorBoard writing for one variant: the tag layout of DESIGN.md.
+"""TensorBoard writing for one variant: the tag layout the README documents.
 
 Invariant: this module only formats and writes host values it is given; it never reads
-a device tensor. Tags:
+a device tensor. Tags (per-layer ones are built by ``fp8lab.telemetry.keys``):
     loss/train loss/val metrics/val_ppl metrics/val_token_acc compare/val_loss_rel_gap
     perf/tokens_per_s (training steps) perf/log_step_ms (log steps, telemetry included) perf/peak_mem_mb
     scaling/<layer>/<role>/<scale|amax|overflow_pct|underflow_pct|sqnr_db>
@@ -18,8 +18,12 @@ import numpy as np
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
+from torch import nn
+
 from fp8lab.formats import ROLE_NAMES
+from fp8lab.layers.describe import describe
 from fp8lab.telemetry.collector import LayerStats
+from fp8lab.telemetry.keys import AMAX_HISTORY, Key
 from fp8lab.telemetry.overview import LAYOUT
 
 CUSTOM_LAYOUT = {
@@ -31,6 +35,13 @@ CUSTOM_LAYOUT = {
         "log step ms": ["Multiline", [r"perf/log_step_ms"]],
     }
 }
+
+
+def layers_markdown(model: nn.Module) -> str:
+    """``fp8lab.describe(model)`` as a Markdown table (the "layers" Text tag)."""
+    lines = ["| layer | precision | backend | reason |", "|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.precision} | {r.backend} | {r.reason} |" for r in describe(model)]
+    return "\n".join(lines)
 
 
 class VariantWriter:
@@ -57,7 +68,7 @@ class VariantWriter:
                 column = history[:, r]
                 column = column[column > 0]  # unfilled slots of a young history are zeros
                 if column.size:
-                    self.writer.add_histogram(f"amax_history/{layer}/{role}", column, step)
+                    self.writer.add_histogram(Key(AMAX_HISTORY, layer, role).tag, column, step)
 
     def image(self, tag: str, png: bytes, step: int) -> None:
         """A PNG picture (the Images tab); its size is read from the PNG header."""

@@ -1,0 +1,132 @@
+"""The run folder: ``<out>/<recipe>/<run_id>/`` claimed, locked, checkpointed, restored, finished.
+
+Invariant: this is the only code that writes into a run folder besides the event files
+(``fp8lab.run.runlog``): ``config.json`` once, checkpoints atomically (``run.checkpoint``),
+and at the end ``summary.json`` and the heatmaps, each written atomically; only rank 0
+writes, and it holds the folder's lock from ``claim`` to ``release``. A checkpoint's payload
+is assembled and applied here, in one format (``checkpoint.FORMAT_VERSION``): step, config,
+every variant's state, RNG state, the summary's state and the overviews' history.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fp8lab.run import checkpoint as ckpt
+from fp8lab.run import storage
+from fp8lab.run.config import RunConfig
+from fp8lab.run.distributed import Distributed
+from fp8lab.run.lock import RunFolderBusy, RunLock
+
+
+class RunFolder:
+    """One run's folder.
+
+    Args:
+        config: the run's config (its name, hash and dict go into the folder).
+        out_root: the logs folder; a fresh run goes to ``out_root/<name>/<run_id>/``.
+        dist: the data-parallel job (rank 0 writes; every rank learns the folder's name).
+        run_dir: the folder of a fresh run named by the ``--nproc`` launcher, or None.
+    """
+
+    def __init__(self, config: RunConfig, out_root: Path, dist: Distributed, run_dir: Path | None = None):
+        self.config, self.out_root, self.dist = config, Path(out_root), dist
+        self.path: Path | None = Path(run_dir) if run_dir is not None else None
+        self.lock: RunLock | None = None
+        self.resumed_from: Path | None = None  # the checkpoint this process loaded
+        self.last_checkpoint: Path | None = None  # the newest intact checkpoint (named in errors)
+
+    def load_newest(self, resume: Path, validate) -> dict:
+        """The newest usable checkpoint of ``resume`` (its config, its state keys: ``validate``);
+        the folder becomes ``resume``. Raises ``CheckpointError`` when none is usable."""
+        self.resumed_from, payload = ckpt.newest_usable(resume, self.config.hash(), self.config.to_dict(), validate)
+        self.path, self.last_checkpoint = resume, self.resumed_from
+        return payload
+
+    def claim(self) -> None:
+        """Create (fresh run) and lock the folder; rank 0 writes config.json. A resumed folder
+        that changed since its checkpoint was loaded is another process's: ``RunFolderBusy``."""
+        if self.path is None:  # rank 0 creates a fresh run's folder; every rank uses that name
+            claimed = storage.claim_run_dir(self.out_root, self.config.name, self.config.hash()) if self.dist.is_main else None
+            self.path = self.dist.broadcast(claimed)
+        if not self.dist.is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)  # named by the --nproc launcher, or resumed
+        self.lock = RunLock(self.path).acquire()
+        found = ckpt.list_checkpoints(self.path)
+        if self.resumed_from is not None and (not found or found[-1][1] != self.resumed_from):
+            raise RunFolderBusy(f"run folder {self.path} changed while this process loaded {self.resumed_from} "
+                                "(another process wrote into it); resume again")
+        if not (self.path / "config.json").exists():
+            storage.write_atomic(self.path / "config.json", json.dumps(self.config.to_dict(), indent=2, default=str))
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def save_checkpoint(self, step: int, variants, summary, overviews: dict) -> Path | None:
+        """Write the checkpoint of ``step`` atomically (rank 0; ranks hold the same state)."""
+        if not self.dist.is_main:
+            return None
+        device = variants[0].device
+        payload = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "step": step,
+            "config_hash": self.config.hash(),
+            "config": self.config.to_dict(),
+            "variants": {run.variant.name: run.state_dict() for run in variants},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "summary": summary.state_dict(),
+            "overview": {name: overview.state_dict() for name, overview in overviews.items() if overview},
+        }
+        self.last_checkpoint = ckpt.save_checkpoint(self.path, step, payload, self.config.train.keep_checkpoints)
+        return self.last_checkpoint
+
+    def restore(self, payload: dict, variants, summary, overviews: dict) -> int:
+        """Put a checkpoint's state back into the variants, summary, overviews and RNGs;
+        returns its step. A variant that does not fit is a ``CheckpointError`` naming it."""
+        for run in variants:
+            try:
+                run.load_state_dict(payload["variants"][run.variant.name])
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise ckpt.CheckpointError(f"checkpoint {self.resumed_from}: variant {run.variant.name!r}: {err}") from None
+        summary.load_state_dict(payload["summary"])
+        for name, state in payload.get("overview", {}).items():  # older checkpoints have none
+            overviews[name].load_state_dict(state)
+        torch.set_rng_state(payload["rng"]["torch"])
+        device = variants[0].device
+        if device.type == "cuda" and payload["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], device)
+        return payload["step"]
+
+    def finish(self, result: dict, pictures: dict[str, bytes]) -> None:
+        """Rank 0 writes ``summary.json`` and each variant's heatmap ``scaling_<name>.png``."""
+        if not self.dist.is_main:
+            return
+        for name, png in pictures.items():
+            storage.write_atomic(self.path / f"scaling_{name}.png", png)
+        storage.write_atomic(self.path / "summary.json", json.dumps(result, indent=2))
+
+    def storage_error(self, err: OSError) -> storage.StorageError:
+        """A failed write, named with the folder and its newest intact checkpoint."""
+        return storage.storage_error(err, self.path, self.last_checkpoint)
+
+
+def check_variants_fit(path: Path, payload: dict, variants) -> None:
+    """The checkpoint holds every variant, with exactly the state keys of its model."""
+    for run in variants:
+        state = payload["variants"].get(run.variant.name)
+        if state is None:
+            raise ckpt.CheckpointError(f"checkpoint {path} has no variant {run.variant.name!r}")
+        expected, saved = set(run.model.state_dict()), set(state["model"])
+        missing = sorted(expected - saved)
+        if missing:
+            what = "FP8 scaling state" if any("fp8_state" in k for k in missing) else "model state"
+            raise ckpt.CheckpointError(f"checkpoint {path}: variant {run.variant.name!r} has no {what} for {missing[:3]}")
+        if saved - expected:
+            raise ckpt.CheckpointError(f"checkpoint {path}: variant {run.variant.name!r} has unexpected keys "
+                                       f"{sorted(saved - expected)[:3]}")
