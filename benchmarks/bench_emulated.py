@@ -38,11 +38,17 @@ if __package__ in (None, ""):  # run as a file: import this checkout's fp8lab an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
-from fp8lab import FP8Options  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    append_section, imitating_avx2, load_average, markdown_table, paired_ratio, reexec_imitating_avx2, summary,
+    append_section,
+    imitating_avx2,
+    load_average,
+    markdown_table,
+    paired_ratio,
+    reexec_imitating_avx2,
+    summary,
     time_interleaved,
 )
+from fp8lab import FP8Options  # noqa: E402
 
 TOKENS, HIDDEN, FFN = 2048, 768, 3072
 

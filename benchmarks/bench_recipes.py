@@ -25,7 +25,13 @@ if __package__ in (None, ""):
 import fp8lab  # noqa: E402
 from benchmarks.bench_emulated import make_step, to_fp8lab_bf16  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    append_section, markdown_table, paired_ratio, start, summary, time_interleaved, timing_arguments,
+    append_section,
+    markdown_table,
+    paired_ratio,
+    start,
+    summary,
+    time_interleaved,
+    timing_arguments,
 )
 
 TOKENS, HIDDEN, FFN = 2048, 768, 3072

@@ -27,7 +27,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    append_section, markdown_table, paired_ratio, start, summary, time_interleaved, timing_arguments,
+    append_section,
+    markdown_table,
+    paired_ratio,
+    start,
+    summary,
+    time_interleaved,
+    timing_arguments,
 )
 from fp8lab.run.config import Variant  # noqa: E402
 from fp8lab.run.recipe_file import load_recipe  # noqa: E402

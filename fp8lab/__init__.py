@@ -3,17 +3,34 @@
 Reading order follows the data: ``formats``, ``options`` (FP8Options) -> ``scaling``
 (the scaling recipes, ScalingState, update_scales) -> ``quantize`` (casts onto the FP8 grid)
 -> ``gemm`` (the quantized GEMM and its backends) -> ``layers`` (Linear ... GPT,
-convert, policy, describe) -> ``telemetry`` -> ``run`` (recipes, the CLI's training runs).
+convert, policy, describe) -> ``telemetry`` (the log-step protocol, Monitor) -> ``run`` (the
+app: the CLI, recipes' training runs, report).
+
+Invariant: this package's public names are the library's; nothing in the library imports
+from ``fp8lab.run``.
 """
 
 from fp8lab.formats import E4M3, E5M2, Role
+from fp8lab.layers import (
+    GPT,
+    GPTConfig,
+    LayerNormLinear,
+    LayerNormMLP,
+    Linear,
+    MultiheadAttention,
+    PrecisionPolicy,
+    TransformerBlock,
+    convert,
+    describe,
+)
 from fp8lab.options import FP8Options
 from fp8lab.scaling import (
-    DelayedScaling, Float8BlockScaling, Float8CurrentScaling, MXFP8BlockScaling, ScalingState, update_scales,
-)
-from fp8lab.layers import (
-    GPT, GPTConfig, LayerNormLinear, LayerNormMLP, Linear, MultiheadAttention, PrecisionPolicy, TransformerBlock,
-    convert, describe,
+    DelayedScaling,
+    Float8BlockScaling,
+    Float8CurrentScaling,
+    MXFP8BlockScaling,
+    ScalingState,
+    update_scales,
 )
 from fp8lab.telemetry.monitor import Monitor
 

@@ -56,17 +56,6 @@ def force_gemm_path(monkeypatch, path_name: str) -> None:
                         lambda name, device: backends[name] if name in backends else original(name, device))
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for a training test, restored afterwards: on the shared
-    2-core CI machine OpenMP's spinning barriers make 2 threads 4-10x slower than 1
-    for these small ops whenever another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hw_reference(a64, b64, inv: torch.Tensor | None, bias: torch.Tensor | None, out_dtype):
     """The hardware model of fp8lab.gemm.exact on exact operand values (float64 tensors): the
     exact sum of products rounded once to fp32, times the fp32 inverse scale, plus the bias,

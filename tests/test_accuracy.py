@@ -19,7 +19,7 @@ from fp8lab import FP8Options
 from fp8lab.formats import E4M3, GEMM_NAMES, Role
 from fp8lab.quantize.tensor import STAT_NAMES, cast_to_fp8_grid
 from fp8lab.telemetry.accuracy import WeightDrift
-from helpers import hw_reference, one_thread, sqnr_db  # noqa: F401 (one_thread: a fixture)
+from tests.helpers import hw_reference, sqnr_db
 
 SQNR = STAT_NAMES.index("sqnr_db")
 FPROP, DGRAD, WGRAD = range(3)
@@ -138,10 +138,11 @@ def test_shadow_runs_only_while_armed(monkeypatch):
 
 
 def _variant_runs(keep_bf16):
+    from test_run import QUICKSTART, SHORT
+
     from fp8lab.run.overrides import apply_overrides
     from fp8lab.run.recipe_file import load_recipe
     from fp8lab.run.variant import VariantRun, build_model
-    from test_run import QUICKSTART, SHORT
 
     config = apply_overrides(load_recipe(QUICKSTART), SHORT)
     base_variant, fp8_variant = config.variants

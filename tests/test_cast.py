@@ -16,7 +16,7 @@ import torch
 
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.quantize.tensor import amaxes_of, cast_stats, cast_to_fp8, cast_to_fp8_grid
-from helpers import sqnr_db
+from tests.helpers import sqnr_db
 
 FORMATS = pytest.mark.parametrize("fmt", (E4M3, E5M2), ids=("e4m3", "e5m2"))
 IN_DTYPES = pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))

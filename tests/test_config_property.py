@@ -12,11 +12,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fp8lab.scaling import DelayedScaling
 from fp8lab.run.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, Variant
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.validate import max_margin
+from fp8lab.scaling import DelayedScaling
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = load_recipe(ROOT / "recipes" / "layerwise.py")  # three variants, two of them FP8

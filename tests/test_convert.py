@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fp8lab
-from fp8lab import FP8Options, GPT, PrecisionPolicy
+from fp8lab import GPT, FP8Options, PrecisionPolicy
 from fp8lab.gemm.backends.select import DeviceFacts, TEFacts
 from fp8lab.gemm.exact import gemm_path
 from fp8lab.layers.convert import SKIP_REASON_ATTR
 from fp8lab.layers.describe import LayerRow, plan_for
 from fp8lab.layers.linear import Linear
-from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
+from tests.helpers import sqnr_db
 
 H100 = DeviceFacts("cuda", (9, 0), "H100")
 NO_TE = TEFacts(None, "transformer_engine is not installed")

@@ -18,7 +18,7 @@ import fp8lab
 from fp8lab import FP8Options
 from fp8lab.gemm.backends.select import DeviceFacts, TEFacts
 from fp8lab.layers.convert_hf import Conv1DLinear
-from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
+from tests.helpers import sqnr_db
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

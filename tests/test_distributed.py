@@ -21,8 +21,8 @@ from torch import nn
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.run.data import BatchSampler, load_corpus
 from fp8lab.formats import Role
+from fp8lab.run.data import BatchSampler, load_corpus
 from fp8lab.run.distributed import Distributed, token_loss
 
 WORLD = 2

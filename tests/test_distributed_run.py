@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fp8lab.run.cli import EXIT_BAD_INPUT, main
 from fp8lab.run import checkpoint as ckpt
+from fp8lab.run.cli import EXIT_BAD_INPUT, main
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import fp8lab
-from fp8lab.run.cli import classify
 from fp8lab.layers.gpt import GPT
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import memory, storage, validate
+from fp8lab.run.cli import classify
 from fp8lab.run.lock import RunFolderBusy, RunLock, check_not_busy
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
-from tests.helpers import one_thread, sigterm_in_training_step  # noqa: F401 (fixture)
+from tests.helpers import sigterm_in_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
-from fp8lab import FP8Options, GPT, GPTConfig
+from fp8lab import GPT, FP8Options, GPTConfig
 from fp8lab.run.data import BatchSampler, load_corpus
-from tests.helpers import one_thread, sqnr_db  # noqa: F401 (fixture)
+from tests.helpers import sqnr_db
 
 TRAIN_STEPS, BATCH, BLOCK, LR = 60, 16, 64, 3e-3
 LOSS_RATIO_BOUND = 0.75  # final loss (mean of last 10 steps) < 0.75 * first-step loss (~ln 256 = 5.55)

@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from fp8lab import DelayedScaling, FP8Options, Linear, update_scales
-from fp8lab.quantize.tensor import cast_to_fp8
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
-from fp8lab.gemm.exact import gemm_path
 from fp8lab.gemm.backends.select import probe_te
+from fp8lab.gemm.exact import gemm_path
+from fp8lab.quantize.tensor import cast_to_fp8
 
 pytestmark = pytest.mark.gpu
 
@@ -297,7 +297,6 @@ def test_emulated_on_cuda_is_the_hardware_model_whatever_the_global_flags(out_dt
     """TF32 and reduced-precision bf16 reductions switched on globally (what many training
     scripts do) must not reach the emulation's exact GEMM."""
     from tests.helpers import equal_fraction, fp32_error, hw_reference
-
     gen = torch.Generator().manual_seed(4)
     x = (torch.randn(96, 320, generator=gen) * 3).cuda()
     w = (torch.randn(192, 320, generator=gen) * 0.05).cuda()
@@ -363,10 +362,11 @@ def test_tiny_gpt_per_backend_tracks_bf16(backend):
 def test_a_training_step_between_log_steps_never_syncs_with_the_host(tmp_path, backend):
     """The runner's step on CUDA under torch.cuda.set_sync_debug_mode("error"): any
     device-to-host copy or synchronisation in a non-log step raises."""
+    from pathlib import Path
+
     from fp8lab.run.overrides import apply_overrides
     from fp8lab.run.recipe_file import load_recipe
     from fp8lab.run.runner import Runner
-    from pathlib import Path
 
     quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.py"
     config = apply_overrides(load_recipe(quickstart), [

@@ -20,9 +20,9 @@ import torch
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.formats import E4M3, E5M2, Role
-from fp8lab.gemm.backends.rounded import RoundedBackend
+from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm.backends.emulated import EmulatedBackend
+from fp8lab.gemm.backends.rounded import RoundedBackend
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
 from fp8lab.gemm.exact import GemmPath, cpu_has_native_bf16, gemm_path
 from fp8lab.quantize.tensor import cast_to_fp8

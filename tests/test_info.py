@@ -6,9 +6,8 @@ import json
 
 import torch
 
-from fp8lab.gemm.exact import gemm_path
-
 from fp8lab.gemm.backends.select import DeviceFacts, TEFacts, probe_te
+from fp8lab.gemm.exact import gemm_path
 from fp8lab.run.info import auto_choices, collect_info, format_info
 
 

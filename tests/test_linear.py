@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fp8lab
 from fp8lab import FP8Options
 from fp8lab.formats import Role
-from helpers import sqnr_db
+from tests.helpers import sqnr_db
 
 B, T, K, N = 4, 32, 256, 128
 

@@ -3,18 +3,17 @@ alone, and a resumed run continues the scale bit for bit."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from fp8lab.run import checkpoint as ckpt
+from fp8lab.run.config import Variant
 from fp8lab.run.loss_scale import DynamicLossScaler, LossScaleConfig
 from fp8lab.run.runner import Runner
 from fp8lab.run.variant import VariantRun
 from tests.helpers import sigterm_in_training_step
 from tests.test_precision_ladder import RUNGS, make_run, tiny_config
 from tests.test_run import _HostReads
-from fp8lab.run.config import Variant
 
 INF_STEPS = {2, 5, 6}  # steps (0-based) whose gradients are made non-finite
 

@@ -10,10 +10,8 @@ import torch
 
 import fp8lab
 from fp8lab import FP8Options
-from tests.helpers import one_thread  # noqa: F401 (fixture)
-from tests.test_run import QUICKSTART, SHORT, _HostReads, _scalars, _sets
-
 from fp8lab.run.cli import main
+from tests.test_run import QUICKSTART, SHORT, _HostReads, _scalars, _sets
 
 PREFIXES = ("scaling/", "accuracy/", "faults/")
 LAYER = re.compile(r"^(scaling|accuracy|amax_history|faults/nonfinite_amax)/(.+?)/((input|weight|grad_output)(/\w+)?|\w+_sqnr_db|weight_rel_diff)$")

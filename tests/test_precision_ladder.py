@@ -17,8 +17,8 @@ import torch
 
 import fp8lab
 from fp8lab import DelayedScaling
-from fp8lab.run.cli import main
 from fp8lab.gemm.backends import emulated, rounded
+from fp8lab.run.cli import main
 from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
 from fp8lab.run.runner import Runner
 from fp8lab.run.variant import VariantRun, build_model
@@ -104,7 +104,7 @@ def test_every_gemm_of_a_rung_runs_in_its_precision(name, monkeypatch):
     # one block (qkv, proj, fc1, fc2) and the LM head, each: fprop, dgrad, wgrad
     assert len(calls) == 15
     assert len(fp8_calls) == (12 if RUNGS[name].precision == "fp8" else 0)
-    for kind, a, b, requested, produced in calls:
+    for kind, _a, _b, requested, produced in calls:
         assert requested == produced == out_dtype, (kind, requested, produced)
     for _, a, b, _, _ in fp8_calls:
         assert on_fp8_grid(a) and on_fp8_grid(b)

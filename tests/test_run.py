@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import fp8lab
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fp8lab.run.cli import main
 from fp8lab.formats import ROLE_NAMES
-from fp8lab.run.report import read_scaling
+from fp8lab.run.cli import main
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
+from fp8lab.run.report import read_scaling
 from fp8lab.run.runner import Runner
 from tests.helpers import CPU_PATH_NAMES, force_gemm_path
 

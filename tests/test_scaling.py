@@ -22,8 +22,13 @@ import torch
 
 import fp8lab
 from fp8lab import FP8Options
-from fp8lab.scaling.delayed import DelayedScaling
-from fp8lab.scaling.delayed import amax_from_history, compute_scale, roll_history, update_history_and_scale
+from fp8lab.scaling.delayed import (
+    DelayedScaling,
+    amax_from_history,
+    compute_scale,
+    roll_history,
+    update_history_and_scale,
+)
 
 F32_MAX = 3.4028234663852886e38  # largest finite float32, written out
 TINY = 1e-40  # a float32 subnormal: 448 / TINY overflows float32

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import fp8lab
-from fp8lab import FP8Options, Float8BlockScaling, Float8CurrentScaling, MXFP8BlockScaling
+from fp8lab import Float8BlockScaling, Float8CurrentScaling, FP8Options, MXFP8BlockScaling
 from fp8lab.formats import E4M3, E5M2, Role
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.exact import GemmPath
-from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
+from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE
 from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0, te_scale_from_amax
 from tests import te_reference as ref
 from tests.helpers import equal_fraction, hw_reference, sqnr_db
@@ -282,8 +282,7 @@ def test_block_amax_and_cast_of_a_transposed_view_equal_those_of_its_contiguous_
     """The backward's copies are transposed views; their block amaxes and casts run on the
     contiguous tensor with the block shape swapped (and the cast in chunks of block rows).
     Bit for bit what the plain layout gives, NaN, inf and ragged edges included."""
-    from fp8lab.quantize.blocks import cast_blocks_dequantized
-    from fp8lab.quantize.blocks import blocks_amax
+    from fp8lab.quantize.blocks import blocks_amax, cast_blocks_dequantized
 
     gen = torch.Generator().manual_seed(11)
     base = (torch.randn(700, 1100, generator=gen) * 4).to(dtype)  # > 2 CPU chunks; not multiples of 128

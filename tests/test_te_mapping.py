@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8lab import DelayedScaling, FP8Options, Float8BlockScaling, Float8CurrentScaling, Linear, MXFP8BlockScaling
+from fp8lab import DelayedScaling, Float8BlockScaling, Float8CurrentScaling, FP8Options, Linear, MXFP8BlockScaling
 from fp8lab.gemm.backends.select import BackendUnavailable
 from fp8lab.gemm.backends.te import sync_from_te, sync_te_scaling, te_recipe
 from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab

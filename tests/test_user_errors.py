@@ -20,17 +20,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from fp8lab.run.cli import main
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import memory
+from fp8lab.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")

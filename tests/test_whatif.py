@@ -17,15 +17,14 @@ import pytest
 import torch
 
 from fp8lab.formats import E4M3, E5M2, Role
-from fp8lab.scaling.whatif import WHATIF_RECIPES, whatif_stats
 from fp8lab.quantize.tensor import amaxes_of, cast_stats, cast_to_fp8_grid
-from fp8lab.run.report import report
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
+from fp8lab.run.report import report
 from fp8lab.run.runner import Runner
-from fp8lab.scaling import Float8CurrentScaling
 from fp8lab.run.whatif_report import CLEAR_DB, best_by_layer
-from tests.helpers import one_thread  # noqa: F401 (fixture)
+from fp8lab.scaling import Float8CurrentScaling
+from fp8lab.scaling.whatif import WHATIF_RECIPES, whatif_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["train.steps=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
@@ -133,8 +132,7 @@ def test_block_cast_stats_match_a_float64_reference(block, transposed):
     overflow, underflow and an all-zero block) against the definition in float64: counts
     exactly, SQNR to 1e-3 dB; and the what-if path that casts by itself gives the very
     same numbers as the path handed the layer's dequantized values."""
-    from fp8lab.quantize.blocks import block_cast_stats
-    from fp8lab.quantize.blocks import blocks_amax
+    from fp8lab.quantize.blocks import block_cast_stats, blocks_amax
 
     gen = torch.Generator().manual_seed(5)
     rows, cols = 1100, 700  # neither a multiple of 128; 770k elements: > 2 chunks of 2^18

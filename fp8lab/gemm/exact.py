@@ -64,7 +64,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_has_mm_out_dtype() -> bool:
     try:
         a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
@@ -73,7 +73,7 @@ def _cuda_has_mm_out_dtype() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gemm_path(device_type: str) -> GemmPath:
     """The fastest exact path on ``device_type`` ("cpu", "cuda", ...), chosen once per process."""
     if device_type == "cuda":
@@ -95,7 +95,7 @@ def gemm_path(device_type: str) -> GemmPath:
 ROUNDED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rounded_gemm_path(device_type: str, precision: str) -> GemmPath:
     """The exact path of a GEMM whose operands are rounded to ``precision`` (no FP8).
 

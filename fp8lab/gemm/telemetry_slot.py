@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
 
 WHATIF_RECIPES = 4  # fp8lab.scaling.whatif.WHATIF_RECIPES
 

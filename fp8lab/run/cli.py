@@ -35,12 +35,12 @@ EXIT_CODES = """exit codes:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input or environment (exit 2)."""
     from fp8lab.gemm.backends.select import BackendUnavailable
-    from fp8lab.run.data import DataError
-    from fp8lab.run.report import ReportError
     from fp8lab.run.checkpoint import CheckpointError
     from fp8lab.run.config import ConfigError
+    from fp8lab.run.data import DataError
     from fp8lab.run.lock import RunFolderBusy
     from fp8lab.run.memory import ResourceError
+    from fp8lab.run.report import ReportError
     from fp8lab.run.storage import StorageError
 
     return (ConfigError, DataError, CheckpointError, ReportError, BackendUnavailable, RunFolderBusy,
@@ -151,8 +151,8 @@ def _launch(args, config) -> int:
     from fp8lab.run.config import ConfigError
     from fp8lab.run.launch import launch_local
     from fp8lab.run.lock import check_not_busy
-    from fp8lab.run.storage import check_writable, new_run_dir
     from fp8lab.run.runner import check_world_size
+    from fp8lab.run.storage import check_writable, new_run_dir
 
     if "LOCAL_RANK" in os.environ:
         raise ConfigError("--nproc starts torchrun itself; under torchrun, leave --nproc out")

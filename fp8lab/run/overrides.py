@@ -18,8 +18,8 @@ import dataclasses
 import types
 import typing
 
-from fp8lab.scaling import SCALINGS
 from fp8lab.run.config import ConfigError, RunConfig
+from fp8lab.scaling import SCALINGS
 
 
 def _parse(text: str, hint, key: str):

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
-from fp8lab.telemetry.keys import ACCURACY, SCALING, parse_tag
 from fp8lab.run.whatif_report import best_by_layer, read_whatif, whatif_lines
+from fp8lab.telemetry.keys import ACCURACY, SCALING, parse_tag
 
 # Thresholds for "worth attention", applied to the mean over the run's log steps.
 OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max

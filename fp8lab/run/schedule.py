@@ -1,4 +1,8 @@
-"""The learning-rate schedule of a run: a pure function of the step and the config."""
+"""The learning-rate schedule of a run.
+
+Invariant: a pure function of the step and the config (no state), so a resumed run sets
+exactly the learning rate the uninterrupted run would have.
+"""
 
 from __future__ import annotations
 

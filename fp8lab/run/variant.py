@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
+from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.run import footprint
-from fp8lab.run.timer import StepTimer
-from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.run.loss_scale import DynamicLossScaler, clip_scaled_
 from fp8lab.run.precision import rung_of
+from fp8lab.run.timer import StepTimer
 from fp8lab.telemetry.collector import LayerStats
 from fp8lab.telemetry.fp16_flush import FP16FlushProbe
 from fp8lab.telemetry.step import StepTelemetry

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
 
 from fp8lab.scaling import SCALINGS
 from fp8lab.telemetry.keys import WHATIF, parse_tag

@@ -1,5 +1,8 @@
 """Scaling: how each layer's FP8 scales are computed, held and updated.
 
+Invariant: every question about a scaling recipe is answered by the recipe itself
+(``protocol``); only ``update_scales`` changes persistent scales.
+
 Reading order: ``protocol`` (what every scaling answers for itself) -> ``delayed``
 (DelayedScaling, its operands and its pure math) -> ``state`` (one layer's ScalingState
 buffers) -> ``update`` (``update_scales``, once per optimizer step); then the recipes without

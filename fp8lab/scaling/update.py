@@ -90,7 +90,7 @@ def update_scales(model: nn.Module, group=None, *, skip: torch.Tensor | None = N
         by_scaling[(state.scaling, state.amax_history.device)].append(state)
         state.forwards_since_update = 0
 
-    for (scaling, device), group_states in by_scaling.items():
+    for (scaling, _device), group_states in by_scaling.items():
         histories = [s.amax_history for s in group_states]
         scales = [s.scale for s in group_states]
         history = torch.stack(histories, dim=1)  # (H, N, 3), our temporary

@@ -132,7 +132,9 @@ class ScalingCollector:
             layer.telemetry.disarm()
         rows = []
         for v in self._views():
-            nan = lambda n: torch.full((3, n), float("nan"), device=v.scale.device)  # noqa: E731
+            def nan(n: int, device=v.scale.device) -> torch.Tensor:
+                return torch.full((3, n), float("nan"), device=device)
+
             blocks = v.block_stats if v.block_stats is not None else nan(len(BLOCK_STAT_NAMES))
             whatif = v.whatif.reshape(3, -1) if v.whatif is not None else nan(_WHATIF_ROWS)
             rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t(), whatif.t(),

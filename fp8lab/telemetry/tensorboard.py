@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard import SummaryWriter
-
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.layers.describe import describe

@@ -1,5 +1,8 @@
 """GEMM backends: who runs a layer's GEMMs, one interface (``base``), chosen per device.
 
+Invariant: backends hold no per-layer state (``backend_for`` shares one per name and
+device type), and the choice among them is a pure function of device facts (``select``).
+
 Reading order: ``select`` (the plan: a pure function of device facts) -> ``base`` (the
 interface a layer calls) -> ``rounded`` (bf16, fp16, fp32), ``emulated``, ``scaled_mm``
 (fp8lab's quantized GEMM) -> ``te`` (the whole layer in a Transformer Engine module).
@@ -16,7 +19,7 @@ from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
 from fp8lab.gemm.exact import ROUNDED_DTYPES, gemm_path, rounded_gemm_path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend_for(name: str, device_type: str) -> Backend:
     """The backend a plan names ("te", "scaled_mm", "emulated", or a rounded "bf16", "fp16",
     "fp32") on a device type.

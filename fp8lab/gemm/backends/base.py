@@ -26,8 +26,8 @@ from torch import nn
 
 from fp8lab.formats import FP8Format
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
-from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
+from fp8lab.quantize.tensor import STAT_NAMES
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from fp8lab.formats import FP8Format
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
 from fp8lab.gemm.exact import GemmPath, scaled_gemm
-from fp8lab.quantize.tensor import cast_to_fp8_grid
 from fp8lab.quantize.blocks import cast_blocks_dequantized
+from fp8lab.quantize.tensor import cast_to_fp8_grid
 
 
 def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torch.Tensor | None:
