@@ -23,16 +23,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fp8lab  # noqa: E402
+from benchmarks import common  # noqa: E402
 from benchmarks.bench_emulated import make_step, to_fp8lab_bf16  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    append_section,
-    markdown_table,
-    paired_ratio,
-    start,
-    summary,
-    time_interleaved,
-    timing_arguments,
-)
 
 TOKENS, HIDDEN, FFN = 2048, 768, 3072
 RECIPES = {
@@ -51,9 +43,9 @@ def mlp(scaling) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing_arguments(parser, repeats=11, warmup=2)
+    common.timing_arguments(parser, repeats=11, warmup=2)
     args = parser.parse_args()
-    load_before = start(args)
+    load_before = common.start(args)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(TOKENS, HIDDEN, generator=gen).requires_grad_(True)
     grad = torch.randn(TOKENS, HIDDEN, generator=gen)
@@ -63,20 +55,20 @@ def main() -> None:
         model = mlp(scaling)
         model.load_state_dict(copy.deepcopy(base.state_dict()), strict=False)
         steps[name] = make_step(model, x, grad, True)
-    times, _ = time_interleaved(steps, args.repeats, args.warmup)
+    times, _ = common.time_interleaved(steps, args.repeats, args.warmup)
     header = ["variant", "median ms", "IQR ms", "x bf16"]
     rows = []
     for name, seconds in times.items():
-        s = summary(seconds)
+        s = common.summary(seconds)
         rows.append([name, f"{s['median']:.1f}", f"{s['q1']:.1f}-{s['q3']:.1f}",
-                     f"{paired_ratio(seconds, times['bf16']):.2f}"])
-    table = markdown_table(header, rows)
+                     f"{common.paired_ratio(seconds, times['bf16']):.2f}"])
+    table = common.markdown_table(header, rows)
     print(table)
     if not args.no_write:
         body = (f"MLP {HIDDEN}->{FFN}->{HIDDEN}, {TOKENS} tokens, fwd+bwd (+ update_scales), {args.repeats} "
                 f"interleaved repeats after {args.warmup} warm-up rounds; ratios are medians of per-repeat ratios.\n\n"
                 + table)
-        append_section("bench_recipes: each FP8 scaling recipe (emulated) vs BF16", body, load_before)
+        common.append_section("bench_recipes: each FP8 scaling recipe (emulated) vs BF16", body, load_before)
 
 
 if __name__ == "__main__":

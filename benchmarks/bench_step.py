@@ -26,15 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    append_section,
-    markdown_table,
-    paired_ratio,
-    start,
-    summary,
-    time_interleaved,
-    timing_arguments,
-)
+from benchmarks import common  # noqa: E402
 from fp8lab.run.config import Variant  # noqa: E402
 from fp8lab.run.recipe_file import load_recipe  # noqa: E402
 from fp8lab.run.variant import VariantRun, build_model  # noqa: E402
@@ -99,12 +91,12 @@ def profile_step(run: VariantRun, batch, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing_arguments(parser, repeats=9, warmup=3)
+    common.timing_arguments(parser, repeats=9, warmup=3)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--native-attention", action="store_true",
                         help="also time a BF16 variant whose attention core is torch's bf16 SDPA")
     args = parser.parse_args()
-    load_before = start(args)
+    load_before = common.start(args)
     config = load_recipe(QUICKSTART)
     specs = variants(config, args.native_attention)
     runs = build_runs(config, specs)
@@ -117,7 +109,7 @@ def main() -> None:
     def stepper(run):
         return lambda: run.train_step(*batch, 1e-3, log=False)
 
-    times, _ = time_interleaved({label: stepper(run) for label, run in runs.items()},
+    times, _ = common.time_interleaved({label: stepper(run) for label, run in runs.items()},
                                 repeats=args.repeats, warmup=args.warmup)
     profiles = {label: profile_step(run, batch, args.steps) for label, run in runs.items()}
 
@@ -126,13 +118,13 @@ def main() -> None:
     tokens = t.batch_size * t.block_size
     rows = []
     for label in labels:
-        s = summary(times[label])
-        ratio_bf16 = paired_ratio(times[label], times["bf16"])
-        ratio_fp32 = paired_ratio(times[label], times["fp32"])
+        s = common.summary(times[label])
+        ratio_bf16 = common.paired_ratio(times[label], times["bf16"])
+        ratio_fp32 = common.paired_ratio(times[label], times["fp32"])
         prof = profiles[label]
         rows.append([label, f"{s['median']:.1f}", f"{tokens / s['median'] * 1e3:.0f}", f"{ratio_bf16:.2f}",
                      f"{ratio_fp32:.2f}"] + [f"{prof.get(c, 0.0):.1f}" for c in cats])
-    table = markdown_table(["variant", "step ms (median)", "tokens/s", "x bf16", "x fp32"]
+    table = common.markdown_table(["variant", "step ms (median)", "tokens/s", "x bf16", "x fp32"]
                            + [f"{c} ms" for c in cats], rows)
     body = (
         f"Quickstart model (`recipes/quickstart.py`: preset tiny, batch {t.batch_size} x {t.block_size} tokens), "
@@ -143,7 +135,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        append_section("bench_step: where a quickstart training step goes", body, load_before)
+        common.append_section("bench_step: where a quickstart training step goes", body, load_before)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,15 @@ def equal_fraction(out: torch.Tensor, ref: torch.Tensor) -> float:
 def fp32_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max|out - ref| / max|ref|, in float64."""
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def assert_bad_override_exits_2(tmp_path, capsys, recipe, override: str, message: str) -> None:
+    """``fp8lab run RECIPE --set OVERRIDE`` exits 2, names the problem on stderr and writes nothing."""
+    from fp8lab.run.cli import main
+
+    out = tmp_path / "logs"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not out.exists()
+

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fp8lab.run.cli import main
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
+from tests.helpers import assert_bad_override_exits_2
 
 ROOT = Path(__file__).resolve().parents[1]
 LADDER = str(ROOT / "recipes" / "precision_ladder.py")
@@ -35,11 +35,7 @@ BAD = [
 
 @pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_precision_setting_exits_2_naming_the_key(tmp_path, capsys, override, message):
-    out = tmp_path / "logs"
-    assert main(["run", LADDER, "--out", str(out), "--quiet", "--set", override]) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert not out.exists()
+    assert_bad_override_exits_2(tmp_path, capsys, LADDER, override, message)
 
 
 def test_fields_that_apply_are_accepted():

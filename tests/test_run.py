@@ -15,7 +15,7 @@ from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.report import read_scaling
 from fp8lab.run.runner import Runner
-from tests.helpers import CPU_PATH_NAMES, force_gemm_path
+from tests.helpers import CPU_PATH_NAMES, assert_bad_override_exits_2, force_gemm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
@@ -114,11 +114,7 @@ BAD_OVERRIDES = [
 
 @pytest.mark.parametrize("override,message", BAD_OVERRIDES)
 def test_bad_override_exits_2_and_writes_nothing(tmp_path, capsys, override, message):
-    out = tmp_path / "logs"
-    assert main(["run", QUICKSTART, "--out", str(out), "--quiet", "--set", override]) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert not out.exists()
+    assert_bad_override_exits_2(tmp_path, capsys, QUICKSTART, override, message)
 
 
 def test_overrides_are_typed_and_reach_every_fp8_variant():

@@ -17,8 +17,7 @@ import torch
 
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 from fp8lab.quantize.tensor import STAT_NAMES
-
-WHATIF_RECIPES = 4  # fp8lab.scaling.whatif.WHATIF_RECIPES
+from fp8lab.scaling.whatif import WHATIF_RECIPES
 
 
 class TelemetrySlot:
@@ -46,7 +45,7 @@ class TelemetrySlot:
             self.cast_stats = torch.full((3, len(STAT_NAMES)), float("nan"), **nan)
             self.scale_amax = torch.full((3, 2), float("nan"), **nan)
             self.block_stats = torch.full((3, len(BLOCK_STAT_NAMES)), float("nan"), **nan)
-            self.whatif = torch.full((3, WHATIF_RECIPES, len(STAT_NAMES)), float("nan"), **nan)
+            self.whatif = torch.full((3, len(WHATIF_RECIPES), len(STAT_NAMES)), float("nan"), **nan)
         if self.shadow_sqnr is None or self.shadow_sqnr.device != device:
             self.shadow_sqnr = torch.empty(3, dtype=torch.float32, device=device)
         self.shadow_sqnr.fill_(float("nan"))  # a GEMM that does not run this step stays unmeasured
