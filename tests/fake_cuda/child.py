@@ -1,0 +1,177 @@
+"""The fake-CUDA child process: ``python -m tests.fake_cuda.child SCENARIO 'JSON args'``.
+
+Loads the shim before torch (``tests.fake_cuda.device``), fakes the device, runs one
+scenario and prints ``FAKE_CUDA_RESULT {json}`` as its last line (``tests.fake_cuda.run_child``
+reads it). Scenarios:
+
+- ``contract``: fp8lab.Linear forward + backward + update_scales per configuration under
+  ``StrictScaledMM``; per configuration the plan, the ``_scaled_mm`` calls made and any
+  refusal (see ``tests/test_fake_cuda_contract.py``).
+- ``mutants``: the same for planted bugs in the scaled_mm backend, once with torch's meta
+  kernel alone and once with the strict checks, so a test sees which layer catches which.
+- ``train``: GPT steps through ``fp8lab.Monitor`` with device-to-host reads counted per step,
+  and a checkpoint round trip (``tests/test_fake_cuda_training.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from tests.fake_cuda import RESULT_MARK
+from tests.fake_cuda.device import load_shim
+
+load_shim()  # before torch
+
+import torch  # noqa: E402
+
+from tests.fake_cuda.device import fake_mode, install  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _scaling(name: str):
+    import fp8lab
+
+    return {"delayed": lambda: fp8lab.DelayedScaling(amax_history_len=4), "current": fp8lab.Float8CurrentScaling,
+            "block": fp8lab.Float8BlockScaling, "mxfp8": fp8lab.MXFP8BlockScaling}[name]()
+
+
+def _input(shape: str, m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(..., K) activations with M tokens in one of the layouts a model hands a Linear."""
+    if shape == "2d":
+        return torch.empty(m, k, device="cuda", dtype=dtype)
+    if shape == "4d":  # (2, 1, M/2, K) when M is even, else (1, 1, M, K)
+        return torch.empty(2, 1, m // 2, k, device="cuda", dtype=dtype) if m % 2 == 0 else torch.empty(1, 1, m, k, device="cuda", dtype=dtype)
+    if shape == "permuted":  # (M, K) seen through a transpose: not contiguous
+        return torch.empty(k, m, device="cuda", dtype=dtype).t()
+    if shape == "sliced":  # (M, K) columns of a wider tensor: rows 16-byte aligned only if the parent's are
+        return torch.empty(m, k + 8, device="cuda", dtype=dtype)[:, 8:]
+    raise ValueError(shape)
+
+
+def run_config(cfg: dict, strict) -> dict:
+    """One Linear through forward, backward, update_scales, and a second forward+backward."""
+    import fp8lab
+
+    k, n = cfg.get("k", 64), cfg.get("n", 48)
+    layer = fp8lab.Linear(k, n, bias=cfg["bias"], fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), backend=cfg.get("backend", "auto")),
+                          device="cuda")
+    plan = layer.plan()
+    result = {"plan": plan.backend, "reason": plan.reason}
+    x_dtype = DTYPES[cfg.get("x_dtype", "fp32")]
+    amp = cfg.get("amp", "off")
+    n_calls = len(strict.calls) if strict is not None else 0
+    try:
+        for _ in range(cfg.get("steps", 2)):
+            x = _input(cfg.get("shape", "2d"), cfg["m"], k, x_dtype).requires_grad_()
+            if amp == "off":
+                y = layer(x)
+            else:
+                with torch.autocast("cuda", dtype=DTYPES[amp]):
+                    y = layer(x)
+            want = DTYPES[amp] if amp != "off" else x_dtype
+            assert y.dtype == want and y.shape == (*x.shape[:-1], n), (y.dtype, y.shape)
+            y.backward(torch.empty_like(y))
+            assert x.grad.shape == x.shape and x.grad.dtype == x.dtype, (x.grad.shape, x.grad.dtype)
+            assert layer.weight.grad.shape == (n, k) and layer.weight.grad.dtype == torch.float32
+            if cfg["bias"]:
+                assert layer.bias.grad.shape == (n,)
+            layer.weight.grad = None
+            fp8lab.update_scales(layer)
+    except Exception as err:  # noqa: BLE001 - reported to the parent with its kind
+        result["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        result["caught_by"] = _caught_by(err)
+    if strict is not None:
+        calls = strict.calls[n_calls:]
+        result["calls"] = [{"shapes": c.shapes, "strides": c.strides, "dtypes": c.dtypes, "scaling": c.scaling,
+                            "out": c.out_dtype, "bias": c.bias, "fast_accum": c.fast_accum} for c in calls]
+    return result
+
+
+def _caught_by(err: BaseException) -> str:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    from tests.fake_cuda.strict_scaled_mm import CudaRefusal
+
+    if isinstance(err, CudaRefusal):
+        return "strict"
+    if isinstance(err, (DataDependentOutputException, DynamicOutputShapeException)):
+        return "fake-host-read"
+    if isinstance(err, AssertionError):
+        return "contract-assert"
+    return "meta"
+
+
+def contract(args: dict) -> dict:
+    """``configs`` on a device of ``capability``, each under StrictScaledMM."""
+    from tests.fake_cuda.strict_scaled_mm import StrictScaledMM
+
+    install(tuple(args["capability"]))
+    out = []
+    with fake_mode():
+        for cfg in args["configs"]:
+            with StrictScaledMM(capability=tuple(args["capability"])) as strict:
+                out.append(run_config(cfg, strict))
+    return {"results": out}
+
+
+def mutants(args: dict) -> dict:
+    """Each planted bug of ``tests.fake_cuda.mutants`` through ``configs`` until one fails,
+    with the meta kernel alone, then with the strict checks too."""
+    from tests.fake_cuda import mutants as planted
+    from tests.fake_cuda.strict_scaled_mm import StrictScaledMM
+
+    install(tuple(args["capability"]))
+    out = {}
+    with fake_mode():
+        for name in args["names"]:
+            row = {}
+            for checks in ("meta", "strict"):
+                first = None
+                with planted.planted(name):
+                    for cfg in args["configs"]:
+                        if checks == "strict":
+                            with StrictScaledMM(capability=tuple(args["capability"])) as strict:
+                                res = run_config(cfg, strict)
+                        else:
+                            res = run_config(cfg, None)
+                        if "error" in res:
+                            first = {"config": cfg, "error": res["error"], "caught_by": res["caught_by"]}
+                            break
+                row[checks] = first
+            out[name] = row
+    return {"mutants": out}
+
+
+def suite(args: dict) -> dict:
+    """Several ``contract``/``mutants`` jobs in one process (one interpreter start):
+    ``{"jobs": {name: {"kind": ..., **job args}}}`` -> ``{name: result}``."""
+    return {name: SCENARIOS[job["kind"]](job) for name, job in args["jobs"].items()}
+
+
+SCENARIOS = {"contract": contract, "mutants": mutants, "suite": suite}
+
+
+def main() -> None:
+    scenario, args = sys.argv[1], json.loads(sys.argv[2])
+    if scenario == "train":
+        from tests.fake_cuda.train import train
+
+        fn = train
+    else:
+        fn = SCENARIOS[scenario]
+    start = time.perf_counter()
+    result = fn(args)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    sys.stderr.flush()
+    # Skip interpreter teardown: static destructors can meet autograd's fake-CUDA worker
+    # thread still joinable and abort ("terminate called without an active exception").
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
