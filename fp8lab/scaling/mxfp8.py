@@ -54,6 +54,8 @@ class MXFP8BlockScaling:
 
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
         """(scale, scale_inv) of blocks with these amaxes: powers of two from E8M0 codes."""
-        rcp = torch.tensor(1.0 / fmt.max, dtype=torch.float32, device=amax.device)  # TE's max_norm_rcp
+        # TE's max_norm_rcp, filled on the device: torch.tensor(v, device="cuda") would be a
+        # blocking host-to-device copy, which synchronises the stream at every cast.
+        rcp = torch.full((), 1.0 / fmt.max, dtype=torch.float32, device=amax.device)
         code = float_to_e8m0(amax.float() * rcp)
         return e8m0_scale(code), e8m0_scale_inv(code)
