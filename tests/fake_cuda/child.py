@@ -146,23 +146,54 @@ def mutants(args: dict) -> dict:
     return {"mutants": out}
 
 
+def syncs(args: dict) -> dict:
+    """Host syncs (``D2HCounter``) of one training step of a Linear per configuration:
+    forward, backward and ``update_scales``, no telemetry armed (a step between log steps)."""
+    import fp8lab
+
+    from tests.fake_cuda.d2h import D2HCounter
+
+    install(tuple(args["capability"]))
+    out = []
+    with fake_mode():
+        for cfg in args["configs"]:
+            layer = fp8lab.Linear(64, 48, fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), fallback="emulated"),
+                                  device="cuda")
+            counter = D2HCounter()
+            error = None
+            try:
+                with counter:
+                    x = torch.empty(21, 64, device="cuda", requires_grad=True)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        y = layer(x)
+                    y.backward(torch.empty_like(y))
+                    fp8lab.update_scales(layer)
+            except Exception as err:  # noqa: BLE001
+                error = f"{type(err).__name__}: {str(err)[:300]}"
+            out.append({"plan": layer.plan().backend, "d2h": dict(counter.counts), "where": counter.where, "error": error})
+    return {"results": out}
+
+
 def suite(args: dict) -> dict:
     """Several ``contract``/``mutants`` jobs in one process (one interpreter start):
     ``{"jobs": {name: {"kind": ..., **job args}}}`` -> ``{name: result}``."""
-    return {name: SCENARIOS[job["kind"]](job) for name, job in args["jobs"].items()}
+    return {name: _scenario(job["kind"])(job) for name, job in args["jobs"].items()}
 
 
-SCENARIOS = {"contract": contract, "mutants": mutants, "suite": suite}
+SCENARIOS = {"contract": contract, "mutants": mutants, "syncs": syncs, "suite": suite}
+
+
+def _scenario(name: str):
+    if name == "train":
+        from tests.fake_cuda.train import train
+
+        return train
+    return SCENARIOS[name]
 
 
 def main() -> None:
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
-    if scenario == "train":
-        from tests.fake_cuda.train import train
-
-        fn = train
-    else:
-        fn = SCENARIOS[scenario]
+    fn = _scenario(scenario)
     start = time.perf_counter()
     result = fn(args)
     result["seconds"] = round(time.perf_counter() - start, 3)

@@ -1,4 +1,4 @@
-"""Counting device-to-host reads: every way a CUDA tensor's values reach the host.
+"""Counting host syncs: every way a CUDA tensor's values reach the host, and blocking copies.
 
 Invariant: ``D2HCounter`` sits above FakeTensorMode and sees every ATen call (forward,
 backward on autograd's threads, optimizer, telemetry). It counts, per kind, the calls that
@@ -11,6 +11,10 @@ on a real GPU copy device memory to the host or wait for the device to learn a v
   copy_to_cpu ``copy_`` into a CPU tensor from a CUDA one
   value_dependent ops whose result (shape or bool) needs the values: ``equal``, ``nonzero``,
              ``masked_select``, ``unique``..., and ``is_nonzero``
+  h2d_blocking a blocking copy from the CPU to a CUDA tensor (``torch.tensor(v, device=cuda)``,
+             ``.to("cuda")``, ``cuda_t.copy_(cpu_t)``): no value comes back, but PyTorch's
+             blocking copy (``memcpy_and_sync``) synchronises the stream, so it is a host
+             sync as ``torch.cuda.set_sync_debug_mode("error")`` counts them
 
 Fake tensors have no values, so a counted read is answered with zeros (a real CPU tensor,
 or 0 / False), which lets the caller go on: the count, not the value, is what a test checks.
@@ -74,6 +78,12 @@ class D2HCounter(TorchDispatchMode):
         if func is aten.copy_.default and args[0].device.type == "cpu" and _on_cuda(args[1]):
             self._count("copy_to_cpu")
             return args[0]
+        blocking = not (kwargs.get("non_blocking") or (func is aten.copy_.default and len(args) > 2 and args[2]))
+        if blocking and func is aten._to_copy.default and args[0].device.type == "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type == "cuda":
+            self._count("h2d_blocking")
+        if blocking and func is aten.copy_.default and _on_cuda(args[0]) and args[1].device.type == "cpu":
+            self._count("h2d_blocking")
         if name in VALUE_DEPENDENT and any(_on_cuda(a) for a in args):
             self._count("value_dependent")
         return func(*args, **kwargs)

@@ -35,12 +35,31 @@ def install(capability: tuple[int, int], name: str | None = None, cuda: str = "1
     torch.cuda.amp.common.amp_definitely_not_available = lambda: False  # autocast("cuda") stays enabled
 
 
+_FAKE_TOLIST = None
+
+
 def fake_mode():
     """A FakeTensorMode in which real CPU tensors may meet fake ones (e.g. a CPU-built model
     moved with ``.to("cuda")``), and whose meta-kernel failures are not logged as errors."""
     import logging
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    global _FAKE_TOLIST
+    if _FAKE_TOLIST is None:
+        _FAKE_TOLIST = FakeTensor.tolist
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+    FakeTensor.tolist = _tolist
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _tolist(self):
+    """``tolist`` as a real CUDA tensor does it: ONE copy to the CPU, then read there (torch's
+    C++ ``tensor_to_list``). FakeTensor's own ``tolist`` reads element by element (an
+    ``item()`` each), which would count n host reads where a GPU makes one copy."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if self.device.type == "cpu":
+        return _FAKE_TOLIST(self)
+    host = self.cpu()
+    return host.tolist() if not isinstance(host, FakeTensor) else _FAKE_TOLIST(host)
