@@ -23,6 +23,7 @@ import pytest
 
 from tests.fake_cuda import run_child, skip_reason
 from tests.fake_cuda.mutants import EXPECTED
+from tests.fake_cuda.strict_calls import EXPECTED_RULE
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
@@ -53,6 +54,7 @@ JOBS = {
     "mutants_sm90": dict(kind="mutants", capability=[9, 0], configs=MUTANT_CONFIGS,
                          names=[n for n in EXPECTED if n != "fp8_on_sm80"]),
     "mutants_sm80": dict(kind="mutants", capability=[8, 0], configs=MUTANT_CONFIGS, names=["fp8_on_sm80"]),
+    "verdicts": dict(kind="verdicts", capability=[9, 0]),
 }
 
 
@@ -99,3 +101,20 @@ def test_each_planted_bug_is_caught_by_the_expected_check(name, suite):
     else:
         assert row["meta"] is None, f"{name}: the meta kernel alone already catches it: {row['meta']}"
         assert row["strict"]["caught_by"] == "strict", row
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_RULE))
+def test_strict_model_gives_each_crafted_call_its_verdict(name, suite):
+    """The same calls go to a real GPU in tests/test_gpu_strict_checker.py."""
+    verdict, want = suite["verdicts"]["crafted"][name], EXPECTED_RULE[name]
+    assert (verdict is None) if want is None else (verdict or "").startswith(want), verdict
+
+
+def test_strict_model_architecture_and_blockwise_rules(suite):
+    arch, block = suite["verdicts"]["arch"], suite["verdicts"]["block"]
+    assert {k: v is None for k, v in arch.items()} == {"sm_80": False, "sm_86": False, "sm_89": True, "sm_90": True,
+                                                       "sm_100": True}
+    assert block["kinds"] == ["1x128", "128x128"] and block["sm_90"] is None
+    for key in ("sm_89", "sm_100", "cublas_12.8", "fast_accum"):
+        assert block[key].startswith("R-block"), (key, block[key])
+    assert block["scale_a_row_major"].startswith("R-scaling")

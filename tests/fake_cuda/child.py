@@ -174,13 +174,39 @@ def syncs(args: dict) -> dict:
     return {"results": out}
 
 
+def verdicts(args: dict) -> dict:
+    """The strict model's verdict on each crafted call of ``tests.fake_cuda.strict_calls``
+    (at ``capability``), and on a blockwise 1x128 x 128x128 call on several devices."""
+    from tests.fake_cuda.strict_calls import calls
+    from tests.fake_cuda.strict_scaled_mm import refusal, scaling_kinds
+
+    install(tuple(args["capability"]))
+    cap = tuple(args["capability"])
+    with fake_mode():
+        crafted = {name: refusal(**call, capability=cap) for name, call in calls("cuda").items()}
+        good = calls("cuda")["fprop-like, bf16 out, bf16 bias"]
+        arch = {f"sm_{c[0]}{c[1]}": refusal(**good, capability=c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0))}
+        m, k, n = 32, 512, 256
+        a = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
+        b = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn).t()  # (K, N) column-major
+        scale_a = torch.empty(k // 128, m, device="cuda").t()  # (M, K/128), outer-dim-major
+        scale_b = torch.empty(n // 128, k // 128, device="cuda").t()  # (K/128, N/128)
+        call = dict(mat1=a, mat2=b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        block = {"kinds": scaling_kinds(a, b, scale_a, scale_b),
+                 "sm_90": refusal(**call, capability=(9, 0)), "sm_89": refusal(**call, capability=(8, 9)),
+                 "sm_100": refusal(**call, capability=(10, 0)), "cublas_12.8": refusal(**call, capability=(9, 0), cublas=(12, 8)),
+                 "fast_accum": refusal(**call, use_fast_accum=True, capability=(9, 0)),
+                 "scale_a_row_major": refusal(**call | {"scale_a": scale_a.contiguous()}, capability=(9, 0))}
+    return {"crafted": crafted, "arch": arch, "block": block}
+
+
 def suite(args: dict) -> dict:
     """Several ``contract``/``mutants`` jobs in one process (one interpreter start):
     ``{"jobs": {name: {"kind": ..., **job args}}}`` -> ``{name: result}``."""
     return {name: _scenario(job["kind"])(job) for name, job in args["jobs"].items()}
 
 
-SCENARIOS = {"contract": contract, "mutants": mutants, "syncs": syncs, "suite": suite}
+SCENARIOS = {"contract": contract, "mutants": mutants, "syncs": syncs, "verdicts": verdicts, "suite": suite}
 
 
 def _scenario(name: str):
