@@ -43,7 +43,9 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +66,8 @@ def skip_reason() -> str | None:
         shim()
     except subprocess.CalledProcessError as err:
         return f"building the fake-CUDA shim failed: {err.stderr.strip()[-400:]}"
+    except OSError as err:
+        return f"building the fake-CUDA shim failed: {err}"
     return None
 
 
