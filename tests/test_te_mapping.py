@@ -21,12 +21,15 @@ from fp8lab.gemm.backends.te import sync_from_te, sync_te_scaling, te_recipe
 from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab
 
 TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max", "margin": 0, "reduce_amax": True}
+# numerics fields fp8lab pins to TE's defaults explicitly, so no NVTE_* variable changes them
+PINNED = {"fp8_dpa": False, "fp8_mha": False, "backward_override": None}
 TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
 
 
 def test_default_scaling_maps_to_te_defaults():
     spec = DelayedScaling().te_recipe()
-    assert spec == {"recipe": "DelayedScaling", "kwargs": TE_DEFAULTS, "qparams": None}
+    assert spec == {"recipe": "DelayedScaling", "kwargs": {**TE_DEFAULTS, "scaling_factor_compute_algo": None, **PINNED},
+                    "mmparams": None, "qparams": None}
 
 
 @pytest.mark.parametrize("scaling", [DelayedScaling(), Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling()],
@@ -49,16 +52,19 @@ def test_non_default_scaling_maps_field_by_field():
         "amax_compute_algo": "most_recent",
         "margin": 2,
         "reduce_amax": False,
+        "scaling_factor_compute_algo": None,
+        **PINNED,
     }
     current = Float8CurrentScaling(fp8_format="e4m3", use_power_2_scales=True, amax_epsilon=1e-6).te_recipe()
-    assert current["kwargs"] == {"fp8_format": "E4M3", "use_power_2_scales": True}
+    assert current["kwargs"] == {"fp8_format": "E4M3", "use_power_2_scales": True, **PINNED}
+    assert current["mmparams"] == {"fp8_gemm_fprop": False, "fp8_gemm_dgrad": True, "fp8_gemm_wgrad": True}
     assert current["qparams"] == {"power_2_scale": True, "amax_epsilon": 1e-6}
     block = Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1).te_recipe()
     assert block["kwargs"] == {"fp8_format": "HYBRID", "x_block_scaling_dim": 2, "w_block_scaling_dim": 1,
-                               "grad_block_scaling_dim": 1}
+                               "grad_block_scaling_dim": 1, "use_f32_scales": False, **PINNED}
     assert block["qparams"] == {"power_2_scale": True, "amax_epsilon": 0.0}  # fp8lab's block scales are powers of 2
     assert MXFP8BlockScaling(enable_2d_quantization=True).te_recipe()["kwargs"] == {
-        "fp8_format": "E4M3", "enable_2d_quantization": True}
+        "fp8_format": "E4M3", "margin": 0, "enable_2d_quantization": True, **PINNED}
 
 
 def _te_shaped_meta(history_len: int) -> dict:

@@ -117,6 +117,7 @@ class VariantRun:
         self.telemetry = StepTelemetry(self.model, log_interval=t.log_interval, whatif_interval=t.whatif_interval)
         self.collector = self.telemetry.collector
         self.timer = StepTimer(device)
+        self._record = None  # what the last log step read, until take_train_metrics uses it
         self.first_batch_sha: str | None = None
         self.loss_scaler = DynamicLossScaler(variant.loss_scale, device) if self.rung.loss_scaling else None
         self.flush_probe = FP16FlushProbe(self.model) if self.rung.loss_scaling else None
@@ -147,14 +148,19 @@ class VariantRun:
             # An overflow at a loss scale above 1 is loss scaling at work (the scale backs
             # off); only a non-finite loss, or gradients that overflow unscaled, is a fault.
             fault = skip if scaler is None else skip & (~torch.isfinite(loss) | (scaler.scale <= 1))
-            stats = self.telemetry.end(loss=loss, skip=skip, fault=fault)
             if scaler is not None:
                 scaler.update(skip)
+            # On a log step: the layers, the counters and the (updated) loss scale in one copy.
+            record = self.telemetry.end(loss=loss, skip=skip, fault=fault, extra=self._loss_scale())
+            self._record = record if record is not None else self._record
         if log and self.flush_probe is not None:
             self.flush_probe.disarm()
         if self.device.type == "cuda":
             self.cuda_peak = max(self.cuda_peak, torch.cuda.max_memory_allocated(self.device))
-        return stats
+        return record.stats if record is not None else None
+
+    def _loss_scale(self) -> tuple[torch.Tensor, ...]:
+        return (self.loss_scaler.scale,) if self.loss_scaler is not None else ()
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, log: bool) -> torch.Tensor:
         """Forward under the rung's autocast (saved tensors counted on log steps), then the
@@ -195,11 +201,12 @@ class VariantRun:
         timed = self.timer.take()
         seconds, timed_steps = timed["train"] if timed["train"][1] else timed["log"]
         log_seconds, log_steps = timed["log"]
-        scale = (self.loss_scaler.scale,) if self.loss_scaler is not None else ()
-        counters, extra = self.telemetry.take(scale)  # the loss scale in the same copy
+        # The last log step's record, or (no log step since the last call) the counters now.
+        record, self._record = self._record or self.telemetry.take(self._loss_scale()), None
+        counters, extra = record.counters, record.extra
         tokens = tokens_per_step * timed_steps  # steps before a resume were timed by the dead process
         metrics = {
-            "loss/train": StepTelemetry.mean_loss(counters),
+            "loss/train": record.mean_loss,
             "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             **({"perf/log_step_ms": 1e3 * log_seconds / log_steps} if log_steps else {}),
             "faults/skipped_steps": counters["skipped"],

@@ -21,7 +21,7 @@ import torch
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.scaling.blockwise import BlockwiseScaling, tile
 from fp8lab.scaling.current import check_epsilon
-from fp8lab.scaling.protocol import te_format
+from fp8lab.scaling.protocol import TE_PINNED, te_format
 from fp8lab.scaling.te_scales import te_scale_from_amax
 
 BLOCK = 128
@@ -79,5 +79,7 @@ class Float8BlockScaling(BlockwiseScaling):
 
     def te_recipe(self) -> dict:
         dims = {name: getattr(self, name) for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")}
-        return {"recipe": "Float8BlockScaling", "kwargs": {"fp8_format": te_format(self.fp8_format), **dims},
+        kwargs = {"fp8_format": te_format(self.fp8_format), **dims, "use_f32_scales": False, **TE_PINNED}
+        split = {"fp8_gemm_fprop": True, "fp8_gemm_dgrad": True, "fp8_gemm_wgrad": True}  # TE enforces these
+        return {"recipe": "Float8BlockScaling", "kwargs": kwargs, "mmparams": split,
                 "qparams": {"power_2_scale": True, "amax_epsilon": float(self.amax_epsilon)}}

@@ -17,7 +17,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.quantize.tensor import amaxes_of, cast_stats
-from fp8lab.scaling.protocol import ROWWISE, Operand, Scaling, te_format
+from fp8lab.scaling.protocol import ROWWISE, TE_PINNED, Operand, Scaling, te_format
 from fp8lab.scaling.te_scales import te_scale_from_amax
 
 
@@ -76,5 +76,6 @@ class Float8CurrentScaling(Scaling):
         # TE's QParams take power-of-2 and epsilon from class-level defaults (computed from
         # environment variables at import), so they are set on the recipe object too.
         qparams = {"power_2_scale": self.use_power_2_scales, "amax_epsilon": float(self.amax_epsilon)}
-        kwargs = {"fp8_format": te_format(self.fp8_format), "use_power_2_scales": self.use_power_2_scales}
-        return {"recipe": "Float8CurrentScaling", "kwargs": kwargs, "qparams": qparams}
+        kwargs = {"fp8_format": te_format(self.fp8_format), "use_power_2_scales": self.use_power_2_scales, **TE_PINNED}
+        split = {"fp8_gemm_fprop": False, "fp8_gemm_dgrad": True, "fp8_gemm_wgrad": True}  # TE's defaults, explicit
+        return {"recipe": "Float8CurrentScaling", "kwargs": kwargs, "mmparams": split, "qparams": qparams}

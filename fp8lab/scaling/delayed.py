@@ -32,7 +32,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.quantize.tensor import amaxes_of, cast_stats
-from fp8lab.scaling.protocol import ROWWISE, Operand, Scaling, not_measured, te_format
+from fp8lab.scaling.protocol import ROWWISE, TE_PINNED, Operand, Scaling, not_measured, te_format
 from fp8lab.scaling.state import ScalingState
 
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -108,8 +108,10 @@ class DelayedScaling(Scaling):
 
     def te_recipe(self) -> dict:
         kwargs = {"fp8_format": te_format(self.fp8_format), "amax_history_len": self.amax_history_len,
-                  "amax_compute_algo": self.amax_compute_algo, "margin": self.margin, "reduce_amax": self.reduce_amax}
-        return {"recipe": "DelayedScaling", "kwargs": kwargs, "qparams": None}
+                  "amax_compute_algo": self.amax_compute_algo, "margin": self.margin, "reduce_amax": self.reduce_amax,
+                  "scaling_factor_compute_algo": None, **TE_PINNED}
+        # TE's DelayedScaling has no fp8_gemm_* fields: its module defaults apply.
+        return {"recipe": "DelayedScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
 
 
 FP32_MAX = torch.finfo(torch.float32).max

@@ -16,7 +16,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.scaling.blockwise import BlockwiseScaling, tile
-from fp8lab.scaling.protocol import te_format
+from fp8lab.scaling.protocol import TE_PINNED, te_format
 from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0
 
 BLOCK = 32
@@ -47,7 +47,9 @@ class MXFP8BlockScaling(BlockwiseScaling):
 
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
         """(scale, scale_inv) of blocks with these amaxes: powers of two from E8M0 codes."""
-        rcp = torch.tensor(1.0 / fmt.max, dtype=torch.float32, device=amax.device)  # TE's max_norm_rcp
+        # TE's max_norm_rcp, filled on the device: torch.tensor(v, device="cuda") would be a
+        # blocking host-to-device copy, which synchronises the stream at every cast.
+        rcp = torch.full((), 1.0 / fmt.max, dtype=torch.float32, device=amax.device)
         code = float_to_e8m0(amax.float() * rcp)
         return e8m0_scale(code), e8m0_scale_inv(code)
 
@@ -58,5 +60,6 @@ class MXFP8BlockScaling(BlockwiseScaling):
         return super().unsupported(backend, device)
 
     def te_recipe(self) -> dict:
-        kwargs = {"fp8_format": te_format(self.fp8_format), "enable_2d_quantization": self.enable_2d_quantization}
-        return {"recipe": "MXFP8BlockScaling", "kwargs": kwargs, "qparams": None}
+        kwargs = {"fp8_format": te_format(self.fp8_format), "margin": 0,
+                  "enable_2d_quantization": self.enable_2d_quantization, **TE_PINNED}
+        return {"recipe": "MXFP8BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}

@@ -56,6 +56,12 @@ def te_format(fp8_format: str) -> str:
     return {"hybrid": "HYBRID", "e4m3": "E4M3"}[fp8_format]
 
 
+# Numerics fields of every TE recipe that fp8lab pins to the values it models (TE would
+# otherwise take ``backward_override`` from $NVTE_BACKWARD_OVERRIDE): no FP8 attention, the
+# backward in the recipe's own precision.
+TE_PINNED = {"fp8_dpa": False, "fp8_mha": False, "backward_override": None}
+
+
 class Scaling:
     """Base of every scaling recipe (see the module docstring for the protocol).
 
@@ -106,7 +112,11 @@ class Scaling:
     def te_recipe(self) -> dict:
         """Transformer Engine's recipe equal to this scaling, without importing TE:
         {"recipe": class name in ``transformer_engine.common.recipe``, "kwargs": its
-        constructor arguments (``fp8_format`` as the name of a ``Format`` member),
-        "qparams": ``QParams`` arguments to set on the object, or None}."""
+        constructor arguments, every numerics field set (``fp8_format`` as the name of a
+        ``Format`` member; ``TE_PINNED``), "mmparams": the ``use_split_accumulator`` of each
+        ``fp8_gemm_*`` field or None, "qparams": ``QParams`` arguments to set on the object
+        (TE takes power-of-2 and epsilon from class-level QParams computed from the
+        environment at import), or None}. ``fp8lab.gemm.backends.te_mapping.make_te_recipe``
+        builds it."""
         raise NotImplementedError
 

@@ -142,18 +142,28 @@ class ScalingCollector:
         return torch.stack(rows)  # (n_layers, _ROWS - 1, 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:
-        """The snapshot plus the non-finite amaxes counted by this step's update_scales,
-        copied to the host together: the one sync of a log step. Drains the fault counts."""
+        """``read_with`` without other values."""
+        return self.read_with(snapshot, ())[0]
+
+    def read_with(self, snapshot: torch.Tensor | None, extra: tuple[torch.Tensor, ...]) -> tuple[LayerStats, list[float]]:
+        """The snapshot plus the non-finite amaxes counted by this step's update_scales, and
+        the 0-dim ``extra`` tensors (the step's counters), copied to the host together: the one
+        sync of a log step. Drains the fault counts. Returns (stats, [extra values])."""
+        parts = [torch.stack([t.float() for t in extra])] if extra else []
+        if snapshot is not None:
+            counters = [v.faults for v in self._views()]
+            faults = torch.stack(counters)[:, None]  # (n, 1, 3)
+            parts.append(torch.cat([snapshot, faults], dim=1).float().reshape(-1))  # (n_layers * _ROWS * 3,)
+        flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
+        host_extra = flat[:len(extra)].tolist()
         if snapshot is None:
-            return LayerStats.empty()
-        counters = [v.faults for v in self._views()]
-        faults = torch.stack(counters)[:, None]  # (n, 1, 3)
-        host = torch.cat([snapshot, faults], dim=1).float().cpu().numpy()  # (n_layers, _ROWS, 3)
+            return LayerStats.empty(), host_extra
         torch._foreach_zero_(counters)
+        host = flat[len(extra):].reshape(len(self.names), _ROWS, 3)
         values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
         n, per_role = len(self.names), host[:, len(FIELDS):len(FIELDS) + _WHATIF_ROWS, :]
         whatif = per_role.transpose(0, 2, 1).reshape(n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))
-        return LayerStats(self.names, values, whatif, host[:, -2, :])
+        return LayerStats(self.names, values, whatif, host[:, -2, :]), host_extra
 
     def faults(self) -> torch.Tensor:
         """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""

@@ -95,22 +95,20 @@ class Monitor:
         Returns:
             the scalars written, on a log step; None otherwise.
         """
-        stats = self.telemetry.end(loss=loss, skip=skip)
+        record = self.telemetry.end(loss=loss, skip=skip)
         self._loss_given |= loss is not None
         self.step += 1
-        if not self._log:
-            return None
         self._log = False
-        return self._write(stats)
+        return None if record is None else self._write(record)
 
-    def _write(self, stats) -> dict[str, float]:
-        """One log step: every value in one event (reads here are the log step's copies)."""
+    def _write(self, record) -> dict[str, float]:
+        """One log step: every value in one event (the record is the log step's one copy)."""
+        stats = record.stats
         self.faults.add(stats)
-        counters, _ = self.telemetry.take()
-        values = {**stats.scalars(), **self.faults.scalars(), "faults/skipped_steps": counters["skipped"],
-                  "faults/consecutive_skips": counters["consecutive_skips"]}
+        values = {**stats.scalars(), **self.faults.scalars(), "faults/skipped_steps": record.counters["skipped"],
+                  "faults/consecutive_skips": record.counters["consecutive_skips"]}
         if self._loss_given:
-            values["loss/train"] = StepTelemetry.mean_loss(counters)
+            values["loss/train"] = record.mean_loss
             self._loss_given = False
         if self.drift is not None:
             values.update(self.drift.read())

@@ -9,8 +9,9 @@ tensors, added on the device. One step:
     begin(log, whatif)   before the first forward: on a log step, arm every FP8 layer
     ... forward, backward, optimizer.step() ...
     end(loss, skip)      snapshot (log step; before row 0 rolls away) -> update_scales
-                         -> read (log step: ONE device-to-host copy) -> counters
-    take()               on log steps: the counters since the last take, one copy
+                         -> counters -> on a log step, ONE device-to-host copy of the
+                         snapshot, the fault counts and the counters: a ``LogRecord``
+    take()               the counters outside a log step, one copy (on demand only)
 
 Counters (device, float32): ``loss_sum`` and ``good_steps`` over the steps that were not
 skipped, ``skipped`` in total, and ``consecutive_skips``, the current run of faulty steps.
@@ -19,6 +20,7 @@ skipped, ``skipped`` in total, and ``consecutive_skips``, the current run of fau
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -86,6 +88,22 @@ class FaultTotals:
             self.counts[Key(NONFINITE_GROUP, layer, role)] = count
 
 
+@dataclass(frozen=True)
+class LogRecord:
+    """What a log step read, in its one copy: the layers' statistics, the counters since the
+    previous log step ({name in COUNTERS: value}) and any extra values asked for."""
+
+    stats: LayerStats
+    counters: dict[str, float]
+    extra: list[float]
+
+    @property
+    def mean_loss(self) -> float:
+        """The mean loss of the good steps since the previous log step (NaN if none)."""
+        c = self.counters
+        return c["loss_sum"] / c["good_steps"] if c["good_steps"] else float("nan")
+
+
 class StepTelemetry:
     """The log-step protocol for one model (see the module docstring).
 
@@ -115,9 +133,9 @@ class StepTelemetry:
             self.collector.arm(whatif=whatif)
 
     def end(self, *, loss: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-            fault: torch.Tensor | None = None) -> LayerStats | None:
+            fault: torch.Tensor | None = None, extra: tuple[torch.Tensor, ...] = ()) -> LogRecord | None:
         """After ``optimizer.step()``: update the scales and the counters; on a log step,
-        return the layers' statistics (read in one device-to-host copy).
+        return what it read (one device-to-host copy); None between log steps.
 
         Args:
             loss: this step's loss (a 0-dim tensor, added on the device), or None.
@@ -125,11 +143,21 @@ class StepTelemetry:
                 gradient): ``update_scales`` then discards the step's amaxes.
             fault: 0-dim bool tensor, True when the skip is a fault (default: ``skip``); a
                 skip that is loss scaling at work (an overflow at a scale above 1) is not.
+            extra: 0-dim tensors to read in the same copy on a log step (e.g. the loss scale).
         """
         snapshot = self.collector.snapshot() if self._log else None  # before row 0 rolls away
         update_scales(self.model, self.group, skip=skip)
-        stats = self.collector.read(snapshot) if self._log else None
+        self._count(loss, skip, fault)
+        if not self._log:
+            return None
         self._log = False
+        counters = tuple(self.counters[name] for name in COUNTERS)
+        stats, host = self.collector.read_with(snapshot, counters + tuple(extra))
+        self._restart()
+        return LogRecord(stats, dict(zip(COUNTERS, host)), host[len(COUNTERS):])
+
+    def _count(self, loss, skip, fault) -> None:
+        """The device counters (no host read)."""
         c = self.counters
         if loss is not None:
             loss = loss.detach().float()
@@ -141,21 +169,19 @@ class StepTelemetry:
             c["consecutive_skips"] = torch.where(
                 fault, c["consecutive_skips"] + 1, torch.where(skip, c["consecutive_skips"], 0.0))
         self.steps_since_take += 1
-        return stats
 
-    def take(self, extra: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, float], list[float]]:
-        """The counters, and any ``extra`` 0-dim tensors, in one device-to-host copy; the
-        loss sum and good-step count start again. Returns ({counter: value}, [extra...])."""
-        host = torch.stack([self.counters[name] for name in COUNTERS] + [t.float() for t in extra]).tolist()
+    def _restart(self) -> None:
+        """After the counters were read: the loss sum and good-step count start again."""
         self.counters["loss_sum"].zero_()
         self.counters["good_steps"].zero_()
         self.steps_since_take = 0
-        return dict(zip(COUNTERS, host)), host[len(COUNTERS):]
 
-    @staticmethod
-    def mean_loss(counters: dict[str, float]) -> float:
-        """The mean loss of the good steps since the last take (NaN if there were none)."""
-        return counters["loss_sum"] / counters["good_steps"] if counters["good_steps"] else float("nan")
+    def take(self, extra: tuple[torch.Tensor, ...] = ()) -> LogRecord:
+        """The counters (and ``extra``) now, outside a log step, in one device-to-host copy;
+        the loss sum and good-step count start again. Its ``stats`` are empty."""
+        _, host = self.collector.read_with(None, tuple(self.counters[name] for name in COUNTERS) + tuple(extra))
+        self._restart()
+        return LogRecord(LayerStats.empty(), dict(zip(COUNTERS, host)), host[len(COUNTERS):])
 
     def state_dict(self) -> dict:
         """Counters (device tensors, cloned) and the fault counts not yet collected."""

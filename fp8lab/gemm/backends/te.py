@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8lab.gemm.backends.base import ScalingView, not_measured
-from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab
+from fp8lab.gemm.backends.select import probe_te
+from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, make_te_recipe, te_meta_to_fp8lab
 from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.scaling.delayed import DelayedScaling
 
@@ -65,15 +66,9 @@ def _import_te() -> SimpleNamespace:
 
 
 def te_recipe(scaling):
-    """TE's recipe object equal to ``scaling`` (needs Transformer Engine)."""
-    spec = scaling.te_recipe()
-    module = _import_te().recipe_module
-    kwargs = {**spec["kwargs"], "fp8_format": module.Format[spec["kwargs"]["fp8_format"]]}
-    recipe = getattr(module, spec["recipe"])(**kwargs)
-    if spec["qparams"] is not None:
-        for name in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
-            setattr(recipe, name, module.QParams(**spec["qparams"]))
-    return recipe
+    """TE's recipe object equal to ``scaling`` (needs Transformer Engine; raises
+    BackendUnavailable naming the TE version needed when the installed one lacks a part)."""
+    return make_te_recipe(scaling, _import_te().recipe_module, probe_te().version or "unknown")
 
 
 def _region(te, te_recipe_obj):

@@ -1,20 +1,82 @@
-"""How TE's scaling state maps onto fp8lab's, as pure functions that run without TE.
+"""What maps between fp8lab and Transformer Engine, as pure functions that never import TE.
 
-Invariant: nothing here imports Transformer Engine. The scaling-state mapping moves tensors
-between TE's ``fp8_meta`` layout and fp8lab's (input, weight, grad_output) columns, exactly,
-so it is checked on CPU (tests/test_te_mapping.py). The recipe mapping is each scaling's
-own (``Scaling.te_recipe``: TE's class and field names as strings, resolved by ``te.py``).
+Invariant: nothing here imports Transformer Engine. The recipe mapping is each scaling's own
+(``Scaling.te_recipe``: TE's class and field names as strings, every numerics field set
+explicitly so no ``NVTE_*`` variable changes them); ``make_te_recipe`` builds TE's object
+from the recipe module it is handed, checking every keyword against the installed class
+(TE's pydantic dataclasses silently ignore unknown keywords). The scaling-state mapping
+moves tensors between TE's ``fp8_meta`` layout and fp8lab's (input, weight, grad_output)
+columns, exactly. Both are checked on CPU (tests/test_te_mapping.py, tests/test_te_wheel.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fp8lab.formats import Role
+from fp8lab.gemm.hardware import BackendUnavailable
 
 # Where each fp8lab column lives in TE's fp8_meta: FP8FwdTensors GEMM1_INPUT = 0,
 # GEMM1_WEIGHT = 1; FP8BwdTensors GRAD_OUTPUT1 = 0 (TE csrc/common.h).
 TE_SLOTS = {Role.INPUT: ("scaling_fwd", 0), Role.WEIGHT: ("scaling_fwd", 1), Role.GRAD_OUTPUT: ("scaling_bwd", 0)}
+
+
+# Transformer Engine versions that first have what fp8lab maps to (read in TE's
+# transformer_engine/common/recipe/__init__.py of the registry's wheels 2.1.0 ... 2.20.2;
+# tests/test_te_wheel.py checks it against the oldest and newest supported wheels).
+TE_SINCE = {
+    "Float8CurrentScaling": "2.2",
+    "Float8BlockScaling": "2.3",
+    "use_power_2_scales": "2.8",  # a field of Float8CurrentScaling; QParams carry it before
+    "backward_override": "2.15",  # defaulted from $NVTE_BACKWARD_OVERRIDE when not passed
+    "enable_2d_quantization": "2.19",  # MXFP8BlockScaling; earlier TE quantizes weights 1-D
+}
+# Fields an older TE may lack without changing what fp8lab models, when set to these
+# values (None: any value, carried by QParams too): dropped there instead of refused.
+ABSENT_MEANS = {"backward_override": (None,), "enable_2d_quantization": (False,), "use_power_2_scales": None}
+
+
+def make_te_recipe(scaling, recipe_module, te_version: str):
+    """TE's recipe object for ``scaling``, built from ``recipe_module`` (TE's
+    ``transformer_engine.common.recipe``, passed in: this module never imports TE).
+
+    Raises:
+        BackendUnavailable: this TE lacks the recipe class, or a field fp8lab sets to a
+            value whose absence would change the numerics; the message names the TE
+            version needed. (TE's recipes are pydantic dataclasses, which silently ignore
+            unknown keywords: without this check an older TE would run something else.)
+    """
+    spec = scaling.te_recipe()
+    name = spec["recipe"]
+    cls = getattr(recipe_module, name, None)
+    if cls is None:
+        raise BackendUnavailable(f"Transformer Engine {te_version} has no {name}: {type(scaling).__name__} needs "
+                                 f"Transformer Engine >= {TE_SINCE.get(name, '?')} (pip install -U 'fp8lab[te]')")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in spec["kwargs"].items():
+        if key in fields:
+            kwargs[key] = value
+        elif key in ABSENT_MEANS and (ABSENT_MEANS[key] is None or value in ABSENT_MEANS[key]):
+            continue  # this TE behaves as the value says without the field
+        else:
+            raise BackendUnavailable(
+                f"{type(scaling).__name__}({key}={value!r}) needs Transformer Engine >= {TE_SINCE.get(key, '?')}: "
+                f"{name} of Transformer Engine {te_version} has no field {key!r} and would ignore it")
+    for key, split in (spec["mmparams"] or {}).items():
+        if key in fields:
+            kwargs[key] = recipe_module.MMParams(use_split_accumulator=split)
+    kwargs["fp8_format"] = recipe_module.Format[kwargs["fp8_format"]]
+    recipe = cls(**kwargs)
+    if spec["qparams"] is not None:
+        for attr in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
+            setattr(recipe, attr, recipe_module.QParams(**spec["qparams"]))
+    dropped = [key for key, value in kwargs.items() if getattr(recipe, key, object()) != value]
+    if dropped:
+        raise BackendUnavailable(f"Transformer Engine {te_version}'s {name} did not keep {dropped}")
+    return recipe
 
 
 def te_meta_to_fp8lab(te_meta: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,121 @@
+"""GPU: what torch._scaled_mm's blockwise (1x128 / 128x128 float32 scales) mode accepts, and
+whether it computes what fp8lab's Float8BlockScaling emulation computes.
+
+fp8lab runs Float8BlockScaling on Hopper only through Transformer Engine (without TE a block
+layer falls back, saying why). torch 2.13 has a blockwise ``_scaled_mm`` (sm_90, cuBLAS >=
+12.9), which could replace that fallback; its CPU kernel refuses blockwise scales, so it has
+never been checked here. This script answers, on a GPU, what that needs:
+
+1. which scale layouts the v1 API accepts for the three GEMMs of a Linear (fprop: 1x128 x
+   128x128, dgrad: 1x128 x 128x128 transposed, wgrad: 1x128 x 1x128), for K/128 a multiple of
+   4 and not (cuBLASLt documents 16-byte aligned scale strides; torch's v1 check wants the
+   stride to equal K/128 exactly), and where ``tests/fake_cuda/strict_scaled_mm`` agrees;
+2. for the accepted ones, the output against the same FP8 values and scales dequantized and
+   multiplied in float64 (the hardware model with promoted accumulation): share of bf16
+   outputs bit-equal, max relative error.
+
+    python -m benchmarks.gpu_blockwise_probe [--m 256] [--n 512] [--k 768 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.fake_cuda.strict_scaled_mm import refusal  # noqa: E402
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def quantize_1x128(x: torch.Tensor):
+    """(x_fp8, scale_inv (rows, cols/128)): power-of-2 scales per 1x128 block of each row."""
+    rows, cols = x.shape
+    blocks = x.float().reshape(rows, _cdiv(cols, 128), 128).abs().amax(-1).clamp_min(1e-12)
+    scale = torch.exp2(torch.floor(torch.log2(448.0 / blocks)))
+    q = (x.float().reshape(rows, -1, 128) * scale[..., None]).clamp(-448, 448).reshape(rows, cols).to(E4M3)
+    return q, 1.0 / scale
+
+
+def quantize_128x128(w: torch.Tensor):
+    """(w_fp8, scale_inv (rows/128, cols/128))."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows // 128, 128, cols // 128, 128).abs().amax((1, 3)).clamp_min(1e-12)
+    scale = torch.exp2(torch.floor(torch.log2(448.0 / blocks)))
+    q = (w.float().reshape(rows // 128, 128, cols // 128, 128) * scale[:, None, :, None]).clamp(-448, 448)
+    return q.reshape(rows, cols).to(E4M3), 1.0 / scale
+
+
+def dequant(q, scale_inv, block):
+    r, c = q.shape
+    s = scale_inv.repeat_interleave(block[0], 0)[:r].repeat_interleave(block[1], 1)[:, :c]
+    return q.double() * s.double()
+
+
+def probe(m: int, n: int, k: int) -> list[dict]:
+    torch.manual_seed(0)
+    x, w, g = (torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda") * 0.05,
+               torch.randn(m, n, device="cuda"))
+    x_q, x_s = quantize_1x128(x)  # fprop A: rows of x, blocks along K
+    w_q, w_s = quantize_128x128(w)  # (N, K) with (N/128, K/128) scales
+    g_q, g_s = quantize_1x128(g)  # dgrad A: rows of g, blocks along N
+    gt_q, gt_s = quantize_1x128(g.t().contiguous())  # wgrad A: g^T rows, blocks along M
+    xt_q, xt_s = quantize_1x128(x.t().contiguous())  # wgrad B: x^T rows (K, M), blocks along M
+    cases = {
+        # name: (A, scale_a, B, scale_b, reference)
+        "fprop 1x128 x 128x128": (x_q, x_s.t().contiguous().t(), w_q.t(), w_s.t(),
+                                  dequant(x_q, x_s, (1, 128)) @ dequant(w_q, w_s, (128, 128)).t()),
+        "dgrad 1x128 x 128x128": (g_q, g_s.t().contiguous().t(), w_q.t().contiguous().t(), w_s.t().contiguous().t(),
+                                  dequant(g_q, g_s, (1, 128)) @ dequant(w_q, w_s, (128, 128))),
+        "wgrad 1x128 x 1x128": (gt_q, gt_s.t().contiguous().t(), xt_q.t(), xt_s.t().contiguous(),
+                                dequant(gt_q, gt_s, (1, 128)) @ dequant(xt_q, xt_s, (1, 128)).t()),
+    }
+    rows = []
+    cap = torch.cuda.get_device_capability()
+    cublas = tuple(int(p) for p in torch.version.cuda.split(".")[:2])
+    for name, (a, sa, b, sb, ref) in cases.items():
+        row = {"gemm": name, "shape": f"{tuple(a.shape)} @ {tuple(b.shape)}", "scale_a": f"{tuple(sa.shape)} {sa.stride()}",
+               "scale_b": f"{tuple(sb.shape)} {sb.stride()}",
+               "model": refusal(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16, capability=cap, cublas=cublas) or "accepts"}
+        try:
+            out = torch._scaled_mm(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            want = ref.to(torch.bfloat16)
+            row["cuda"] = "accepts"
+            row["bit_equal"] = f"{(out == want).float().mean().item():.4f}"
+            row["max_rel_err"] = f"{((out.double() - ref).abs().max() / ref.abs().max()).item():.2e}"
+        except Exception as err:  # noqa: BLE001 - recorded: the point is what CUDA refuses
+            row["cuda"] = f"refuses: {str(err).splitlines()[0][:120]}"
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, default=256)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--k", type=int, nargs="+", default=[768, 1024])  # K/128 = 6 (not a multiple of 4), 8
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to probe")
+        return
+    print(f"# torch._scaled_mm blockwise on {torch.cuda.get_device_name()} "
+          f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    keys = ["gemm", "shape", "scale_a", "scale_b", "model", "cuda", "bit_equal", "max_rel_err"]
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for k in args.k:
+        for row in probe(args.m, args.n, k):
+            print("| " + " | ".join(str(row.get(key, "")) for key in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
