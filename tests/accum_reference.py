@@ -18,6 +18,7 @@ An instruction with an inf or NaN term gives the IEEE sum of its terms.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -25,6 +26,7 @@ ZERO_EXPONENT = -126
 FP32_MIN_EXPONENT = -126
 
 
+@functools.lru_cache(maxsize=1 << 16)  # an FP8 format has 256 values: the same few recur
 def decompose(v: float, emin: int, mbits: int) -> tuple[int, int, int]:
     """(sign, integer significand with ``mbits`` fraction bits, exponent) of a finite value on a
     grid with ``mbits`` fraction bits and minimum exponent ``emin``: |v| = m * 2^(e - mbits)."""
