@@ -12,12 +12,13 @@
  * toward zero to min(F, 23) fraction bits. Exponents: a product's is the sum of its operands' (a subnormal
  * operand takes its format's minimum, a zero EXP_ZERO), C's its fp32 exponent clamped at -126.
  *
- * SIMD path (AVX-512 or AVX2, F <= 16): in units of 2^(E-F) each truncated term is
- * truncf(a*b * 2^(F-E)) -- a*b is exact in fp32, the power-of-two scale is exact, |term| < 2^(F+2) --
- * so the sum of a chunk is an exact float integer (< 2^24) and the final truncation is a mask of the
- * float's low mantissa bits. Pass 1 finds E per output with int16 max-plus arithmetic (two ops per 2*VL
- * products); pass 2 costs four float ops per VL products (mul, mul, round, add). Vectorised over N; a
- * tile of MR rows x NR columns keeps its chained C and promoted accumulator for the whole K loop.
+ * SIMD path (AVX-512 or AVX2, F <= 16): in units of 2^(E-F) a truncated term is (int)(a*b * 2^(F-E)) --
+ * a*b is exact in fp32, the power-of-two scale is exact, |term| < 2^(F+2) -- so a chunk's sum is an exact
+ * int32 and step 5 is a mask of its float's low mantissa bits. Pass 1 finds E per output with int16
+ * max-plus arithmetic (two ops per 2*VL products, the operand exponents broadcast straight from memory);
+ * pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised over N;
+ * a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K block, whose
+ * B panel stays in L2 (the tile's state goes through memory between K blocks).
  * Generic path (any CPU, any F <= 40): the same steps per element in double, with frexp/ldexp.
  */
 #include <math.h>
@@ -32,10 +33,11 @@
 #define HAVE_MXCSR 1
 #endif
 
-#define EXP_ZERO (-126)     /* the exponent of a zero operand, and the clamp of C's exponent */
+#define EXP_ZERO (-126)     /* the exponent of a zero operand, and the clamp of C's */
 #define EXP_NONFINITE 2000  /* inf/NaN operand or C: any E >= EXP_FLAG makes the instruction an IEEE sum */
 #define EXP_FLAG 1000
 #define EXP_NONE (-30000)   /* start of a max, below every real exponent (int16) */
+#define L2_BUDGET (384 * 1024)  /* bytes of a K block of B's panels (float + int16) kept in a core's L2 */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define SIMD 512
@@ -45,64 +47,72 @@
 #define SIMD 0
 #endif
 
-/* Generic path tile; the SIMD tile is MR x NR below. */
-#define MR_G 4
+#define MR_G 4 /* generic path tile: MR_G x NR_G */
 #define NR_G 8
 
 typedef struct {
-    int64_t m, n, k, n_ins;
-    int chunk, frac, out_frac, promote, desc;
-    const float *c0, *sa, *sb;
+    int64_t m, n, k, n_ins, np;  /* np: N rounded up to nr (B's packed row length) */
+    int chunk, frac, out_frac, promote, desc, mr, nr;
+    const float *a, *c0, *sa, *sb;  /* a: row-major (M, K) */
     int64_t sa_ld, sb_ld;
-    float *out;
-    int mr, nr;
-    int64_t tiles_m, tiles_n;
-    float *ap, *bp;        /* packed operands: [tile][k][mr] and [tile][k][nr] */
-    int16_t *eap, *ebp;    /* their exponents, same layout */
+    const int32_t *ea;   /* (M, K): each operand exponent twice, as two int16 (one 32-bit broadcast) */
+    float *bp;           /* (K, np): B, zero-padded columns; as [panel][k][nr] */
+    int16_t *eb;         /* its exponents, same layout */
+    float *cst, *acc;    /* (M, N): chained C and promoted accumulator between K blocks */
 } job_t;
 
-/* The exponent the tensor core gives an FP8 operand; counts a value off the format's grid in *bad. */
-static inline int16_t operand_exponent(float v, int emin, int mbits, float vmax, int64_t *bad) {
+/* The exponent the tensor core gives an FP8 operand: its own, emin for a subnormal, EXP_ZERO for zero,
+ * EXP_NONFINITE for inf/NaN. *off: 1 if v is neither a value of the format (emin, mbits, largest value
+ * with bits vmax_bits) nor inf/NaN. Written without branches so that the prepass loops vectorise. */
+static inline int32_t operand_exponent(float v, int32_t emin, int32_t mbits, uint32_t vmax_bits, int32_t *off) {
     uint32_t u;
     memcpy(&u, &v, 4);
-    int be = (int)((u >> 23) & 0xFF);
-    if (be == 255) return EXP_NONFINITE;
-    if ((u & 0x7FFFFFFFu) == 0) return EXP_ZERO;
-    int e = be - 127;
-    int shift = 23 - mbits + (e < emin ? emin - e : 0);  /* mantissa bits that must be zero */
-    if (be == 0 || fabsf(v) > vmax || shift > 23 || (u & ((1u << shift) - 1u))) (*bad)++;
-    return (int16_t)(e < emin ? emin : e);
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    const int32_t be = (int32_t)(mag >> 23), e = be - 127;
+    const int32_t nonfinite = be == 255, zero = mag == 0;
+    int32_t below = emin - e;
+    below = below > 0 ? below : 0;
+    int32_t shift = 23 - mbits + below; /* low mantissa bits that must be zero */
+    const int32_t tiny = shift > 23;
+    shift = shift < 23 ? shift : 23;
+    const uint32_t low = u & ((1u << shift) - 1u);
+    *off = (1 - nonfinite) & (1 - zero) & ((be == 0) | (mag > vmax_bits) | tiny | (low != 0));
+    int32_t out = e > emin ? e : emin;
+    out = zero ? EXP_ZERO : out;
+    return nonfinite ? EXP_NONFINITE : out;
 }
 
-/* Pack rows [t*mr, t*mr+mr) of A (strides sm, sk) as [k][mr]; rows past M are zeros. */
-static int64_t pack_a(const job_t *j, const float *a, int64_t sm, int64_t sk, int64_t t, const int *fmt,
-                      float vmax) {
-    int64_t bad = 0;
-    float *dst = j->ap + t * j->k * j->mr;
-    int16_t *edst = j->eap + t * j->k * j->mr;
-    for (int64_t k = 0; k < j->k; k++)
-        for (int r = 0; r < j->mr; r++) {
-            int64_t i = t * j->mr + r;
-            float v = i < j->m ? a[i * sm + k * sk] : 0.0f;
-            dst[k * j->mr + r] = v;
-            edst[k * j->mr + r] = operand_exponent(v, fmt[0], fmt[1], vmax, &bad);
-        }
+/* Row i of A: its exponents (each twice, as two int16 of an int32) and how many values are off the grid. */
+static int64_t prep_a_row(const job_t *j, int64_t i, const int *fmt, uint32_t vmax_bits, int32_t *ea) {
+    int32_t bad = 0;
+    const float *a = j->a + i * j->k;
+    int32_t *dst = ea + i * j->k;
+    const int32_t emin = fmt[0], mbits = fmt[1];
+    for (int64_t k = 0; k < j->k; k++) {
+        int32_t off;
+        const uint32_t e = (uint32_t)operand_exponent(a[k], emin, mbits, vmax_bits, &off) & 0xFFFFu;
+        dst[k] = (int32_t)(e | (e << 16));
+        bad += off;
+    }
     return bad;
 }
 
-/* Pack columns [t*nr, t*nr+nr) of B (strides sk, sn) as [k][nr]; columns past N are zeros. */
-static int64_t pack_b(const job_t *j, const float *b, int64_t sk, int64_t sn, int64_t t, const int *fmt,
-                      float vmax) {
-    int64_t bad = 0;
-    float *dst = j->bp + t * j->k * j->nr;
-    int16_t *edst = j->ebp + t * j->k * j->nr;
-    for (int64_t k = 0; k < j->k; k++)
+/* Row k of B (row-major, N columns) into its panels, columns past N zero. */
+static int64_t prep_b_row(const job_t *j, const float *b, int64_t k, const int *fmt, uint32_t vmax_bits) {
+    int32_t bad = 0;
+    const int32_t emin = fmt[2], mbits = fmt[3];
+    for (int64_t p = 0; p < j->np / j->nr; p++) {
+        const int64_t c1 = j->n - p * j->nr < j->nr ? j->n - p * j->nr : j->nr;
+        float *dst = j->bp + p * j->k * j->nr + k * j->nr;
+        int16_t *edst = j->eb + p * j->k * j->nr + k * j->nr;
+        memcpy(dst, b + k * j->n + p * j->nr, sizeof(float) * c1);
+        memset(dst + c1, 0, sizeof(float) * (j->nr - c1));
         for (int c = 0; c < j->nr; c++) {
-            int64_t col = t * j->nr + c;
-            float v = col < j->n ? b[k * sk + col * sn] : 0.0f;
-            dst[k * j->nr + c] = v;
-            edst[k * j->nr + c] = operand_exponent(v, fmt[2], fmt[3], vmax, &bad);
+            int32_t off;
+            edst[c] = (int16_t)operand_exponent(dst[c], emin, mbits, vmax_bits, &off);
+            bad += off;
         }
+    }
     return bad;
 }
 
@@ -112,33 +122,37 @@ static inline int promotes_after(const job_t *j, int64_t ins) {
     return j->desc ? ins % j->promote == 0 : (ins % j->promote == j->promote - 1 || ins == j->n_ins - 1);
 }
 
-/* Load the tile's rows i0.. and columns j0.. of an (M, N) matrix (zeros outside, or all zeros if src is NULL). */
-static void load_tile(const job_t *j, const float *src, int64_t i0, int64_t j0, int mr, int nr, float *dst) {
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nr; c++)
-            dst[r * nr + c] = (src && i0 + r < j->m && j0 + c < j->n) ? src[(i0 + r) * j->n + j0 + c] : 0.0f;
+/* Copy a tile (rows i0.., columns j0..) between an (M, N) matrix and a dense mr x nr buffer, inside (M, N);
+ * a NULL matrix reads as zeros and takes no writes. */
+static void tile_in(const job_t *j, const float *src, int64_t i0, int64_t j0, float *dst) {
+    for (int r = 0; r < j->mr; r++)
+        for (int c = 0; c < j->nr; c++)
+            dst[r * j->nr + c] = (src && i0 + r < j->m && j0 + c < j->n) ? src[(i0 + r) * j->n + j0 + c] : 0.0f;
 }
 
-static void store_tile(const job_t *j, int64_t i0, int64_t j0, int mr, int nr, const float *src) {
-    for (int r = 0; r < mr && i0 + r < j->m; r++)
-        for (int c = 0; c < nr && j0 + c < j->n; c++) j->out[(i0 + r) * j->n + j0 + c] = src[r * nr + c];
+static void tile_out(const job_t *j, float *dst, int64_t i0, int64_t j0, const float *src) {
+    if (!dst) return;
+    for (int r = 0; r < j->mr && i0 + r < j->m; r++)
+        for (int c = 0; c < j->nr && j0 + c < j->n; c++) dst[(i0 + r) * j->n + j0 + c] = src[r * j->nr + c];
 }
 
-/* The promotion's scale sA[i, g] * sB[g, j] (one fp32 rounding) for the tile, zeros outside. */
-static void group_scales(const job_t *j, int64_t g, int64_t i0, int64_t j0, int mr, int nr, float *dst) {
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nr; c++) {
-            int in = i0 + r < j->m && j0 + c < j->n;
-            dst[r * nr + c] = in ? j->sa[(i0 + r) * j->sa_ld + g] * j->sb[g * j->sb_ld + j0 + c] : 0.0f;
+/* The promotion's scales sA[i, g] * sB[g, j] (one fp32 rounding) for the tile, zeros outside. */
+static void group_scales(const job_t *j, int64_t g, int64_t i0, int64_t j0, float *dst) {
+    for (int r = 0; r < j->mr; r++)
+        for (int c = 0; c < j->nr; c++) {
+            const int in = i0 + r < j->m && j0 + c < j->n;
+            dst[r * j->nr + c] = in ? j->sa[(i0 + r) * j->sa_ld + g] * j->sb[g * j->sb_ld + j0 + c] : 0.0f;
         }
 }
 
-/* The IEEE value of an instruction with an inf or NaN term: C + sum of the products in double (no finite
- * part can overflow double, so the non-finite terms alone decide it, in any order). */
-static float ieee_instruction(const job_t *j, const float *ap, const float *bp, int64_t k0, int64_t k1, int r,
+static inline int64_t row_of(const job_t *j, int64_t i) { return i < j->m ? i : j->m - 1; }
+
+/* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
+ * can overflow double, so the non-finite terms alone decide it, in any order). */
+static float ieee_instruction(const job_t *j, const float *arow, const float *bpanel, int64_t k0, int64_t k1,
                               int c, float cin) {
     double s = (double)cin;
-    for (int64_t k = k0; k < k1; k++) s += (double)ap[k * j->mr + r] * (double)bp[k * j->nr + c];
+    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bpanel[k * j->nr + c];
     return (float)s;
 }
 
@@ -147,7 +161,7 @@ static float ieee_instruction(const job_t *j, const float *ap, const float *bp, 
 static inline int c_exponent_scalar(float c) {
     uint32_t u;
     memcpy(&u, &c, 4);
-    int be = (int)((u >> 23) & 0xFF);
+    const int be = (int)((u >> 23) & 0xFF);
     return be == 255 ? EXP_NONFINITE : (be < 1 ? 1 : be) - 127;
 }
 
@@ -156,44 +170,44 @@ static inline float normalise_scalar(double v, int out_frac) {
     if (v == 0.0) return 0.0f;  /* +0: the hardware's integer sum has no sign of zero */
     int e;
     frexp(v, &e);
-    e -= 1;  /* 2^e <= |v| < 2^(e+1) */
-    if (e < -126) e = -126;
-    double q = ldexp(trunc(ldexp(v, out_frac - e)), e - out_frac);
-    return (float)q;  /* exact, or inf past fp32's range */
+    e = e - 1 < -126 ? -126 : e - 1;  /* 2^e <= |v| */
+    return (float)ldexp(trunc(ldexp(v, out_frac - e)), e - out_frac);  /* exact, or inf past fp32 */
 }
 
-static void tile_generic(const job_t *j, int64_t it, int64_t jt) {
+static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_t t1) {
     enum { T = MR_G * NR_G };
     const int64_t i0 = it * MR_G, j0 = jt * NR_G;
-    const float *ap = j->ap + it * j->k * MR_G, *bp = j->bp + jt * j->k * NR_G;
-    const int16_t *eap = j->eap + it * j->k * MR_G, *ebp = j->ebp + jt * j->k * NR_G;
+    const float *bpanel = j->bp + jt * j->k * NR_G;
+    const int16_t *ebpanel = j->eb + jt * j->k * NR_G;
     float c[T], acc[T], s[T];
-    load_tile(j, j->c0, i0, j0, MR_G, NR_G, c);
-    memset(acc, 0, sizeof acc);
-    for (int64_t t = 0; t < j->n_ins; t++) {
+    tile_in(j, j->cst, i0, j0, c);
+    tile_in(j, j->acc, i0, j0, acc);
+    for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = k0 + j->chunk < j->k ? k0 + j->chunk : j->k;
-        for (int r = 0; r < MR_G; r++)
+        for (int r = 0; r < MR_G; r++) {
+            const float *arow = j->a + row_of(j, i0 + r) * j->k;
+            const int32_t *earow = j->ea + row_of(j, i0 + r) * j->k;
             for (int q = 0; q < NR_G; q++) {
-                int e = c_exponent_scalar(c[r * NR_G + q]);
+                const float cin = c[r * NR_G + q];
+                int e = c_exponent_scalar(cin);
                 for (int64_t k = k0; k < k1; k++) {
-                    int ek = eap[k * MR_G + r] + ebp[k * NR_G + q];
-                    if (ek > e) e = ek;
+                    const int ek = (int16_t)(earow[k] & 0xFFFF) + ebpanel[k * NR_G + q];
+                    e = ek > e ? ek : e;
                 }
-                float d;
                 if (e >= EXP_FLAG) {
-                    d = ieee_instruction(j, ap, bp, k0, k1, r, q, c[r * NR_G + q]);
-                } else {
-                    double sum = trunc(ldexp((double)c[r * NR_G + q], j->frac - e));
-                    for (int64_t k = k0; k < k1; k++)
-                        sum += trunc(ldexp((double)ap[k * MR_G + r] * (double)bp[k * NR_G + q], j->frac - e));
-                    d = normalise_scalar(ldexp(sum, e - j->frac), j->out_frac);
+                    c[r * NR_G + q] = ieee_instruction(j, arow, bpanel, k0, k1, q, cin);
+                    continue;
                 }
-                c[r * NR_G + q] = d;
+                double sum = trunc(ldexp((double)cin, j->frac - e));
+                for (int64_t k = k0; k < k1; k++)
+                    sum += trunc(ldexp((double)arow[k] * (double)bpanel[k * NR_G + q], j->frac - e));
+                c[r * NR_G + q] = normalise_scalar(ldexp(sum, e - j->frac), j->out_frac);
             }
+        }
         if (promotes_after(j, ins)) {
             if (j->sa) {
-                group_scales(j, ins / j->promote, i0, j0, MR_G, NR_G, s);
+                group_scales(j, ins / j->promote, i0, j0, s);
                 for (int q = 0; q < T; q++) acc[q] = fmaf(c[q], s[q], acc[q]);
             } else {
                 for (int q = 0; q < T; q++) acc[q] = acc[q] + c[q];
@@ -201,7 +215,8 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt) {
             memset(c, 0, sizeof c);
         }
     }
-    store_tile(j, i0, j0, MR_G, NR_G, j->promote ? acc : c);
+    tile_out(j, j->cst, i0, j0, c);
+    tile_out(j, j->acc, i0, j0, acc);
 }
 
 /* ---------------------------------------------------------------- SIMD path */
@@ -219,9 +234,10 @@ typedef __m512i vh; /* NR = 2 * VL int16 */
 #define vf_add _mm512_add_ps
 #define vf_mul _mm512_mul_ps
 #define vf_fmadd _mm512_fmadd_ps
-#define vf_trunc(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
 #define vf_as_vi _mm512_castps_si512
 #define vi_as_vf _mm512_castsi512_ps
+#define vf_to_vi_trunc _mm512_cvttps_epi32
+#define vi_to_vf _mm512_cvtepi32_ps
 #define vi_set1 _mm512_set1_epi32
 #define vi_add _mm512_add_epi32
 #define vi_sub _mm512_sub_epi32
@@ -232,6 +248,7 @@ typedef __m512i vh; /* NR = 2 * VL int16 */
 #define vi_store(p, x) _mm512_storeu_si512((void *)(p), (x))
 #define vh_load(p) _mm512_loadu_si512((const void *)(p))
 #define vh_set1 _mm512_set1_epi16
+#define vh_bcast32(p) _mm512_set1_epi32(*(p)) /* two int16 copies: a plain 32-bit broadcast load */
 #define vh_add _mm512_add_epi16
 #define vh_max _mm512_max_epi16
 #define vh_widen(x, h) _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64((x), (h)))
@@ -252,9 +269,10 @@ typedef __m256i vh;
 #define vf_add _mm256_add_ps
 #define vf_mul _mm256_mul_ps
 #define vf_fmadd _mm256_fmadd_ps
-#define vf_trunc(x) _mm256_round_ps((x), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
 #define vf_as_vi _mm256_castps_si256
 #define vi_as_vf _mm256_castsi256_ps
+#define vf_to_vi_trunc _mm256_cvttps_epi32
+#define vi_to_vf _mm256_cvtepi32_ps
 #define vi_set1 _mm256_set1_epi32
 #define vi_add _mm256_add_epi32
 #define vi_sub _mm256_sub_epi32
@@ -265,6 +283,7 @@ typedef __m256i vh;
 #define vi_store(p, x) _mm256_storeu_si256((__m256i *)(p), (x))
 #define vh_load(p) _mm256_loadu_si256((const __m256i *)(p))
 #define vh_set1 _mm256_set1_epi16
+#define vh_bcast32(p) _mm256_set1_epi32(*(p))
 #define vh_add _mm256_add_epi16
 #define vh_max _mm256_max_epi16
 #define vh_widen(x, h) _mm256_cvtepi16_epi32(_mm256_extracti128_si256((x), (h)))
@@ -288,30 +307,55 @@ static inline vi c_exponent(vf c) {
     return vi_where_eq(be, 255, vi_set1(EXP_NONFINITE), vi_sub(vi_max(be, vi_set1(1)), vi_set1(127)));
 }
 
-static void tile_simd(const job_t *j, int64_t it, int64_t jt) {
+/* Load (store) a tile's state: straight vector loads for a full tile, through buf at the edges. */
+static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++)
+            x[r][v] = src && full ? vf_load(src + (i0 + r) * j->n + j0 + v * VL) : vf_zero();
+    if (src && !full) {
+        tile_in(j, src, i0, j0, buf);
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) x[r][v] = vf_load(buf + r * NR + v * VL);
+    }
+}
+
+static void state_out(const job_t *j, float *dst, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
+    if (!dst) return;
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++) vf_store(full ? dst + (i0 + r) * j->n + j0 + v * VL : buf + r * NR + v * VL, x[r][v]);
+    if (!full) tile_out(j, dst, i0, j0, buf);
+}
+
+static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_t t1) {
     const int64_t i0 = it * MR, j0 = jt * NR;
-    const float *ap = j->ap + it * j->k * MR, *bp = j->bp + jt * j->k * NR;
-    const int16_t *eap = j->eap + it * j->k * MR, *ebp = j->ebp + jt * j->k * NR;
+    const int full = i0 + MR <= j->m && j0 + NR <= j->n;
+    const float *bpanel = j->bp + jt * j->k * NR;
+    const int16_t *ebpanel = j->eb + jt * j->k * NR;
+    const float *arow[MR];
+    const int32_t *earow[MR];
+    for (int r = 0; r < MR; r++) {
+        arow[r] = j->a + row_of(j, i0 + r) * j->k;  /* rows past M repeat the last (their outputs are dropped) */
+        earow[r] = j->ea + row_of(j, i0 + r) * j->k;
+    }
     const int frac = j->frac;
-    const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u));  /* step 5 as a mantissa mask */
+    const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u)); /* step 5 as a mantissa mask */
     float buf[MR * NR];
     vf c[MR][NV], acc[MR][NV];
-    load_tile(j, j->c0, i0, j0, MR, NR, buf);
-    for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL), acc[r][v] = vf_zero();
-    for (int64_t t = 0; t < j->n_ins; t++) {
+    state_in(j, j->cst, i0, j0, full, buf, c);
+    state_in(j, j->acc, i0, j0, full, buf, acc);
+    for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = k0 + j->chunk < j->k ? k0 + j->chunk : j->k;
         /* Pass 1: E = max(C's exponent, max over the chunk of ea + eb). */
         vh eh[MR];
         for (int r = 0; r < MR; r++) eh[r] = vh_set1(EXP_NONE);
         for (int64_t k = k0; k < k1; k++) {
-            const vh eb = vh_load(ebp + k * NR);
+            const vh eb = vh_load(ebpanel + k * NR);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_set1(eap[k * MR + r]), eb));
+            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(earow[r] + k), eb));
         }
-        vi e[MR][NV];
-        vf sc[MR][NV], s[MR][NV];
+        vi e[MR][NV], s[MR][NV];
+        vf sc[MR][NV];
         int flagged = 0;
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) {
@@ -319,18 +363,18 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt) {
                 flagged |= vi_any_ge(e[r][v], EXP_FLAG);
                 /* Products are zero whenever E < frac - 126, so clamping there keeps 2^(frac - E) finite
                  * (no inf * 0); C takes the rest of its scale, 2^(Es - E) <= 2^frac, as a second factor. */
-                vi es = vi_max(e[r][v], vi_set1(frac - 126));
+                const vi es = vi_max(e[r][v], vi_set1(frac - 126));
                 sc[r][v] = pow2(vi_sub(vi_set1(frac), es));
-                s[r][v] = vf_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, e[r][v]))));
+                s[r][v] = vf_to_vi_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, e[r][v]))));
             }
-        /* Pass 2: add the truncated products in units of 2^(E - frac), exactly. */
+        /* Pass 2: add the truncated products in units of 2^(E - frac), exactly, as int32. */
         for (int64_t k = k0; k < k1; k++) {
-            const vf b0 = vf_load(bp + k * NR), b1 = vf_load(bp + k * NR + VL);
+            const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
-                const vf a = vf_set1(ap[k * MR + r]);
-                s[r][0] = vf_add(s[r][0], vf_trunc(vf_mul(vf_mul(a, b0), sc[r][0])));
-                s[r][1] = vf_add(s[r][1], vf_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
+                const vf a = vf_set1(arow[r][k]);
+                s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vf_mul(vf_mul(a, b0), sc[r][0])));
+                s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
             }
         }
         float cin[MR * NR];
@@ -341,13 +385,12 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt) {
                     vi_store(ebuf + r * NR + v * VL, e[r][v]);
                     vf_store(cin + r * NR + v * VL, c[r][v]);
                 }
-        /* Step 5: +0 for a zero sum, keep out_frac fraction bits, scale back by 2^(E - frac) in two exact
-         * factors (2^(E - frac) alone would be subnormal for E < frac - 126). */
+        /* Step 5: the int32 sum as a float (exact; 0 is +0), out_frac fraction bits kept, scaled back by
+         * 2^(E - frac) in two exact factors (2^(E - frac) alone would be subnormal for E < frac - 126). */
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) {
-                vf kept = vi_as_vf(vi_and(vf_as_vi(vf_add(s[r][v], vf_zero())), keep));
-                vi eo = vi_sub(e[r][v], vi_set1(frac));
-                vi e1 = vi_max(eo, vi_set1(-126));
+                const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
+                const vi eo = vi_sub(e[r][v], vi_set1(frac)), e1 = vi_max(eo, vi_set1(-126));
                 c[r][v] = vf_mul(vf_mul(kept, pow2(e1)), pow2(vi_sub(eo, e1)));
             }
         if (flagged) {
@@ -356,13 +399,13 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt) {
             for (int r = 0; r < MR; r++)
                 for (int q = 0; q < NR; q++)
                     if (ebuf[r * NR + q] >= EXP_FLAG)
-                        buf[r * NR + q] = ieee_instruction(j, ap, bp, k0, k1, r, q, cin[r * NR + q]);
+                        buf[r * NR + q] = ieee_instruction(j, arow[r], bpanel, k0, k1, q, cin[r * NR + q]);
             for (int r = 0; r < MR; r++)
                 for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
         }
         if (promotes_after(j, ins)) {
             if (j->sa) {
-                group_scales(j, ins / j->promote, i0, j0, MR, NR, buf);
+                group_scales(j, ins / j->promote, i0, j0, buf);
                 for (int r = 0; r < MR; r++)
                     for (int v = 0; v < NV; v++)
                         acc[r][v] = vf_fmadd(c[r][v], vf_load(buf + r * NR + v * VL), acc[r][v]);
@@ -374,9 +417,8 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt) {
                 for (int v = 0; v < NV; v++) c[r][v] = vf_zero();
         }
     }
-    for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) vf_store(buf + r * NR + v * VL, j->promote ? acc[r][v] : c[r][v]);
-    store_tile(j, i0, j0, MR, NR, buf);
+    state_out(j, j->cst, i0, j0, full, buf, c);
+    state_out(j, j->acc, i0, j0, full, buf, acc);
 }
 #endif
 
@@ -393,15 +435,13 @@ int fp8lab_accum_openmp(void) {
 #endif
 }
 
-/* Whether the SIMD path computes (chunk, frac) exactly: every chunk sum an exact float integer. */
-static int simd_exact(int chunk, int frac) {
+/* Whether the SIMD path computes (chunk, frac) exactly: every chunk sum an exact int32 and float. */
+int fp8lab_accum_uses_simd(int chunk, int frac) {
     return SIMD && frac <= 16 && ((int64_t)(4 * chunk + 2) << frac) <= ((int64_t)1 << 24);
 }
 
-int fp8lab_accum_uses_simd(int chunk, int frac) { return simd_exact(chunk, frac); }
-
 /*
- * out (M, N, contiguous) = the accumulator over A (M, K; strides sam, sak) times B (K, N; strides sbk, sbn).
+ * out (M, N) = the accumulator over A (M, K) times B (K, N), all row-major and contiguous.
  * fmt: {a_emin, a_mbits, b_emin, b_mbits}; vmax: {a_max, b_max} (the grid check).
  * promote: instructions per promotion (0: fast accumulation, the chained C is the result).
  * desc: visit instructions from the last to the first. c0: (M, N) first C or NULL (zeros).
@@ -409,16 +449,15 @@ int fp8lab_accum_uses_simd(int chunk, int frac) { return simd_exact(chunk, frac)
  * bad[0], bad[1]: how many values of A and B are off their format's grid (then nothing is computed).
  * Returns 0, or -1 when memory runs out.
  */
-int fp8lab_accumulate(const float *a, int64_t sam, int64_t sak, const float *b, int64_t sbk, int64_t sbn,
-                          int64_t m, int64_t n, int64_t k, const int *fmt, const float *vmax, int chunk, int frac,
-                          int promote, int desc, const float *c0, const float *sa, int64_t sa_ld,
-                          const float *sb, int64_t sb_ld, float *out, int nthreads, int force_generic,
-                          int64_t *bad) {
+int fp8lab_accumulate(const float *a, const float *b, int64_t m, int64_t n, int64_t k,
+                      const int *fmt, const float *vmax, int chunk, int frac, int promote, int desc, const float *c0,
+                      const float *sa, int64_t sa_ld, const float *sb, int64_t sb_ld, float *out, int nthreads,
+                      int force_generic, int64_t *bad) {
     job_t j = {0};
-    const int simd = simd_exact(chunk, frac) && !force_generic;
+    const int simd = fp8lab_accum_uses_simd(chunk, frac) && !force_generic;
     j.m = m, j.n = n, j.k = k, j.chunk = chunk, j.frac = frac, j.out_frac = frac < 23 ? frac : 23;
     j.n_ins = (k + chunk - 1) / chunk, j.promote = promote, j.desc = desc;
-    j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld, j.out = out;
+    j.a = a, j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld;
 #if SIMD
     j.mr = simd ? MR : MR_G, j.nr = simd ? NR : NR_G;
 #else
@@ -427,56 +466,67 @@ int fp8lab_accumulate(const float *a, int64_t sam, int64_t sak, const float *b, 
 #endif
     bad[0] = bad[1] = 0;
     if (m == 0 || n == 0) return 0;
-    j.tiles_m = (m + j.mr - 1) / j.mr, j.tiles_n = (n + j.nr - 1) / j.nr;
+    j.np = (n + j.nr - 1) / j.nr * j.nr;
+    const int64_t tiles_m = (m + j.mr - 1) / j.mr, tiles_n = j.np / j.nr;
     const int64_t kk = k > 0 ? k : 1;
-    j.ap = malloc(sizeof(float) * j.tiles_m * j.mr * kk), j.bp = malloc(sizeof(float) * j.tiles_n * j.nr * kk);
-    j.eap = malloc(sizeof(int16_t) * j.tiles_m * j.mr * kk), j.ebp = malloc(sizeof(int16_t) * j.tiles_n * j.nr * kk);
+    int32_t *ea = malloc(sizeof(int32_t) * m * kk);
+    j.ea = ea, j.bp = malloc(sizeof(float) * j.np * kk), j.eb = malloc(sizeof(int16_t) * j.np * kk);
+    j.acc = promote ? calloc((size_t)(m * n), sizeof(float)) : NULL;
+    j.cst = out;
     int status = 0;
     int64_t bad_a = 0, bad_b = 0;
-    if (!j.ap || !j.bp || !j.eap || !j.ebp) {
+    if (!ea || !j.bp || !j.eb || (promote && !j.acc)) {
         status = -1;
         goto done;
     }
+    /* K blocks of whole instructions whose B panels (float + int16 per element) fit L2_BUDGET. */
+    int64_t block = L2_BUDGET / (j.np * 6 * chunk);
+    block = block < 1 ? 1 : block;
+    const int64_t n_blocks = (j.n_ins + block - 1) / block;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) reduction(+ : bad_a, bad_b)
+    uint32_t vmax_bits[2];
+    memcpy(vmax_bits, vmax, sizeof vmax_bits);
+#pragma omp parallel num_threads(nthreads)
     {
 #ifdef HAVE_MXCSR
-        /* Round to nearest, no flush-to-zero or denormals-are-zero, whatever the caller set
-         * (torch.set_flush_denormal sets FTZ/DAZ): the model's fp32 adds keep subnormals. */
+        /* Round to nearest, no flush-to-zero or denormals-are-zero, whatever the caller set (torch's
+         * set_flush_denormal sets FTZ/DAZ): the model's fp32 adds keep subnormals. */
         const unsigned int csr = _mm_getcsr();
         _mm_setcsr(0x1F80);
 #endif
+#pragma omp for schedule(static) reduction(+ : bad_a)
+        for (int64_t i = 0; i < m; i++) bad_a += prep_a_row(&j, i, fmt, vmax_bits[0], ea);
+#pragma omp for schedule(static) reduction(+ : bad_b)
+        for (int64_t kr = 0; kr < k; kr++) bad_b += prep_b_row(&j, b, kr, fmt, vmax_bits[1]);
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < j.tiles_m; t++) bad_a += pack_a(&j, a, sam, sak, t, fmt, vmax[0]);
+        for (int64_t i = 0; i < m; i++) {
+            if (c0)
+                memcpy(out + i * n, c0 + i * n, sizeof(float) * n);
+            else
+                memset(out + i * n, 0, sizeof(float) * n);
+        }
+        if (!(bad_a || bad_b))
+            for (int64_t blk = 0; blk < n_blocks; blk++) {
+                const int64_t t0 = blk * block, t1 = t0 + block < j.n_ins ? t0 + block : j.n_ins;
+                /* Row tiles across threads; each sweeps every column panel of the block (in its L2). */
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < j.tiles_n; t++) bad_b += pack_b(&j, b, sbk, sbn, t, fmt, vmax[1]);
+                for (int64_t it = 0; it < tiles_m; it++)
+                    for (int64_t jt = 0; jt < tiles_n; jt++) {
+#if SIMD
+                        if (simd)
+                            tile_simd(&j, it, jt, t0, t1);
+                        else
+#endif
+                            tile_generic(&j, it, jt, t0, t1);
+                    }
+            }
 #ifdef HAVE_MXCSR
         _mm_setcsr(csr);
 #endif
     }
     bad[0] = bad_a, bad[1] = bad_b;
-    if (bad_a || bad_b) goto done;
-#pragma omp parallel num_threads(nthreads)
-    {
-#ifdef HAVE_MXCSR
-        const unsigned int csr = _mm_getcsr();
-        _mm_setcsr(0x1F80);
-#endif
-        /* Column panels outer: a thread's consecutive tiles share B's panel (K x NR), which stays in L2. */
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < j.tiles_m * j.tiles_n; t++) {
-#if SIMD
-            if (simd)
-                tile_simd(&j, t % j.tiles_m, t / j.tiles_m);
-            else
-#endif
-                tile_generic(&j, t % j.tiles_m, t / j.tiles_m);
-        }
-#ifdef HAVE_MXCSR
-        _mm_setcsr(csr);
-#endif
-    }
+    if (promote && !(bad_a || bad_b)) memcpy(out, j.acc, sizeof(float) * m * n);
 done:
-    free(j.ap), free(j.bp), free(j.eap), free(j.ebp);
+    free(ea), free(j.bp), free(j.eb), free(j.acc);
     return status;
 }

@@ -87,8 +87,8 @@ def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fp8lab_accumulate.restype = ctypes.c_int
     lib.fp8lab_accumulate.argtypes = [
-        ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
+        ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
     ]
     for name in ("fp8lab_accum_simd_bits", "fp8lab_accum_openmp"):
         getattr(lib, name).restype = ctypes.c_int
@@ -137,16 +137,19 @@ def run(kernel: Kernel, a: torch.Tensor, b: torch.Tensor, fmt: tuple[int, int, i
         ) -> tuple[torch.Tensor, tuple[int, int]]:
     """One call of the kernel on float32 CPU tensors: ``(out (M, N), (off-grid values of a, of b))``.
 
-    ``a`` and ``b`` may have any strides; ``c0`` (M, N), ``sa`` (M, G) and ``sb`` (G, N) must have a
-    unit column stride. ``promote`` is 0 for fast accumulation.
+    Any strides: ``a``, ``b`` and ``c0`` are made row-major (a copy only for transposed or sliced
+    operands, e.g. the wgrad GEMM's); ``sa`` (M, G) and ``sb`` (G, N) must have a unit column
+    stride. ``promote`` is 0 for fast accumulation.
     """
+    a, b = a.contiguous(), b.contiguous()
+    c0 = None if c0 is None else c0.contiguous()
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty(m, n, dtype=torch.float32)
     fmt_arr, vmax_arr = (ctypes.c_int * 4)(*fmt), (ctypes.c_float * 2)(*vmax)
     bad = (ctypes.c_int64 * 2)()
     status = kernel.lib.fp8lab_accumulate(
-        a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1), m, n, k,
+        a.data_ptr(), b.data_ptr(), m, n, k,
         fmt_arr, vmax_arr, chunk, frac, promote, int(desc), _ptr(c0), _ptr(sa), sa.stride(0) if sa is not None else 0,
         _ptr(sb), sb.stride(0) if sb is not None else 0, out.data_ptr(), torch.get_num_threads(), int(generic), bad,
     )
