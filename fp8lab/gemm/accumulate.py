@@ -126,13 +126,20 @@ def accumulate_path() -> AccumulatePath:
 
 
 def _operand(x: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not (x.is_floating_point()):
+    """``x`` on the CPU as float32 or bfloat16 (the kernel reads both, any strides; other float dtypes
+    are converted to float32, exactly for FP8 values)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"{name} must be a 2-D floating-point tensor, got {getattr(x, 'shape', type(x))}")
-    return x.detach().to("cpu", torch.float32)  # exact for FP8 values in any float dtype; no copy if already fp32
+    x = x.detach().cpu()
+    return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
 
 
 def _grid(fmt: FP8Format) -> tuple[int, int, float]:
-    return int(math.log2(fmt.min_normal)), fmt.mantissa_bits, fmt.max
+    """(minimum exponent, fraction bits, largest value) of an FP8 format."""
+    emin, emax = int(math.log2(fmt.min_normal)), math.floor(math.log2(fmt.max))
+    if not -19 <= emin <= emax <= 19:  # the kernel's int8 exponent codes cover FP8's range only
+        raise ValueError(f"{fmt.name}: exponents {emin}..{emax} are outside the FP8 range the model takes")
+    return emin, fmt.mantissa_bits, fmt.max
 
 
 def _off_grid(x: torch.Tensor, fmt: FP8Format) -> int:
@@ -157,6 +164,7 @@ def _run(a, b, a_format, b_format, *, chunk, frac, promote, desc, c0, sa, sb, pa
     """One accumulation on float32 CPU tensors with the implementation ``path`` names."""
     (ea, ma, xa), (eb, mb, xb) = _grid(a_format), _grid(b_format)
     if path.name == "torch":
+        a, b = a.float(), b.float()
         _check((_off_grid(a, a_format), _off_grid(b, b_format)), a_format, b_format)
         return accumulate_torch(a, b, (ea, eb), chunk=chunk, frac=frac, promote=promote, desc=desc, c0=c0, sa=sa, sb=sb)
     kernel, why = _kernel()
@@ -223,7 +231,7 @@ def tensor_core_accumulate(a: torch.Tensor, b: torch.Tensor, a_format: FP8Format
         ks = slice(g0 * acc.group_k, min(k, g1 * acc.group_k))
         sa_s, sb_s = (None, None) if sa is None else (sa[:, g0:g1], sb[g0:g1])
         if acc.kind == "fp32":
-            part = _fp32_kind(a[:, ks], b[ks], sa_s, sb_s, acc.group_k, desc)
+            part = _fp32_kind(a[:, ks].float(), b[ks].float(), sa_s, sb_s, acc.group_k, desc)
         else:
             part = _run(a[:, ks], b[ks], a_format, b_format, chunk=acc.chunk, frac=acc.fraction_bits,
                         promote=acc.promote_every if acc.kind == "promoted" else 0, desc=desc, c0=None,
@@ -241,7 +249,7 @@ def chain_instructions(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_form
     ``chunk`` it is one instruction, D = C + sum of products, per output. For tests and analyses."""
     Accumulator(kind="fast", chunk=chunk, fraction_bits=fraction_bits)  # validates
     a, b = _operand(a, "a"), _operand(b, "b")
-    c = c.detach().to("cpu", torch.float32).contiguous()
+    c = c.detach().to("cpu", torch.float32)
     if b.shape[0] != a.shape[1] or tuple(c.shape) != (a.shape[0], b.shape[1]):
         raise ValueError(f"shapes must be a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, "
                          f"{tuple(c.shape)}")

@@ -10,16 +10,17 @@
  * is aligned to the largest exponent E among them, truncated toward zero to a multiple of 2^(E-F)
  * (F = fraction bits, 13 on Hopper), the truncated terms are added exactly, and the sum is truncated
  * toward zero to min(F, 23) fraction bits. Exponents: a product's is the sum of its operands' (a subnormal
- * operand takes its format's minimum, a zero EXP_ZERO), C's its fp32 exponent clamped at -126.
+ * operand takes its format's minimum, a zero -126), C's its fp32 exponent clamped at -126.
  *
  * SIMD path (AVX-512 or AVX2, F <= 16): in units of 2^(E-F) a truncated term is (int)(a*b * 2^(F-E)) --
  * a*b is exact in fp32, the power-of-two scale is exact, |term| < 2^(F+2) -- so a chunk's sum is an exact
- * int32 and step 5 is a mask of its float's low mantissa bits. Pass 1 finds E per output with int16
- * max-plus arithmetic (two ops per 2*VL products, the operand exponents broadcast straight from memory);
- * pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised over N;
- * a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K block, whose
- * B panel stays in L2 (the tile's state goes through memory between K blocks).
- * Generic path (any CPU, any F <= 40): the same steps per element in double, with frexp/ldexp.
+ * int32 and step 5 is a mask of its float's low mantissa bits. Pass 1 finds E per output with saturating
+ * int8 max-plus arithmetic on exponent codes (two ops per NR products, A's codes broadcast straight from
+ * memory); pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised
+ * over N; a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K
+ * block, whose B panels stay in L2. Generic path (any CPU, any F <= 40): the same steps per element in
+ * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself: torch's
+ * transposing copies cost more than the whole prepass.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,12 +35,18 @@
 #endif
 
 #define EXP_ZERO (-126)     /* the exponent of a zero operand, and the clamp of C's */
-#define EXP_NONFINITE 2000  /* inf/NaN operand or C: any E >= EXP_FLAG makes the instruction an IEEE sum */
-#define EXP_FLAG 1000
-#define EXP_NONE (-30000)   /* start of a max, below every real exponent (int16) */
-#define L2_BUDGET (384 * 1024)  /* bytes of a K block of B's panels (float + int16) kept in a core's L2 */
+#define EXP_NONFINITE 2000  /* inf/NaN operand: an instruction whose E reaches 128 is an IEEE sum */
+/* Exponent codes (int8) for pass 1, valid for operand exponents in [-19, 19] (E4M3, E5M2): a finite
+ * nonzero value's exponent itself, CODE_ZERO for zero, CODE_NONFINITE for inf/NaN. Saturating sums of
+ * two codes keep the order of the true sums: finite products in [-38, 38]; one zero operand in [-83, -45]
+ * (true value: the sum - 62); two zeros -128 (true -252, below C's -126); inf/NaN >= 63. */
+#define CODE_ZERO (-64)
+#define CODE_NONFINITE 127
+#define CODE_SPLIT 40       /* |sum of codes| >= CODE_SPLIT: a zero (below) or an inf/NaN (above) took part */
+#define L2_BUDGET (384 * 1024)  /* bytes of a K block of B's panels (float + int8 codes) kept in a core's L2 */
+#define BLOCK 64            /* the prepass's transposing copies move BLOCK x BLOCK squares */
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SIMD 512
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SIMD 256
@@ -53,65 +60,127 @@
 typedef struct {
     int64_t m, n, k, n_ins, np;  /* np: N rounded up to nr (B's packed row length) */
     int chunk, frac, out_frac, promote, desc, mr, nr;
-    const float *a, *c0, *sa, *sb;  /* a: row-major (M, K) */
+    const float *a, *c0, *sa, *sb;  /* a: (M, K) row-major float */
     int64_t sa_ld, sb_ld;
-    const int32_t *ea;   /* (M, K): each operand exponent twice, as two int16 (one 32-bit broadcast) */
-    float *bp;           /* (K, np): B, zero-padded columns; as [panel][k][nr] */
-    int16_t *eb;         /* its exponents, same layout */
-    float *cst, *acc;    /* (M, N): chained C and promoted accumulator between K blocks */
+    int32_t *ea;         /* (M, K): A's exponent codes, each repeated in the 4 bytes (one 32-bit broadcast) */
+    float *bp;           /* B as [panel][k][nr], columns past N zero */
+    int8_t *eb;          /* its exponent codes, same layout */
+    float *out;          /* (M, N): between K blocks, the chained C ("fast") or the promoted accumulator */
 } job_t;
 
-/* The exponent the tensor core gives an FP8 operand: its own, emin for a subnormal, EXP_ZERO for zero,
- * EXP_NONFINITE for inf/NaN. *off: 1 if v is neither a value of the format (emin, mbits, largest value
- * with bits vmax_bits) nor inf/NaN. Written without branches so that the prepass loops vectorise. */
-static inline int32_t operand_exponent(float v, int32_t emin, int32_t mbits, uint32_t vmax_bits, int32_t *off) {
+/* Scratch memory of the calling thread, kept between calls: on a VM a page fault costs microseconds,
+ * and fresh buffers per call (glibc hands large freed blocks back to the OS) tripled the time of a
+ * 2048x128x512 GEMM. Holds as much as the largest call needed, until fp8lab_accum_release(). */
+static __thread void *arena;
+static __thread size_t arena_bytes;
+
+static void *scratch(size_t bytes) {
+    if (bytes > arena_bytes) {
+        free(arena);
+        arena = malloc(bytes);
+        arena_bytes = arena ? bytes : 0;
+    }
+    return arena;
+}
+
+void fp8lab_accum_release(void) {
+    free(arena);
+    arena = NULL, arena_bytes = 0;
+}
+
+static inline int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+/* The exponent code of an FP8 operand (see CODE_ZERO): its exponent, emin for a subnormal of the format,
+ * CODE_ZERO for zero, CODE_NONFINITE for inf/NaN. *off: 1 if v is neither a value of the format (emin,
+ * mbits, largest value with bits vmax_bits) nor inf/NaN. Masks, min and max only: the loops vectorise. */
+static inline int32_t operand_code(float v, int32_t emin, int32_t mbits, uint32_t vmax_bits, int32_t *off) {
     uint32_t u;
     memcpy(&u, &v, 4);
     const uint32_t mag = u & 0x7FFFFFFFu;
     const int32_t be = (int32_t)(mag >> 23), e = be - 127;
-    const int32_t nonfinite = be == 255, zero = mag == 0;
+    const int32_t nonfinite = -(int32_t)(be == 255), zero = -(int32_t)(mag == 0);  /* all-ones or 0 */
     int32_t below = emin - e;
     below = below > 0 ? below : 0;
     int32_t shift = 23 - mbits + below; /* low mantissa bits that must be zero */
     const int32_t tiny = shift > 23;
     shift = shift < 23 ? shift : 23;
     const uint32_t low = u & ((1u << shift) - 1u);
-    *off = (1 - nonfinite) & (1 - zero) & ((be == 0) | (mag > vmax_bits) | tiny | (low != 0));
-    int32_t out = e > emin ? e : emin;
-    out = zero ? EXP_ZERO : out;
-    return nonfinite ? EXP_NONFINITE : out;
+    *off = ~(nonfinite | zero) & ((be == 0) | (mag > vmax_bits) | tiny | (low != 0));
+    int32_t c = e > emin ? e : emin;
+    c = c < 19 ? c : 19;  /* the clamps only touch off-grid values, which are never computed with */
+    c = c > -19 ? c : -19;
+    return (c & ~(nonfinite | zero)) | (CODE_ZERO & zero) | (CODE_NONFINITE & nonfinite);
 }
 
-/* Row i of A: its exponents (each twice, as two int16 of an int32) and how many values are off the grid. */
-static int64_t prep_a_row(const job_t *j, int64_t i, const int *fmt, uint32_t vmax_bits, int32_t *ea) {
+static inline int32_t exponent_of_code(int32_t c) {
+    return c == CODE_ZERO ? EXP_ZERO : c == CODE_NONFINITE ? EXP_NONFINITE : c;
+}
+
+/* dst[i * ds] = src[i * ss] for i < count, src fp32 or bf16 (widened exactly). The branches sit outside
+ * the loops so that the unit-stride cases vectorise. */
+static void copy_strided(float *dst, int64_t ds, const void *src, int bf16, int64_t ss, int64_t count) {
+    if (bf16) {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < count; i++) {
+            const uint32_t u = (uint32_t)s[i * ss] << 16;
+            memcpy(dst + i * ds, &u, 4);
+        }
+    } else {
+        const float *s = src;
+        for (int64_t i = 0; i < count; i++) dst[i * ds] = s[i * ss];
+    }
+}
+
+static inline const void *element(const void *base, int bf16, int64_t at) {
+    return bf16 ? (const void *)((const uint16_t *)base + at) : (const void *)((const float *)base + at);
+}
+
+/* Rows [i0, i1) of A (strides sm, sk; fp32 or bf16) into row-major float, in squares so that a
+ * transposed A is read along its cache lines. */
+static void copy_a(float *dst, const void *a, int bf16, int64_t sm, int64_t sk, int64_t k, int64_t i0, int64_t i1) {
+    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+        const int64_t k1 = min64(k, k0 + BLOCK);
+        if (sk <= sm)
+            for (int64_t i = i0; i < i1; i++) copy_strided(dst + i * k + k0, 1, element(a, bf16, i * sm + k0 * sk), bf16, sk, k1 - k0);
+        else
+            for (int64_t kk = k0; kk < k1; kk++) copy_strided(dst + i0 * k + kk, k, element(a, bf16, i0 * sm + kk * sk), bf16, sm, i1 - i0);
+    }
+}
+
+/* Row i of A: its exponent codes and how many of its values are off the grid. */
+static int64_t codes_a(const job_t *j, int64_t i, const int *fmt, uint32_t vmax_bits) {
     int32_t bad = 0;
     const float *a = j->a + i * j->k;
-    int32_t *dst = ea + i * j->k;
-    const int32_t emin = fmt[0], mbits = fmt[1];
-    for (int64_t k = 0; k < j->k; k++) {
+    int32_t *dst = j->ea + i * j->k;
+    const int32_t emin = fmt[0], mbits = fmt[1], k = (int32_t)j->k;  /* locals: dst may alias fmt */
+    for (int32_t kk = 0; kk < k; kk++) {
         int32_t off;
-        const uint32_t e = (uint32_t)operand_exponent(a[k], emin, mbits, vmax_bits, &off) & 0xFFFFu;
-        dst[k] = (int32_t)(e | (e << 16));
+        const uint32_t c = (uint32_t)operand_code(a[kk], emin, mbits, vmax_bits, &off) & 0xFFu;
+        dst[kk] = (int32_t)(c * 0x01010101u);
         bad += off;
     }
     return bad;
 }
 
-/* Row k of B (row-major, N columns) into its panels, columns past N zero. */
-static int64_t prep_b_row(const job_t *j, const float *b, int64_t k, const int *fmt, uint32_t vmax_bits) {
+/* Rows [k0, k1) of B's panel p (B: strides sk, sn; fp32 or bf16), its codes, and its off-grid count. */
+static int64_t pack_b(const job_t *j, const void *b, int bf16, int64_t sk, int64_t sn, int64_t p, int64_t k0,
+                      int64_t k1, const int *fmt, uint32_t vmax_bits) {
+    const int nr = j->nr;
+    const int64_t c0 = p * nr, nc = min64(nr, j->n - c0);
+    float *dst = j->bp + p * j->k * nr;
+    if (sn <= sk)
+        for (int64_t k = k0; k < k1; k++) copy_strided(dst + k * nr, 1, element(b, bf16, k * sk + c0 * sn), bf16, sn, nc);
+    else
+        for (int c = 0; c < nc; c++) copy_strided(dst + k0 * nr + c, nr, element(b, bf16, k0 * sk + (c0 + c) * sn), bf16, sk, k1 - k0);
+    for (int64_t k = k0; k < k1; k++)
+        for (int c = (int)nc; c < nr; c++) dst[k * nr + c] = 0.0f;
     int32_t bad = 0;
+    int8_t *codes = j->eb + p * j->k * nr;
     const int32_t emin = fmt[2], mbits = fmt[3];
-    for (int64_t p = 0; p < j->np / j->nr; p++) {
-        const int64_t c1 = j->n - p * j->nr < j->nr ? j->n - p * j->nr : j->nr;
-        float *dst = j->bp + p * j->k * j->nr + k * j->nr;
-        int16_t *edst = j->eb + p * j->k * j->nr + k * j->nr;
-        memcpy(dst, b + k * j->n + p * j->nr, sizeof(float) * c1);
-        memset(dst + c1, 0, sizeof(float) * (j->nr - c1));
-        for (int c = 0; c < j->nr; c++) {
-            int32_t off;
-            edst[c] = (int16_t)operand_exponent(dst[c], emin, mbits, vmax_bits, &off);
-            bad += off;
-        }
+    for (int64_t at = k0 * nr; at < k1 * nr; at++) {
+        int32_t off;
+        codes[at] = (int8_t)operand_code(dst[at], emin, mbits, vmax_bits, &off);
+        bad += off;
     }
     return bad;
 }
@@ -147,16 +216,7 @@ static void group_scales(const job_t *j, int64_t g, int64_t i0, int64_t j0, floa
 
 static inline int64_t row_of(const job_t *j, int64_t i) { return i < j->m ? i : j->m - 1; }
 
-/* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
- * can overflow double, so the non-finite terms alone decide it, in any order). */
-static float ieee_instruction(const job_t *j, const float *arow, const float *bpanel, int64_t k0, int64_t k1,
-                              int c, float cin) {
-    double s = (double)cin;
-    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bpanel[k * j->nr + c];
-    return (float)s;
-}
-
-/* ---------------------------------------------------------------- generic path (scalar, double) */
+/* ---------------------------------------------------------------- one output, scalar, in double */
 
 static inline int c_exponent_scalar(float c) {
     uint32_t u;
@@ -165,45 +225,50 @@ static inline int c_exponent_scalar(float c) {
     return be == 255 ? EXP_NONFINITE : (be < 1 ? 1 : be) - 127;
 }
 
-/* Step 5: truncate toward zero to out_frac fraction bits, with fp32's exponent range (clamped at -126). */
-static inline float normalise_scalar(double v, int out_frac) {
+/* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
+ * can overflow double, so the non-finite terms alone decide it, in any order). */
+static float ieee_instruction(const float *arow, const float *bcol, int nr, int64_t k0, int64_t k1, float cin) {
+    double s = (double)cin;
+    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bcol[k * nr];
+    return (float)s;
+}
+
+/* One instruction for one output (B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
+static float instruction_scalar(const job_t *j, const float *arow, const int32_t *earow, const float *bcol,
+                                const int8_t *ebcol, int64_t k0, int64_t k1, float cin) {
+    int e = c_exponent_scalar(cin);
+    for (int64_t k = k0; k < k1; k++) {
+        const int ek = exponent_of_code((int8_t)(earow[k] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
+        e = ek > e ? ek : e;
+    }
+    if (e >= 128) return ieee_instruction(arow, bcol, j->nr, k0, k1, cin);
+    double sum = trunc(ldexp((double)cin, j->frac - e));
+    for (int64_t k = k0; k < k1; k++) sum += trunc(ldexp((double)arow[k] * (double)bcol[k * j->nr], j->frac - e));
+    /* Step 5: toward zero to out_frac fraction bits, with fp32's exponent range (clamped at -126). */
+    const double v = ldexp(sum, e - j->frac);
     if (v == 0.0) return 0.0f;  /* +0: the hardware's integer sum has no sign of zero */
-    int e;
-    frexp(v, &e);
-    e = e - 1 < -126 ? -126 : e - 1;  /* 2^e <= |v| */
-    return (float)ldexp(trunc(ldexp(v, out_frac - e)), e - out_frac);  /* exact, or inf past fp32 */
+    int lead;
+    frexp(v, &lead);
+    lead = lead - 1 < -126 ? -126 : lead - 1;  /* 2^lead <= |v| */
+    return (float)ldexp(trunc(ldexp(v, j->out_frac - lead)), lead - j->out_frac);  /* exact, or inf past fp32 */
 }
 
 static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_t t1) {
     enum { T = MR_G * NR_G };
     const int64_t i0 = it * MR_G, j0 = jt * NR_G;
     const float *bpanel = j->bp + jt * j->k * NR_G;
-    const int16_t *ebpanel = j->eb + jt * j->k * NR_G;
+    const int8_t *ebpanel = j->eb + jt * j->k * NR_G;
     float c[T], acc[T], s[T];
-    tile_in(j, j->cst, i0, j0, c);
-    tile_in(j, j->acc, i0, j0, acc);
+    tile_in(j, j->promote ? NULL : j->out, i0, j0, c);
+    tile_in(j, j->promote ? j->out : NULL, i0, j0, acc);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
-        const int64_t k0 = ins * j->chunk, k1 = k0 + j->chunk < j->k ? k0 + j->chunk : j->k;
+        const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
         for (int r = 0; r < MR_G; r++) {
             const float *arow = j->a + row_of(j, i0 + r) * j->k;
             const int32_t *earow = j->ea + row_of(j, i0 + r) * j->k;
-            for (int q = 0; q < NR_G; q++) {
-                const float cin = c[r * NR_G + q];
-                int e = c_exponent_scalar(cin);
-                for (int64_t k = k0; k < k1; k++) {
-                    const int ek = (int16_t)(earow[k] & 0xFFFF) + ebpanel[k * NR_G + q];
-                    e = ek > e ? ek : e;
-                }
-                if (e >= EXP_FLAG) {
-                    c[r * NR_G + q] = ieee_instruction(j, arow, bpanel, k0, k1, q, cin);
-                    continue;
-                }
-                double sum = trunc(ldexp((double)cin, j->frac - e));
-                for (int64_t k = k0; k < k1; k++)
-                    sum += trunc(ldexp((double)arow[k] * (double)bpanel[k * NR_G + q], j->frac - e));
-                c[r * NR_G + q] = normalise_scalar(ldexp(sum, e - j->frac), j->out_frac);
-            }
+            for (int q = 0; q < NR_G; q++)
+                c[r * NR_G + q] = instruction_scalar(j, arow, earow, bpanel + q, ebpanel + q, k0, k1, c[r * NR_G + q]);
         }
         if (promotes_after(j, ins)) {
             if (j->sa) {
@@ -215,18 +280,17 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int
             memset(c, 0, sizeof c);
         }
     }
-    tile_out(j, j->cst, i0, j0, c);
-    tile_out(j, j->acc, i0, j0, acc);
+    tile_out(j, j->out, i0, j0, j->promote ? acc : c);
 }
 
 /* ---------------------------------------------------------------- SIMD path */
 
 #if SIMD == 512
 #define VL 16
-#define MR 4
+#define MR 6
 typedef __m512 vf;
 typedef __m512i vi; /* VL int32 */
-typedef __m512i vh; /* NR = 2 * VL int16 */
+typedef __m256i vh; /* NR = 2 * VL int8 exponent codes */
 #define vf_load _mm512_loadu_ps
 #define vf_store _mm512_storeu_ps
 #define vf_set1 _mm512_set1_ps
@@ -242,26 +306,32 @@ typedef __m512i vh; /* NR = 2 * VL int16 */
 #define vi_add _mm512_add_epi32
 #define vi_sub _mm512_sub_epi32
 #define vi_max _mm512_max_epi32
+#define vi_min _mm512_min_epi32
 #define vi_and _mm512_and_si512
 #define vi_srli _mm512_srli_epi32
 #define vi_slli _mm512_slli_epi32
 #define vi_store(p, x) _mm512_storeu_si512((void *)(p), (x))
-#define vh_load(p) _mm512_loadu_si512((const void *)(p))
-#define vh_set1 _mm512_set1_epi16
-#define vh_bcast32(p) _mm512_set1_epi32(*(p)) /* two int16 copies: a plain 32-bit broadcast load */
-#define vh_add _mm512_add_epi16
-#define vh_max _mm512_max_epi16
-#define vh_widen(x, h) _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64((x), (h)))
-static inline vi vi_where_eq(vi x, int v, vi yes, vi no) {
-    return _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(x, vi_set1(v)), no, yes);
+#define vh_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vh_set1 _mm256_set1_epi8
+#define vh_bcast32(p) _mm256_set1_epi32(*(p)) /* four copies of a code: a plain 32-bit broadcast load */
+#define vh_add _mm256_adds_epi8
+#define vh_max _mm256_max_epi8
+#define vh_widen(x, h) _mm512_cvtepi8_epi32(_mm256_extracti128_si256((x), (h)))
+/* True exponents from the max of code sums: -62 below -CODE_SPLIT (a zero took part), EXP_NONFINITE above. */
+static inline vi decode(vi d) {
+    d = _mm512_mask_sub_epi32(d, _mm512_cmple_epi32_mask(d, vi_set1(-CODE_SPLIT)), d, vi_set1(62));
+    return _mm512_mask_mov_epi32(d, _mm512_cmpge_epi32_mask(d, vi_set1(CODE_SPLIT)), vi_set1(EXP_NONFINITE));
 }
-static inline int vi_any_ge(vi x, int v) { return _mm512_cmpge_epi32_mask(x, vi_set1(v)) != 0; }
+/* Whether any lane of x lies outside [lo, hi]. */
+static inline int vi_any_outside(vi x, int lo, int hi) {
+    return _mm512_cmpgt_epu32_mask(vi_sub(x, vi_set1(lo)), vi_set1(hi - lo)) != 0;
+}
 #elif SIMD == 256
 #define VL 8
 #define MR 2
 typedef __m256 vf;
 typedef __m256i vi;
-typedef __m256i vh;
+typedef __m128i vh;
 #define vf_load _mm256_loadu_ps
 #define vf_store _mm256_storeu_ps
 #define vf_set1 _mm256_set1_ps
@@ -277,21 +347,24 @@ typedef __m256i vh;
 #define vi_add _mm256_add_epi32
 #define vi_sub _mm256_sub_epi32
 #define vi_max _mm256_max_epi32
+#define vi_min _mm256_min_epi32
 #define vi_and _mm256_and_si256
 #define vi_srli _mm256_srli_epi32
 #define vi_slli _mm256_slli_epi32
 #define vi_store(p, x) _mm256_storeu_si256((__m256i *)(p), (x))
-#define vh_load(p) _mm256_loadu_si256((const __m256i *)(p))
-#define vh_set1 _mm256_set1_epi16
-#define vh_bcast32(p) _mm256_set1_epi32(*(p))
-#define vh_add _mm256_add_epi16
-#define vh_max _mm256_max_epi16
-#define vh_widen(x, h) _mm256_cvtepi16_epi32(_mm256_extracti128_si256((x), (h)))
-static inline vi vi_where_eq(vi x, int v, vi yes, vi no) {
-    return _mm256_blendv_epi8(no, yes, _mm256_cmpeq_epi32(x, vi_set1(v)));
+#define vh_load(p) _mm_loadu_si128((const __m128i *)(p))
+#define vh_set1 _mm_set1_epi8
+#define vh_bcast32(p) _mm_set1_epi32(*(p))
+#define vh_add _mm_adds_epi8
+#define vh_max _mm_max_epi8
+#define vh_widen(x, h) _mm256_cvtepi8_epi32((h) ? _mm_srli_si128((x), 8) : (x))
+static inline vi decode(vi d) {
+    d = vi_sub(d, vi_and(_mm256_cmpgt_epi32(vi_set1(-CODE_SPLIT + 1), d), vi_set1(62)));
+    return _mm256_blendv_epi8(d, vi_set1(EXP_NONFINITE), _mm256_cmpgt_epi32(d, vi_set1(CODE_SPLIT - 1)));
 }
-static inline int vi_any_ge(vi x, int v) {
-    return !_mm256_testz_si256(_mm256_cmpgt_epi32(x, vi_set1(v - 1)), _mm256_set1_epi32(-1));
+static inline int vi_any_outside(vi x, int lo, int hi) {
+    const vi u = vi_sub(x, vi_set1(lo)), range = vi_set1(hi - lo);  /* unsigned u > range <=> max(u, range) != range */
+    return !_mm256_testc_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(u, range), range), _mm256_set1_epi32(-1));
 }
 #endif
 
@@ -302,10 +375,8 @@ static inline int vi_any_ge(vi x, int v) {
 /* 2^e for an int32 vector of exponents in [-126, 127]. */
 static inline vf pow2(vi e) { return vi_as_vf(vi_slli(vi_add(e, vi_set1(127)), 23)); }
 
-static inline vi c_exponent(vf c) {
-    vi be = vi_and(vi_srli(vf_as_vi(c), 23), vi_set1(0xFF));
-    return vi_where_eq(be, 255, vi_set1(EXP_NONFINITE), vi_sub(vi_max(be, vi_set1(1)), vi_set1(127)));
-}
+/* C's exponent, clamped at -126; 128 for inf/NaN. */
+static inline vi c_exponent(vf c) { return vi_sub(vi_max(vi_and(vi_srli(vf_as_vi(c), 23), vi_set1(0xFF)), vi_set1(1)), vi_set1(127)); }
 
 /* Load (store) a tile's state: straight vector loads for a full tile, through buf at the edges. */
 static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
@@ -330,7 +401,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const int64_t i0 = it * MR, j0 = jt * NR;
     const int full = i0 + MR <= j->m && j0 + NR <= j->n;
     const float *bpanel = j->bp + jt * j->k * NR;
-    const int16_t *ebpanel = j->eb + jt * j->k * NR;
+    const int8_t *ebpanel = j->eb + jt * j->k * NR;
     const float *arow[MR];
     const int32_t *earow[MR];
     for (int r = 0; r < MR; r++) {
@@ -341,14 +412,14 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u)); /* step 5 as a mantissa mask */
     float buf[MR * NR];
     vf c[MR][NV], acc[MR][NV];
-    state_in(j, j->cst, i0, j0, full, buf, c);
-    state_in(j, j->acc, i0, j0, full, buf, acc);
+    state_in(j, j->promote ? NULL : j->out, i0, j0, full, buf, c);
+    state_in(j, j->promote ? j->out : NULL, i0, j0, full, buf, acc);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
-        const int64_t k0 = ins * j->chunk, k1 = k0 + j->chunk < j->k ? k0 + j->chunk : j->k;
-        /* Pass 1: E = max(C's exponent, max over the chunk of ea + eb). */
+        const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
+        /* Pass 1: E = max(C's exponent, max over the chunk of ea + eb), on exponent codes. */
         vh eh[MR];
-        for (int r = 0; r < MR; r++) eh[r] = vh_set1(EXP_NONE);
+        for (int r = 0; r < MR; r++) eh[r] = vh_set1(-128);
         for (int64_t k = k0; k < k1; k++) {
             const vh eb = vh_load(ebpanel + k * NR);
 #pragma GCC unroll 8
@@ -356,17 +427,29 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         }
         vi e[MR][NV], s[MR][NV];
         vf sc[MR][NV];
-        int flagged = 0;
+        int unusual = 0;  /* a lane with an inf/NaN term (E >= 128) or nothing but zero products and a tiny C */
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) {
-                e[r][v] = vi_max(vh_widen(eh[r], v), c_exponent(c[r][v]));
-                flagged |= vi_any_ge(e[r][v], EXP_FLAG);
-                /* Products are zero whenever E < frac - 126, so clamping there keeps 2^(frac - E) finite
-                 * (no inf * 0); C takes the rest of its scale, 2^(Es - E) <= 2^frac, as a second factor. */
-                const vi es = vi_max(e[r][v], vi_set1(frac - 126));
-                sc[r][v] = pow2(vi_sub(vi_set1(frac), es));
-                s[r][v] = vf_to_vi_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, e[r][v]))));
+                e[r][v] = vi_max(decode(vh_widen(eh[r], v)), c_exponent(c[r][v]));
+                unusual |= vi_any_outside(e[r][v], frac - 126, 127);
             }
+        if (!unusual) {
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    sc[r][v] = pow2(vi_sub(vi_set1(frac), e[r][v]));
+                    s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], sc[r][v]));
+                }
+        } else {
+            /* Products are zero whenever E < frac - 126, so clamping there keeps 2^(frac - E) finite (no
+             * inf * 0); C takes the rest of its scale, 2^(Es - E) <= 2^frac, as a second factor. Lanes
+             * with E >= 128 compute garbage here and are replaced by their IEEE sums below. */
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    const vi ec = vi_min(e[r][v], vi_set1(127)), es = vi_max(ec, vi_set1(frac - 126));
+                    sc[r][v] = pow2(vi_sub(vi_set1(frac), es));
+                    s[r][v] = vf_to_vi_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, ec))));
+                }
+        }
         /* Pass 2: add the truncated products in units of 2^(E - frac), exactly, as int32. */
         for (int64_t k = k0; k < k1; k++) {
             const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
@@ -377,32 +460,33 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
                 s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
             }
         }
-        float cin[MR * NR];
-        int32_t ebuf[MR * NR];
-        if (flagged) /* rare: an instruction with an inf or NaN term is an IEEE sum (below) */
+        /* Step 5: the int32 sum as a float (exact; 0 is +0), out_frac fraction bits kept, times 2^(E - frac)
+         * (in two exact factors where that alone would be subnormal). */
+        if (!unusual) {
             for (int r = 0; r < MR; r++)
                 for (int v = 0; v < NV; v++) {
-                    vi_store(ebuf + r * NR + v * VL, e[r][v]);
-                    vf_store(cin + r * NR + v * VL, c[r][v]);
+                    const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
+                    c[r][v] = vf_mul(kept, pow2(vi_sub(e[r][v], vi_set1(frac))));
                 }
-        /* Step 5: the int32 sum as a float (exact; 0 is +0), out_frac fraction bits kept, scaled back by
-         * 2^(E - frac) in two exact factors (2^(E - frac) alone would be subnormal for E < frac - 126). */
+            goto promote;
+        }
+        float cin[MR * NR];
+        int32_t ebuf[MR * NR];
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) {
+                vi_store(ebuf + r * NR + v * VL, e[r][v]);
+                vf_store(cin + r * NR + v * VL, c[r][v]);
                 const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
-                const vi eo = vi_sub(e[r][v], vi_set1(frac)), e1 = vi_max(eo, vi_set1(-126));
-                c[r][v] = vf_mul(vf_mul(kept, pow2(e1)), pow2(vi_sub(eo, e1)));
+                const vi eo = vi_sub(vi_min(e[r][v], vi_set1(127)), vi_set1(frac)), e1 = vi_max(eo, vi_set1(-126));
+                vf_store(buf + r * NR + v * VL, vf_mul(vf_mul(kept, pow2(e1)), pow2(vi_sub(eo, e1))));
             }
-        if (flagged) {
-            for (int r = 0; r < MR; r++)
-                for (int v = 0; v < NV; v++) vf_store(buf + r * NR + v * VL, c[r][v]);
-            for (int r = 0; r < MR; r++)
-                for (int q = 0; q < NR; q++)
-                    if (ebuf[r * NR + q] >= EXP_FLAG)
-                        buf[r * NR + q] = ieee_instruction(j, arow[r], bpanel, k0, k1, q, cin[r * NR + q]);
-            for (int r = 0; r < MR; r++)
-                for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
-        }
+        for (int r = 0; r < MR; r++)
+            for (int q = 0; q < NR; q++)
+                if (ebuf[r * NR + q] >= 128)  /* rare: an instruction with an inf or NaN term is an IEEE sum */
+                    buf[r * NR + q] = ieee_instruction(arow[r], bpanel + q, NR, k0, k1, cin[r * NR + q]);
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
+    promote:
         if (promotes_after(j, ins)) {
             if (j->sa) {
                 group_scales(j, ins / j->promote, i0, j0, buf);
@@ -417,8 +501,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
                 for (int v = 0; v < NV; v++) c[r][v] = vf_zero();
         }
     }
-    state_out(j, j->cst, i0, j0, full, buf, c);
-    state_out(j, j->acc, i0, j0, full, buf, acc);
+    state_out(j, j->out, i0, j0, full, buf, j->promote ? acc : c);
 }
 #endif
 
@@ -441,23 +524,24 @@ int fp8lab_accum_uses_simd(int chunk, int frac) {
 }
 
 /*
- * out (M, N) = the accumulator over A (M, K) times B (K, N), all row-major and contiguous.
- * fmt: {a_emin, a_mbits, b_emin, b_mbits}; vmax: {a_max, b_max} (the grid check).
+ * out (M, N, row-major) = the accumulator over A (M, K) times B (K, N).
+ * a, b: fp32 or bf16 (a_bf16, b_bf16) with element strides (sam, sak), (sbk, sbn).
+ * fmt: {a_emin, a_mbits, b_emin, b_mbits} (exponents within [-19, 19]); vmax: {a_max, b_max} (grid check).
  * promote: instructions per promotion (0: fast accumulation, the chained C is the result).
- * desc: visit instructions from the last to the first. c0: (M, N) first C or NULL (zeros).
+ * desc: visit instructions from the last to the first. c0: (M, N) row-major first C ("fast" only), or NULL.
  * sa (M, G; row stride sa_ld), sb (G, N; row stride sb_ld): group scales or NULL (promote > 0 only).
  * bad[0], bad[1]: how many values of A and B are off their format's grid (then nothing is computed).
- * Returns 0, or -1 when memory runs out.
+ * Returns 0, or -1 when memory runs out. Scratch memory stays with the calling thread (fp8lab_accum_release).
  */
-int fp8lab_accumulate(const float *a, const float *b, int64_t m, int64_t n, int64_t k,
-                      const int *fmt, const float *vmax, int chunk, int frac, int promote, int desc, const float *c0,
-                      const float *sa, int64_t sa_ld, const float *sb, int64_t sb_ld, float *out, int nthreads,
-                      int force_generic, int64_t *bad) {
+int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const void *b, int b_bf16, int64_t sbk,
+                      int64_t sbn, int64_t m, int64_t n, int64_t k, const int *fmt, const float *vmax, int chunk,
+                      int frac, int promote, int desc, const float *c0, const float *sa, int64_t sa_ld,
+                      const float *sb, int64_t sb_ld, float *out, int nthreads, int force_generic, int64_t *bad) {
     job_t j = {0};
     const int simd = fp8lab_accum_uses_simd(chunk, frac) && !force_generic;
     j.m = m, j.n = n, j.k = k, j.chunk = chunk, j.frac = frac, j.out_frac = frac < 23 ? frac : 23;
     j.n_ins = (k + chunk - 1) / chunk, j.promote = promote, j.desc = desc;
-    j.a = a, j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld;
+    j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld;
 #if SIMD
     j.mr = simd ? MR : MR_G, j.nr = simd ? NR : NR_G;
 #else
@@ -467,25 +551,34 @@ int fp8lab_accumulate(const float *a, const float *b, int64_t m, int64_t n, int6
     bad[0] = bad[1] = 0;
     if (m == 0 || n == 0) return 0;
     j.np = (n + j.nr - 1) / j.nr * j.nr;
-    const int64_t tiles_m = (m + j.mr - 1) / j.mr, tiles_n = j.np / j.nr;
-    const int64_t kk = k > 0 ? k : 1;
-    int32_t *ea = malloc(sizeof(int32_t) * m * kk);
-    j.ea = ea, j.bp = malloc(sizeof(float) * j.np * kk), j.eb = malloc(sizeof(int16_t) * j.np * kk);
-    j.acc = promote ? calloc((size_t)(m * n), sizeof(float)) : NULL;
-    j.cst = out;
-    int status = 0;
+    const int64_t tiles_m = (m + j.mr - 1) / j.mr, tiles_n = j.np / j.nr, kk = k > 0 ? k : 1;
+    const int in_place = !a_bf16 && sak == 1 && (sam == k || m == 1);  /* A already row-major fp32 */
+    /* Scratch, 64-byte aligned pieces: A as fp32 (unless in place), A's codes, B's panels, their codes. */
+    const size_t pieces[4] = {in_place ? 0 : sizeof(float) * m * kk, sizeof(int32_t) * m * kk,
+                              sizeof(float) * j.np * kk, (size_t)(j.np * kk)};
+    size_t total = 0, at[4];
+    for (int q = 0; q < 4; q++) at[q] = total, total += (pieces[q] + 63) / 64 * 64;
+    char *mem = scratch(total + 64);
+    if (!mem) return -1;
+    mem += (64 - (uintptr_t)mem % 64) % 64;
+    float *a32 = in_place ? NULL : (float *)(mem + at[0]);
+    j.a = in_place ? (const float *)a : a32;
+    j.ea = (int32_t *)(mem + at[1]), j.bp = (float *)(mem + at[2]), j.eb = (int8_t *)(mem + at[3]);
+    j.out = out;
     int64_t bad_a = 0, bad_b = 0;
-    if (!ea || !j.bp || !j.eb || (promote && !j.acc)) {
-        status = -1;
-        goto done;
-    }
-    /* K blocks of whole instructions whose B panels (float + int16 per element) fit L2_BUDGET. */
-    int64_t block = L2_BUDGET / (j.np * 6 * chunk);
+    /* K blocks of whole instructions (whole promotion groups when promoting, so that C is 0 between
+     * blocks and the promoted accumulator alone lives in out) whose B panels, float + int8 code per
+     * element, fit L2_BUDGET. */
+    int64_t block = L2_BUDGET / (j.np * 5 * chunk);
     block = block < 1 ? 1 : block;
-    const int64_t n_blocks = (j.n_ins + block - 1) / block;
-    if (nthreads < 1) nthreads = 1;
+    if (promote) block = block < promote ? promote : block / promote * promote;
+    /* Descending, the first group visited is the partial one at the end of K. */
+    const int64_t first = promote && desc ? (j.n_ins - 1) % promote + 1 + (block - promote) : block;
+    const int64_t n_blocks = j.n_ins <= first ? 1 : 1 + (j.n_ins - first + block - 1) / block;
+    const int64_t k_squares = (k + BLOCK - 1) / BLOCK;
     uint32_t vmax_bits[2];
     memcpy(vmax_bits, vmax, sizeof vmax_bits);
+    if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef HAVE_MXCSR
@@ -494,20 +587,27 @@ int fp8lab_accumulate(const float *a, const float *b, int64_t m, int64_t n, int6
         const unsigned int csr = _mm_getcsr();
         _mm_setcsr(0x1F80);
 #endif
+        if (!in_place) {
+#pragma omp for schedule(static)
+            for (int64_t i0 = 0; i0 < m; i0 += BLOCK) copy_a(a32, a, a_bf16, sam, sak, k, i0, min64(m, i0 + BLOCK));
+        }
 #pragma omp for schedule(static) reduction(+ : bad_a)
-        for (int64_t i = 0; i < m; i++) bad_a += prep_a_row(&j, i, fmt, vmax_bits[0], ea);
+        for (int64_t i = 0; i < m; i++) bad_a += codes_a(&j, i, fmt, vmax_bits[0]);
 #pragma omp for schedule(static) reduction(+ : bad_b)
-        for (int64_t kr = 0; kr < k; kr++) bad_b += prep_b_row(&j, b, kr, fmt, vmax_bits[1]);
+        for (int64_t t = 0; t < tiles_n * k_squares; t++) {
+            const int64_t p = t / k_squares, k0 = (t % k_squares) * BLOCK;
+            bad_b += pack_b(&j, b, b_bf16, sbk, sbn, p, k0, min64(k, k0 + BLOCK), fmt, vmax_bits[1]);
+        }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
-            if (c0)
+            if (c0 && !promote)
                 memcpy(out + i * n, c0 + i * n, sizeof(float) * n);
             else
                 memset(out + i * n, 0, sizeof(float) * n);
         }
         if (!(bad_a || bad_b))
             for (int64_t blk = 0; blk < n_blocks; blk++) {
-                const int64_t t0 = blk * block, t1 = t0 + block < j.n_ins ? t0 + block : j.n_ins;
+                const int64_t t0 = blk ? first + (blk - 1) * block : 0, t1 = min64(j.n_ins, blk ? t0 + block : first);
                 /* Row tiles across threads; each sweeps every column panel of the block (in its L2). */
 #pragma omp for schedule(static)
                 for (int64_t it = 0; it < tiles_m; it++)
@@ -525,8 +625,5 @@ int fp8lab_accumulate(const float *a, const float *b, int64_t m, int64_t n, int6
 #endif
     }
     bad[0] = bad_a, bad[1] = bad_b;
-    if (promote && !(bad_a || bad_b)) memcpy(out, j.acc, sizeof(float) * m * n);
-done:
-    free(ea), free(j.bp), free(j.eb), free(j.acc);
-    return status;
+    return 0;
 }

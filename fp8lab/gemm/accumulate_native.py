@@ -86,9 +86,10 @@ def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
     lib = ctypes.CDLL(str(file))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fp8lab_accumulate.restype = ctypes.c_int
+    c_int = ctypes.c_int
     lib.fp8lab_accumulate.argtypes = [
-        ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-        ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
+        ptr, c_int, i64, i64, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int, c_int, c_int,
+        ptr, ptr, i64, ptr, i64, ptr, c_int, c_int, ptr,
     ]
     for name in ("fp8lab_accum_simd_bits", "fp8lab_accum_openmp"):
         getattr(lib, name).restype = ctypes.c_int
@@ -135,13 +136,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def run(kernel: Kernel, a: torch.Tensor, b: torch.Tensor, fmt: tuple[int, int, int, int], vmax: tuple[float, float],
         *, chunk: int, frac: int, promote: int, desc: bool, c0=None, sa=None, sb=None, generic: bool = False,
         ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One call of the kernel on float32 CPU tensors: ``(out (M, N), (off-grid values of a, of b))``.
+    """One call of the kernel: ``(out (M, N) float32, (off-grid values of a, of b))``.
 
-    Any strides: ``a``, ``b`` and ``c0`` are made row-major (a copy only for transposed or sliced
-    operands, e.g. the wgrad GEMM's); ``sa`` (M, G) and ``sb`` (G, N) must have a unit column
-    stride. ``promote`` is 0 for fast accumulation.
+    ``a`` and ``b``: float32 or bfloat16 CPU tensors, any strides (the kernel's prepass converts and
+    transposes them itself: torch's transposing copies cost more than the whole prepass). ``c0``
+    (M, N) is made row-major; ``sa`` (M, G) and ``sb`` (G, N) must have a unit column stride.
+    ``promote`` is 0 for fast accumulation.
     """
-    a, b = a.contiguous(), b.contiguous()
+    for x in (a, b):
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+            raise ValueError(f"the kernel takes float32 or bfloat16 CPU tensors, got {x.dtype} on {x.device}")
     c0 = None if c0 is None else c0.contiguous()
     m, k = a.shape
     n = b.shape[1]
@@ -149,7 +153,8 @@ def run(kernel: Kernel, a: torch.Tensor, b: torch.Tensor, fmt: tuple[int, int, i
     fmt_arr, vmax_arr = (ctypes.c_int * 4)(*fmt), (ctypes.c_float * 2)(*vmax)
     bad = (ctypes.c_int64 * 2)()
     status = kernel.lib.fp8lab_accumulate(
-        a.data_ptr(), b.data_ptr(), m, n, k,
+        a.data_ptr(), int(a.dtype == torch.bfloat16), a.stride(0), a.stride(1),
+        b.data_ptr(), int(b.dtype == torch.bfloat16), b.stride(0), b.stride(1), m, n, k,
         fmt_arr, vmax_arr, chunk, frac, promote, int(desc), _ptr(c0), _ptr(sa), sa.stride(0) if sa is not None else 0,
         _ptr(sb), sb.stride(0) if sb is not None else 0, out.data_ptr(), torch.get_num_threads(), int(generic), bad,
     )
