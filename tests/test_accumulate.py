@@ -274,12 +274,28 @@ def test_implementations_agree_bit_for_bit_on_larger_gemms(acc):
     a[3] = 0.0
     scales = (torch.rand(41, 6, generator=gen) + 0.5, torch.rand(6, 35, generator=gen) + 0.5)
     sa, sb = scales if acc.kind == "promoted" else (None, None)
-    outs = {p.values[0].name: tensor_core_accumulate(a.bfloat16(), b, E4M3, E5M2, acc, a_group_scale=sa,
+    a_in = a.bfloat16() if acc.kind == "fast" else a.t().contiguous().t()  # bf16, or a column-major fp32 a
+    outs = {p.values[0].name: tensor_core_accumulate(a_in, b, E4M3, E5M2, acc, a_group_scale=sa,
                                                      b_group_scale=sb, path=p.values[0])
             for p in PATHS if p.values[0].name == "torch" or KERNEL_OK}
     base = outs.pop("torch")
     for name, out in outs.items():
         assert same(out, base).all(), name
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here")
+def test_k_blocks_carry_the_state_exactly():
+    """A wide B makes the kernel cut K into blocks of 4 instructions (its B panels must fit L2): the
+    chained C (fast) and the promoted accumulator cross block edges, also in descending order with the
+    partial group (K = 700: 22 instructions) visited first."""
+    gen = torch.Generator().manual_seed(12)
+    a, b = fp8(gen, (13, 700), "e4m3", 8), fp8(gen, (700, 600), "e5m2", 0.1)
+    for acc in (HOPPER_FAST, HOPPER_PROMOTED, Accumulator(kind="promoted", k_order="descending"),
+                Accumulator(kind="promoted", promote_every=3, k_order="descending")):
+        expected = tensor_core_accumulate(a, b, E4M3, E5M2, acc, path=AccumulatePath("torch", "forced"))
+        for name in ("c-simd", "c-generic"):
+            out = tensor_core_accumulate(a, b, E4M3, E5M2, acc, path=AccumulatePath(name, "forced"))
+            assert same(out, expected).all(), (name, acc)
 
 
 def test_fp32_kind_is_an_fp32_accumulation():
