@@ -281,6 +281,10 @@ def test_implementations_agree_bit_for_bit_on_larger_gemms(acc):
     base = outs.pop("torch")
     for name, out in outs.items():
         assert same(out, base).all(), name
+    if KERNEL_OK:  # the kernel's scratch, freed, is allocated afresh
+        accumulate_native.release(acc_mod._kernel()[0])
+        again = tensor_core_accumulate(a_in, b, E4M3, E5M2, acc, a_group_scale=sa, b_group_scale=sb)
+        assert same(again, base).all()
 
 
 @pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here")
