@@ -32,8 +32,9 @@ named by ``accumulate_path`` for ``fp8lab info``. NaN results compare as NaN (pa
 Cost: the C kernel runs at about a third of an fp32 GEMM's speed (pass 2 is four vector ops per 16
 products where a GEMM needs one FMA); it keeps its scratch memory (about 8 bytes per element of a,
 5 per element of b, for the largest call so far) with the calling thread between calls, because a
-fresh page costs microseconds on a VM (``accumulate_native.release`` frees it). The torch fallback is
-about 30x slower than the kernel.
+fresh page costs microseconds on a VM (``accumulate_native.release`` frees it). Measured on the
+2-core AVX-512 dev VM, 2048x512x128 promoted: SIMD kernel 5.5 ms (49 GFLOP-equivalent/s), its
+generic scalar path (CPUs without AVX2) 0.43 s, the pure-torch fallback 1.4 s.
 """
 
 from __future__ import annotations
