@@ -107,7 +107,7 @@ def mlp() -> nn.Module:
 def make_step(model, x, grad, backend):
     def step():
         original = fp8lab.layers.linear.backend_for
-        fp8lab.layers.linear.backend_for = lambda name, device: backend if name == "emulated" else original(name, device)
+        fp8lab.layers.linear.backend_for = lambda name, dev: backend if name == "emulated" else original(name, dev)
         try:
             model.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):

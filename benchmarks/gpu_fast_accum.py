@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=None)
     args = parser.parse_args()
     cpu = args.device == "cpu"
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or (["64x48"] if cpu else ["256x256", "1024x512"]))]
+    names = args.shapes or (["64x48"] if cpu else ["256x256", "1024x512"])
+    shapes = [tuple(int(v) for v in s.split("x")) for s in names]
     ks = args.k or ([32, 96, 160, 1000, 4096] if cpu else K_DEFAULT)
     gen = torch.Generator().manual_seed(0)
     print(f"model: {accumulate_path().reason}; scales {SCALE_A} x {SCALE_B}; torch {torch.__version__}")

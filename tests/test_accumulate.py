@@ -122,7 +122,7 @@ def test_ten_thousand_instructions_match_the_reference(path, instruction_referen
     for (label, a, b, c, fa, fb, chunk), expected in zip(BATCHES, instruction_reference):
         out = chain_instructions(a, b, c, FMT[fa][0], FMT[fb][0], chunk=chunk, path=path)
         eq = same(out, expected)
-        assert eq.all(), f"{label}: {(~eq).sum().item()} of {eq.numel()} differ, e.g. {out[~eq][:3]} vs {expected[~eq][:3]}"
+        assert eq.all(), f"{label}: {(~eq).sum().item()} of {eq.numel()} differ: {out[~eq][:3]} vs {expected[~eq][:3]}"
         total += eq.numel()
     assert total >= 10_000
 
@@ -421,7 +421,8 @@ def test_a_failed_build_falls_back_to_torch_loudly(monkeypatch, tmp_path):
     kernel, why = accumulate_native.load_kernel(compiler=str(tmp_path / "no-such-cc"))
     assert kernel is None and "no C compiler found" in why
     broken = tmp_path / "cc"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken cc 1.0' && exit 0\necho 'error: no' >&2\nexit 1\n")
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken cc 1.0' && exit 0\n"
+                      "echo 'error: no' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     kernel, why = accumulate_native.load_kernel(compiler=str(broken))

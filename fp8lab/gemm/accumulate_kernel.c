@@ -141,9 +141,11 @@ static void copy_a(float *dst, const void *a, int bf16, int64_t sm, int64_t sk, 
     for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
         const int64_t k1 = min64(k, k0 + BLOCK);
         if (sk <= sm)
-            for (int64_t i = i0; i < i1; i++) copy_strided(dst + i * k + k0, 1, element(a, bf16, i * sm + k0 * sk), bf16, sk, k1 - k0);
+            for (int64_t i = i0; i < i1; i++)
+                copy_strided(dst + i * k + k0, 1, element(a, bf16, i * sm + k0 * sk), bf16, sk, k1 - k0);
         else
-            for (int64_t kk = k0; kk < k1; kk++) copy_strided(dst + i0 * k + kk, k, element(a, bf16, i0 * sm + kk * sk), bf16, sm, i1 - i0);
+            for (int64_t kk = k0; kk < k1; kk++)
+                copy_strided(dst + i0 * k + kk, k, element(a, bf16, i0 * sm + kk * sk), bf16, sm, i1 - i0);
     }
 }
 
@@ -169,9 +171,11 @@ static int64_t pack_b(const job_t *j, const void *b, int bf16, int64_t sk, int64
     const int64_t c0 = p * nr, nc = min64(nr, j->n - c0);
     float *dst = j->bp + p * j->k * nr;
     if (sn <= sk)
-        for (int64_t k = k0; k < k1; k++) copy_strided(dst + k * nr, 1, element(b, bf16, k * sk + c0 * sn), bf16, sn, nc);
+        for (int64_t k = k0; k < k1; k++)
+            copy_strided(dst + k * nr, 1, element(b, bf16, k * sk + c0 * sn), bf16, sn, nc);
     else
-        for (int c = 0; c < nc; c++) copy_strided(dst + k0 * nr + c, nr, element(b, bf16, k0 * sk + (c0 + c) * sn), bf16, sk, k1 - k0);
+        for (int c = 0; c < nc; c++)
+            copy_strided(dst + k0 * nr + c, nr, element(b, bf16, k0 * sk + (c0 + c) * sn), bf16, sk, k1 - k0);
     for (int64_t k = k0; k < k1; k++)
         for (int c = (int)nc; c < nr; c++) dst[k * nr + c] = 0.0f;
     int32_t bad = 0;
@@ -376,7 +380,9 @@ static inline int vi_any_outside(vi x, int lo, int hi) {
 static inline vf pow2(vi e) { return vi_as_vf(vi_slli(vi_add(e, vi_set1(127)), 23)); }
 
 /* C's exponent, clamped at -126; 128 for inf/NaN. */
-static inline vi c_exponent(vf c) { return vi_sub(vi_max(vi_and(vi_srli(vf_as_vi(c), 23), vi_set1(0xFF)), vi_set1(1)), vi_set1(127)); }
+static inline vi c_exponent(vf c) {
+    return vi_sub(vi_max(vi_and(vi_srli(vf_as_vi(c), 23), vi_set1(0xFF)), vi_set1(1)), vi_set1(127));
+}
 
 /* Load (store) a tile's state: straight vector loads for a full tile, through buf at the edges. */
 static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
@@ -393,7 +399,8 @@ static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, i
 static void state_out(const job_t *j, float *dst, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
     if (!dst) return;
     for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) vf_store(full ? dst + (i0 + r) * j->n + j0 + v * VL : buf + r * NR + v * VL, x[r][v]);
+        for (int v = 0; v < NV; v++)
+            vf_store(full ? dst + (i0 + r) * j->n + j0 + v * VL : buf + r * NR + v * VL, x[r][v]);
     if (!full) tile_out(j, dst, i0, j0, buf);
 }
 
