@@ -100,8 +100,7 @@ def accumulate_torch(a: torch.Tensor, b: torch.Tensor, emins: tuple[int, int], *
             ins = n_ins - 1 - t if desc else t
             ks = slice(ins * chunk, min(k, (ins + 1) * chunk))
             c = _instruction(a[i0:i1, ks], b[ks], ea[i0:i1, ks], eb[ks], c, frac, out_frac)
-            last_of_group = ins % promote == 0 if desc else (ins % promote == promote - 1 or ins == n_ins - 1)
-            if promote and last_of_group:
+            if promote and (ins % promote == 0 if desc else ins % promote == promote - 1 or ins == n_ins - 1):
                 g = ins // promote
                 if sa is not None:
                     acc = fma_fp32(c, sa[i0:i1, g:g + 1] * sb[g:g + 1], acc)  # scales multiplied in fp32 first
