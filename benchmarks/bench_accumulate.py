@@ -1,0 +1,161 @@
+"""Speed of the FP8 tensor-core accumulator model (fp8lab.gemm.accumulate) on this CPU.
+
+Two tables, variants timed interleaved in one process (``benchmarks/common.py``):
+
+- GEMMs: the quickstart MLP's six GEMM shapes (2048 tokens, 128 -> 512 -> 128: fprop, dgrad and
+  wgrad of both layers) in GFLOP-equivalents (2*M*N*K / time) for ``torch.mm`` fp32 and bf16 (what
+  the "fp32" accumulation of the emulated backend runs: oneDNN bf16 where native, fp32 elsewhere)
+  and the model's fast and promoted accumulation on its chosen path (``accumulate_path``);
+- training step: that MLP (``fp8lab.Linear`` x2 with GELU, delayed scaling, bf16 autocast, forward
+  + backward + ``update_scales``) with today's emulated backend (fp32 accumulation) against the
+  same step whose GEMMs go through the model: fprop fast, dgrad and wgrad promoted every 4
+  instructions, as Transformer Engine runs them. Target: the model's step <= ~3x the fp32 one.
+
+    python -m benchmarks.bench_accumulate [--quick] [--no-write] [--imitate-avx2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fp8lab  # noqa: E402
+import fp8lab.layers.linear  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_section, markdown_table, paired_ratio, start, summary, time_interleaved, timing_arguments,
+)
+from fp8lab import FP8Options  # noqa: E402
+from fp8lab.formats import E4M3, E5M2  # noqa: E402
+from fp8lab.gemm.accumulate import HOPPER_FAST, HOPPER_PROMOTED, accumulate_path, tensor_core_accumulate  # noqa: E402
+from fp8lab.gemm.backends.emulated import EmulatedBackend, _inv_product  # noqa: E402
+from fp8lab.gemm.exact import gemm_path  # noqa: E402
+
+TOKENS, HIDDEN, FFN = 2048, 128, 512
+# (name, M, K, N, a format, b format, accumulation) of the MLP's six GEMMs (HYBRID: gradients E5M2).
+GEMMS = (
+    ("fc1 fprop", TOKENS, HIDDEN, FFN, E4M3, E4M3, HOPPER_FAST),
+    ("fc2 fprop", TOKENS, FFN, HIDDEN, E4M3, E4M3, HOPPER_FAST),
+    ("fc2 dgrad", TOKENS, HIDDEN, FFN, E5M2, E4M3, HOPPER_PROMOTED),
+    ("fc1 dgrad", TOKENS, FFN, HIDDEN, E5M2, E4M3, HOPPER_PROMOTED),
+    ("fc2 wgrad", HIDDEN, TOKENS, FFN, E5M2, E4M3, HOPPER_PROMOTED),
+    ("fc1 wgrad", FFN, TOKENS, HIDDEN, E5M2, E4M3, HOPPER_PROMOTED),
+)
+
+
+class TensorCoreBackend(EmulatedBackend):
+    """The emulated backend with the accumulator model (benchmark only): fprop (E4M3 x E4M3) fast,
+    dgrad and wgrad (an E5M2 gradient) promoted. The GEMM learns its operands' formats from the
+    casts that made them (by storage address: a cast's output lives until its GEMM has run)."""
+
+    name = "emulated-tensor-core"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.formats: dict[int, object] = {}
+
+    def quantize(self, x_hp, scale, fmt):
+        q = super().quantize(x_hp, scale, fmt)
+        self.formats[q.data_ptr()] = fmt
+        return q
+
+    def gemm(self, a, b, a_inv, b_inv, out_dtype, bias=None):
+        fa, fb = self.formats.get(a.data_ptr(), E4M3), self.formats.get(b.data_ptr(), E4M3)
+        acc = HOPPER_FAST if fa is E4M3 and fb is E4M3 else HOPPER_PROMOTED
+        out = tensor_core_accumulate(a, b, fa, fb, acc)  # (M, N) fp32, before the epilogue
+        inv = _inv_product(a_inv, b_inv)
+        if inv is not None:
+            out.mul_(inv)
+        if bias is not None:
+            out.add_(bias)
+        return out.to(out_dtype)
+
+
+def gemm_rows(repeats: int, warmup: int) -> list[list[str]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, m, k, n, fa, fb, acc in GEMMS:
+        a = (torch.randn(m, k, generator=gen) * 8).to(fa.dtype).float()
+        b = (torch.randn(k, n, generator=gen) * 8).to(fb.dtype).float()
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        steps = {
+            "mm fp32": lambda: torch.mm(a, b),
+            "mm bf16": lambda: torch.mm(a16, b16),
+            "model fast": lambda: tensor_core_accumulate(a, b, fa, fb, HOPPER_FAST),
+            "model promoted": lambda: tensor_core_accumulate(a, b, fa, fb, HOPPER_PROMOTED),
+        }
+        times, _ = time_interleaved(steps, repeats, warmup)
+        gflop = {v: 2 * m * n * k / (summary(t)["median"] * 1e-3) / 1e9 for v, t in times.items()}
+        rows.append([f"{name} {m}x{k}x{n}", *(f"{gflop[v]:.0f}" for v in steps),
+                     f"{paired_ratio(times['model promoted'], times['mm fp32']):.2f}",
+                     f"{paired_ratio(times['model promoted'], times['mm bf16']):.2f}"])
+    return rows
+
+
+def mlp() -> nn.Module:
+    opts = FP8Options(scaling=fp8lab.DelayedScaling(amax_history_len=16), fallback="emulated")
+    torch.manual_seed(0)
+    return nn.Sequential(fp8lab.Linear(HIDDEN, FFN, fp8=opts), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, fp8=opts))
+
+
+def make_step(model, x, grad, backend):
+    def step():
+        original = fp8lab.layers.linear.backend_for
+        fp8lab.layers.linear.backend_for = lambda name, dev: backend if name == "emulated" else original(name, dev)
+        try:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = model(x)
+            y.backward(grad.to(y.dtype))
+            fp8lab.update_scales(model)
+        finally:
+            fp8lab.layers.linear.backend_for = original
+
+    return step
+
+
+def step_rows(repeats: int, warmup: int) -> tuple[list[list[str]], float]:
+    gen = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(TOKENS, HIDDEN, generator=gen), torch.randn(TOKENS, HIDDEN, generator=gen)
+    path = gemm_path("cpu")
+    model = mlp()
+    steps = {
+        f"fp32 accumulation ({path.name})": make_step(model, x, grad, EmulatedBackend(path)),
+        "tensor-core model": make_step(model, x, grad, TensorCoreBackend(path)),
+    }
+    times, _ = time_interleaved(steps, repeats, warmup)
+    base = next(iter(steps))
+    ratio = paired_ratio(times["tensor-core model"], times[base])
+    rows = [[v, f"{summary(t)['median']:.1f}", f"{summary(t)['q1']:.1f}-{summary(t)['q3']:.1f}",
+             "1.00" if v == base else f"{ratio:.2f}"] for v, t in times.items()]
+    return rows, ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    timing_arguments(parser, repeats=15, warmup=3)
+    args = parser.parse_args()
+    load_before = start(args)
+    repeats = 5 if args.quick else args.repeats
+    print(f"accumulator path: {accumulate_path().reason}")
+    gemm = markdown_table(["GEMM MxKxN", "mm fp32 GF/s", "mm bf16 GF/s", "model fast GF/s", "model promoted GF/s",
+                           "promoted / fp32 time", "promoted / bf16 time"], gemm_rows(repeats, args.warmup))
+    steps, ratio = step_rows(repeats, args.warmup)
+    step = markdown_table(["MLP step (2048 tokens, 128->512->128, fwd+bwd)", "median ms", "IQR ms", "time / fp32"],
+                          steps)
+    body = (f"Accumulator path: {accumulate_path().reason}.\n\n{gemm}\n\n{step}\n\n"
+            f"Target: the model's step <= ~3x the fp32-accumulation step; measured {ratio:.2f}x.")
+    print(body)
+    if not args.no_write:
+        append_section("FP8 tensor-core accumulator model: kernel speed", body, load_before)
+
+
+if __name__ == "__main__":
+    main()

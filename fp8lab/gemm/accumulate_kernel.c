@@ -1,0 +1,636 @@
+/*
+ * fp8lab: Hopper's FP8 tensor-core accumulator (sm_90 wgmma, FP8 inputs, fp32 accumulator), bit for bit.
+ *
+ * Invariant: every output is what fp8lab/gemm/accumulate.py documents (the five steps of one instruction,
+ * chained over K, promoted every `promote` instructions, scaled per group), for every input, inf and NaN
+ * included; the SIMD path and the generic path give the same bits. Compiled at first use by
+ * fp8lab/gemm/accumulate_native.py; no Python or torch headers (they compile slowly).
+ *
+ * One instruction, per output element: D = C + sum of `chunk` exact products. Every term (C included)
+ * is aligned to the largest exponent E among them, truncated toward zero to a multiple of 2^(E-F)
+ * (F = fraction bits, 13 on Hopper), the truncated terms are added exactly, and the sum is truncated
+ * toward zero to min(F, 23) fraction bits. Exponents: a product's is the sum of its operands' (a subnormal
+ * operand takes its format's minimum, a zero -126), C's its fp32 exponent clamped at -126.
+ *
+ * SIMD path (AVX-512 or AVX2, F <= 16): in units of 2^(E-F) a truncated term is (int)(a*b * 2^(F-E)) --
+ * a*b is exact in fp32, the power-of-two scale is exact, |term| < 2^(F+2) -- so a chunk's sum is an exact
+ * int32 and step 5 is a mask of its float's low mantissa bits. Pass 1 finds E per output with saturating
+ * int8 max-plus arithmetic on exponent codes (two ops per NR products, A's codes broadcast straight from
+ * memory); pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised
+ * over N; a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K
+ * block, whose B panels stay in L2. Generic path (any CPU, any F <= 40): the same steps per element in
+ * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself: torch's
+ * transposing copies cost more than the whole prepass.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_MXCSR 1
+#endif
+
+#define EXP_ZERO (-126)     /* the exponent of a zero operand, and the clamp of C's */
+#define EXP_NONFINITE 2000  /* inf/NaN operand: an instruction whose E reaches 128 is an IEEE sum */
+/* Exponent codes (int8) for pass 1, valid for operand exponents in [-19, 19] (E4M3, E5M2): a finite
+ * nonzero value's exponent itself, CODE_ZERO for zero, CODE_NONFINITE for inf/NaN. Saturating sums of
+ * two codes keep the order of the true sums: finite products in [-38, 38]; one zero operand in [-83, -45]
+ * (true value: the sum - 62); two zeros -128 (true -252, below C's -126); inf/NaN >= 63. */
+#define CODE_ZERO (-64)
+#define CODE_NONFINITE 127
+#define CODE_SPLIT 40       /* |sum of codes| >= CODE_SPLIT: a zero (below) or an inf/NaN (above) took part */
+#define L2_BUDGET (384 * 1024)  /* bytes of a K block of B's panels (float + int8 codes) kept in a core's L2 */
+#define BLOCK 64            /* the prepass's transposing copies move BLOCK x BLOCK squares */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SIMD 256
+#else
+#define SIMD 0
+#endif
+
+#define MR_G 4 /* generic path tile: MR_G x NR_G */
+#define NR_G 8
+
+typedef struct {
+    int64_t m, n, k, n_ins, np;  /* np: N rounded up to nr (B's packed row length) */
+    int chunk, frac, out_frac, promote, desc, mr, nr;
+    const float *a, *c0, *sa, *sb;  /* a: (M, K) row-major float */
+    int64_t sa_ld, sb_ld;
+    int32_t *ea;         /* (M, K): A's exponent codes, each repeated in the 4 bytes (one 32-bit broadcast) */
+    float *bp;           /* B as [panel][k][nr], columns past N zero */
+    int8_t *eb;          /* its exponent codes, same layout */
+    float *out;          /* (M, N): between K blocks, the chained C ("fast") or the promoted accumulator */
+} job_t;
+
+/* Scratch memory of the calling thread, kept between calls: on a VM a page fault costs microseconds,
+ * and fresh buffers per call (glibc hands large freed blocks back to the OS) tripled the time of a
+ * 2048x128x512 GEMM. Holds as much as the largest call needed, until fp8lab_accum_release(). */
+static __thread void *arena;
+static __thread size_t arena_bytes;
+
+static void *scratch(size_t bytes) {
+    if (bytes > arena_bytes) {
+        free(arena);
+        arena = malloc(bytes);
+        arena_bytes = arena ? bytes : 0;
+    }
+    return arena;
+}
+
+void fp8lab_accum_release(void) {
+    free(arena);
+    arena = NULL, arena_bytes = 0;
+}
+
+static inline int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+/* The exponent code of an FP8 operand (see CODE_ZERO): its exponent, emin for a subnormal of the format,
+ * CODE_ZERO for zero, CODE_NONFINITE for inf/NaN. *off: 1 if v is neither a value of the format (emin,
+ * mbits, largest value with bits vmax_bits) nor inf/NaN. Masks, min and max only: the loops vectorise. */
+static inline int32_t operand_code(float v, int32_t emin, int32_t mbits, uint32_t vmax_bits, int32_t *off) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    const int32_t be = (int32_t)(mag >> 23), e = be - 127;
+    const int32_t nonfinite = -(int32_t)(be == 255), zero = -(int32_t)(mag == 0);  /* all-ones or 0 */
+    int32_t below = emin - e;
+    below = below > 0 ? below : 0;
+    int32_t shift = 23 - mbits + below; /* low mantissa bits that must be zero */
+    const int32_t tiny = shift > 23;
+    shift = shift < 23 ? shift : 23;
+    const uint32_t low = u & ((1u << shift) - 1u);
+    *off = ~(nonfinite | zero) & ((be == 0) | (mag > vmax_bits) | tiny | (low != 0));
+    int32_t c = e > emin ? e : emin;
+    c = c < 19 ? c : 19;  /* the clamps only touch off-grid values, which are never computed with */
+    c = c > -19 ? c : -19;
+    return (c & ~(nonfinite | zero)) | (CODE_ZERO & zero) | (CODE_NONFINITE & nonfinite);
+}
+
+static inline int32_t exponent_of_code(int32_t c) {
+    return c == CODE_ZERO ? EXP_ZERO : c == CODE_NONFINITE ? EXP_NONFINITE : c;
+}
+
+/* dst[i * ds] = src[i * ss] for i < count, src fp32 or bf16 (widened exactly). The branches sit outside
+ * the loops so that the unit-stride cases vectorise. */
+static void copy_strided(float *dst, int64_t ds, const void *src, int bf16, int64_t ss, int64_t count) {
+    if (bf16) {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < count; i++) {
+            const uint32_t u = (uint32_t)s[i * ss] << 16;
+            memcpy(dst + i * ds, &u, 4);
+        }
+    } else {
+        const float *s = src;
+        for (int64_t i = 0; i < count; i++) dst[i * ds] = s[i * ss];
+    }
+}
+
+static inline const void *element(const void *base, int bf16, int64_t at) {
+    return bf16 ? (const void *)((const uint16_t *)base + at) : (const void *)((const float *)base + at);
+}
+
+/* Rows [i0, i1) of A (strides sm, sk; fp32 or bf16) into row-major float, in squares so that a
+ * transposed A is read along its cache lines. */
+static void copy_a(float *dst, const void *a, int bf16, int64_t sm, int64_t sk, int64_t k, int64_t i0, int64_t i1) {
+    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+        const int64_t k1 = min64(k, k0 + BLOCK);
+        if (sk <= sm)
+            for (int64_t i = i0; i < i1; i++)
+                copy_strided(dst + i * k + k0, 1, element(a, bf16, i * sm + k0 * sk), bf16, sk, k1 - k0);
+        else
+            for (int64_t kk = k0; kk < k1; kk++)
+                copy_strided(dst + i0 * k + kk, k, element(a, bf16, i0 * sm + kk * sk), bf16, sm, i1 - i0);
+    }
+}
+
+/* Row i of A: its exponent codes and how many of its values are off the grid. */
+static int64_t codes_a(const job_t *j, int64_t i, const int *fmt, uint32_t vmax_bits) {
+    int32_t bad = 0;
+    const float *a = j->a + i * j->k;
+    int32_t *dst = j->ea + i * j->k;
+    const int32_t emin = fmt[0], mbits = fmt[1], k = (int32_t)j->k;  /* locals: dst may alias fmt */
+    for (int32_t kk = 0; kk < k; kk++) {
+        int32_t off;
+        const uint32_t c = (uint32_t)operand_code(a[kk], emin, mbits, vmax_bits, &off) & 0xFFu;
+        dst[kk] = (int32_t)(c * 0x01010101u);
+        bad += off;
+    }
+    return bad;
+}
+
+/* Rows [k0, k1) of B's panel p (B: strides sk, sn; fp32 or bf16), its codes, and its off-grid count. */
+static int64_t pack_b(const job_t *j, const void *b, int bf16, int64_t sk, int64_t sn, int64_t p, int64_t k0,
+                      int64_t k1, const int *fmt, uint32_t vmax_bits) {
+    const int nr = j->nr;
+    const int64_t c0 = p * nr, nc = min64(nr, j->n - c0);
+    float *dst = j->bp + p * j->k * nr;
+    if (sn <= sk)
+        for (int64_t k = k0; k < k1; k++)
+            copy_strided(dst + k * nr, 1, element(b, bf16, k * sk + c0 * sn), bf16, sn, nc);
+    else
+        for (int c = 0; c < nc; c++)
+            copy_strided(dst + k0 * nr + c, nr, element(b, bf16, k0 * sk + (c0 + c) * sn), bf16, sk, k1 - k0);
+    for (int64_t k = k0; k < k1; k++)
+        for (int c = (int)nc; c < nr; c++) dst[k * nr + c] = 0.0f;
+    int32_t bad = 0;
+    int8_t *codes = j->eb + p * j->k * nr;
+    const int32_t emin = fmt[2], mbits = fmt[3];
+    for (int64_t at = k0 * nr; at < k1 * nr; at++) {
+        int32_t off;
+        codes[at] = (int8_t)operand_code(dst[at], emin, mbits, vmax_bits, &off);
+        bad += off;
+    }
+    return bad;
+}
+
+/* Instruction `ins` ends a promotion group (in the order the K loop visits instructions). */
+static inline int promotes_after(const job_t *j, int64_t ins) {
+    if (!j->promote) return 0;
+    return j->desc ? ins % j->promote == 0 : (ins % j->promote == j->promote - 1 || ins == j->n_ins - 1);
+}
+
+/* Copy a tile (rows i0.., columns j0..) between an (M, N) matrix and a dense mr x nr buffer, inside (M, N);
+ * a NULL matrix reads as zeros and takes no writes. */
+static void tile_in(const job_t *j, const float *src, int64_t i0, int64_t j0, float *dst) {
+    for (int r = 0; r < j->mr; r++)
+        for (int c = 0; c < j->nr; c++)
+            dst[r * j->nr + c] = (src && i0 + r < j->m && j0 + c < j->n) ? src[(i0 + r) * j->n + j0 + c] : 0.0f;
+}
+
+static void tile_out(const job_t *j, float *dst, int64_t i0, int64_t j0, const float *src) {
+    if (!dst) return;
+    for (int r = 0; r < j->mr && i0 + r < j->m; r++)
+        for (int c = 0; c < j->nr && j0 + c < j->n; c++) dst[(i0 + r) * j->n + j0 + c] = src[r * j->nr + c];
+}
+
+/* The promotion's scales sA[i, g] * sB[g, j] (one fp32 rounding) for the tile, zeros outside. */
+static void group_scales(const job_t *j, int64_t g, int64_t i0, int64_t j0, float *dst) {
+    for (int r = 0; r < j->mr; r++)
+        for (int c = 0; c < j->nr; c++) {
+            const int in = i0 + r < j->m && j0 + c < j->n;
+            dst[r * j->nr + c] = in ? j->sa[(i0 + r) * j->sa_ld + g] * j->sb[g * j->sb_ld + j0 + c] : 0.0f;
+        }
+}
+
+static inline int64_t row_of(const job_t *j, int64_t i) { return i < j->m ? i : j->m - 1; }
+
+/* ---------------------------------------------------------------- one output, scalar, in double */
+
+static inline int c_exponent_scalar(float c) {
+    uint32_t u;
+    memcpy(&u, &c, 4);
+    const int be = (int)((u >> 23) & 0xFF);
+    return be == 255 ? EXP_NONFINITE : (be < 1 ? 1 : be) - 127;
+}
+
+/* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
+ * can overflow double, so the non-finite terms alone decide it, in any order). */
+static float ieee_instruction(const float *arow, const float *bcol, int nr, int64_t k0, int64_t k1, float cin) {
+    double s = (double)cin;
+    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bcol[k * nr];
+    return (float)s;
+}
+
+/* One instruction for one output (B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
+static float instruction_scalar(const job_t *j, const float *arow, const int32_t *earow, const float *bcol,
+                                const int8_t *ebcol, int64_t k0, int64_t k1, float cin) {
+    int e = c_exponent_scalar(cin);
+    for (int64_t k = k0; k < k1; k++) {
+        const int ek = exponent_of_code((int8_t)(earow[k] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
+        e = ek > e ? ek : e;
+    }
+    if (e >= 128) return ieee_instruction(arow, bcol, j->nr, k0, k1, cin);
+    double sum = trunc(ldexp((double)cin, j->frac - e));
+    for (int64_t k = k0; k < k1; k++) sum += trunc(ldexp((double)arow[k] * (double)bcol[k * j->nr], j->frac - e));
+    /* Step 5: toward zero to out_frac fraction bits, with fp32's exponent range (clamped at -126). */
+    const double v = ldexp(sum, e - j->frac);
+    if (v == 0.0) return 0.0f;  /* +0: the hardware's integer sum has no sign of zero */
+    int lead;
+    frexp(v, &lead);
+    lead = lead - 1 < -126 ? -126 : lead - 1;  /* 2^lead <= |v| */
+    return (float)ldexp(trunc(ldexp(v, j->out_frac - lead)), lead - j->out_frac);  /* exact, or inf past fp32 */
+}
+
+static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_t t1) {
+    enum { T = MR_G * NR_G };
+    const int64_t i0 = it * MR_G, j0 = jt * NR_G;
+    const float *bpanel = j->bp + jt * j->k * NR_G;
+    const int8_t *ebpanel = j->eb + jt * j->k * NR_G;
+    float c[T], acc[T], s[T];
+    tile_in(j, j->promote ? NULL : j->out, i0, j0, c);
+    tile_in(j, j->promote ? j->out : NULL, i0, j0, acc);
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
+        const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
+        for (int r = 0; r < MR_G; r++) {
+            const float *arow = j->a + row_of(j, i0 + r) * j->k;
+            const int32_t *earow = j->ea + row_of(j, i0 + r) * j->k;
+            for (int q = 0; q < NR_G; q++)
+                c[r * NR_G + q] = instruction_scalar(j, arow, earow, bpanel + q, ebpanel + q, k0, k1, c[r * NR_G + q]);
+        }
+        if (promotes_after(j, ins)) {
+            if (j->sa) {
+                group_scales(j, ins / j->promote, i0, j0, s);
+                for (int q = 0; q < T; q++) acc[q] = fmaf(c[q], s[q], acc[q]);
+            } else {
+                for (int q = 0; q < T; q++) acc[q] = acc[q] + c[q];
+            }
+            memset(c, 0, sizeof c);
+        }
+    }
+    tile_out(j, j->out, i0, j0, j->promote ? acc : c);
+}
+
+/* ---------------------------------------------------------------- SIMD path */
+
+#if SIMD == 512
+#define VL 16
+#define MR 6
+typedef __m512 vf;
+typedef __m512i vi; /* VL int32 */
+typedef __m256i vh; /* NR = 2 * VL int8 exponent codes */
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_set1 _mm512_set1_ps
+#define vf_zero _mm512_setzero_ps
+#define vf_add _mm512_add_ps
+#define vf_mul _mm512_mul_ps
+#define vf_fmadd _mm512_fmadd_ps
+#define vf_as_vi _mm512_castps_si512
+#define vi_as_vf _mm512_castsi512_ps
+#define vf_to_vi_trunc _mm512_cvttps_epi32
+#define vi_to_vf _mm512_cvtepi32_ps
+#define vi_set1 _mm512_set1_epi32
+#define vi_add _mm512_add_epi32
+#define vi_sub _mm512_sub_epi32
+#define vi_max _mm512_max_epi32
+#define vi_min _mm512_min_epi32
+#define vi_and _mm512_and_si512
+#define vi_srli _mm512_srli_epi32
+#define vi_slli _mm512_slli_epi32
+#define vi_store(p, x) _mm512_storeu_si512((void *)(p), (x))
+#define vh_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vh_set1 _mm256_set1_epi8
+#define vh_bcast32(p) _mm256_set1_epi32(*(p)) /* four copies of a code: a plain 32-bit broadcast load */
+#define vh_add _mm256_adds_epi8
+#define vh_max _mm256_max_epi8
+#define vh_widen(x, h) _mm512_cvtepi8_epi32(_mm256_extracti128_si256((x), (h)))
+/* True exponents from the max of code sums: -62 below -CODE_SPLIT (a zero took part), EXP_NONFINITE above. */
+static inline vi decode(vi d) {
+    d = _mm512_mask_sub_epi32(d, _mm512_cmple_epi32_mask(d, vi_set1(-CODE_SPLIT)), d, vi_set1(62));
+    return _mm512_mask_mov_epi32(d, _mm512_cmpge_epi32_mask(d, vi_set1(CODE_SPLIT)), vi_set1(EXP_NONFINITE));
+}
+/* Whether any lane of x lies outside [lo, hi]. */
+static inline int vi_any_outside(vi x, int lo, int hi) {
+    return _mm512_cmpgt_epu32_mask(vi_sub(x, vi_set1(lo)), vi_set1(hi - lo)) != 0;
+}
+#elif SIMD == 256
+#define VL 8
+#define MR 2
+typedef __m256 vf;
+typedef __m256i vi;
+typedef __m128i vh;
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_set1 _mm256_set1_ps
+#define vf_zero _mm256_setzero_ps
+#define vf_add _mm256_add_ps
+#define vf_mul _mm256_mul_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vf_as_vi _mm256_castps_si256
+#define vi_as_vf _mm256_castsi256_ps
+#define vf_to_vi_trunc _mm256_cvttps_epi32
+#define vi_to_vf _mm256_cvtepi32_ps
+#define vi_set1 _mm256_set1_epi32
+#define vi_add _mm256_add_epi32
+#define vi_sub _mm256_sub_epi32
+#define vi_max _mm256_max_epi32
+#define vi_min _mm256_min_epi32
+#define vi_and _mm256_and_si256
+#define vi_srli _mm256_srli_epi32
+#define vi_slli _mm256_slli_epi32
+#define vi_store(p, x) _mm256_storeu_si256((__m256i *)(p), (x))
+#define vh_load(p) _mm_loadu_si128((const __m128i *)(p))
+#define vh_set1 _mm_set1_epi8
+#define vh_bcast32(p) _mm_set1_epi32(*(p))
+#define vh_add _mm_adds_epi8
+#define vh_max _mm_max_epi8
+#define vh_widen(x, h) _mm256_cvtepi8_epi32((h) ? _mm_srli_si128((x), 8) : (x))
+static inline vi decode(vi d) {
+    d = vi_sub(d, vi_and(_mm256_cmpgt_epi32(vi_set1(-CODE_SPLIT + 1), d), vi_set1(62)));
+    return _mm256_blendv_epi8(d, vi_set1(EXP_NONFINITE), _mm256_cmpgt_epi32(d, vi_set1(CODE_SPLIT - 1)));
+}
+static inline int vi_any_outside(vi x, int lo, int hi) {
+    const vi u = vi_sub(x, vi_set1(lo)), range = vi_set1(hi - lo);  /* unsigned u > range <=> max(u, range) != range */
+    return !_mm256_testc_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(u, range), range), _mm256_set1_epi32(-1));
+}
+#endif
+
+#if SIMD
+#define NV 2
+#define NR (NV * VL)
+
+/* 2^e for an int32 vector of exponents in [-126, 127]. */
+static inline vf pow2(vi e) { return vi_as_vf(vi_slli(vi_add(e, vi_set1(127)), 23)); }
+
+/* C's exponent, clamped at -126; 128 for inf/NaN. */
+static inline vi c_exponent(vf c) {
+    return vi_sub(vi_max(vi_and(vi_srli(vf_as_vi(c), 23), vi_set1(0xFF)), vi_set1(1)), vi_set1(127));
+}
+
+/* Load (store) a tile's state: straight vector loads for a full tile, through buf at the edges. */
+static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++)
+            x[r][v] = src && full ? vf_load(src + (i0 + r) * j->n + j0 + v * VL) : vf_zero();
+    if (src && !full) {
+        tile_in(j, src, i0, j0, buf);
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) x[r][v] = vf_load(buf + r * NR + v * VL);
+    }
+}
+
+static void state_out(const job_t *j, float *dst, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
+    if (!dst) return;
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++)
+            vf_store(full ? dst + (i0 + r) * j->n + j0 + v * VL : buf + r * NR + v * VL, x[r][v]);
+    if (!full) tile_out(j, dst, i0, j0, buf);
+}
+
+static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_t t1) {
+    const int64_t i0 = it * MR, j0 = jt * NR;
+    const int full = i0 + MR <= j->m && j0 + NR <= j->n;
+    const float *bpanel = j->bp + jt * j->k * NR;
+    const int8_t *ebpanel = j->eb + jt * j->k * NR;
+    const float *arow[MR];
+    const int32_t *earow[MR];
+    for (int r = 0; r < MR; r++) {
+        arow[r] = j->a + row_of(j, i0 + r) * j->k;  /* rows past M repeat the last (their outputs are dropped) */
+        earow[r] = j->ea + row_of(j, i0 + r) * j->k;
+    }
+    const int frac = j->frac;
+    const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u)); /* step 5 as a mantissa mask */
+    float buf[MR * NR];
+    vf c[MR][NV], acc[MR][NV];
+    state_in(j, j->promote ? NULL : j->out, i0, j0, full, buf, c);
+    state_in(j, j->promote ? j->out : NULL, i0, j0, full, buf, acc);
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
+        const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
+        /* Pass 1: E = max(C's exponent, max over the chunk of ea + eb), on exponent codes. */
+        vh eh[MR];
+        for (int r = 0; r < MR; r++) eh[r] = vh_set1(-128);
+        for (int64_t k = k0; k < k1; k++) {
+            const vh eb = vh_load(ebpanel + k * NR);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(earow[r] + k), eb));
+        }
+        vi e[MR][NV], s[MR][NV];
+        vf sc[MR][NV];
+        int unusual = 0;  /* a lane with an inf/NaN term (E >= 128) or nothing but zero products and a tiny C */
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) {
+                e[r][v] = vi_max(decode(vh_widen(eh[r], v)), c_exponent(c[r][v]));
+                unusual |= vi_any_outside(e[r][v], frac - 126, 127);
+            }
+        if (!unusual) {
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    sc[r][v] = pow2(vi_sub(vi_set1(frac), e[r][v]));
+                    s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], sc[r][v]));
+                }
+        } else {
+            /* Products are zero whenever E < frac - 126, so clamping there keeps 2^(frac - E) finite (no
+             * inf * 0); C takes the rest of its scale, 2^(Es - E) <= 2^frac, as a second factor. Lanes
+             * with E >= 128 compute garbage here and are replaced by their IEEE sums below. */
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    const vi ec = vi_min(e[r][v], vi_set1(127)), es = vi_max(ec, vi_set1(frac - 126));
+                    sc[r][v] = pow2(vi_sub(vi_set1(frac), es));
+                    s[r][v] = vf_to_vi_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, ec))));
+                }
+        }
+        /* Pass 2: add the truncated products in units of 2^(E - frac), exactly, as int32. */
+        for (int64_t k = k0; k < k1; k++) {
+            const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; r++) {
+                const vf a = vf_set1(arow[r][k]);
+                s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vf_mul(vf_mul(a, b0), sc[r][0])));
+                s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
+            }
+        }
+        /* Step 5: the int32 sum as a float (exact; 0 is +0), out_frac fraction bits kept, times 2^(E - frac)
+         * (in two exact factors where that alone would be subnormal). */
+        if (!unusual) {
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
+                    c[r][v] = vf_mul(kept, pow2(vi_sub(e[r][v], vi_set1(frac))));
+                }
+            goto promote;
+        }
+        float cin[MR * NR];
+        int32_t ebuf[MR * NR];
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) {
+                vi_store(ebuf + r * NR + v * VL, e[r][v]);
+                vf_store(cin + r * NR + v * VL, c[r][v]);
+                const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
+                const vi eo = vi_sub(vi_min(e[r][v], vi_set1(127)), vi_set1(frac)), e1 = vi_max(eo, vi_set1(-126));
+                vf_store(buf + r * NR + v * VL, vf_mul(vf_mul(kept, pow2(e1)), pow2(vi_sub(eo, e1))));
+            }
+        for (int r = 0; r < MR; r++)
+            for (int q = 0; q < NR; q++)
+                if (ebuf[r * NR + q] >= 128)  /* rare: an instruction with an inf or NaN term is an IEEE sum */
+                    buf[r * NR + q] = ieee_instruction(arow[r], bpanel + q, NR, k0, k1, cin[r * NR + q]);
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
+    promote:
+        if (promotes_after(j, ins)) {
+            if (j->sa) {
+                group_scales(j, ins / j->promote, i0, j0, buf);
+                for (int r = 0; r < MR; r++)
+                    for (int v = 0; v < NV; v++)
+                        acc[r][v] = vf_fmadd(c[r][v], vf_load(buf + r * NR + v * VL), acc[r][v]);
+            } else {
+                for (int r = 0; r < MR; r++)
+                    for (int v = 0; v < NV; v++) acc[r][v] = vf_add(acc[r][v], c[r][v]);
+            }
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) c[r][v] = vf_zero();
+        }
+    }
+    state_out(j, j->out, i0, j0, full, buf, j->promote ? acc : c);
+}
+#endif
+
+/* ---------------------------------------------------------------- entry points */
+
+/* 512 or 256 (the SIMD path's vector width in bits), 0 when this build has only the generic path. */
+int fp8lab_accum_simd_bits(void) { return SIMD; }
+
+int fp8lab_accum_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Whether the SIMD path computes (chunk, frac) exactly: every chunk sum an exact int32 and float. */
+int fp8lab_accum_uses_simd(int chunk, int frac) {
+    return SIMD && frac <= 16 && ((int64_t)(4 * chunk + 2) << frac) <= ((int64_t)1 << 24);
+}
+
+/*
+ * out (M, N, row-major) = the accumulator over A (M, K) times B (K, N).
+ * a, b: fp32 or bf16 (a_bf16, b_bf16) with element strides (sam, sak), (sbk, sbn).
+ * fmt: {a_emin, a_mbits, b_emin, b_mbits} (exponents within [-19, 19]); vmax: {a_max, b_max} (grid check).
+ * promote: instructions per promotion (0: fast accumulation, the chained C is the result).
+ * desc: visit instructions from the last to the first. c0: (M, N) row-major first C ("fast" only), or NULL.
+ * sa (M, G; row stride sa_ld), sb (G, N; row stride sb_ld): group scales or NULL (promote > 0 only).
+ * bad[0], bad[1]: how many values of A and B are off their format's grid (then nothing is computed).
+ * Returns 0, or -1 when memory runs out. Scratch memory stays with the calling thread (fp8lab_accum_release).
+ */
+int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const void *b, int b_bf16, int64_t sbk,
+                      int64_t sbn, int64_t m, int64_t n, int64_t k, const int *fmt, const float *vmax, int chunk,
+                      int frac, int promote, int desc, const float *c0, const float *sa, int64_t sa_ld,
+                      const float *sb, int64_t sb_ld, float *out, int nthreads, int force_generic, int64_t *bad) {
+    job_t j = {0};
+    const int simd = fp8lab_accum_uses_simd(chunk, frac) && !force_generic;
+    j.m = m, j.n = n, j.k = k, j.chunk = chunk, j.frac = frac, j.out_frac = frac < 23 ? frac : 23;
+    j.n_ins = (k + chunk - 1) / chunk, j.promote = promote, j.desc = desc;
+    j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld;
+#if SIMD
+    j.mr = simd ? MR : MR_G, j.nr = simd ? NR : NR_G;
+#else
+    (void)simd;
+    j.mr = MR_G, j.nr = NR_G;
+#endif
+    bad[0] = bad[1] = 0;
+    if (m == 0 || n == 0) return 0;
+    j.np = (n + j.nr - 1) / j.nr * j.nr;
+    const int64_t tiles_m = (m + j.mr - 1) / j.mr, tiles_n = j.np / j.nr, kk = k > 0 ? k : 1;
+    const int in_place = !a_bf16 && sak == 1 && (sam == k || m == 1);  /* A already row-major fp32 */
+    /* Scratch, 64-byte aligned pieces: A as fp32 (unless in place), A's codes, B's panels, their codes. */
+    const size_t pieces[4] = {in_place ? 0 : sizeof(float) * m * kk, sizeof(int32_t) * m * kk,
+                              sizeof(float) * j.np * kk, (size_t)(j.np * kk)};
+    size_t total = 0, at[4];
+    for (int q = 0; q < 4; q++) at[q] = total, total += (pieces[q] + 63) / 64 * 64;
+    char *mem = scratch(total + 64);
+    if (!mem) return -1;
+    mem += (64 - (uintptr_t)mem % 64) % 64;
+    float *a32 = in_place ? NULL : (float *)(mem + at[0]);
+    j.a = in_place ? (const float *)a : a32;
+    j.ea = (int32_t *)(mem + at[1]), j.bp = (float *)(mem + at[2]), j.eb = (int8_t *)(mem + at[3]);
+    j.out = out;
+    int64_t bad_a = 0, bad_b = 0;
+    /* K blocks of whole instructions (whole promotion groups when promoting, so that C is 0 between
+     * blocks and the promoted accumulator alone lives in out) whose B panels, float + int8 code per
+     * element, fit L2_BUDGET. */
+    int64_t block = L2_BUDGET / (j.np * 5 * chunk);
+    block = block < 1 ? 1 : block;
+    if (promote) block = block < promote ? promote : block / promote * promote;
+    /* Descending, the first group visited is the partial one at the end of K. */
+    const int64_t first = promote && desc ? (j.n_ins - 1) % promote + 1 + (block - promote) : block;
+    const int64_t n_blocks = j.n_ins <= first ? 1 : 1 + (j.n_ins - first + block - 1) / block;
+    const int64_t k_squares = (k + BLOCK - 1) / BLOCK;
+    uint32_t vmax_bits[2];
+    memcpy(vmax_bits, vmax, sizeof vmax_bits);
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef HAVE_MXCSR
+        /* Round to nearest, no flush-to-zero or denormals-are-zero, whatever the caller set (torch's
+         * set_flush_denormal sets FTZ/DAZ): the model's fp32 adds keep subnormals. */
+        const unsigned int csr = _mm_getcsr();
+        _mm_setcsr(0x1F80);
+#endif
+        if (!in_place) {
+#pragma omp for schedule(static)
+            for (int64_t i0 = 0; i0 < m; i0 += BLOCK) copy_a(a32, a, a_bf16, sam, sak, k, i0, min64(m, i0 + BLOCK));
+        }
+#pragma omp for schedule(static) reduction(+ : bad_a)
+        for (int64_t i = 0; i < m; i++) bad_a += codes_a(&j, i, fmt, vmax_bits[0]);
+#pragma omp for schedule(static) reduction(+ : bad_b)
+        for (int64_t t = 0; t < tiles_n * k_squares; t++) {
+            const int64_t p = t / k_squares, k0 = (t % k_squares) * BLOCK;
+            bad_b += pack_b(&j, b, b_bf16, sbk, sbn, p, k0, min64(k, k0 + BLOCK), fmt, vmax_bits[1]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            if (c0 && !promote)
+                memcpy(out + i * n, c0 + i * n, sizeof(float) * n);
+            else
+                memset(out + i * n, 0, sizeof(float) * n);
+        }
+        if (!(bad_a || bad_b))
+            for (int64_t blk = 0; blk < n_blocks; blk++) {
+                const int64_t t0 = blk ? first + (blk - 1) * block : 0, t1 = min64(j.n_ins, blk ? t0 + block : first);
+                /* Row tiles across threads; each sweeps every column panel of the block (in its L2). */
+#pragma omp for schedule(static)
+                for (int64_t it = 0; it < tiles_m; it++)
+                    for (int64_t jt = 0; jt < tiles_n; jt++) {
+#if SIMD
+                        if (simd)
+                            tile_simd(&j, it, jt, t0, t1);
+                        else
+#endif
+                            tile_generic(&j, it, jt, t0, t1);
+                    }
+            }
+#ifdef HAVE_MXCSR
+        _mm_setcsr(csr);
+#endif
+    }
+    bad[0] = bad_a, bad[1] = bad_b;
+    return 0;
+}

@@ -1,0 +1,170 @@
+"""The accumulator model's C kernel: compiled at first use, cached per user, called through ctypes.
+
+Invariant: the shared library loaded is built from exactly the ``accumulate_kernel.c`` next to this
+file with exactly the flags named in its cache key (source hash, flags, compiler's version line,
+machine), so a stale or foreign build is never loaded. Building never raises: ``load_kernel`` returns
+the kernel or one line saying why there is none, and the caller decides what to do about it.
+
+ISA: ``-march=native``, except ``-mavx2 -mfma`` when torch's own ``ATEN_CPU_CAPABILITY=avx2`` is set
+(``benchmarks/common.py``'s AVX2 imitation then imitates this kernel too) and no ISA flag for
+``ATEN_CPU_CAPABILITY=default``. OpenMP when the compiler has it: the library then needs
+``libgomp.so.1``, which resolves to the copy torch has already loaded (torch's wheel ships its
+libgomp under that soname), so torch and the kernel share one OpenMP runtime and thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("accumulate_kernel.c")
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")  # no contraction: every FMA is written out
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A loaded build: the library, what it was built with and what it can do."""
+
+    lib: ctypes.CDLL
+    compiler: str  # the compiler's first --version line
+    flags: tuple[str, ...]
+    simd_bits: int  # 512 (AVX-512), 256 (AVX2) or 0 (generic path only)
+    openmp: bool
+    file: Path
+
+
+def isa_flags() -> tuple[str, ...]:
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if capability == "avx2":
+        return ("-mavx2", "-mfma")
+    if capability == "default":
+        return ()
+    return ("-march=native",)
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fp8lab`` (``~/.cache/fp8lab``), or a per-user temp folder where that is read-only."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fp8lab"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"fp8lab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _compiler_version(compiler: str) -> str:
+    out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    return (out.stdout or out.stderr).splitlines()[0].strip() if out.returncode == 0 else ""
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str:
+    """Compile SOURCE into ``target`` (atomically); returns "" or the compiler's last error lines."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    cmd = [compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return " ".join((out.stderr or out.stdout).strip().splitlines()[-2:])[:300]
+    os.replace(tmp, target)  # concurrent builders each write their own tmp; the last rename wins
+    return ""
+
+
+def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
+    lib = ctypes.CDLL(str(file))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fp8lab_accumulate.restype = ctypes.c_int
+    c_int = ctypes.c_int
+    lib.fp8lab_accumulate.argtypes = [
+        ptr, c_int, i64, i64, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int, c_int, c_int,
+        ptr, ptr, i64, ptr, i64, ptr, c_int, c_int, ptr,
+    ]
+    for name in ("fp8lab_accum_simd_bits", "fp8lab_accum_openmp"):
+        getattr(lib, name).restype = ctypes.c_int
+    lib.fp8lab_accum_release.restype = None
+    lib.fp8lab_accum_uses_simd.argtypes = [ctypes.c_int, ctypes.c_int]
+    return Kernel(lib, compiler, flags, lib.fp8lab_accum_simd_bits(), bool(lib.fp8lab_accum_openmp()), file)
+
+
+def load_kernel(compiler: str | None = None) -> tuple[Kernel | None, str]:
+    """Build (or find in the cache) and load the kernel: ``(kernel, "")`` or ``(None, why not)``.
+
+    Tries OpenMP with the ISA flags, then without OpenMP, then without ISA flags; a build that
+    compiles but fails to load counts as a failure. ``compiler`` defaults to ``cc`` (or ``gcc``).
+    """
+    compiler = compiler or shutil.which("cc") or shutil.which("gcc")
+    if not compiler or not shutil.which(compiler):
+        return None, f"no C compiler found ({compiler or 'cc/gcc'} not on PATH)"
+    try:
+        version = _compiler_version(compiler)
+        if not version:
+            return None, f"{compiler} --version failed"
+        source_hash = hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+        errors = []
+        for flags in (BASE_FLAGS + isa_flags() + ("-fopenmp",), BASE_FLAGS + isa_flags(), BASE_FLAGS):
+            key = hashlib.sha256("\n".join([source_hash, version, platform.machine(), *flags]).encode()).hexdigest()
+            target = cache_dir() / f"accumulate_{key[:20]}.so"
+            if not target.exists():
+                error = _compile(compiler, flags, target)
+                if error:
+                    errors.append(f"{' '.join(flags)}: {error}")
+                    continue
+            try:
+                return _load(target, version, flags), ""
+            except OSError as err:  # e.g. a libgomp that does not load
+                errors.append(f"{' '.join(flags)}: loading failed: {err}")
+        return None, f"{compiler} could not build the kernel: " + "; ".join(errors)
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"building with {compiler} failed: {type(err).__name__}: {err}"
+
+
+def release(kernel: Kernel) -> None:
+    """Free the calling thread's scratch memory, which the kernel keeps between calls (a fresh page
+    costs microseconds on a VM: per-call buffers tripled the time of a 2048x128x512 GEMM there)."""
+    kernel.lib.fp8lab_accum_release()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def run(kernel: Kernel, a: torch.Tensor, b: torch.Tensor, fmt: tuple[int, int, int, int], vmax: tuple[float, float],
+        *, chunk: int, frac: int, promote: int, desc: bool, c0=None, sa=None, sb=None, generic: bool = False,
+        ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One call of the kernel: ``(out (M, N) float32, (off-grid values of a, of b))``.
+
+    ``a`` and ``b``: float32 or bfloat16 CPU tensors, any strides (the kernel's prepass converts and
+    transposes them itself: torch's transposing copies cost more than the whole prepass). ``c0``
+    (M, N) is made row-major; ``sa`` (M, G) and ``sb`` (G, N) must have a unit column stride.
+    ``promote`` is 0 for fast accumulation.
+    """
+    for x in (a, b):
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+            raise ValueError(f"the kernel takes float32 or bfloat16 CPU tensors, got {x.dtype} on {x.device}")
+    c0 = None if c0 is None else c0.contiguous()
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32)
+    fmt_arr, vmax_arr = (ctypes.c_int * 4)(*fmt), (ctypes.c_float * 2)(*vmax)
+    bad = (ctypes.c_int64 * 2)()
+    status = kernel.lib.fp8lab_accumulate(
+        a.data_ptr(), int(a.dtype == torch.bfloat16), a.stride(0), a.stride(1),
+        b.data_ptr(), int(b.dtype == torch.bfloat16), b.stride(0), b.stride(1), m, n, k,
+        fmt_arr, vmax_arr, chunk, frac, promote, int(desc), _ptr(c0), _ptr(sa), sa.stride(0) if sa is not None else 0,
+        _ptr(sb), sb.stride(0) if sb is not None else 0, out.data_ptr(), torch.get_num_threads(), int(generic), bad,
+    )
+    if status != 0:
+        raise MemoryError(f"fp8lab accumulate kernel: out of memory packing a ({m}x{k}) and b ({k}x{n})")
+    return out, (bad[0], bad[1])
