@@ -31,10 +31,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append_section, load_average, machine, markdown_table  # noqa: E402
+from fp8lab.accumulation import FP32, HOPPER_FAST, HOPPER_PROMOTED  # noqa: E402
 from fp8lab.formats import E4M3  # noqa: E402
-from fp8lab.gemm.accumulate import (  # noqa: E402
-    FP32, HOPPER_FAST, HOPPER_PROMOTED, accumulate_path, tensor_core_accumulate,
-)
+from fp8lab.gemm.accumulate import accumulate_path, tensor_core_accumulate  # noqa: E402
 from fp8lab.quantize import cast_to_fp8_grid  # noqa: E402
 
 KINDS = (("fp32", FP32), ("promoted every 128", HOPPER_PROMOTED), ("fast", HOPPER_FAST))

@@ -34,8 +34,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import markdown_table  # noqa: E402
+from fp8lab.accumulation import FP32, Accumulator  # noqa: E402
 from fp8lab.formats import E4M3, E5M2  # noqa: E402
-from fp8lab.gemm.accumulate import FP32, Accumulator, accumulate_path, tensor_core_accumulate  # noqa: E402
+from fp8lab.gemm.accumulate import accumulate_path, tensor_core_accumulate  # noqa: E402
 
 K_DEFAULT = [32, 64, 96, 128, 160, 256, 384, 1000, 1024, 4096, 16384]
 PAIRS = ((E4M3, E4M3), (E4M3, E5M2))

@@ -44,6 +44,7 @@ class Role(enum.IntEnum):
 
 ROLE_NAMES = ("input", "weight", "grad_output")
 GEMM_NAMES = ("fprop", "dgrad", "wgrad")  # the three GEMMs of a layer, as telemetry names them
+FPROP, DGRAD, WGRAD = 0, 1, 2  # their indices in GEMM_NAMES
 
 
 # A scaling's ``fp8_format``, as Transformer Engine names it: "hybrid" is E4M3 forward and

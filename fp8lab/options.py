@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+from fp8lab.accumulation import HOPPER, SETTINGS, Accumulator
+from fp8lab.formats import GEMM_NAMES
 from fp8lab.scaling import SCALINGS, DelayedScaling, Scaling
 
 BACKENDS = ("auto", "te", "scaled_mm", "emulated", "bf16")
@@ -30,11 +32,16 @@ class FP8Options:
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
         fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
             spelling "emulate" is accepted with a DeprecationWarning).
+        accumulation: how the tensor cores accumulate each FP8 GEMM (``fp8lab.accumulation``):
+            "te" (default: per GEMM what Transformer Engine asks of a Hopper for this scaling,
+            ``Scaling.te_accumulation``), "fast", "promoted" or "fp32" for all three GEMMs with
+            Hopper's parameters, or an ``Accumulator`` for other parameters.
     """
 
     scaling: Scaling = field(default_factory=DelayedScaling)
     backend: str = "auto"
     fallback: str = "bf16"
+    accumulation: str | Accumulator = "te"
 
     def __post_init__(self) -> None:
         if not isinstance(self.scaling, tuple(SCALINGS.values())):
@@ -56,3 +63,19 @@ class FP8Options:
             object.__setattr__(self, "fallback", new)
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if not isinstance(self.accumulation, Accumulator) and (
+            not isinstance(self.accumulation, str) or self.accumulation not in SETTINGS
+        ):
+            raise ValueError(f"accumulation must be one of {SETTINGS} or an fp8lab.accumulation.Accumulator, "
+                             f"got {self.accumulation!r}")
+        for gemm, name in enumerate(GEMM_NAMES):
+            why = self.scaling.accumulation_error(self.accumulator(gemm))
+            if why is not None:
+                raise ValueError(f"accumulation={self.accumulation!r} with {self.scaling.name} scaling ({name}): {why}")
+
+    def accumulator(self, gemm: int) -> Accumulator:
+        """The accumulator model of GEMM ``gemm`` (``fp8lab.formats.FPROP``, ``DGRAD``, ``WGRAD``)."""
+        if isinstance(self.accumulation, Accumulator):
+            return self.accumulation
+        kind = self.scaling.te_accumulation(gemm) if self.accumulation == "te" else self.accumulation
+        return HOPPER[kind]

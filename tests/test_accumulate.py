@@ -16,13 +16,11 @@ import struct
 import pytest
 import torch
 
+from fp8lab.accumulation import FP32, HOPPER_FAST, HOPPER_PROMOTED, Accumulator
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm import accumulate as acc_mod
 from fp8lab.gemm import accumulate_native
-from fp8lab.gemm.accumulate import (
-    FP32, HOPPER_FAST, HOPPER_PROMOTED, Accumulator, AccumulatePath, accumulate_path, chain_instructions,
-    tensor_core_accumulate,
-)
+from fp8lab.gemm.accumulate import AccumulatePath, accumulate_path, chain_instructions, tensor_core_accumulate
 from tests import accum_reference as ref
 
 FMT = {"e4m3": (E4M3, (-6, 3)), "e5m2": (E5M2, (-14, 2))}

@@ -29,7 +29,10 @@ NO_TE = TEFacts(None, "transformer_engine is not installed")
 D_IN, D_MODEL, N_CLASSES = 24, 64, 30
 CONVERTED = ["0", "1.layers.0.linear1", "1.layers.0.linear2", "1.layers.1.linear1", "1.layers.1.linear2", "2"]
 SKIPPED = ["1.layers.0.self_attn.out_proj", "1.layers.1.self_attn.out_proj"]
-CPU_EMULATED = f"no FP8 hardware on CPU; FP8 emulated in software; {gemm_path('cpu').reason}"
+# the default accumulation="te" of delayed scaling: TE's FAST_ACCUM forward, promoted backward
+TE_DELAYED = ("accumulation (te): fprop fast (13-bit, 32 per instruction), "
+              "dgrad and wgrad promoted every 4 instructions (13-bit, 32 per instruction)")
+CPU_EMULATED = f"no FP8 hardware on CPU; FP8 emulated in software; {gemm_path('cpu').reason}; {TE_DELAYED}"
 
 
 def encoder_model() -> nn.Sequential:

@@ -80,7 +80,9 @@ def test_every_scaled_mm_call_of_a_linear_is_one_cuda_accepts(device, suite):
             [[m, k], [k, n]], [[m, n], [n, k]], [[n, tokens_padded], [tokens_padded, k]]], cfg
         assert fprop["dtypes"] == ["torch.float8_e4m3fn"] * 2
         assert dgrad["dtypes"] == wgrad["dtypes"] == ["torch.float8_e5m2", "torch.float8_e4m3fn"]  # hybrid
-        assert all(c["scaling"] == ["tensorwise", "tensorwise"] and not c["fast_accum"] for c in calls)
+        assert all(c["scaling"] == ["tensorwise", "tensorwise"] for c in calls)
+        # accumulation="te": cuBLASLt's FAST_ACCUM for the forward GEMM, its split accumulator for the backward
+        assert [c["fast_accum"] for c in calls[:3]] == [True, False, False]
         # the bias rides in cuBLASLt's epilogue exactly when the output is bf16/fp16, in its dtype
         epilogue = fprop["out"] if cfg["bias"] and fprop["out"] != "torch.float32" else None
         assert fprop["bias"] == epilogue and dgrad["bias"] is None and wgrad["bias"] is None, cfg

@@ -76,10 +76,12 @@ def _quantized(x, scale, fmt):
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "fp32"])
 def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(path, autocast, monkeypatch):
-    """Through fp8lab.Linear: with bias, non-power-of-2 scales, every GEMM of the step."""
+    """Through fp8lab.Linear: with bias, non-power-of-2 scales, every GEMM of the step, each
+    accumulated in fp32 (the ideal accumulator; tests/test_accumulation_wiring.py checks the
+    tensor-core accumulator models the default accumulation="te" runs)."""
     monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: EmulatedBackend(path))
     torch.manual_seed(1)
-    layer = fp8lab.Linear(256, 192, fp8=FP8Options(fallback="emulated"))
+    layer = fp8lab.Linear(256, 192, fp8=FP8Options(fallback="emulated", accumulation="fp32"))
     scales = torch.tensor([448.0 / 4.7, 448.0 / 0.093, 57344.0 / 0.011])
     layer.fp8_state.scale.copy_(scales)
     s_x, s_w, s_g = scales.unbind()
@@ -125,7 +127,7 @@ def test_this_machine_picks_an_exact_path_and_says_which():
     assert path.name == ("onednn-bf16" if cpu_has_native_bf16() else "fp32")
     assert path.reason.startswith("exact GEMM:")
     layer = fp8lab.Linear(32, 32, fp8=FP8Options(fallback="emulated"))
-    assert layer.plan().reason.endswith(path.reason)
+    assert f"; {path.reason}; accumulation (te): " in layer.plan().reason
 
 
 # ---------------------------------------------------------------- torch._scaled_mm on CPU

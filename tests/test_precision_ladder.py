@@ -81,7 +81,13 @@ def _one_step(variant: Variant, monkeypatch):
         monkeypatch.setattr(module, "scaled_gemm", record)
 
     recorder(rounded, "rounded")
-    recorder(emulated, "fp8")
+    real_fp8 = emulated.EmulatedBackend.gemm  # FP8 GEMMs: fp32-accumulated or the accumulator model
+
+    def record_fp8(self, a, b, a_inv, b_inv, out_dtype, bias=None, **kwargs):
+        out = real_fp8(self, a, b, a_inv, b_inv, out_dtype, bias, **kwargs)
+        calls.append(("fp8", a.detach().clone(), b.detach().clone(), out_dtype, out.dtype))
+        return out
+    monkeypatch.setattr(emulated.EmulatedBackend, "gemm", record_fp8)
     outputs, attention_inputs = [], []
     hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
              for m in run.model.modules() if isinstance(m, fp8lab.Linear)]

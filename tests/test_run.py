@@ -151,7 +151,8 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     """No device tensor is read on the host in a non-log step. On CPU, tensors live in host
     memory and reading one is a load, not a copy; fp8lab does it by design, and only these:
     one NaN check per FP8 cast (amaxes_of: the NaN-ignoring pass runs only when a NaN is
-    there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM (the inverse scale). Each is
+    there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM accumulated in fp32 (the
+    inverse scale; the accumulator model's GEMMs read none). Each is
     a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
     with CUDA's sync debug mode). The BF16 shadow GEMMs (accuracy) run on log steps only."""
     from fp8lab.gemm import shadow
@@ -172,11 +173,13 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
         assert run.train_step(x, y, 1e-3, log=False) is None
     n_fp8 = 8  # FP8 layers of the model; each step casts x, w, grad_out and runs 3 GEMMs
     nan_checks = [("cpu", (), torch.bool)] * (3 * n_fp8)
-    alphas = [("cpu", (), torch.float32)] * (3 * n_fp8) if path_name == "onednn-bf16" else []
+    fp32_gemms = sum(run.variant.fp8.accumulator(gemm).kind == "fp32" for gemm in range(3)) * n_fp8
+    alphas = [("cpu", (), torch.float32)] * fp32_gemms if path_name == "onednn-bf16" else []
     assert sorted(plain.reads, key=str) == sorted(nan_checks + alphas, key=str)
     assert armed == [] and shadows == []
     assert not any(layer.telemetry.armed for _, layer in run.collector.layers)
     stats = run.train_step(x, y, 1e-3, log=True)
     assert armed == [True] and stats is not None and len(stats.layers) == 8
-    assert len(shadows) == 3 * n_fp8 and sum(key.group == "accuracy" for key, _ in stats.items()) == 3 * n_fp8
+    # per GEMM: the output SQNR against BF16 and against the same GEMM accumulated in fp32
+    assert len(shadows) == 3 * n_fp8 and sum(key.group == "accuracy" for key, _ in stats.items()) == 2 * 3 * n_fp8
     assert not any(layer.telemetry.armed for _, layer in run.collector.layers)

@@ -195,9 +195,10 @@ def _reference_operand(t: torch.Tensor, role: Role, usage: str, scaling) -> torc
 
 @pytest.mark.parametrize("scaling", SCALINGS, ids=IDS)
 def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(scaling, monkeypatch):
+    """Each GEMM accumulated in fp32 (tests/test_accumulation_wiring.py: the tensor-core models)."""
     monkeypatch.setattr(fp8lab.layers.linear, "backend_for", lambda name, device: FP32)
     torch.manual_seed(3)
-    layer = fp8lab.Linear(256, 160, fp8=FP8Options(scaling=scaling, fallback="emulated"))
+    layer = fp8lab.Linear(256, 160, fp8=FP8Options(scaling=scaling, fallback="emulated", accumulation="fp32"))
     # Tokens (and weight rows/columns) of very different magnitudes, the gradient the other
     # way round, so every token matters to the wgrad: blocks down the tokens (wgrad) or down
     # N (dgrad) then quantize very differently from blocks along the contracted K.

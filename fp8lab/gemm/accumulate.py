@@ -46,65 +46,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8lab.accumulation import Accumulator
 from fp8lab.formats import FP8Format
 from fp8lab.gemm import accumulate_native
 from fp8lab.gemm.accumulate_torch import accumulate_torch, fma_fp32
 
-KINDS = ("fp32", "promoted", "fast")
-K_ORDERS = ("ascending", "descending")
 PATH_NAMES = ("c-avx512", "c-avx2", "c-generic", "torch")
-
-
-def _positive_int(owner: str, name: str, value, upper: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
-        raise ValueError(f"{owner}.{name} must be an int in [1, {upper}], got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Accumulator:
-    """How the tensor cores accumulate one GEMM (see the module docstring for the model).
-
-    Args:
-        kind: "fast", "promoted" or "fp32".
-        promote_every: instructions per promotion ("promoted"; also the group of the group scales and
-            of ``split_k``). Not public for cuBLASLt: 4 is CUTLASS's default (128 of K at chunk 32).
-        chunk: products per instruction: 32 for Hopper's FP8 ``wgmma`` (measured by MMA-Sim); 16
-            models Ada's ``mma.sync`` (its k = 32 runs as two chained halves).
-        fraction_bits: F of steps 3 and 5 (the result keeps min(F, 23)): 13 for Hopper and Ada FP8
-            (measured), 25 for Blackwell FP8 (whose result is then a full fp32, truncated).
-        k_order: the order the K loop visits instructions, "ascending" or "descending". Not public.
-        split_k: K cut into this many slices of whole groups (ceil(G / split_k) groups each), each
-            accumulated alone, the slices' results added in fp32 in order. Not public; 1 = none.
-    The epilogue (``acc * inv_scale + bias``, fp8lab.gemm.exact) is the caller's; its order of
-    operations in cuBLASLt is not public either.
-    """
-
-    kind: str
-    promote_every: int = 4
-    chunk: int = 32
-    fraction_bits: int = 13
-    k_order: str = "ascending"
-    split_k: int = 1
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Accumulator.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.k_order not in K_ORDERS:
-            raise ValueError(f"Accumulator.k_order must be one of {K_ORDERS}, got {self.k_order!r}")
-        _positive_int("Accumulator", "promote_every", self.promote_every, 1 << 20)
-        _positive_int("Accumulator", "chunk", self.chunk, 1024)  # chunk sums stay exact in float64
-        _positive_int("Accumulator", "fraction_bits", self.fraction_bits, 40)
-        _positive_int("Accumulator", "split_k", self.split_k, 1 << 20)
-
-    @property
-    def group_k(self) -> int:
-        """K per promotion group (and per group scale): ``chunk * promote_every``."""
-        return self.chunk * self.promote_every
-
-
-FP32 = Accumulator(kind="fp32")
-HOPPER_FAST = Accumulator(kind="fast")
-HOPPER_PROMOTED = Accumulator(kind="promoted")
 
 
 @dataclass(frozen=True)
@@ -115,12 +62,12 @@ class AccumulatePath:
     reason: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel() -> tuple[accumulate_native.Kernel | None, str]:
     return accumulate_native.load_kernel()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def accumulate_path() -> AccumulatePath:
     """The implementation of this process, chosen once: the C kernel, or (loudly, once) pure torch."""
     kernel, why = _kernel()

@@ -193,7 +193,14 @@ def scaled_gemm(
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
         with _cuda_exact():
             return torch.mm(a16, b16) if bias is None else torch.addmm(bias.to(torch.bfloat16), a16, b16)
-    acc = _fp32_accumulator(a, b, path)  # (M, N) float32, a fresh tensor
+    return epilogue(_fp32_accumulator(a, b, path), inv_scale, out_dtype, bias)
+
+
+def epilogue(acc: torch.Tensor, inv_scale: torch.Tensor | None, out_dtype: torch.dtype,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``round_to_out_dtype(acc * inv_scale + bias)``: the GEMM's epilogue on its fp32
+    accumulator ``acc`` (a fresh (M, N) tensor, modified in place), the scale product and the
+    bias each applied in fp32, then one rounding."""
     if inv_scale is not None:
         acc.mul_(inv_scale)
     if bias is not None:

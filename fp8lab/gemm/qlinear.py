@@ -3,8 +3,10 @@
 Invariant: scales are read from the layer's ScalingState and never changed here; the
 only state this writes is row 0 of the amax history (a running max until
 ``update_scales``), the fault count of casts that met NaN or inf, and, while the layer's
-TelemetrySlot is armed (log steps), its cast statistics and each GEMM's SQNR against its
-BF16 shadow (``fp8lab.gemm.shadow``). Every GEMM is the hardware model of ``fp8lab.gemm.exact``:
+TelemetrySlot is armed (log steps), its cast statistics, each GEMM's SQNR against its
+BF16 shadow (``fp8lab.gemm.shadow``) and against the same GEMM accumulated in fp32. Every
+GEMM is the hardware model (``fp8lab.gemm.exact``), with its own accumulator
+(``fp8lab.accumulation``: per GEMM, as the layer's FP8 options say):
 
     fprop:  y      = x_fp8 (E4M3)        @ w_fp8 (E4M3)^T   * 1/(s_x * s_w) + b
     dgrad:  grad_x = grad_out_fp8 (E5M2) @ w_fp8 (E4M3)     * 1/(s_g * s_w)
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from fp8lab.formats import Role
+from fp8lab.accumulation import FP32, Accumulator
+from fp8lab.formats import DGRAD, FPROP, WGRAD, Role
 from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
@@ -31,6 +34,8 @@ from fp8lab.quantize.tensor import CPU_CHUNK
 from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE, Operand, Scaling
 from fp8lab.scaling.state import ScalingState
 from fp8lab.scaling.whatif import whatif_stats
+
+FP32_ACCUMULATORS = (FP32, FP32, FP32)
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -40,19 +45,41 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _operand(x2d, role: Role, usage: str, ctx_or_args, record: bool) -> Operand:
-    """An FP8 operand (the scaling's ``operand``), or x rounded for a BF16 GEMM. On a log
-    step the rowwise cast of each role also leaves what every recipe would have done to the
-    same tensor in the slot (``fp8lab.scaling.whatif``), the layer's own recipe's row being
-    the cast statistics it just measured."""
+def _operand(x2d, role: Role, usage: str, ctx_or_args, record: bool, acc: Accumulator = FP32) -> Operand:
+    """An FP8 operand (the scaling's ``operand``; block values left unscaled with their group
+    scales when the GEMM's accumulator ``acc`` applies them), or x rounded for a BF16 GEMM.
+    On a log step the rowwise cast of each role also leaves what every recipe would have done
+    to the same tensor in the slot (``fp8lab.scaling.whatif``), the layer's own recipe's row
+    being the cast statistics it just measured."""
     scaling, state, backend, slot = ctx_or_args
     if scaling is None:
         return Operand(backend.round(x2d), None)
-    op = scaling.operand(x2d, role, usage, state=state, backend=backend, record=record, slot=slot)
+    raw = acc.kind != "fp32" and not scaling.per_tensor
+    op = scaling.operand(x2d, role, usage, state=state, backend=backend, record=record, slot=slot, raw=raw)
     if slot is not None and slot.armed and slot.whatif_armed and usage == ROWWISE:
         known = {scaling.name: slot.cast_stats[role]}
         slot.whatif[role] = whatif_stats(x2d, role, scaling.format_for(role), known=known)
     return op
+
+
+def _gemm(backend, a: Operand, b: Operand, out_dtype: torch.dtype, bias=None, acc: Accumulator = FP32,
+          slot: TelemetrySlot | None = None, gemm: int = FPROP) -> torch.Tensor:
+    """``a @ b`` by the backend with the accumulator ``acc``; while the slot is armed, also
+    the SQNR of that output against the same GEMM accumulated in fp32 (what the accumulator
+    alone costs, ``accum_sqnr``)."""
+    kwargs = {} if acc is FP32 and a.group_scale is None else dict(
+        accumulator=acc, formats=(a.fmt, b.fmt), group_scales=(a.group_scale, b.group_scale))
+    out = backend.gemm(a.values, b.values, a.inv_scale, b.inv_scale, out_dtype, bias, **kwargs)
+    if slot is not None and slot.armed and acc.kind != "fp32":
+        ref = backend.fp32_reference(a.values, b.values, a.inv_scale, b.inv_scale, out_dtype, bias,
+                                     formats=(a.fmt, b.fmt), group_scales=(a.group_scale, b.group_scale))
+        slot.accum_sqnr[gemm] = shadow.sqnr_db(ref, out)
+    return out
+
+
+def _t(op: Operand) -> Operand:
+    """The operand transposed (its group scales with it)."""
+    return op._replace(values=op.values.t(), group_scale=None if op.group_scale is None else op.group_scale.t())
 
 
 def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
@@ -75,13 +102,14 @@ def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hp, w_hp, bias, scaling, state, backend, out_dtype, record, slot):
+    def forward(ctx, x_hp, w_hp, bias, scaling, state, backend, out_dtype, record, slot, accumulators=None):
         parts = (scaling, state, backend, slot)
+        accs = accumulators if accumulators is not None else FP32_ACCUMULATORS
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
-        x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record)  # fprop contracts K
-        w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record)
+        x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record, accs[FPROP])  # fprop contracts K
+        w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
         b = epilogue_bias(bias, out_dtype, backend.fp8)
-        y = backend.gemm(x_row.values, w_row.values.t(), x_row.inv_scale, w_row.inv_scale, out_dtype, b)  # (B*T, N)
+        y = _gemm(backend, x_row, _t(w_row), out_dtype, b, accs[FPROP], slot, FPROP)  # (B*T, N)
         # Log steps only (a host flag): the BF16 GEMM of the same operands; the backward's
         # shadows need x_hp and w_hp, kept only then.
         shadow_on = scaling is not None and slot is not None and slot.armed
@@ -90,38 +118,43 @@ class _QuantizedLinear(torch.autograd.Function):
         # The backward contracts x over the tokens (wgrad) and w over N (dgrad): one scale per
         # tensor serves every usage; block scalings cast those copies from x and w again.
         same = scaling is None or scaling.per_tensor
-        x_col = x_row if same else _operand(x2d, Role.INPUT, COLUMNWISE, parts, False)
-        w_col = w_row if same else _operand(w_hp, Role.WEIGHT, COLUMNWISE, parts, False)
+        x_col = x_row if same else _operand(x2d, Role.INPUT, COLUMNWISE, parts, False, accs[WGRAD])
+        w_col = w_row if same else _operand(w_hp, Role.WEIGHT, COLUMNWISE, parts, False, accs[DGRAD])
         ctx.save_for_backward(x_col.values, w_col.values, x_col.inv_scale, w_col.inv_scale)
         # Kept outside save_for_backward: telemetry's, not the GEMM's, so saved-tensor hooks
-        # (memory accounting at the hardware path's width) never see them.
+        # (memory accounting at the hardware path's width) never see them; likewise the
+        # per-block scales of a promoting accumulator (one float per 128 values).
         ctx.shadow_hp = (x_hp.detach(), w_hp.detach()) if shadow_on else ()
+        ctx.meta = (x_col._replace(values=None, inv_scale=None), w_col._replace(values=None, inv_scale=None))
         ctx.parts, ctx.record, ctx.out_dtype, ctx.same, ctx.shadow = parts, record, out_dtype, same, shadow_on
+        ctx.accs = accs
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x_q, w_q, x_inv, w_inv = ctx.saved_tensors
-        hp = ctx.shadow_hp  # (x_hp, w_hp) on log steps only
+        x_col = ctx.meta[0]._replace(values=x_q, inv_scale=x_inv)
+        w_col = ctx.meta[1]._replace(values=w_q, inv_scale=w_inv)
+        hp, accs = ctx.shadow_hp, ctx.accs  # (x_hp, w_hp) on log steps only
         backend, slot = ctx.parts[2], ctx.parts[3]
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (B*T, N)
-        g_row = _operand(g2d, Role.GRAD_OUTPUT, ROWWISE, ctx.parts, ctx.record)  # dgrad contracts N
+        g_row = _operand(g2d, Role.GRAD_OUTPUT, ROWWISE, ctx.parts, ctx.record, accs[DGRAD])  # dgrad contracts N
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = backend.gemm(g_row.values, w_q, g_row.inv_scale, w_inv, ctx.out_dtype)  # (B*T, K)
+            grad_x = _gemm(backend, g_row, w_col, ctx.out_dtype, None, accs[DGRAD], slot, DGRAD)  # (B*T, K)
             if ctx.shadow:
                 shadow.record(slot, shadow.DGRAD, g2d, hp[1], grad_x, ctx.out_dtype)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            g_col = g_row if ctx.same else _operand(g2d, Role.GRAD_OUTPUT, COLUMNWISE, ctx.parts, False)
-            grad_w = backend.gemm(g_col.values.t(), x_q, g_col.inv_scale, x_inv, ctx.out_dtype)  # (N, K)
+            g_col = g_row if ctx.same else _operand(g2d, Role.GRAD_OUTPUT, COLUMNWISE, ctx.parts, False, accs[WGRAD])
+            grad_w = _gemm(backend, _t(g_col), x_col, ctx.out_dtype, None, accs[WGRAD], slot, WGRAD)  # (N, K)
             if ctx.shadow:
                 shadow.record(slot, shadow.WGRAD, g2d.t(), hp[0].reshape(-1, hp[0].shape[-1]), grad_w, ctx.out_dtype)
             grad_w = grad_w.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = _bias_grad(g2d)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def quantized_linear(
@@ -134,6 +167,7 @@ def quantized_linear(
     out_dtype: torch.dtype,
     record: bool,
     slot: TelemetrySlot | None = None,
+    accumulators: tuple[Accumulator, Accumulator, Accumulator] | None = None,
 ) -> torch.Tensor:
     """``y = x @ w^T + b`` with both GEMM operands (and the gradient) in FP8, or in bf16.
 
@@ -151,6 +185,8 @@ def quantized_linear(
         record: training: record amaxes and count NaN/inf casts; False (eval) leaves
             scaling state and fault counts alone.
         slot: the layer's TelemetrySlot; while armed, each cast's statistics go there.
+        accumulators: the accumulator of fprop, dgrad and wgrad (``FP8Options.accumulator``);
+            None: fp32 for all three (a BF16 GEMM, or the ideal model).
     """
     with torch.autocast(x_hp.device.type, enabled=False):
-        return _QuantizedLinear.apply(x_hp, w_hp, bias, scaling, state, backend, out_dtype, record, slot)
+        return _QuantizedLinear.apply(x_hp, w_hp, bias, scaling, state, backend, out_dtype, record, slot, accumulators)

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from fp8lab.formats import DGRAD, FPROP, WGRAD  # noqa: F401 (columns of TelemetrySlot.shadow_sqnr)
 from fp8lab.gemm.exact import epilogue_bias, round_operand, rounded_gemm_path, scaled_gemm
 from fp8lab.quantize.tensor import CPU_CHUNK
-
-FPROP, DGRAD, WGRAD = 0, 1, 2  # columns of TelemetrySlot.shadow_sqnr (fp8lab.formats.GEMM_NAMES)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,9 @@ class TelemetrySlot:
         self.faults: torch.Tensor | None = None  # (3,) casts with NaN/inf, since drained
         self.whatif: torch.Tensor | None = None  # (3, recipes, len(STAT_NAMES)): fp8lab.scaling.whatif
         self.shadow_sqnr: torch.Tensor | None = None  # (3,) float32 dB: fprop, dgrad, wgrad
+        # (3,) float32 dB: each GEMM's output against the same GEMM accumulated in fp32 (what
+        # its accumulator alone costs; NaN for an fp32 accumulator or a GEMM that did not run)
+        self.accum_sqnr: torch.Tensor | None = None
 
     def arm(self, device: torch.device, whatif: bool = True) -> None:
         """Ask for statistics during the coming step, the what-if statistics only when
@@ -48,7 +51,9 @@ class TelemetrySlot:
             self.whatif = torch.full((3, len(WHATIF_RECIPES), len(STAT_NAMES)), float("nan"), **nan)
         if self.shadow_sqnr is None or self.shadow_sqnr.device != device:
             self.shadow_sqnr = torch.empty(3, dtype=torch.float32, device=device)
+            self.accum_sqnr = torch.empty(3, dtype=torch.float32, device=device)
         self.shadow_sqnr.fill_(float("nan"))  # a GEMM that does not run this step stays unmeasured
+        self.accum_sqnr.fill_(float("nan"))
         if not whatif:
             self.whatif.fill_(float("nan"))
         self.whatif_armed = whatif

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from fp8lab.accumulation import describe_gemms
 from fp8lab.gemm.backends import backend_for
 from fp8lab.gemm.backends.base import ScalingView
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
@@ -84,8 +85,13 @@ class Linear(nn.Module):
         plan = self._plans.get(device)
         if plan is None:
             plan = self.plan_for(probe_device(device), probe_te())
-            if plan.backend == "emulated":  # name the exact GEMM path this machine uses
-                plan = Plan(plan.backend, f"{plan.reason}; {gemm_path(device.type).reason}")
+            if plan.backend == "emulated":  # name the exact GEMM path this machine uses and the accumulators
+                backend = backend_for("emulated", device.type)
+                accumulation = self._accumulation() if backend.models_accumulation else (
+                    "accumulation: fp32 (the tensor-core accumulator model runs on the CPU only)")
+                plan = Plan(plan.backend, f"{plan.reason}; {gemm_path(device.type).reason}; {accumulation}")
+            elif plan.precision == "fp8":  # the hardware accumulates: say what it is asked for
+                plan = Plan(plan.backend, f"{plan.reason}; {self._accumulation()}")
             elif plan.backend in ROUNDED_DTYPES:
                 plan = Plan(plan.backend, f"{plan.reason}; {rounded_gemm_path(device.type, plan.backend).reason}")
             self._plans[device] = plan
@@ -97,8 +103,13 @@ class Linear(nn.Module):
             return Plan(self.kept_precision, self.keep_bf16_reason)
         return select_backend(
             device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
-            dims=(self.in_features, self.out_features), scaling=self.fp8.scaling,
+            dims=(self.in_features, self.out_features), scaling=self.fp8.scaling, accumulation=self.fp8.accumulation,
         )
+
+    def _accumulation(self) -> str:
+        accs = [self.fp8.accumulator(gemm) for gemm in range(3)]
+        setting = self.fp8.accumulation if isinstance(self.fp8.accumulation, str) else "custom"
+        return f"accumulation ({setting}): {describe_gemms(accs)}"
 
     def gemm_weight(self) -> torch.Tensor:
         """The weight as the GEMM takes it, (out_features, in_features): ``self.weight``

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fp8lab.run.config import hash_of, upgrade
+
 FORMAT_VERSION = 1
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -130,9 +132,10 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def check_config(path: Path, payload: dict, config_hash: str, config_dict: dict) -> None:
-    """Refuse a checkpoint written for another config, naming the fields that differ."""
-    if payload["config_hash"] != config_hash:
-        saved = payload["config"]
+    """Refuse a checkpoint written for another config, naming the fields that differ (a config
+    of an earlier fp8lab is first given the fields it lacked, ``config.upgrade``)."""
+    if payload["config_hash"] != config_hash and hash_of(upgrade(payload["config"])) != config_hash:
+        saved = upgrade(payload["config"])
         saved = {**saved, "variants": {v["name"]: v for v in saved.get("variants", [])}}
         now = {**config_dict, "variants": {v["name"]: v for v in config_dict.get("variants", [])}}
         diffs = _config_diff(saved, now) or ["(hash differs)"]

@@ -54,5 +54,22 @@ class RunConfig:
 
     def hash(self) -> str:
         """A short stable hash of the resolved config (checkpoints refuse other configs)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return hash_of(self.to_dict())
+
+
+def hash_of(config_dict: dict) -> str:
+    """The hash of a config's ``to_dict`` (``RunConfig.hash``), also of one read from a checkpoint."""
+    text = json.dumps(config_dict, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def upgrade(saved: dict) -> dict:
+    """A config dict written by an earlier fp8lab, with the fields it did not have yet set to
+    what that fp8lab did (so its hash is comparable with today's configs):
+
+    - ``variants.<v>.accumulation``: absent before the accumulator model; those runs accumulated
+      every FP8 GEMM in fp32 ("fp32"); other precisions take the default ("te", unused).
+    """
+    variants = [{**v, "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te")}
+                for v in saved.get("variants", [])]
+    return {**saved, "variants": variants}

@@ -12,6 +12,8 @@ import importlib
 import torch
 
 import fp8lab
+from fp8lab.accumulation import describe_gemms
+from fp8lab.gemm.accumulate import accumulate_path
 from fp8lab.gemm.backends.select import (
     FP8_MIN_CAPABILITY,
     BackendUnavailable,
@@ -22,7 +24,8 @@ from fp8lab.gemm.backends.select import (
     select_backend,
 )
 from fp8lab.gemm.exact import gemm_path
-from fp8lab.options import FALLBACKS
+from fp8lab.options import FALLBACKS, FP8Options
+from fp8lab.scaling import SCALINGS
 
 PROBE_DIMS = (4096, 4096)  # a typical transformer Linear: in_features x out_features
 
@@ -74,7 +77,11 @@ def collect_info(import_te: bool = True) -> dict:
             "fp8_tensor_cores": facts.capability is not None and facts.capability >= FP8_MIN_CAPABILITY,
             "auto": auto_choices(facts, te_facts),
         })
+    path = accumulate_path()
+    te_accumulation = {name: describe_gemms([FP8Options(scaling=cls()).accumulator(g) for g in range(3)])
+                       for name, cls in SCALINGS.items()}
     return {
+        "accumulation": {"path": path.name, "reason": path.reason, "te": te_accumulation},
         "fp8lab": fp8lab.__version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,  # None for a CPU-only build of torch
@@ -112,4 +119,7 @@ def format_info(info: dict) -> str:
                 f"  backend='auto', fallback={choice['fallback']!r}, {dims} Linear -> "
                 f"{choice['backend']}: {choice['reason']}"
             )
+    acc = info["accumulation"]
+    lines.append(f"{acc['reason']}; accumulation='te' (the default) per scaling:")
+    lines += [f"  {name}: {text}" for name, text in acc["te"].items()]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ def hparams_of(config: RunConfig, variant) -> dict:
     scaling = {f"scaling.{k}": v for k, v in dataclasses.asdict(variant.scaling).items()}  # the recipe's own fields
     return {
         "variant": variant.name, "precision": variant.precision, "scaling": variant.scaling.name, **scaling,
-        "first_last_bf16": variant.first_last_bf16,
+        "first_last_bf16": variant.first_last_bf16, "accumulation": variant.accumulation,
         "activations": rung_of(variant).activations, "master_weights": variant.master_weights,
         "steps": config.train.steps, "lr": config.train.lr, "batch_size": config.train.batch_size,
     }

@@ -122,6 +122,8 @@ class Variant:
     scaling: Scaling = field(default_factory=DelayedScaling)  # any of fp8lab.scaling.SCALINGS
     backend: str = "auto"
     fallback: str = "emulated"
+    # How the tensor cores accumulate the FP8 GEMMs (fp8lab.accumulation): "te", "fast", "promoted", "fp32"
+    accumulation: str = "te"
     keep_bf16: tuple[str, ...] = ("lm_head",)  # layer-name patterns kept in BF16
     first_last_bf16: int = 0  # Megatron-style: first N and last N blocks in BF16
     activations: str | None = None  # fp8 only: "bf16" (None) or "fp16"; other precisions: their own
@@ -137,7 +139,8 @@ class Variant:
                "variant.name", "letters, digits, '_' or '-'", self.name)
         check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
         try:  # FP8Options names the bad field first in its message
-            fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback)
+            fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback,
+                             accumulation=self.accumulation)
         except ValueError as err:
             raise ConfigError(f"variants.{self.name}.{err}") from None
         object.__setattr__(self, "fallback", fp8.fallback)  # a legacy spelling is stored normalised

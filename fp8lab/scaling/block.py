@@ -71,6 +71,18 @@ class Float8BlockScaling(BlockwiseScaling):
         scale = te_scale_from_amax(amax, fmt.max, pow2=True, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf)
         return scale, scale.reciprocal()
 
+    def te_accumulation(self, gemm: int) -> str:
+        """Float8BlockScaling fixes ``use_split_accumulator=True`` for all three GEMMs (TE's
+        ``__post_init__`` asserts it): promoted, the 1x128 / 128x128 scales applied at each
+        promotion."""
+        return "promoted"
+
+    def accumulation_error(self, acc) -> str | None:
+        if acc.kind == "promoted" and acc.group_k != BLOCK:
+            return (f"block scaling applies its {BLOCK}-wide block scales at each promotion: promote_every x chunk "
+                    f"must be {BLOCK}, got {acc.promote_every} x {acc.chunk}")
+        return super().accumulation_error(acc)
+
     def unsupported(self, backend: str, device) -> str | None:
         """TE's ``check_recipe_support``: block scaling from sm_90 with CUDA 12.9."""
         if backend == "te" and not ((device.capability or (0, 0)) >= (9, 0) and (device.cuda or (0, 0)) >= (12, 9)):
@@ -80,6 +92,5 @@ class Float8BlockScaling(BlockwiseScaling):
     def te_recipe(self) -> dict:
         dims = {name: getattr(self, name) for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")}
         kwargs = {"fp8_format": te_format(self.fp8_format), **dims, "use_f32_scales": False, **TE_PINNED}
-        split = {"fp8_gemm_fprop": True, "fp8_gemm_dgrad": True, "fp8_gemm_wgrad": True}  # TE enforces these
-        return {"recipe": "Float8BlockScaling", "kwargs": kwargs, "mmparams": split,
+        return {"recipe": "Float8BlockScaling", "kwargs": kwargs, "mmparams": self.te_split_accumulator(),
                 "qparams": {"power_2_scale": True, "amax_epsilon": float(self.amax_epsilon)}}

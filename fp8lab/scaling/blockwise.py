@@ -38,20 +38,31 @@ class BlockwiseScaling(Scaling):
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
         raise NotImplementedError
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
+                raw: bool = False) -> Operand:
         """Cast block by block with scales from each block's amax; the rowwise cast counts
-        NaN/inf faults in training and leaves cast and block statistics on log steps."""
+        NaN/inf faults in training and leaves cast and block statistics on log steps.
+        ``raw``: the FP8 values themselves, with each block's inverse scale repeated along the
+        dimension the GEMM does not contract (``Operand.group_scale``)."""
         fmt, block = self.format_for(role), self.block(role, usage)
         amax = blocks_amax(x2d, block)
         scale, scale_inv = self.block_scales(amax, fmt, x2d.dtype)
         if record and usage == ROWWISE:
             slot.count_faults(role, amaxes_of(x2d)[0])
-        values = backend.quantize_blocks(x2d, block, scale, scale_inv, fmt)
+        values = backend.quantize_blocks(x2d, block, scale, torch.ones_like(scale_inv) if raw else scale_inv, fmt)
         if slot is not None and slot.armed and usage == ROWWISE:
-            stats = block_cast_stats(x2d, values, block, scale, fmt)
+            deq = values if not raw else backend.quantize_blocks(x2d, block, scale, scale_inv, fmt)
+            stats = block_cast_stats(x2d, deq, block, scale, fmt)
             slot.cast_stats[role] = stats[:3]
             slot.record_blocks(role, stats[3:], amax.max())
-        return Operand(values, None)
+        if not raw:
+            return Operand(values, None, fmt)
+        r, c = x2d.shape
+        if usage == ROWWISE:  # (ceil(R/br), G) -> (R, G)
+            groups = scale_inv.repeat_interleave(block[0], dim=0)[:r]
+        else:  # (G, ceil(C/bc)) -> (G, C)
+            groups = scale_inv.repeat_interleave(block[1], dim=1)[:, :c]
+        return Operand(values, None, fmt, groups.float().contiguous())
 
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
@@ -59,6 +70,13 @@ class BlockwiseScaling(Scaling):
         block = scaling.block(role, ROWWISE)
         scale, _ = scaling.block_scales(blocks_amax(x2d, block), fmt, x2d.dtype)
         return block_cast_stats(x2d, None, block, scale, fmt, block_stats=False)
+
+    def accumulation_error(self, acc) -> str | None:
+        """Block scales are applied at each promotion (an FMA of the partial sum), so the
+        accumulator must promote, once per block along K (``group_k``), or be fp32."""
+        if acc.kind == "fast":
+            return "fast accumulation cannot apply block scales (they are applied at each promotion); use 'promoted'"
+        return None
 
     def unsupported(self, backend: str, device) -> str | None:
         if backend == "scaled_mm":

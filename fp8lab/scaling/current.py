@@ -55,7 +55,8 @@ class Float8CurrentScaling(Scaling):
         """The scale of a tensor whose amax (TE's: NaN ignored) is ``amax``."""
         return te_scale_from_amax(amax, fmt.max, pow2=self.use_power_2_scales, epsilon=float(self.amax_epsilon))
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
+                raw: bool = False) -> Operand:
         """Cast with a scale from this tensor's own amax, now; a cast that met NaN or inf is
         counted in the slot's faults in training."""
         fmt, amaxes = self.format_for(role), amaxes_of(x2d)
@@ -66,7 +67,7 @@ class Float8CurrentScaling(Scaling):
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
             slot.record_scale(role, scale, amaxes[1])
-        return Operand(values, scale.reciprocal())
+        return Operand(values, scale.reciprocal(), fmt)
 
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
@@ -77,5 +78,5 @@ class Float8CurrentScaling(Scaling):
         # environment variables at import), so they are set on the recipe object too.
         qparams = {"power_2_scale": self.use_power_2_scales, "amax_epsilon": float(self.amax_epsilon)}
         kwargs = {"fp8_format": te_format(self.fp8_format), "use_power_2_scales": self.use_power_2_scales, **TE_PINNED}
-        split = {"fp8_gemm_fprop": False, "fp8_gemm_dgrad": True, "fp8_gemm_wgrad": True}  # TE's defaults, explicit
-        return {"recipe": "Float8CurrentScaling", "kwargs": kwargs, "mmparams": split, "qparams": qparams}
+        return {"recipe": "Float8CurrentScaling", "kwargs": kwargs, "mmparams": self.te_split_accumulator(),
+                "qparams": qparams}

@@ -90,7 +90,8 @@ class DelayedScaling(Scaling):
         """
         return ScalingState(self, device=device)
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
+                raw: bool = False) -> Operand:
         """Cast with the state's scale for ``role``; in training, the amax into row 0."""
         fmt, scale = self.format_for(role), state.scale[role]
         if record:
@@ -98,7 +99,7 @@ class DelayedScaling(Scaling):
         values = backend.quantize(x2d, scale, fmt)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
-        return Operand(values, scale.reciprocal())
+        return Operand(values, scale.reciprocal(), fmt)
 
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:

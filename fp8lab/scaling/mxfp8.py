@@ -53,6 +53,18 @@ class MXFP8BlockScaling(BlockwiseScaling):
         code = float_to_e8m0(amax.float() * rcp)
         return e8m0_scale(code), e8m0_scale_inv(code)
 
+    def te_accumulation(self, gemm: int) -> str:
+        """MXFP8 runs on Blackwell (sm_100), whose block-scaled MMA applies the E8M0 scales
+        inside the instruction; that accumulator is not Hopper's and no bit-exact model of it
+        is published, so fp8lab accumulates MXFP8 GEMMs in fp32 (a named limit of the model)."""
+        return "fp32"
+
+    def accumulation_error(self, acc) -> str | None:
+        if acc.kind != "fp32":
+            return ("MXFP8's 32-element block scales are applied inside Blackwell's MMA, whose accumulator is not "
+                    "modelled; only 'fp32' (or 'te') accumulation applies")
+        return None
+
     def unsupported(self, backend: str, device) -> str | None:
         """TE's ``check_recipe_support``: MXFP8 on sm_100 up to, not including, sm_120."""
         if backend == "te" and not ((10, 0) <= (device.capability or (0, 0)) < (12, 0)):

@@ -18,6 +18,8 @@ The questions, in the order a training step asks them:
   cast statistics left in the layer's telemetry slot on log steps;
 - ``whatif_stats(x2d, role, fmt)`` (a class method): what this recipe, at TE's defaults,
   would do to a tensor another recipe cast (log steps only);
+- ``te_accumulation(gemm)`` and ``accumulation_error(acc)``: how TE asks the tensor cores
+  to accumulate each of its GEMMs, and why an explicit accumulator cannot apply to it;
 - ``unsupported(backend, device)``: why a hardware backend cannot run it there, or None;
 - ``te_recipe()``: TE's recipe class name and constructor arguments, without TE.
 """
@@ -29,7 +31,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from fp8lab.formats import FP8Format, Role, format_for
+from fp8lab.accumulation import Accumulator
+from fp8lab.formats import FPROP, GEMM_NAMES, FP8Format, Role, format_for
 from fp8lab.quantize.tensor import STAT_NAMES
 
 # Which dimension of a 2-D operand a GEMM contracts: the last ("rowwise") or the first
@@ -38,12 +41,17 @@ ROWWISE, COLUMNWISE = "rowwise", "columnwise"
 
 
 class Operand(NamedTuple):
-    """What one GEMM multiplies: exact values in the backend's operand dtype, and the 0-dim
+    """What one GEMM multiplies: exact values in the backend's operand dtype, the 0-dim
     float32 inverse scale its epilogue applies (None when the values are already exact
-    dequantized values, as for power-of-2 block scales)."""
+    dequantized values, as for power-of-2 block scales), the FP8 format of the values (None
+    for a BF16 GEMM), and, for block values left unscaled for a promoting accumulator, their
+    inverse scales per group of 128 along the contracted dimension: (R, G) for a rowwise
+    operand (R, C), (G, C) for a columnwise one."""
 
     values: torch.Tensor
     inv_scale: torch.Tensor | None
+    fmt: FP8Format | None = None
+    group_scale: torch.Tensor | None = None
 
 
 def not_measured(device: torch.device) -> torch.Tensor:
@@ -84,7 +92,8 @@ class Scaling:
         delayed scaling; None: nothing persists from one step to the next)."""
         return None
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot) -> Operand:
+    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
+                raw: bool = False) -> Operand:
         """``x2d`` (2-D, high precision) made into the operand of a GEMM contracting it as
         ``usage`` says (``ROWWISE`` or ``COLUMNWISE``).
 
@@ -94,6 +103,9 @@ class Scaling:
             record: training: take amaxes into the state and count casts that met NaN/inf.
             slot: the layer's TelemetrySlot or None; while armed, the rowwise cast of each
                 role leaves its statistics there.
+            raw: block recipes: the FP8 values unscaled, with their per-group inverse scales
+                (``Operand.group_scale``), for an accumulator that applies them at each
+                promotion; per-tensor recipes ignore it (their scale is the epilogue's).
         """
         raise NotImplementedError
 
@@ -102,6 +114,24 @@ class Scaling:
         """``STAT_NAMES`` of this recipe at TE's defaults, in ``fmt``, cast onto ``x2d`` in
         the layout of the GEMM contracting its last dimension (float32, on x2d's device)."""
         raise NotImplementedError
+
+    def te_accumulation(self, gemm: int) -> str:
+        """The accumulator kind ("fast", "promoted", "fp32") Transformer Engine gives GEMM
+        ``gemm`` (``fp8lab.formats.FPROP``/``DGRAD``/``WGRAD``): by default its module's
+        ``_2X_ACC_FPROP = False`` (fast) and ``_2X_ACC_DGRAD/_WGRAD = True`` (split, i.e.
+        promoted), as for DelayedScaling (no ``fp8_gemm_*`` fields) and Float8CurrentScaling
+        (whose ``fp8_gemm_*`` fields say the same)."""
+        return "fast" if gemm == FPROP else "promoted"
+
+    def te_split_accumulator(self) -> dict[str, bool]:
+        """``use_split_accumulator`` of each ``fp8_gemm_<gemm>`` MMParams field of TE's recipe
+        (promoted accumulation, ``te_accumulation``), for recipes whose TE class has them."""
+        return {f"fp8_gemm_{name}": self.te_accumulation(g) == "promoted" for g, name in enumerate(GEMM_NAMES)}
+
+    def accumulation_error(self, acc: Accumulator) -> str | None:
+        """Why ``acc`` cannot accumulate this scaling's GEMMs, or None (per-tensor scales sit
+        in the epilogue, so any accumulator applies)."""
+        return None
 
     def unsupported(self, backend: str, device) -> str | None:
         """Why ``backend`` ("te" or "scaled_mm") cannot run this scaling on ``device`` (a

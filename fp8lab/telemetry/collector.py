@@ -36,8 +36,9 @@ FIELDS = ("scale", "amax") + STAT_NAMES + BLOCK_STAT_NAMES
 OPTIONAL = ("scale",) + BLOCK_STAT_NAMES
 NONFINITE = "nonfinite_amax"  # casts that met NaN/inf since the previous log step, per role
 SHADOW = "shadow_sqnr_db"  # per GEMM (fprop, dgrad, wgrad): output SQNR against BF16
+ACCUM = "accum_sqnr_db"  # per GEMM: output SQNR against the same GEMM accumulated in fp32
 _WHATIF_ROWS = len(WHATIF_RECIPES) * len(STAT_NAMES)
-_ROWS = len(FIELDS) + _WHATIF_ROWS + 2  # + the shadow SQNR row and the fault counts, each over 3
+_ROWS = len(FIELDS) + _WHATIF_ROWS + 3  # + the shadow and accumulator SQNR rows and the fault counts
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,24 @@ class LayerStats:
         whatif: (n_layers, 3 roles, len(WHATIF_RECIPES), len(STAT_NAMES)): what every recipe
             would have done to each role's tensor (NaN: not measured).
         shadow: (n_layers, 3 GEMMs): each GEMM's output SQNR against BF16 (NaN: not measured).
+        accum: (n_layers, 3 GEMMs): each GEMM's output SQNR against the same GEMM accumulated
+            in fp32 (NaN: an fp32 accumulator, or not measured).
     """
 
     layers: tuple[str, ...]
     values: dict[str, np.ndarray]
     whatif: np.ndarray
     shadow: np.ndarray
+    accum: np.ndarray
 
     @classmethod
     def empty(cls) -> LayerStats:
         return cls((), {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)},
-                   np.zeros((0, 3, len(WHATIF_RECIPES), len(STAT_NAMES))), np.zeros((0, 3)))
+                   np.zeros((0, 3, len(WHATIF_RECIPES), len(STAT_NAMES))), np.zeros((0, 3)), np.zeros((0, 3)))
 
     def column(self, field: str) -> np.ndarray:
-        """(n_layers, 3) of a per-role field, or of ``SHADOW`` (per GEMM)."""
-        return self.shadow if field == SHADOW else self.values[field]
+        """(n_layers, 3) of a per-role field, or of ``SHADOW`` / ``ACCUM`` (per GEMM)."""
+        return {SHADOW: self.shadow, ACCUM: self.accum}.get(field, self.values.get(field))
 
     def items(self):
         """(Key, value) of every value a log step writes: each layer's per-role scaling
@@ -82,9 +86,10 @@ class LayerStats:
                         if not math.isnan(value):
                             yield Key(WHATIF, layer, role, recipe, stat), value
             for g, gemm in enumerate(GEMM_NAMES):
-                value = float(self.shadow[i, g])
-                if not math.isnan(value):
-                    yield Key(ACCURACY, layer, stat=f"{gemm}_sqnr_db"), value
+                for array, stat in ((self.shadow, f"{gemm}_sqnr_db"), (self.accum, f"{gemm}_accum_sqnr_db")):
+                    value = float(array[i, g])
+                    if not math.isnan(value):
+                        yield Key(ACCURACY, layer, stat=stat), value
 
     def scalars(self) -> dict[str, float]:
         """{tag: value} of ``items`` for the TensorBoard writer."""
@@ -96,11 +101,11 @@ def fp8_layers(model: nn.Module) -> list[tuple[str, Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Linear) and m.plan().precision == "fp8"]
 
 
-def _shadow(view) -> torch.Tensor:
-    """(3,) output SQNR of the view's GEMMs against BF16; NaN where not measured (TE)."""
-    if view.shadow_sqnr is None:
+def _per_gemm(view, sqnr: torch.Tensor | None) -> torch.Tensor:
+    """(3,) one SQNR per GEMM of the view; NaN where not measured (TE)."""
+    if sqnr is None:
         return torch.full((3,), float("nan"), dtype=torch.float32, device=view.scale.device)
-    return view.shadow_sqnr
+    return sqnr
 
 
 class ScalingCollector:
@@ -138,7 +143,7 @@ class ScalingCollector:
             blocks = v.block_stats if v.block_stats is not None else nan(len(BLOCK_STAT_NAMES))
             whatif = v.whatif.reshape(3, -1) if v.whatif is not None else nan(_WHATIF_ROWS)
             rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t(), whatif.t(),
-                                   _shadow(v)[None]]))  # (_ROWS - 1, 3)
+                                   _per_gemm(v, v.shadow_sqnr)[None], _per_gemm(v, v.accum_sqnr)[None]]))  # (_ROWS - 1, 3)
         return torch.stack(rows)  # (n_layers, _ROWS - 1, 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:
@@ -163,7 +168,7 @@ class ScalingCollector:
         values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
         n, per_role = len(self.names), host[:, len(FIELDS):len(FIELDS) + _WHATIF_ROWS, :]
         whatif = per_role.transpose(0, 2, 1).reshape(n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))
-        return LayerStats(self.names, values, whatif, host[:, -2, :]), host_extra
+        return LayerStats(self.names, values, whatif, host[:, -3, :], host[:, -2, :]), host_extra
 
     def faults(self) -> torch.Tensor:
         """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""

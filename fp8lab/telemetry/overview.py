@@ -29,6 +29,8 @@ _STATS = ("scale", "amax") + STAT_NAMES
 LAYOUT = {
     "all layers: accuracy against BF16": {
         **{f"{gemm} output SQNR (dB)": ["Multiline", [rf"^accuracy/.*/{gemm}_sqnr_db$"]] for gemm in GEMM_NAMES},
+        **{f"{gemm} accumulator SQNR against fp32 accumulation (dB)": ["Multiline", [rf"^accuracy/.*/{gemm}_accum_sqnr_db$"]]
+           for gemm in GEMM_NAMES},
         "weight drift ||W_fp8 - W_bf16|| / ||W_bf16||": ["Multiline", [r"^accuracy/.*/weight_rel_diff$"]],
     },
     **{f"all layers: {stat}": {f"{role} {stat}": ["Multiline", [rf"^scaling/.*/{role}/{stat}$"]] for role in ROLE_NAMES}

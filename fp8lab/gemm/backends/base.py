@@ -24,7 +24,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fp8lab.formats import FP8Format
+from fp8lab.accumulation import FP32
+from fp8lab.formats import DGRAD, FPROP, WGRAD, FP8Format
+from fp8lab.gemm.accumulate import tensor_core_accumulate
+from fp8lab.gemm.exact import epilogue, gemm_path, scaled_gemm
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 from fp8lab.quantize.tensor import STAT_NAMES
@@ -50,6 +53,9 @@ class ScalingView:
     # (3,) fprop, dgrad, wgrad output SQNR (dB) against the BF16 GEMM of the same operands,
     # of the last armed step (fp8lab.gemm.shadow); None or NaN: not measured
     shadow_sqnr: torch.Tensor | None = None
+    # (3,) the same GEMMs' output SQNR (dB) against their fp32-accumulated twins (the accumulator
+    # model's own cost); None or NaN: not measured (an fp32 accumulator, or TE)
+    accum_sqnr: torch.Tensor | None = None
 
 
 def not_measured(device: torch.device, columns: int = len(STAT_NAMES)) -> torch.Tensor:
@@ -93,18 +99,32 @@ class QuantizedGemmBackend:
             layer.note_training_forward()
         return quantized_linear(
             x, layer.gemm_weight(), layer.bias, layer.fp8.scaling, layer.fp8_state, self, output_dtype(x), record,
-            layer.telemetry,
+            layer.telemetry, self.accumulators(layer.fp8),
         )
+
+    def fp32_reference(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, formats=(None, None),
+                       group_scales=(None, None)) -> torch.Tensor:
+        """The same GEMM with an ideal fp32 accumulator (the hardware model of ``exact`` on this
+        device), the reference of the accumulator telemetry; log steps only."""
+        inv = a_inv if b_inv is None else (b_inv if a_inv is None else a_inv * b_inv)
+        if group_scales == (None, None):
+            return scaled_gemm(a, b, inv, out_dtype, bias, path=gemm_path(a.device.type))
+        acc = tensor_core_accumulate(a, b, *formats, FP32, a_group_scale=group_scales[0], b_group_scale=group_scales[1])
+        return epilogue(acc, inv, out_dtype, bias)
+
+    def accumulators(self, fp8) -> tuple:
+        """The accumulator of fprop, dgrad and wgrad this backend runs for options ``fp8``."""
+        return (fp8.accumulator(FPROP), fp8.accumulator(DGRAD), fp8.accumulator(WGRAD))
 
     def scaling_view(self, layer: nn.Module) -> ScalingView:
         slot, state, device = layer.telemetry, layer.fp8_state, layer.weight.device
         stats = slot.cast_stats if slot.cast_stats is not None else not_measured(device)
         if state is not None:  # delayed scaling: the ScalingState holds scale, amax, faults
             return ScalingView(state.scale, state.amax_history[0], stats, state.faults, state.amax_history,
-                               whatif=slot.whatif, shadow_sqnr=slot.shadow_sqnr)
+                               whatif=slot.whatif, shadow_sqnr=slot.shadow_sqnr, accum_sqnr=slot.accum_sqnr)
         scale_amax = slot.scale_amax if slot.scale_amax is not None else not_measured(device, 2)
         blocks = None
         if not layer.fp8.scaling.per_tensor:
             blocks = slot.block_stats if slot.block_stats is not None else not_measured(device, len(BLOCK_STAT_NAMES))
         return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks,
-                           slot.whatif, slot.shadow_sqnr)
+                           slot.whatif, slot.shadow_sqnr, slot.accum_sqnr)

@@ -2,18 +2,23 @@
 
 Invariant: operands are the exact FP8 values (rounded by ``fp8lab.quantize.tensor`` with the
 scale it is given; it never computes one), held in the dtype of the machine's exact GEMM
-path (bf16 or fp32), and the GEMM is ``fp8lab.gemm.exact.scaled_gemm``: the hardware
-model, ``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in the output dtype. Block-scaled
-operands arrive dequantized (exact: their scales are powers of two) with no inverse scale.
+path (bf16 or fp32), and the GEMM is the hardware model: the tensor cores' accumulator of
+the GEMM's ``Accumulator`` (``fp8lab.gemm.accumulate``: fast, promoted; "fp32" is
+``fp8lab.gemm.exact.scaled_gemm``'s exact fp32 GEMM), then the epilogue
+``round(acc * (a_inv * b_inv) + bias)`` in the output dtype. Block-scaled operands arrive
+dequantized (exact: their scales are powers of two) with no inverse scale for an fp32
+accumulator, or as FP8 values with per-group scales that a promoting accumulator applies.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fp8lab.accumulation import FP32, Accumulator
 from fp8lab.formats import FP8Format
+from fp8lab.gemm.accumulate import tensor_core_accumulate
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
-from fp8lab.gemm.exact import GemmPath, scaled_gemm
+from fp8lab.gemm.exact import GemmPath, epilogue, scaled_gemm
 from fp8lab.quantize.blocks import cast_blocks_dequantized
 from fp8lab.quantize.tensor import cast_to_fp8_grid
 
@@ -37,6 +42,15 @@ class EmulatedBackend(QuantizedGemmBackend):
     def __init__(self, path: GemmPath):
         self.path = path
 
+    @property
+    def models_accumulation(self) -> bool:
+        """The tensor-core accumulator model runs on the CPU only (a C kernel); an accelerator's
+        emulation would copy every GEMM there, so it accumulates in fp32 instead (and says so)."""
+        return self.path.name != "cuda"
+
+    def accumulators(self, fp8) -> tuple:
+        return super().accumulators(fp8) if self.models_accumulation else (FP32, FP32, FP32)
+
     def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
         return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype)
 
@@ -44,5 +58,13 @@ class EmulatedBackend(QuantizedGemmBackend):
         """``x2d`` cast block by block with the given power-of-2 scales, dequantized exactly."""
         return cast_blocks_dequantized(x2d, block, scale, scale_inv, fmt, dtype=self.path.operand_dtype)
 
-    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
-        return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
+    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, accumulator: Accumulator = FP32,
+             formats=(None, None), group_scales=(None, None)) -> torch.Tensor:
+        """The hardware model of ``a @ b`` with ``accumulator``; ``formats`` are the operands'
+        FP8 formats and ``group_scales`` their per-group block scales (both for a fast or
+        promoted accumulator, see ``fp8lab.gemm.accumulate``)."""
+        if accumulator.kind == "fp32" and group_scales == (None, None):
+            return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
+        acc = tensor_core_accumulate(a, b, *formats, accumulator, a_group_scale=group_scales[0],
+                                     b_group_scale=group_scales[1])
+        return epilogue(acc, _inv_product(a_inv, b_inv), out_dtype, bias)

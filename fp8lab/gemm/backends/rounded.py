@@ -39,7 +39,8 @@ class RoundedBackend:
         """x rounded to the backend's dtype (nearest even), held in the path's operand dtype."""
         return round_operand(x_hp, self.name, self.path)
 
-    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
+    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, **fp8_only) -> torch.Tensor:
+        """The exact fp32-accumulated GEMM (the accumulator options of FP8 GEMMs do not apply)."""
         return scaled_gemm(a, b, None, out_dtype, bias, path=self.path)
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ def select_backend(
     fallback: str = "bf16",
     dims: tuple[int, int] | None = None,
     scaling: Scaling | None = None,
+    accumulation: object = "te",
 ) -> Plan:
     """The backend a layer runs on, with a one-line human reason.
 
@@ -74,6 +75,8 @@ def select_backend(
             hardware backend cannot run it where (``Scaling.unsupported``): Transformer
             Engine runs each recipe on some GPUs only, torch._scaled_mm the per-tensor
             ones; a layer that no hardware path can run falls back, saying why.
+        accumulation: the layer's ``FP8Options.accumulation``: Transformer Engine accumulates
+            as it decides ("te"), so any other setting rules it out.
     Raises:
         BackendUnavailable: an explicitly requested backend cannot run here.
     """
@@ -85,6 +88,9 @@ def select_backend(
     scaling = scaling if scaling is not None else DelayedScaling()
     gpu = f"{device.name or 'GPU'} ({_sm(device)})" if device.type == "cuda" else device.type
     te_why_not = scaling.unsupported("te", device) if te.version is not None else None
+    if te.version is not None and accumulation != "te":
+        te_why_not = (f"Transformer Engine accumulates as it sets itself (accumulation='te'), "
+                      f"not accumulation={accumulation!r}")
     mm_why_not = scaling.unsupported("scaled_mm", device)
     if requested in ("te", "scaled_mm"):
         if device.type != "cuda":
@@ -95,7 +101,8 @@ def select_backend(
         if requested == "te" and te.version is None:
             raise BackendUnavailable(f"backend='te' needs Transformer Engine: pip install 'fp8lab[te]' ({te.why_not or 'not installed'})")
         if requested == "te" and te_why_not:
-            raise BackendUnavailable(f"backend='te' with {scaling.name} scaling on {gpu}: {te_why_not}; use backend='emulated'")
+            raise BackendUnavailable(f"backend='te' with {scaling.name} scaling on {gpu}: {te_why_not}; "
+                                     "use backend='emulated' (or 'scaled_mm')")
         if requested == "scaled_mm" and mm_why_not:
             raise BackendUnavailable(
                 f"backend='scaled_mm' with {scaling.name} scaling on {gpu}: {mm_why_not}; use backend='te' (or 'emulated')"
