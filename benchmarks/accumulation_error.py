@@ -34,7 +34,7 @@ from benchmarks.common import append_section, load_average, machine, markdown_ta
 from fp8lab.accumulation import FP32, HOPPER_FAST, HOPPER_PROMOTED  # noqa: E402
 from fp8lab.formats import E4M3  # noqa: E402
 from fp8lab.gemm.accumulate import accumulate_path, tensor_core_accumulate  # noqa: E402
-from fp8lab.quantize import cast_to_fp8_grid  # noqa: E402
+from fp8lab.quantize.tensor import cast_to_fp8_grid  # noqa: E402
 
 KINDS = (("fp32", FP32), ("promoted every 128", HOPPER_PROMOTED), ("fast", HOPPER_FAST))
 SKETCH = {("gaussian", "fast"): "2.4e-3", ("gaussian", "promoted every 128"): "1.2e-4", ("gaussian", "fp32"): "1.4e-7",

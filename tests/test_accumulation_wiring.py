@@ -198,3 +198,20 @@ def test_accumulator_telemetry_is_the_sqnr_against_fp32_accumulation(monkeypatch
     layer32.telemetry.arm(torch.device("cpu"))
     layer32(torch.randn(8, IN)).sum().backward()
     assert torch.isnan(layer32.telemetry.accum_sqnr).all()
+
+
+def test_the_report_says_when_accumulation_dominates_a_layers_error():
+    from fp8lab.run.report import accuracy_lines
+
+    accuracy = {  # mean dB over log steps, as read back from the event files
+        ("a", "fprop_sqnr_db"): [30.0], ("a", "dgrad_sqnr_db"): [25.0], ("a", "wgrad_sqnr_db"): [25.0],
+        ("a", "fprop_accum_sqnr_db"): [32.0, 32.5], ("a", "dgrad_accum_sqnr_db"): [60.0], ("a", "wgrad_accum_sqnr_db"): [61.0],
+        ("b", "fprop_sqnr_db"): [31.0], ("b", "fprop_accum_sqnr_db"): [45.0],
+    }
+    text = "\n".join(accuracy_lines("fp8", accuracy))
+    assert "accumulator SQNR against fp32 accumulation" in text
+    # a's fprop: 32.25 dB against fp32 accumulation, within 3.01 dB of 30 dB: the accumulator is over half the error
+    assert "accumulation, not the FP8 cast, dominates the error of: a fprop (32.2 dB against fp32 accumulation" in text
+    assert "b fprop" not in text.split("dominates the error of:")[1]
+    calm = {k: v for k, v in accuracy.items() if k[0] == "b"}
+    assert "the FP8 casts, not the accumulator, dominate every layer's error" in "\n".join(accuracy_lines("fp8", calm))

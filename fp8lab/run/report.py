@@ -19,6 +19,9 @@ OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
 UNDERFLOW_PCT = 1.0  # more than 1% of non-zero values flushed to zero
 SQNR_DB = 20.0  # below torchao's bar for an FP8 linear
 TOP_ACCURACY = 10  # layers shown in each accuracy ranking
+# The accumulator's error power is at least half of a GEMM's total error against BF16 when its
+# SQNR is within 10*log10(2) dB of the total's: "accumulation dominates".
+ACCUMULATION_DOMINATES_DB = 3.01
 
 ADVICE = {
     "overflow": "raise margin (fp8.margin=1 or 2) or use amax_compute_algo='max' with a longer history",
@@ -76,10 +79,36 @@ def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> lis
              f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}"]
     for layer in sorted(measured, key=lambda name: min(v for v in sqnr[name] if v == v))[:top]:
         lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in sqnr[layer]))
+    lines += accumulation_lines(variant, accuracy, sqnr)
     drift = {layer: accuracy[(layer, "weight_rel_diff")][-1] for layer in layers if accuracy.get((layer, "weight_rel_diff"))}
     if drift:
         lines += ["", f"== {variant}: weight drift ||W - W_bf16|| / ||W_bf16|| at the last log step (largest first)"]
         lines += [f"{layer:<34} {value:>9.3g}" for layer, value in sorted(drift.items(), key=lambda kv: -kv[1])[:top]]
+    return lines
+
+
+def accumulation_lines(variant: str, accuracy: dict, sqnr: dict) -> list[str]:
+    """Per layer and GEMM, the output SQNR against the same GEMM accumulated in fp32 (what the
+    tensor cores' accumulator alone costs) and whether it dominates the error against BF16:
+    it does when its error power is at least half of the total, i.e. when its SQNR is within
+    ``ACCUMULATION_DOMINATES_DB`` (3.01 dB) of the SQNR against BF16 (cast and accumulator)."""
+    accum = {layer: [_mean(accuracy.get((layer, f"{g}_accum_sqnr_db"), [])) for g in GEMM_NAMES] for layer in sqnr}
+    measured = [layer for layer in accum if any(v == v for v in accum[layer])]
+    if not measured:
+        return []
+    lines = ["", f"== {variant}: accumulator SQNR against fp32 accumulation (mean over log steps; the tensor cores' "
+             "accumulator alone, lowest first)", f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}"]
+    dominated = []
+    for layer in sorted(measured, key=lambda name: min(v for v in accum[name] if v == v)):
+        lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in accum[layer]))
+        for gemm, acc_db, total_db in zip(GEMM_NAMES, accum[layer], sqnr[layer]):
+            if acc_db == acc_db and total_db == total_db and acc_db <= total_db + ACCUMULATION_DOMINATES_DB:
+                dominated.append(f"{layer} {gemm} ({acc_db:.1f} dB against fp32 accumulation, {total_db:.1f} dB "
+                                 "against BF16)")
+    if dominated:
+        lines.append("accumulation, not the FP8 cast, dominates the error of: " + "; ".join(dominated))
+    else:
+        lines.append("the FP8 casts, not the accumulator, dominate every layer's error")
     return lines
 
 
