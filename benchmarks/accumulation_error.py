@@ -37,8 +37,12 @@ from fp8lab.gemm.accumulate import accumulate_path, tensor_core_accumulate  # no
 from fp8lab.quantize.tensor import cast_to_fp8_grid  # noqa: E402
 
 KINDS = (("fp32", FP32), ("promoted every 128", HOPPER_PROMOTED), ("fast", HOPPER_FAST))
-SKETCH = {("gaussian", "fast"): "2.4e-3", ("gaussian", "promoted every 128"): "1.2e-4", ("gaussian", "fp32"): "1.4e-7",
-          ("all-positive", "fast"): "6.7e-2 (bias -6.4%)"}
+SKETCH = {
+    ("gaussian", "fast"): "2.4e-3",
+    ("gaussian", "promoted every 128"): "1.2e-4",
+    ("gaussian", "fp32"): "1.4e-7",
+    ("all-positive", "fast"): "6.7e-2 (bias -6.4%)",
+}
 
 
 def quantized(x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +76,18 @@ def run(m: int, n: int, ks: list[int], seed: int) -> list[list[str]]:
             for name, acc in KINDS:
                 normwise, max_rel, max_norm, bias = errors(tensor_core_accumulate(a_q, b_q, E4M3, E4M3, acc), ref)
                 sketch = SKETCH.get((data, name), "") if k == 4096 else ""
-                rows.append([data, str(k), name, f"{normwise:.2e}", f"{max_rel:.2e}", f"{max_norm:.2e}",
-                             f"{100 * bias:+.3f}%", sketch])
+                rows.append(
+                    [
+                        data,
+                        str(k),
+                        name,
+                        f"{normwise:.2e}",
+                        f"{max_rel:.2e}",
+                        f"{max_norm:.2e}",
+                        f"{100 * bias:+.3f}%",
+                        sketch,
+                    ]
+                )
     return rows
 
 
@@ -88,11 +102,24 @@ def main() -> None:
     load_before = load_average()
     m, n = (64, 64) if args.quick else (args.m, args.n)
     ks = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
-    table = markdown_table(["data", "K", "accumulation", "normwise rel. err.", "max rel. err.", "max|err|/max|ref|",
-                            "mean rel. bias", "issue sketch (K=4096)"], run(m, n, ks, args.seed))
-    body = (f"{m}x{n} outputs per GEMM, E4M3 x E4M3 with per-tensor scales, error of the accumulator against the "
-            f"exact sum of the quantized products; {accumulate_path().reason}. DeepSeek-V3 reports a maximum "
-            f"relative error of nearly 2% at K = 4096 without promotion.\n\n{table}")
+    table = markdown_table(
+        [
+            "data",
+            "K",
+            "accumulation",
+            "normwise rel. err.",
+            "max rel. err.",
+            "max|err|/max|ref|",
+            "mean rel. bias",
+            "issue sketch (K=4096)",
+        ],
+        run(m, n, ks, args.seed),
+    )
+    body = (
+        f"{m}x{n} outputs per GEMM, E4M3 x E4M3 with per-tensor scales, error of the accumulator against the "
+        f"exact sum of the quantized products; {accumulate_path().reason}. DeepSeek-V3 reports a maximum "
+        f"relative error of nearly 2% at K = 4096 without promotion.\n\n{table}"
+    )
     print(f"{machine()}\n\n{body}")
     if not args.no_write:
         append_section("FP8 tensor-core accumulation: GEMM error against K", body, load_before)

@@ -69,14 +69,21 @@ def gemm_rows(repeats: int, warmup: int) -> list[list[str]]:
         }
         times, _ = time_interleaved(steps, repeats, warmup)
         gflop = {v: 2 * m * n * k / (summary(t)["median"] * 1e-3) / 1e9 for v, t in times.items()}
-        rows.append([f"{name} {m}x{k}x{n}", *(f"{gflop[v]:.0f}" for v in steps),
-                     f"{paired_ratio(times['model promoted'], times['mm fp32']):.2f}",
-                     f"{paired_ratio(times['model promoted'], times['mm bf16']):.2f}"])
+        rows.append(
+            [
+                f"{name} {m}x{k}x{n}",
+                *(f"{gflop[v]:.0f}" for v in steps),
+                f"{paired_ratio(times['model promoted'], times['mm fp32']):.2f}",
+                f"{paired_ratio(times['model promoted'], times['mm bf16']):.2f}",
+            ]
+        )
     return rows
 
 
 def mlp(accumulation: str) -> nn.Module:
-    opts = FP8Options(scaling=fp8lab.DelayedScaling(amax_history_len=16), fallback="emulated", accumulation=accumulation)
+    opts = FP8Options(
+        scaling=fp8lab.DelayedScaling(amax_history_len=16), fallback="emulated", accumulation=accumulation
+    )
     torch.manual_seed(0)
     return nn.Sequential(fp8lab.Linear(HIDDEN, FFN, fp8=opts), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, fp8=opts))
 
@@ -99,8 +106,15 @@ def step_rows(repeats: int, warmup: int) -> tuple[list[list[str]], float]:
     steps = {base: make_step(mlp("fp32"), x, grad), "accumulation='te' (the model)": make_step(mlp("te"), x, grad)}
     times, _ = time_interleaved(steps, repeats, warmup)
     ratio = paired_ratio(times["accumulation='te' (the model)"], times[base])
-    rows = [[v, f"{summary(t)['median']:.1f}", f"{summary(t)['q1']:.1f}-{summary(t)['q3']:.1f}",
-             "1.00" if v == base else f"{ratio:.2f}"] for v, t in times.items()]
+    rows = [
+        [
+            v,
+            f"{summary(t)['median']:.1f}",
+            f"{summary(t)['q1']:.1f}-{summary(t)['q3']:.1f}",
+            "1.00" if v == base else f"{ratio:.2f}",
+        ]
+        for v, t in times.items()
+    ]
     return rows, ratio
 
 
@@ -112,13 +126,26 @@ def main() -> None:
     load_before = start(args)
     repeats = 5 if args.quick else args.repeats
     print(f"accumulator path: {accumulate_path().reason}")
-    gemm = markdown_table(["GEMM MxKxN", "mm fp32 GF/s", "mm bf16 GF/s", "model fast GF/s", "model promoted GF/s",
-                           "promoted / fp32 time", "promoted / bf16 time"], gemm_rows(repeats, args.warmup))
+    gemm = markdown_table(
+        [
+            "GEMM MxKxN",
+            "mm fp32 GF/s",
+            "mm bf16 GF/s",
+            "model fast GF/s",
+            "model promoted GF/s",
+            "promoted / fp32 time",
+            "promoted / bf16 time",
+        ],
+        gemm_rows(repeats, args.warmup),
+    )
     steps, ratio = step_rows(repeats, args.warmup)
-    step = markdown_table(["MLP step (2048 tokens, 128->512->128, fwd+bwd)", "median ms", "IQR ms", "time / fp32"],
-                          steps)
-    body = (f"Accumulator path: {accumulate_path().reason}.\n\n{gemm}\n\n{step}\n\n"
-            f"Target: the model's step <= ~3x the fp32-accumulation step; measured {ratio:.2f}x.")
+    step = markdown_table(
+        ["MLP step (2048 tokens, 128->512->128, fwd+bwd)", "median ms", "IQR ms", "time / fp32"], steps
+    )
+    body = (
+        f"Accumulator path: {accumulate_path().reason}.\n\n{gemm}\n\n{step}\n\n"
+        f"Target: the model's step <= ~3x the fp32-accumulation step; measured {ratio:.2f}x."
+    )
     print(body)
     if not args.no_write:
         append_section("FP8 tensor-core accumulator model: kernel speed", body, load_before)

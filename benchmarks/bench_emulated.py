@@ -74,9 +74,7 @@ def build_cases(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     cases = {
         f"Linear {HIDDEN}->{FFN}": (fp8lab.Linear(HIDDEN, FFN, **emulated), (TOKENS, HIDDEN)),
         f"MLP {HIDDEN}->{FFN}->{HIDDEN}": (
-            nn.Sequential(
-                fp8lab.Linear(HIDDEN, FFN, **emulated), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulated)
-            ),
+            nn.Sequential(fp8lab.Linear(HIDDEN, FFN, **emulated), nn.GELU(), fp8lab.Linear(FFN, HIDDEN, **emulated)),
             (TOKENS, HIDDEN),
         ),
     }
@@ -165,10 +163,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
     parser.add_argument("--profile", action="store_true", help="print profiler tables of the MLP step, exit")
-    parser.add_argument("--imitate-avx2", action="store_true",
-                        help="run with oneDNN/ATen/MKL limited to AVX2, as on a CPU without native BF16")
-    parser.add_argument("--skip-torch-bf16", action="store_true",
-                        help="leave out plain torch bf16 (minutes per step on AVX2-only CPUs)")
+    parser.add_argument(
+        "--imitate-avx2",
+        action="store_true",
+        help="run with oneDNN/ATen/MKL limited to AVX2, as on a CPU without native BF16",
+    )
+    parser.add_argument(
+        "--skip-torch-bf16", action="store_true", help="leave out plain torch bf16 (minutes per step on AVX2-only CPUs)"
+    )
     args = parser.parse_args()
     if args.imitate_avx2 and not imitating_avx2():
         reexec_imitating_avx2(sys.argv[1:])  # does not return
@@ -181,25 +183,36 @@ def main() -> None:
     load_before = load_average()
     variants = [v for v in VARIANTS if not (v == "torch-bf16" and args.skip_torch_bf16)]
 
-    header = ["case", "variant", "median ms", "IQR ms", "min-max ms", "x bf16", "x fp32", "torchao / this",
-              "faults/step"]
+    header = [
+        "case",
+        "variant",
+        "median ms",
+        "IQR ms",
+        "min-max ms",
+        "x bf16",
+        "x fp32",
+        "torchao / this",
+        "faults/step",
+    ]
     rows = []
     for name, (model, shape) in build_cases(args.quick).items():
         times, faults = bench_case(model, shape, repeats, args.warmup, variants)
         for variant, seconds in times.items():
             s = summary(seconds)
-            rows.append([
-                name if variant == variants[0] else "",
-                variant,
-                f"{s['median']:.1f}",
-                f"{s['q1']:.1f}-{s['q3']:.1f}",
-                f"{s['min']:.1f}-{s['max']:.1f}",
-                f"{paired_ratio(seconds, times['bf16']):.2f}",
-                f"{paired_ratio(seconds, times['fp32']):.2f}",
-                f"{paired_ratio(times['torchao'], seconds):.2f}",
-                f"{statistics.median(faults[variant]):.0f}",
-            ])
-        print(markdown_table(header, rows[-len(variants):]), flush=True)
+            rows.append(
+                [
+                    name if variant == variants[0] else "",
+                    variant,
+                    f"{s['median']:.1f}",
+                    f"{s['q1']:.1f}-{s['q3']:.1f}",
+                    f"{s['min']:.1f}-{s['max']:.1f}",
+                    f"{paired_ratio(seconds, times['bf16']):.2f}",
+                    f"{paired_ratio(seconds, times['fp32']):.2f}",
+                    f"{paired_ratio(times['torchao'], seconds):.2f}",
+                    f"{statistics.median(faults[variant]):.0f}",
+                ]
+            )
+        print(markdown_table(header, rows[-len(variants) :]), flush=True)
 
     body = (
         f"{repeats} interleaved repeats after {args.warmup} warm-up rounds; ratios are medians "

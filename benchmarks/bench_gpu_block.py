@@ -46,6 +46,7 @@ def block_step(model: nn.Module, x: torch.Tensor, fp8: bool):
         y.float().pow(2).mean().backward()
         if fp8:
             fp8lab.update_scales(model)
+
     return step
 
 
@@ -61,6 +62,7 @@ def gpt_step(model: nn.Module, batch: torch.Tensor, fp8: bool):
         opt.zero_grad(set_to_none=True)
         if fp8:
             fp8lab.update_scales(model)
+
     return step
 
 
@@ -72,7 +74,7 @@ def time_interleaved(steps: dict, repeats: int, warmup: int = 3) -> dict[str, li
     torch.cuda.synchronize()
     times = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             steps[name]()
@@ -120,8 +122,12 @@ def bench_blocks(hiddens, tokens: int, repeats: int, compile_torchao: bool) -> l
             if compile_torchao:
                 steps["torchao-compiled"] = block_step(torchao_variant(torch_nn, True), x, False)
         times = time_interleaved(steps, repeats)
-        out.append(table(f"TransformerBlock hidden {hidden}, ffn {4 * hidden}, heads {heads}, "
-                         f"{tokens // seq}x{seq} tokens", times))
+        out.append(
+            table(
+                f"TransformerBlock hidden {hidden}, ffn {4 * hidden}, heads {heads}, {tokens // seq}x{seq} tokens",
+                times,
+            )
+        )
         print(out[-1], flush=True)
         del block, torch_nn, steps, ao
         torch.cuda.empty_cache()
@@ -178,8 +184,10 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("bench_gpu_block needs a CUDA device with compute capability >= 8.9")
     t0 = time.time()
-    head = (f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
-            f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    head = (
+        f"device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    )
     print(head, flush=True)
     sections = [head, ""]
     sections += bench_blocks(args.hidden, args.tokens, args.repeats, args.compile_torchao)

@@ -60,14 +60,22 @@ def main() -> None:
     rows = []
     for name, seconds in times.items():
         s = common.summary(seconds)
-        rows.append([name, f"{s['median']:.1f}", f"{s['q1']:.1f}-{s['q3']:.1f}",
-                     f"{common.paired_ratio(seconds, times['bf16']):.2f}"])
+        rows.append(
+            [
+                name,
+                f"{s['median']:.1f}",
+                f"{s['q1']:.1f}-{s['q3']:.1f}",
+                f"{common.paired_ratio(seconds, times['bf16']):.2f}",
+            ]
+        )
     table = common.markdown_table(header, rows)
     print(table)
     if not args.no_write:
-        body = (f"MLP {HIDDEN}->{FFN}->{HIDDEN}, {TOKENS} tokens, fwd+bwd (+ update_scales), {args.repeats} "
-                f"interleaved repeats after {args.warmup} warm-up rounds; ratios are medians of per-repeat ratios.\n\n"
-                + table)
+        body = (
+            f"MLP {HIDDEN}->{FFN}->{HIDDEN}, {TOKENS} tokens, fwd+bwd (+ update_scales), {args.repeats} "
+            f"interleaved repeats after {args.warmup} warm-up rounds; ratios are medians of per-repeat ratios.\n\n"
+            + table
+        )
         common.append_section("bench_recipes: each FP8 scaling recipe (emulated) vs BF16", body, load_before)
 
 

@@ -93,8 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.timing_arguments(parser, repeats=9, warmup=3)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
-    parser.add_argument("--native-attention", action="store_true",
-                        help="also time a BF16 variant whose attention core is torch's bf16 SDPA")
+    parser.add_argument(
+        "--native-attention",
+        action="store_true",
+        help="also time a BF16 variant whose attention core is torch's bf16 SDPA",
+    )
     args = parser.parse_args()
     load_before = common.start(args)
     config = load_recipe(QUICKSTART)
@@ -103,14 +106,17 @@ def main() -> None:
     t = config.train
     vocab = runs["bf16"].model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    batch = (torch.randint(0, vocab, (t.batch_size, t.block_size), generator=gen),
-             torch.randint(0, vocab, (t.batch_size, t.block_size), generator=gen))
+    batch = (
+        torch.randint(0, vocab, (t.batch_size, t.block_size), generator=gen),
+        torch.randint(0, vocab, (t.batch_size, t.block_size), generator=gen),
+    )
 
     def stepper(run):
         return lambda: run.train_step(*batch, 1e-3, log=False)
 
-    times, _ = common.time_interleaved({label: stepper(run) for label, run in runs.items()},
-                                repeats=args.repeats, warmup=args.warmup)
+    times, _ = common.time_interleaved(
+        {label: stepper(run) for label, run in runs.items()}, repeats=args.repeats, warmup=args.warmup
+    )
     profiles = {label: profile_step(run, batch, args.steps) for label, run in runs.items()}
 
     labels = [label for label, _, _ in specs]
@@ -122,10 +128,13 @@ def main() -> None:
         ratio_bf16 = common.paired_ratio(times[label], times["bf16"])
         ratio_fp32 = common.paired_ratio(times[label], times["fp32"])
         prof = profiles[label]
-        rows.append([label, f"{s['median']:.1f}", f"{tokens / s['median'] * 1e3:.0f}", f"{ratio_bf16:.2f}",
-                     f"{ratio_fp32:.2f}"] + [f"{prof.get(c, 0.0):.1f}" for c in cats])
-    table = common.markdown_table(["variant", "step ms (median)", "tokens/s", "x bf16", "x fp32"]
-                           + [f"{c} ms" for c in cats], rows)
+        rows.append(
+            [label, f"{s['median']:.1f}", f"{tokens / s['median'] * 1e3:.0f}", f"{ratio_bf16:.2f}", f"{ratio_fp32:.2f}"]
+            + [f"{prof.get(c, 0.0):.1f}" for c in cats]
+        )
+    table = common.markdown_table(
+        ["variant", "step ms (median)", "tokens/s", "x bf16", "x fp32"] + [f"{c} ms" for c in cats], rows
+    )
     body = (
         f"Quickstart model (`recipes/quickstart.py`: preset tiny, batch {t.batch_size} x {t.block_size} tokens), "
         f"one full training step (forward, loss, backward, grad clip, fused AdamW, update_scales), "

@@ -72,17 +72,28 @@ def main() -> None:
                 times[k].append(window(runner, writer, k, steps, 1000 * (r + 1)))
         writer.close()
     base = statistics.median(times[(None, True)])
-    rows = [f"| {'none' if k[0] is None else k[0]} | {'-' if k[0] is None else ('yes' if k[1] else 'no')} | "
-            f"{1e3 * statistics.median(v):.1f} | {1e3 * min(v):.1f}-{1e3 * max(v):.1f} | "
-            f"{100 * (statistics.median(v) / base - 1):+.1f}% |" for k, v in times.items()]
-    table = "\n".join(["| log_interval | what-if | median ms/step | min-max | overhead vs none |", "|---|---|---|---|---|", *rows])
+    rows = [
+        f"| {'none' if k[0] is None else k[0]} | {'-' if k[0] is None else ('yes' if k[1] else 'no')} | "
+        f"{1e3 * statistics.median(v):.1f} | {1e3 * min(v):.1f}-{1e3 * max(v):.1f} | "
+        f"{100 * (statistics.median(v) / base - 1):+.1f}% |"
+        for k, v in times.items()
+    ]
+    table = "\n".join(
+        ["| log_interval | what-if | median ms/step | min-max | overhead vs none |", "|---|---|---|---|---|", *rows]
+    )
     print(table)
     if args.write:
         n_layers = len(runner.variants[1].collector.layers)
-        append_section("bench_telemetry: the cost of watching", (
-            f"Quickstart FP8 variant (tiny GPT, {n_layers} FP8 layers x 3 roles, batch 16 x 128, emulated FP8), "
-            f"{steps}-step windows of each setting interleaved, {repeats} repeats; every log step writes all "
-            f"per-layer tags.\n\n{table}"), load_before)
+        append_section(
+            "bench_telemetry: the cost of watching",
+            (
+                f"Quickstart FP8 variant (tiny GPT, {n_layers} FP8 layers x 3 roles, batch 16 x 128, emulated FP8), "
+                f"{steps}-step windows of each setting interleaved, {repeats} repeats; every log step writes all "
+                f"per-layer tags.\n\n{table}"
+            ),
+            load_before,
+        )
+
 
 if __name__ == "__main__":
     main()

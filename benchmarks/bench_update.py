@@ -34,7 +34,9 @@ HIDDEN, HEADS, FFN, SEQ, BATCH = 256, 4, 1024, 128, 4
 
 def build(num_blocks: int) -> nn.Module:
     if hasattr(fp8lab, "TransformerBlock"):
-        blocks = [fp8lab.TransformerBlock(HIDDEN, FFN, HEADS, fp8=FP8Options(fallback="emulated")) for _ in range(num_blocks)]
+        blocks = [
+            fp8lab.TransformerBlock(HIDDEN, FFN, HEADS, fp8=FP8Options(fallback="emulated")) for _ in range(num_blocks)
+        ]
     else:  # same four GEMMs per block, without norms and attention
         print("fp8lab.TransformerBlock is not available: 4 fp8lab.Linear per block instead")
         blocks = [
@@ -84,21 +86,29 @@ def main() -> None:
     steps = {n: make_step(build(n), x, records[n]) for n in args.blocks}
     names = list(steps)
     for r in range(args.warmup + repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             steps[n]()
-    header = ["blocks", "fp8lab layers", "step ms (median, min-max)", "update_scales ms (median, IQR)",
-              "share % (median, min-max)"]
+    header = [
+        "blocks",
+        "fp8lab layers",
+        "step ms (median, min-max)",
+        "update_scales ms (median, IQR)",
+        "share % (median, min-max)",
+    ]
     rows = []
     for n in args.blocks:
-        train, update = (records[n][k][args.warmup:] for k in ("train", "update"))
+        train, update = (records[n][k][args.warmup :] for k in ("train", "update"))
         share = [100 * u / (t + u) for t, u in zip(train, update)]
         st, su = summary([t + u for t, u in zip(train, update)]), summary(update)
-        rows.append([
-            str(n), str(4 * n),
-            f"{st['median']:.0f} ({st['min']:.0f}-{st['max']:.0f})",
-            f"{su['median']:.2f} ({su['q1']:.2f}-{su['q3']:.2f})",
-            f"{statistics.median(share):.2f} ({min(share):.2f}-{max(share):.2f})",
-        ])
+        rows.append(
+            [
+                str(n),
+                str(4 * n),
+                f"{st['median']:.0f} ({st['min']:.0f}-{st['max']:.0f})",
+                f"{su['median']:.2f} ({su['q1']:.2f}-{su['q3']:.2f})",
+                f"{statistics.median(share):.2f} ({min(share):.2f}-{max(share):.2f})",
+            ]
+        )
     table = markdown_table(header, rows)
     print(table)
     body = (

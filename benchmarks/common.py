@@ -44,7 +44,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in names}
     faults: dict[str, list[int]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             faults_before, start = minor_faults(), time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
@@ -116,7 +116,8 @@ def machine() -> str:
 
     seen = (
         f"imitating an AVX2-only CPU ({' '.join(f'{k}={v}' for k, v in AVX2_ONLY_ENV.items())})"
-        if imitating_avx2() else "native ISA"
+        if imitating_avx2()
+        else "native ISA"
     )
     return (
         f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "

@@ -63,8 +63,11 @@ def dequant(q, scale_inv, block):
 
 def probe(m: int, n: int, k: int) -> list[dict]:
     torch.manual_seed(0)
-    x, w, g = (torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda") * 0.05,
-               torch.randn(m, n, device="cuda"))
+    x, w, g = (
+        torch.randn(m, k, device="cuda"),
+        torch.randn(n, k, device="cuda") * 0.05,
+        torch.randn(m, n, device="cuda"),
+    )
     x_q, x_s = quantize_1x128(x)  # fprop A: rows of x, blocks along K
     w_q, w_s = quantize_128x128(w)  # (N, K) with (N/128, K/128) scales
     g_q, g_s = quantize_1x128(g)  # dgrad A: rows of g, blocks along N
@@ -72,20 +75,40 @@ def probe(m: int, n: int, k: int) -> list[dict]:
     xt_q, xt_s = quantize_1x128(x.t().contiguous())  # wgrad B: x^T rows (K, M), blocks along M
     cases = {
         # name: (A, scale_a, B, scale_b, reference)
-        "fprop 1x128 x 128x128": (x_q, x_s.t().contiguous().t(), w_q.t(), w_s.t(),
-                                  dequant(x_q, x_s, (1, 128)) @ dequant(w_q, w_s, (128, 128)).t()),
-        "dgrad 1x128 x 128x128": (g_q, g_s.t().contiguous().t(), w_q.t().contiguous().t(), w_s.t().contiguous().t(),
-                                  dequant(g_q, g_s, (1, 128)) @ dequant(w_q, w_s, (128, 128))),
-        "wgrad 1x128 x 1x128": (gt_q, gt_s.t().contiguous().t(), xt_q.t(), xt_s.t().contiguous(),
-                                dequant(gt_q, gt_s, (1, 128)) @ dequant(xt_q, xt_s, (1, 128)).t()),
+        "fprop 1x128 x 128x128": (
+            x_q,
+            x_s.t().contiguous().t(),
+            w_q.t(),
+            w_s.t(),
+            dequant(x_q, x_s, (1, 128)) @ dequant(w_q, w_s, (128, 128)).t(),
+        ),
+        "dgrad 1x128 x 128x128": (
+            g_q,
+            g_s.t().contiguous().t(),
+            w_q.t().contiguous().t(),
+            w_s.t().contiguous().t(),
+            dequant(g_q, g_s, (1, 128)) @ dequant(w_q, w_s, (128, 128)),
+        ),
+        "wgrad 1x128 x 1x128": (
+            gt_q,
+            gt_s.t().contiguous().t(),
+            xt_q.t(),
+            xt_s.t().contiguous(),
+            dequant(gt_q, gt_s, (1, 128)) @ dequant(xt_q, xt_s, (1, 128)).t(),
+        ),
     }
     rows = []
     cap = torch.cuda.get_device_capability()
     cublas = tuple(int(p) for p in torch.version.cuda.split(".")[:2])
     for name, (a, sa, b, sb, ref) in cases.items():
-        row = {"gemm": name, "shape": f"{tuple(a.shape)} @ {tuple(b.shape)}", "scale_a": f"{tuple(sa.shape)} {sa.stride()}",
-               "scale_b": f"{tuple(sb.shape)} {sb.stride()}",
-               "model": refusal(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16, capability=cap, cublas=cublas) or "accepts"}
+        row = {
+            "gemm": name,
+            "shape": f"{tuple(a.shape)} @ {tuple(b.shape)}",
+            "scale_a": f"{tuple(sa.shape)} {sa.stride()}",
+            "scale_b": f"{tuple(sb.shape)} {sb.stride()}",
+            "model": refusal(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16, capability=cap, cublas=cublas)
+            or "accepts",
+        }
         try:
             out = torch._scaled_mm(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16)
             torch.cuda.synchronize()
@@ -108,8 +131,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to probe")
         return
-    print(f"# torch._scaled_mm blockwise on {torch.cuda.get_device_name()} "
-          f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    print(
+        f"# torch._scaled_mm blockwise on {torch.cuda.get_device_name()} "
+        f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, CUDA {torch.version.cuda}\n"
+    )
     keys = ["gemm", "shape", "scale_a", "scale_b", "model", "cuda", "bit_equal", "max_rel_err"]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for k in args.k:

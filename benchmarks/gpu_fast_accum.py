@@ -95,9 +95,18 @@ def gpu_rows(shapes, ks, gen) -> list[list[str]]:
             if shares[0][0] < 1.0:  # the defaults do not explain every bit: try the other settings
                 shares += [(equal_share(out, model(a, b, fa, fb, acc)), acc) for acc in tries[1:]]
             best_share, best = max(shares, key=lambda s: s[0])
-            rows.append([f"{m}x{n}", str(k), f"{fa.name}x{fb.name}", f"use_fast_accum={fast}",
-                         f"{100 * shares[0][0]:.2f}%", f"{100 * best_share:.2f}%", describe(best),
-                         f"{100 * equal_share(out, model(a, b, fa, fb, FP32)):.2f}%"])
+            rows.append(
+                [
+                    f"{m}x{n}",
+                    str(k),
+                    f"{fa.name}x{fb.name}",
+                    f"use_fast_accum={fast}",
+                    f"{100 * shares[0][0]:.2f}%",
+                    f"{100 * best_share:.2f}%",
+                    describe(best),
+                    f"{100 * equal_share(out, model(a, b, fa, fb, FP32)):.2f}%",
+                ]
+            )
     return rows
 
 
@@ -109,9 +118,16 @@ def cpu_check(shapes, ks, gen) -> list[list[str]]:
         for fast in (False, True):
             out = scaled_mm(a, b, "cpu", fast)
             assert torch.equal(out, ref), f"CPU _scaled_mm (fast={fast}) is not the fp32 model at {m}x{n}, K={k}"
-        rows.append([f"{m}x{n}", str(k), f"{fa.name}x{fb.name}", "100% (asserted)",
-                     f"{100 * equal_share(ref, model(a, b, fa, fb, candidates(True)[0])):.2f}%",
-                     f"{100 * equal_share(ref, model(a, b, fa, fb, candidates(False)[0])):.2f}%"])
+        rows.append(
+            [
+                f"{m}x{n}",
+                str(k),
+                f"{fa.name}x{fb.name}",
+                "100% (asserted)",
+                f"{100 * equal_share(ref, model(a, b, fa, fb, candidates(True)[0])):.2f}%",
+                f"{100 * equal_share(ref, model(a, b, fa, fb, candidates(False)[0])):.2f}%",
+            ]
+        )
     return rows
 
 
@@ -128,21 +144,49 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"model: {accumulate_path().reason}; scales {SCALE_A} x {SCALE_B}; torch {torch.__version__}")
     if cpu:
-        print("CPU: torch's reference _scaled_mm (oneDNN off) ignores use_fast_accum; asserting both equal the "
-              "model's 'fp32' kind bit for bit, and showing how far the Hopper modes are from it.\n")
-        print(markdown_table(["MxN", "K", "formats", "_scaled_mm (both modes) = fp32 model", "fp32 = fast model",
-                              "fp32 = promoted model"], cpu_check(shapes, ks, gen)))
+        print(
+            "CPU: torch's reference _scaled_mm (oneDNN off) ignores use_fast_accum; asserting both equal the "
+            "model's 'fp32' kind bit for bit, and showing how far the Hopper modes are from it.\n"
+        )
+        print(
+            markdown_table(
+                [
+                    "MxN",
+                    "K",
+                    "formats",
+                    "_scaled_mm (both modes) = fp32 model",
+                    "fp32 = fast model",
+                    "fp32 = promoted model",
+                ],
+                cpu_check(shapes, ks, gen),
+            )
+        )
         print("\nNo GPU here. A run on an H100/H200 (--device cuda) must settle:")
         for q in QUESTIONS:
             print(f"  - {q}")
-        print("Read them off the 'best candidate' column: a setting matching 100% at every K and shape settles it; "
-              "anything below 100% for every candidate means the model itself is off there.")
+        print(
+            "Read them off the 'best candidate' column: a setting matching 100% at every K and shape settles it; "
+            "anything below 100% for every candidate means the model itself is off there."
+        )
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_fast_accum: no CUDA device here (use --device cpu to check the script)")
     print(f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})\n")
-    print(markdown_table(["MxN", "K", "formats", "_scaled_mm", "= model (defaults)", "= best candidate",
-                          "best candidate", "= fp32 model"], gpu_rows(shapes, ks, gen)))
+    print(
+        markdown_table(
+            [
+                "MxN",
+                "K",
+                "formats",
+                "_scaled_mm",
+                "= model (defaults)",
+                "= best candidate",
+                "best candidate",
+                "= fp32 model",
+            ],
+            gpu_rows(shapes, ks, gen),
+        )
+    )
     print("\nThis run settles:")
     for q in QUESTIONS:
         print(f"  - {q}")

@@ -36,6 +36,27 @@ from fp8lab.telemetry.monitor import Monitor
 
 __version__ = "0.1.0"
 
-__all__ = ["DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling", "E4M3", "E5M2", "FP8Options", "Linear", "Role", "ScalingState", "update_scales", "__version__",
-           "LayerNormLinear", "LayerNormMLP", "MultiheadAttention", "TransformerBlock", "GPT", "GPTConfig",
-           "PrecisionPolicy", "convert", "describe", "Monitor"]
+__all__ = [
+    "DelayedScaling",
+    "Float8CurrentScaling",
+    "Float8BlockScaling",
+    "MXFP8BlockScaling",
+    "E4M3",
+    "E5M2",
+    "FP8Options",
+    "Linear",
+    "Role",
+    "ScalingState",
+    "update_scales",
+    "__version__",
+    "LayerNormLinear",
+    "LayerNormMLP",
+    "MultiheadAttention",
+    "TransformerBlock",
+    "GPT",
+    "GPTConfig",
+    "PrecisionPolicy",
+    "convert",
+    "describe",
+    "Monitor",
+]

@@ -50,7 +50,9 @@ class FP8Options:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.backend, str) or not isinstance(self.fallback, str):
-            name, value = ("backend", self.backend) if not isinstance(self.backend, str) else ("fallback", self.fallback)
+            name, value = (
+                ("backend", self.backend) if not isinstance(self.backend, str) else ("fallback", self.fallback)
+            )
             allowed = BACKENDS if name == "backend" else FALLBACKS
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.fallback in LEGACY_FALLBACKS:
@@ -66,8 +68,10 @@ class FP8Options:
         if not isinstance(self.accumulation, Accumulator) and (
             not isinstance(self.accumulation, str) or self.accumulation not in SETTINGS
         ):
-            raise ValueError(f"accumulation must be one of {SETTINGS} or an fp8lab.accumulation.Accumulator, "
-                             f"got {self.accumulation!r}")
+            raise ValueError(
+                f"accumulation must be one of {SETTINGS} or an fp8lab.accumulation.Accumulator, "
+                f"got {self.accumulation!r}"
+            )
         for gemm, name in enumerate(GEMM_NAMES):
             why = self.scaling.accumulation_error(self.accumulator(gemm))
             if why is not None:

@@ -4,8 +4,12 @@ from fp8lab import DelayedScaling
 from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
 
 SWEEP = tuple(
-    Variant(name=f"fp8_h{length}_{algo}", precision="fp8", fallback="emulated",
-            scaling=DelayedScaling(amax_history_len=length, amax_compute_algo=algo))
+    Variant(
+        name=f"fp8_h{length}_{algo}",
+        precision="fp8",
+        fallback="emulated",
+        scaling=DelayedScaling(amax_history_len=length, amax_compute_algo=algo),
+    )
     for length in (1, 16, 1024)
     for algo in ("max", "most_recent")
 )

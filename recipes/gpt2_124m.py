@@ -14,8 +14,18 @@ def config() -> RunConfig:
     return RunConfig(
         name="gpt2_124m",
         model=ModelConfig(preset="gpt2-124m"),
-        train=TrainConfig(steps=2000, batch_size=32, block_size=1024, lr=6e-4, min_lr=6e-5, warmup_steps=100,
-                          log_interval=20, eval_interval=250, eval_batches=20, checkpoint_interval=500),
+        train=TrainConfig(
+            steps=2000,
+            batch_size=32,
+            block_size=1024,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=100,
+            log_interval=20,
+            eval_interval=250,
+            eval_batches=20,
+            checkpoint_interval=500,
+        ),
         variants=(
             Variant(name="bf16", precision="bf16"),
             Variant(name="fp8", precision="fp8", scaling=DelayedScaling(), fallback="emulated"),

@@ -13,6 +13,8 @@ def config() -> RunConfig:
         variants=(
             Variant(name="bf16", precision="bf16"),
             Variant(name="fp8_all", precision="fp8", scaling=scaling, fallback="emulated"),
-            Variant(name="fp8_first_last_bf16", precision="fp8", scaling=scaling, fallback="emulated", first_last_bf16=1),
+            Variant(
+                name="fp8_first_last_bf16", precision="fp8", scaling=scaling, fallback="emulated", first_last_bf16=1
+            ),
         ),
     )

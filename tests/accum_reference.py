@@ -78,8 +78,9 @@ def fp32_fma(x: float, y: float, z: float) -> float:
     return round_to_fp32(Fraction(x) * Fraction(y) + Fraction(z))
 
 
-def instruction(a: list[float], b: list[float], c: float, a_fmt: tuple[int, int], b_fmt: tuple[int, int],
-                frac_bits: int = 13) -> float:
+def instruction(
+    a: list[float], b: list[float], c: float, a_fmt: tuple[int, int], b_fmt: tuple[int, int], frac_bits: int = 13
+) -> float:
     """One instruction: C + sum(a[i] * b[i]) as the tensor core computes it.
 
     Args:
@@ -124,9 +125,21 @@ def normalise(total: int, unit_exponent: int, out_frac: int) -> float:
     return sign * math.ldexp(mag, unit_exponent)  # exact: at most 24 significant bits, in range
 
 
-def gemm_element(a_row: list[float], b_col: list[float], a_fmt, b_fmt, *, kind: str, chunk: int = 32,
-                 frac_bits: int = 13, promote_every: int = 4, descending: bool = False, split_k: int = 1,
-                 a_scales: list[float] | None = None, b_scales: list[float] | None = None) -> float:
+def gemm_element(
+    a_row: list[float],
+    b_col: list[float],
+    a_fmt,
+    b_fmt,
+    *,
+    kind: str,
+    chunk: int = 32,
+    frac_bits: int = 13,
+    promote_every: int = 4,
+    descending: bool = False,
+    split_k: int = 1,
+    a_scales: list[float] | None = None,
+    b_scales: list[float] | None = None,
+) -> float:
     """One output element of the accumulator over K (the model's GEMM, one element at a time).
 
     K is cut into instructions of ``chunk`` (the last zero-padded), grouped into promotion groups of
@@ -144,13 +157,29 @@ def gemm_element(a_row: list[float], b_col: list[float], a_fmt, b_fmt, *, kind: 
     out = 0.0
     for g0 in range(0, n_groups, per_slice):
         groups = range(g0, min(n_groups, g0 + per_slice))
-        out = fp32_add(out, _slice(a_row, b_col, a_fmt, b_fmt, groups, kind, chunk, frac_bits, promote_every,
-                                   descending, a_scales, b_scales))
+        out = fp32_add(
+            out,
+            _slice(
+                a_row,
+                b_col,
+                a_fmt,
+                b_fmt,
+                groups,
+                kind,
+                chunk,
+                frac_bits,
+                promote_every,
+                descending,
+                a_scales,
+                b_scales,
+            ),
+        )
     return out
 
 
-def _slice(a_row, b_col, a_fmt, b_fmt, groups, kind, chunk, frac_bits, promote_every, descending, a_scales,
-           b_scales) -> float:
+def _slice(
+    a_row, b_col, a_fmt, b_fmt, groups, kind, chunk, frac_bits, promote_every, descending, a_scales, b_scales
+) -> float:
     k = len(a_row)
     order = list(groups)[::-1] if descending else list(groups)
     if kind == "fp32" and a_scales is None:  # no promotion to model: the slice's exact sum, rounded once

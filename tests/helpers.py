@@ -52,8 +52,11 @@ def force_gemm_path(monkeypatch, path_name: str) -> None:
     path = GemmPath(path_name, torch.bfloat16 if path_name == "onednn-bf16" else torch.float32, "forced by the test")
     backends = {"emulated": EmulatedBackend(path), "bf16": RoundedBackend(path, "bf16")}
     original = fp8lab.layers.linear.backend_for
-    monkeypatch.setattr(fp8lab.layers.linear, "backend_for",
-                        lambda name, device: backends[name] if name in backends else original(name, device))
+    monkeypatch.setattr(
+        fp8lab.layers.linear,
+        "backend_for",
+        lambda name, device: backends[name] if name in backends else original(name, device),
+    )
 
 
 def hw_reference(a64, b64, inv: torch.Tensor | None, bias: torch.Tensor | None, out_dtype):
@@ -87,4 +90,3 @@ def assert_bad_override_exits_2(tmp_path, capsys, recipe, override: str, message
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists()
-

@@ -79,7 +79,7 @@ def quantize_blocks(x: np.ndarray, block: tuple[int, int], fmt: str, scale_of) -
     out = np.empty_like(x, dtype=np.float64)
     for i0 in range(0, r, br):
         for j0 in range(0, c, bc):
-            tile = x[i0:i0 + br, j0:j0 + bc].astype(np.float32)
+            tile = x[i0 : i0 + br, j0 : j0 + bc].astype(np.float32)
             amax = 0.0
             for v in tile.flat:  # fmaxf(|v|, amax): NaN ignored
                 if not math.isnan(v):

@@ -35,8 +35,18 @@ def wheel(version: str) -> Path | str:
     if (root / "transformer_engine" / "common" / "recipe" / "__init__.py").exists():
         return root
     download = _cache() / f"download-{version}-{os.getpid()}"
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--dest", str(download), f"transformer-engine=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(download),
+        f"transformer-engine=={version}",
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     except (OSError, subprocess.TimeoutExpired) as err:

@@ -26,10 +26,16 @@ from tests import accum_reference as ref
 FMT = {"e4m3": (E4M3, (-6, 3)), "e5m2": (E5M2, (-14, 2))}
 KERNEL_OK = acc_mod._kernel()[0] is not None
 PATHS = [
-    pytest.param(AccumulatePath("c-simd", "forced"), id="c-simd",
-                 marks=pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here")),
-    pytest.param(AccumulatePath("c-generic", "forced"), id="c-generic",
-                 marks=pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here")),
+    pytest.param(
+        AccumulatePath("c-simd", "forced"),
+        id="c-simd",
+        marks=pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here"),
+    ),
+    pytest.param(
+        AccumulatePath("c-generic", "forced"),
+        id="c-generic",
+        marks=pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here"),
+    ),
     pytest.param(AccumulatePath("torch", "forced"), id="torch"),
 ]
 
@@ -49,6 +55,7 @@ def fp8(gen, shape, fmt: str, scale: float = 1.0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- one instruction, 10,000+ random cases
+
 
 def _instruction_batches() -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, str, str, int]]:
     """(label, a (25, 32), b (32, 40), c (25, 40), a format, b format, chunk): 1,000 cases each."""
@@ -108,7 +115,7 @@ def instruction_reference() -> list[torch.Tensor]:
             for j in range(b.shape[1]):
                 d = c[i, j].item()
                 for k0 in range(0, a.shape[1], chunk):
-                    d = ref.instruction(rows[i][k0:k0 + chunk], cols[j][k0:k0 + chunk], d, FMT[fa][1], FMT[fb][1])
+                    d = ref.instruction(rows[i][k0 : k0 + chunk], cols[j][k0 : k0 + chunk], d, FMT[fa][1], FMT[fb][1])
                 res[i, j] = d
         expected.append(res)
     return expected
@@ -126,6 +133,7 @@ def test_ten_thousand_instructions_match_the_reference(path, instruction_referen
 
 
 # ---------------------------------------------------------------- cases worked by hand
+
 
 def one(a, b, c=0.0, fa=E4M3, fb=E4M3) -> float:
     """One instruction (K <= 32) through the default path."""
@@ -205,6 +213,7 @@ def test_promotion_rescues_what_fast_accumulation_truncates():
 
 # ---------------------------------------------------------------- whole GEMMs
 
+
 def _gemm_cases():
     gen = torch.Generator().manual_seed(5)
     cases = []
@@ -222,12 +231,39 @@ def _gemm_cases():
     a[1] = 0.0
     scales = (torch.rand(3, 8, generator=gen) * 3 + 0.1, torch.rand(8, 5, generator=gen) * 3 + 0.1)
     cases.append(("K=1000 promoted, group scales", a, b, "e4m3", "e5m2", HOPPER_PROMOTED, scales))
-    cases.append(("K=1000 promoted, descending, split-K 3", a, b, "e4m3", "e5m2",
-                  Accumulator(kind="promoted", k_order="descending", split_k=3), None))
-    cases.append(("K=1000 fast, Ada chunk 16, promote 2 split-K 2", a, b, "e4m3", "e5m2",
-                  Accumulator(kind="fast", chunk=16, promote_every=2, split_k=2), None))
-    cases.append(("K=1000 promoted, Blackwell 25 bits", a, b, "e4m3", "e5m2",
-                  Accumulator(kind="promoted", fraction_bits=25), None))
+    cases.append(
+        (
+            "K=1000 promoted, descending, split-K 3",
+            a,
+            b,
+            "e4m3",
+            "e5m2",
+            Accumulator(kind="promoted", k_order="descending", split_k=3),
+            None,
+        )
+    )
+    cases.append(
+        (
+            "K=1000 fast, Ada chunk 16, promote 2 split-K 2",
+            a,
+            b,
+            "e4m3",
+            "e5m2",
+            Accumulator(kind="fast", chunk=16, promote_every=2, split_k=2),
+            None,
+        )
+    )
+    cases.append(
+        (
+            "K=1000 promoted, Blackwell 25 bits",
+            a,
+            b,
+            "e4m3",
+            "e5m2",
+            Accumulator(kind="promoted", fraction_bits=25),
+            None,
+        )
+    )
     a2, b2 = a.clone(), b.clone()
     a2[0, 5], b2[7, 2], b2[900, 4] = math.inf, math.nan, -math.inf
     g_scales = (scales[0].clone(), scales[1].clone())
@@ -244,12 +280,30 @@ def gemm_reference() -> list[torch.Tensor]:
     expected = []
     for _, a, b, fa, fb, acc, scales in GEMM_CASES:
         rows, cols = a.tolist(), b.t().tolist()
-        expected.append(torch.tensor([[ref.gemm_element(
-            rows[i], cols[j], FMT[fa][1], FMT[fb][1], kind=acc.kind, chunk=acc.chunk, frac_bits=acc.fraction_bits,
-            promote_every=acc.promote_every, descending=acc.k_order == "descending", split_k=acc.split_k,
-            a_scales=None if scales is None else scales[0][i].tolist(),
-            b_scales=None if scales is None else scales[1][:, j].tolist(),
-        ) for j in range(len(cols))] for i in range(len(rows))]))
+        expected.append(
+            torch.tensor(
+                [
+                    [
+                        ref.gemm_element(
+                            rows[i],
+                            cols[j],
+                            FMT[fa][1],
+                            FMT[fb][1],
+                            kind=acc.kind,
+                            chunk=acc.chunk,
+                            frac_bits=acc.fraction_bits,
+                            promote_every=acc.promote_every,
+                            descending=acc.k_order == "descending",
+                            split_k=acc.split_k,
+                            a_scales=None if scales is None else scales[0][i].tolist(),
+                            b_scales=None if scales is None else scales[1][:, j].tolist(),
+                        )
+                        for j in range(len(cols))
+                    ]
+                    for i in range(len(rows))
+                ]
+            )
+        )
     return expected
 
 
@@ -262,8 +316,11 @@ def test_gemms_match_the_reference(path, gemm_reference):
         assert eq.all(), f"{label}: {(~eq).sum().item()} differ: {out[~eq][:3]} vs {expected[~eq][:3]}"
 
 
-@pytest.mark.parametrize("acc", [HOPPER_FAST, HOPPER_PROMOTED, Accumulator(kind="promoted", k_order="descending")],
-                         ids=["fast", "promoted", "promoted-descending"])
+@pytest.mark.parametrize(
+    "acc",
+    [HOPPER_FAST, HOPPER_PROMOTED, Accumulator(kind="promoted", k_order="descending")],
+    ids=["fast", "promoted", "promoted-descending"],
+)
 def test_implementations_agree_bit_for_bit_on_larger_gemms(acc):
     """Sizes the reference is too slow for: the three implementations against each other (tiles, edges,
     K not a multiple of 32, odd strides and dtypes of the inputs)."""
@@ -273,9 +330,13 @@ def test_implementations_agree_bit_for_bit_on_larger_gemms(acc):
     scales = (torch.rand(41, 6, generator=gen) + 0.5, torch.rand(6, 35, generator=gen) + 0.5)
     sa, sb = scales if acc.kind == "promoted" else (None, None)
     a_in = a.bfloat16() if acc.kind == "fast" else a.t().contiguous().t()  # bf16, or a column-major fp32 a
-    outs = {p.values[0].name: tensor_core_accumulate(a_in, b, E4M3, E5M2, acc, a_group_scale=sa,
-                                                     b_group_scale=sb, path=p.values[0])
-            for p in PATHS if p.values[0].name == "torch" or KERNEL_OK}
+    outs = {
+        p.values[0].name: tensor_core_accumulate(
+            a_in, b, E4M3, E5M2, acc, a_group_scale=sa, b_group_scale=sb, path=p.values[0]
+        )
+        for p in PATHS
+        if p.values[0].name == "torch" or KERNEL_OK
+    }
     base = outs.pop("torch")
     for name, out in outs.items():
         assert same(out, base).all(), name
@@ -292,8 +353,12 @@ def test_k_blocks_carry_the_state_exactly():
     partial group (K = 700: 22 instructions) visited first."""
     gen = torch.Generator().manual_seed(12)
     a, b = fp8(gen, (13, 700), "e4m3", 8), fp8(gen, (700, 600), "e5m2", 0.1)
-    for acc in (HOPPER_FAST, HOPPER_PROMOTED, Accumulator(kind="promoted", k_order="descending"),
-                Accumulator(kind="promoted", promote_every=3, k_order="descending")):
+    for acc in (
+        HOPPER_FAST,
+        HOPPER_PROMOTED,
+        Accumulator(kind="promoted", k_order="descending"),
+        Accumulator(kind="promoted", promote_every=3, k_order="descending"),
+    ):
         expected = tensor_core_accumulate(a, b, E4M3, E5M2, acc, path=AccumulatePath("torch", "forced"))
         for name in ("c-simd", "c-generic"):
             out = tensor_core_accumulate(a, b, E4M3, E5M2, acc, path=AccumulatePath(name, "forced"))
@@ -317,9 +382,21 @@ def test_fp32_kind_is_an_fp32_accumulation():
     b = torch.randint(-8, 9, (300, 3), generator=gen).float()
     sa, sb = torch.rand(4, 3, generator=gen) + 0.5, torch.rand(3, 3, generator=gen) + 0.5
     out = tensor_core_accumulate(a, b, E4M3, E4M3, FP32, a_group_scale=sa, b_group_scale=sb)
-    expected = [[ref.gemm_element(a[i].tolist(), b[:, j].tolist(), (-6, 3), (-6, 3), kind="fp32",
-                                  a_scales=sa[i].tolist(), b_scales=sb[:, j].tolist()) for j in range(3)]
-                for i in range(4)]
+    expected = [
+        [
+            ref.gemm_element(
+                a[i].tolist(),
+                b[:, j].tolist(),
+                (-6, 3),
+                (-6, 3),
+                kind="fp32",
+                a_scales=sa[i].tolist(),
+                b_scales=sb[:, j].tolist(),
+            )
+            for j in range(3)
+        ]
+        for i in range(4)
+    ]
     assert torch.equal(out, torch.tensor(expected))
 
 
@@ -366,8 +443,12 @@ def test_inputs_on_other_dtypes_and_layouts_give_the_same_bits():
     gen = torch.Generator().manual_seed(8)
     a, b = fp8(gen, (33, 70), "e4m3", 8), fp8(gen, (70, 41), "e4m3", 8)
     base = tensor_core_accumulate(a, b, E4M3, E4M3, HOPPER_PROMOTED)
-    for a2, b2 in ((a.bfloat16(), b.bfloat16()), (a.to(E4M3.dtype), b.to(E4M3.dtype)),
-                   (a.t().contiguous().t(), b.t().contiguous().t()), (a.double(), b[:, :].clone())):
+    for a2, b2 in (
+        (a.bfloat16(), b.bfloat16()),
+        (a.to(E4M3.dtype), b.to(E4M3.dtype)),
+        (a.t().contiguous().t(), b.t().contiguous().t()),
+        (a.double(), b[:, :].clone()),
+    ):
         assert torch.equal(tensor_core_accumulate(a2, b2, E4M3, E4M3, HOPPER_PROMOTED), base)
 
 
@@ -387,14 +468,18 @@ def test_flush_to_zero_set_by_torch_does_not_change_the_model():
 
 # ---------------------------------------------------------------- configuration and the kernel's build
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("kind", "bf16", "one of ('fp32', 'promoted', 'fast')"),
-    ("k_order", "random", "one of ('ascending', 'descending')"),
-    ("promote_every", 0, "an int in [1, 1048576]"),
-    ("chunk", 32.0, "an int in [1, 1024]"),
-    ("fraction_bits", 41, "an int in [1, 40]"),
-    ("split_k", True, "an int in [1, 1048576]"),
-])
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("kind", "bf16", "one of ('fp32', 'promoted', 'fast')"),
+        ("k_order", "random", "one of ('ascending', 'descending')"),
+        ("promote_every", 0, "an int in [1, 1048576]"),
+        ("chunk", 32.0, "an int in [1, 1024]"),
+        ("fraction_bits", 41, "an int in [1, 40]"),
+        ("split_k", True, "an int in [1, 1048576]"),
+    ],
+)
 def test_accumulator_validation_names_the_field(field, value, allowed):
     kwargs = {"kind": "fast", field: value}
     with pytest.raises(ValueError, match=re.escape(f"Accumulator.{field} must be {allowed}, got {value!r}")):
@@ -406,11 +491,13 @@ def test_accumulator_validation_names_the_field(field, value, allowed):
 def test_group_scales_are_checked():
     a, b = torch.ones(2, 300), torch.ones(300, 3)
     with pytest.raises(ValueError, match=r"\(M, G\) = \(2, 3\)"):
-        tensor_core_accumulate(a, b, E4M3, E4M3, HOPPER_PROMOTED, a_group_scale=torch.ones(2, 2),
-                               b_group_scale=torch.ones(2, 3))
+        tensor_core_accumulate(
+            a, b, E4M3, E4M3, HOPPER_PROMOTED, a_group_scale=torch.ones(2, 2), b_group_scale=torch.ones(2, 3)
+        )
     with pytest.raises(ValueError, match="kind must be 'promoted' or 'fp32'"):
-        tensor_core_accumulate(a, b, E4M3, E4M3, HOPPER_FAST, a_group_scale=torch.ones(2, 3),
-                               b_group_scale=torch.ones(3, 3))
+        tensor_core_accumulate(
+            a, b, E4M3, E4M3, HOPPER_FAST, a_group_scale=torch.ones(2, 3), b_group_scale=torch.ones(3, 3)
+        )
     with pytest.raises(ValueError, match="both or neither"):
         tensor_core_accumulate(a, b, E4M3, E4M3, HOPPER_PROMOTED, a_group_scale=torch.ones(2, 3))
 
@@ -419,8 +506,9 @@ def test_a_failed_build_falls_back_to_torch_loudly(monkeypatch, tmp_path):
     kernel, why = accumulate_native.load_kernel(compiler=str(tmp_path / "no-such-cc"))
     assert kernel is None and "no C compiler found" in why
     broken = tmp_path / "cc"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken cc 1.0' && exit 0\n"
-                      "echo 'error: no' >&2\nexit 1\n")
+    broken.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken cc 1.0' && exit 0\necho 'error: no' >&2\nexit 1\n"
+    )
     broken.chmod(0o755)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     kernel, why = accumulate_native.load_kernel(compiler=str(broken))
@@ -440,8 +528,10 @@ def test_the_build_follows_torchs_cpu_capability(monkeypatch):
     assert accumulate_native.isa_flags() == ("-march=native",)
 
 
-@pytest.mark.skipif(not KERNEL_OK or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="needs the C kernel and an AVX2 CPU")
+@pytest.mark.skipif(
+    not KERNEL_OK or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="needs the C kernel and an AVX2 CPU",
+)
 def test_the_avx2_build_gives_the_same_bits(monkeypatch):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     kernel, why = accumulate_native.load_kernel()
@@ -451,8 +541,10 @@ def test_the_avx2_build_gives_the_same_bits(monkeypatch):
     a, b = fp8(gen, (37, 300), "e4m3", 8), fp8(gen, (300, 29), "e5m2", 8)
     a[0, 0], b[1, 1] = math.inf, math.nan
     for promote in (0, 4):
-        out, bad = accumulate_native.run(kernel, a, b, (-6, 3, -14, 2), (448.0, 57344.0), chunk=32, frac=13,
-                                         promote=promote, desc=False)
-        expected = tensor_core_accumulate(a, b, E4M3, E5M2, HOPPER_PROMOTED if promote else HOPPER_FAST,
-                                          path=AccumulatePath("torch", "forced"))
+        out, bad = accumulate_native.run(
+            kernel, a, b, (-6, 3, -14, 2), (448.0, 57344.0), chunk=32, frac=13, promote=promote, desc=False
+        )
+        expected = tensor_core_accumulate(
+            a, b, E4M3, E5M2, HOPPER_PROMOTED if promote else HOPPER_FAST, path=AccumulatePath("torch", "forced")
+        )
         assert bad == (0, 0) and same(out, expected).all()

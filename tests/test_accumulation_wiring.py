@@ -36,8 +36,9 @@ def _model(a, b, fa, fb, acc, inv=None, bias=None, out_dtype=torch.bfloat16, gro
     if acc.kind == "fp32" and groups == (None, None):
         total = (a.double() @ b.double()).float()  # exact products, one rounding: fp32 accumulation of this data
     else:
-        total = acc_mod.tensor_core_accumulate(a, b, fa, fb, acc, a_group_scale=groups[0], b_group_scale=groups[1],
-                                               path=TORCH)
+        total = acc_mod.tensor_core_accumulate(
+            a, b, fa, fb, acc, a_group_scale=groups[0], b_group_scale=groups[1], path=TORCH
+        )
     if inv is not None:
         total = total * inv
     if bias is not None:
@@ -68,8 +69,11 @@ def test_te_runs_the_forward_fast_and_the_backward_promoted_under_delayed_scalin
     x_q, w_q = cast_to_fp8(x, s_x, E4M3).float(), cast_to_fp8(layer.weight.detach(), s_w, E4M3).float()
     g_q = cast_to_fp8(g, s_g, E5M2).float()
     bias = epilogue_bias(layer.bias.detach(), torch.bfloat16, fp8=True)
-    inv = {"fprop": s_x.reciprocal() * s_w.reciprocal(), "dgrad": s_g.reciprocal() * s_w.reciprocal(),
-           "wgrad": s_g.reciprocal() * s_x.reciprocal()}
+    inv = {
+        "fprop": s_x.reciprocal() * s_w.reciprocal(),
+        "dgrad": s_g.reciprocal() * s_w.reciprocal(),
+        "wgrad": s_g.reciprocal() * s_x.reciprocal(),
+    }
     gemms = {
         "fprop": (y, lambda acc: _model(x_q, w_q.t(), E4M3, E4M3, acc, inv["fprop"], bias), HOPPER_FAST),
         "dgrad": (grad_x.bfloat16(), lambda acc: _model(g_q, w_q, E5M2, E4M3, acc, inv["dgrad"]), HOPPER_PROMOTED),
@@ -81,8 +85,10 @@ def test_te_runs_the_forward_fast_and_the_backward_promoted_under_delayed_scalin
         assert not torch.equal(out, model(other)), f"{name}: fast and promoted agree here; the test could not tell"
 
 
-@pytest.mark.parametrize("setting, kinds", [("fast", ("fast",) * 3), ("promoted", ("promoted",) * 3),
-                                            ("te", ("fast", "promoted", "promoted"))])
+@pytest.mark.parametrize(
+    "setting, kinds",
+    [("fast", ("fast",) * 3), ("promoted", ("promoted",) * 3), ("te", ("fast", "promoted", "promoted"))],
+)
 def test_each_setting_names_its_accumulator_per_gemm(setting, kinds):
     for scaling in (DelayedScaling(), Float8CurrentScaling()):
         fp8 = fp8lab.FP8Options(scaling=scaling, accumulation=setting)
@@ -101,11 +107,14 @@ def test_current_scaling_under_explicit_fast_accumulation():
     g_q = cast_to_fp8(g, s_g, E5M2).float()
     bias = epilogue_bias(layer.bias.detach(), torch.bfloat16, fp8=True)
     assert torch.equal(y, _model(x_q, w_q.t(), E4M3, E4M3, HOPPER_FAST, s_x.reciprocal() * s_w.reciprocal(), bias))
-    assert torch.equal(grad_x.bfloat16(), _model(g_q, w_q, E5M2, E4M3, HOPPER_FAST, s_g.reciprocal() * s_w.reciprocal()))
+    assert torch.equal(
+        grad_x.bfloat16(), _model(g_q, w_q, E5M2, E4M3, HOPPER_FAST, s_g.reciprocal() * s_w.reciprocal())
+    )
     wgrad = _model(g_q.t(), x_q, E5M2, E4M3, HOPPER_FAST, s_g.reciprocal() * s_x.reciprocal())
     assert torch.equal(grad_w.bfloat16(), wgrad)
-    assert not torch.equal(grad_w.bfloat16(), _model(g_q.t(), x_q, E5M2, E4M3, HOPPER_PROMOTED,
-                                                     s_g.reciprocal() * s_x.reciprocal()))
+    assert not torch.equal(
+        grad_w.bfloat16(), _model(g_q.t(), x_q, E5M2, E4M3, HOPPER_PROMOTED, s_g.reciprocal() * s_x.reciprocal())
+    )
 
 
 def _block_operand(t: torch.Tensor, block: tuple[int, int], fmt, contract_dim: int):
@@ -124,12 +133,16 @@ def _block_operand(t: torch.Tensor, block: tuple[int, int], fmt, contract_dim: i
     s_inv = np.zeros((rows, cols), dtype=np.float64)
     for i in range(rows):
         for j in range(cols):
-            amax = float(np.nanmax(np.abs(arr[i * br:(i + 1) * br, j * bc:(j + 1) * bc])))
+            amax = float(np.nanmax(np.abs(arr[i * br : (i + 1) * br, j * bc : (j + 1) * bc])))
             s_inv[i, j] = scale_of(amax)[1]
-    full = np.repeat(np.repeat(s_inv, br, 0), bc, 1)[:arr.shape[0], :arr.shape[1]]
+    full = np.repeat(np.repeat(s_inv, br, 0), bc, 1)[: arr.shape[0], : arr.shape[1]]
     raw = torch.from_numpy(deq / full).float()  # exact: power-of-2 scales
     groups = torch.from_numpy(s_inv).float()
-    groups = groups.repeat_interleave(br, 0)[:arr.shape[0]] if contract_dim == 1 else groups.repeat_interleave(bc, 1)[:, :arr.shape[1]]
+    groups = (
+        groups.repeat_interleave(br, 0)[: arr.shape[0]]
+        if contract_dim == 1
+        else groups.repeat_interleave(bc, 1)[:, : arr.shape[1]]
+    )
     return raw, groups.contiguous()
 
 
@@ -204,9 +217,14 @@ def test_the_report_says_when_accumulation_dominates_a_layers_error():
     from fp8lab.run.report import accuracy_lines
 
     accuracy = {  # mean dB over log steps, as read back from the event files
-        ("a", "fprop_sqnr_db"): [30.0], ("a", "dgrad_sqnr_db"): [25.0], ("a", "wgrad_sqnr_db"): [25.0],
-        ("a", "fprop_accum_sqnr_db"): [32.0, 32.5], ("a", "dgrad_accum_sqnr_db"): [60.0], ("a", "wgrad_accum_sqnr_db"): [61.0],
-        ("b", "fprop_sqnr_db"): [31.0], ("b", "fprop_accum_sqnr_db"): [45.0],
+        ("a", "fprop_sqnr_db"): [30.0],
+        ("a", "dgrad_sqnr_db"): [25.0],
+        ("a", "wgrad_sqnr_db"): [25.0],
+        ("a", "fprop_accum_sqnr_db"): [32.0, 32.5],
+        ("a", "dgrad_accum_sqnr_db"): [60.0],
+        ("a", "wgrad_accum_sqnr_db"): [61.0],
+        ("b", "fprop_sqnr_db"): [31.0],
+        ("b", "fprop_accum_sqnr_db"): [45.0],
     }
     text = "\n".join(accuracy_lines("fp8", accuracy))
     assert "accumulator SQNR against fp32 accumulation" in text

@@ -48,8 +48,12 @@ def test_shadow_sqnr_against_float64_on_a_tiny_model():
     model = torch.nn.Sequential(fp8lab.Linear(32, 64, fp8=fp8), torch.nn.GELU(), fp8lab.Linear(64, 16, fp8=fp8))
     seen = {}
     for layer in (model[0], model[2]):
-        layer.register_forward_hook(lambda m, inp, out: seen.__setitem__((id(m), "x"), inp[0]) or seen.__setitem__((id(m), "y"), out))
-        layer.register_full_backward_hook(lambda m, gin, gout: seen.__setitem__((id(m), "g"), gout[0]) or seen.__setitem__((id(m), "gx"), gin[0]))
+        layer.register_forward_hook(
+            lambda m, inp, out: seen.__setitem__((id(m), "x"), inp[0]) or seen.__setitem__((id(m), "y"), out)
+        )
+        layer.register_full_backward_hook(
+            lambda m, gin, gout: seen.__setitem__((id(m), "g"), gout[0]) or seen.__setitem__((id(m), "gx"), gin[0])
+        )
     x = torch.randn(4, 8, 32, requires_grad=True)
     for step in range(2):  # the second step runs with scales from real amaxes
         model.zero_grad()
@@ -114,7 +118,9 @@ def test_shadow_sqnr_equals_cast_sqnr_through_orthogonal_operands():
     with torch.no_grad():
         tall.weight.copy_(w)
     s = torch.linalg.svdvals(w.double())
-    shadow, cast = _armed_step(tall, torch.randn(16, 32).to(torch.bfloat16).float().requires_grad_(), torch.randn(16, n))
+    shadow, cast = _armed_step(
+        tall, torch.randn(16, 32).to(torch.bfloat16).float().requires_grad_(), torch.randn(16, n)
+    )
     assert shadow[FPROP].item() >= cast[Role.INPUT].item() - 20 * math.log10(s.max() / s.min()) - 1e-3
 
 

@@ -60,10 +60,43 @@ CASES = [
     (B200, TE, "auto", "bf16", ALIGNED, "te", TE_REASON.format("B200 (sm_100)")),
     (B200, NO_TE, "auto", "emulated", ALIGNED, "scaled_mm", SMM_REASON.format("B200 (sm_100)")),
     # a layer a hardware FP8 GEMM cannot take falls back alone, saying why
-    (H100, TE, "auto", "bf16", ODD, "bf16", "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs"),
-    (H100, NO_TE, "auto", "emulated", ODD, "emulated", "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU),
-    (H100, TE, "te", "bf16", ODD, "bf16", "backend='te' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs"),
-    (L4, NO_TE, "scaled_mm", "emulated", ODD, "emulated", "backend='scaled_mm' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU),
+    (
+        H100,
+        TE,
+        "auto",
+        "bf16",
+        ODD,
+        "bf16",
+        "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs",
+    ),
+    (
+        H100,
+        NO_TE,
+        "auto",
+        "emulated",
+        ODD,
+        "emulated",
+        "dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs" + EMU,
+    ),
+    (
+        H100,
+        TE,
+        "te",
+        "bf16",
+        ODD,
+        "bf16",
+        "backend='te' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs",
+    ),
+    (
+        L4,
+        NO_TE,
+        "scaled_mm",
+        "emulated",
+        ODD,
+        "emulated",
+        "backend='scaled_mm' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs"
+        + EMU,
+    ),
     # explicit hardware requests that can run
     (H100, TE, "te", "bf16", ALIGNED, "te", TE_REASON.format("H100 (sm_90)")),
     (L4, TE, "te", "emulated", None, "te", TE_REASON.format("L4 (sm_89)")),
@@ -94,7 +127,12 @@ def test_software_requests_run_everywhere(device, te, fallback, dims):
 
 IMPOSSIBLE = [
     # (device, te, requested, fragments the message must contain)
-    (CPU, TE, "scaled_mm", ("backend='scaled_mm' needs a CUDA device, got cpu", "never run on CPU", "backend='emulated'")),
+    (
+        CPU,
+        TE,
+        "scaled_mm",
+        ("backend='scaled_mm' needs a CUDA device, got cpu", "never run on CPU", "backend='emulated'"),
+    ),
     (CPU, NO_TE, "te", ("backend='te' needs a CUDA device, got cpu", "NVIDIA GPU", "backend='emulated'")),
     (A100, TE, "scaled_mm", ("FP8 tensor cores (sm_89 or newer)", "A100 (sm_80) has none", "backend='auto'")),
     (A10, TE, "te", ("FP8 tensor cores (sm_89 or newer)", "A10 (sm_86) has none", "backend='auto'")),
@@ -170,7 +208,15 @@ SCALING_CASES = [
     (H100_CUDA13, TE, "current", "auto", "bf16", "te", "Transformer Engine 2.20.2 on H100 (sm_90)"),
     (H100_CUDA13, TE, "block", "auto", "bf16", "te", "Transformer Engine 2.20.2 on H100 (sm_90)"),
     (H100_CUDA12_8, TE, "block", "auto", "emulated", "emulated", "needs sm_90 or newer and CUDA 12.9 or newer"),
-    (H100_CUDA13, NO_TE, "block", "auto", "bf16", "bf16", "block scaling on H100 (sm_90): Transformer Engine is not installed"),
+    (
+        H100_CUDA13,
+        NO_TE,
+        "block",
+        "auto",
+        "bf16",
+        "bf16",
+        "block scaling on H100 (sm_90): Transformer Engine is not installed",
+    ),
     (H100_CUDA13, TE, "mxfp8", "auto", "emulated", "emulated", "MXFP8BlockScaling needs sm_100"),
     (B200_CUDA13, TE, "mxfp8", "auto", "bf16", "te", "Transformer Engine 2.20.2 on B200 (sm_100)"),
     (B200_CUDA13, NO_TE, "mxfp8", "auto", "emulated", "emulated", "torch._scaled_mm runs per-tensor scaling only"),
@@ -180,17 +226,22 @@ SCALING_CASES = [
 
 @pytest.mark.parametrize("device, te, scaling, requested, fallback, backend, reason", SCALING_CASES)
 def test_each_scaling_goes_where_hardware_can_run_it(device, te, scaling, requested, fallback, backend, reason):
-    plan = select_backend(device=device, te=te, requested=requested, fallback=fallback, dims=ALIGNED,
-                          scaling=SCALINGS[scaling]())
+    plan = select_backend(
+        device=device, te=te, requested=requested, fallback=fallback, dims=ALIGNED, scaling=SCALINGS[scaling]()
+    )
     assert plan.backend == backend and reason in plan.reason
 
 
-@pytest.mark.parametrize("device, te, scaling, requested, message", [
-    (H100_CUDA13, TE, "block", "scaled_mm", "runs per-tensor scaling only"),
-    (H100_CUDA13, TE, "mxfp8", "te", "needs sm_100"),
-    (H100_CUDA12_8, TE, "block", "te", "CUDA 12.9"),
-])
+@pytest.mark.parametrize(
+    "device, te, scaling, requested, message",
+    [
+        (H100_CUDA13, TE, "block", "scaled_mm", "runs per-tensor scaling only"),
+        (H100_CUDA13, TE, "mxfp8", "te", "needs sm_100"),
+        (H100_CUDA12_8, TE, "block", "te", "CUDA 12.9"),
+    ],
+)
 def test_an_explicit_backend_that_cannot_run_the_scaling_says_why(device, te, scaling, requested, message):
     with pytest.raises(BackendUnavailable, match=message):
-        select_backend(device=device, te=te, requested=requested, fallback="bf16", dims=ALIGNED,
-                       scaling=SCALINGS[scaling]())
+        select_backend(
+            device=device, te=te, requested=requested, fallback="bf16", dims=ALIGNED, scaling=SCALINGS[scaling]()
+        )

@@ -12,27 +12,54 @@ from fp8lab.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"
-TINY = ["train.steps=2", "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
-        "train.batch_size=2", "train.block_size=16", "model.num_layers=1", "train.checkpoint_interval=1"]
+TINY = [
+    "train.steps=2",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.eval_batches=1",
+    "train.batch_size=2",
+    "train.block_size=16",
+    "model.num_layers=1",
+    "train.checkpoint_interval=1",
+]
 HEADER = "from fp8lab import DelayedScaling\nfrom fp8lab.run.config import *\n"
 
 RECIPES = {  # recipe file body -> the message it must produce
     "no_config": ("x = 1\n", "must define a function config()"),
     "wrong_type": ("def config():\n    return {'steps': 3}\n", "returned dict, not a RunConfig"),
     "syntax": ("def config(:\n", "failed to load: SyntaxError"),
-    "bad_precision": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='x', precision='fp4')))\n",
-                      "variants.x.precision must be one of"),
-    "negative_steps": ("def config():\n    return RunConfig(name='r', train=TrainConfig(steps=-5))\n", "train.steps must be an int >= 1"),
-    "bad_margin": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', scaling=DelayedScaling(margin=-1))))\n",
-                   "margin must be an int >= 0"),
-    "backend_typo": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', backend='emulted')))\n",
-                     "variants.f.backend must be one of"),
-    "duplicate_variants": ("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='bf16')))\n",
-                           "variants must be a non-empty tuple with unique names"),
-    "baseline_not_bf16": ("def config():\n    return RunConfig(name='r', baseline='f', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f')))\n",
-                          "baseline must be a variant with precision 'bf16'"),
-    "lr_float_as_str": ("def config():\n    return RunConfig(name='r', train=TrainConfig(lr='0.1'))\n", "train.lr must be a float >= 0"),
-    "unknown_preset": ("def config():\n    return RunConfig(name='r', model=ModelConfig(preset='gpt5'))\n", "model.preset must be one of"),
+    "bad_precision": (
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='x', precision='fp4')))\n",
+        "variants.x.precision must be one of",
+    ),
+    "negative_steps": (
+        "def config():\n    return RunConfig(name='r', train=TrainConfig(steps=-5))\n",
+        "train.steps must be an int >= 1",
+    ),
+    "bad_margin": (
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', scaling=DelayedScaling(margin=-1))))\n",
+        "margin must be an int >= 0",
+    ),
+    "backend_typo": (
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', backend='emulted')))\n",
+        "variants.f.backend must be one of",
+    ),
+    "duplicate_variants": (
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='bf16')))\n",
+        "variants must be a non-empty tuple with unique names",
+    ),
+    "baseline_not_bf16": (
+        "def config():\n    return RunConfig(name='r', baseline='f', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f')))\n",
+        "baseline must be a variant with precision 'bf16'",
+    ),
+    "lr_float_as_str": (
+        "def config():\n    return RunConfig(name='r', train=TrainConfig(lr='0.1'))\n",
+        "train.lr must be a float >= 0",
+    ),
+    "unknown_preset": (
+        "def config():\n    return RunConfig(name='r', model=ModelConfig(preset='gpt5'))\n",
+        "model.preset must be one of",
+    ),
 }
 
 

@@ -241,7 +241,7 @@ def test_cast_stats_match_a_float64_reference_over_several_chunks(fmt):
     x64, q64 = x.double(), q.double() / scale.double()
     overflow = (x64.abs() * scale.double() > fmt.max).double().mean() * 100
     underflow = ((q64 == 0) & (x64 != 0)).double().mean() * 100
-    sqnr = 10 * torch.log10((x64 ** 2).sum() / ((x64 - q64) ** 2).sum())
+    sqnr = 10 * torch.log10((x64**2).sum() / ((x64 - q64) ** 2).sum())
     assert overflow > 0 and underflow > 0
     assert torch.isclose(got[0].double(), overflow, rtol=1e-6, atol=0)
     assert torch.isclose(got[1].double(), underflow, rtol=1e-6, atol=0)

@@ -21,8 +21,16 @@ from tests.helpers import sigterm_in_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"
-TINY = ["train.batch_size=4", "train.block_size=32", "model.num_layers=2", "train.eval_batches=1",
-        "train.log_interval=2", "train.eval_interval=4", "train.checkpoint_interval=2", "train.warmup_steps=2"]
+TINY = [
+    "train.batch_size=4",
+    "train.block_size=32",
+    "model.num_layers=2",
+    "train.eval_batches=1",
+    "train.log_interval=2",
+    "train.eval_interval=4",
+    "train.checkpoint_interval=2",
+    "train.warmup_steps=2",
+]
 
 
 def config(*extra):
@@ -59,8 +67,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     saved = ckpt.read_checkpoint(run_dir / "checkpoints" / "step_00000003.pt")
     # a fresh model differs from the checkpoint before loading; the resumed one equals it
     fresh_fp8 = fresh.variants[1].model.state_dict()
-    assert not torch.equal(fresh_fp8["blocks.0.mlp.fc1.weight"], saved["variants"]["fp8"]["model"]["blocks.0.mlp.fc1.weight"])
-    assert not torch.equal(fresh_fp8["blocks.0.mlp.fc1.fp8_state.scale"], saved["variants"]["fp8"]["model"]["blocks.0.mlp.fc1.fp8_state.scale"])
+    assert not torch.equal(
+        fresh_fp8["blocks.0.mlp.fc1.weight"], saved["variants"]["fp8"]["model"]["blocks.0.mlp.fc1.weight"]
+    )
+    assert not torch.equal(
+        fresh_fp8["blocks.0.mlp.fc1.fp8_state.scale"],
+        saved["variants"]["fp8"]["model"]["blocks.0.mlp.fc1.fp8_state.scale"],
+    )
     assert resumed.start_step == 3
     resumed.run()
 
@@ -70,7 +83,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
         for key in state:  # parameters, amax histories and scales: bit for bit
             assert torch.equal(state[key], other[key]), (name, key)
     for variant in ("bf16", "fp8"):
-        for tag in ("loss/train", "loss/val", "scaling/blocks.1.mlp.fc2/grad_output/scale") if variant == "fp8" else ("loss/train", "loss/val"):
+        for tag in (
+            ("loss/train", "loss/val", "scaling/blocks.1.mlp.fc2/grad_output/scale")
+            if variant == "fp8"
+            else ("loss/train", "loss/val")
+        ):
             assert scalar_steps(straight.run_dir / variant, tag) == scalar_steps(run_dir / variant, tag), (variant, tag)
     a = json.loads((straight.run_dir / "summary.json").read_text())
     b = json.loads((run_dir / "summary.json").read_text())
@@ -100,7 +117,14 @@ def _sets(pairs):
 
 def test_sigkill_during_checkpoint_write_resumes_from_last_intact(tmp_path):
     out = tmp_path / "logs"
-    args = ["run", str(QUICKSTART), "--out", str(out), "--quiet", *_sets(TINY + ["train.steps=8", "train.log_interval=1"])]
+    args = [
+        "run",
+        str(QUICKSTART),
+        "--out",
+        str(out),
+        "--quiet",
+        *_sets(TINY + ["train.steps=8", "train.log_interval=1"]),
+    ]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.time() + 120
@@ -115,8 +139,13 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_intact(tmp_path):
     (run_dir,) = (out / "quickstart").iterdir()
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]  # the half-written one has no final name
     assert list((run_dir / "checkpoints").glob(".step_00000004.pt.tmp-*"))
-    done = subprocess.run([sys.executable, "-m", "fp8lab.run.cli", *args, "--resume", str(run_dir)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "fp8lab.run.cli", *args, "--resume", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # stale temporaries cleaned
     for _, path in ckpt.list_checkpoints(run_dir):
@@ -161,7 +190,10 @@ def test_nan_in_one_layer_for_one_step_is_held_logged_and_harmless(tmp_path):
     assert scalar_steps(faulty.run_dir / "fp8", "faults/skipped_steps")[-1][1] == 1.0
     assert scalar_steps(faulty.run_dir / "fp8", "faults/nonfinite_amax/blocks.0.mlp.fc1/input")
     # one skipped step in 12 leaves the loss in the clean run's band (bound: 5%)
-    gap = abs(fp8["final_val_loss"] - clean["variants"]["fp8"]["final_val_loss"]) / clean["variants"]["fp8"]["final_val_loss"]
+    gap = (
+        abs(fp8["final_val_loss"] - clean["variants"]["fp8"]["final_val_loss"])
+        / clean["variants"]["fp8"]["final_val_loss"]
+    )
     assert gap < 0.05, gap
     assert all(torch.isfinite(p).all() for p in faulty.variants[1].model.parameters())
 

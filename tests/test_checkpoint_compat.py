@@ -36,8 +36,9 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_to_the_same_result(tmp_path)
     run_dir = tmp_path / "quickstart" / "run"
     shutil.copytree(FIXTURE / "run", run_dir)
     sets = [a for s in expected["sets"] + ["variants.fp8.accumulation=fp32"] for a in ("--set", s)]
-    code = main(["run", str(ROOT / expected["recipe"]), *sets, "--out", str(tmp_path), "--quiet",
-                 "--resume", str(run_dir)])
+    code = main(
+        ["run", str(ROOT / expected["recipe"]), *sets, "--out", str(tmp_path), "--quiet", "--resume", str(run_dir)]
+    )
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     saved = ckpt.read_checkpoint(run_dir / "checkpoints" / "step_00000003.pt")
@@ -55,8 +56,9 @@ def test_the_earlier_checkpoint_is_refused_under_another_accumulation_naming_the
     run_dir = tmp_path / "quickstart" / "run"
     shutil.copytree(FIXTURE / "run", run_dir)
     sets = [a for s in expected["sets"] for a in ("--set", s)]  # today's default: accumulation="te"
-    code = main(["run", str(ROOT / expected["recipe"]), *sets, "--out", str(tmp_path), "--quiet",
-                 "--resume", str(run_dir)])
+    code = main(
+        ["run", str(ROOT / expected["recipe"]), *sets, "--out", str(tmp_path), "--quiet", "--resume", str(run_dir)]
+    )
     assert code == 2
     assert "variants.fp8.accumulation: checkpoint 'fp32', now 'te'" in capsys.readouterr().err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003.pt"]  # nothing written

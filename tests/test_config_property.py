@@ -26,15 +26,75 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 KEYS = (
     [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     + [f"fp8.{f.name}" for f in dataclasses.fields(DelayedScaling)]
-    + [f"variants.{v}.{f.name}" for v in ("bf16", "fp8_all", "fp8_first_last_bf16", "nope") for f in dataclasses.fields(Variant)]
+    + [
+        f"variants.{v}.{f.name}"
+        for v in ("bf16", "fp8_all", "fp8_first_last_bf16", "nope")
+        for f in dataclasses.fields(Variant)
+    ]
 )
-WORDS = ["none", "None", "true", "false", "yes", "0", "1", "-1", "2", "3", "16", "1e999", "-inf", "inf", "nan", "0.5",
-         "1e-30", "1e30", str(2**64), str(2**64 - 1), "", " ", "*", "lm_head", "blocks.0.*", "blocks.*", "blocks.9.*",
-         "lm_head,blocks.0.*", "auto", "te", "emulated", "emulate", "bf16", "fp8", "fp32", "scaled_mm", "hybrid", "e4m3",
-         "max", "most_recent", "stdlib", "text:", "tokens:/nonexistent", "text:../../etc", "tiny", "gpt2-124m",
-         "cpu", "cuda", "fp32", "native", "=", "..", "\x00", "1_000", "٣"]
-values = st.one_of(st.sampled_from(WORDS), st.integers(min_value=-(2**70), max_value=2**70).map(str),
-                   st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=12))
+WORDS = [
+    "none",
+    "None",
+    "true",
+    "false",
+    "yes",
+    "0",
+    "1",
+    "-1",
+    "2",
+    "3",
+    "16",
+    "1e999",
+    "-inf",
+    "inf",
+    "nan",
+    "0.5",
+    "1e-30",
+    "1e30",
+    str(2**64),
+    str(2**64 - 1),
+    "",
+    " ",
+    "*",
+    "lm_head",
+    "blocks.0.*",
+    "blocks.*",
+    "blocks.9.*",
+    "lm_head,blocks.0.*",
+    "auto",
+    "te",
+    "emulated",
+    "emulate",
+    "bf16",
+    "fp8",
+    "fp32",
+    "scaled_mm",
+    "hybrid",
+    "e4m3",
+    "max",
+    "most_recent",
+    "stdlib",
+    "text:",
+    "tokens:/nonexistent",
+    "text:../../etc",
+    "tiny",
+    "gpt2-124m",
+    "cpu",
+    "cuda",
+    "fp32",
+    "native",
+    "=",
+    "..",
+    "\x00",
+    "1_000",
+    "٣",
+]
+values = st.one_of(
+    st.sampled_from(WORDS),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=12),
+)
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=20))
 assignments = st.one_of(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"), st.text(max_size=30))
 
@@ -64,9 +124,16 @@ def test_set_overrides_give_a_valid_config_or_a_config_error(overrides):
     assert_usable(config)
 
 
-anything = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.sampled_from(WORDS),
-                     st.tuples(st.text(max_size=6)), st.lists(st.integers(), max_size=2))
+anything = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(WORDS),
+    st.tuples(st.text(max_size=6)),
+    st.lists(st.integers(), max_size=2),
+)
 
 
 def _section(cls):
@@ -76,7 +143,13 @@ def _section(cls):
 
 
 @SETTINGS
-@given(_section(TrainConfig), _section(ModelConfig), _section(DataConfig), _section(Variant), st.one_of(anything, st.just("r")))
+@given(
+    _section(TrainConfig),
+    _section(ModelConfig),
+    _section(DataConfig),
+    _section(Variant),
+    st.one_of(anything, st.just("r")),
+)
 def test_recipe_values_give_a_valid_config_or_a_config_error(train, model, data, variant, name):
     try:
         sections = {key: cls(**kw) for key, (cls, kw) in (("train", train), ("model", model), ("data", data))}

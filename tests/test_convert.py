@@ -30,8 +30,10 @@ D_IN, D_MODEL, N_CLASSES = 24, 64, 30
 CONVERTED = ["0", "1.layers.0.linear1", "1.layers.0.linear2", "1.layers.1.linear1", "1.layers.1.linear2", "2"]
 SKIPPED = ["1.layers.0.self_attn.out_proj", "1.layers.1.self_attn.out_proj"]
 # the default accumulation="te" of delayed scaling: TE's FAST_ACCUM forward, promoted backward
-TE_DELAYED = ("accumulation (te): fprop fast (13-bit, 32 per instruction), "
-              "dgrad and wgrad promoted every 4 instructions (13-bit, 32 per instruction)")
+TE_DELAYED = (
+    "accumulation (te): fprop fast (13-bit, 32 per instruction), "
+    "dgrad and wgrad promoted every 4 instructions (13-bit, 32 per instruction)"
+)
 CPU_EMULATED = f"no FP8 hardware on CPU; FP8 emulated in software; {gemm_path('cpu').reason}; {TE_DELAYED}"
 
 
@@ -156,7 +158,9 @@ def test_converted_model_trains_with_emulated_fp8(one_thread):
 
 
 def test_convert_applies_policy_and_handles_odd_cases():
-    model = fp8lab.convert(encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fp8=FP8Options(fallback="emulated"))
+    model = fp8lab.convert(
+        encoder_model(), policy=PrecisionPolicy(keep_bf16=("2", "*.layers.1.*")), fp8=FP8Options(fallback="emulated")
+    )
     rows = {r.name: r for r in fp8lab.describe(model)}
     assert rows["2"].reason.startswith("kept in BF16 by policy pattern '2';") and rows["2"].precision == "bf16"
     assert rows["1.layers.1.linear1"].reason.startswith("kept in BF16 by policy pattern '*.layers.1.*';")
@@ -181,9 +185,13 @@ def test_describe_gpt_default_policy_keeps_only_lm_head_in_bf16():
     model = GPT.from_preset("tiny", num_layers=2, fallback="emulated")
     rows = fp8lab.describe(model)
     assert all(isinstance(r, LayerRow) for r in rows)
-    assert [r.name for r in rows] == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")] + ["lm_head"]
+    assert [r.name for r in rows] == [
+        f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ] + ["lm_head"]
     assert all((r.precision, r.backend, r.reason) == ("fp8", "emulated", CPU_EMULATED) for r in rows[:-1])
-    assert rows[-1] == LayerRow("lm_head", "bf16", "bf16", f"kept in BF16 by policy pattern 'lm_head'; {gemm_path('cpu').reason}")
+    assert rows[-1] == LayerRow(
+        "lm_head", "bf16", "bf16", f"kept in BF16 by policy pattern 'lm_head'; {gemm_path('cpu').reason}"
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         rows[0].precision = "bf16"
     assert fp8lab.describe(GPT.from_preset("tiny", num_layers=1))[0].reason.startswith("no FP8 hardware on CPU;")
@@ -199,7 +207,9 @@ def test_policy_first_and_last_blocks_and_patterns():
     for i in (0, 3):
         for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
             row = rows[f"blocks.{i}.{layer}"]
-            assert row.precision == "bf16" and row.reason.startswith(f"kept in BF16 by policy first_last_bf16=1 (block {i} of 4);")
+            assert row.precision == "bf16" and row.reason.startswith(
+                f"kept in BF16 by policy first_last_bf16=1 (block {i} of 4);"
+            )
     assert rows["blocks.1.mlp.fc2"].reason.startswith("kept in BF16 by policy pattern 'blocks.1.mlp.*';")
     assert [n for n, r in rows.items() if r.precision == "fp8"] == ["blocks.1.attn.qkv", "blocks.1.attn.proj"] + [
         f"blocks.2.{s}" for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -215,7 +225,11 @@ def test_describe_plain_model_shows_unconverted_layers():
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [(dict(keep_bf16="lm_head"), "keep_bf16"), (dict(first_last_bf16=-1), "first_last_bf16"), (dict(first_last_bf16=True), "first_last_bf16")],
+    [
+        (dict(keep_bf16="lm_head"), "keep_bf16"),
+        (dict(first_last_bf16=-1), "first_last_bf16"),
+        (dict(first_last_bf16=True), "first_last_bf16"),
+    ],
 )
 def test_policy_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -28,15 +28,24 @@ VOCAB = 128
 
 
 def gpt2() -> nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def llama() -> nn.Module:
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
-                                      bos_token_id=0, eos_token_id=0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -133,8 +142,15 @@ class _TensorParallelLinear(nn.Module):  # a library's own linear-like layer
 
 
 def test_layers_left_as_they_were_are_listed_with_their_reason():
-    model = nn.ModuleDict({"own": _OwnForward(16, 16), "tp": _TensorParallelLinear(), "emb": nn.Embedding(10, 16),
-                           "mha": nn.MultiheadAttention(16, 2), "conv": Conv1D(16, 16)})
+    model = nn.ModuleDict(
+        {
+            "own": _OwnForward(16, 16),
+            "tp": _TensorParallelLinear(),
+            "emb": nn.Embedding(10, 16),
+            "mha": nn.MultiheadAttention(16, 2),
+            "conv": Conv1D(16, 16),
+        }
+    )
     fp8lab.convert(model, fp8=EMULATED)
     rows = {row.name: row for row in fp8lab.describe(model)}
     assert "overrides transformers' Conv1D.forward" in rows["own"].reason and rows["own"].precision == "torch"

@@ -58,8 +58,13 @@ def states(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gpt() -> fp8lab.GPT:
     torch.manual_seed(0)
-    return fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=2, block_size=GPT_BLOCK,
-                                  scaling=fp8lab.DelayedScaling(amax_history_len=8))
+    return fp8lab.GPT.from_preset(
+        "tiny",
+        fallback="emulated",
+        num_layers=2,
+        block_size=GPT_BLOCK,
+        scaling=fp8lab.DelayedScaling(amax_history_len=8),
+    )
 
 
 def sampler() -> BatchSampler:
@@ -152,8 +157,13 @@ def rank_scenarios(rank: int) -> dict:
 def _rank_entry(rank: int, port: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         torch.save(rank_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -169,8 +179,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ranks")
-    ctx = mp.start_processes(_rank_entry, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_entry, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not ctx.join(timeout=5):

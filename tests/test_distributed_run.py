@@ -26,8 +26,16 @@ from fp8lab.run.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
-SHORT = ["train.steps=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
-         "train.batch_size=4", "train.block_size=32", "model.num_layers=2", "train.warmup_steps=2"]
+SHORT = [
+    "train.steps=4",
+    "train.log_interval=2",
+    "train.eval_interval=4",
+    "train.eval_batches=1",
+    "train.batch_size=4",
+    "train.block_size=32",
+    "model.num_layers=2",
+    "train.warmup_steps=2",
+]
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -48,13 +56,27 @@ def _structure(run_dir: Path) -> dict:
     out = {}
     for variant in ("bf16", "fp8"):
         acc = _events(run_dir / variant)
-        out[variant] = ({tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]},
-                        sorted(acc.Tags()["histograms"]))
+        out[variant] = (
+            {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]},
+            sorted(acc.Tags()["histograms"]),
+        )
     return out
 
 
 def _launch(out: Path, *args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fp8lab.run.cli", "run", QUICKSTART, "--nproc", "2", "--out", str(out), "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fp8lab.run.cli",
+        "run",
+        QUICKSTART,
+        "--nproc",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        *args,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -28,31 +28,45 @@ from tests.fake_cuda.strict_calls import EXPECTED_RULE
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 TOKENS = (0, 1, 21, 32, 4096)
-MUTANT_CONFIGS = [dict(scaling="delayed", m=21, bias=True, amp="bf16", steps=1),
-                  dict(scaling="delayed", m=21, bias=True, amp="off", steps=1),
-                  dict(scaling="current", m=32, bias=True, amp="bf16", steps=1)]
+MUTANT_CONFIGS = [
+    dict(scaling="delayed", m=21, bias=True, amp="bf16", steps=1),
+    dict(scaling="delayed", m=21, bias=True, amp="off", steps=1),
+    dict(scaling="current", m=32, bias=True, amp="bf16", steps=1),
+]
 
 
 def _configs(scalings, steps):
     """Every token count x autocast x bias on a 2-D fp32 input (``steps`` steps each, so
     delayed scaling runs on updated scales), plus one step of each layout a model hands a
     Linear (4-D, permuted, a column slice) and of bf16/fp16 inputs without autocast."""
-    cfgs = [dict(scaling=s, m=m, bias=b, amp=amp, steps=steps) for s, m, b, amp in
-            itertools.product(scalings, TOKENS, (True, False), ("off", "bf16", "fp16"))]
-    cfgs += [dict(scaling=s, m=m, bias=True, amp=amp, shape=shape, steps=1) for s, m, amp, shape in
-             itertools.product(scalings, (1, 21, 32), ("off", "bf16"), ("4d", "permuted", "sliced"))]
-    cfgs += [dict(scaling=s, m=m, bias=b, amp="off", x_dtype=dt, steps=1) for s, m, b, dt in
-             itertools.product(scalings, (21, 32), (True, False), ("bf16", "fp16"))]
+    cfgs = [
+        dict(scaling=s, m=m, bias=b, amp=amp, steps=steps)
+        for s, m, b, amp in itertools.product(scalings, TOKENS, (True, False), ("off", "bf16", "fp16"))
+    ]
+    cfgs += [
+        dict(scaling=s, m=m, bias=True, amp=amp, shape=shape, steps=1)
+        for s, m, amp, shape in itertools.product(scalings, (1, 21, 32), ("off", "bf16"), ("4d", "permuted", "sliced"))
+    ]
+    cfgs += [
+        dict(scaling=s, m=m, bias=b, amp="off", x_dtype=dt, steps=1)
+        for s, m, b, dt in itertools.product(scalings, (21, 32), (True, False), ("bf16", "fp16"))
+    ]
     return cfgs
 
 
 JOBS = {
     "sm90": dict(kind="contract", capability=[9, 0], configs=_configs(("delayed", "current"), steps=2)),
     "sm89": dict(kind="contract", capability=[8, 9], configs=_configs(("delayed", "current"), steps=1)),
-    "sm80": dict(kind="contract", capability=[8, 0], configs=[dict(scaling=s, m=21, bias=True, amp="bf16", steps=1)
-                                                               for s in ("delayed", "current", "block", "mxfp8")]),
-    "mutants_sm90": dict(kind="mutants", capability=[9, 0], configs=MUTANT_CONFIGS,
-                         names=[n for n in EXPECTED if n != "fp8_on_sm80"]),
+    "sm80": dict(
+        kind="contract",
+        capability=[8, 0],
+        configs=[
+            dict(scaling=s, m=21, bias=True, amp="bf16", steps=1) for s in ("delayed", "current", "block", "mxfp8")
+        ],
+    ),
+    "mutants_sm90": dict(
+        kind="mutants", capability=[9, 0], configs=MUTANT_CONFIGS, names=[n for n in EXPECTED if n != "fp8_on_sm80"]
+    ),
     "mutants_sm80": dict(kind="mutants", capability=[8, 0], configs=MUTANT_CONFIGS, names=["fp8_on_sm80"]),
     "verdicts": dict(kind="verdicts", capability=[9, 0]),
 }
@@ -67,8 +81,11 @@ def suite():
 @pytest.mark.parametrize("device", ["sm90", "sm89"])
 def test_every_scaled_mm_call_of_a_linear_is_one_cuda_accepts(device, suite):
     cfgs, results = JOBS[device]["configs"], suite[device]["results"]
-    bad = [(cfg, res["plan"], res.get("error")) for cfg, res in zip(cfgs, results)
-           if res["plan"] != "scaled_mm" or "error" in res]
+    bad = [
+        (cfg, res["plan"], res.get("error"))
+        for cfg, res in zip(cfgs, results)
+        if res["plan"] != "scaled_mm" or "error" in res
+    ]
     assert not bad
     for cfg, res in zip(cfgs, results):
         calls = res["calls"]
@@ -77,7 +94,10 @@ def test_every_scaled_mm_call_of_a_linear_is_one_cuda_accepts(device, suite):
         m, k, n = cfg["m"], 64, 48
         tokens_padded = -(-m // 16) * 16
         assert [fprop["shapes"], dgrad["shapes"], wgrad["shapes"]] == [
-            [[m, k], [k, n]], [[m, n], [n, k]], [[n, tokens_padded], [tokens_padded, k]]], cfg
+            [[m, k], [k, n]],
+            [[m, n], [n, k]],
+            [[n, tokens_padded], [tokens_padded, k]],
+        ], cfg
         assert fprop["dtypes"] == ["torch.float8_e4m3fn"] * 2
         assert dgrad["dtypes"] == wgrad["dtypes"] == ["torch.float8_e5m2", "torch.float8_e4m3fn"]  # hybrid
         assert all(c["scaling"] == ["tensorwise", "tensorwise"] for c in calls)
@@ -114,8 +134,13 @@ def test_strict_model_gives_each_crafted_call_its_verdict(name, suite):
 
 def test_strict_model_architecture_and_blockwise_rules(suite):
     arch, block = suite["verdicts"]["arch"], suite["verdicts"]["block"]
-    assert {k: v is None for k, v in arch.items()} == {"sm_80": False, "sm_86": False, "sm_89": True, "sm_90": True,
-                                                       "sm_100": True}
+    assert {k: v is None for k, v in arch.items()} == {
+        "sm_80": False,
+        "sm_86": False,
+        "sm_89": True,
+        "sm_90": True,
+        "sm_100": True,
+    }
     assert block["kinds"] == ["1x128", "128x128"] and block["sm_90"] is None
     for key in ("sm_89", "sm_100", "cublas_12.8", "fast_accum"):
         assert block[key].startswith("R-block"), (key, block[key])

@@ -43,9 +43,13 @@ SYNC_CONFIGS = [dict(scaling=s) for s in ("delayed", "current", "block", "mxfp8"
 
 @pytest.fixture(scope="module")
 def suite():
-    return run_child("suite", jobs={
-        "train": dict(kind="train", scaling="delayed", steps=4, log_interval=2, histogram_interval=4),
-        "syncs": dict(kind="syncs", capability=[9, 0], configs=SYNC_CONFIGS)})
+    return run_child(
+        "suite",
+        jobs={
+            "train": dict(kind="train", scaling="delayed", steps=4, log_interval=2, histogram_interval=4),
+            "syncs": dict(kind="syncs", capability=[9, 0], configs=SYNC_CONFIGS),
+        },
+    )
 
 
 @pytest.fixture(scope="module")

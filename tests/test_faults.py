@@ -25,8 +25,13 @@ from tests.helpers import sigterm_in_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.py"
-TINY = ["train.batch_size=2", "train.block_size=16", "model.num_layers=1", "train.eval_batches=1",
-        "train.warmup_steps=1"]
+TINY = [
+    "train.batch_size=2",
+    "train.block_size=16",
+    "model.num_layers=1",
+    "train.eval_batches=1",
+    "train.warmup_steps=1",
+]
 
 
 def config(*extra):
@@ -63,8 +68,9 @@ def test_tokens_per_s_of_the_first_interval_after_a_resume(tmp_path, monkeypatch
     # 4 steps of 0.5 s, two timed before the stop and two after: not 4 steps' tokens in 1 s
     assert [m["perf/tokens_per_s"] for _, m in resumed.summary.train["fp8"]] == expected
     assert [m["perf/log_step_ms"] for _, m in resumed.summary.train["fp8"]] == [500.0]
-    every_step_logs = Runner(config("train.steps=2", "train.log_interval=1", "train.eval_interval=2"),
-                             tmp_path / "c", progress=False)
+    every_step_logs = Runner(
+        config("train.steps=2", "train.log_interval=1", "train.eval_interval=2"), tmp_path / "c", progress=False
+    )
     every_step_logs.run()  # no training step between log steps: throughput from the log steps
     assert [m["perf/tokens_per_s"] for _, m in every_step_logs.summary.train["fp8"]] == [2 * 16 / 0.5] * 2
 
@@ -125,11 +131,14 @@ def test_fresh_run_folders_are_claimed_atomically(tmp_path):
     assert a != b and a.is_dir() and b.is_dir()
 
 
-@pytest.mark.parametrize("shape", [
-    dict(),
-    dict(activation="swiglu", normalization="RMSNorm", bias=False),
-    dict(tie_embeddings=True, num_layers=3, hidden_size=64, num_attention_heads=2, ffn_hidden_size=96),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(),
+        dict(activation="swiglu", normalization="RMSNorm", bias=False),
+        dict(tie_embeddings=True, num_layers=3, hidden_size=64, num_attention_heads=2, ffn_hidden_size=96),
+    ],
+)
 def test_memory_estimate_counts_the_parameters_of_the_real_model(shape):
     with torch.device("meta"):
         model = GPT.from_preset("tiny", block_size=32, **shape)
@@ -163,15 +172,23 @@ def test_largest_seed_trains(tmp_path, one_thread):
     assert Runner(cfg, tmp_path, progress=False).run()["steps"] == 1
 
 
-@pytest.mark.parametrize("err,code", [
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"), 2),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 2),
-    (MemoryError(), 2),
-    (KeyboardInterrupt(), 130),
-    (ValueError("a bug"), None),
-    (RuntimeError("a bug"), None),
-    (OSError(errno.ENOSPC, "No space left on device"), None),  # raw: only the runner knows the run folder
-])
+@pytest.mark.parametrize(
+    "err,code",
+    [
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"
+            ),
+            2,
+        ),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 2),
+        (MemoryError(), 2),
+        (KeyboardInterrupt(), 130),
+        (ValueError("a bug"), None),
+        (RuntimeError("a bug"), None),
+        (OSError(errno.ENOSPC, "No space left on device"), None),  # raw: only the runner knows the run folder
+    ],
+)
 def test_one_table_maps_errors_to_exit_codes(err, code):
     verdict = classify(err)
     assert (verdict[0] if verdict else None) == code

@@ -13,16 +13,22 @@ from tests.helpers import CPU_PATH_NAMES, force_gemm_path
 from tests.test_precision_ladder import RUNGS, make_run
 
 # The tiny GPT of tiny_config (1 block, hidden 128, ffn 512, vocab 256, block_size 16), by hand:
-P = (256 * 128                       # tok_emb
-     + 16 * 128                      # pos_emb
-     + 2 * 128                       # attn.norm (weight, bias)
-     + 128 * 384 + 384               # attn.qkv
-     + 128 * 128 + 128               # attn.proj
-     + 2 * 128                       # mlp.norm
-     + 128 * 512 + 512               # mlp.fc1
-     + 512 * 128 + 128               # mlp.fc2
-     + 2 * 128                       # final_norm
-     + 128 * 256)                    # lm_head (no bias)
+P = (
+    256 * 128  # tok_emb
+    + 16 * 128  # pos_emb
+    + 2 * 128  # attn.norm (weight, bias)
+    + 128 * 384
+    + 384  # attn.qkv
+    + 128 * 128
+    + 128  # attn.proj
+    + 2 * 128  # mlp.norm
+    + 128 * 512
+    + 512  # mlp.fc1
+    + 512 * 128
+    + 128  # mlp.fc2
+    + 2 * 128  # final_norm
+    + 128 * 256
+)  # lm_head (no bias)
 TENSORS = 17  # parameter tensors: 2 embeddings, 3 norms x 2, 4 Linears x 2, lm_head
 STEP_BYTES = 4  # fused AdamW keeps one float32 step counter per parameter tensor
 
@@ -42,11 +48,11 @@ def test_parameters_gradients_and_adamw_state_bytes(name, width):
 M, K, N = 16, 64, 32  # tokens (2 x 8), in_features, out_features
 # rung -> (activation bytes, weight-copy bytes) one Linear saves for its backward, by hand
 SAVED = {
-    "fp32": (M * K * 4, 0),                 # x itself; the fp32 weight is the parameter (not counted again)
-    "fp16": (M * K * 2, N * K * 2),         # fp16 x and weight copy (held in fp32 by the emulation)
-    "bf16": (M * K * 2, N * K * 2),         # bf16 x and weight copy
+    "fp32": (M * K * 4, 0),  # x itself; the fp32 weight is the parameter (not counted again)
+    "fp16": (M * K * 2, N * K * 2),  # fp16 x and weight copy (held in fp32 by the emulation)
+    "bf16": (M * K * 2, N * K * 2),  # bf16 x and weight copy
     "fp8": (M * K * 1 + 2 * 4, N * K * 1),  # E4M3 x and weight, 1 byte each, and two fp32 inverse scales
-    "bf16_no_master": (M * K * 2, 0),       # the bf16 weight is the parameter
+    "bf16_no_master": (M * K * 2, 0),  # the bf16 weight is the parameter
 }
 
 

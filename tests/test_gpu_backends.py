@@ -107,7 +107,9 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner, scales):
     b_hp = torch.randn(inner, 32, generator=gen).cuda()
     s_a, s_b = (torch.tensor(s, device="cuda") for s in scales)
     emulated = EmulatedBackend(gemm_path("cuda"))
-    ref = emulated.gemm(emulated.quantize(a_hp, s_a, E5M2), emulated.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16)
+    ref = emulated.gemm(
+        emulated.quantize(a_hp, s_a, E5M2), emulated.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16
+    )
     # laid out as the wgrad gets them: A = grad_out^T (column-major), B = x (row-major)
     a_q = cast_to_fp8(a_hp.t().contiguous(), s_a, E5M2).t()
     b_q = cast_to_fp8(b_hp, s_b, E4M3)
@@ -297,6 +299,7 @@ def test_emulated_on_cuda_is_the_hardware_model_whatever_the_global_flags(out_dt
     """TF32 and reduced-precision bf16 reductions switched on globally (what many training
     scripts do) must not reach the emulation's exact GEMM."""
     from tests.helpers import equal_fraction, fp32_error, hw_reference
+
     gen = torch.Generator().manual_seed(4)
     x = (torch.randn(96, 320, generator=gen) * 3).cuda()
     w = (torch.randn(192, 320, generator=gen) * 0.05).cuda()
@@ -329,8 +332,7 @@ def _train_gpt(backend: str, steps: int = 40) -> list[float]:
     from fp8lab import GPT
 
     torch.manual_seed(5)
-    model = GPT.from_preset("tiny", backend=backend, scaling=DelayedScaling(amax_history_len=16),
-                            block_size=64).cuda()
+    model = GPT.from_preset("tiny", backend=backend, scaling=DelayedScaling(amax_history_len=16), block_size=64).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     gen = torch.Generator().manual_seed(6)
     data = torch.randint(0, 64, (steps, 8, 65), generator=gen)  # a small vocabulary: learnable
@@ -369,10 +371,18 @@ def test_a_training_step_between_log_steps_never_syncs_with_the_host(tmp_path, b
     from fp8lab.run.runner import Runner
 
     quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.py"
-    config = apply_overrides(load_recipe(quickstart), [
-        "train.steps=4", "train.batch_size=4", "train.block_size=32", "train.eval_batches=1",
-        "train.log_interval=4", "train.device=cuda", f"variants.fp8.backend={backend}",
-    ])
+    config = apply_overrides(
+        load_recipe(quickstart),
+        [
+            "train.steps=4",
+            "train.batch_size=4",
+            "train.block_size=32",
+            "train.eval_batches=1",
+            "train.log_interval=4",
+            "train.device=cuda",
+            f"variants.fp8.backend={backend}",
+        ],
+    )
     runner = Runner(config, tmp_path, progress=False)
     run = runner.variants[1]
     assert all(layer.plan().backend == backend for _, layer in run.collector.layers)

@@ -119,7 +119,10 @@ def test_bf16_backend_is_the_bf16_hardware_model(path):
     ref = hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, b, torch.bfloat16)
     assert equal_fraction(out, ref) >= BF16_EQUAL
     out32 = backend.gemm(backend.round(x), backend.round(w).t(), None, None, torch.float32, bias)
-    assert fp32_error(out32, hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, bias, torch.float32)) <= FP32_REL
+    assert (
+        fp32_error(out32, hw_reference(x.bfloat16().double(), w.bfloat16().double().T, None, bias, torch.float32))
+        <= FP32_REL
+    )
 
 
 def test_this_machine_picks_an_exact_path_and_says_which():
@@ -140,8 +143,9 @@ def _any_scales():
 
 
 @pytest.mark.parametrize("tokens", [5, 21, 32])
-@pytest.mark.parametrize("scales, exact", [(_power_of_two_scales(), True), (_any_scales(), False)],
-                         ids=["pow2-scales", "any-scales"])
+@pytest.mark.parametrize(
+    "scales, exact", [(_power_of_two_scales(), True), (_any_scales(), False)], ids=["pow2-scales", "any-scales"]
+)
 def test_scaled_mm_backend_on_cpu_equals_the_emulation(tokens, scales, exact):
     """The real scaled_mm backend, run by torch's CPU kernel (dequantize, then an fp32
     GEMM; oneDNN pinned off, as hosts with AMX would take a oneDNN path): fprop, dgrad and

@@ -13,11 +13,22 @@ from fp8lab.run.info import auto_choices, collect_info, format_info
 
 def test_collect_info_has_every_key_and_is_json():
     info = collect_info()
-    assert set(info) == {"fp8lab", "torch", "cuda", "cuda_available", "transformer_engine", "probe_dims", "devices",
-                         "accumulation"}
+    assert set(info) == {
+        "fp8lab",
+        "torch",
+        "cuda",
+        "cuda_available",
+        "transformer_engine",
+        "probe_dims",
+        "devices",
+        "accumulation",
+    }
     assert info["accumulation"]["path"] in ("c-avx512", "c-avx2", "c-generic", "torch")
     assert set(info["accumulation"]["te"]) == {"delayed", "current", "block", "mxfp8"}
-    assert info["accumulation"]["te"]["block"] == "fprop and dgrad and wgrad promoted every 4 instructions (13-bit, 32 per instruction)"
+    assert (
+        info["accumulation"]["te"]["block"]
+        == "fprop and dgrad and wgrad promoted every 4 instructions (13-bit, 32 per instruction)"
+    )
     assert info["accumulation"]["te"]["mxfp8"] == "fprop and dgrad and wgrad fp32"
     assert info["torch"] == torch.__version__ and info["cuda"] == torch.version.cuda
     assert set(info["transformer_engine"]) == {"version", "importable", "why_not"}
@@ -57,11 +68,26 @@ def test_format_of_a_hopper_with_te_and_an_ampere():
         "cuda_available": True,
         "transformer_engine": {"version": "2.20.2", "importable": True, "why_not": ""},
         "probe_dims": [4096, 4096],
-        "accumulation": {"path": "c-avx2", "reason": "FP8 accumulator model: C kernel",
-                         "te": {"delayed": "fprop fast, dgrad and wgrad promoted"}},
+        "accumulation": {
+            "path": "c-avx2",
+            "reason": "FP8 accumulator model: C kernel",
+            "te": {"delayed": "fprop fast, dgrad and wgrad promoted"},
+        },
         "devices": [
-            {"device": "cuda:0", "name": h100.name, "capability": [9, 0], "fp8_tensor_cores": True, "auto": auto_choices(h100, te)},
-            {"device": "cuda:1", "name": a100.name, "capability": [8, 0], "fp8_tensor_cores": False, "auto": auto_choices(a100, te)},
+            {
+                "device": "cuda:0",
+                "name": h100.name,
+                "capability": [9, 0],
+                "fp8_tensor_cores": True,
+                "auto": auto_choices(h100, te),
+            },
+            {
+                "device": "cuda:1",
+                "name": a100.name,
+                "capability": [8, 0],
+                "fp8_tensor_cores": False,
+                "auto": auto_choices(a100, te),
+            },
         ],
     }
     lines = format_info(info).splitlines()
@@ -70,14 +96,25 @@ def test_format_of_a_hopper_with_te_and_an_ampere():
     assert lines[3].endswith("-> te: Transformer Engine 2.20.2 on NVIDIA H100 80GB HBM3 (sm_90)")
     assert lines[5] == "cuda:1: NVIDIA A100-SXM4-80GB (sm_80, FP8 tensor cores: no)"
     assert lines[6].endswith("-> bf16: NVIDIA A100-SXM4-80GB (sm_80) has no FP8 tensor cores")
-    assert lines[7].endswith("-> emulated: NVIDIA A100-SXM4-80GB (sm_80) has no FP8 tensor cores; FP8 emulated in software")
-    assert lines[8:] == ["FP8 accumulator model: C kernel; accumulation='te' (the default) per scaling:",
-                         "  delayed: fprop fast, dgrad and wgrad promoted"]
+    assert lines[7].endswith(
+        "-> emulated: NVIDIA A100-SXM4-80GB (sm_80) has no FP8 tensor cores; FP8 emulated in software"
+    )
+    assert lines[8:] == [
+        "FP8 accumulator model: C kernel; accumulation='te' (the default) per scaling:",
+        "  delayed: fprop fast, dgrad and wgrad promoted",
+    ]
 
 
 def test_broken_te_install_is_reported_with_its_error():
     info = collect_info(import_te=False)
-    info["transformer_engine"] = {"version": "2.20.2", "importable": False, "why_not": "import transformer_engine.pytorch failed: OSError: libcudnn.so.9"}
+    info["transformer_engine"] = {
+        "version": "2.20.2",
+        "importable": False,
+        "why_not": "import transformer_engine.pytorch failed: OSError: libcudnn.so.9",
+    }
     text = format_info(info)
-    assert "Transformer Engine 2.20.2: installed but unusable (import transformer_engine.pytorch failed: OSError: libcudnn.so.9)" in text
+    assert (
+        "Transformer Engine 2.20.2: installed but unusable (import transformer_engine.pytorch failed: OSError: libcudnn.so.9)"
+        in text
+    )
     assert "use backend='scaled_mm'" in text

@@ -124,7 +124,9 @@ def test_layernorm_linear_matches_float64(normalization):
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_layernorm_mlp_matches_float64(normalization, activation):
     torch.manual_seed(0)
-    layer = LayerNormMLP(C, FFN, normalization=normalization, activation=activation, fp8=FP8Options(fallback="emulated"))
+    layer = LayerNormMLP(
+        C, FFN, normalization=normalization, activation=activation, fp8=FP8Options(fallback="emulated")
+    )
     assert layer.fc1.out_features == (2 * FFN if activation == "swiglu" else FFN)
     check_against_reference(layer, lambda x, p: ref_mlp(x, p, normalization, activation))
 
@@ -133,7 +135,9 @@ def test_layernorm_mlp_matches_float64(normalization, activation):
 @pytest.mark.parametrize("attn_mask_type", ["causal", "no_mask"])
 def test_multihead_attention_matches_float64(attn_mask_type, normalization):
     torch.manual_seed(0)
-    layer = MultiheadAttention(C, HEADS, attn_mask_type=attn_mask_type, normalization=normalization, fp8=FP8Options(fallback="emulated"))
+    layer = MultiheadAttention(
+        C, HEADS, attn_mask_type=attn_mask_type, normalization=normalization, fp8=FP8Options(fallback="emulated")
+    )
     causal = attn_mask_type == "causal"
     check_against_reference(layer, lambda x, p: ref_attention(x, p, causal, normalization))
 
@@ -141,14 +145,18 @@ def test_multihead_attention_matches_float64(attn_mask_type, normalization):
 @pytest.mark.parametrize("normalization,activation", [("LayerNorm", "gelu"), ("RMSNorm", "swiglu")])
 def test_transformer_block_matches_float64(normalization, activation):
     torch.manual_seed(0)
-    layer = TransformerBlock(C, FFN, HEADS, normalization=normalization, activation=activation, fp8=FP8Options(fallback="emulated"))
+    layer = TransformerBlock(
+        C, FFN, HEADS, normalization=normalization, activation=activation, fp8=FP8Options(fallback="emulated")
+    )
     check_against_reference(layer, lambda x, p: ref_block(x, p, normalization, activation))
 
 
 @pytest.mark.parametrize("attn_mask_type", ["causal", "no_mask"])
 def test_future_token_changes_no_earlier_output_under_causal_mask(attn_mask_type):
     torch.manual_seed(0)
-    layer = MultiheadAttention(C, HEADS, attn_mask_type=attn_mask_type, normalization="LayerNorm", fp8=FP8Options(fallback="emulated"))
+    layer = MultiheadAttention(
+        C, HEADS, attn_mask_type=attn_mask_type, normalization="LayerNorm", fp8=FP8Options(fallback="emulated")
+    )
     x = torch.randn(B, T, C)
     fp8_step(layer, x, torch.randn(B, T, C))
     fp8lab.update_scales(layer)
@@ -184,7 +192,7 @@ def test_bad_arguments_name_the_field(build, field):
 
 
 def test_attention_core_where_it_computes():
-    """"auto" on CPU: float32 math on the bf16 q, k, v (autocast kept out), rounded once;
+    """ "auto" on CPU: float32 math on the bf16 q, k, v (autocast kept out), rounded once;
     "native": SDPA in bf16. They differ, and fp32 is the closer to a float64 reference."""
     from fp8lab.layers.attention import attention
 

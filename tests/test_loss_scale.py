@@ -23,8 +23,13 @@ def test_scale_follows_torch_grad_scaler_exactly():
     fp8lab scaler give the same scale after every step (growth_interval 3, so both growth
     and backoff happen), and the same skipped steps."""
     config = LossScaleConfig(init=2.0**10, growth_interval=3)
-    torch_scaler = torch.amp.GradScaler("cpu", init_scale=config.init, growth_factor=config.growth_factor,
-                                        backoff_factor=config.backoff_factor, growth_interval=config.growth_interval)
+    torch_scaler = torch.amp.GradScaler(
+        "cpu",
+        init_scale=config.init,
+        growth_factor=config.growth_factor,
+        backoff_factor=config.backoff_factor,
+        growth_interval=config.growth_interval,
+    )
     ours = DynamicLossScaler(config, torch.device("cpu"))
     torch_scales, our_scales = [], []
     for step in range(12):

@@ -14,7 +14,9 @@ from fp8lab.run.cli import main
 from tests.test_run import QUICKSTART, SHORT, _HostReads, _scalars, _sets
 
 PREFIXES = ("scaling/", "accuracy/", "faults/")
-LAYER = re.compile(r"^(scaling|accuracy|amax_history|faults/nonfinite_amax)/(.+?)/((input|weight|grad_output)(/\w+)?|\w+_sqnr_db|weight_rel_diff)$")
+LAYER = re.compile(
+    r"^(scaling|accuracy|amax_history|faults/nonfinite_amax)/(.+?)/((input|weight|grad_output)(/\w+)?|\w+_sqnr_db|weight_rel_diff)$"
+)
 
 
 def _tags(acc) -> set[str]:
@@ -124,21 +126,33 @@ def test_hf_trainer_callback_writes_the_recipe_tags(tmp_path, recipe_fp8, one_th
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     model = fp8lab.convert(transformers.GPT2LMHeadModel(config), fp8=FP8Options(fallback="emulated"))
     monitor = fp8lab.Monitor(model, tmp_path / "tb" / "fp8", log_interval=2, histogram_interval=4)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (8, 32))]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2,
-                                          learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
-                                          logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[monitor.hf_callback()])
     trainer.train()
     acc = _scalars(tmp_path / "tb" / "fp8")
     expected = {t for t in _shapes(_tags(recipe_fp8)) if not t.endswith("weight_rel_diff")}  # no BF16 twin here
     assert _shapes(_tags(acc)) == expected
     layers = {LAYER.match(t)[2] for t in _tags(acc) if t.startswith("scaling/")}
-    assert layers == {f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert layers == {
+        f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert [e.step for e in acc.Scalars("accuracy/transformer.h.0.mlp.c_fc/fprop_sqnr_db")] == [2, 4]
     assert (tmp_path / "tb" / "fp8" / "scaling.png").exists()
 
@@ -161,9 +175,16 @@ def test_lightning_callback_writes_the_recipe_tags(tmp_path, one_thread):
     module = Module()
     monitor = fp8lab.Monitor(module.model, tmp_path / "fp8", log_interval=2, histogram_interval=4)
     loader = torch.utils.data.DataLoader([tuple(t[0] for t in _batch(i)) for i in range(8)], batch_size=2)
-    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[monitor.lightning_callback()])
+    trainer = pl.Trainer(
+        max_steps=4,
+        accumulate_grad_batches=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor.lightning_callback()],
+    )
     trainer.fit(module, loader)
     acc = _scalars(tmp_path / "fp8")
     assert [e.step for e in acc.Scalars("scaling/blocks.0.mlp.fc1/input/scale")] == [2, 4]

@@ -26,8 +26,11 @@ def test_defaults_are_te_scaling_auto_backend_bf16_fallback():
     [
         (dict(backend="fp8"), r"^backend must be one of \('auto', 'te', 'scaled_mm', 'emulated', 'bf16'\), got 'fp8'"),
         (dict(fallback="fp32"), r"^fallback must be one of \('bf16', 'emulated'\), got 'fp32'"),
-        (dict(scaling={"margin": 1}), r"^scaling must be one of the scaling types \('DelayedScaling', "
-         r"'Float8CurrentScaling', 'Float8BlockScaling', 'MXFP8BlockScaling'\)"),
+        (
+            dict(scaling={"margin": 1}),
+            r"^scaling must be one of the scaling types \('DelayedScaling', "
+            r"'Float8CurrentScaling', 'Float8BlockScaling', 'MXFP8BlockScaling'\)",
+        ),
     ],
 )
 def test_a_bad_field_is_named_with_the_allowed_values(kwargs, message):
@@ -57,7 +60,9 @@ def test_from_preset_folds_shorthands_into_fp8():
     config = GPTConfig.from_preset("tiny", scaling=scaling, backend="bf16")
     assert config.fp8 == FP8Options(scaling=scaling, backend="bf16")
     base = FP8Options(fallback="emulated")
-    assert GPTConfig.from_preset("tiny", fp8=base, backend="emulated").fp8 == dataclasses.replace(base, backend="emulated")
+    assert GPTConfig.from_preset("tiny", fp8=base, backend="emulated").fp8 == dataclasses.replace(
+        base, backend="emulated"
+    )
     assert GPTConfig.from_preset("tiny").fp8 == FP8Options()
     model = fp8lab.GPT.from_preset("tiny", num_layers=1, backend="emulated")
     assert all(m.fp8 is model.config.fp8 for m in model.modules() if isinstance(m, fp8lab.Linear))

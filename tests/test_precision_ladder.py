@@ -47,8 +47,9 @@ EXPECTED = {
 
 def tiny_config(*variants: Variant, **train) -> RunConfig:
     fields = dict(steps=3, batch_size=2, block_size=16, log_interval=1, eval_interval=3, eval_batches=1, warmup_steps=1)
-    return RunConfig(name="ladder_test", model=ModelConfig(num_layers=1), train=TrainConfig(**{**fields, **train}),
-                     variants=variants)
+    return RunConfig(
+        name="ladder_test", model=ModelConfig(num_layers=1), train=TrainConfig(**{**fields, **train}), variants=variants
+    )
 
 
 def exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -78,6 +79,7 @@ def _one_step(variant: Variant, monkeypatch):
             out = real(a, b, inv_scale, out_dtype, bias, path=path)
             calls.append((kind, a.detach().clone(), b.detach().clone(), out_dtype, out.dtype))
             return out
+
         monkeypatch.setattr(module, "scaled_gemm", record)
 
     recorder(rounded, "rounded")
@@ -87,13 +89,20 @@ def _one_step(variant: Variant, monkeypatch):
         out = real_fp8(self, a, b, a_inv, b_inv, out_dtype, bias, **kwargs)
         calls.append(("fp8", a.detach().clone(), b.detach().clone(), out_dtype, out.dtype))
         return out
+
     monkeypatch.setattr(emulated.EmulatedBackend, "gemm", record_fp8)
     outputs, attention_inputs = [], []
-    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
-             for m in run.model.modules() if isinstance(m, fp8lab.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
+        for m in run.model.modules()
+        if isinstance(m, fp8lab.Linear)
+    ]
     real_attention = fp8lab.layers.attention.attention
-    monkeypatch.setattr(fp8lab.layers.attention, "attention",
-                        lambda q, k, v, **kw: (attention_inputs.append(q.dtype), real_attention(q, k, v, **kw))[1])
+    monkeypatch.setattr(
+        fp8lab.layers.attention,
+        "attention",
+        lambda q, k, v, **kw: (attention_inputs.append(q.dtype), real_attention(q, k, v, **kw))[1],
+    )
     x = torch.randint(0, 256, (2, 16))
     run.train_step(x, torch.roll(x, 1, 1), 1e-3, log=False)
     for hook in hooks:
@@ -122,11 +131,16 @@ def test_every_gemm_of_a_rung_runs_in_its_precision(name, monkeypatch):
     assert outputs and set(outputs) == {out_dtype}
     assert set(attention_inputs) == {out_dtype}
     assert {p.dtype for p in run.model.parameters()} == {param_dtype}
-    assert {p.dtype for p in run.model.parameters()} == {t.dtype for s in run.optimizer.state.values()
-                                                         for k, t in s.items() if k != "step"}
+    assert {p.dtype for p in run.model.parameters()} == {
+        t.dtype for s in run.optimizer.state.values() for k, t in s.items() if k != "step"
+    }
     rows = {r.name: r for r in fp8lab.describe(run.model)}
     head = rows["lm_head"]
-    assert head.precision == head.backend == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[operand_dtype]
+    assert (
+        head.precision
+        == head.backend
+        == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[operand_dtype]
+    )
 
 
 def test_the_rungs_train_differently_on_the_same_batches(tmp_path):
@@ -143,8 +157,15 @@ def test_the_rungs_train_differently_on_the_same_batches(tmp_path):
 
 
 def test_ladder_recipe_runs_and_reports_every_rung(tmp_path, capsys):
-    sets = ["train.steps=2", "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
-            "train.batch_size=2", "train.block_size=16", "model.num_layers=1"]
+    sets = [
+        "train.steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=2",
+        "train.eval_batches=1",
+        "train.batch_size=2",
+        "train.block_size=16",
+        "model.num_layers=1",
+    ]
     assert main(["run", LADDER, "--out", str(tmp_path), *(a for s in sets for a in ("--set", s))]) == 0
     captured = capsys.readouterr()
     out = captured.out + captured.err
@@ -169,5 +190,10 @@ def test_ladder_recipe_runs_and_reports_every_rung(tmp_path, capsys):
     acc = EventAccumulator(str(run_dir / "fp16"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"precision/loss_scale", "faults/skipped_steps", "perf/mem_params_bytes",
-            "perf/mem_activations_saved_bytes", "precision/fp16_flush_pct/blocks.0.mlp.fc1"} <= tags
+    assert {
+        "precision/loss_scale",
+        "faults/skipped_steps",
+        "perf/mem_params_bytes",
+        "perf/mem_activations_saved_bytes",
+        "precision/fp16_flush_pct/blocks.0.mlp.fc1",
+    } <= tags

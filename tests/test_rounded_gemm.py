@@ -58,8 +58,10 @@ def test_fp16_and_fp32_hold_operands_in_fp32_and_say_so():
 
 
 def test_kept_layers_run_in_the_policy_precision():
-    model = torch.nn.Sequential(fp8lab.Linear(32, 32, fp8=FP8Options(fallback="emulated")),
-                                fp8lab.Linear(32, 16, fp8=FP8Options(fallback="emulated")))
+    model = torch.nn.Sequential(
+        fp8lab.Linear(32, 32, fp8=FP8Options(fallback="emulated")),
+        fp8lab.Linear(32, 16, fp8=FP8Options(fallback="emulated")),
+    )
     fp8lab.PrecisionPolicy(keep_bf16=("1",), precision="fp16").apply(model)
     rows = fp8lab.describe(model)
     assert (rows[0].precision, rows[1].precision, rows[1].backend) == ("fp8", "fp16", "fp16")

@@ -19,8 +19,15 @@ from tests.helpers import CPU_PATH_NAMES, assert_bad_override_exits_2, force_gem
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
-SHORT = ["train.steps=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
-         "train.batch_size=4", "train.block_size=32", "model.num_layers=2"]
+SHORT = [
+    "train.steps=4",
+    "train.log_interval=2",
+    "train.eval_interval=4",
+    "train.eval_batches=1",
+    "train.batch_size=4",
+    "train.block_size=32",
+    "model.num_layers=2",
+]
 
 
 def _sets(pairs):
@@ -105,7 +112,10 @@ BAD_OVERRIDES = [
     ("fp8.fp8_format=e5m2", "fp8_format must be one of"),
     ("variants.fp9.fallback=bf16", "unknown variant 'fp9'"),
     ("variants.fp8.fallback=cpu", "variants.fp8.fallback must be one of ('bf16', 'emulated')"),
-    ("variants.fp8.backend=emulted", "variants.fp8.backend must be one of ('auto', 'te', 'scaled_mm', 'emulated', 'bf16')"),
+    (
+        "variants.fp8.backend=emulted",
+        "variants.fp8.backend must be one of ('auto', 'te', 'scaled_mm', 'emulated', 'bf16')",
+    ),
     ("model.preset=huge", "model.preset must be one of"),
     ("train.steps", "must look like section.key=value"),
     ("data.source=text:/no/such/file.txt", "no such file"),

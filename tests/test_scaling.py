@@ -111,10 +111,7 @@ def t32(values) -> torch.Tensor:
 
 def random_history(rng: random.Random, h: int, cols: int = 3) -> list[list[float]]:
     """Positive float32 amaxes spread over 2^-20 .. 2^20, some exact zeros."""
-    return [
-        [0.0 if rng.random() < 0.1 else f32(2.0 ** rng.uniform(-20, 20)) for _ in range(cols)]
-        for _ in range(h)
-    ]
+    return [[0.0 if rng.random() < 0.1 else f32(2.0 ** rng.uniform(-20, 20)) for _ in range(cols)] for _ in range(h)]
 
 
 # ----------------------------------------------------------------------------- reference self-check
@@ -266,9 +263,7 @@ def _history_with_special(rng: random.Random, h: int, algo: str, special: str, c
 @pytest.mark.parametrize("fp8_format", ("hybrid", "e4m3"))
 @pytest.mark.parametrize("special", SPECIALS)
 def test_update_scales_on_linear_matches_reference(h, algo, margin, fp8_format, special):
-    scaling = DelayedScaling(
-        fp8_format=fp8_format, amax_history_len=h, amax_compute_algo=algo, margin=margin
-    )
+    scaling = DelayedScaling(fp8_format=fp8_format, amax_history_len=h, amax_compute_algo=algo, margin=margin)
     layer = fp8lab.Linear(16, 16, fp8=FP8Options(scaling=scaling, fallback="emulated"))
     layer(torch.randn(2, 16))  # a real training forward: the layer has run this step
     state = layer.fp8_state
@@ -321,7 +316,11 @@ def test_delayed_scaling_rejects_bad_field(field, value):
 def test_delayed_scaling_defaults_equal_transformer_engines():
     r = DelayedScaling()
     assert (r.fp8_format, r.amax_history_len, r.amax_compute_algo, r.margin, r.reduce_amax) == (
-        "hybrid", 1024, "max", 0, True,
+        "hybrid",
+        1024,
+        "max",
+        0,
+        True,
     )
     assert r.fp8_max == (E4M3_MAX, E4M3_MAX, E5M2_MAX)
     assert DelayedScaling(fp8_format="e4m3").fp8_max == (E4M3_MAX,) * 3

@@ -80,6 +80,7 @@ def _ref_block_scaling(fmt: str, input_max: float):
     def scale_of(amax):
         s = ref.scale_from_amax(amax, fp8_max, pow2=True, value_for_inf=input_max)
         return s, 1.0 / s
+
     return scale_of
 
 
@@ -89,6 +90,7 @@ def _ref_mxfp8(fmt: str):
     def scale_of(amax):
         e = ref.e8m0(ref.f32(ref.f32(amax) * rcp))
         return 2.0 ** (127 - e), 2.0 ** (e - 127)
+
     return scale_of
 
 
@@ -99,17 +101,24 @@ def _operand(x, role, usage, scaling):
 
 
 @pytest.mark.parametrize("shape", [(131, 200), (64, 128)], ids=["ragged", "whole-blocks"])
-@pytest.mark.parametrize("role, usage, block", [
-    (Role.INPUT, ROWWISE, (1, 128)), (Role.INPUT, COLUMNWISE, (128, 1)),
-    (Role.WEIGHT, ROWWISE, (128, 128)), (Role.GRAD_OUTPUT, COLUMNWISE, (128, 1)),
-])
+@pytest.mark.parametrize(
+    "role, usage, block",
+    [
+        (Role.INPUT, ROWWISE, (1, 128)),
+        (Role.INPUT, COLUMNWISE, (128, 1)),
+        (Role.WEIGHT, ROWWISE, (128, 128)),
+        (Role.GRAD_OUTPUT, COLUMNWISE, (128, 1)),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_scaling_quantizes_as_te(shape, role, usage, block, dtype):
     scaling = Float8BlockScaling(fp8_format="hybrid")
     x = _awkward(shape, 1).to(dtype)
     fmt = scaling.format_for(role).name
     assert scaling.block(role, usage) == block
-    expected = ref.quantize_blocks(x.float().numpy(), block, fmt, _ref_block_scaling(fmt, float(torch.finfo(dtype).max)))
+    expected = ref.quantize_blocks(
+        x.float().numpy(), block, fmt, _ref_block_scaling(fmt, float(torch.finfo(dtype).max))
+    )
     got = _operand(x, role, usage, scaling)
     assert got.dtype == torch.float32
     assert torch.equal(got.isnan(), torch.from_numpy(np.isnan(expected)))
@@ -117,10 +126,15 @@ def test_block_scaling_quantizes_as_te(shape, role, usage, block, dtype):
 
 
 @pytest.mark.parametrize("shape", [(70, 100), (32, 64)], ids=["ragged", "whole-blocks"])
-@pytest.mark.parametrize("role, usage, two_d, block", [
-    (Role.INPUT, ROWWISE, False, (1, 32)), (Role.GRAD_OUTPUT, COLUMNWISE, False, (32, 1)),
-    (Role.WEIGHT, COLUMNWISE, False, (32, 1)), (Role.WEIGHT, ROWWISE, True, (32, 32)),
-])
+@pytest.mark.parametrize(
+    "role, usage, two_d, block",
+    [
+        (Role.INPUT, ROWWISE, False, (1, 32)),
+        (Role.GRAD_OUTPUT, COLUMNWISE, False, (32, 1)),
+        (Role.WEIGHT, COLUMNWISE, False, (32, 1)),
+        (Role.WEIGHT, ROWWISE, True, (32, 32)),
+    ],
+)
 def test_mxfp8_quantizes_as_te(shape, role, usage, two_d, block):
     scaling = MXFP8BlockScaling(fp8_format="hybrid", enable_2d_quantization=two_d)
     x = _awkward(shape, 2)
@@ -154,14 +168,19 @@ def test_current_scaling_uses_the_tensors_own_amax_now():
     amax = x.abs().nan_to_num(0.0).max()
     assert op.inv_scale.item() == (torch.tensor(448.0) / amax).reciprocal().item()
     assert slot.faults.tolist() == [1.0, 0.0, 0.0]
-    pow2 = Float8CurrentScaling(use_power_2_scales=True).operand(x, Role.INPUT, ROWWISE, state=None, backend=FP32,
-                                                                 record=False, slot=None)
+    pow2 = Float8CurrentScaling(use_power_2_scales=True).operand(
+        x, Role.INPUT, ROWWISE, state=None, backend=FP32, record=False, slot=None
+    )
     assert math.log2(pow2.inv_scale.item()).is_integer()
 
 
 def test_scaling_settings_are_validated():
-    for bad in (dict(fp8_format="e5m2"), dict(x_block_scaling_dim=3), dict(amax_epsilon=-1.0),
-                dict(x_block_scaling_dim=2, w_block_scaling_dim=2)):
+    for bad in (
+        dict(fp8_format="e5m2"),
+        dict(x_block_scaling_dim=3),
+        dict(amax_epsilon=-1.0),
+        dict(x_block_scaling_dim=2, w_block_scaling_dim=2),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
             Float8BlockScaling(**bad)
     with pytest.raises(ValueError, match="use_power_2_scales"):
@@ -173,8 +192,12 @@ def test_scaling_settings_are_validated():
 
 
 # ----------------------------------------------------------------------------- layers
-SCALINGS = [Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling(),
-            Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1)]
+SCALINGS = [
+    Float8CurrentScaling(),
+    Float8BlockScaling(),
+    MXFP8BlockScaling(),
+    Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1),
+]
 IDS = ["current", "block", "mxfp8", "block-2d-x"]
 
 
@@ -189,7 +212,11 @@ def _reference_operand(t: torch.Tensor, role: Role, usage: str, scaling) -> torc
         q = np.vectorize(lambda v: ref.fp8_value(ref.f32(np.float32(v) * np.float32(s)), fp8_max, mbits, min_exp))(arr)
         return torch.from_numpy(q.astype(np.float64)), torch.tensor(ref.f32(1.0 / s))
     block = scaling.block(role, usage)
-    scale_of = _ref_mxfp8(fmt) if isinstance(scaling, MXFP8BlockScaling) else _ref_block_scaling(fmt, float(torch.finfo(t.dtype).max))
+    scale_of = (
+        _ref_mxfp8(fmt)
+        if isinstance(scaling, MXFP8BlockScaling)
+        else _ref_block_scaling(fmt, float(torch.finfo(t.dtype).max))
+    )
     return torch.from_numpy(ref.quantize_blocks(arr, block, fmt, scale_of)), None
 
 
@@ -241,9 +268,15 @@ def test_linear_fprop_dgrad_wgrad_are_the_hardware_model(scaling, monkeypatch):
 
 # Bounds (dB against float64, seeded Gaussian data): measured current 28.5 / block 29.0 / mxfp8
 # 28.9 for the output; gradients ~1-3 dB lower with E5M2 (hybrid) or E4M3 gradients.
-@pytest.mark.parametrize("scaling, out_db, grad_db", [
-    (Float8CurrentScaling(), 25.0, 20.0), (Float8BlockScaling(), 25.0, 22.0), (MXFP8BlockScaling(), 25.0, 22.0),
-], ids=["current", "block", "mxfp8"])
+@pytest.mark.parametrize(
+    "scaling, out_db, grad_db",
+    [
+        (Float8CurrentScaling(), 25.0, 20.0),
+        (Float8BlockScaling(), 25.0, 22.0),
+        (MXFP8BlockScaling(), 25.0, 22.0),
+    ],
+    ids=["current", "block", "mxfp8"],
+)
 def test_linear_sqnr_against_float64(scaling, out_db, grad_db):
     torch.manual_seed(4)
     layer = fp8lab.Linear(512, 256, fp8=FP8Options(scaling=scaling, fallback="emulated"))
@@ -269,10 +302,12 @@ def test_mxfp8_beats_per_tensor_scaling_on_a_tensor_with_an_outlier():
     block = _operand(x, Role.INPUT, ROWWISE, Float8BlockScaling())
     x_other = x.clone()
     x_other[17] = 0.0  # the SQNR of everything but the outlier's row
+
     def quality(q):
         q = q.clone()
         q[17] = 0.0
         return sqnr_db(x_other, q)
+
     assert quality(mx) > quality(per_tensor) + 20.0
     assert quality(block) > quality(per_tensor) + 20.0
 
@@ -297,4 +332,6 @@ def test_block_amax_and_cast_of_a_transposed_view_equal_those_of_its_contiguous_
     scale, scale_inv = scaling.block_scales(amax, E4M3, dtype)
     got = cast_blocks_dequantized(view, block, scale, scale_inv, E4M3)
     want = cast_blocks_dequantized(view.contiguous(), block, scale.contiguous(), scale_inv.contiguous(), E4M3)
-    assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)) and torch.isnan(got).sum() == torch.isnan(want).sum()
+    assert (
+        torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)) and torch.isnan(got).sum() == torch.isnan(want).sum()
+    )

@@ -18,7 +18,9 @@ H = 16
 def _trained_layer(seed: int, history_len: int = H) -> fp8lab.Linear:
     """A layer with non-trivial weights, history and scales after a few steps."""
     torch.manual_seed(seed)
-    layer = fp8lab.Linear(32, 16, fp8=FP8Options(scaling=DelayedScaling(amax_history_len=history_len), fallback="emulated"))
+    layer = fp8lab.Linear(
+        32, 16, fp8=FP8Options(scaling=DelayedScaling(amax_history_len=history_len), fallback="emulated")
+    )
     for step in range(3):
         x = torch.randn(4, 32) * (step + 1)
         layer(x).square().sum().backward()
@@ -38,7 +40,9 @@ def test_state_dict_keys():
 def test_round_trip_is_bit_exact_with_weights_only_load():
     src = _trained_layer(seed=0)
     torch.manual_seed(1)
-    dst = fp8lab.Linear(32, 16, fp8=FP8Options(scaling=DelayedScaling(amax_history_len=H), fallback="emulated"))  # fresh
+    dst = fp8lab.Linear(
+        32, 16, fp8=FP8Options(scaling=DelayedScaling(amax_history_len=H), fallback="emulated")
+    )  # fresh
     src_sd = src.state_dict()
     for key, value in dst.state_dict().items():
         assert not torch.equal(value, src_sd[key]), f"{key} already equal before loading"
@@ -67,7 +71,9 @@ def test_loading_without_scaling_state_raises_even_when_not_strict():
     no_scale = dict(src.state_dict())
     del no_scale["fp8_state.scale"]
     with pytest.raises(KeyError, match="fp8_state.scale"):
-        fp8lab.Linear(32, 16, fp8=FP8Options(scaling=DelayedScaling(amax_history_len=H))).load_state_dict(no_scale, strict=False)
+        fp8lab.Linear(32, 16, fp8=FP8Options(scaling=DelayedScaling(amax_history_len=H))).load_state_dict(
+            no_scale, strict=False
+        )
 
 
 def test_nested_prefix_is_named_in_the_error():

@@ -20,7 +20,13 @@ from fp8lab.gemm.backends.select import BackendUnavailable
 from fp8lab.gemm.backends.te import sync_from_te, sync_te_scaling, te_recipe
 from fp8lab.gemm.backends.te_mapping import copy_into_te_meta_, te_meta_to_fp8lab
 
-TE_DEFAULTS = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max", "margin": 0, "reduce_amax": True}
+TE_DEFAULTS = {
+    "fp8_format": "HYBRID",
+    "amax_history_len": 1024,
+    "amax_compute_algo": "max",
+    "margin": 0,
+    "reduce_amax": True,
+}
 # numerics fields fp8lab pins to TE's defaults explicitly, so no NVTE_* variable changes them
 PINNED = {"fp8_dpa": False, "fp8_mha": False, "backward_override": None}
 TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
@@ -28,12 +34,19 @@ TE_IMPORTABLE = importlib.util.find_spec("transformer_engine") is not None
 
 def test_default_scaling_maps_to_te_defaults():
     spec = DelayedScaling().te_recipe()
-    assert spec == {"recipe": "DelayedScaling", "kwargs": {**TE_DEFAULTS, "scaling_factor_compute_algo": None, **PINNED},
-                    "mmparams": None, "qparams": None}
+    assert spec == {
+        "recipe": "DelayedScaling",
+        "kwargs": {**TE_DEFAULTS, "scaling_factor_compute_algo": None, **PINNED},
+        "mmparams": None,
+        "qparams": None,
+    }
 
 
-@pytest.mark.parametrize("scaling", [DelayedScaling(), Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "scaling",
+    [DelayedScaling(), Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling()],
+    ids=lambda s: type(s).__name__,
+)
 def test_every_fp8lab_field_is_mapped(scaling):
     """A field added to one of fp8lab's scaling recipes without a TE mapping fails here:
     every field is a TE constructor argument or a QParams setting."""
@@ -45,7 +58,9 @@ def test_every_fp8lab_field_is_mapped(scaling):
 
 
 def test_non_default_scaling_maps_field_by_field():
-    scaling = DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False)
+    scaling = DelayedScaling(
+        fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False
+    )
     assert scaling.te_recipe()["kwargs"] == {
         "fp8_format": "E4M3",
         "amax_history_len": 16,
@@ -60,18 +75,31 @@ def test_non_default_scaling_maps_field_by_field():
     assert current["mmparams"] == {"fp8_gemm_fprop": False, "fp8_gemm_dgrad": True, "fp8_gemm_wgrad": True}
     assert current["qparams"] == {"power_2_scale": True, "amax_epsilon": 1e-6}
     block = Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1).te_recipe()
-    assert block["kwargs"] == {"fp8_format": "HYBRID", "x_block_scaling_dim": 2, "w_block_scaling_dim": 1,
-                               "grad_block_scaling_dim": 1, "use_f32_scales": False, **PINNED}
+    assert block["kwargs"] == {
+        "fp8_format": "HYBRID",
+        "x_block_scaling_dim": 2,
+        "w_block_scaling_dim": 1,
+        "grad_block_scaling_dim": 1,
+        "use_f32_scales": False,
+        **PINNED,
+    }
     assert block["qparams"] == {"power_2_scale": True, "amax_epsilon": 0.0}  # fp8lab's block scales are powers of 2
     assert MXFP8BlockScaling(enable_2d_quantization=True).te_recipe()["kwargs"] == {
-        "fp8_format": "E4M3", "margin": 0, "enable_2d_quantization": True, **PINNED}
+        "fp8_format": "E4M3",
+        "margin": 0,
+        "enable_2d_quantization": True,
+        **PINNED,
+    }
 
 
 def _te_shaped_meta(history_len: int) -> dict:
     """Tensors shaped as TE's DelayedScalingRecipeState: fwd [H, 3] / [3], bwd [H, 2] / [2]."""
     fwd_h = torch.arange(history_len * 3, dtype=torch.float32).reshape(history_len, 3) + 1
     bwd_h = -torch.arange(history_len * 2, dtype=torch.float32).reshape(history_len, 2) - 1
-    return {"scaling_fwd": (fwd_h, torch.tensor([10.0, 20.0, 30.0])), "scaling_bwd": (bwd_h, torch.tensor([40.0, 50.0]))}
+    return {
+        "scaling_fwd": (fwd_h, torch.tensor([10.0, 20.0, 30.0])),
+        "scaling_bwd": (bwd_h, torch.tensor([40.0, 50.0])),
+    }
 
 
 def test_te_meta_columns_map_to_input_weight_grad_output():

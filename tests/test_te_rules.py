@@ -176,8 +176,12 @@ def test_scaling_state_stays_float32_whatever_the_model_dtype(convert):
     layer = model.blocks[0].mlp.fc1
     layer.fp8_state.amax_history[1, 0] = 1.0 + 2.0**-20  # not representable in bf16 or fp16
     before = layer.fp8_state.amax_history.clone()
-    model = {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
-             "bfloat16": lambda m: m.bfloat16(), "double": lambda m: m.double()}[convert](model)
+    model = {
+        "to_bf16": lambda m: m.to(torch.bfloat16),
+        "half": lambda m: m.half(),
+        "bfloat16": lambda m: m.bfloat16(),
+        "double": lambda m: m.double(),
+    }[convert](model)
     for state in fp8lab.scaling.update.scaling_states(model):
         for name in ("amax_history", "scale", "fp8_max", "faults", "nonfinite"):
             assert getattr(state, name).dtype == torch.float32, name

@@ -37,7 +37,9 @@ pytest.importorskip("pydantic", reason="TE's recipe module needs pydantic (fp8la
 
 SCALINGS = [
     DelayedScaling(),
-    DelayedScaling(fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False),
+    DelayedScaling(
+        fp8_format="e4m3", amax_history_len=16, amax_compute_algo="most_recent", margin=2, reduce_amax=False
+    ),
     Float8CurrentScaling(),
     Float8CurrentScaling(fp8_format="e4m3", use_power_2_scales=True, amax_epsilon=1e-6),
     Float8BlockScaling(),
@@ -98,14 +100,20 @@ def test_every_scaling_builds_te_recipe_with_every_keyword_kept(te, scaling):
     if spec["qparams"] is not None:
         for attr in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
             q = getattr(built, attr)
-            assert (q.power_2_scale, q.amax_epsilon) == (spec["qparams"]["power_2_scale"], spec["qparams"]["amax_epsilon"])
+            assert (q.power_2_scale, q.amax_epsilon) == (
+                spec["qparams"]["power_2_scale"],
+                spec["qparams"]["amax_epsilon"],
+            )
     # TE's format maxima are fp8lab's, role by role (forward: input and weight; backward: grad)
     fmt = built.fp8_format.value
     assert (fmt.max_fwd, fmt.max_bwd) == (scaling.format_for(0).max, scaling.format_for(2).max)
 
 
-@pytest.mark.parametrize("scaling", [DelayedScaling(), Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "scaling",
+    [DelayedScaling(), Float8CurrentScaling(), Float8BlockScaling(), MXFP8BlockScaling()],
+    ids=lambda s: type(s).__name__,
+)
 def test_fp8lab_defaults_are_te_defaults(te, scaling):
     version, _, recipe = te
     spec = scaling.te_recipe()
@@ -126,8 +134,11 @@ def test_te_since_matches_the_oldest_and_newest_wheels():
     if any(isinstance(r, str) for r in roots.values()):
         pytest.skip(next(r for r in roots.values() if isinstance(r, str)))
     old, new = (te_wheel.recipe_module(roots[v]) for v in VERSIONS)
-    owners = {"use_power_2_scales": "Float8CurrentScaling", "backward_override": "DelayedScaling",
-              "enable_2d_quantization": "MXFP8BlockScaling"}
+    owners = {
+        "use_power_2_scales": "Float8CurrentScaling",
+        "backward_override": "DelayedScaling",
+        "enable_2d_quantization": "MXFP8BlockScaling",
+    }
     for key in TE_SINCE:
         for module, present in ((new, True), (old, _version(TE_SINCE[key]) <= _version(te_wheel.OLDEST))):
             if key in owners:
@@ -138,8 +149,11 @@ def test_te_since_matches_the_oldest_and_newest_wheels():
             assert has == present, (key, module.__name__)
 
 
-ENV = {"NVTE_BACKWARD_OVERRIDE": "high_precision", "NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES": "1",
-       "NVTE_FP8_BLOCK_SCALING_FP32_SCALES": "1"}
+ENV = {
+    "NVTE_BACKWARD_OVERRIDE": "high_precision",
+    "NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES": "1",
+    "NVTE_FP8_BLOCK_SCALING_FP32_SCALES": "1",
+}
 
 
 def _import_with_env(root, monkeypatch):
@@ -181,7 +195,9 @@ def test_nvte_environment_changes_te_defaults_but_not_fp8lab_recipes(monkeypatch
     with pytest.raises(Exception, match="backward_override=None"):
         env.DelayedScaling()  # what a bare TE recipe does under this environment
     for scaling in SCALINGS:
-        assert _state(make_te_recipe(scaling, env, te_wheel.NEWEST)) == _state(make_te_recipe(scaling, clean, te_wheel.NEWEST)), scaling
+        assert _state(make_te_recipe(scaling, env, te_wheel.NEWEST)) == _state(
+            make_te_recipe(scaling, clean, te_wheel.NEWEST)
+        ), scaling
 
 
 def _functions(tree: ast.AST) -> dict[str, list[str]]:
@@ -207,8 +223,13 @@ def _class(tree: ast.AST, name: str) -> ast.ClassDef:
 
 
 def _self_attrs(cls: ast.ClassDef) -> set[str]:
-    return {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets
-            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    return {
+        t.attr
+        for n in ast.walk(cls)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
 
 
 def test_te_internals_fp8lab_reads_exist_in_te_sources(te):

@@ -151,9 +151,7 @@ def test_update_scales_groups_layers_of_different_scalings():
 
 
 def _stale_warnings(records) -> int:
-    return sum(
-        issubclass(r.category, RuntimeWarning) and "update_scales" in str(r.message) for r in records
-    )
+    return sum(issubclass(r.category, RuntimeWarning) and "update_scales" in str(r.message) for r in records)
 
 
 def test_stale_scales_warn_exactly_once():

@@ -33,8 +33,16 @@ from fp8lab.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
-TINY = ["train.steps=2", "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
-        "train.batch_size=2", "train.block_size=16", "model.num_layers=1", "train.checkpoint_interval=1"]
+TINY = [
+    "train.steps=2",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.eval_batches=1",
+    "train.batch_size=2",
+    "train.block_size=16",
+    "model.num_layers=1",
+    "train.checkpoint_interval=1",
+]
 HEADER = "from fp8lab import DelayedScaling\nfrom fp8lab.run.config import *\n"
 NOBODY = 65534
 
@@ -85,6 +93,7 @@ def _sets(ctx: Ctx, *sets: str):
 def _recipe(body: str):
     def setup(ctx: Ctx):
         ctx.argv = ctx.run(recipe=ctx.recipe(body))
+
     return setup
 
 
@@ -93,6 +102,7 @@ def _report(make):
         run_dir = ctx.run_copy()
         make(run_dir)
         ctx.argv, ctx.watched = ["report", str(run_dir)], run_dir
+
     return setup
 
 
@@ -103,13 +113,18 @@ def _damage_events(run_dir: Path) -> None:
 
 # --- setups that need more than a --set ------------------------------------------------
 
+
 def _te_without_te(ctx: Ctx):
     """A Hopper GPU without Transformer Engine, as backend selection sees it."""
     import fp8lab.layers.linear
     from fp8lab.gemm.backends.select import DeviceFacts, TEFacts
 
-    ctx.monkeypatch.setattr(fp8lab.layers.linear, "probe_device", lambda device: DeviceFacts("cuda", (9, 0), "NVIDIA H100"))
-    ctx.monkeypatch.setattr(fp8lab.layers.linear, "probe_te", lambda: TEFacts(None, "transformer_engine is not installed"))
+    ctx.monkeypatch.setattr(
+        fp8lab.layers.linear, "probe_device", lambda device: DeviceFacts("cuda", (9, 0), "NVIDIA H100")
+    )
+    ctx.monkeypatch.setattr(
+        fp8lab.layers.linear, "probe_te", lambda: TEFacts(None, "transformer_engine is not installed")
+    )
     ctx.argv = ctx.run("variants.fp8.backend=te")
 
 
@@ -193,8 +208,13 @@ sys.stdin.readline()
 
 def _second_writer(ctx: Ctx):
     run_dir = ctx.run_copy()
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert holder.stdout.readline().strip() == "locked"
     ctx.cleanups.append(lambda: (holder.stdin.close(), holder.wait(timeout=30)))
     ctx.argv = ctx.run() + ["--resume", str(run_dir)]
@@ -205,9 +225,13 @@ def _second_writer(ctx: Ctx):
 def _mount_tmpfs(ctx: Ctx, size: int) -> Path:
     mount = ctx.base / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): the disk-full case needs one")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): the disk-full case needs one"
+        )
     ctx.data["mount"] = mount
     ctx.cleanups.append(lambda: subprocess.run(["umount", "-l", str(mount)], check=False))  # -l: even if busy
     return mount
@@ -254,6 +278,7 @@ def _report_on_file(ctx: Ctx):
 
 # --- as an unprivileged user -------------------------------------------------------
 
+
 def _out_not_writable(ctx: Ctx):
     out = ctx.base / "readonly"
     out.mkdir()
@@ -289,82 +314,164 @@ def _report_unreadable(ctx: Ctx):
 
 CASES: dict[str, Case] = {
     # --- shapes, names, backends: --set ---
-    "hidden_not_divisible_by_heads": Case(lambda c: _sets(c, "model.hidden_size=130"), 2,
-                                          "model.hidden_size (130) must be divisible by model.num_attention_heads (4)"),
-    "backend_typo": Case(lambda c: _sets(c, "variants.fp8.backend=tee"), 2, "variants.fp8.backend must be one of ('auto', 'te'"),
-    "backend_te_on_cpu": Case(lambda c: _sets(c, "variants.fp8.backend=te"), 2,
-                              "variants.fp8.backend='te' cannot run here: backend='te' needs a CUDA device", needs="no_cuda"),
-    "backend_te_without_transformer_engine": Case(_te_without_te, 2, "needs Transformer Engine: pip install 'fp8lab[te]'"),
-    "backend_scaled_mm_on_cpu": Case(lambda c: _sets(c, "variants.fp8.backend=scaled_mm"), 2,
-                                     "torch._scaled_mm is never run on CPU", needs="no_cuda"),
-    "attention_core_typo": Case(lambda c: _sets(c, "model.attention_core=flash"), 2, "model.attention_core must be one of"),
-    "device_cuda_without_cuda": Case(lambda c: _sets(c, "train.device=cuda"), 2, "no CUDA device is available", needs="no_cuda"),
-    "batch_not_divisible_by_nproc": Case(_nproc_indivisible, 2, "train.batch_size must be divisible by the number of processes (2)"),
+    "hidden_not_divisible_by_heads": Case(
+        lambda c: _sets(c, "model.hidden_size=130"),
+        2,
+        "model.hidden_size (130) must be divisible by model.num_attention_heads (4)",
+    ),
+    "backend_typo": Case(
+        lambda c: _sets(c, "variants.fp8.backend=tee"), 2, "variants.fp8.backend must be one of ('auto', 'te'"
+    ),
+    "backend_te_on_cpu": Case(
+        lambda c: _sets(c, "variants.fp8.backend=te"),
+        2,
+        "variants.fp8.backend='te' cannot run here: backend='te' needs a CUDA device",
+        needs="no_cuda",
+    ),
+    "backend_te_without_transformer_engine": Case(
+        _te_without_te, 2, "needs Transformer Engine: pip install 'fp8lab[te]'"
+    ),
+    "backend_scaled_mm_on_cpu": Case(
+        lambda c: _sets(c, "variants.fp8.backend=scaled_mm"), 2, "torch._scaled_mm is never run on CPU", needs="no_cuda"
+    ),
+    "attention_core_typo": Case(
+        lambda c: _sets(c, "model.attention_core=flash"), 2, "model.attention_core must be one of"
+    ),
+    "device_cuda_without_cuda": Case(
+        lambda c: _sets(c, "train.device=cuda"), 2, "no CUDA device is available", needs="no_cuda"
+    ),
+    "batch_not_divisible_by_nproc": Case(
+        _nproc_indivisible, 2, "train.batch_size must be divisible by the number of processes (2)"
+    ),
     # --- hyperparameters that cannot train ---
-    "seed_over_64_bits": Case(lambda c: _sets(c, f"train.seed={2**64}"), 2, "train.seed must be an int in [0, 2**64 - 1]"),
+    "seed_over_64_bits": Case(
+        lambda c: _sets(c, f"train.seed={2**64}"), 2, "train.seed must be an int in [0, 2**64 - 1]"
+    ),
     "seed_negative": Case(lambda c: _sets(c, "train.seed=-1"), 2, "train.seed must be an int >= 0"),
     "lr_inf": Case(lambda c: _sets(c, "train.lr=inf"), 2, "train.lr must be a float >= 0 (finite), got inf"),
     "lr_nan": Case(lambda c: _sets(c, "train.lr=nan"), 2, "train.lr must be a float >= 0 (finite), got nan"),
     "lr_above_one": Case(lambda c: _sets(c, "train.lr=10"), 2, "train.lr must be a float in (0, 1]"),
     "min_lr_nan": Case(lambda c: _sets(c, "train.min_lr=nan"), 2, "train.min_lr must be a float >= 0 (finite)"),
-    "grad_clip_zero": Case(lambda c: _sets(c, "train.grad_clip=0"), 2, "train.grad_clip must be a float > 0 (inf: no clipping; 0 would zero"),
+    "grad_clip_zero": Case(
+        lambda c: _sets(c, "train.grad_clip=0"),
+        2,
+        "train.grad_clip must be a float > 0 (inf: no clipping; 0 would zero",
+    ),
     "grad_clip_nan": Case(lambda c: _sets(c, "train.grad_clip=nan"), 2, "train.grad_clip must be a float > 0"),
-    "weight_decay_zeroes_weights": Case(lambda c: _sets(c, "train.weight_decay=1000"), 2, "train.weight_decay must be < 1 / train.lr"),
-    "weight_decay_inf": Case(lambda c: _sets(c, "train.weight_decay=inf"), 2, "train.weight_decay must be a float >= 0 (finite)"),
-    "margin_zeroes_every_cast": Case(lambda c: _sets(c, "fp8.margin=30"), 2,
-                                     "fp8.margin (of variants.fp8) must be <= 17: a larger margin puts even the amax"),
+    "weight_decay_zeroes_weights": Case(
+        lambda c: _sets(c, "train.weight_decay=1000"), 2, "train.weight_decay must be < 1 / train.lr"
+    ),
+    "weight_decay_inf": Case(
+        lambda c: _sets(c, "train.weight_decay=inf"), 2, "train.weight_decay must be a float >= 0 (finite)"
+    ),
+    "margin_zeroes_every_cast": Case(
+        lambda c: _sets(c, "fp8.margin=30"),
+        2,
+        "fp8.margin (of variants.fp8) must be <= 17: a larger margin puts even the amax",
+    ),
     # --- precision policies ---
-    "fp8_variant_all_bf16_by_pattern": Case(lambda c: _sets(c, "variants.fp8.keep_bf16=*"), 2,
-                                            "variants.fp8 has precision 'fp8' but its policy keeps every layer in BF16"),
-    "fp8_variant_all_bf16_by_first_last": Case(lambda c: _sets(c, "variants.fp8.first_last_bf16=1"), 2,
-                                               "first_last_bf16=1 of 1 blocks): it would train a BF16 model under an FP8 name"),
-    "keep_bf16_pattern_matches_nothing": Case(lambda c: _sets(c, "variants.fp8.keep_bf16=lm_head,blocks.0.attn.qvk"), 2,
-                                              "variants.fp8.keep_bf16 pattern 'blocks.0.attn.qvk' matches no layer"),
+    "fp8_variant_all_bf16_by_pattern": Case(
+        lambda c: _sets(c, "variants.fp8.keep_bf16=*"),
+        2,
+        "variants.fp8 has precision 'fp8' but its policy keeps every layer in BF16",
+    ),
+    "fp8_variant_all_bf16_by_first_last": Case(
+        lambda c: _sets(c, "variants.fp8.first_last_bf16=1"),
+        2,
+        "first_last_bf16=1 of 1 blocks): it would train a BF16 model under an FP8 name",
+    ),
+    "keep_bf16_pattern_matches_nothing": Case(
+        lambda c: _sets(c, "variants.fp8.keep_bf16=lm_head,blocks.0.attn.qvk"),
+        2,
+        "variants.fp8.keep_bf16 pattern 'blocks.0.attn.qvk' matches no layer",
+    ),
     # --- data ---
-    "data_source_without_path": Case(lambda c: _sets(c, "data.source=text:"), 2, "data.source must be 'text:PATH' with a file path"),
+    "data_source_without_path": Case(
+        lambda c: _sets(c, "data.source=text:"), 2, "data.source must be 'text:PATH' with a file path"
+    ),
     "data_source_is_a_folder": Case(_data_folder, 2, "is a folder; name a file"),
     # --- memory: refused from the estimate, before anything is allocated ---
-    "model_too_large_for_memory": Case(lambda c: _sets(c, "model.hidden_size=65536"), 2, "the model is too large for this machine"),
-    "eval_batches_too_many_for_memory": Case(lambda c: _sets(c, "train.eval_batches=100000000000"), 2, "too large for this machine"),
-    "amax_history_too_long_for_memory": Case(lambda c: _sets(c, "fp8.amax_history_len=100000000000"), 2, "too large for this machine"),
+    "model_too_large_for_memory": Case(
+        lambda c: _sets(c, "model.hidden_size=65536"), 2, "the model is too large for this machine"
+    ),
+    "eval_batches_too_many_for_memory": Case(
+        lambda c: _sets(c, "train.eval_batches=100000000000"), 2, "too large for this machine"
+    ),
+    "amax_history_too_long_for_memory": Case(
+        lambda c: _sets(c, "fp8.amax_history_len=100000000000"), 2, "too large for this machine"
+    ),
     # --- recipe files ---
-    "recipe_exits_at_import": Case(_recipe("import sys\nsys.exit(0)\n"), 2, "exited while loading (SystemExit(0) at line 4); a recipe only defines config()"),
-    "recipe_config_raises": Case(_recipe("def config():\n    return {}['vocab']\n"), 2, "config() raised at line 4: KeyError: 'vocab'"),
-    "recipe_config_exits": Case(_recipe("import sys\ndef config():\n    sys.exit(3)\n"), 2, "config() exited (SystemExit(3)"),
+    "recipe_exits_at_import": Case(
+        _recipe("import sys\nsys.exit(0)\n"),
+        2,
+        "exited while loading (SystemExit(0) at line 4); a recipe only defines config()",
+    ),
+    "recipe_config_raises": Case(
+        _recipe("def config():\n    return {}['vocab']\n"), 2, "config() raised at line 4: KeyError: 'vocab'"
+    ),
+    "recipe_config_exits": Case(
+        _recipe("import sys\ndef config():\n    sys.exit(3)\n"), 2, "config() exited (SystemExit(3)"
+    ),
     "recipe_is_a_folder": Case(_recipe_is_folder, 2, "is a folder; name a recipe .py file"),
-    "recipe_returns_dicts_as_variants": Case(_recipe("def config():\n    return RunConfig(name='r', variants=({'name': 'bf16'},))\n"),
-                                             2, "variants must be a tuple of Variant"),
-    "run_name_escapes_out": Case(_recipe("def config():\n    return RunConfig(name='../../escape')\n"), 2,
-                                 "name must be a folder name"),
-    "run_name_absolute": Case(_recipe("def config():\n    return RunConfig(name='/tmp/elsewhere')\n"), 2, "name must be a folder name"),
+    "recipe_returns_dicts_as_variants": Case(
+        _recipe("def config():\n    return RunConfig(name='r', variants=({'name': 'bf16'},))\n"),
+        2,
+        "variants must be a tuple of Variant",
+    ),
+    "run_name_escapes_out": Case(
+        _recipe("def config():\n    return RunConfig(name='../../escape')\n"), 2, "name must be a folder name"
+    ),
+    "run_name_absolute": Case(
+        _recipe("def config():\n    return RunConfig(name='/tmp/elsewhere')\n"), 2, "name must be a folder name"
+    ),
     "variant_named_like_the_checkpoints_folder": Case(
-        _recipe("def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='checkpoints')))\n"),
-        2, "variant.name must be a name other than 'checkpoints'"),
-    "recipe_ctrl_c_at_import": Case(_recipe("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"), 130,
-                                    "SIGINT received before training started; nothing was written"),
+        _recipe(
+            "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='checkpoints')))\n"
+        ),
+        2,
+        "variant.name must be a name other than 'checkpoints'",
+    ),
+    "recipe_ctrl_c_at_import": Case(
+        _recipe("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"),
+        130,
+        "SIGINT received before training started; nothing was written",
+    ),
     # --- output folder ---
     "out_is_a_file": Case(_out_is_file, 2, "is a file, not a folder"),
     "out_under_a_file": Case(_out_under_file, 2, "is a file, not a folder"),
     "out_not_writable": Case(_out_not_writable, 2, "no permission to create folders in", as_user=True),
-    "disk_too_small_for_one_checkpoint": Case(_disk_too_small, 2, "a checkpoint of this run takes about", needs="tmpfs"),
+    "disk_too_small_for_one_checkpoint": Case(
+        _disk_too_small, 2, "a checkpoint of this run takes about", needs="tmpfs"
+    ),
     # --- unreadable inputs ---
     "data_file_unreadable": Case(_data_unreadable, 2, "cannot read", as_user=True),
     "recipe_file_unreadable": Case(_recipe_unreadable, 2, "cannot be read: Permission denied", as_user=True),
     "resume_folder_not_writable": Case(_resume_not_writable, 2, "no permission to write in", as_user=True),
     # --- faults during a run: saved state intact and resumable ---
-    "sigterm_while_loading": Case(_signal_while_loading, 143, "SIGTERM received before training started; nothing was written"),
-    "sigterm_during_final_checkpoint": Case(_signal_during_final_checkpoint, 143,
-                                            "SIGTERM received while writing the final checkpoint and summary; both were completed",
-                                            after=_finished_intact),
-    "sigint_during_summary_write": Case(_signal_during_summary, 130,
-                                        "SIGINT received while writing the final checkpoint and summary; both were completed",
-                                        after=_finished_intact),
+    "sigterm_while_loading": Case(
+        _signal_while_loading, 143, "SIGTERM received before training started; nothing was written"
+    ),
+    "sigterm_during_final_checkpoint": Case(
+        _signal_during_final_checkpoint,
+        143,
+        "SIGTERM received while writing the final checkpoint and summary; both were completed",
+        after=_finished_intact,
+    ),
+    "sigint_during_summary_write": Case(
+        _signal_during_summary,
+        130,
+        "SIGINT received while writing the final checkpoint and summary; both were completed",
+        after=_finished_intact,
+    ),
     "second_writer_on_a_run_folder": Case(_second_writer, 2, "is in use by process"),
     "disk_full_at_second_checkpoint": Case(_disk_full, 2, "the disk is full", needs="tmpfs", after=_disk_full_resumes),
     # --- fp8lab report ---
-    "report_damaged_summary": Case(_report(lambda d: (d / "summary.json").write_text('{"recipe": ')), 2,
-                                   "summary.json is damaged (JSONDecodeError"),
-    "report_summary_not_fp8lab": Case(_report(lambda d: (d / "summary.json").write_text("[1, 2]")), 2, "summary.json is damaged"),
+    "report_damaged_summary": Case(
+        _report(lambda d: (d / "summary.json").write_text('{"recipe": ')), 2, "summary.json is damaged (JSONDecodeError"
+    ),
+    "report_summary_not_fp8lab": Case(
+        _report(lambda d: (d / "summary.json").write_text("[1, 2]")), 2, "summary.json is damaged"
+    ),
     "report_damaged_events": Case(_report(_damage_events), 2, "hold no readable event (damaged"),
     "report_on_a_file": Case(_report_on_file, 2, "is a file; name a run folder"),
     "report_unreadable_folder": Case(_report_unreadable, 2, "cannot be read (Permission denied)", as_user=True),
@@ -431,8 +538,15 @@ def unprivileged():
     env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
 
     def run(argv: list[str]) -> tuple[int, str]:
-        done = subprocess.run([*prefix, sys.executable, "-m", "fp8lab.run.cli", *argv], cwd="/", env=env,
-                              capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "fp8lab.run.cli", *argv],
+            cwd="/",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=preexec,
+        )
         return done.returncode, done.stderr
 
     yield base, run

@@ -27,8 +27,14 @@ from fp8lab.scaling import Float8CurrentScaling
 from fp8lab.scaling.whatif import WHATIF_RECIPES, whatif_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["train.steps=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1",
-         "train.batch_size=4", "train.block_size=32"]
+SHORT = [
+    "train.steps=4",
+    "train.log_interval=2",
+    "train.eval_interval=4",
+    "train.eval_batches=1",
+    "train.batch_size=4",
+    "train.block_size=32",
+]
 
 
 def test_whatif_rows_are_each_recipes_own_cast_statistics():
@@ -62,8 +68,16 @@ def test_block_recipes_keep_what_per_tensor_scaling_flushes_next_to_an_outlier()
 
 
 def test_best_recipe_needs_a_clear_lead():
-    best = best_by_layer({("a", "current"): [30.0, 31.0], ("a", "mxfp8"): [40.0], ("b", "current"): [30.0],
-                          ("b", "block"): [30.0 + CLEAR_DB / 2], ("c", "delayed"): [math.nan], ("c", "block"): [20.0]})
+    best = best_by_layer(
+        {
+            ("a", "current"): [30.0, 31.0],
+            ("a", "mxfp8"): [40.0],
+            ("b", "current"): [30.0],
+            ("b", "block"): [30.0 + CLEAR_DB / 2],
+            ("c", "delayed"): [math.nan],
+            ("c", "block"): [20.0],
+        }
+    )
     assert best["a"]["best"] == "mxfp8" and best["a"]["margin_db"] == 40.0 - 30.5
     assert best["b"]["best"] == "tie"
     assert best["c"]["best"] == "block" and "delayed" not in best["c"]["sqnr_db"]
@@ -72,8 +86,7 @@ def test_best_recipe_needs_a_clear_lead():
 def test_a_block_variant_logs_block_statistics_and_the_report_compares_recipes(tmp_path, one_thread):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"),
-                             SHORT + ["variants.fp8.scaling=block"])
+    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"), SHORT + ["variants.fp8.scaling=block"])
     result = Runner(config, tmp_path, progress=False).run()
     run_dir = next((tmp_path / "quickstart").iterdir())
     acc = EventAccumulator(str(run_dir / "fp8"), size_guidance={"scalars": 0})
@@ -110,7 +123,7 @@ def _block_reference(x: torch.Tensor, block: tuple[int, int], scale: torch.Tenso
     clamped = (x64 * s64).abs() > fmt.max
     flushed = (x64 != 0) & (deq == 0)
     n = x.numel()
-    sqnr = 10 * math.log10((x64 ** 2).sum().item() / ((x64 - deq) ** 2).sum().item())
+    sqnr = 10 * math.log10((x64**2).sum().item() / ((x64 - deq) ** 2).sum().item())
     nb = scale.shape
     pad = (0, nb[1] * bc - x.shape[1], 0, nb[0] * br - x.shape[0])
 
@@ -120,9 +133,16 @@ def _block_reference(x: torch.Tensor, block: tuple[int, int], scale: torch.Tenso
 
     occupied = per_block(x64 != 0)
     log2 = torch.log2(scale.double())[occupied]
-    return [clamped.sum().item() * 100 / n, flushed.sum().item() * 100 / n, sqnr,
-            log2.min().item(), log2.median().item(), log2.max().item(),
-            per_block(flushed).double().mean().item() * 100, per_block(clamped).double().mean().item() * 100]
+    return [
+        clamped.sum().item() * 100 / n,
+        flushed.sum().item() * 100 / n,
+        sqnr,
+        log2.min().item(),
+        log2.median().item(),
+        log2.max().item(),
+        per_block(flushed).double().mean().item() * 100,
+        per_block(clamped).double().mean().item() * 100,
+    ]
 
 
 @pytest.mark.parametrize("block", [(1, 128), (128, 128), (1, 32)])
@@ -136,8 +156,11 @@ def test_block_cast_stats_match_a_float64_reference(block, transposed):
 
     gen = torch.Generator().manual_seed(5)
     rows, cols = 1100, 700  # neither a multiple of 128; 770k elements: > 2 chunks of 2^18
-    x = (torch.randn(cols, rows, generator=gen) * 3).bfloat16().t() if transposed else \
-        (torch.randn(rows, cols, generator=gen) * 3).bfloat16()
+    x = (
+        (torch.randn(cols, rows, generator=gen) * 3).bfloat16().t()
+        if transposed
+        else (torch.randn(rows, cols, generator=gen) * 3).bfloat16()
+    )
     x[:130, :130] = 0  # an all-zero block under every block shape
     x[200, 5] = 1e-30  # underflows next to normal values in its block
     amax = blocks_amax(x, block)
@@ -145,6 +168,7 @@ def test_block_cast_stats_match_a_float64_reference(block, transposed):
     scale = torch.exp2(torch.floor(torch.log2(scale)))  # powers of two, as the block recipes make
     scale[0, -1] *= 4  # one block scaled past fp8_max: saturates
     from fp8lab.quantize.blocks import cast_blocks_dequantized
+
     deq = cast_blocks_dequantized(x, block, scale, scale.reciprocal(), E4M3)
     given = block_cast_stats(x, deq, block, scale, E4M3)
     cast_here = block_cast_stats(x, None, block, scale, E4M3)

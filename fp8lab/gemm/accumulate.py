@@ -72,13 +72,20 @@ def accumulate_path() -> AccumulatePath:
     """The implementation of this process, chosen once: the C kernel, or (loudly, once) pure torch."""
     kernel, why = _kernel()
     if kernel is None:
-        warnings.warn(f"fp8lab: the FP8 accumulator's C kernel is unavailable ({why}); using the pure-torch "
-                      f"model instead (the same bits, far slower)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fp8lab: the FP8 accumulator's C kernel is unavailable ({why}); using the pure-torch "
+            f"model instead (the same bits, far slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return AccumulatePath("torch", f"FP8 accumulator model: pure torch (exact, slow), as {why}")
     name = {512: "c-avx512", 256: "c-avx2"}.get(kernel.simd_bits, "c-generic")
     threads = "OpenMP" if kernel.openmp else "one thread (the compiler has no OpenMP)"
-    return AccumulatePath(name, f"FP8 accumulator model: C kernel, {name[2:]}, {threads}, built by {kernel.compiler} "
-                                f"with {' '.join(kernel.flags[4:]) or 'no ISA flags'}")
+    return AccumulatePath(
+        name,
+        f"FP8 accumulator model: C kernel, {name[2:]}, {threads}, built by {kernel.compiler} "
+        f"with {' '.join(kernel.flags[4:]) or 'no ISA flags'}",
+    )
 
 
 def _operand(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -112,8 +119,10 @@ def _off_grid(x: torch.Tensor, fmt: FP8Format) -> int:
 def _check(counts: tuple[int, int], a_format: FP8Format, b_format: FP8Format) -> None:
     for name, count, fmt in (("a", counts[0], a_format), ("b", counts[1], b_format)):
         if count:
-            raise ValueError(f"{name} holds {count} values that are not {fmt.name.upper()} values; the model needs the "
-                             f"exact FP8 operand values (cast them first, e.g. fp8lab.quantize.cast_to_fp8_grid)")
+            raise ValueError(
+                f"{name} holds {count} values that are not {fmt.name.upper()} values; the model needs the "
+                f"exact FP8 operand values (cast them first, e.g. fp8lab.quantize.cast_to_fp8_grid)"
+            )
 
 
 def _run(a, b, a_format, b_format, *, chunk, frac, promote, desc, c0, sa, sb, path: AccumulatePath):
@@ -126,9 +135,21 @@ def _run(a, b, a_format, b_format, *, chunk, frac, promote, desc, c0, sa, sb, pa
     kernel, why = _kernel()
     if kernel is None:
         raise RuntimeError(f"accumulate path {path.name!r} needs the C kernel, which is unavailable: {why}")
-    out, counts = accumulate_native.run(kernel, a, b, (ea, ma, eb, mb), (xa, xb), chunk=chunk, frac=frac,
-                                        promote=promote, desc=desc, c0=c0, sa=sa, sb=sb,
-                                        generic=path.name == "c-generic")
+    out, counts = accumulate_native.run(
+        kernel,
+        a,
+        b,
+        (ea, ma, eb, mb),
+        (xa, xb),
+        chunk=chunk,
+        frac=frac,
+        promote=promote,
+        desc=desc,
+        c0=c0,
+        sa=sa,
+        sb=sb,
+        generic=path.name == "c-generic",
+    )
     _check(counts, a_format, b_format)
     return out
 
@@ -140,14 +161,21 @@ def _fp32_kind(a, b, sa, sb, group_k: int, desc: bool) -> torch.Tensor:
     groups = range(sa.shape[1])
     for g in reversed(groups) if desc else groups:
         ks = slice(g * group_k, (g + 1) * group_k)
-        out = fma_fp32(torch.mm(a[:, ks], b[ks]), sa[:, g:g + 1] * sb[g:g + 1], out)
+        out = fma_fp32(torch.mm(a[:, ks], b[ks]), sa[:, g : g + 1] * sb[g : g + 1], out)
     return out
 
 
-def tensor_core_accumulate(a: torch.Tensor, b: torch.Tensor, a_format: FP8Format, b_format: FP8Format,
-                           acc: Accumulator, *, a_group_scale: torch.Tensor | None = None,
-                           b_group_scale: torch.Tensor | None = None, path: AccumulatePath | None = None,
-                           ) -> torch.Tensor:
+def tensor_core_accumulate(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_format: FP8Format,
+    b_format: FP8Format,
+    acc: Accumulator,
+    *,
+    a_group_scale: torch.Tensor | None = None,
+    b_group_scale: torch.Tensor | None = None,
+    path: AccumulatePath | None = None,
+) -> torch.Tensor:
     """The (M, N) fp32 accumulator the tensor cores hold for ``a @ b``, before the epilogue.
 
     Args:
@@ -176,8 +204,10 @@ def tensor_core_accumulate(a: torch.Tensor, b: torch.Tensor, a_format: FP8Format
             raise ValueError("group scales are applied at promotions: Accumulator.kind must be 'promoted' or 'fp32'")
         sa, sb = sa.detach().to("cpu", torch.float32).contiguous(), sb.detach().to("cpu", torch.float32).contiguous()
         if tuple(sa.shape) != (m, n_groups) or tuple(sb.shape) != (n_groups, n):
-            raise ValueError(f"group scales must be (M, G) = {(m, n_groups)} and (G, N) = {(n_groups, n)} with "
-                             f"G = ceil(K / {acc.group_k}), got {tuple(sa.shape)} and {tuple(sb.shape)}")
+            raise ValueError(
+                f"group scales must be (M, G) = {(m, n_groups)} and (G, N) = {(n_groups, n)} with "
+                f"G = ceil(K / {acc.group_k}), got {tuple(sa.shape)} and {tuple(sb.shape)}"
+            )
     path = path or accumulate_path()
     desc = acc.k_order == "descending"
     per_slice = max(1, -(-n_groups // acc.split_k))
@@ -189,25 +219,57 @@ def tensor_core_accumulate(a: torch.Tensor, b: torch.Tensor, a_format: FP8Format
         if acc.kind == "fp32":
             part = _fp32_kind(a[:, ks].float(), b[ks].float(), sa_s, sb_s, acc.group_k, desc)
         else:
-            part = _run(a[:, ks], b[ks], a_format, b_format, chunk=acc.chunk, frac=acc.fraction_bits,
-                        promote=acc.promote_every if acc.kind == "promoted" else 0, desc=desc, c0=None,
-                        sa=sa_s, sb=sb_s, path=path)
+            part = _run(
+                a[:, ks],
+                b[ks],
+                a_format,
+                b_format,
+                chunk=acc.chunk,
+                frac=acc.fraction_bits,
+                promote=acc.promote_every if acc.kind == "promoted" else 0,
+                desc=desc,
+                c0=None,
+                sa=sa_s,
+                sb=sb_s,
+                path=path,
+            )
         out = part if out is None else out + part
     if out is None:  # K == 0
         out = torch.zeros(m, n)
     return out if device.type == "cpu" else out.to(device)
 
 
-def chain_instructions(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_format: FP8Format, b_format: FP8Format,
-                       *, chunk: int = 32, fraction_bits: int = 13, path: AccumulatePath | None = None,
-                       ) -> torch.Tensor:
+def chain_instructions(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    a_format: FP8Format,
+    b_format: FP8Format,
+    *,
+    chunk: int = 32,
+    fraction_bits: int = 13,
+    path: AccumulatePath | None = None,
+) -> torch.Tensor:
     """Fast accumulation starting from the fp32 accumulator ``c`` (M, N) instead of zeros: with K <=
     ``chunk`` it is one instruction, D = C + sum of products, per output. For tests and analyses."""
     Accumulator(kind="fast", chunk=chunk, fraction_bits=fraction_bits)  # validates
     a, b = _operand(a, "a"), _operand(b, "b")
     c = c.detach().to("cpu", torch.float32)
     if b.shape[0] != a.shape[1] or tuple(c.shape) != (a.shape[0], b.shape[1]):
-        raise ValueError(f"shapes must be a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, "
-                         f"{tuple(c.shape)}")
-    return _run(a, b, a_format, b_format, chunk=chunk, frac=fraction_bits, promote=0, desc=False, c0=c, sa=None,
-                sb=None, path=path or accumulate_path())
+        raise ValueError(
+            f"shapes must be a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}"
+        )
+    return _run(
+        a,
+        b,
+        a_format,
+        b_format,
+        chunk=chunk,
+        frac=fraction_bits,
+        promote=0,
+        desc=False,
+        c0=c,
+        sa=None,
+        sb=None,
+        path=path or accumulate_path(),
+    )

@@ -88,8 +88,32 @@ def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
     lib.fp8lab_accumulate.restype = ctypes.c_int
     c_int = ctypes.c_int
     lib.fp8lab_accumulate.argtypes = [
-        ptr, c_int, i64, i64, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int, c_int, c_int,
-        ptr, ptr, i64, ptr, i64, ptr, c_int, c_int, ptr,
+        ptr,
+        c_int,
+        i64,
+        i64,
+        ptr,
+        c_int,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        ptr,
+        ptr,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        c_int,
+        c_int,
+        ptr,
     ]
     for name in ("fp8lab_accum_simd_bits", "fp8lab_accum_openmp"):
         getattr(lib, name).restype = ctypes.c_int
@@ -140,9 +164,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def run(kernel: Kernel, a: torch.Tensor, b: torch.Tensor, fmt: tuple[int, int, int, int], vmax: tuple[float, float],
-        *, chunk: int, frac: int, promote: int, desc: bool, c0=None, sa=None, sb=None, generic: bool = False,
-        ) -> tuple[torch.Tensor, tuple[int, int]]:
+def run(
+    kernel: Kernel,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fmt: tuple[int, int, int, int],
+    vmax: tuple[float, float],
+    *,
+    chunk: int,
+    frac: int,
+    promote: int,
+    desc: bool,
+    c0=None,
+    sa=None,
+    sb=None,
+    generic: bool = False,
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """One call of the kernel: ``(out (M, N) float32, (off-grid values of a, of b))``.
 
     ``a`` and ``b``: float32 or bfloat16 CPU tensors, any strides (the kernel's prepass converts and
@@ -160,10 +197,32 @@ def run(kernel: Kernel, a: torch.Tensor, b: torch.Tensor, fmt: tuple[int, int, i
     fmt_arr, vmax_arr = (ctypes.c_int * 4)(*fmt), (ctypes.c_float * 2)(*vmax)
     bad = (ctypes.c_int64 * 2)()
     status = kernel.lib.fp8lab_accumulate(
-        a.data_ptr(), int(a.dtype == torch.bfloat16), a.stride(0), a.stride(1),
-        b.data_ptr(), int(b.dtype == torch.bfloat16), b.stride(0), b.stride(1), m, n, k,
-        fmt_arr, vmax_arr, chunk, frac, promote, int(desc), _ptr(c0), _ptr(sa), sa.stride(0) if sa is not None else 0,
-        _ptr(sb), sb.stride(0) if sb is not None else 0, out.data_ptr(), torch.get_num_threads(), int(generic), bad,
+        a.data_ptr(),
+        int(a.dtype == torch.bfloat16),
+        a.stride(0),
+        a.stride(1),
+        b.data_ptr(),
+        int(b.dtype == torch.bfloat16),
+        b.stride(0),
+        b.stride(1),
+        m,
+        n,
+        k,
+        fmt_arr,
+        vmax_arr,
+        chunk,
+        frac,
+        promote,
+        int(desc),
+        _ptr(c0),
+        _ptr(sa),
+        sa.stride(0) if sa is not None else 0,
+        _ptr(sb),
+        sb.stride(0) if sb is not None else 0,
+        out.data_ptr(),
+        torch.get_num_threads(),
+        int(generic),
+        bad,
     )
     if status != 0:
         raise MemoryError(f"fp8lab accumulate kernel: out of memory packing a ({m}x{k}) and b ({k}x{n})")

@@ -78,8 +78,19 @@ def _instruction(a_blk, b_chunk, ea_blk, eb_chunk, c, frac: int, out_frac: int) 
     return d
 
 
-def accumulate_torch(a: torch.Tensor, b: torch.Tensor, emins: tuple[int, int], *, chunk: int, frac: int,
-                     promote: int, desc: bool, c0=None, sa=None, sb=None) -> torch.Tensor:
+def accumulate_torch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    emins: tuple[int, int],
+    *,
+    chunk: int,
+    frac: int,
+    promote: int,
+    desc: bool,
+    c0=None,
+    sa=None,
+    sb=None,
+) -> torch.Tensor:
     """The accumulator over float32 ``a`` (M, K) and ``b`` (K, N), as the kernel's ``fp8lab_accumulate``.
 
     ``promote`` is 0 for fast accumulation; ``c0`` (M, N) the first C; ``sa`` (M, G), ``sb`` (G, N)
@@ -103,7 +114,7 @@ def accumulate_torch(a: torch.Tensor, b: torch.Tensor, emins: tuple[int, int], *
             if promote and (ins % promote == 0 if desc else ins % promote == promote - 1 or ins == n_ins - 1):
                 g = ins // promote
                 if sa is not None:
-                    acc = fma_fp32(c, sa[i0:i1, g:g + 1] * sb[g:g + 1], acc)  # scales multiplied in fp32 first
+                    acc = fma_fp32(c, sa[i0:i1, g : g + 1] * sb[g : g + 1], acc)  # scales multiplied in fp32 first
                 else:
                     acc = acc + c
                 c = torch.zeros_like(c)

@@ -196,8 +196,9 @@ def scaled_gemm(
     return epilogue(_fp32_accumulator(a, b, path), inv_scale, out_dtype, bias)
 
 
-def epilogue(acc: torch.Tensor, inv_scale: torch.Tensor | None, out_dtype: torch.dtype,
-             bias: torch.Tensor | None = None) -> torch.Tensor:
+def epilogue(
+    acc: torch.Tensor, inv_scale: torch.Tensor | None, out_dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``round_to_out_dtype(acc * inv_scale + bias)``: the GEMM's epilogue on its fp32
     accumulator ``acc`` (a fresh (M, N) tensor, modified in place), the scale product and the
     bias each applied in fp32, then one rounding."""

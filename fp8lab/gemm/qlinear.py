@@ -62,17 +62,36 @@ def _operand(x2d, role: Role, usage: str, ctx_or_args, record: bool, acc: Accumu
     return op
 
 
-def _gemm(backend, a: Operand, b: Operand, out_dtype: torch.dtype, bias=None, acc: Accumulator = FP32,
-          slot: TelemetrySlot | None = None, gemm: int = FPROP) -> torch.Tensor:
+def _gemm(
+    backend,
+    a: Operand,
+    b: Operand,
+    out_dtype: torch.dtype,
+    bias=None,
+    acc: Accumulator = FP32,
+    slot: TelemetrySlot | None = None,
+    gemm: int = FPROP,
+) -> torch.Tensor:
     """``a @ b`` by the backend with the accumulator ``acc``; while the slot is armed, also
     the SQNR of that output against the same GEMM accumulated in fp32 (what the accumulator
     alone costs, ``accum_sqnr``)."""
-    kwargs = {} if acc is FP32 and a.group_scale is None else dict(
-        accumulator=acc, formats=(a.fmt, b.fmt), group_scales=(a.group_scale, b.group_scale))
+    kwargs = (
+        {}
+        if acc is FP32 and a.group_scale is None
+        else dict(accumulator=acc, formats=(a.fmt, b.fmt), group_scales=(a.group_scale, b.group_scale))
+    )
     out = backend.gemm(a.values, b.values, a.inv_scale, b.inv_scale, out_dtype, bias, **kwargs)
     if slot is not None and slot.armed and acc.kind != "fp32":
-        ref = backend.fp32_reference(a.values, b.values, a.inv_scale, b.inv_scale, out_dtype, bias,
-                                     formats=(a.fmt, b.fmt), group_scales=(a.group_scale, b.group_scale))
+        ref = backend.fp32_reference(
+            a.values,
+            b.values,
+            a.inv_scale,
+            b.inv_scale,
+            out_dtype,
+            bias,
+            formats=(a.fmt, b.fmt),
+            group_scales=(a.group_scale, b.group_scale),
+        )
         slot.accum_sqnr[gemm] = shadow.sqnr_db(ref, out)
     return out
 

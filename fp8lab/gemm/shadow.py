@@ -41,8 +41,15 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def record(slot, gemm: int, a_hp: torch.Tensor, b_hp: torch.Tensor, out: torch.Tensor,
-           out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+def record(
+    slot,
+    gemm: int,
+    a_hp: torch.Tensor,
+    b_hp: torch.Tensor,
+    out: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> None:
     """Write the SQNR of ``out`` (an FP8 GEMM's result) against the BF16 ``a_hp @ b_hp``.
 
     Args:

@@ -19,5 +19,17 @@ from fp8lab.layers.mlp import LayerNormMLP
 from fp8lab.layers.norm import NORMALIZATIONS, Norm
 from fp8lab.layers.policy import PrecisionPolicy
 
-__all__ = ["GPT", "GPTConfig", "LayerNormLinear", "LayerNormMLP", "Linear", "MultiheadAttention", "NORMALIZATIONS",
-           "Norm", "PrecisionPolicy", "TransformerBlock", "convert", "describe"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "LayerNormLinear",
+    "LayerNormMLP",
+    "Linear",
+    "MultiheadAttention",
+    "NORMALIZATIONS",
+    "Norm",
+    "PrecisionPolicy",
+    "TransformerBlock",
+    "convert",
+    "describe",
+]

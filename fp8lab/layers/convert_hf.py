@@ -32,8 +32,7 @@ NOT_GEMMS = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (or a subclass): a transposed Linear."""
-    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-               for cls in type(module).__mro__)
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__)
 
 
 def conv1d_skip_reason(conv: nn.Module) -> str | None:
@@ -73,8 +72,11 @@ class Conv1DLinear(Linear):
         plan = super().plan_for(device, te)
         if plan.backend != "te":
             return plan
-        return Plan("scaled_mm", f"torch._scaled_mm on {device.name or 'this GPU'}: Transformer Engine's Linear "
-                                 "needs an (out, in) weight and this layer keeps transformers' Conv1D (in, out) layout")
+        return Plan(
+            "scaled_mm",
+            f"torch._scaled_mm on {device.name or 'this GPU'}: Transformer Engine's Linear "
+            "needs an (out, in) weight and this layer keeps transformers' Conv1D (in, out) layout",
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight stored (in, out) as transformers' Conv1D"
@@ -84,12 +86,16 @@ def unconverted_reason(module: nn.Module) -> str | None:
     """Why a linear-like ``module`` that is neither an nn.Linear nor a Conv1D runs as it
     was, or None when it is not linear-like (for ``describe``)."""
     if isinstance(module, nn.MultiheadAttention):
-        return ("not converted: nn.MultiheadAttention multiplies its packed in_proj_weight directly "
-                "(F.multi_head_attention_forward); use fp8lab.MultiheadAttention for FP8 QKV")
+        return (
+            "not converted: nn.MultiheadAttention multiplies its packed in_proj_weight directly "
+            "(F.multi_head_attention_forward); use fp8lab.MultiheadAttention for FP8 QKV"
+        )
     weight = module._parameters.get("weight")
     if isinstance(module, (Linear, nn.Linear, *NOT_GEMMS)) or is_hf_conv1d(module):
         return None
     if isinstance(weight, nn.Parameter) and weight.dim() == 2:
-        return (f"not converted: {type(module).__module__}.{type(module).__qualname__} is not a layer fp8lab "
-                "converts (nn.Linear, transformers Conv1D); if it runs a GEMM, that GEMM is not FP8")
+        return (
+            f"not converted: {type(module).__module__}.{type(module).__qualname__} is not a layer fp8lab "
+            "converts (nn.Linear, transformers Conv1D); if it runs a GEMM, that GEMM is not FP8"
+        )
     return None

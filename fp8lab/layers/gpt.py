@@ -32,10 +32,20 @@ INIT_STD = 0.02  # GPT-2's initialisation
 
 PRESETS: dict[str, dict] = {
     # Byte-level, trains at ~10 steps/s on 2 CPU cores at batch 16 x 64 (emulated FP8).
-    "tiny": dict(vocab_size=256, block_size=128, num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512),
+    "tiny": dict(
+        vocab_size=256, block_size=128, num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512
+    ),
     # GPT-2 small; vocab 50257 padded to a multiple of 64 (nanoGPT), so every GEMM can run FP8.
     # Tied embeddings, as GPT-2: 124M parameters (163M untied).
-    "gpt2-124m": dict(vocab_size=50304, block_size=1024, num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, tie_embeddings=True),
+    "gpt2-124m": dict(
+        vocab_size=50304,
+        block_size=1024,
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        ffn_hidden_size=3072,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -161,9 +171,15 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(block_size, hidden_size)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                hidden_size, ffn_hidden_size, num_attention_heads,
-                normalization=normalization, activation=activation, attn_mask_type="causal",
-                attention_core=attention_core, bias=bias, fp8=cfg.fp8,
+                hidden_size,
+                ffn_hidden_size,
+                num_attention_heads,
+                normalization=normalization,
+                activation=activation,
+                attn_mask_type="causal",
+                attention_core=attention_core,
+                bias=bias,
+                fp8=cfg.fp8,
             )  # fmt: skip
             for _ in range(num_layers)
         )

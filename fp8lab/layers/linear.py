@@ -87,8 +87,11 @@ class Linear(nn.Module):
             plan = self.plan_for(probe_device(device), probe_te())
             if plan.backend == "emulated":  # name the exact GEMM path this machine uses and the accumulators
                 backend = backend_for("emulated", device.type)
-                accumulation = self._accumulation() if backend.models_accumulation else (
-                    "accumulation: fp32 (the tensor-core accumulator model runs on the CPU only)")
+                accumulation = (
+                    self._accumulation()
+                    if backend.models_accumulation
+                    else ("accumulation: fp32 (the tensor-core accumulator model runs on the CPU only)")
+                )
                 plan = Plan(plan.backend, f"{plan.reason}; {gemm_path(device.type).reason}; {accumulation}")
             elif plan.precision == "fp8":  # the hardware accumulates: say what it is asked for
                 plan = Plan(plan.backend, f"{plan.reason}; {self._accumulation()}")
@@ -102,8 +105,13 @@ class Linear(nn.Module):
         if self.keep_bf16_reason is not None:
             return Plan(self.kept_precision, self.keep_bf16_reason)
         return select_backend(
-            device=device, te=te, requested=self.fp8.backend, fallback=self.fp8.fallback,
-            dims=(self.in_features, self.out_features), scaling=self.fp8.scaling, accumulation=self.fp8.accumulation,
+            device=device,
+            te=te,
+            requested=self.fp8.backend,
+            fallback=self.fp8.fallback,
+            dims=(self.in_features, self.out_features),
+            scaling=self.fp8.scaling,
+            accumulation=self.fp8.accumulation,
         )
 
     def _accumulation(self) -> str:

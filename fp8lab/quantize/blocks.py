@@ -20,8 +20,13 @@ import torch
 from fp8lab.formats import FP8Format
 from fp8lab.quantize.tensor import CPU_CHUNK, round_fp32_to_fp8_grid_
 
-BLOCK_STAT_NAMES = ("block_scale_log2_min", "block_scale_log2_median", "block_scale_log2_max",
-                    "blocks_underflow_pct", "blocks_saturated_pct")
+BLOCK_STAT_NAMES = (
+    "block_scale_log2_min",
+    "block_scale_log2_median",
+    "block_scale_log2_max",
+    "blocks_underflow_pct",
+    "blocks_saturated_pct",
+)
 
 
 def transposed(x2d: torch.Tensor) -> bool:
@@ -103,13 +108,13 @@ def cast_blocks_dequantized(
     v_buf = torch.empty(chunk_shape, dtype=torch.float32, device=x2d.device)
     magic_buf = torch.empty(v_buf.numel(), dtype=torch.int32, device=x2d.device)
     for r0 in range(0, r, rows):
-        xb = padded_blocks(x2d[r0:r0 + rows], block)
+        xb = padded_blocks(x2d[r0 : r0 + rows], block)
         v = v_buf[: xb.shape[0]]
-        v.copy_(xb).mul_(_per_block(scale[r0 // br: r0 // br + xb.shape[0]]))
+        v.copy_(xb).mul_(_per_block(scale[r0 // br : r0 // br + xb.shape[0]]))
         v.clamp_(-fmt.max, fmt.max)
         round_fp32_to_fp8_grid_(v.view(-1), fmt, magic_buf[: v.numel()])
-        v.mul_(_per_block(scale_inv[r0 // br: r0 // br + xb.shape[0]]))
-        part = out[r0:r0 + rows]
+        v.mul_(_per_block(scale_inv[r0 // br : r0 // br + xb.shape[0]]))
+        part = out[r0 : r0 + rows]
         part.copy_(v.view(v.shape[0] * br, v.shape[2] * bc)[: part.shape[0], :c])
     return out
 
@@ -147,14 +152,14 @@ def block_cast_stats(
     sums = torch.zeros(4, dtype=torch.float32, device=x2d.device)  # overflow, underflow, signal, noise
     occupied, flushed_blocks, clamped_blocks = [], [], []
     for r0 in range(0, max(r, 1), rows):
-        s = _per_block(scale[r0 // br: -(-(r0 + rows) // br)])
-        x32 = x2d[r0:r0 + rows].float()
+        s = _per_block(scale[r0 // br : -(-(r0 + rows) // br)])
+        x32 = x2d[r0 : r0 + rows].float()
         xb = padded_blocks(x32, block)
         xs = (xb * s).contiguous()  # scaled domain, exact (power-of-2 scales); x2d may be a transposed view
         if dequantized is None:  # the cast itself, as cast_blocks_dequantized does it
             q = round_fp32_to_fp8_grid_(xs.clamp(-fmt.max, fmt.max).view(-1), fmt).view(xs.shape)
         else:
-            q = padded_blocks(dequantized[r0:r0 + rows].float(), block) * s
+            q = padded_blocks(dequantized[r0 : r0 + rows].float(), block) * s
         clamped = xs.abs() > fmt.max
         # underflow: 0 always stays 0, so the non-zero elements lost are the difference of counts
         underflow = torch.count_nonzero(xb) - torch.count_nonzero(q)
@@ -165,8 +170,14 @@ def block_cast_stats(
             clamped_blocks.append(clamped.any(dim=3).any(dim=1))
         err = q.sub_(xs).div_(s)  # x - dequantized up to sign, exactly (power-of-2 scales)
         flat_x = x32.reshape(-1)
-        sums += torch.stack([torch.count_nonzero(clamped).float(), underflow.float(), torch.dot(flat_x, flat_x),
-                             torch.dot(err.reshape(-1), err.reshape(-1))])
+        sums += torch.stack(
+            [
+                torch.count_nonzero(clamped).float(),
+                underflow.float(),
+                torch.dot(flat_x, flat_x),
+                torch.dot(err.reshape(-1), err.reshape(-1)),
+            ]
+        )
     n = max(x2d.numel(), 1)
     sqnr = 10.0 * torch.log10(sums[2] / sums[3].clamp_min(torch.finfo(torch.float32).tiny))
     stats = [sums[0] * (100.0 / n), sums[1] * (100.0 / n), sqnr]
@@ -176,7 +187,11 @@ def block_cast_stats(
         if log2.numel() == 0:
             log2 = torch.zeros(1, device=x2d.device)
         blocks = max(occupied_all.numel(), 1)
-        stats += [log2.min(), log2.median(), log2.max(),
-                  torch.cat(flushed_blocks).sum().float() * (100.0 / blocks),
-                  torch.cat(clamped_blocks).sum().float() * (100.0 / blocks)]
+        stats += [
+            log2.min(),
+            log2.median(),
+            log2.max(),
+            torch.cat(flushed_blocks).sum().float() * (100.0 / blocks),
+            torch.cat(clamped_blocks).sum().float() * (100.0 / blocks),
+        ]
     return torch.stack(stats)

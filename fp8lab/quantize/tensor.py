@@ -89,8 +89,12 @@ def _compile(fn):
                 return compiled(*args)
             except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, once, loudly
                 broken = True
-                warnings.warn(f"fp8lab: torch.compile of {fn.__name__} failed ({type(err).__name__}: "
-                              f"{str(err)[:200]}); using eager CUDA kernels", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"fp8lab: torch.compile of {fn.__name__} failed ({type(err).__name__}: "
+                    f"{str(err)[:200]}); using eager CUDA kernels",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return fn(*args)
 
     return run
@@ -107,9 +111,7 @@ def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torc
     return _scaled_clamped_fp32(x_hp, scale, fmt).to(fmt.dtype)
 
 
-def round_fp32_to_fp8_grid_(
-    v: torch.Tensor, fmt: FP8Format, magic: torch.Tensor | None = None
-) -> torch.Tensor:
+def round_fp32_to_fp8_grid_(v: torch.Tensor, fmt: FP8Format, magic: torch.Tensor | None = None) -> torch.Tensor:
     """Round float32 values already inside +-fmt.max onto the FP8 grid, in place.
 
     Magic-number rounding: for |v| in [2^e, 2^(e+1)) the FP8 grid spacing is
@@ -225,12 +227,14 @@ def cast_stats(
             q32 = q_parts[i].to(torch.float32, copy=True)  # float8 has no count_nonzero kernel
         nonzero_q = torch.count_nonzero(q32)
         err = q32.sub_(xs)
-        sums += torch.stack([
-            torch.count_nonzero(xs.abs() > fmt.max).float(),
-            (torch.count_nonzero(x_part) - nonzero_q).float(),  # 0 always stays 0
-            torch.dot(xs, xs),
-            torch.dot(err, err),
-        ])
+        sums += torch.stack(
+            [
+                torch.count_nonzero(xs.abs() > fmt.max).float(),
+                (torch.count_nonzero(x_part) - nonzero_q).float(),  # 0 always stays 0
+                torch.dot(xs, xs),
+                torch.dot(err, err),
+            ]
+        )
     pct = sums[:2] * (100.0 / max(x_flat.numel(), 1))
     sqnr = 10.0 * torch.log10(sums[2] / sums[3].clamp_min(torch.finfo(torch.float32).tiny))
     return torch.cat([pct, sqnr[None]])

@@ -111,12 +111,16 @@ def read_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as err:  # truncated zip, bad pickle, unsafe global: all mean unusable
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
         raise CheckpointError(f"checkpoint {path} is not an fp8lab run checkpoint (missing {missing})")
     if payload["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format_version {payload['format_version']}, this fp8lab reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format_version {payload['format_version']}, this fp8lab reads {FORMAT_VERSION}"
+        )
     return payload
 
 
@@ -169,6 +173,7 @@ def newest_usable(run_dir: Path, config_hash: str, config_dict: dict, validate=N
                 usable(older)
             except CheckpointError:
                 continue
-            raise CheckpointError(f"{err}. An older intact checkpoint exists: {older} "
-                                  f"(move {newest.name} away to resume from it)") from None
+            raise CheckpointError(
+                f"{err}. An older intact checkpoint exists: {older} (move {newest.name} away to resume from it)"
+            ) from None
         raise

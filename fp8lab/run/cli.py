@@ -43,8 +43,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fp8lab.run.report import ReportError
     from fp8lab.run.storage import StorageError
 
-    return (ConfigError, DataError, CheckpointError, ReportError, BackendUnavailable, RunFolderBusy,
-            StorageError, ResourceError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ReportError,
+        BackendUnavailable,
+        RunFolderBusy,
+        StorageError,
+        ResourceError,
+    )
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -52,7 +60,8 @@ def _out_of_memory(err: BaseException) -> bool:
 
     text = str(err)
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+    )
 
 
 def classify(err: BaseException, args=None) -> tuple[int, str] | None:
@@ -73,9 +82,11 @@ def classify(err: BaseException, args=None) -> tuple[int, str] | None:
         return EXIT_BAD_INPUT, message
     if _out_of_memory(err):
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return EXIT_BAD_INPUT, (f"out of memory ({type(err).__name__}: {first_line[:300]}). The run needs more memory "
-                                "than this device has free; lower train.batch_size, train.block_size or the model "
-                                "size (model.num_layers, model.hidden_size), or train fewer variants")
+        return EXIT_BAD_INPUT, (
+            f"out of memory ({type(err).__name__}: {first_line[:300]}). The run needs more memory "
+            "than this device has free; lower train.batch_size, train.block_size or the model "
+            "size (model.num_layers, model.hidden_size), or train fewer variants"
+        )
     return None
 
 
@@ -119,8 +130,9 @@ def _run(args) -> int:
 
         dist = Distributed.from_env(resolve_device(config.train.device))
         try:
-            runner = Runner(config, args.out, progress=not args.quiet, resume=args.resume, dist=dist,
-                            run_dir=args.run_dir)
+            runner = Runner(
+                config, args.out, progress=not args.quiet, resume=args.resume, dist=dist, run_dir=args.run_dir
+            )
         except BaseException:
             dist.close()
             raise
@@ -132,9 +144,12 @@ def _run(args) -> int:
             raise
         # Typically a collective whose peer died; torchrun reports which rank failed first.
         first_line = (str(err).splitlines() or [""])[0]
-        print(f"fp8lab run: rank {dist.rank} of {dist.world_size} failed: {type(err).__name__}: {first_line}\n"
-              f"fp8lab run: when the job has stopped, relaunch it with --resume {runner.run_dir} "
-              "to continue from its newest checkpoint", file=sys.stderr)
+        print(
+            f"fp8lab run: rank {dist.rank} of {dist.world_size} failed: {type(err).__name__}: {first_line}\n"
+            f"fp8lab run: when the job has stopped, relaunch it with --resume {runner.run_dir} "
+            "to continue from its newest checkpoint",
+            file=sys.stderr,
+        )
         raise
     finally:
         dist.close()
@@ -173,8 +188,9 @@ def _launch(args, config) -> int:
         check_writable(Path(args.out) / config.name, f"--out {args.out}")
         run_dir = new_run_dir(Path(args.out), config.name, config.hash())
         worker = ["--run-dir", str(run_dir)]
-    return launch_local(args.nproc, ["run", *common, *worker], run_dir,
-                        ["fp8lab", "run", *common, "--nproc", str(args.nproc)])
+    return launch_local(
+        args.nproc, ["run", *common, *worker], run_dir, ["fp8lab", "run", *common, "--nproc", str(args.nproc)]
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -201,15 +217,25 @@ def _report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8lab", description="Train with FP8 GEMMs and compare against BF16.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train a recipe's variants on the same batches", epilog=EXIT_CODES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="train a recipe's variants on the same batches",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("recipe", help="a recipe file, e.g. recipes/quickstart.py")
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field (repeatable)")
     run.add_argument("--out", default="logs", help="logs folder (default: logs)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint (same recipe and --set)")
-    run.add_argument("--nproc", type=_positive_int, metavar="N",
-                     help="data-parallel over N local processes, launched through torchrun (see docs/distributed.md)")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint (same recipe and --set)"
+    )
+    run.add_argument(
+        "--nproc",
+        type=_positive_int,
+        metavar="N",
+        help="data-parallel over N local processes, launched through torchrun (see docs/distributed.md)",
+    )
     run.add_argument("--run-dir", help=argparse.SUPPRESS)  # the --nproc launcher names the folder for its workers
     run.set_defaults(func=_run)
     info = sub.add_parser("info", help="torch, CUDA, devices, Transformer Engine and the backend 'auto' picks")

@@ -43,7 +43,9 @@ class RunConfig:
         check(len(names) == len(set(names)) and names, "variants", "a non-empty tuple with unique names", names)
         check(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
         base = next(v for v in self.variants if v.name == self.baseline)
-        check(base.precision in ("bf16", "fp32"), "baseline", "a variant with precision 'bf16' or 'fp32'", base.precision)
+        check(
+            base.precision in ("bf16", "fp32"), "baseline", "a variant with precision 'bf16' or 'fp32'", base.precision
+        )
         validate.check_run(self)
 
     def to_dict(self) -> dict:
@@ -70,6 +72,8 @@ def upgrade(saved: dict) -> dict:
     - ``variants.<v>.accumulation``: absent before the accumulator model; those runs accumulated
       every FP8 GEMM in fp32 ("fp32"); other precisions take the default ("te", unused).
     """
-    variants = [{**v, "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te")}
-                for v in saved.get("variants", [])]
+    variants = [
+        {**v, "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te")}
+        for v in saved.get("variants", [])
+    ]
     return {**saved, "variants": variants}

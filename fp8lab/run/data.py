@@ -53,8 +53,10 @@ def _read(source: str, path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:  # permissions, an I/O error: say which file and why
-        raise DataError(f"data.source {source!r}: cannot read {str(path)!r} ({err.strerror or err}); "
-                        "check that this user may read it") from None
+        raise DataError(
+            f"data.source {source!r}: cannot read {str(path)!r} ({err.strerror or err}); "
+            "check that this user may read it"
+        ) from None
 
 
 def _read_tokens(source: str, path: Path) -> np.ndarray:

@@ -50,7 +50,11 @@ class RunFolder:
         """Create (fresh run) and lock the folder; rank 0 writes config.json. A resumed folder
         that changed since its checkpoint was loaded is another process's: ``RunFolderBusy``."""
         if self.path is None:  # rank 0 creates a fresh run's folder; every rank uses that name
-            claimed = storage.claim_run_dir(self.out_root, self.config.name, self.config.hash()) if self.dist.is_main else None
+            claimed = (
+                storage.claim_run_dir(self.out_root, self.config.name, self.config.hash())
+                if self.dist.is_main
+                else None
+            )
             self.path = self.dist.broadcast(claimed)
         if not self.dist.is_main:
             return
@@ -58,8 +62,10 @@ class RunFolder:
         self.lock = RunLock(self.path).acquire()
         found = ckpt.list_checkpoints(self.path)
         if self.resumed_from is not None and (not found or found[-1][1] != self.resumed_from):
-            raise RunFolderBusy(f"run folder {self.path} changed while this process loaded {self.resumed_from} "
-                                "(another process wrote into it); resume again")
+            raise RunFolderBusy(
+                f"run folder {self.path} changed while this process loaded {self.resumed_from} "
+                "(another process wrote into it); resume again"
+            )
         if not (self.path / "config.json").exists():
             storage.write_atomic(self.path / "config.json", json.dumps(self.config.to_dict(), indent=2, default=str))
 
@@ -78,8 +84,10 @@ class RunFolder:
             "config_hash": self.config.hash(),
             "config": self.config.to_dict(),
             "variants": {run.variant.name: run.state_dict() for run in variants},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
             "summary": summary.state_dict(),
             "overview": {name: overview.state_dict() for name, overview in overviews.items() if overview},
         }
@@ -93,7 +101,9 @@ class RunFolder:
             try:
                 run.load_state_dict(payload["variants"][run.variant.name])
             except (KeyError, ValueError, RuntimeError) as err:
-                raise ckpt.CheckpointError(f"checkpoint {self.resumed_from}: variant {run.variant.name!r}: {err}") from None
+                raise ckpt.CheckpointError(
+                    f"checkpoint {self.resumed_from}: variant {run.variant.name!r}: {err}"
+                ) from None
         summary.load_state_dict(payload["summary"])
         for name, state in payload.get("overview", {}).items():  # older checkpoints have none
             overviews[name].load_state_dict(state)
@@ -126,7 +136,10 @@ def check_variants_fit(path: Path, payload: dict, variants) -> None:
         missing = sorted(expected - saved)
         if missing:
             what = "FP8 scaling state" if any("fp8_state" in k for k in missing) else "model state"
-            raise ckpt.CheckpointError(f"checkpoint {path}: variant {run.variant.name!r} has no {what} for {missing[:3]}")
+            raise ckpt.CheckpointError(
+                f"checkpoint {path}: variant {run.variant.name!r} has no {what} for {missing[:3]}"
+            )
         if saved - expected:
-            raise ckpt.CheckpointError(f"checkpoint {path}: variant {run.variant.name!r} has unexpected keys "
-                                       f"{sorted(saved - expected)[:3]}")
+            raise ckpt.CheckpointError(
+                f"checkpoint {path}: variant {run.variant.name!r} has unexpected keys {sorted(saved - expected)[:3]}"
+            )

@@ -99,9 +99,12 @@ class SavedTensorCounter:
         def pre_hook(module, args):
             plan = module.plan()
             if plan.backend in OWN_GEMM_BACKENDS:
-                self._scope = {"width": OPERAND_BYTES[plan.precision], "x": args[0].numel(),
-                               "w": module.weight.numel(),
-                               "weight_is_operand": module.weight.dtype == OPERAND_DTYPES.get(plan.precision)}
+                self._scope = {
+                    "width": OPERAND_BYTES[plan.precision],
+                    "x": args[0].numel(),
+                    "w": module.weight.numel(),
+                    "weight_is_operand": module.weight.dtype == OPERAND_DTYPES.get(plan.precision),
+                }
 
         def post_hook(module, args, output):
             self._scope = None
@@ -124,8 +127,9 @@ class SavedTensorCounter:
             self._scope, self._seen = None, set()
 
 
-def training_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                   saved: SavedTensorCounter) -> dict[str, int]:
+def training_bytes(
+    params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved: SavedTensorCounter
+) -> dict[str, int]:
     """The ``perf/mem_*`` values of one step: parameters, their gradients (call while they
     are held), the optimizer's state, and what ``saved`` counted in the step's forward."""
     return {

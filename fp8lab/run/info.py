@@ -69,17 +69,21 @@ def collect_info(import_te: bool = True) -> dict:
     for device in devices:
         facts = probe_device(device)
         path = gemm_path(device.type)
-        rows.append({
-            "device": str(device),
-            "name": facts.name or "CPU",
-            "gemm_path": {"name": path.name, "reason": path.reason},
-            "capability": list(facts.capability) if facts.capability else None,
-            "fp8_tensor_cores": facts.capability is not None and facts.capability >= FP8_MIN_CAPABILITY,
-            "auto": auto_choices(facts, te_facts),
-        })
+        rows.append(
+            {
+                "device": str(device),
+                "name": facts.name or "CPU",
+                "gemm_path": {"name": path.name, "reason": path.reason},
+                "capability": list(facts.capability) if facts.capability else None,
+                "fp8_tensor_cores": facts.capability is not None and facts.capability >= FP8_MIN_CAPABILITY,
+                "auto": auto_choices(facts, te_facts),
+            }
+        )
     path = accumulate_path()
-    te_accumulation = {name: describe_gemms([FP8Options(scaling=cls()).accumulator(g) for g in range(3)])
-                       for name, cls in SCALINGS.items()}
+    te_accumulation = {
+        name: describe_gemms([FP8Options(scaling=cls()).accumulator(g) for g in range(3)])
+        for name, cls in SCALINGS.items()
+    }
     return {
         "accumulation": {"path": path.name, "reason": path.reason, "te": te_accumulation},
         "fp8lab": fp8lab.__version__,
@@ -110,7 +114,11 @@ def format_info(info: dict) -> str:
     dims = "x".join(str(d) for d in info["probe_dims"])
     for row in info["devices"]:
         cap = row["capability"]
-        hw = f"sm_{cap[0]}{cap[1]}, FP8 tensor cores: {'yes' if row['fp8_tensor_cores'] else 'no'}" if cap else "no FP8 hardware"
+        hw = (
+            f"sm_{cap[0]}{cap[1]}, FP8 tensor cores: {'yes' if row['fp8_tensor_cores'] else 'no'}"
+            if cap
+            else "no FP8 hardware"
+        )
         lines.append(f"{row['device']}: {row['name']} ({hw})")
         if "gemm_path" in row:
             lines.append(f"  emulated FP8 and BF16 GEMMs: {row['gemm_path']['name']} ({row['gemm_path']['reason']})")

@@ -22,8 +22,17 @@ from fp8lab.run.checkpoint import list_checkpoints
 
 def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m fp8lab.run.cli ...``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "fp8lab.run.cli", *worker_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "fp8lab.run.cli",
+        *worker_args,
+    ]
 
 
 def launch_local(nproc: int, worker_args: list[str], run_dir: Path, resume_command: list[str]) -> int:
@@ -48,8 +57,10 @@ def launch_local(nproc: int, worker_args: list[str], run_dir: Path, resume_comma
 
     # Ctrl-C reaches every process of the job through the terminal and torchrun passes
     # SIGTERM on to the workers: both end in a checkpoint. Here: wait, and pass SIGTERM on.
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+    }
     try:
         code = proc.wait()
     finally:
@@ -60,18 +71,21 @@ def launch_local(nproc: int, worker_args: list[str], run_dir: Path, resume_comma
     return code
 
 
-def failure_message(nproc: int, code: int, run_dir: Path, resume_command: list[str],
-                    signals: list[int] = ()) -> str:
+def failure_message(nproc: int, code: int, run_dir: Path, resume_command: list[str], signals: list[int] = ()) -> str:
     """What failed (or who stopped the job), and the command that continues it."""
     if signals:
         head = f"fp8lab run: the {nproc}-process job stopped on {signal.Signals(signals[0]).name}."
     else:
-        head = (f"fp8lab run: the {nproc}-process job failed (torchrun exit code {code}; its report "
-                "above names the rank that failed first and why).")
+        head = (
+            f"fp8lab run: the {nproc}-process job failed (torchrun exit code {code}; its report "
+            "above names the rank that failed first and why)."
+        )
     found = list_checkpoints(run_dir)
     if not found:
         return f"{head}\nNo checkpoint was written in {run_dir} yet: start the run again (without --resume)."
     step, path = found[-1]
     command = shlex.join([*resume_command, "--resume", str(run_dir)])
-    return (f"{head}\nNewest checkpoint: step {step} ({path}). Continue the run with (any --nproc that "
-            f"divides train.batch_size):\n  {command}")
+    return (
+        f"{head}\nNewest checkpoint: step {step} ({path}). Continue the run with (any --nproc that "
+        f"divides train.batch_size):\n  {command}"
+    )

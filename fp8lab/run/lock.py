@@ -76,8 +76,9 @@ def busy_message(run_dir: Path) -> str:
     pid = holder_pid(run_dir)
     who = f"process {pid}" if pid is not None else "another process"
     stop = f" or stop it with `kill -TERM {pid}` (it checkpoints first)" if pid is not None else ""
-    return (f"run folder {run_dir} is in use by {who}, which is writing into it; wait for it to finish{stop}, "
-            "then resume")
+    return (
+        f"run folder {run_dir} is in use by {who}, which is writing into it; wait for it to finish{stop}, then resume"
+    )
 
 
 def check_not_busy(run_dir: Path) -> None:

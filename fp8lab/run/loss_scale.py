@@ -51,7 +51,11 @@ class LossScaleConfig:
             raise ValueError(f"growth_factor must be a finite float > 1, got {self.growth_factor!r}")
         if not (real(self.backoff_factor) and 0 < self.backoff_factor < 1):
             raise ValueError(f"backoff_factor must be a float in (0, 1), got {self.backoff_factor!r}")
-        if isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval, int) or not 1 <= self.growth_interval < 2**31:
+        if (
+            isinstance(self.growth_interval, bool)
+            or not isinstance(self.growth_interval, int)
+            or not 1 <= self.growth_interval < 2**31
+        ):
             raise ValueError(f"growth_interval must be an int in [1, 2**31 - 1], got {self.growth_interval!r}")
 
 
@@ -77,8 +81,9 @@ class DynamicLossScaler:
         """After the optimizer step: back off when ``skipped`` (0-dim bool/float), else count
         a good step and grow after ``growth_interval`` of them (GradScaler.update)."""
         c = self.config
-        torch._amp_update_scale_(self.scale, self.growth_tracker, skipped.float(), c.growth_factor,
-                                 c.backoff_factor, c.growth_interval)
+        torch._amp_update_scale_(
+            self.scale, self.growth_tracker, skipped.float(), c.growth_factor, c.backoff_factor, c.growth_interval
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors (checkpoints load with ``weights_only=True``), restored bit for bit."""
@@ -89,8 +94,9 @@ class DynamicLossScaler:
         self.growth_tracker.copy_(state["growth_tracker"])
 
 
-def clip_scaled_(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float,
-                 scale: torch.Tensor | None) -> torch.Tensor:
+def clip_scaled_(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float, scale: torch.Tensor | None
+) -> torch.Tensor:
     """Clip gradients that are scaled (by ``scale``) or held in 16 bits, without touching them.
 
     ``clip_grad_norm_`` would take the norm in the gradients' dtype (an FP16 norm of

@@ -84,8 +84,9 @@ def estimate(config, processes: int = 1) -> Estimate:
     t = config.train
     batch = max(t.batch_size // processes, 1)
     tokens = batch * t.block_size
-    activations = tokens * (ACTIVATION_BYTES_PER_BLOCK * shape["num_layers"] * shape["hidden_size"]
-                            + LOGIT_BYTES * shape["vocab_size"])
+    activations = tokens * (
+        ACTIVATION_BYTES_PER_BLOCK * shape["num_layers"] * shape["hidden_size"] + LOGIT_BYTES * shape["vocab_size"]
+    )
     val_batches = t.eval_batches * 2 * t.batch_size * t.block_size * 8  # int64 (x, y), kept on the device
     other = histories * fp8_layers(shape) * HISTORY_ROW_BYTES + val_batches
     return Estimate(params, state, activations, other)
@@ -95,8 +96,10 @@ def checkpoint_bytes(config) -> int:
     """About the size of one checkpoint file of ``config``."""
     shape = gpt_shape(config)
     histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
-    return (sum(CHECKPOINT_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * gpt_params(shape)
-            + histories * fp8_layers(shape) * HISTORY_ROW_BYTES)
+    return (
+        sum(CHECKPOINT_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * gpt_params(shape)
+        + histories * fp8_layers(shape) * HISTORY_ROW_BYTES
+    )
 
 
 def _cgroup_free() -> int | None:

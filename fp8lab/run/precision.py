@@ -36,8 +36,12 @@ from fp8lab.run.checks import ConfigError
 ACTIVATIONS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "bf16"}  # precision -> default
 FP8_ACTIVATIONS = ("bf16", "fp16")  # what an FP8 variant's activations may be (Transformer Engine's)
 FP8_FIELDS = ("scaling", "backend", "fallback", "accumulation", "keep_bf16", "first_last_bf16")
-LOSS_SCALE_FIELDS = ("loss_scale_init", "loss_scale_growth_factor", "loss_scale_backoff_factor",
-                     "loss_scale_growth_interval")
+LOSS_SCALE_FIELDS = (
+    "loss_scale_init",
+    "loss_scale_growth_factor",
+    "loss_scale_backoff_factor",
+    "loss_scale_growth_interval",
+)
 
 
 @dataclass(frozen=True)
@@ -111,20 +115,28 @@ def check_variant(variant) -> None:
         variant: the Variant being validated (its precision is one of ACTIVATIONS).
     """
     key, precision = f"variants.{variant.name}", variant.precision
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(variant) if f.name in FP8_FIELDS + LOSS_SCALE_FIELDS}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(variant)
+        if f.name in FP8_FIELDS + LOSS_SCALE_FIELDS
+    }
 
     def refuse(field: str, why: str) -> None:
-        raise ConfigError(f"{key}.{field} does not apply to precision {precision!r} ({why}); got "
-                          f"{getattr(variant, field)!r}: remove it, or change {key}.precision")
+        raise ConfigError(
+            f"{key}.{field} does not apply to precision {precision!r} ({why}); got "
+            f"{getattr(variant, field)!r}: remove it, or change {key}.precision"
+        )
 
     if variant.activations is not None:
         if precision != "fp8":
-            refuse("activations", f"precision {precision!r} runs its activations in {ACTIVATIONS[precision]}; "
-                   "only 'fp8' chooses them")
+            refuse(
+                "activations",
+                f"precision {precision!r} runs its activations in {ACTIVATIONS[precision]}; only 'fp8' chooses them",
+            )
         if variant.activations not in FP8_ACTIVATIONS:
-            raise ConfigError(f"{key}.activations must be one of {FP8_ACTIVATIONS} or None (bf16), "
-                              f"got {variant.activations!r}")
+            raise ConfigError(
+                f"{key}.activations must be one of {FP8_ACTIVATIONS} or None (bf16), got {variant.activations!r}"
+            )
     if not isinstance(variant.master_weights, bool):
         raise ConfigError(f"{key}.master_weights must be a bool, got {variant.master_weights!r}")
     if precision == "fp32" and not variant.master_weights:
@@ -136,5 +148,8 @@ def check_variant(variant) -> None:
     if not rung_of(variant).loss_scaling:
         for field in LOSS_SCALE_FIELDS:
             if getattr(variant, field) != defaults[field]:
-                refuse(field, "loss scaling is for FP16 activations: precision 'fp16', or 'fp8' with "
-                       "activations='fp16'; bf16 and fp32 have fp32's exponent range")
+                refuse(
+                    field,
+                    "loss scaling is for FP16 activations: precision 'fp16', or 'fp8' with "
+                    "activations='fp16'; bf16 and fp32 have fp32's exponent range",
+                )

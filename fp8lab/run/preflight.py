@@ -15,8 +15,9 @@ from fp8lab.run.checkpoint import CheckpointError, checkpoint_dir
 from fp8lab.run.lock import check_not_busy
 
 
-def preflight(config, device, *, world_size: int, is_main: bool, out_root: Path,
-              resume: Path | None, run_dir: Path | None) -> None:
+def preflight(
+    config, device, *, world_size: int, is_main: bool, out_root: Path, resume: Path | None, run_dir: Path | None
+) -> None:
     """Raise CheckpointError, RunFolderBusy, StorageError or ResourceError, or return.
 
     Args:

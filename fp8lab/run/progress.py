@@ -38,7 +38,9 @@ class Progress:
         done = step - self.first_step
         eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
         eta_text = f"{eta:.0f}s" if eta == eta else "?"
-        self._print(f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | {tps / 1e3:.1f}k tok/s/variant | eta {eta_text}")
+        self._print(
+            f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | {tps / 1e3:.1f}k tok/s/variant | eta {eta_text}"
+        )
 
     def note(self, text: str) -> None:
         self._print(f"  {text}", final=True)
@@ -54,12 +56,14 @@ class Progress:
         self._print(
             f"\n{signal_name} received: finished step {step}, wrote {checkpoint}.\n"
             f"Resume with: fp8lab run <the same recipe and --set options> --resume {run_dir}",
-            final=True, always=True,
+            final=True,
+            always=True,
         )
 
     def stopped_at_end(self, signal_name: str, run_dir) -> None:
         self._print(
             f"\n{signal_name} received while writing the final checkpoint and summary; both were completed "
             f"first: the run is finished ({run_dir}).",
-            final=True, always=True,
+            final=True,
+            always=True,
         )

@@ -38,8 +38,10 @@ def load_recipe(path: str | Path) -> RunConfig:
     except OSError as err:
         raise ConfigError(f"recipe {path} cannot be read: {err.strerror or err}") from None
     except SystemExit as err:  # a recipe is not a script: exiting would end fp8lab "successfully"
-        raise ConfigError(f"recipe {path} exited while loading (SystemExit({err.code!r}){_line(err, path)}); "
-                          "a recipe only defines config()") from None
+        raise ConfigError(
+            f"recipe {path} exited while loading (SystemExit({err.code!r}){_line(err, path)}); "
+            "a recipe only defines config()"
+        ) from None
     except Exception as err:  # a broken recipe file: say which and how
         raise ConfigError(f"recipe {path} failed to load{_line(err, path)}: {type(err).__name__}: {err}") from None
     if not callable(getattr(module, "config", None)):
@@ -49,8 +51,9 @@ def load_recipe(path: str | Path) -> RunConfig:
     except ConfigError as err:
         raise ConfigError(f"recipe {path}: {err}") from None
     except SystemExit as err:
-        raise ConfigError(f"recipe {path}: config() exited (SystemExit({err.code!r}){_line(err, path)}); "
-                          "it must return a RunConfig") from None
+        raise ConfigError(
+            f"recipe {path}: config() exited (SystemExit({err.code!r}){_line(err, path)}); it must return a RunConfig"
+        ) from None
     except Exception as err:  # the recipe's own code failed: a user error, shown as one line
         raise ConfigError(f"recipe {path}: config() raised{_line(err, path)}: {type(err).__name__}: {err}") from None
     if not isinstance(config, RunConfig):

@@ -23,8 +23,9 @@ def wait_past_event_files(run_dir: Path) -> None:
     in the same second as the dead run's can sort before it (``...12.10`` < ``...12.9``),
     and its events would then be read first and purge the earlier ones.
     """
-    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("*/events.out.tfevents.*")
-               if p.name.split(".")[3].isdigit()]
+    seconds = [
+        int(p.name.split(".")[3]) for p in run_dir.glob("*/events.out.tfevents.*") if p.name.split(".")[3].isdigit()
+    ]
     if seconds:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
@@ -32,8 +33,15 @@ def wait_past_event_files(run_dir: Path) -> None:
 def hparams_of(config: RunConfig, variant) -> dict:
     scaling = {f"scaling.{k}": v for k, v in dataclasses.asdict(variant.scaling).items()}  # the recipe's own fields
     return {
-        "variant": variant.name, "precision": variant.precision, "scaling": variant.scaling.name, **scaling,
-        "first_last_bf16": variant.first_last_bf16, "accumulation": variant.accumulation,
-        "activations": rung_of(variant).activations, "master_weights": variant.master_weights,
-        "steps": config.train.steps, "lr": config.train.lr, "batch_size": config.train.batch_size,
+        "variant": variant.name,
+        "precision": variant.precision,
+        "scaling": variant.scaling.name,
+        **scaling,
+        "first_last_bf16": variant.first_last_bf16,
+        "accumulation": variant.accumulation,
+        "activations": rung_of(variant).activations,
+        "master_weights": variant.master_weights,
+        "steps": config.train.steps,
+        "lr": config.train.lr,
+        "batch_size": config.train.batch_size,
     }

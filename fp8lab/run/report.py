@@ -55,8 +55,10 @@ def read_variant(variant_dir: Path) -> tuple[dict, dict, tuple[dict, dict]]:
     if not any(isinstance(v, list) and v for v in acc.Tags().values()):
         if any(p.stat().st_size for p in variant_dir.glob("events.out.tfevents.*")):
             # every run writes its layout and layer table first: nothing readable means damage
-            raise ReportError(f"the event files in {variant_dir} hold no readable event (damaged or not "
-                              "TensorBoard files); restore them from a copy, or move them away")
+            raise ReportError(
+                f"the event files in {variant_dir} hold no readable event (damaged or not "
+                "TensorBoard files); restore them from a copy, or move them away"
+            )
     out, accuracy = {}, {}
     for tag in acc.Tags()["scalars"]:
         key = parse_tag(tag)
@@ -75,12 +77,17 @@ def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> lis
         return []
     sqnr = {layer: [_mean(accuracy.get((layer, f"{g}_sqnr_db"), [])) for g in GEMM_NAMES] for layer in layers}
     measured = [layer for layer in layers if any(v == v for v in sqnr[layer])]  # NaN != NaN
-    lines = ["", f"== {variant}: accuracy against the BF16 GEMM of the same operands (mean over log steps, lowest first)",
-             f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}"]
+    lines = [
+        "",
+        f"== {variant}: accuracy against the BF16 GEMM of the same operands (mean over log steps, lowest first)",
+        f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}",
+    ]
     for layer in sorted(measured, key=lambda name: min(v for v in sqnr[name] if v == v))[:top]:
         lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in sqnr[layer]))
     lines += accumulation_lines(variant, accuracy, sqnr)
-    drift = {layer: accuracy[(layer, "weight_rel_diff")][-1] for layer in layers if accuracy.get((layer, "weight_rel_diff"))}
+    drift = {
+        layer: accuracy[(layer, "weight_rel_diff")][-1] for layer in layers if accuracy.get((layer, "weight_rel_diff"))
+    }
     if drift:
         lines += ["", f"== {variant}: weight drift ||W - W_bf16|| / ||W_bf16|| at the last log step (largest first)"]
         lines += [f"{layer:<34} {value:>9.3g}" for layer, value in sorted(drift.items(), key=lambda kv: -kv[1])[:top]]
@@ -96,15 +103,20 @@ def accumulation_lines(variant: str, accuracy: dict, sqnr: dict) -> list[str]:
     measured = [layer for layer in accum if any(v == v for v in accum[layer])]
     if not measured:
         return []
-    lines = ["", f"== {variant}: accumulator SQNR against fp32 accumulation (mean over log steps; the tensor cores' "
-             "accumulator alone, lowest first)", f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}"]
+    lines = [
+        "",
+        f"== {variant}: accumulator SQNR against fp32 accumulation (mean over log steps; the tensor cores' "
+        "accumulator alone, lowest first)",
+        f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}",
+    ]
     dominated = []
     for layer in sorted(measured, key=lambda name: min(v for v in accum[name] if v == v)):
         lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in accum[layer]))
         for gemm, acc_db, total_db in zip(GEMM_NAMES, accum[layer], sqnr[layer]):
             if acc_db == acc_db and total_db == total_db and acc_db <= total_db + ACCUMULATION_DOMINATES_DB:
-                dominated.append(f"{layer} {gemm} ({acc_db:.1f} dB against fp32 accumulation, {total_db:.1f} dB "
-                                 "against BF16)")
+                dominated.append(
+                    f"{layer} {gemm} ({acc_db:.1f} dB against fp32 accumulation, {total_db:.1f} dB against BF16)"
+                )
     if dominated:
         lines.append("accumulation, not the FP8 cast, dominates the error of: " + "; ".join(dominated))
     else:
@@ -122,7 +134,11 @@ def _summary_lines(run_dir: Path, path: Path) -> list[str]:
         summary = json.loads(path.read_text())
         lines = [f"run {run_dir}  (recipe {summary['recipe']}, {summary['steps']} steps, {summary['device']})"]
         for name, v in summary["variants"].items():
-            gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}% vs {summary['baseline']}"
+            gap = (
+                "baseline"
+                if v["val_loss_rel_gap"] is None
+                else f"{100 * v['val_loss_rel_gap']:+.2f}% vs {summary['baseline']}"
+            )
             loss = "-" if v["final_val_loss"] is None else f"{v['final_val_loss']:.4f}"
             lines.append(f"  {name:<22} val loss {loss}  {gap}")
     except OSError as err:
@@ -157,9 +173,13 @@ def report(run_dir: str | Path) -> str:
     try:
         variants = sorted(p for p in run_dir.iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*")))
     except OSError as err:
-        raise ReportError(f"run folder {str(run_dir)!r} cannot be read ({err.strerror or err}); check its permissions") from None
+        raise ReportError(
+            f"run folder {str(run_dir)!r} cannot be read ({err.strerror or err}); check its permissions"
+        ) from None
     if not variants:
-        raise ReportError(f"run folder {str(run_dir)!r} holds no TensorBoard event files (is it logs/<recipe>/<run_id>?)")
+        raise ReportError(
+            f"run folder {str(run_dir)!r} holds no TensorBoard event files (is it logs/<recipe>/<run_id>?)"
+        )
     lines = []
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -172,17 +192,28 @@ def report(run_dir: str | Path) -> str:
         except ReportError:
             raise
         except Exception as err:  # TensorBoard's reader: unreadable or damaged event files
-            raise ReportError(f"the event files in {variant_dir} cannot be read ({type(err).__name__}: "
-                              f"{str(err)[:200]}); check their permissions, or restore them from a copy") from None
+            raise ReportError(
+                f"the event files in {variant_dir} cannot be read ({type(err).__name__}: "
+                f"{str(err)[:200]}); check their permissions, or restore them from a copy"
+            ) from None
         if not scaling:
             continue
-        lines += ["", f"== {variant_dir.name}: mean over log steps", f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}"]
+        lines += [
+            "",
+            f"== {variant_dir.name}: mean over log steps",
+            f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}",
+        ]
         layers = sorted({k[0] for k in scaling})
         attention = []
         for layer in layers:
             for role in ROLE_NAMES:
-                m = {f: _mean(scaling.get((layer, role, f), [])) for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")}
-                lines.append(f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} {m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}")
+                m = {
+                    f: _mean(scaling.get((layer, role, f), []))
+                    for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")
+                }
+                lines.append(
+                    f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} {m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}"
+                )
                 if m["overflow_pct"] > OVERFLOW_PCT:
                     attention.append((layer, role, f"overflow {m['overflow_pct']:.3f}%", ADVICE["overflow"]))
                 if m["underflow_pct"] > UNDERFLOW_PCT:
@@ -195,6 +226,8 @@ def report(run_dir: str | Path) -> str:
             lines.append(f"layers worth attention ({variant_dir.name}):")
             lines += [f"  {layer}/{role}: {what} -> {advice}" for layer, role, what, advice in attention]
         else:
-            lines.append(f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)")
+            lines.append(
+                f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)"
+            )
         lines += accuracy_lines(variant_dir.name, accuracy)
     return "\n".join(lines)

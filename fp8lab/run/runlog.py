@@ -34,7 +34,9 @@ class RunLog:
             return
         if purge is not None:
             wait_past_event_files(run_dir)
-        self.writers = {run.variant.name: VariantWriter(run_dir, run.variant.name, purge_step=purge) for run in variants}
+        self.writers = {
+            run.variant.name: VariantWriter(run_dir, run.variant.name, purge_step=purge) for run in variants
+        }
         if start_step == 0:
             for run in variants:
                 writer = self.writers[run.variant.name]
@@ -50,8 +52,9 @@ class RunLog:
         for run in variants:
             final = result["variants"][run.variant.name]
             metrics = {k: v for k, v in final.items() if k in ("final_val_loss", "val_loss_rel_gap") and v is not None}
-            self.writers[run.variant.name].hparams(hparams_of(config, run.variant),
-                                                   {f"hparam/{k}": v for k, v in metrics.items()})
+            self.writers[run.variant.name].hparams(
+                hparams_of(config, run.variant), {f"hparam/{k}": v for k, v in metrics.items()}
+            )
 
     def flush(self) -> None:
         for writer in self.writers.values():

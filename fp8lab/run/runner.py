@@ -73,23 +73,40 @@ class Runner:
         ResourceError: the run's memory estimate exceeds the device's free memory.
     """
 
-    def __init__(self, config: RunConfig, out_root: str | Path = "logs", *, progress: bool = True,
-                 resume: str | Path | None = None, dist: Distributed | None = None,
-                 run_dir: str | Path | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        out_root: str | Path = "logs",
+        *,
+        progress: bool = True,
+        resume: str | Path | None = None,
+        dist: Distributed | None = None,
+        run_dir: str | Path | None = None,
+    ):
         self.config, t = config, config.train
         self.dist = dist if dist is not None else Distributed(device=resolve_device(t.device))
         check_world_size(config, self.dist.world_size)
         resume = Path(resume) if resume is not None else None
         run_dir = Path(run_dir) if run_dir is not None else None
-        preflight(config, self.dist.device, world_size=self.dist.world_size, is_main=self.dist.is_main,
-                  out_root=Path(out_root), resume=resume, run_dir=run_dir)
+        preflight(
+            config,
+            self.dist.device,
+            world_size=self.dist.world_size,
+            is_main=self.dist.is_main,
+            out_root=Path(out_root),
+            resume=resume,
+            run_dir=run_dir,
+        )
         self.device = self.dist.device
         self.corpus = load_corpus(config.data.source, val_fraction=config.data.val_fraction)
         self.variants = self._build_variants()
         # Accuracy against the baseline twin and the heatmap overview, per variant (log steps only).
         baseline = next(run for run in self.variants if run.variant.name == config.baseline)
-        self.drifts = {run.variant.name: WeightDrift(run.model, baseline.model)
-                       for run in self.variants if run.variant.precision == "fp8"}
+        self.drifts = {
+            run.variant.name: WeightDrift(run.model, baseline.model)
+            for run in self.variants
+            if run.variant.precision == "fp8"
+        }
         self.overviews = {run.variant.name: ScalingOverview(f"variant {run.variant.name}") for run in self.variants}
         self.sampler = BatchSampler(self.corpus.train, t.batch_size, t.block_size, t.seed)
         val = BatchSampler(self.corpus.val, t.batch_size, t.block_size, t.seed + 1)
@@ -147,8 +164,13 @@ class Runner:
 
     def _train(self) -> dict | None:
         cfg = self.config
-        self.log = RunLog(self.run_dir, self.variants, self.start_step, self.dist.is_main,
-                          f"source `{self.corpus.source}`, fingerprint `{self.corpus.fingerprint}`, device `{self.device}`")
+        self.log = RunLog(
+            self.run_dir,
+            self.variants,
+            self.start_step,
+            self.dist.is_main,
+            f"source `{self.corpus.source}`, fingerprint `{self.corpus.fingerprint}`, device `{self.device}`",
+        )
         if self.dist.enabled:  # a job that dies is resumed from this folder
             self.progress.note(f"run folder: {self.run_dir} ({self.dist.world_size} processes)")
         for step in range(self.start_step, cfg.train.steps):
@@ -171,7 +193,9 @@ class Runner:
         if log:  # every variant took this step: weights compare at the same step
             for run in self.variants:
                 self._log_train(run, step + 1, stats[run.variant.name])
-            self.progress.update(step + 1, {r.variant.name: self.summary.last_train(r.variant.name) for r in self.variants})
+            self.progress.update(
+                step + 1, {r.variant.name: self.summary.last_train(r.variant.name) for r in self.variants}
+            )
         if (step + 1) % t.eval_interval == 0 or step == t.steps - 1:
             self._evaluate(step + 1)
         if t.checkpoint_interval and (step + 1) % t.checkpoint_interval == 0 and step + 1 < t.steps:
@@ -214,7 +238,9 @@ class Runner:
         limit = self.config.train.max_consecutive_skips
         if metrics["faults/consecutive_skips"] < limit:
             return
-        layers = sorted(self.summary.nonfinite[run.variant.name].by_layer_role()) or ["none (the loss itself was non-finite)"]
+        layers = sorted(self.summary.nonfinite[run.variant.name].by_layer_role()) or [
+            "none (the loss itself was non-finite)"
+        ]
         last = self.folder.last_checkpoint
         last = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
         raise TrainingDiverged(

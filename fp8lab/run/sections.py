@@ -31,9 +31,18 @@ class DataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self):
-        check(isinstance(self.source, str) and (self.source == "stdlib" or self.source.startswith(("text:", "tokens:"))),
-               "data.source", "'stdlib', 'text:PATH' or 'tokens:PATH'", self.source)
-        check(isinstance(self.val_fraction, float) and 0 < self.val_fraction <= 0.5, "data.val_fraction", "a float in (0, 0.5]", self.val_fraction)
+        check(
+            isinstance(self.source, str) and (self.source == "stdlib" or self.source.startswith(("text:", "tokens:"))),
+            "data.source",
+            "'stdlib', 'text:PATH' or 'tokens:PATH'",
+            self.source,
+        )
+        check(
+            isinstance(self.val_fraction, float) and 0 < self.val_fraction <= 0.5,
+            "data.val_fraction",
+            "a float in (0, 0.5]",
+            self.val_fraction,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +55,18 @@ class ModelConfig:
     attention_core: str = "auto"  # "auto" (float32 on CPU), "native" or "fp32"
 
     def __post_init__(self):
-        check(isinstance(self.preset, str) and self.preset in PRESETS, "model.preset", f"one of {tuple(PRESETS)}", self.preset)
-        check(self.attention_core in ATTENTION_CORES, "model.attention_core", f"one of {ATTENTION_CORES}", self.attention_core)
+        check(
+            isinstance(self.preset, str) and self.preset in PRESETS,
+            "model.preset",
+            f"one of {tuple(PRESETS)}",
+            self.preset,
+        )
+        check(
+            self.attention_core in ATTENTION_CORES,
+            "model.attention_core",
+            f"one of {ATTENTION_CORES}",
+            self.attention_core,
+        )
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             value = getattr(self, name)
             if value is not None:
@@ -83,7 +102,16 @@ class TrainConfig:
     max_consecutive_skips: int = 5
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "block_size", "log_interval", "eval_interval", "eval_batches", "keep_checkpoints", "max_consecutive_skips"):
+        for name in (
+            "steps",
+            "batch_size",
+            "block_size",
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "keep_checkpoints",
+            "max_consecutive_skips",
+        ):
             check_int(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "seed", "checkpoint_interval"):
             check_int(getattr(self, name), f"train.{name}", low=0)
@@ -94,15 +122,30 @@ class TrainConfig:
         check(self.seed < 2**64, "train.seed", "an int in [0, 2**64 - 1] (torch seeds are 64-bit)", self.seed)
         for name in ("lr", "min_lr", "weight_decay"):
             value = getattr(self, name)
-            check(isinstance(value, float) and math.isfinite(value) and value >= 0, f"train.{name}", "a float >= 0 (finite)", value)
+            check(
+                isinstance(value, float) and math.isfinite(value) and value >= 0,
+                f"train.{name}",
+                "a float >= 0 (finite)",
+                value,
+            )
         # Degenerate values that train nothing: AdamW moves a weight by up to lr per step,
         # and multiplies it by (1 - lr * weight_decay); a gradient clipped to norm 0 is zero.
-        check(0 < self.lr <= 1, "train.lr", "a float in (0, 1] (AdamW moves every weight by up to lr per step)", self.lr)
+        check(
+            0 < self.lr <= 1, "train.lr", "a float in (0, 1] (AdamW moves every weight by up to lr per step)", self.lr
+        )
         check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr})", self.min_lr)
-        check(self.lr * self.weight_decay < 1, "train.weight_decay",
-               f"< 1 / train.lr ({1 / self.lr:.4g}): AdamW multiplies every weight by 1 - lr * weight_decay per step", self.weight_decay)
-        check(isinstance(self.grad_clip, float) and self.grad_clip > 0, "train.grad_clip",
-               "a float > 0 (inf: no clipping; 0 would zero every gradient)", self.grad_clip)
+        check(
+            self.lr * self.weight_decay < 1,
+            "train.weight_decay",
+            f"< 1 / train.lr ({1 / self.lr:.4g}): AdamW multiplies every weight by 1 - lr * weight_decay per step",
+            self.weight_decay,
+        )
+        check(
+            isinstance(self.grad_clip, float) and self.grad_clip > 0,
+            "train.grad_clip",
+            "a float > 0 (inf: no clipping; 0 would zero every gradient)",
+            self.grad_clip,
+        )
         check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
 
 
@@ -135,23 +178,36 @@ class Variant:
     loss_scale_growth_interval: int = 2000
 
     def __post_init__(self):
-        check(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
-               "variant.name", "letters, digits, '_' or '-'", self.name)
+        check(
+            isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
+            "variant.name",
+            "letters, digits, '_' or '-'",
+            self.name,
+        )
         check(self.precision in PRECISIONS, f"variants.{self.name}.precision", f"one of {PRECISIONS}", self.precision)
         try:  # FP8Options names the bad field first in its message
-            fp8 = FP8Options(scaling=self.scaling, backend=self.backend, fallback=self.fallback,
-                             accumulation=self.accumulation)
+            fp8 = FP8Options(
+                scaling=self.scaling, backend=self.backend, fallback=self.fallback, accumulation=self.accumulation
+            )
         except ValueError as err:
             raise ConfigError(f"variants.{self.name}.{err}") from None
         object.__setattr__(self, "fallback", fp8.fallback)  # a legacy spelling is stored normalised
         object.__setattr__(self, "_fp8", fp8)  # not a field: no second copy in to_dict() or the hash
-        check(isinstance(self.keep_bf16, tuple), f"variants.{self.name}.keep_bf16", "a tuple of name patterns", self.keep_bf16)
+        check(
+            isinstance(self.keep_bf16, tuple),
+            f"variants.{self.name}.keep_bf16",
+            "a tuple of name patterns",
+            self.keep_bf16,
+        )
         check_int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
         check_variant(self)
         try:  # LossScaleConfig names its field first: init, growth_factor, ...
-            loss_scale = LossScaleConfig(init=self.loss_scale_init, growth_factor=self.loss_scale_growth_factor,
-                                         backoff_factor=self.loss_scale_backoff_factor,
-                                         growth_interval=self.loss_scale_growth_interval)
+            loss_scale = LossScaleConfig(
+                init=self.loss_scale_init,
+                growth_factor=self.loss_scale_growth_factor,
+                backoff_factor=self.loss_scale_backoff_factor,
+                growth_interval=self.loss_scale_growth_interval,
+            )
         except ValueError as err:
             raise ConfigError(f"variants.{self.name}.loss_scale_{err}") from None
         object.__setattr__(self, "_loss_scale", loss_scale)

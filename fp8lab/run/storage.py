@@ -68,17 +68,21 @@ def check_writable(path: Path, what: str) -> None:
         raise StorageError(f"{what}: {existing} is a file, not a folder; choose another --out folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         verb = "write in" if existing == Path(os.path.abspath(path)) else "create folders in"
-        raise StorageError(f"{what}: no permission to {verb} {existing} (running as {_user()}); "
-                           "choose a folder you can write, or change its permissions")
+        raise StorageError(
+            f"{what}: no permission to {verb} {existing} (running as {_user()}); "
+            "choose a folder you can write, or change its permissions"
+        )
 
 
 def check_free_space(path: Path, needed: int, what: str) -> None:
     """Refuse a run whose file system cannot hold even one checkpoint (``needed`` bytes)."""
     free = shutil.disk_usage(nearest_existing(path)).free
     if free < needed:
-        raise StorageError(f"{what}: a checkpoint of this run takes about {needed / 2**20:.1f} MiB but only "
-                           f"{free / 2**20:.1f} MiB are free on {nearest_existing(path)}; free some space "
-                           "or choose another --out folder")
+        raise StorageError(
+            f"{what}: a checkpoint of this run takes about {needed / 2**20:.1f} MiB but only "
+            f"{free / 2**20:.1f} MiB are free on {nearest_existing(path)}; free some space "
+            "or choose another --out folder"
+        )
 
 
 def is_storage_fault(err: BaseException) -> bool:
@@ -96,10 +100,15 @@ def storage_error(err: OSError, run_dir: Path, last_checkpoint: Path | None) -> 
         cause = f"no permission to write{where}: {os.strerror(err.errno)}"
         todo = "make the run folder writable"
     if last_checkpoint is None:
-        return StorageError(f"cannot write the run folder {run_dir}: {cause}. No checkpoint was written yet; "
-                            f"{todo}, then start the run again (remove {run_dir} first)")
-    return StorageError(f"cannot write the run folder {run_dir}: {cause}. Partial files were removed and the "
-                        f"newest intact checkpoint is {last_checkpoint}; {todo}, then resume", run_dir=run_dir)
+        return StorageError(
+            f"cannot write the run folder {run_dir}: {cause}. No checkpoint was written yet; "
+            f"{todo}, then start the run again (remove {run_dir} first)"
+        )
+    return StorageError(
+        f"cannot write the run folder {run_dir}: {cause}. Partial files were removed and the "
+        f"newest intact checkpoint is {last_checkpoint}; {todo}, then resume",
+        run_dir=run_dir,
+    )
 
 
 def new_run_dir(out_root: Path, name: str, config_hash: str) -> Path:

@@ -28,9 +28,13 @@ from fp8lab.telemetry.step import FaultTotals
 
 TOP_LAYERS = 3
 # Exact byte counts a log step records (fp8lab/run/footprint.py), as summary.json names them.
-MEMORY_TAGS = {"perf/mem_params_bytes": "params_bytes", "perf/mem_grads_bytes": "grads_bytes",
-               "perf/mem_optimizer_bytes": "optimizer_bytes", "perf/mem_activations_saved_bytes": "activations_saved_bytes",
-               "perf/mem_weight_copies_saved_bytes": "weight_copies_saved_bytes"}
+MEMORY_TAGS = {
+    "perf/mem_params_bytes": "params_bytes",
+    "perf/mem_grads_bytes": "grads_bytes",
+    "perf/mem_optimizer_bytes": "optimizer_bytes",
+    "perf/mem_activations_saved_bytes": "activations_saved_bytes",
+    "perf/mem_weight_copies_saved_bytes": "weight_copies_saved_bytes",
+}
 SQNR, OVERFLOW, UNDERFLOW = (STAT_NAMES.index(s) for s in ("sqnr_db", "overflow_pct", "underflow_pct"))
 
 
@@ -63,23 +67,34 @@ class RunSummary:
     def state_dict(self) -> dict:
         """Plain containers only (checkpoints load with weights_only=True); keys of layers
         and recipes as "layer/role" and "layer|recipe|sqnr" strings (the checkpoint format)."""
-        whatif = {n: {f"{layer}|{recipe}|{what}": values for what, table in (("sqnr", self.whatif_sqnr[n]),
-                                                                              ("lost", self.whatif_lost[n]))
-                      for (layer, recipe), values in table.items()} for n in self.names}
-        return {"evals": self.evals, "train": self.train, "log_steps": dict(self.log_steps),
-                "overflow_steps": {n: _by_name(v) for n, v in self.overflow_steps.items()},
-                "underflow_sum": {n: _by_name(v) for n, v in self.underflow_sum.items()},
-                "nonfinite": {n: totals.by_layer_role() for n, totals in self.nonfinite.items()},
-                "whatif": whatif}
+        whatif = {
+            n: {
+                f"{layer}|{recipe}|{what}": values
+                for what, table in (("sqnr", self.whatif_sqnr[n]), ("lost", self.whatif_lost[n]))
+                for (layer, recipe), values in table.items()
+            }
+            for n in self.names
+        }
+        return {
+            "evals": self.evals,
+            "train": self.train,
+            "log_steps": dict(self.log_steps),
+            "overflow_steps": {n: _by_name(v) for n, v in self.overflow_steps.items()},
+            "underflow_sum": {n: _by_name(v) for n, v in self.underflow_sum.items()},
+            "nonfinite": {n: totals.by_layer_role() for n, totals in self.nonfinite.items()},
+            "whatif": whatif,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.evals = {n: list(v) for n, v in state["evals"].items()}
         self.train = {n: list(v) for n, v in state["train"].items()}
         self.log_steps = defaultdict(int, state["log_steps"])
-        self.overflow_steps = {n: defaultdict(int, {_layer_role(k): c for k, c in v.items()})
-                               for n, v in state["overflow_steps"].items()}
-        self.underflow_sum = {n: defaultdict(float, {_layer_role(k): c for k, c in v.items()})
-                              for n, v in state["underflow_sum"].items()}
+        self.overflow_steps = {
+            n: defaultdict(int, {_layer_role(k): c for k, c in v.items()}) for n, v in state["overflow_steps"].items()
+        }
+        self.underflow_sum = {
+            n: defaultdict(float, {_layer_role(k): c for k, c in v.items()}) for n, v in state["underflow_sum"].items()
+        }
         for n, by_layer_role in state["nonfinite"].items():
             self.nonfinite[n].load(by_layer_role)
         for n in self.names:
@@ -118,8 +133,14 @@ class RunSummary:
         saturated = sorted(_by_name(self.overflow_steps[name]).items(), key=lambda kv: -kv[1])
         underflow = sorted(_by_name(self.underflow_sum[name]).items(), key=lambda kv: -kv[1])
         return {
-            "most_saturated": [{"layer_role": k, "log_steps_over_threshold_pct": 100.0 * v / n} for k, v in saturated[:TOP_LAYERS] if v > 0],
-            "most_underflow": [{"layer_role": k, "mean_underflow_pct": v / n} for k, v in underflow[:TOP_LAYERS] if v > 0],
+            "most_saturated": [
+                {"layer_role": k, "log_steps_over_threshold_pct": 100.0 * v / n}
+                for k, v in saturated[:TOP_LAYERS]
+                if v > 0
+            ],
+            "most_underflow": [
+                {"layer_role": k, "mean_underflow_pct": v / n} for k, v in underflow[:TOP_LAYERS] if v > 0
+            ],
         }
 
     def _precision(self, name: str) -> dict:
@@ -159,7 +180,9 @@ class RunSummary:
                 "final_val_loss": loss,
                 "final_val_ppl": final.get("metrics/val_ppl"),
                 "final_val_token_acc": final.get("metrics/val_token_acc"),
-                "val_loss_rel_gap": None if loss is None or base_loss is None or name == self.config.baseline else (loss - base_loss) / base_loss,
+                "val_loss_rel_gap": None
+                if loss is None or base_loss is None or name == self.config.baseline
+                else (loss - base_loss) / base_loss,
                 "tokens_per_s": float(np.median(tps)) if tps else None,
                 "log_step_ms": float(np.median(log_ms)) if log_ms else None,
                 "first_train_loss": self.train[name][0][1]["loss/train"] if self.train[name] else None,
@@ -182,8 +205,10 @@ class RunSummary:
 
     def table(self, result: dict) -> str:
         gap_head = f"gap vs {result['baseline']}"
-        head = (f"{'variant':<16} {'scaling':<8} {'val loss':>9} {gap_head:>12} {'tokens/s':>10} {'state MiB':>10} "
-                f"{'saved MiB':>10} {'skipped':>8}  layers to watch")
+        head = (
+            f"{'variant':<16} {'scaling':<8} {'val loss':>9} {gap_head:>12} {'tokens/s':>10} {'state MiB':>10} "
+            f"{'saved MiB':>10} {'skipped':>8}  layers to watch"
+        )
         lines = [head, "-" * len(head)]
         for name, v in result["variants"].items():
             gap = "baseline" if v["val_loss_rel_gap"] is None else f"{100 * v['val_loss_rel_gap']:+.2f}%"
@@ -191,13 +216,18 @@ class RunSummary:
             state = sum(mem.get(k, 0) for k in ("params_bytes", "grads_bytes", "optimizer_bytes"))
             state_mib = f"{state / 2**20:.2f}" if state else "-"
             saved_mib = f"{mem['activations_saved_bytes'] / 2**20:.2f}" if "activations_saved_bytes" in mem else "-"
-            watch = ", ".join(f"{d['layer_role']} (overflow in {d['log_steps_over_threshold_pct']:.0f}% of logs)" for d in v["most_saturated"][:1])
+            watch = ", ".join(
+                f"{d['layer_role']} (overflow in {d['log_steps_over_threshold_pct']:.0f}% of logs)"
+                for d in v["most_saturated"][:1]
+            )
             watch += ("; " if watch and v["most_underflow"] else "") + ", ".join(
                 f"{d['layer_role']} (underflow {d['mean_underflow_pct']:.2f}%)" for d in v["most_underflow"][:1]
             )
             loss = f"{v['final_val_loss']:.4f}" if v["final_val_loss"] is not None else "-"
             tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
             scaling = v.get("scaling") or v.get("precision") or "-"
-            lines.append(f"{name:<16} {scaling:<8} {loss:>9} {gap:>12} {tps:>10} {state_mib:>10} {saved_mib:>10} "
-                         f"{v['skipped_steps']:>8.0f}  {watch or '-'}")
+            lines.append(
+                f"{name:<16} {scaling:<8} {loss:>9} {gap:>12} {tps:>10} {state_mib:>10} {saved_mib:>10} "
+                f"{v['skipped_steps']:>8.0f}  {watch or '-'}"
+            )
         return "\n".join(lines)

@@ -60,8 +60,12 @@ class StepTimer:
 
     def state_dict(self) -> dict:
         self._fold()
-        return {"seconds": self.seconds["train"], "steps": self.steps["train"],
-                "log_seconds": self.seconds["log"], "log_steps": self.steps["log"]}
+        return {
+            "seconds": self.seconds["train"],
+            "steps": self.steps["train"],
+            "log_seconds": self.seconds["log"],
+            "log_steps": self.steps["log"],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.seconds = {"train": float(state["seconds"]), "log": float(state.get("log_seconds", 0.0))}

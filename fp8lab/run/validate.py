@@ -38,13 +38,21 @@ ENUMERATED_BLOCKS = 4096
 
 def check_types(config) -> None:
     """The sections are the right objects (a recipe could hand anything to RunConfig)."""
-    _is(isinstance(config.name, str) and RUN_NAME.fullmatch(config.name) is not None, "name",
+    _is(
+        isinstance(config.name, str) and RUN_NAME.fullmatch(config.name) is not None,
+        "name",
         "a folder name: letters, digits, '_', '-', '.', not starting with '.' or '-' (the run goes to "
-        "--out/<name>/<run_id>, and a name with '/' or '..' would write elsewhere)", config.name)
+        "--out/<name>/<run_id>, and a name with '/' or '..' would write elsewhere)",
+        config.name,
+    )
     for key, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
         _is(isinstance(getattr(config, key), cls), key, f"a {cls.__name__}", getattr(config, key))
-    _is(isinstance(config.variants, tuple) and all(isinstance(v, Variant) for v in config.variants),
-        "variants", "a tuple of Variant", config.variants)
+    _is(
+        isinstance(config.variants, tuple) and all(isinstance(v, Variant) for v in config.variants),
+        "variants",
+        "a tuple of Variant",
+        config.variants,
+    )
     _is(isinstance(config.baseline, str), "baseline", "a variant name (str)", config.baseline)
 
 
@@ -84,9 +92,12 @@ def _check_model(config) -> int:
 
 def _check_variant(variant: Variant, num_layers: int) -> None:
     key = f"variants.{variant.name}"
-    _is(variant.name not in RESERVED_VARIANT_NAMES, "variant.name",
+    _is(
+        variant.name not in RESERVED_VARIANT_NAMES,
+        "variant.name",
         f"a name other than {', '.join(map(repr, RESERVED_VARIANT_NAMES))} (a folder the run folder holds itself)",
-        variant.name)
+        variant.name,
+    )
     try:
         policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16)
     except ValueError as err:
@@ -95,9 +106,12 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
         return  # the policy only moves FP8 layers; a BF16/FP32/FP16 variant has none
     limit = max_margin()
     margin = getattr(variant.scaling, "margin", 0)  # only delayed scaling has one
-    _is(margin <= limit, f"fp8.margin (of {key})",
-        f"<= {limit}: a larger margin puts even the amax below E4M3's smallest subnormal, so every value "
-        "casts to zero", margin)
+    _is(
+        margin <= limit,
+        f"fp8.margin (of {key})",
+        f"<= {limit}: a larger margin puts even the amax below E4M3's smallest subnormal, so every value casts to zero",
+        margin,
+    )
     blocks = _Blocks(num_layers)
     if not any(policy.reason_for(name, blocks) is None for name in _candidates(num_layers, variant.first_last_bf16)):
         raise ConfigError(
@@ -119,7 +133,7 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
 def max_margin() -> int:
     """The largest margin that keeps the amax itself representable in E4M3:
     (fp8_max / 2**margin) >= the smallest subnormal."""
-    smallest = E4M3.min_normal * 2.0 ** -E4M3.mantissa_bits
+    smallest = E4M3.min_normal * 2.0**-E4M3.mantissa_bits
     return math.floor(math.log2(E4M3.max / smallest))
 
 

@@ -42,8 +42,9 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
     the variant has no master weights."""
     rung = rung_of(variant)
     fp8 = variant.precision == "fp8"
-    policy = PrecisionPolicy(keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16,
-                             precision=rung.activations)
+    policy = PrecisionPolicy(
+        keep_bf16=variant.keep_bf16, first_last_bf16=variant.first_last_bf16, precision=rung.activations
+    )
     model = GPT.from_preset(
         config.model.preset,
         **config.model.overrides(),
@@ -70,9 +71,11 @@ def check_backends(model: torch.nn.Module, variant: Variant, device: torch.devic
         try:  # found installed; an import that fails (ABI, CUDA) would otherwise stop the first step
             importlib.import_module("transformer_engine.pytorch")
         except Exception as err:
-            raise ConfigError(f"{key}: Transformer Engine is installed but `import transformer_engine.pytorch` "
-                              f"failed ({type(err).__name__}: {err}); reinstall it for this torch "
-                              "(pip install 'fp8lab[te]') or set backend='scaled_mm'") from None
+            raise ConfigError(
+                f"{key}: Transformer Engine is installed but `import transformer_engine.pytorch` "
+                f"failed ({type(err).__name__}: {err}); reinstall it for this torch "
+                "(pip install 'fp8lab[te]') or set backend='scaled_mm'"
+            ) from None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -95,8 +98,14 @@ class VariantRun:
             the step then runs DDP on this rank's slice of the global batch.
     """
 
-    def __init__(self, variant: Variant, config: RunConfig, init_params: dict, device: torch.device,
-                 dist: Distributed | None = None):
+    def __init__(
+        self,
+        variant: Variant,
+        config: RunConfig,
+        init_params: dict,
+        device: torch.device,
+        dist: Distributed | None = None,
+    ):
         self.variant, self.config, self.device = variant, config, device
         self.dist = dist if dist is not None else Distributed(device=device)
         self.rung = rung_of(variant)
@@ -128,8 +137,9 @@ class VariantRun:
     def autocast(self):
         return self.rung.autocast(self.device)
 
-    def train_step(self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool,
-                   whatif: bool = True) -> LayerStats | None:
+    def train_step(
+        self, x_host: torch.Tensor, y_host: torch.Tensor, lr: float, log: bool, whatif: bool = True
+    ) -> LayerStats | None:
         """One optimizer step on the host batch (x, y); returns the layers' statistics on log
         steps, with the what-if statistics when ``whatif`` (else they are NaN, not logged)."""
         if self.first_batch_sha is None:  # once: proves every variant trained on the same tokens
@@ -240,8 +250,9 @@ class VariantRun:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])  # raises if scaling state is missing
         self.optimizer.load_state_dict(state["optimizer"])
-        self.telemetry.load_state_dict({"counters": state["counters"], "faults": state["faults"],
-                                        "steps_since_take": state["steps_since_log"]})
+        self.telemetry.load_state_dict(
+            {"counters": state["counters"], "faults": state["faults"], "steps_since_take": state["steps_since_log"]}
+        )
         self.first_batch_sha = state["first_batch_sha"]
         if "timer" in state:  # older checkpoints: the interval counts the steps timed after the resume
             self.timer.load_state_dict(state["timer"])

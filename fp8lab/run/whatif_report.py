@@ -23,8 +23,9 @@ CLEAR_DB = 0.25
 LOST_PCT = 1.0
 
 
-def best_by_layer(sqnr: dict[tuple[str, str], list[float]],
-                  lost: dict[tuple[str, str], list[float]] | None = None) -> dict[str, dict]:
+def best_by_layer(
+    sqnr: dict[tuple[str, str], list[float]], lost: dict[tuple[str, str], list[float]] | None = None
+) -> dict[str, dict]:
     """{layer: {"best", "margin_db", "sqnr_db": {recipe: dB}, "lost_pct": {recipe: %}}}.
 
     Args:
@@ -40,7 +41,10 @@ def best_by_layer(sqnr: dict[tuple[str, str], list[float]],
         finite = [v for v in values if math.isfinite(v)]
         lost_values = [v for v in lost.get((layer, recipe), []) if math.isfinite(v)]
         if finite:
-            per_layer[layer][recipe] = (sum(finite) / len(finite), sum(lost_values) / len(lost_values) if lost_values else 0.0)
+            per_layer[layer][recipe] = (
+                sum(finite) / len(finite),
+                sum(lost_values) / len(lost_values) if lost_values else 0.0,
+            )
     out = {}
     for layer, scores in sorted(per_layer.items()):
         keep = [r for r, (_, gone) in scores.items() if gone <= LOST_PCT] or list(scores)
@@ -82,8 +86,12 @@ def whatif_lines(variant: str, best: dict[str, dict], used: str | None) -> list[
     if not best:
         return []
     head = f"{'layer':<34} {'best':<8} {'lead dB':>7} " + " ".join(f"{r:>14}" for r in SCALINGS)
-    lines = ["", f"== {variant}: which scaling would have served each layer best (cast SQNR dB / % of values "
-             f"lost, mean over its operands and log steps{'; it ran ' + used if used else ''})", head]
+    lines = [
+        "",
+        f"== {variant}: which scaling would have served each layer best (cast SQNR dB / % of values "
+        f"lost, mean over its operands and log steps{'; it ran ' + used if used else ''})",
+        head,
+    ]
     for layer, entry in best.items():
         cells = " ".join(
             f"{entry['sqnr_db'][r]:>7.2f}/{entry['lost_pct'][r]:<6.2f}" if r in entry["sqnr_db"] else f"{'-':>14}"

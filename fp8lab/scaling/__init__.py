@@ -27,5 +27,14 @@ SCALINGS: dict[str, type[Scaling]] = {
     cls.name: cls for cls in (DelayedScaling, Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling)
 }
 
-__all__ = ["SCALINGS", "DelayedScaling", "Float8BlockScaling", "Float8CurrentScaling", "MXFP8BlockScaling", "Scaling",
-           "ScalingState", "compute_scale", "update_scales"]
+__all__ = [
+    "SCALINGS",
+    "DelayedScaling",
+    "Float8BlockScaling",
+    "Float8CurrentScaling",
+    "MXFP8BlockScaling",
+    "Scaling",
+    "ScalingState",
+    "compute_scale",
+    "update_scales",
+]

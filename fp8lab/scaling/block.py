@@ -67,8 +67,12 @@ class Float8BlockScaling(BlockwiseScaling):
 
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
         """(scale, scale_inv) of blocks with these amaxes; scale_inv = 1 / scale (exact)."""
-        value_for_inf = torch.finfo(input_dtype).max if input_dtype.is_floating_point else torch.finfo(torch.float32).max
-        scale = te_scale_from_amax(amax, fmt.max, pow2=True, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf)
+        value_for_inf = (
+            torch.finfo(input_dtype).max if input_dtype.is_floating_point else torch.finfo(torch.float32).max
+        )
+        scale = te_scale_from_amax(
+            amax, fmt.max, pow2=True, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf
+        )
         return scale, scale.reciprocal()
 
     def te_accumulation(self, gemm: int) -> str:
@@ -79,8 +83,10 @@ class Float8BlockScaling(BlockwiseScaling):
 
     def accumulation_error(self, acc) -> str | None:
         if acc.kind == "promoted" and acc.group_k != BLOCK:
-            return (f"block scaling applies its {BLOCK}-wide block scales at each promotion: promote_every x chunk "
-                    f"must be {BLOCK}, got {acc.promote_every} x {acc.chunk}")
+            return (
+                f"block scaling applies its {BLOCK}-wide block scales at each promotion: promote_every x chunk "
+                f"must be {BLOCK}, got {acc.promote_every} x {acc.chunk}"
+            )
         return super().accumulation_error(acc)
 
     def unsupported(self, backend: str, device) -> str | None:
@@ -90,7 +96,14 @@ class Float8BlockScaling(BlockwiseScaling):
         return super().unsupported(backend, device)
 
     def te_recipe(self) -> dict:
-        dims = {name: getattr(self, name) for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")}
+        dims = {
+            name: getattr(self, name)
+            for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")
+        }
         kwargs = {"fp8_format": te_format(self.fp8_format), **dims, "use_f32_scales": False, **TE_PINNED}
-        return {"recipe": "Float8BlockScaling", "kwargs": kwargs, "mmparams": self.te_split_accumulator(),
-                "qparams": {"power_2_scale": True, "amax_epsilon": float(self.amax_epsilon)}}
+        return {
+            "recipe": "Float8BlockScaling",
+            "kwargs": kwargs,
+            "mmparams": self.te_split_accumulator(),
+            "qparams": {"power_2_scale": True, "amax_epsilon": float(self.amax_epsilon)},
+        }

@@ -38,8 +38,9 @@ class BlockwiseScaling(Scaling):
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
         raise NotImplementedError
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
-                raw: bool = False) -> Operand:
+    def operand(
+        self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot, raw: bool = False
+    ) -> Operand:
         """Cast block by block with scales from each block's amax; the rowwise cast counts
         NaN/inf faults in training and leaves cast and block statistics on log steps.
         ``raw``: the FP8 values themselves, with each block's inverse scale repeated along the

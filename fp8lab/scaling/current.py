@@ -23,7 +23,11 @@ from fp8lab.scaling.te_scales import te_scale_from_amax
 
 def check_epsilon(epsilon) -> None:
     """Raise ``ValueError`` naming ``amax_epsilon`` unless it is a finite number >= 0."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon) and epsilon >= 0):
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not (math.isfinite(epsilon) and epsilon >= 0)
+    ):
         raise ValueError(f"amax_epsilon must be a finite float >= 0, got {epsilon!r}")
 
 
@@ -55,8 +59,9 @@ class Float8CurrentScaling(Scaling):
         """The scale of a tensor whose amax (TE's: NaN ignored) is ``amax``."""
         return te_scale_from_amax(amax, fmt.max, pow2=self.use_power_2_scales, epsilon=float(self.amax_epsilon))
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
-                raw: bool = False) -> Operand:
+    def operand(
+        self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot, raw: bool = False
+    ) -> Operand:
         """Cast with a scale from this tensor's own amax, now; a cast that met NaN or inf is
         counted in the slot's faults in training."""
         fmt, amaxes = self.format_for(role), amaxes_of(x2d)
@@ -78,5 +83,9 @@ class Float8CurrentScaling(Scaling):
         # environment variables at import), so they are set on the recipe object too.
         qparams = {"power_2_scale": self.use_power_2_scales, "amax_epsilon": float(self.amax_epsilon)}
         kwargs = {"fp8_format": te_format(self.fp8_format), "use_power_2_scales": self.use_power_2_scales, **TE_PINNED}
-        return {"recipe": "Float8CurrentScaling", "kwargs": kwargs, "mmparams": self.te_split_accumulator(),
-                "qparams": qparams}
+        return {
+            "recipe": "Float8CurrentScaling",
+            "kwargs": kwargs,
+            "mmparams": self.te_split_accumulator(),
+            "qparams": qparams,
+        }

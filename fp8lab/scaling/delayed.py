@@ -67,9 +67,7 @@ class DelayedScaling(Scaling):
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
         if self.amax_compute_algo not in AMAX_COMPUTE_ALGOS:
-            raise ValueError(
-                f"amax_compute_algo must be one of {AMAX_COMPUTE_ALGOS}, got {self.amax_compute_algo!r}"
-            )
+            raise ValueError(f"amax_compute_algo must be one of {AMAX_COMPUTE_ALGOS}, got {self.amax_compute_algo!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ValueError(f"margin must be an int >= 0, got {self.margin!r}")
         if not isinstance(self.reduce_amax, bool):
@@ -90,8 +88,9 @@ class DelayedScaling(Scaling):
         """
         return ScalingState(self, device=device)
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
-                raw: bool = False) -> Operand:
+    def operand(
+        self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot, raw: bool = False
+    ) -> Operand:
         """Cast with the state's scale for ``role``; in training, the amax into row 0."""
         fmt, scale = self.format_for(role), state.scale[role]
         if record:
@@ -108,9 +107,15 @@ class DelayedScaling(Scaling):
         return not_measured(x2d.device)
 
     def te_recipe(self) -> dict:
-        kwargs = {"fp8_format": te_format(self.fp8_format), "amax_history_len": self.amax_history_len,
-                  "amax_compute_algo": self.amax_compute_algo, "margin": self.margin, "reduce_amax": self.reduce_amax,
-                  "scaling_factor_compute_algo": None, **TE_PINNED}
+        kwargs = {
+            "fp8_format": te_format(self.fp8_format),
+            "amax_history_len": self.amax_history_len,
+            "amax_compute_algo": self.amax_compute_algo,
+            "margin": self.margin,
+            "reduce_amax": self.reduce_amax,
+            "scaling_factor_compute_algo": None,
+            **TE_PINNED,
+        }
         # TE's DelayedScaling has no fp8_gemm_* fields: its module defaults apply.
         return {"recipe": "DelayedScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
 
@@ -118,9 +123,7 @@ class DelayedScaling(Scaling):
 FP32_MAX = torch.finfo(torch.float32).max
 
 
-def compute_scale(
-    amax: torch.Tensor, scale: torch.Tensor, fp8_max: float | torch.Tensor, margin: int
-) -> torch.Tensor:
+def compute_scale(amax: torch.Tensor, scale: torch.Tensor, fp8_max: float | torch.Tensor, margin: int) -> torch.Tensor:
     """The scale that maps ``amax`` onto ``fp8_max``, with headroom ``2**margin``.
 
     ``scale = (fp8_max * 2**-margin) / amax`` element-wise in float32 (``fp8_max *
@@ -143,7 +146,7 @@ def compute_scale(
     """
     if not isinstance(fp8_max, torch.Tensor):
         fp8_max = torch.tensor(fp8_max, dtype=torch.float32, device=amax.device)
-    scaled_max = fp8_max * (2.0 ** -margin)  # exact: a power of two times 448 or 57344
+    scaled_max = fp8_max * (2.0**-margin)  # exact: a power of two times 448 or 57344
     new_scale = scaled_max / amax
     usable = (amax > 0) & torch.isfinite(amax)  # nan > 0 is False; inf is not finite
     new_scale = torch.where(usable, new_scale, scale)

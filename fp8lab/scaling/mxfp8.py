@@ -61,8 +61,10 @@ class MXFP8BlockScaling(BlockwiseScaling):
 
     def accumulation_error(self, acc) -> str | None:
         if acc.kind != "fp32":
-            return ("MXFP8's 32-element block scales are applied inside Blackwell's MMA, whose accumulator is not "
-                    "modelled; only 'fp32' (or 'te') accumulation applies")
+            return (
+                "MXFP8's 32-element block scales are applied inside Blackwell's MMA, whose accumulator is not "
+                "modelled; only 'fp32' (or 'te') accumulation applies"
+            )
         return None
 
     def unsupported(self, backend: str, device) -> str | None:
@@ -72,6 +74,10 @@ class MXFP8BlockScaling(BlockwiseScaling):
         return super().unsupported(backend, device)
 
     def te_recipe(self) -> dict:
-        kwargs = {"fp8_format": te_format(self.fp8_format), "margin": 0,
-                  "enable_2d_quantization": self.enable_2d_quantization, **TE_PINNED}
+        kwargs = {
+            "fp8_format": te_format(self.fp8_format),
+            "margin": 0,
+            "enable_2d_quantization": self.enable_2d_quantization,
+            **TE_PINNED,
+        }
         return {"recipe": "MXFP8BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}

@@ -92,8 +92,9 @@ class Scaling:
         delayed scaling; None: nothing persists from one step to the next)."""
         return None
 
-    def operand(self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot,
-                raw: bool = False) -> Operand:
+    def operand(
+        self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot, raw: bool = False
+    ) -> Operand:
         """``x2d`` (2-D, high precision) made into the operand of a GEMM contracting it as
         ``usage`` says (``ROWWISE`` or ``COLUMNWISE``).
 
@@ -149,4 +150,3 @@ class Scaling:
         environment at import), or None}. ``fp8lab.gemm.backends.te_mapping.make_te_recipe``
         builds it."""
         raise NotImplementedError
-

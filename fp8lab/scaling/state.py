@@ -71,10 +71,7 @@ class ScalingState(nn.Module):
 
     def extra_repr(self) -> str:
         r = self.scaling
-        return (
-            f"format={r.fp8_format}, history={r.amax_history_len}, "
-            f"algo={r.amax_compute_algo}, margin={r.margin}"
-        )
+        return f"format={r.fp8_format}, history={r.amax_history_len}, algo={r.amax_compute_algo}, margin={r.margin}"
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -33,8 +33,11 @@ class WeightDrift:
     def __init__(self, model: nn.Module, reference: nn.Module):
         ref = dict(reference.named_modules())
         self.pairs = [
-            (name, m.weight, ref[name].weight) for name, m in model.named_modules()
-            if isinstance(m, Linear) and name in ref and getattr(ref[name], "weight", None) is not None
+            (name, m.weight, ref[name].weight)
+            for name, m in model.named_modules()
+            if isinstance(m, Linear)
+            and name in ref
+            and getattr(ref[name], "weight", None) is not None
             and ref[name].weight.shape == m.weight.shape
         ]
 

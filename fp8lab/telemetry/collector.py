@@ -63,8 +63,13 @@ class LayerStats:
 
     @classmethod
     def empty(cls) -> LayerStats:
-        return cls((), {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)},
-                   np.zeros((0, 3, len(WHATIF_RECIPES), len(STAT_NAMES))), np.zeros((0, 3)), np.zeros((0, 3)))
+        return cls(
+            (),
+            {f: np.zeros((0, 3)) for f in FIELDS + (NONFINITE,)},
+            np.zeros((0, 3, len(WHATIF_RECIPES), len(STAT_NAMES))),
+            np.zeros((0, 3)),
+            np.zeros((0, 3)),
+        )
 
     def column(self, field: str) -> np.ndarray:
         """(n_layers, 3) of a per-role field, or of ``SHADOW`` / ``ACCUM`` (per GEMM)."""
@@ -137,20 +142,34 @@ class ScalingCollector:
             layer.telemetry.disarm()
         rows = []
         for v in self._views():
+
             def nan(n: int, device=v.scale.device) -> torch.Tensor:
                 return torch.full((3, n), float("nan"), device=device)
 
             blocks = v.block_stats if v.block_stats is not None else nan(len(BLOCK_STAT_NAMES))
             whatif = v.whatif.reshape(3, -1) if v.whatif is not None else nan(_WHATIF_ROWS)
-            rows.append(torch.cat([v.scale[None], v.amax[None], v.cast_stats.t(), blocks.t(), whatif.t(),
-                                   _per_gemm(v, v.shadow_sqnr)[None], _per_gemm(v, v.accum_sqnr)[None]]))  # (_ROWS - 1, 3)
+            rows.append(
+                torch.cat(
+                    [
+                        v.scale[None],
+                        v.amax[None],
+                        v.cast_stats.t(),
+                        blocks.t(),
+                        whatif.t(),
+                        _per_gemm(v, v.shadow_sqnr)[None],
+                        _per_gemm(v, v.accum_sqnr)[None],
+                    ]
+                )
+            )  # (_ROWS - 1, 3)
         return torch.stack(rows)  # (n_layers, _ROWS - 1, 3)
 
     def read(self, snapshot: torch.Tensor | None) -> LayerStats:
         """``read_with`` without other values."""
         return self.read_with(snapshot, ())[0]
 
-    def read_with(self, snapshot: torch.Tensor | None, extra: tuple[torch.Tensor, ...]) -> tuple[LayerStats, list[float]]:
+    def read_with(
+        self, snapshot: torch.Tensor | None, extra: tuple[torch.Tensor, ...]
+    ) -> tuple[LayerStats, list[float]]:
         """The snapshot plus the non-finite amaxes counted by this step's update_scales, and
         the 0-dim ``extra`` tensors (the step's counters), copied to the host together: the one
         sync of a log step. Drains the fault counts. Returns (stats, [extra values])."""
@@ -160,13 +179,13 @@ class ScalingCollector:
             faults = torch.stack(counters)[:, None]  # (n, 1, 3)
             parts.append(torch.cat([snapshot, faults], dim=1).float().reshape(-1))  # (n_layers * _ROWS * 3,)
         flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
-        host_extra = flat[:len(extra)].tolist()
+        host_extra = flat[: len(extra)].tolist()
         if snapshot is None:
             return LayerStats.empty(), host_extra
         torch._foreach_zero_(counters)
-        host = flat[len(extra):].reshape(len(self.names), _ROWS, 3)
+        host = flat[len(extra) :].reshape(len(self.names), _ROWS, 3)
         values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
-        n, per_role = len(self.names), host[:, len(FIELDS):len(FIELDS) + _WHATIF_ROWS, :]
+        n, per_role = len(self.names), host[:, len(FIELDS) : len(FIELDS) + _WHATIF_ROWS, :]
         whatif = per_role.transpose(0, 2, 1).reshape(n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))
         return LayerStats(self.names, values, whatif, host[:, -3, :], host[:, -2, :]), host_extra
 

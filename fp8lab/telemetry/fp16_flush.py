@@ -46,12 +46,14 @@ class FP16FlushProbe:
                 nonzero = g != 0
                 self.counts[i, 0] += (nonzero & (g <= bound)).sum()
                 self.counts[i, 1] += nonzero.sum()
+
             return on_grad
 
         def hook_for(i: int):
             def forward_hook(module, args, output):
                 if output.requires_grad:
                     output.register_hook(count(i))
+
             return forward_hook
 
         self._handles = [layer.register_forward_hook(hook_for(i)) for i, (_, layer) in enumerate(self.layers)]
@@ -65,5 +67,8 @@ class FP16FlushProbe:
         """``{"precision/fp16_flush_pct/<layer>": %}`` since the last read (one host copy)."""
         host = self.counts.tolist()  # a copy (.cpu() of a CPU tensor would be the tensor itself)
         self.counts.zero_()
-        return {Key(FP16_FLUSH, name).tag: 100.0 * flush / total for (name, _), (flush, total) in zip(self.layers, host)
-                if total}
+        return {
+            Key(FP16_FLUSH, name).tag: 100.0 * flush / total
+            for (name, _), (flush, total) in zip(self.layers, host)
+            if total
+        }

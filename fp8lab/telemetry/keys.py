@@ -53,7 +53,7 @@ def parse_tag(tag: str) -> Key | None:
     for group, parts in _PARTS.items():
         prefix = group + "/"
         if tag.startswith(prefix):
-            pieces = tag[len(prefix):].split("/")
+            pieces = tag[len(prefix) :].split("/")
             if len(pieces) != 1 + len(parts) or not all(pieces):
                 return None
             return Key(group, pieces[0], **dict(zip(parts, pieces[1:])))

@@ -49,9 +49,17 @@ class Monitor:
         group: the data-parallel process group passed to ``update_scales``.
     """
 
-    def __init__(self, model: nn.Module, log_dir: str | Path, *, log_interval: int = 10,
-                 reference: nn.Module | None = None, histogram_interval: int = 100,
-                 whatif_interval: int | None = None, group=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        log_dir: str | Path,
+        *,
+        log_interval: int = 10,
+        reference: nn.Module | None = None,
+        histogram_interval: int = 100,
+        whatif_interval: int | None = None,
+        group=None,
+    ):
         self.telemetry = StepTelemetry(model, log_interval=log_interval, whatif_interval=whatif_interval, group=group)
         self.model, self.histogram_interval = model, histogram_interval
         self.drift = WeightDrift(model, reference) if reference is not None else None
@@ -105,8 +113,12 @@ class Monitor:
         """One log step: every value in one event (the record is the log step's one copy)."""
         stats = record.stats
         self.faults.add(stats)
-        values = {**stats.scalars(), **self.faults.scalars(), "faults/skipped_steps": record.counters["skipped"],
-                  "faults/consecutive_skips": record.counters["consecutive_skips"]}
+        values = {
+            **stats.scalars(),
+            **self.faults.scalars(),
+            "faults/skipped_steps": record.counters["skipped"],
+            "faults/consecutive_skips": record.counters["consecutive_skips"],
+        }
         if self._loss_given:
             values["loss/train"] = record.mean_loss
             self._loss_given = False

@@ -29,12 +29,21 @@ _STATS = ("scale", "amax") + STAT_NAMES
 LAYOUT = {
     "all layers: accuracy against BF16": {
         **{f"{gemm} output SQNR (dB)": ["Multiline", [rf"^accuracy/.*/{gemm}_sqnr_db$"]] for gemm in GEMM_NAMES},
-        **{f"{gemm} accumulator SQNR against fp32 accumulation (dB)": ["Multiline", [rf"^accuracy/.*/{gemm}_accum_sqnr_db$"]]
-           for gemm in GEMM_NAMES},
+        **{
+            f"{gemm} accumulator SQNR against fp32 accumulation (dB)": [
+                "Multiline",
+                [rf"^accuracy/.*/{gemm}_accum_sqnr_db$"],
+            ]
+            for gemm in GEMM_NAMES
+        },
         "weight drift ||W_fp8 - W_bf16|| / ||W_bf16||": ["Multiline", [r"^accuracy/.*/weight_rel_diff$"]],
     },
-    **{f"all layers: {stat}": {f"{role} {stat}": ["Multiline", [rf"^scaling/.*/{role}/{stat}$"]] for role in ROLE_NAMES}
-       for stat in _STATS},
+    **{
+        f"all layers: {stat}": {
+            f"{role} {stat}": ["Multiline", [rf"^scaling/.*/{role}/{stat}$"]] for role in ROLE_NAMES
+        }
+        for stat in _STATS
+    },
 }
 
 # Rows of panels: (what, the LayerStats field, its column names, colour scale).
@@ -108,8 +117,11 @@ class ScalingOverview:
 
     def state_dict(self) -> dict:
         """Tensors and plain containers (checkpoints load with weights_only=True)."""
-        return {"layers": list(self.layers), "steps": list(self.steps),
-                "values": {f: torch.from_numpy(np.stack(v)) if v else torch.zeros(0) for f, v in self.values.items()}}
+        return {
+            "layers": list(self.layers),
+            "steps": list(self.steps),
+            "values": {f: torch.from_numpy(np.stack(v)) if v else torch.zeros(0) for f, v in self.values.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.layers, self.steps = tuple(state["layers"]), list(state["steps"])
@@ -134,10 +146,18 @@ class ScalingOverview:
         img = Image.new("RGB", (width, height), (255, 255, 255))
         draw = ImageDraw.Draw(img)
         steps = f"steps {self.steps[0]}..{self.steps[-1]}" if self.steps else ""
-        draw.text((4, 2), f"{self.title}  {n} FP8 layers (rows) x {len(self.steps)} log steps (columns), {steps}",
-                  fill=(0, 0, 0), font=font)
-        draw.text((4, 2 + line_h), "overflow/underflow: black = none, log colour scale; grey = not measured",
-                  fill=(90, 90, 90), font=font)
+        draw.text(
+            (4, 2),
+            f"{self.title}  {n} FP8 layers (rows) x {len(self.steps)} log steps (columns), {steps}",
+            fill=(0, 0, 0),
+            font=font,
+        )
+        draw.text(
+            (4, 2 + line_h),
+            "overflow/underflow: black = none, log colour scale; grey = not measured",
+            fill=(90, 90, 90),
+            font=font,
+        )
         every = max(1, math.ceil(line_h / rh))  # label every k-th layer when rows are thin
         for p, (what, field, columns, kind) in enumerate(PANELS):
             top = 2 * line_h + 8 + p * block_h
@@ -155,8 +175,12 @@ class ScalingOverview:
                 bar = _colour_bar(kind, panel_w)
                 img.paste(Image.fromarray(bar, "RGB"), (left, bar_top))
                 draw.text((left, bar_top + 6), lo, fill=(60, 60, 60), font=font)
-                draw.text((left + max(panel_w - char_w * len(hi), char_w * (len(lo) + 1)), bar_top + 6), hi,
-                          fill=(60, 60, 60), font=font)
+                draw.text(
+                    (left + max(panel_w - char_w * len(hi), char_w * (len(lo) + 1)), bar_top + 6),
+                    hi,
+                    fill=(60, 60, 60),
+                    font=font,
+                )
         return np.asarray(img)
 
     def png(self) -> bytes:

@@ -41,11 +41,15 @@ def check_intervals(log_interval, whatif_interval, prefix: str = "") -> None:
     if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
         raise ValueError(f"{prefix}log_interval must be an int >= 1, got {log_interval!r}")
     if whatif_interval is not None and (
-        isinstance(whatif_interval, bool) or not isinstance(whatif_interval, int)
-        or whatif_interval < 1 or whatif_interval % log_interval
+        isinstance(whatif_interval, bool)
+        or not isinstance(whatif_interval, int)
+        or whatif_interval < 1
+        or whatif_interval % log_interval
     ):
-        raise ValueError(f"{prefix}whatif_interval must be None (every log step) or a positive multiple of "
-                         f"{prefix}log_interval ({log_interval}), got {whatif_interval!r}")
+        raise ValueError(
+            f"{prefix}whatif_interval must be None (every log step) or a positive multiple of "
+            f"{prefix}log_interval ({log_interval}), got {whatif_interval!r}"
+        )
 
 
 def is_log_step(step: int, log_interval: int, *, last: bool = False) -> bool:
@@ -132,8 +136,14 @@ class StepTelemetry:
         if log:
             self.collector.arm(whatif=whatif)
 
-    def end(self, *, loss: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-            fault: torch.Tensor | None = None, extra: tuple[torch.Tensor, ...] = ()) -> LogRecord | None:
+    def end(
+        self,
+        *,
+        loss: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+        fault: torch.Tensor | None = None,
+        extra: tuple[torch.Tensor, ...] = (),
+    ) -> LogRecord | None:
         """After ``optimizer.step()``: update the scales and the counters; on a log step,
         return what it read (one device-to-host copy); None between log steps.
 
@@ -154,7 +164,7 @@ class StepTelemetry:
         counters = tuple(self.counters[name] for name in COUNTERS)
         stats, host = self.collector.read_with(snapshot, counters + tuple(extra))
         self._restart()
-        return LogRecord(stats, dict(zip(COUNTERS, host)), host[len(COUNTERS):])
+        return LogRecord(stats, dict(zip(COUNTERS, host)), host[len(COUNTERS) :])
 
     def _count(self, loss, skip, fault) -> None:
         """The device counters (no host read)."""
@@ -167,7 +177,8 @@ class StepTelemetry:
             fault = skip if fault is None else fault
             c["skipped"] += skip.float()
             c["consecutive_skips"] = torch.where(
-                fault, c["consecutive_skips"] + 1, torch.where(skip, c["consecutive_skips"], 0.0))
+                fault, c["consecutive_skips"] + 1, torch.where(skip, c["consecutive_skips"], 0.0)
+            )
         self.steps_since_take += 1
 
     def _restart(self) -> None:
@@ -181,12 +192,15 @@ class StepTelemetry:
         the loss sum and good-step count start again. Its ``stats`` are empty."""
         _, host = self.collector.read_with(None, tuple(self.counters[name] for name in COUNTERS) + tuple(extra))
         self._restart()
-        return LogRecord(LayerStats.empty(), dict(zip(COUNTERS, host)), host[len(COUNTERS):])
+        return LogRecord(LayerStats.empty(), dict(zip(COUNTERS, host)), host[len(COUNTERS) :])
 
     def state_dict(self) -> dict:
         """Counters (device tensors, cloned) and the fault counts not yet collected."""
-        return {"counters": {n: t.detach().clone() for n, t in self.counters.items()},
-                "faults": self.collector.faults(), "steps_since_take": self.steps_since_take}
+        return {
+            "counters": {n: t.detach().clone() for n, t in self.counters.items()},
+            "faults": self.collector.faults(),
+            "steps_since_take": self.steps_since_take,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name, value in state["counters"].items():

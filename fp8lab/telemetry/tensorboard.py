@@ -29,7 +29,10 @@ CUSTOM_LAYOUT = {
     "FP8 vs BF16": {
         "train loss": ["Multiline", [r"loss/train"]],
         "validation loss": ["Multiline", [r"loss/val"]],
-        "relative val-loss gap to the baseline (BF16, or the FP32 reference)": ["Multiline", [r"compare/val_loss_rel_gap"]],
+        "relative val-loss gap to the baseline (BF16, or the FP32 reference)": [
+            "Multiline",
+            [r"compare/val_loss_rel_gap"],
+        ],
         "tokens/s": ["Multiline", [r"perf/tokens_per_s"]],
         "log step ms": ["Multiline", [r"perf/log_step_ms"]],
     }

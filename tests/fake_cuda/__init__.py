@@ -84,9 +84,23 @@ def shim() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [_compiler(), "-O1", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           f"-I{torch_dir / 'include'}", str(SOURCE), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
-           f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(tmp)]
+    cmd = [
+        _compiler(),
+        "-O1",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        f"-I{torch_dir / 'include'}",
+        str(SOURCE),
+        f"-L{torch_dir / 'lib'}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{torch_dir / 'lib'}",
+        "-o",
+        str(tmp),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, out)  # atomic: concurrent test processes never load a half-written file
     return out
@@ -103,10 +117,16 @@ def run_child(scenario: str, timeout: float = 300, **args) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["TORCHDYNAMO_DISABLE"] = "1"  # fp8lab's torch.compile'd CUDA casts run eagerly here (no Triton)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, "-m", "tests.fake_cuda.child", scenario, json.dumps(args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.fake_cuda.child", scenario, json.dumps(args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout[-3000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]).strip()
         raise AssertionError(f"fake-CUDA child {scenario!r} exited {proc.returncode}:\n{tail}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    return json.loads(lines[-1][len(RESULT_MARK) :])

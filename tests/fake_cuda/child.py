@@ -35,8 +35,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _scaling(name: str):
     import fp8lab
 
-    return {"delayed": lambda: fp8lab.DelayedScaling(amax_history_len=4), "current": fp8lab.Float8CurrentScaling,
-            "block": fp8lab.Float8BlockScaling, "mxfp8": fp8lab.MXFP8BlockScaling}[name]()
+    return {
+        "delayed": lambda: fp8lab.DelayedScaling(amax_history_len=4),
+        "current": fp8lab.Float8CurrentScaling,
+        "block": fp8lab.Float8BlockScaling,
+        "mxfp8": fp8lab.MXFP8BlockScaling,
+    }[name]()
 
 
 def _input(shape: str, m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -44,7 +48,11 @@ def _input(shape: str, m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     if shape == "2d":
         return torch.empty(m, k, device="cuda", dtype=dtype)
     if shape == "4d":  # (2, 1, M/2, K) when M is even, else (1, 1, M, K)
-        return torch.empty(2, 1, m // 2, k, device="cuda", dtype=dtype) if m % 2 == 0 else torch.empty(1, 1, m, k, device="cuda", dtype=dtype)
+        return (
+            torch.empty(2, 1, m // 2, k, device="cuda", dtype=dtype)
+            if m % 2 == 0
+            else torch.empty(1, 1, m, k, device="cuda", dtype=dtype)
+        )
     if shape == "permuted":  # (M, K) seen through a transpose: not contiguous
         return torch.empty(k, m, device="cuda", dtype=dtype).t()
     if shape == "sliced":  # (M, K) columns of a wider tensor: rows 16-byte aligned only if the parent's are
@@ -57,8 +65,13 @@ def run_config(cfg: dict, strict) -> dict:
     import fp8lab
 
     k, n = cfg.get("k", 64), cfg.get("n", 48)
-    layer = fp8lab.Linear(k, n, bias=cfg["bias"], fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), backend=cfg.get("backend", "auto")),
-                          device="cuda")
+    layer = fp8lab.Linear(
+        k,
+        n,
+        bias=cfg["bias"],
+        fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), backend=cfg.get("backend", "auto")),
+        device="cuda",
+    )
     plan = layer.plan()
     result = {"plan": plan.backend, "reason": plan.reason}
     x_dtype = DTYPES[cfg.get("x_dtype", "fp32")]
@@ -86,8 +99,18 @@ def run_config(cfg: dict, strict) -> dict:
         result["caught_by"] = _caught_by(err)
     if strict is not None:
         calls = strict.calls[n_calls:]
-        result["calls"] = [{"shapes": c.shapes, "strides": c.strides, "dtypes": c.dtypes, "scaling": c.scaling,
-                            "out": c.out_dtype, "bias": c.bias, "fast_accum": c.fast_accum} for c in calls]
+        result["calls"] = [
+            {
+                "shapes": c.shapes,
+                "strides": c.strides,
+                "dtypes": c.dtypes,
+                "scaling": c.scaling,
+                "out": c.out_dtype,
+                "bias": c.bias,
+                "fast_accum": c.fast_accum,
+            }
+            for c in calls
+        ]
     return result
 
 
@@ -156,8 +179,9 @@ def syncs(args: dict) -> dict:
     out = []
     with fake_mode():
         for cfg in args["configs"]:
-            layer = fp8lab.Linear(64, 48, fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), fallback="emulated"),
-                                  device="cuda")
+            layer = fp8lab.Linear(
+                64, 48, fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), fallback="emulated"), device="cuda"
+            )
             counter = D2HCounter()
             error = None
             try:
@@ -169,7 +193,9 @@ def syncs(args: dict) -> dict:
                     fp8lab.update_scales(layer)
             except Exception as err:  # noqa: BLE001
                 error = f"{type(err).__name__}: {str(err)[:300]}"
-            out.append({"plan": layer.plan().backend, "d2h": dict(counter.counts), "where": counter.where, "error": error})
+            out.append(
+                {"plan": layer.plan().backend, "d2h": dict(counter.counts), "where": counter.where, "error": error}
+            )
     return {"results": out}
 
 
@@ -191,11 +217,15 @@ def verdicts(args: dict) -> dict:
         scale_a = torch.empty(k // 128, m, device="cuda").t()  # (M, K/128), outer-dim-major
         scale_b = torch.empty(n // 128, k // 128, device="cuda").t()  # (K/128, N/128)
         call = dict(mat1=a, mat2=b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-        block = {"kinds": scaling_kinds(a, b, scale_a, scale_b),
-                 "sm_90": refusal(**call, capability=(9, 0)), "sm_89": refusal(**call, capability=(8, 9)),
-                 "sm_100": refusal(**call, capability=(10, 0)), "cublas_12.8": refusal(**call, capability=(9, 0), cublas=(12, 8)),
-                 "fast_accum": refusal(**call, use_fast_accum=True, capability=(9, 0)),
-                 "scale_a_row_major": refusal(**call | {"scale_a": scale_a.contiguous()}, capability=(9, 0))}
+        block = {
+            "kinds": scaling_kinds(a, b, scale_a, scale_b),
+            "sm_90": refusal(**call, capability=(9, 0)),
+            "sm_89": refusal(**call, capability=(8, 9)),
+            "sm_100": refusal(**call, capability=(10, 0)),
+            "cublas_12.8": refusal(**call, capability=(9, 0), cublas=(12, 8)),
+            "fast_accum": refusal(**call, use_fast_accum=True, capability=(9, 0)),
+            "scale_a_row_major": refusal(**call | {"scale_a": scale_a.contiguous()}, capability=(9, 0)),
+        }
     return {"crafted": crafted, "arch": arch, "block": block}
 
 

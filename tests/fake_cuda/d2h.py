@@ -30,8 +30,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 aten = torch.ops.aten
-VALUE_DEPENDENT = {"equal", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-                   "unique_dim", "is_nonzero", "allclose", "repeat_interleave", "bincount"}
+VALUE_DEPENDENT = {
+    "equal",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "is_nonzero",
+    "allclose",
+    "repeat_interleave",
+    "bincount",
+}
 
 
 def _on_cuda(x) -> bool:
@@ -41,7 +53,9 @@ def _on_cuda(x) -> bool:
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()[:-3]):
         if "/fp8lab/" in frame.filename or "/tests/" in frame.filename and "fake_cuda" not in frame.filename:
-            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+            return (
+                f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+            )
     return "?"
 
 
@@ -71,7 +85,11 @@ class D2HCounter(TorchDispatchMode):
         if func is aten._local_scalar_dense.default and _on_cuda(args[0]):
             self._count("item")
             return False if args[0].dtype == torch.bool else 0
-        if func is aten._to_copy.default and _on_cuda(args[0]) and torch.device(kwargs.get("device") or "cuda").type == "cpu":
+        if (
+            func is aten._to_copy.default
+            and _on_cuda(args[0])
+            and torch.device(kwargs.get("device") or "cuda").type == "cpu"
+        ):
             self._count("to_cpu")
             with _disable_current_modes():  # a real CPU tensor, so .numpy() and friends work
                 return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
@@ -79,8 +97,12 @@ class D2HCounter(TorchDispatchMode):
             self._count("copy_to_cpu")
             return args[0]
         blocking = not (kwargs.get("non_blocking") or (func is aten.copy_.default and len(args) > 2 and args[2]))
-        if blocking and func is aten._to_copy.default and args[0].device.type == "cpu" and \
-                torch.device(kwargs.get("device") or "cpu").type == "cuda":
+        if (
+            blocking
+            and func is aten._to_copy.default
+            and args[0].device.type == "cpu"
+            and torch.device(kwargs.get("device") or "cpu").type == "cuda"
+        ):
             self._count("h2d_blocking")
         if blocking and func is aten.copy_.default and _on_cuda(args[0]) and args[1].device.type == "cpu":
             self._count("h2d_blocking")

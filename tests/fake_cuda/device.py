@@ -24,7 +24,8 @@ def install(capability: tuple[int, int], name: str | None = None, cuda: str = "1
     import torch.cuda.amp.common
 
     name = name or {(8, 0): "NVIDIA A100 (fake)", (8, 9): "NVIDIA L4 (fake)", (9, 0): "NVIDIA H100 (fake)"}.get(
-        tuple(capability), f"fake sm_{capability[0]}{capability[1]}")
+        tuple(capability), f"fake sm_{capability[0]}{capability[1]}"
+    )
     cap = tuple(capability)
     torch.cuda.get_device_capability = lambda device=None: cap
     torch.cuda.get_device_name = lambda device=None: name

@@ -66,14 +66,23 @@ def _size_stride(scale: torch.Tensor, dim: int, size: int, stride: int) -> bool:
 
 
 def _is_1x128(t: torch.Tensor, s: torch.Tensor) -> bool:
-    return (t.dtype in FP8 and s.dtype == torch.float32 and s.dim() == 2 and _size_stride(s, 0, t.size(0), 1)
-            and _size_stride(s, 1, _cdiv(t.size(1), 128), t.size(0)))
+    return (
+        t.dtype in FP8
+        and s.dtype == torch.float32
+        and s.dim() == 2
+        and _size_stride(s, 0, t.size(0), 1)
+        and _size_stride(s, 1, _cdiv(t.size(1), 128), t.size(0))
+    )
 
 
 def _is_128x128(t: torch.Tensor, s: torch.Tensor) -> bool:
-    return (t.dtype in FP8 and s.dtype == torch.float32 and s.dim() == 2
-            and _size_stride(s, 0, _cdiv(t.size(0), 128), _cdiv(t.size(1), 128))
-            and _size_stride(s, 1, _cdiv(t.size(1), 128), 1))
+    return (
+        t.dtype in FP8
+        and s.dtype == torch.float32
+        and s.dim() == 2
+        and _size_stride(s, 0, _cdiv(t.size(0), 128), _cdiv(t.size(1), 128))
+        and _size_stride(s, 1, _cdiv(t.size(1), 128), 1)
+    )
 
 
 def _is_tensorwise(t, s) -> bool:
@@ -81,14 +90,25 @@ def _is_tensorwise(t, s) -> bool:
 
 
 def _is_rowwise(t, s) -> bool:
-    return (t.dtype in FP8 and s.dtype == torch.float32 and s.dim() == 2 and s.size(0) == t.size(0)
-            and s.size(1) == 1 and s.is_contiguous())
+    return (
+        t.dtype in FP8
+        and s.dtype == torch.float32
+        and s.dim() == 2
+        and s.size(0) == t.size(0)
+        and s.size(1) == 1
+        and s.is_contiguous()
+    )
 
 
 _KINDS = {"tensorwise": _is_tensorwise, "rowwise": _is_rowwise, "1x128": _is_1x128, "128x128": _is_128x128}
 # get_joint_scaling's order (fp8 pairs only; 1x32 and 1x16 are MXFP8/NVFP4, not modelled here)
-_PAIRS = (("tensorwise", "tensorwise"), ("rowwise", "rowwise"), ("128x128", "1x128"), ("1x128", "128x128"),
-          ("1x128", "1x128"))
+_PAIRS = (
+    ("tensorwise", "tensorwise"),
+    ("rowwise", "rowwise"),
+    ("128x128", "1x128"),
+    ("1x128", "128x128"),
+    ("1x128", "1x128"),
+)
 
 
 def scaling_kinds(mat1, mat2, scale_a, scale_b) -> tuple[str, str] | None:
@@ -103,20 +123,35 @@ def _ptr_aligned(t: torch.Tensor) -> bool:
     return (t.storage_offset() * t.element_size()) % ALIGN == 0
 
 
-def refusal(mat1, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False,
-            *, capability: tuple[int, int], cublas: tuple[int, int] = (12, 9)) -> str | None:
+def refusal(
+    mat1,
+    mat2,
+    scale_a,
+    scale_b,
+    bias=None,
+    scale_result=None,
+    out_dtype=None,
+    use_fast_accum=False,
+    *,
+    capability: tuple[int, int],
+    cublas: tuple[int, int] = (12, 9),
+) -> str | None:
     """The first CUDA rule (module docstring) that ``torch._scaled_mm(...)`` breaks, or None."""
     cap = tuple(capability)
     if not (cap == (8, 9) or cap >= (9, 0)):
-        return f"R-arch: torch._scaled_mm is only supported on compute capability >= 9.0 or 8.9, got sm_{cap[0]}{cap[1]}"
+        return (
+            f"R-arch: torch._scaled_mm is only supported on compute capability >= 9.0 or 8.9, got sm_{cap[0]}{cap[1]}"
+        )
     if mat1.dim() != 2 or mat2.dim() != 2:
         return "R-2d: mat1 and mat2 must be matrices"
     if mat1.size(1) != mat2.size(0):
         return f"R-inner: mat1 and mat2 shapes cannot be multiplied ({mat1.size(0)}x{mat1.size(1)} and {mat2.size(0)}x{mat2.size(1)})"
     kinds = scaling_kinds(mat1, mat2, scale_a, scale_b)
     if kinds is None:
-        return (f"R-scaling: invalid scaling configuration: scale_a {scale_a.dtype} {tuple(scale_a.shape)} stride "
-                f"{scale_a.stride()}, scale_b {scale_b.dtype} {tuple(scale_b.shape)} stride {scale_b.stride()}")
+        return (
+            f"R-scaling: invalid scaling configuration: scale_a {scale_a.dtype} {tuple(scale_a.shape)} stride "
+            f"{scale_a.stride()}, scale_b {scale_b.dtype} {tuple(scale_b.shape)} stride {scale_b.stride()}"
+        )
     if scale_result is not None and not (scale_result.numel() == 1 and scale_result.dtype == torch.float32):
         return "R-result: scale_result must be a float scalar"
     out = out_dtype if out_dtype is not None else mat1.dtype
@@ -138,8 +173,14 @@ def refusal(mat1, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtyp
             return f"R-bias: bias must be BFloat16 to compute {out} output, but got {bias.dtype}"
         if out == torch.float16 and bias.dtype != torch.float16:
             return f"R-bias: bias must be Float16 to compute {out} output, but got {bias.dtype}"
-    tensors = {"mat1": mat1, "mat2": mat2, "scale_a": scale_a, "scale_b": scale_b, "bias": bias,
-               "scale_result": scale_result}
+    tensors = {
+        "mat1": mat1,
+        "mat2": mat2,
+        "scale_a": scale_a,
+        "scale_b": scale_b,
+        "bias": bias,
+        "scale_result": scale_result,
+    }
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if any(d.type != "cuda" for d in devices.values()) or len(set(devices.values())) > 1:
         return f"R-device: expected all tensors on one CUDA device, got {devices}"
@@ -208,12 +249,17 @@ class StrictScaledMM(TorchDispatchMode):
                 raise CudaRefusal(f"CUDA would refuse this torch._scaled_mm: {why}")
             mat1, mat2 = bound["mat1"], bound["mat2"]
             bias = bound.get("bias")
-            self.calls.append(Call(
-                (tuple(mat1.shape), tuple(mat2.shape)), (mat1.stride(), mat2.stride()),
-                (str(mat1.dtype), str(mat2.dtype)),
-                scaling_kinds(mat1, mat2, bound["scale_a"], bound["scale_b"]),
-                str(bound.get("out_dtype") or mat1.dtype), None if bias is None else str(bias.dtype),
-                bool(bound.get("use_fast_accum", False))))
+            self.calls.append(
+                Call(
+                    (tuple(mat1.shape), tuple(mat2.shape)),
+                    (mat1.stride(), mat2.stride()),
+                    (str(mat1.dtype), str(mat2.dtype)),
+                    scaling_kinds(mat1, mat2, bound["scale_a"], bound["scale_b"]),
+                    str(bound.get("out_dtype") or mat1.dtype),
+                    None if bias is None else str(bias.dtype),
+                    bool(bound.get("use_fast_accum", False)),
+                )
+            )
         elif "scaled" in func.name() and ("_mm" in func.name()):
             raise CudaRefusal(f"{func.name()}: its CUDA rules are not modelled by tests.fake_cuda.strict_scaled_mm")
         return func(*args, **kwargs)

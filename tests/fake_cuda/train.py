@@ -26,8 +26,11 @@ from tests.fake_cuda.strict_scaled_mm import StrictScaledMM
 def _model(scaling_name: str):
     import fp8lab
 
-    scaling = {"delayed": fp8lab.DelayedScaling(amax_history_len=8), "current": fp8lab.Float8CurrentScaling(),
-               "block": fp8lab.Float8BlockScaling()}[scaling_name]
+    scaling = {
+        "delayed": fp8lab.DelayedScaling(amax_history_len=8),
+        "current": fp8lab.Float8CurrentScaling(),
+        "block": fp8lab.Float8BlockScaling(),
+    }[scaling_name]
     # Built on the device (torch's default-device context): ``.to("cuda")`` of a model made of
     # fake CPU tensors would swap parameter subclasses, which fake tensors do not allow.
     with torch.device("cuda"):
@@ -47,8 +50,12 @@ def _step(model, opt, monitor, batch, counter) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         written = monitor.end_step(loss)
-    return {"log_step": log, "d2h": dict(counter.counts), "where": list(counter.where),
-            "tags": len(written) if written is not None else None}
+    return {
+        "log_step": log,
+        "d2h": dict(counter.counts),
+        "where": list(counter.where),
+        "tags": len(written) if written is not None else None,
+    }
 
 
 def train(args: dict) -> dict:
@@ -62,8 +69,12 @@ def train(args: dict) -> dict:
         model = _model(args.get("scaling", "delayed"))
         out["plans"] = sorted({f"{r.backend}: {r.reason}" for r in fp8lab.describe(model)})
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
-        monitor = fp8lab.Monitor(model, os.path.join(tmp, "fp8"), log_interval=log_interval,
-                                 histogram_interval=args.get("histogram_interval", 4))
+        monitor = fp8lab.Monitor(
+            model,
+            os.path.join(tmp, "fp8"),
+            log_interval=log_interval,
+            histogram_interval=args.get("histogram_interval", 4),
+        )
         counter = D2HCounter()
         data = torch.randint(0, 256, (steps + 1, 2, 17), device="cuda")  # (steps, B, T + 1)
         with StrictScaledMM(capability=(9, 0)) as strict:
@@ -79,8 +90,12 @@ def train(args: dict) -> dict:
             loaded = torch.load(path, weights_only=True)
             out["checkpoint"] = {
                 "keys_equal": list(loaded) == list(state),
-                "mismatched": [k for k in state if (loaded[k].shape, loaded[k].dtype, loaded[k].device)
-                               != (state[k].shape, state[k].dtype, state[k].device)],
+                "mismatched": [
+                    k
+                    for k in state
+                    if (loaded[k].shape, loaded[k].dtype, loaded[k].device)
+                    != (state[k].shape, state[k].dtype, state[k].device)
+                ],
                 "fp8_state_keys": sum(k.endswith("fp8_state.amax_history") for k in state),
             }
             fresh = _model(args.get("scaling", "delayed"))

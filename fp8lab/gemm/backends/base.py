@@ -98,12 +98,21 @@ class QuantizedGemmBackend:
         if record:
             layer.note_training_forward()
         return quantized_linear(
-            x, layer.gemm_weight(), layer.bias, layer.fp8.scaling, layer.fp8_state, self, output_dtype(x), record,
-            layer.telemetry, self.accumulators(layer.fp8),
+            x,
+            layer.gemm_weight(),
+            layer.bias,
+            layer.fp8.scaling,
+            layer.fp8_state,
+            self,
+            output_dtype(x),
+            record,
+            layer.telemetry,
+            self.accumulators(layer.fp8),
         )
 
-    def fp32_reference(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, formats=(None, None),
-                       group_scales=(None, None)) -> torch.Tensor:
+    def fp32_reference(
+        self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, formats=(None, None), group_scales=(None, None)
+    ) -> torch.Tensor:
         """The same GEMM with an ideal fp32 accumulator (the hardware model of ``exact`` on this
         device), the reference of the accumulator telemetry; log steps only."""
         inv = a_inv if b_inv is None else (b_inv if a_inv is None else a_inv * b_inv)
@@ -120,11 +129,28 @@ class QuantizedGemmBackend:
         slot, state, device = layer.telemetry, layer.fp8_state, layer.weight.device
         stats = slot.cast_stats if slot.cast_stats is not None else not_measured(device)
         if state is not None:  # delayed scaling: the ScalingState holds scale, amax, faults
-            return ScalingView(state.scale, state.amax_history[0], stats, state.faults, state.amax_history,
-                               whatif=slot.whatif, shadow_sqnr=slot.shadow_sqnr, accum_sqnr=slot.accum_sqnr)
+            return ScalingView(
+                state.scale,
+                state.amax_history[0],
+                stats,
+                state.faults,
+                state.amax_history,
+                whatif=slot.whatif,
+                shadow_sqnr=slot.shadow_sqnr,
+                accum_sqnr=slot.accum_sqnr,
+            )
         scale_amax = slot.scale_amax if slot.scale_amax is not None else not_measured(device, 2)
         blocks = None
         if not layer.fp8.scaling.per_tensor:
             blocks = slot.block_stats if slot.block_stats is not None else not_measured(device, len(BLOCK_STAT_NAMES))
-        return ScalingView(scale_amax[:, 0], scale_amax[:, 1], stats, slot.fault_counts(device), None, blocks,
-                           slot.whatif, slot.shadow_sqnr, slot.accum_sqnr)
+        return ScalingView(
+            scale_amax[:, 0],
+            scale_amax[:, 1],
+            stats,
+            slot.fault_counts(device),
+            None,
+            blocks,
+            slot.whatif,
+            slot.shadow_sqnr,
+            slot.accum_sqnr,
+        )

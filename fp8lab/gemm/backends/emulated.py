@@ -58,13 +58,25 @@ class EmulatedBackend(QuantizedGemmBackend):
         """``x2d`` cast block by block with the given power-of-2 scales, dequantized exactly."""
         return cast_blocks_dequantized(x2d, block, scale, scale_inv, fmt, dtype=self.path.operand_dtype)
 
-    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, accumulator: Accumulator = FP32,
-             formats=(None, None), group_scales=(None, None)) -> torch.Tensor:
+    def gemm(
+        self,
+        a,
+        b,
+        a_inv,
+        b_inv,
+        out_dtype: torch.dtype,
+        bias=None,
+        *,
+        accumulator: Accumulator = FP32,
+        formats=(None, None),
+        group_scales=(None, None),
+    ) -> torch.Tensor:
         """The hardware model of ``a @ b`` with ``accumulator``; ``formats`` are the operands'
         FP8 formats and ``group_scales`` their per-group block scales (both for a fast or
         promoted accumulator, see ``fp8lab.gemm.accumulate``)."""
         if accumulator.kind == "fp32" and group_scales == (None, None):
             return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
-        acc = tensor_core_accumulate(a, b, *formats, accumulator, a_group_scale=group_scales[0],
-                                     b_group_scale=group_scales[1])
+        acc = tensor_core_accumulate(
+            a, b, *formats, accumulator, a_group_scale=group_scales[0], b_group_scale=group_scales[1]
+        )
         return epilogue(acc, _inv_product(a_inv, b_inv), out_dtype, bias)

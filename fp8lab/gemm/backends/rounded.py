@@ -48,4 +48,3 @@ class RoundedBackend:
 
     def scaling_view(self, layer: nn.Module) -> None:
         return None  # no FP8, no scaling to read
-

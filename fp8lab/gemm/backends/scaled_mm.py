@@ -70,8 +70,18 @@ class ScaledMMBackend(QuantizedGemmBackend):
         return cast_to_fp8(x_hp, scale, fmt)
 
     @staticmethod
-    def gemm(a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, accumulator: Accumulator = FP32,
-             formats=(None, None), group_scales=(None, None)) -> torch.Tensor:
+    def gemm(
+        a,
+        b,
+        a_inv,
+        b_inv,
+        out_dtype: torch.dtype,
+        bias=None,
+        *,
+        accumulator: Accumulator = FP32,
+        formats=(None, None),
+        group_scales=(None, None),
+    ) -> torch.Tensor:
         """cuBLASLt's FP8 GEMM; a "fast" accumulator is its FAST_ACCUM (``use_fast_accum``),
         any other its split accumulator, promoted at cuBLASLt's own (unpublished) interval:
         an ideal "fp32" accumulation does not exist on the hardware. Per-tensor scales only."""
@@ -83,7 +93,12 @@ class ScaledMMBackend(QuantizedGemmBackend):
         mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
         epilogue = bias if bias is not None and mm_dtype != torch.float32 else None
         out = torch._scaled_mm(
-            a, b, scale_a=a_inv.reshape(()), scale_b=b_inv.reshape(()), bias=epilogue, out_dtype=mm_dtype,
+            a,
+            b,
+            scale_a=a_inv.reshape(()),
+            scale_b=b_inv.reshape(()),
+            bias=epilogue,
+            out_dtype=mm_dtype,
             use_fast_accum=accumulator.kind == "fast",
         )
         if bias is not None and epilogue is None:

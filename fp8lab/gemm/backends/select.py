@@ -34,7 +34,7 @@ class Plan:
 
     @property
     def precision(self) -> str:
-        """"fp8", or the precision of a rounded backend ("bf16", "fp16", "fp32")."""
+        """ "fp8", or the precision of a rounded backend ("bf16", "fp16", "fp32")."""
         return self.backend if self.backend in ROUNDED_DTYPES else "fp8"
 
 
@@ -89,20 +89,33 @@ def select_backend(
     gpu = f"{device.name or 'GPU'} ({_sm(device)})" if device.type == "cuda" else device.type
     te_why_not = scaling.unsupported("te", device) if te.version is not None else None
     if te.version is not None and accumulation != "te":
-        te_why_not = (f"Transformer Engine accumulates as it sets itself (accumulation='te'), "
-                      f"not accumulation={accumulation!r}")
+        te_why_not = (
+            f"Transformer Engine accumulates as it sets itself (accumulation='te'), not accumulation={accumulation!r}"
+        )
     mm_why_not = scaling.unsupported("scaled_mm", device)
     if requested in ("te", "scaled_mm"):
         if device.type != "cuda":
-            hint = "torch._scaled_mm is never run on CPU (a few GFLOP/s)" if requested == "scaled_mm" else "Transformer Engine needs an NVIDIA GPU"
-            raise BackendUnavailable(f"backend={requested!r} needs a CUDA device, got {device.type}: {hint}; use backend='emulated' or 'auto'")
+            hint = (
+                "torch._scaled_mm is never run on CPU (a few GFLOP/s)"
+                if requested == "scaled_mm"
+                else "Transformer Engine needs an NVIDIA GPU"
+            )
+            raise BackendUnavailable(
+                f"backend={requested!r} needs a CUDA device, got {device.type}: {hint}; use backend='emulated' or 'auto'"
+            )
         if not _fp8_hardware(device):
-            raise BackendUnavailable(f"backend={requested!r} needs FP8 tensor cores (sm_89 or newer); {gpu} has none; use backend='auto' for the BF16 fallback")
+            raise BackendUnavailable(
+                f"backend={requested!r} needs FP8 tensor cores (sm_89 or newer); {gpu} has none; use backend='auto' for the BF16 fallback"
+            )
         if requested == "te" and te.version is None:
-            raise BackendUnavailable(f"backend='te' needs Transformer Engine: pip install 'fp8lab[te]' ({te.why_not or 'not installed'})")
+            raise BackendUnavailable(
+                f"backend='te' needs Transformer Engine: pip install 'fp8lab[te]' ({te.why_not or 'not installed'})"
+            )
         if requested == "te" and te_why_not:
-            raise BackendUnavailable(f"backend='te' with {scaling.name} scaling on {gpu}: {te_why_not}; "
-                                     "use backend='emulated' (or 'scaled_mm')")
+            raise BackendUnavailable(
+                f"backend='te' with {scaling.name} scaling on {gpu}: {te_why_not}; "
+                "use backend='emulated' (or 'scaled_mm')"
+            )
         if requested == "scaled_mm" and mm_why_not:
             raise BackendUnavailable(
                 f"backend='scaled_mm' with {scaling.name} scaling on {gpu}: {mm_why_not}; use backend='te' (or 'emulated')"

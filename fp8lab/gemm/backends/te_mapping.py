@@ -52,8 +52,10 @@ def make_te_recipe(scaling, recipe_module, te_version: str):
     name = spec["recipe"]
     cls = getattr(recipe_module, name, None)
     if cls is None:
-        raise BackendUnavailable(f"Transformer Engine {te_version} has no {name}: {type(scaling).__name__} needs "
-                                 f"Transformer Engine >= {TE_SINCE.get(name, '?')} (pip install -U 'fp8lab[te]')")
+        raise BackendUnavailable(
+            f"Transformer Engine {te_version} has no {name}: {type(scaling).__name__} needs "
+            f"Transformer Engine >= {TE_SINCE.get(name, '?')} (pip install -U 'fp8lab[te]')"
+        )
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in spec["kwargs"].items():
@@ -64,7 +66,8 @@ def make_te_recipe(scaling, recipe_module, te_version: str):
         else:
             raise BackendUnavailable(
                 f"{type(scaling).__name__}({key}={value!r}) needs Transformer Engine >= {TE_SINCE.get(key, '?')}: "
-                f"{name} of Transformer Engine {te_version} has no field {key!r} and would ignore it")
+                f"{name} of Transformer Engine {te_version} has no field {key!r} and would ignore it"
+            )
     for key, split in (spec["mmparams"] or {}).items():
         if key in fields:
             kwargs[key] = recipe_module.MMParams(use_split_accumulator=split)
