@@ -167,7 +167,8 @@ def bench_overheads(model: nn.Module, batch: torch.Tensor, repeats: int) -> str:
     return (
         f"**Overheads on the GPT-2 124M FP8 step** ({n} FP8 layers): step {med['step']:.2f} ms; "
         f"update_scales alone {med['update_scales']:.3f} ms ({100 * med['update_scales'] / med['step']:.2f}% "
-        f"of a step); a telemetry log step {med['log step']:.2f} ms (+{100 * (med['log step'] / med['step'] - 1):.1f}%, "
+        f"of a step); a telemetry log step {med['log step']:.2f} ms "
+        f"(+{100 * (med['log step'] / med['step'] - 1):.1f}%, "
         f"so +{10 * (med['log step'] / med['step'] - 1):.2f}% per step at log_interval 10)"
     )
 

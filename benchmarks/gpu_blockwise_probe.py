@@ -133,7 +133,8 @@ def main() -> None:
         return
     print(
         f"# torch._scaled_mm blockwise on {torch.cuda.get_device_name()} "
-        f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, CUDA {torch.version.cuda}\n"
+        f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}\n"
     )
     keys = ["gemm", "shape", "scale_a", "scale_b", "model", "cuda", "bit_equal", "max_rel_err"]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))

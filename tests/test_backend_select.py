@@ -94,8 +94,8 @@ CASES = [
         "emulated",
         ODD,
         "emulated",
-        "backend='scaled_mm' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM needs"
-        + EMU,
+        "backend='scaled_mm' requested, but dimensions 100x4096 are not multiples of 16, which a hardware FP8 GEMM "
+        "needs" + EMU,
     ),
     # explicit hardware requests that can run
     (H100, TE, "te", "bf16", ALIGNED, "te", TE_REASON.format("H100 (sm_90)")),

@@ -29,7 +29,8 @@ RECIPES = {  # recipe file body -> the message it must produce
     "wrong_type": ("def config():\n    return {'steps': 3}\n", "returned dict, not a RunConfig"),
     "syntax": ("def config(:\n", "failed to load: SyntaxError"),
     "bad_precision": (
-        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='x', precision='fp4')))\n",
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), "
+        "Variant(name='x', precision='fp4')))\n",
         "variants.x.precision must be one of",
     ),
     "negative_steps": (
@@ -37,19 +38,23 @@ RECIPES = {  # recipe file body -> the message it must produce
         "train.steps must be an int >= 1",
     ),
     "bad_margin": (
-        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', scaling=DelayedScaling(margin=-1))))\n",
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), "
+        "Variant(name='f', scaling=DelayedScaling(margin=-1))))\n",
         "margin must be an int >= 0",
     ),
     "backend_typo": (
-        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f', backend='emulted')))\n",
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), "
+        "Variant(name='f', backend='emulted')))\n",
         "variants.f.backend must be one of",
     ),
     "duplicate_variants": (
-        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='bf16')))\n",
+        "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), "
+        "Variant(name='bf16')))\n",
         "variants must be a non-empty tuple with unique names",
     ),
     "baseline_not_bf16": (
-        "def config():\n    return RunConfig(name='r', baseline='f', variants=(Variant(name='bf16', precision='bf16'), Variant(name='f')))\n",
+        "def config():\n    return RunConfig(name='r', baseline='f', variants=(Variant(name='bf16', "
+        "precision='bf16'), Variant(name='f')))\n",
         "baseline must be a variant with precision 'bf16'",
     ),
     "lr_float_as_str": (

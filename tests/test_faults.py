@@ -177,7 +177,8 @@ def test_largest_seed_trains(tmp_path, one_thread):
     [
         (
             RuntimeError(
-                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                "allocate 1 GB"
             ),
             2,
         ),

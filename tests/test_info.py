@@ -114,7 +114,7 @@ def test_broken_te_install_is_reported_with_its_error():
     }
     text = format_info(info)
     assert (
-        "Transformer Engine 2.20.2: installed but unusable (import transformer_engine.pytorch failed: OSError: libcudnn.so.9)"
-        in text
+        "Transformer Engine 2.20.2: installed but unusable (import transformer_engine.pytorch failed: OSError: "
+        "libcudnn.so.9)" in text
     )
     assert "use backend='scaled_mm'" in text

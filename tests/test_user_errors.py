@@ -426,7 +426,8 @@ CASES: dict[str, Case] = {
     ),
     "variant_named_like_the_checkpoints_folder": Case(
         _recipe(
-            "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), Variant(name='checkpoints')))\n"
+            "def config():\n    return RunConfig(name='r', variants=(Variant(name='bf16', precision='bf16'), "
+            "Variant(name='checkpoints')))\n"
         ),
         2,
         "variant.name must be a name other than 'checkpoints'",

@@ -11,11 +11,13 @@ does not use, so no variant trains differently from what its config says.
 | fp32      | fp32 (no autocast)     | fp32                   | fp32                       | no           |
 | fp16      | fp16                   | fp16                   | fp32, or fp16 without master weights | dynamic |
 | bf16      | bf16                   | bf16                   | fp32, or bf16 without master weights | no      |
-| fp8       | bf16, or fp16          | FP8; kept layers (LM head) in the activations' precision | fp32, or the activations' | with fp16 |
+| fp8       | bf16, or fp16          | FP8 (kept layers: *)   | fp32, or the activations'  | with fp16    |
 
-Every GEMM follows the hardware model of ``fp8lab.gemm.exact`` (fp32 accumulation, one
-rounding to the output dtype). Norms compute in fp32 on every rung. The attention core
-(``model.attention_core="auto"``) computes in fp32 on CPU for every rung (on the fp16/bf16
+(*) kept layers (the LM head) run in the activations' precision. Every GEMM follows the
+hardware model of ``fp8lab.gemm.exact`` (one rounding to the output dtype), FP8 GEMMs with
+the variant's ``accumulation`` (``fp8lab.accumulation``), the others with fp32 accumulation.
+Norms compute in fp32 on every rung. The attention core (``model.attention_core="auto"``)
+computes in fp32 on CPU for every rung (on the fp16/bf16
 values of q, k and v, the output rounded to the activations' dtype) and in the
 activations' dtype on a GPU; the fp32 rung's core is fp32 everywhere.
 """

@@ -39,7 +39,8 @@ class Progress:
         eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
         eta_text = f"{eta:.0f}s" if eta == eta else "?"
         self._print(
-            f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | {tps / 1e3:.1f}k tok/s/variant | eta {eta_text}"
+            f"[{'#' * filled}{'.' * (BAR - filled)}] {step}/{self.total} | {losses} | "
+            f"{tps / 1e3:.1f}k tok/s/variant | eta {eta_text}"
         )
 
     def note(self, text: str) -> None:

@@ -212,7 +212,8 @@ def report(run_dir: str | Path) -> str:
                     for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")
                 }
                 lines.append(
-                    f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} {m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}"
+                    f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} "
+                    f"{m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}"
                 )
                 if m["overflow_pct"] > OVERFLOW_PCT:
                     attention.append((layer, role, f"overflow {m['overflow_pct']:.3f}%", ADVICE["overflow"]))
@@ -227,7 +228,8 @@ def report(run_dir: str | Path) -> str:
             lines += [f"  {layer}/{role}: {what} -> {advice}" for layer, role, what, advice in attention]
         else:
             lines.append(
-                f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)"
+                f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, "
+                f"underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)"
             )
         lines += accuracy_lines(variant_dir.name, accuracy)
     return "\n".join(lines)

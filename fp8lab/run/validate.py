@@ -81,7 +81,8 @@ def _check_model(config) -> int:
     if hidden % heads:
         raise ConfigError(
             f"model.hidden_size ({hidden}) must be divisible by model.num_attention_heads ({heads}): every "
-            f"head gets hidden_size / num_attention_heads channels; e.g. set model.hidden_size={hidden - hidden % heads or heads}"
+            f"head gets hidden_size / num_attention_heads channels; "
+            f"e.g. set model.hidden_size={hidden - hidden % heads or heads}"
         )
     try:
         GPTConfig.from_preset(config.model.preset, **config.model.overrides(), block_size=config.train.block_size)

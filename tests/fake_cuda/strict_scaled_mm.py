@@ -145,7 +145,10 @@ def refusal(
     if mat1.dim() != 2 or mat2.dim() != 2:
         return "R-2d: mat1 and mat2 must be matrices"
     if mat1.size(1) != mat2.size(0):
-        return f"R-inner: mat1 and mat2 shapes cannot be multiplied ({mat1.size(0)}x{mat1.size(1)} and {mat2.size(0)}x{mat2.size(1)})"
+        return (
+            f"R-inner: mat1 and mat2 shapes cannot be multiplied ({mat1.size(0)}x{mat1.size(1)} and "
+            f"{mat2.size(0)}x{mat2.size(1)})"
+        )
     kinds = scaling_kinds(mat1, mat2, scale_a, scale_b)
     if kinds is None:
         return (
@@ -192,7 +195,10 @@ def refusal(
             return "R-rowwise: only bf16, fp16 and fp32 outputs are supported for row-wise scaling"
     if "1x128" in kinds or "128x128" in kinds:
         if cap[0] != 9:
-            return f"R-block: DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90, got sm_{cap[0]}{cap[1]}"
+            return (
+                f"R-block: DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90, got "
+                f"sm_{cap[0]}{cap[1]}"
+            )
         if cublas < (12, 9):
             return f"R-block: 1x128/128x128 blockwise scaling is only supported for CUDA 12.9 and above, got {cublas}"
         if use_fast_accum:

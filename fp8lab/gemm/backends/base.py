@@ -3,9 +3,10 @@
 Invariant: a backend object holds no per-layer state; one is shared by every layer with
 the same plan on the same device type (``fp8lab.gemm.backends.backend_for``). What a
 backend needs from a layer it reads from the layer's declared attributes: ``weight``,
-``bias``, ``training``, ``fp8`` (FP8Options), ``gemm_weight()`` (the (out, in) weight the GEMM takes), ``fp8_state`` (ScalingState), ``telemetry``
-(TelemetrySlot) and, for the Transformer Engine backend, ``te_handle``. Telemetry reads a
-layer only through ``scaling_view``, so it never needs to know which backend runs it.
+``bias``, ``training``, ``fp8`` (FP8Options), ``gemm_weight()`` (the (out, in) weight the
+GEMM takes), ``fp8_state`` (ScalingState), ``telemetry`` (TelemetrySlot) and, for the
+Transformer Engine backend, ``te_handle``. Telemetry reads a layer only through
+``scaling_view``, so it never needs to know which backend runs it.
 
 Implementations:
 - ``QuantizedGemmBackend`` subclasses (``emulated``, ``scaled_mm``) run fp8lab's own

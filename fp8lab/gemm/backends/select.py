@@ -101,11 +101,13 @@ def select_backend(
                 else "Transformer Engine needs an NVIDIA GPU"
             )
             raise BackendUnavailable(
-                f"backend={requested!r} needs a CUDA device, got {device.type}: {hint}; use backend='emulated' or 'auto'"
+                f"backend={requested!r} needs a CUDA device, got {device.type}: {hint}; "
+                "use backend='emulated' or 'auto'"
             )
         if not _fp8_hardware(device):
             raise BackendUnavailable(
-                f"backend={requested!r} needs FP8 tensor cores (sm_89 or newer); {gpu} has none; use backend='auto' for the BF16 fallback"
+                f"backend={requested!r} needs FP8 tensor cores (sm_89 or newer); {gpu} has none; "
+                "use backend='auto' for the BF16 fallback"
             )
         if requested == "te" and te.version is None:
             raise BackendUnavailable(
@@ -118,7 +120,8 @@ def select_backend(
             )
         if requested == "scaled_mm" and mm_why_not:
             raise BackendUnavailable(
-                f"backend='scaled_mm' with {scaling.name} scaling on {gpu}: {mm_why_not}; use backend='te' (or 'emulated')"
+                f"backend='scaled_mm' with {scaling.name} scaling on {gpu}: {mm_why_not}; "
+                "use backend='te' (or 'emulated')"
             )
 
     if device.type != "cuda":
