@@ -41,6 +41,9 @@ from fp8lab.gemm.accumulate import accumulate_path, tensor_core_accumulate  # no
 K_DEFAULT = [32, 64, 96, 128, 160, 256, 384, 1000, 1024, 4096, 16384]
 PAIRS = ((E4M3, E4M3), (E4M3, E5M2))
 SCALE_A, SCALE_B = 2.0**-3, 2.0**2  # powers of two: the epilogue is exact
+# The tables' columns: the CPU check, and a GPU run's comparison per shape and K.
+CPU_COLUMNS = "MxN|K|formats|_scaled_mm (both modes) = fp32 model|fp32 = fast model|fp32 = promoted model".split("|")
+GPU_COLUMNS = "MxN|K|formats|_scaled_mm|= model (defaults)|= best candidate|best candidate|= fp32 model".split("|")
 QUESTIONS = (
     "promotion interval of cuBLASLt's non-fast FP8 GEMM (model default: every 4 instructions of 32 = 128 of K)",
     "K order of the main loop (model default: ascending)",
@@ -148,19 +151,7 @@ def main() -> None:
             "CPU: torch's reference _scaled_mm (oneDNN off) ignores use_fast_accum; asserting both equal the "
             "model's 'fp32' kind bit for bit, and showing how far the Hopper modes are from it.\n"
         )
-        print(
-            markdown_table(
-                [
-                    "MxN",
-                    "K",
-                    "formats",
-                    "_scaled_mm (both modes) = fp32 model",
-                    "fp32 = fast model",
-                    "fp32 = promoted model",
-                ],
-                cpu_check(shapes, ks, gen),
-            )
-        )
+        print(markdown_table(CPU_COLUMNS, cpu_check(shapes, ks, gen)))
         print("\nNo GPU here. A run on an H100/H200 (--device cuda) must settle:")
         for q in QUESTIONS:
             print(f"  - {q}")
@@ -172,21 +163,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_fast_accum: no CUDA device here (use --device cpu to check the script)")
     print(f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})\n")
-    print(
-        markdown_table(
-            [
-                "MxN",
-                "K",
-                "formats",
-                "_scaled_mm",
-                "= model (defaults)",
-                "= best candidate",
-                "best candidate",
-                "= fp32 model",
-            ],
-            gpu_rows(shapes, ks, gen),
-        )
-    )
+    print(markdown_table(GPU_COLUMNS, gpu_rows(shapes, ks, gen)))
     print("\nThis run settles:")
     for q in QUESTIONS:
         print(f"  - {q}")

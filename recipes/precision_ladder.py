@@ -18,16 +18,7 @@ def config() -> RunConfig:
     return RunConfig(
         name="precision_ladder",
         model=ModelConfig(preset="tiny"),  # the quickstart's model and batches: ~3 min on 2 idle cores
-        train=TrainConfig(
-            steps=300,
-            batch_size=16,
-            block_size=128,
-            lr=2e-3,
-            warmup_steps=20,
-            log_interval=10,
-            eval_interval=100,
-            eval_batches=8,
-        ),
+        train=TrainConfig(),  # the quickstart's schedule (TrainConfig's defaults): 300 steps of 16 x 128 tokens
         variants=(
             Variant(name="fp32", precision="fp32"),
             Variant(name="fp16", precision="fp16"),

@@ -12,7 +12,7 @@ def config() -> RunConfig:
     return RunConfig(
         name="quickstart",
         model=ModelConfig(preset="tiny"),
-        train=TrainConfig(
+        train=TrainConfig(  # TrainConfig's defaults, spelled out; the other recipes take them as they are
             steps=300,
             batch_size=16,
             block_size=128,

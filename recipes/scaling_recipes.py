@@ -16,16 +16,7 @@ def config() -> RunConfig:
     return RunConfig(
         name="scaling_recipes",
         model=ModelConfig(preset="tiny"),
-        train=TrainConfig(
-            steps=300,
-            batch_size=16,
-            block_size=128,
-            lr=2e-3,
-            warmup_steps=20,
-            log_interval=10,
-            eval_interval=100,
-            eval_batches=8,
-        ),
+        train=TrainConfig(),  # the quickstart's schedule (TrainConfig's defaults): 300 steps of 16 x 128 tokens
         variants=(
             Variant(name="bf16", precision="bf16"),
             Variant(name="delayed", scaling=DelayedScaling(amax_history_len=16), fallback="emulated"),

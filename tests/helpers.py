@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
+LADDER = str(ROOT / "recipes" / "precision_ladder.py")
+# --set overrides that shrink a quickstart-sized recipe to seconds: a tiny model and batch;
+# TINY: 2 steps, every one logged and checkpointed; SHORT: 4 steps of a 2-block model.
+TINY_MODEL = ["train.batch_size=2", "train.block_size=16", "model.num_layers=1", "train.eval_batches=1"]
+TINY = TINY_MODEL + ["train.steps=2", "train.log_interval=1", "train.eval_interval=2", "train.checkpoint_interval=1"]
+SHORT_STEPS = ["train.steps=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_batches=1"]
+SHORT = SHORT_STEPS + ["train.batch_size=4", "train.block_size=32", "model.num_layers=2"]
+# The imports a recipe file written by a test starts with.
+RECIPE_HEADER = "from fp8lab import DelayedScaling\nfrom fp8lab.run.config import *\n"
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm import accumulate as acc_mod
 from fp8lab.gemm import accumulate_native
 from fp8lab.gemm.accumulate import AccumulatePath, accumulate_path, chain_instructions, tensor_core_accumulate
+from fp8lab.gemm.accumulate_torch import Steps
 from tests import accum_reference as ref
 
 FMT = {"e4m3": (E4M3, (-6, 3)), "e5m2": (E5M2, (-14, 2))}
@@ -105,19 +106,26 @@ def _instruction_batches() -> list[tuple[str, torch.Tensor, torch.Tensor, torch.
 BATCHES = _instruction_batches()
 
 
+def _per_element(a: torch.Tensor, b: torch.Tensor, value) -> torch.Tensor:
+    """(M, N) float32 of ``value(i, j, row i of a, column j of b)`` (Python lists, for the reference)."""
+    rows, cols = a.tolist(), b.t().tolist()
+    return torch.tensor(
+        [[value(i, j, row, col) for j, col in enumerate(cols)] for i, row in enumerate(rows)], dtype=torch.float32
+    )
+
+
 @pytest.fixture(scope="module")
 def instruction_reference() -> list[torch.Tensor]:
     expected = []
     for _, a, b, c, fa, fb, chunk in BATCHES:
-        rows, cols = a.tolist(), b.t().tolist()
-        res = torch.empty_like(c)
-        for i in range(a.shape[0]):
-            for j in range(b.shape[1]):
-                d = c[i, j].item()
-                for k0 in range(0, a.shape[1], chunk):
-                    d = ref.instruction(rows[i][k0 : k0 + chunk], cols[j][k0 : k0 + chunk], d, FMT[fa][1], FMT[fb][1])
-                res[i, j] = d
-        expected.append(res)
+
+        def chained(i, j, row, col, c=c, fa=fa, fb=fb, chunk=chunk):
+            d = c[i, j].item()
+            for k0 in range(0, len(row), chunk):
+                d = ref.instruction(row[k0 : k0 + chunk], col[k0 : k0 + chunk], d, FMT[fa][1], FMT[fb][1])
+            return d
+
+        expected.append(_per_element(a, b, chained))
     return expected
 
 
@@ -279,31 +287,16 @@ GEMM_CASES = _gemm_cases()
 def gemm_reference() -> list[torch.Tensor]:
     expected = []
     for _, a, b, fa, fb, acc, scales in GEMM_CASES:
-        rows, cols = a.tolist(), b.t().tolist()
-        expected.append(
-            torch.tensor(
-                [
-                    [
-                        ref.gemm_element(
-                            rows[i],
-                            cols[j],
-                            FMT[fa][1],
-                            FMT[fb][1],
-                            kind=acc.kind,
-                            chunk=acc.chunk,
-                            frac_bits=acc.fraction_bits,
-                            promote_every=acc.promote_every,
-                            descending=acc.k_order == "descending",
-                            split_k=acc.split_k,
-                            a_scales=None if scales is None else scales[0][i].tolist(),
-                            b_scales=None if scales is None else scales[1][:, j].tolist(),
-                        )
-                        for j in range(len(cols))
-                    ]
-                    for i in range(len(rows))
-                ]
-            )
-        )
+
+        def element(i, j, row, col, fa=fa, fb=fb, acc=acc, scales=scales):
+            return ref.gemm_element(
+                row, col, FMT[fa][1], FMT[fb][1], kind=acc.kind, chunk=acc.chunk, frac_bits=acc.fraction_bits,
+                promote_every=acc.promote_every, descending=acc.k_order == "descending", split_k=acc.split_k,
+                a_scales=None if scales is None else scales[0][i].tolist(),
+                b_scales=None if scales is None else scales[1][:, j].tolist(),
+            )  # fmt: skip
+
+        expected.append(_per_element(a, b, element))
     return expected
 
 
@@ -541,9 +534,7 @@ def test_the_avx2_build_gives_the_same_bits(monkeypatch):
     a, b = fp8(gen, (37, 300), "e4m3", 8), fp8(gen, (300, 29), "e5m2", 8)
     a[0, 0], b[1, 1] = math.inf, math.nan
     for promote in (0, 4):
-        out, bad = accumulate_native.run(
-            kernel, a, b, (-6, 3, -14, 2), (448.0, 57344.0), chunk=32, frac=13, promote=promote, desc=False
-        )
+        out, bad = accumulate_native.run(kernel, a, b, (-6, 3, -14, 2), (448.0, 57344.0), Steps(32, 13, promote, False))
         expected = tensor_core_accumulate(
             a, b, E4M3, E5M2, HOPPER_PROMOTED if promote else HOPPER_FAST, path=AccumulatePath("torch", "forced")
         )

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from fp8lab.run.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.py"
-TINY = [
-    "train.steps=2",
-    "train.log_interval=1",
-    "train.eval_interval=2",
-    "train.eval_batches=1",
-    "train.batch_size=2",
-    "train.block_size=16",
-    "model.num_layers=1",
-    "train.checkpoint_interval=1",
-]
-HEADER = "from fp8lab import DelayedScaling\nfrom fp8lab.run.config import *\n"
+from tests.helpers import QUICKSTART, RECIPE_HEADER, TINY
 
 RECIPES = {  # recipe file body -> the message it must produce
     "no_config": ("x = 1\n", "must define a function config()"),
@@ -72,7 +58,7 @@ RECIPES = {  # recipe file body -> the message it must produce
 def test_bad_recipe_file(tmp_path, capsys, case):
     body, message = RECIPES[case]
     recipe = tmp_path / f"{case}.py"
-    recipe.write_text(HEADER + body)
+    recipe.write_text(RECIPE_HEADER + body)
     out = tmp_path / "logs"
     assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 2
     assert message in capsys.readouterr().err

@@ -23,19 +23,10 @@ from fp8lab.run.cli import EXIT_BAD_INPUT, main
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
+from tests.helpers import QUICKSTART, ROOT
+from tests.helpers import SHORT as SHORT_RUN
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
-SHORT = [
-    "train.steps=4",
-    "train.log_interval=2",
-    "train.eval_interval=4",
-    "train.eval_batches=1",
-    "train.batch_size=4",
-    "train.block_size=32",
-    "model.num_layers=2",
-    "train.warmup_steps=2",
-]
+SHORT = [*SHORT_RUN, "train.warmup_steps=2"]
 LAUNCH_TIMEOUT_S = 240
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,17 +20,9 @@ from fp8lab.run.lock import RunFolderBusy, RunLock, check_not_busy
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
-from tests.helpers import sigterm_in_training_step
+from tests.helpers import QUICKSTART, ROOT, TINY_MODEL, sigterm_in_training_step
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "recipes" / "quickstart.py"
-TINY = [
-    "train.batch_size=2",
-    "train.block_size=16",
-    "model.num_layers=1",
-    "train.eval_batches=1",
-    "train.warmup_steps=1",
-]
+TINY = [*TINY_MODEL, "train.warmup_steps=1"]
 
 
 def config(*extra):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
-from tests.helpers import assert_bad_override_exits_2
-
-ROOT = Path(__file__).resolve().parents[1]
-LADDER = str(ROOT / "recipes" / "precision_ladder.py")
+from tests.helpers import LADDER, assert_bad_override_exits_2
 
 BAD = [
     ("variants.fp16.precision=fp4", "variants.fp16.precision must be one of ('bf16', 'fp8', 'fp32', 'fp16')"),

@@ -10,7 +10,6 @@ checks every Linear's output dtype, and the attention core's inputs.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,8 @@ from fp8lab.run.cli import main
 from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
 from fp8lab.run.runner import Runner
 from fp8lab.run.variant import VariantRun, build_model
+from tests.helpers import LADDER, TINY_MODEL
 
-ROOT = Path(__file__).resolve().parents[1]
-LADDER = str(ROOT / "recipes" / "precision_ladder.py")
 SCALING = DelayedScaling(amax_history_len=4)
 RUNGS = {
     "fp32": Variant(name="fp32", precision="fp32"),
@@ -157,15 +155,7 @@ def test_the_rungs_train_differently_on_the_same_batches(tmp_path):
 
 
 def test_ladder_recipe_runs_and_reports_every_rung(tmp_path, capsys):
-    sets = [
-        "train.steps=2",
-        "train.log_interval=1",
-        "train.eval_interval=2",
-        "train.eval_batches=1",
-        "train.batch_size=2",
-        "train.block_size=16",
-        "model.num_layers=1",
-    ]
+    sets = [*TINY_MODEL, "train.steps=2", "train.log_interval=1", "train.eval_interval=2"]
     assert main(["run", LADDER, "--out", str(tmp_path), *(a for s in sets for a in ("--set", s))]) == 0
     captured = capsys.readouterr()
     out = captured.out + captured.err

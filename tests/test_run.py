@@ -15,19 +15,7 @@ from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.report import read_scaling
 from fp8lab.run.runner import Runner
-from tests.helpers import CPU_PATH_NAMES, assert_bad_override_exits_2, force_gemm_path
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
-SHORT = [
-    "train.steps=4",
-    "train.log_interval=2",
-    "train.eval_interval=4",
-    "train.eval_batches=1",
-    "train.batch_size=4",
-    "train.block_size=32",
-    "model.num_layers=2",
-]
+from tests.helpers import CPU_PATH_NAMES, QUICKSTART, ROOT, SHORT, assert_bad_override_exits_2, force_gemm_path
 
 
 def _sets(pairs):

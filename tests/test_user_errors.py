@@ -30,20 +30,8 @@ import torch
 from fp8lab.run import checkpoint as ckpt
 from fp8lab.run import memory
 from fp8lab.run.cli import main
+from tests.helpers import QUICKSTART, RECIPE_HEADER, ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
-TINY = [
-    "train.steps=2",
-    "train.log_interval=1",
-    "train.eval_interval=2",
-    "train.eval_batches=1",
-    "train.batch_size=2",
-    "train.block_size=16",
-    "model.num_layers=1",
-    "train.checkpoint_interval=1",
-]
-HEADER = "from fp8lab import DelayedScaling\nfrom fp8lab.run.config import *\n"
 NOBODY = 65534
 
 
@@ -66,7 +54,7 @@ class Ctx:
 
     def recipe(self, body: str) -> str:
         path = self.base / "recipe.py"
-        path.write_text(HEADER + body)
+        path.write_text(RECIPE_HEADER + body)
         path.chmod(0o644)
         return str(path)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,16 +24,7 @@ from fp8lab.run.runner import Runner
 from fp8lab.run.whatif_report import CLEAR_DB, best_by_layer
 from fp8lab.scaling import Float8CurrentScaling
 from fp8lab.scaling.whatif import WHATIF_RECIPES, whatif_stats
-
-ROOT = Path(__file__).resolve().parents[1]
-SHORT = [
-    "train.steps=4",
-    "train.log_interval=2",
-    "train.eval_interval=4",
-    "train.eval_batches=1",
-    "train.batch_size=4",
-    "train.block_size=32",
-]
+from tests.helpers import ROOT, SHORT
 
 
 def test_whatif_rows_are_each_recipes_own_cast_statistics():
@@ -86,7 +76,9 @@ def test_best_recipe_needs_a_clear_lead():
 def test_a_block_variant_logs_block_statistics_and_the_report_compares_recipes(tmp_path, one_thread):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"), SHORT + ["variants.fp8.scaling=block"])
+    config = apply_overrides(
+        load_recipe(ROOT / "recipes" / "quickstart.py"), SHORT + ["model.num_layers=4", "variants.fp8.scaling=block"]
+    )
     result = Runner(config, tmp_path, progress=False).run()
     run_dir = next((tmp_path / "quickstart").iterdir())
     acc = EventAccumulator(str(run_dir / "fp8"), size_guidance={"scalars": 0})
@@ -190,7 +182,9 @@ def test_whatif_runs_only_on_the_steps_asked_for(tmp_path, one_thread):
 
     from fp8lab.run.config import ConfigError
 
-    config = apply_overrides(load_recipe(ROOT / "recipes" / "quickstart.py"), SHORT + ["train.whatif_interval=4"])
+    config = apply_overrides(
+        load_recipe(ROOT / "recipes" / "quickstart.py"), SHORT + ["model.num_layers=4", "train.whatif_interval=4"]
+    )
     Runner(config, tmp_path, progress=False).run()
     run_dir = next((tmp_path / "quickstart").iterdir())
     acc = EventAccumulator(str(run_dir / "fp8"), size_guidance={"scalars": 0})

@@ -49,7 +49,7 @@ import torch
 from fp8lab.accumulation import Accumulator
 from fp8lab.formats import FP8Format
 from fp8lab.gemm import accumulate_native
-from fp8lab.gemm.accumulate_torch import accumulate_torch, fma_fp32
+from fp8lab.gemm.accumulate_torch import Steps, accumulate_torch, fma_fp32
 
 PATH_NAMES = ("c-avx512", "c-avx2", "c-generic", "torch")
 
@@ -125,30 +125,19 @@ def _check(counts: tuple[int, int], a_format: FP8Format, b_format: FP8Format) ->
             )
 
 
-def _run(a, b, a_format, b_format, *, chunk, frac, promote, desc, c0, sa, sb, path: AccumulatePath):
+def _run(a, b, a_format, b_format, steps: Steps, *, c0, sa, sb, path: AccumulatePath):
     """One accumulation on float32 CPU tensors with the implementation ``path`` names."""
     (ea, ma, xa), (eb, mb, xb) = _grid(a_format), _grid(b_format)
     if path.name == "torch":
         a, b = a.float(), b.float()
         _check((_off_grid(a, a_format), _off_grid(b, b_format)), a_format, b_format)
-        return accumulate_torch(a, b, (ea, eb), chunk=chunk, frac=frac, promote=promote, desc=desc, c0=c0, sa=sa, sb=sb)
+        return accumulate_torch(a, b, (ea, eb), steps, c0=c0, sa=sa, sb=sb)
     kernel, why = _kernel()
     if kernel is None:
         raise RuntimeError(f"accumulate path {path.name!r} needs the C kernel, which is unavailable: {why}")
+    generic = path.name == "c-generic"
     out, counts = accumulate_native.run(
-        kernel,
-        a,
-        b,
-        (ea, ma, eb, mb),
-        (xa, xb),
-        chunk=chunk,
-        frac=frac,
-        promote=promote,
-        desc=desc,
-        c0=c0,
-        sa=sa,
-        sb=sb,
-        generic=path.name == "c-generic",
+        kernel, a, b, (ea, ma, eb, mb), (xa, xb), steps, c0=c0, sa=sa, sb=sb, generic=generic
     )
     _check(counts, a_format, b_format)
     return out
@@ -219,20 +208,8 @@ def tensor_core_accumulate(
         if acc.kind == "fp32":
             part = _fp32_kind(a[:, ks].float(), b[ks].float(), sa_s, sb_s, acc.group_k, desc)
         else:
-            part = _run(
-                a[:, ks],
-                b[ks],
-                a_format,
-                b_format,
-                chunk=acc.chunk,
-                frac=acc.fraction_bits,
-                promote=acc.promote_every if acc.kind == "promoted" else 0,
-                desc=desc,
-                c0=None,
-                sa=sa_s,
-                sb=sb_s,
-                path=path,
-            )
+            steps = Steps(acc.chunk, acc.fraction_bits, acc.promote_every if acc.kind == "promoted" else 0, desc)
+            part = _run(a[:, ks], b[ks], a_format, b_format, steps, c0=None, sa=sa_s, sb=sb_s, path=path)
         out = part if out is None else out + part
     if out is None:  # K == 0
         out = torch.zeros(m, n)
@@ -259,17 +236,5 @@ def chain_instructions(
         raise ValueError(
             f"shapes must be a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}"
         )
-    return _run(
-        a,
-        b,
-        a_format,
-        b_format,
-        chunk=chunk,
-        frac=fraction_bits,
-        promote=0,
-        desc=False,
-        c0=c,
-        sa=None,
-        sb=None,
-        path=path or accumulate_path(),
-    )
+    steps = Steps(chunk, fraction_bits, 0, False)
+    return _run(a, b, a_format, b_format, steps, c0=c, sa=None, sb=None, path=path or accumulate_path())

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fp8lab.gemm.accumulate_torch import Steps
+
 SOURCE = Path(__file__).with_name("accumulate_kernel.c")
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")  # no contraction: every FMA is written out
 
@@ -170,11 +172,8 @@ def run(
     b: torch.Tensor,
     fmt: tuple[int, int, int, int],
     vmax: tuple[float, float],
+    steps: Steps,
     *,
-    chunk: int,
-    frac: int,
-    promote: int,
-    desc: bool,
     c0=None,
     sa=None,
     sb=None,
@@ -185,7 +184,7 @@ def run(
     ``a`` and ``b``: float32 or bfloat16 CPU tensors, any strides (the kernel's prepass converts and
     transposes them itself: torch's transposing copies cost more than the whole prepass). ``c0``
     (M, N) is made row-major; ``sa`` (M, G) and ``sb`` (G, N) must have a unit column stride.
-    ``promote`` is 0 for fast accumulation.
+    ``steps``: the instruction sequence (``accumulate_torch.Steps``; promote 0 is fast accumulation).
     """
     for x in (a, b):
         if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
@@ -210,10 +209,10 @@ def run(
         k,
         fmt_arr,
         vmax_arr,
-        chunk,
-        frac,
-        promote,
-        int(desc),
+        steps.chunk,
+        steps.frac,
+        steps.promote,
+        int(steps.desc),
         _ptr(c0),
         _ptr(sa),
         sa.stride(0) if sa is not None else 0,

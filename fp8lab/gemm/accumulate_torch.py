@@ -10,7 +10,21 @@ tensor passes over M * N * K float64 values); memory stays bounded by working on
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Steps(NamedTuple):
+    """The instruction sequence of one accumulation: products per instruction, fraction bits,
+    instructions per promotion (0: fast accumulation, never promoted), and whether the K loop
+    runs backwards. Both implementations (this one and the C kernel) take it."""
+
+    chunk: int
+    frac: int
+    promote: int
+    desc: bool
+
 
 EXP_ZERO = -126  # a zero operand's exponent, and the clamp of C's
 EXP_NONFINITE = 2000  # inf/NaN: an instruction whose E reaches EXP_FLAG is an IEEE sum
@@ -82,20 +96,17 @@ def accumulate_torch(
     a: torch.Tensor,
     b: torch.Tensor,
     emins: tuple[int, int],
+    steps: Steps,
     *,
-    chunk: int,
-    frac: int,
-    promote: int,
-    desc: bool,
     c0=None,
     sa=None,
     sb=None,
 ) -> torch.Tensor:
     """The accumulator over float32 ``a`` (M, K) and ``b`` (K, N), as the kernel's ``fp8lab_accumulate``.
 
-    ``promote`` is 0 for fast accumulation; ``c0`` (M, N) the first C; ``sa`` (M, G), ``sb`` (G, N)
-    the group scales (promoted only).
+    ``c0`` (M, N) is the first C; ``sa`` (M, G), ``sb`` (G, N) the group scales (promoted only).
     """
+    chunk, frac, promote, desc = steps
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty(m, n, dtype=torch.float32)

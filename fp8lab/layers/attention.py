@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from fp8lab.layers.choices import one_of
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
 from fp8lab.options import FP8Options
@@ -38,9 +39,7 @@ ATTENTION_CORES = ("auto", "native", "fp32")
 
 def check_attention_core(core: str) -> str:
     """``core`` itself, or ValueError naming the allowed values."""
-    if core not in ATTENTION_CORES:
-        raise ValueError(f"attention_core must be one of {ATTENTION_CORES}, got {core!r}")
-    return core
+    return one_of("attention_core", core, ATTENTION_CORES)
 
 
 def attention(q, k, v, *, causal: bool, core: str = "auto") -> torch.Tensor:
@@ -84,8 +83,7 @@ class MultiheadAttention(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if attn_mask_type not in ATTN_MASK_TYPES:
-            raise ValueError(f"attn_mask_type must be one of {ATTN_MASK_TYPES}, got {attn_mask_type!r}")
+        one_of("attn_mask_type", attn_mask_type, ATTN_MASK_TYPES)
         if num_attention_heads < 1 or hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "

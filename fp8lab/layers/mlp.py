@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.layers.choices import one_of
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
 from fp8lab.options import FP8Options
@@ -25,9 +26,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 
 def check_activation(activation: str) -> str:
     """``activation`` itself, or ValueError naming the allowed values."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation
+    return one_of("activation", activation, ACTIVATIONS)
 
 
 class LayerNormMLP(nn.Module):

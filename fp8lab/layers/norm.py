@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.layers.choices import one_of
+
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
 def check_normalization(normalization: str) -> str:
     """``normalization`` itself, or ValueError naming the allowed values."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    return normalization
+    return one_of("normalization", normalization, NORMALIZATIONS)
 
 
 class Norm(nn.Module):

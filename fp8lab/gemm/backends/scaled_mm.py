@@ -70,21 +70,11 @@ class ScaledMMBackend(QuantizedGemmBackend):
         return cast_to_fp8(x_hp, scale, fmt)
 
     @staticmethod
-    def gemm(
-        a,
-        b,
-        a_inv,
-        b_inv,
-        out_dtype: torch.dtype,
-        bias=None,
-        *,
-        accumulator: Accumulator = FP32,
-        formats=(None, None),
-        group_scales=(None, None),
-    ) -> torch.Tensor:
+    def gemm(a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, *, accumulator: Accumulator = FP32, **_emulation):
         """cuBLASLt's FP8 GEMM; a "fast" accumulator is its FAST_ACCUM (``use_fast_accum``),
         any other its split accumulator, promoted at cuBLASLt's own (unpublished) interval:
-        an ideal "fp32" accumulation does not exist on the hardware. Per-tensor scales only."""
+        an ideal "fp32" accumulation does not exist on the hardware. Per-tensor scales only
+        (the operands' formats and block scales the emulation takes are not needed here)."""
         k_pad = -(-a.shape[1] // HW_GEMM_MULTIPLE) * HW_GEMM_MULTIPLE
         # Layout copies (1-byte data): dgrad's B = w (N, K) and both wgrad operands
         # (g^T, x) arrive row-major/transposed and are re-laid out here.
