@@ -1,18 +1,22 @@
-"""GPU: what torch._scaled_mm's blockwise (1x128 / 128x128 float32 scales) mode accepts, and
+"""GPU: what torch's blockwise scaled GEMM (1x128 / 128x128 float32 scales) accepts, and
 whether it computes what fp8lab's Float8BlockScaling emulation computes.
 
-fp8lab runs Float8BlockScaling on Hopper only through Transformer Engine (without TE a block
-layer falls back, saying why). torch 2.13 has a blockwise ``_scaled_mm`` (sm_90, cuBLAS >=
-12.9), which could replace that fallback; its CPU kernel refuses blockwise scales, so it has
-never been checked here. This script answers, on a GPU, what that needs:
+Without Transformer Engine, fp8lab runs Float8BlockScaling on sm_90 (CUDA >= 12.9) through
+``torch.nn.functional.scaled_mm`` (``fp8lab.gemm.backends.scaled_mm._block_gemm``); its CPU
+kernel refuses blockwise scales, so its layouts were checked only against torch's meta kernel
+and ``tests/fake_cuda/strict_scaled_mm.refusal_v2`` (read from ScaledBlas.cpp). This script
+answers, on a GPU:
 
-1. which scale layouts the v1 API accepts for the three GEMMs of a Linear (fprop: 1x128 x
-   128x128, dgrad: 1x128 x 128x128 transposed, wgrad: 1x128 x 1x128), for K/128 a multiple of
-   4 and not (cuBLASLt documents 16-byte aligned scale strides; torch's v1 check wants the
-   stride to equal K/128 exactly), and where ``tests/fake_cuda/strict_scaled_mm`` agrees;
+1. which scale layouts torch's v1 ``torch._scaled_mm`` accepts for the three GEMMs of a Linear
+   (fprop: 1x128 x 128x128, dgrad: 1x128 x 128x128 transposed, wgrad: 1x128 x 1x128), for
+   K/128 a multiple of 4 and not (cuBLASLt documents 16-byte aligned scale strides; torch's
+   v1 check wants the stride to equal K/128 exactly), and where ``tests/fake_cuda/
+   strict_scaled_mm`` agrees;
 2. for the accepted ones, the output against the same FP8 values and scales dequantized and
    multiplied in float64 (the hardware model with promoted accumulation): share of bf16
-   outputs bit-equal, max relative error.
+   outputs bit-equal, max relative error;
+3. the same for fp8lab's own calls (the v2 API, padded layouts), at a token count that is and
+   one that is not a multiple of 128.
 
     python -m benchmarks.gpu_blockwise_probe [--m 256] [--n 512] [--k 768 1024]
 """
@@ -122,6 +126,57 @@ def probe(m: int, n: int, k: int) -> list[dict]:
     return rows
 
 
+def probe_fp8lab(m: int, n: int, k: int, device: str = "cuda") -> list[dict]:
+    """fp8lab's own blockwise calls (``torch.nn.functional.scaled_mm``, the layouts and padding
+    of ``fp8lab.gemm.backends.scaled_mm._block_gemm``) for the three GEMMs of a Linear with
+    Float8BlockScaling's defaults, against the float64 model; ``m`` may be any token count,
+    ``k`` and ``n`` are multiples of 128."""
+    from fp8lab.gemm.backends.scaled_mm import _block_gemm
+
+    torch.manual_seed(1)
+    x = torch.randn(m, k, device=device)
+    w = torch.randn(n, k, device=device) * 0.05
+    g = torch.randn(m, n, device=device)
+    m_pad = -(-m // 128) * 128  # the wgrad's 1x128 tiles run along the tokens: zero rows past m
+
+    def tokens_last(t):  # (m, c) -> (c, m_pad) contiguous, then cast along the tokens
+        return torch.nn.functional.pad(t, (0, 0, 0, m_pad - m)).t().contiguous()
+
+    x_q, x_s = quantize_1x128(x)  # (M, K), (M, K/128)
+    w_q, w_s = quantize_128x128(w)  # (N, K), (N/128, K/128)
+    g_q, g_s = quantize_1x128(g)  # (M, N), (M, N/128)
+    gt_q, gt_s = quantize_1x128(tokens_last(g))  # (N, M_pad), (N, M_pad/128)
+    xt_q, xt_s = quantize_1x128(tokens_last(x))  # (K, M_pad), (K, M_pad/128)
+    cases = {  # name: (A, B, A's group scales (rows, K/128), B's (K/128, cols), block shapes)
+        "fprop 1x128 x 128x128": (
+            x_q,
+            w_q.t(),
+            x_s,
+            w_s.repeat_interleave(128, 0)[:n].t(),
+            ((1, 128), (128, 128)),
+        ),
+        "dgrad 1x128 x 128x128": (g_q, w_q, g_s, w_s.repeat_interleave(128, 1)[:, :k], ((1, 128), (128, 128))),
+        "wgrad 1x128 x 1x128": (gt_q[:, :m], xt_q[:, :m].t(), gt_s, xt_s.t(), ((1, 128), (128, 1))),
+    }
+    rows = []
+    for name, (a, b, sa, sb, blocks) in cases.items():
+        ref = (a.double() * sa.double().repeat_interleave(128, 1)[:, : a.shape[1]]) @ (
+            b.double() * sb.double().repeat_interleave(128, 0)[: b.shape[0]]
+        )
+        row = {"gemm": name, "shape": f"{tuple(a.shape)} @ {tuple(b.shape)}"}
+        try:
+            out = _block_gemm(a, b, torch.bfloat16, None, (sa.float(), sb.float()), blocks)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row["cuda"] = "accepts"
+            row["bit_equal"] = f"{(out == ref.to(torch.bfloat16)).float().mean().item():.4f}"
+            row["max_rel_err"] = f"{((out.double() - ref).abs().max() / ref.abs().max()).item():.2e}"
+        except Exception as err:  # noqa: BLE001 - recorded: the point is what CUDA refuses
+            row["cuda"] = f"refuses: {str(err).splitlines()[0][:120]}"
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=256)
@@ -141,6 +196,13 @@ def main() -> None:
     for k in args.k:
         for row in probe(args.m, args.n, k):
             print("| " + " | ".join(str(row.get(key, "")) for key in keys) + " |")
+    print("\n# fp8lab's calls (torch.nn.functional.scaled_mm, fp8lab.gemm.backends.scaled_mm._block_gemm)\n")
+    keys = ["gemm", "shape", "cuda", "bit_equal", "max_rel_err"]
+    print("| m | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for k in args.k:
+        for m in (args.m, 21):
+            for row in probe_fp8lab(m, args.n, k):
+                print(f"| {m} | " + " | ".join(str(row.get(key, "")) for key in keys) + " |")
 
 
 if __name__ == "__main__":

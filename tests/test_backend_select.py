@@ -198,9 +198,10 @@ def test_probe_te_matches_installed_packages():
         assert "transformer_engine is" in facts.why_not
 
 
-H100_CUDA12_8 = DeviceFacts("cuda", (9, 0), "H100", (12, 8))
-H100_CUDA13 = DeviceFacts("cuda", (9, 0), "H100", (13, 0))
-B200_CUDA13 = DeviceFacts("cuda", (10, 0), "B200", (13, 0))
+H100_CUDA12_8 = DeviceFacts("cuda", (9, 0), "H100", (12, 8), torch_blockwise=True)
+H100_CUDA13 = DeviceFacts("cuda", (9, 0), "H100", (13, 0), torch_blockwise=True)
+H100_OLD_TORCH = DeviceFacts("cuda", (9, 0), "H100", (12, 9))  # a torch without the blockwise scaled GEMM
+B200_CUDA13 = DeviceFacts("cuda", (10, 0), "B200", (13, 0), torch_blockwise=True)
 
 # (device, te, scaling, requested, fallback) -> (backend, reason fragment)
 SCALING_CASES = [
@@ -208,18 +209,23 @@ SCALING_CASES = [
     (H100_CUDA13, TE, "current", "auto", "bf16", "te", "Transformer Engine 2.20.2 on H100 (sm_90)"),
     (H100_CUDA13, TE, "block", "auto", "bf16", "te", "Transformer Engine 2.20.2 on H100 (sm_90)"),
     (H100_CUDA12_8, TE, "block", "auto", "emulated", "emulated", "needs sm_90 or newer and CUDA 12.9 or newer"),
+    # block scaling without TE: torch's blockwise GEMM on sm_90 with CUDA 12.9 and a torch that has it
+    (H100_CUDA13, NO_TE, "block", "auto", "bf16", "scaled_mm", "torch._scaled_mm on H100 (sm_90)"),
     (
-        H100_CUDA13,
+        H100_OLD_TORCH,
         NO_TE,
         "block",
         "auto",
         "bf16",
         "bf16",
-        "block scaling on H100 (sm_90): Transformer Engine is not installed",
+        "block scaling on H100 (sm_90): Transformer Engine is not installed, and this torch lacks the blockwise",
     ),
+    (H100_CUDA12_8, NO_TE, "block", "auto", "emulated", "emulated", "needs cuBLAS 12.9 or newer"),
+    (L4, NO_TE, "block", "auto", "bf16", "bf16", "runs on Hopper (sm_90) only, not sm_89"),
+    (B200_CUDA13, NO_TE, "block", "auto", "bf16", "bf16", "runs on Hopper (sm_90) only, not sm_100"),
     (H100_CUDA13, TE, "mxfp8", "auto", "emulated", "emulated", "MXFP8BlockScaling needs sm_100"),
     (B200_CUDA13, TE, "mxfp8", "auto", "bf16", "te", "Transformer Engine 2.20.2 on B200 (sm_100)"),
-    (B200_CUDA13, NO_TE, "mxfp8", "auto", "emulated", "emulated", "torch._scaled_mm runs per-tensor scaling only"),
+    (B200_CUDA13, NO_TE, "mxfp8", "auto", "emulated", "emulated", "1x128/128x128 scales only, not mxfp8's"),
     (CPU, TE, "mxfp8", "auto", "emulated", "emulated", "no FP8 hardware on CPU"),
 ]
 
@@ -235,7 +241,8 @@ def test_each_scaling_goes_where_hardware_can_run_it(device, te, scaling, reques
 @pytest.mark.parametrize(
     "device, te, scaling, requested, message",
     [
-        (H100_CUDA13, TE, "block", "scaled_mm", "runs per-tensor scaling only"),
+        (H100_OLD_TORCH, TE, "block", "scaled_mm", "this torch lacks the blockwise scaled GEMM"),
+        (B200_CUDA13, TE, "mxfp8", "scaled_mm", "1x128/128x128 scales only"),
         (H100_CUDA13, TE, "mxfp8", "te", "needs sm_100"),
         (H100_CUDA12_8, TE, "block", "te", "CUDA 12.9"),
     ],

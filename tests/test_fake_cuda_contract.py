@@ -54,6 +54,37 @@ def _configs(scalings, steps):
     return cfgs
 
 
+# Block scalings: each (x, w, grad) block layout, so every pair of torch's blockwise GEMM
+# (1x128 x 128x128, 128x128 x 1x128, 1x128 x 1x128) comes up in each of fprop, dgrad and
+# wgrad; widths that are and are not multiples of 128 (K/128 = 6 needs L4 padding to 8).
+BLOCK_SCALINGS = ("block", "block_x2d", "block_g2d")
+BLOCK_DIMS = ((64, 48), (768, 256))
+
+
+def _block_configs():
+    cfgs = [
+        dict(scaling=s, m=m, k=k, n=n, bias=True, amp="bf16", steps=2)
+        for s, m, (k, n) in itertools.product(BLOCK_SCALINGS, TOKENS, BLOCK_DIMS)
+    ]
+    cfgs += [
+        dict(scaling="block", m=21, k=768, n=256, bias=b, amp=amp, steps=1)
+        for b, amp in itertools.product((True, False), ("off", "fp16"))
+    ]
+    cfgs += [
+        dict(scaling="block", m=m, k=256, n=128, bias=True, amp="bf16", shape=shape, steps=1)
+        for m, shape in itertools.product((1, 21, 32), ("4d", "permuted", "sliced"))
+    ]
+    return cfgs
+
+
+# The torch blockwise pair of each GEMM (fprop, dgrad, wgrad) per block layout.
+BLOCK_PAIRS = {
+    "block": [["1x128", "128x128"], ["1x128", "128x128"], ["1x128", "1x128"]],
+    "block_x2d": [["128x128", "1x128"], ["1x128", "1x128"], ["1x128", "128x128"]],
+    "block_g2d": [["1x128", "1x128"], ["128x128", "1x128"], ["128x128", "1x128"]],
+}
+
+
 JOBS = {
     "sm90": dict(kind="contract", capability=[9, 0], configs=_configs(("delayed", "current"), steps=2)),
     "sm89": dict(kind="contract", capability=[8, 9], configs=_configs(("delayed", "current"), steps=1)),
@@ -63,6 +94,19 @@ JOBS = {
         configs=[
             dict(scaling=s, m=21, bias=True, amp="bf16", steps=1) for s in ("delayed", "current", "block", "mxfp8")
         ],
+    ),
+    # Float8BlockScaling without TE: torch's blockwise GEMM (sm_90, CUDA >= 12.9 only)
+    "block_sm90": dict(kind="contract", capability=[9, 0], configs=_block_configs()),
+    "block_refused": dict(
+        kind="contract",
+        capability=[8, 9],
+        configs=[dict(scaling="block", m=21, bias=True, amp="bf16", steps=1)],
+    ),
+    "block_cuda12_8": dict(
+        kind="contract",
+        capability=[9, 0],
+        cuda="12.8",
+        configs=[dict(scaling="block", m=21, bias=True, amp="bf16", steps=1)],
     ),
     "mutants_sm90": dict(
         kind="mutants", capability=[9, 0], configs=MUTANT_CONFIGS, names=[n for n in EXPECTED if n != "fp8_on_sm80"]
@@ -145,3 +189,71 @@ def test_strict_model_architecture_and_blockwise_rules(suite):
     for key in ("sm_89", "sm_100", "cublas_12.8", "fast_accum"):
         assert block[key].startswith("R-block"), (key, block[key])
     assert block["scale_a_row_major"].startswith("R-scaling")
+
+
+def _up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def test_block_scaling_runs_through_torchs_blockwise_gemm_on_sm90(suite):
+    """Every call passes the meta kernel and the strict v2 rules; the operands are padded as
+    ``fp8lab.gemm.backends.scaled_mm._block_gemm`` says (K and 128x128-blocked sides to 128,
+    1x128 A rows to 4, B columns to 16); never fast accumulation; no call for an empty GEMM."""
+    cfgs, results = JOBS["block_sm90"]["configs"], suite["block_sm90"]["results"]
+    bad = [
+        (cfg, res["plan"], res.get("error"))
+        for cfg, res in zip(cfgs, results)
+        if res["plan"] != "scaled_mm" or "error" in res
+    ]
+    assert not bad
+    for cfg, res in zip(cfgs, results):
+        calls = res["calls"]
+        if cfg["m"] == 0:  # no tokens: every GEMM is empty (zeros + bias), no call is made
+            assert calls == [], cfg
+            continue
+        assert len(calls) == 3 * cfg["steps"], (cfg, len(calls))
+        pairs = BLOCK_PAIRS[cfg["scaling"]]
+        assert [c["scaling"] for c in calls] == pairs * cfg["steps"], cfg
+        assert not any(c["fast_accum"] for c in calls)
+        m, k, n = cfg["m"], cfg["k"], cfg["n"]
+
+        def rows(kind: str, size: int) -> int:
+            return _up(size, 128 if kind == "128x128" else 4)
+
+        def cols(kind: str, size: int) -> int:
+            return _up(size, 128 if kind == "128x128" else 16)
+
+        (fa, fb), (da, db), (wa, wb) = pairs
+        assert [c["shapes"] for c in calls[:3]] == [
+            [[rows(fa, m), _up(k, 128)], [_up(k, 128), cols(fb, n)]],
+            [[rows(da, m), _up(n, 128)], [_up(n, 128), cols(db, k)]],
+            [[rows(wa, n), _up(m, 128)], [_up(m, 128), cols(wb, k)]],
+        ], cfg
+
+
+def test_block_scaling_elsewhere_keeps_its_fallback_and_says_why(suite):
+    sm89 = suite["block_refused"]["results"][0]
+    assert sm89["plan"] == "bf16" and "runs on Hopper (sm_90) only, not sm_89" in sm89["reason"], sm89
+    old_cuda = suite["block_cuda12_8"]["results"][0]
+    assert old_cuda["plan"] == "bf16" and "needs cuBLAS 12.9 or newer" in old_cuda["reason"], old_cuda
+    assert sm89["calls"] == [] and old_cuda["calls"] == []
+
+
+V2_EXPECTED = {
+    "good": None,
+    "unpadded_L4": "R-scaling",
+    "scale_a_row_major": "R-scaling",
+    "fast_accum": "R-block",
+    "sm_89": "R-block",
+    "sm_100": "R-block",
+    "cublas_12.8": "R-block",
+    "scales_on_cpu": "R-device",
+    "b_row_major": "R-layout",
+    "fp32_bias_bf16_out": "R-bias",
+}
+
+
+@pytest.mark.parametrize("name", list(V2_EXPECTED))
+def test_strict_model_of_torchs_blockwise_gemm_gives_each_call_its_verdict(name, suite):
+    verdict, want = suite["verdicts"]["block_v2"][name], V2_EXPECTED[name]
+    assert (verdict is None) if want is None else (verdict or "").startswith(want), verdict

@@ -47,14 +47,15 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _operand(x2d, role: Role, usage: str, ctx_or_args, record: bool, acc: Accumulator = FP32) -> Operand:
     """An FP8 operand (the scaling's ``operand``; block values left unscaled with their group
-    scales when the GEMM's accumulator ``acc`` applies them), or x rounded for a BF16 GEMM.
+    scales when the GEMM's accumulator ``acc`` applies them, or the backend's GEMM takes block
+    scales, ``block_scales_in_gemm``), or x rounded for a BF16 GEMM.
     On a log step the rowwise cast of each role also leaves what every recipe would have done
     to the same tensor in the slot (``fp8lab.scaling.whatif``), the layer's own recipe's row
     being the cast statistics it just measured."""
     scaling, state, backend, slot = ctx_or_args
     if scaling is None:
         return Operand(backend.round(x2d), None)
-    raw = acc.kind != "fp32" and not scaling.per_tensor
+    raw = not scaling.per_tensor and (acc.kind != "fp32" or backend.block_scales_in_gemm)
     op = scaling.operand(x2d, role, usage, state=state, backend=backend, record=record, slot=slot, raw=raw)
     if slot is not None and slot.armed and slot.whatif_armed and usage == ROWWISE:
         known = {scaling.name: slot.cast_stats[role]}
@@ -78,7 +79,12 @@ def _gemm(
     kwargs = (
         {}
         if acc is FP32 and a.group_scale is None
-        else dict(accumulator=acc, formats=(a.fmt, b.fmt), group_scales=(a.group_scale, b.group_scale))
+        else dict(
+            accumulator=acc,
+            formats=(a.fmt, b.fmt),
+            group_scales=(a.group_scale, b.group_scale),
+            blocks=(a.block, b.block),
+        )
     )
     out = backend.gemm(a.values, b.values, a.inv_scale, b.inv_scale, out_dtype, bias, **kwargs)
     if slot is not None and slot.armed and acc.kind != "fp32":
@@ -98,7 +104,11 @@ def _gemm(
 
 def _t(op: Operand) -> Operand:
     """The operand transposed (its group scales with it)."""
-    return op._replace(values=op.values.t(), group_scale=None if op.group_scale is None else op.group_scale.t())
+    return op._replace(
+        values=op.values.t(),
+        group_scale=None if op.group_scale is None else op.group_scale.t(),
+        block=None if op.block is None else op.block[::-1],
+    )
 
 
 def _bias_grad(g2d: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,27 @@ def cast_blocks_dequantized(
     return out
 
 
+def cast_blocks_fp8(x2d: torch.Tensor, block: tuple[int, int], scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """The FP8 values of ``x2d`` (R, C) cast block by block, in ``fmt.dtype`` (float8): each
+    element ``x * scale`` in float32, clamped to +-fmt.max, rounded to nearest even by the
+    float8 conversion (the values ``cast_blocks_dequantized`` makes, before its ``scale_inv``).
+    Laid out as ``x2d`` is (a transpose of a contiguous tensor stays one). For a hardware GEMM
+    that takes block scales (``torch.nn.functional.scaled_mm``); one float32 temporary.
+
+    Args:
+        x2d: any float tensor, 2-D.
+        block: the block shape (br, bc).
+        scale: (ceil(R/br), ceil(C/bc)) float32.
+        fmt: the FP8 format.
+    """
+    if transposed(x2d):
+        return cast_blocks_fp8(x2d.t(), block[::-1], scale.t(), fmt).t()
+    r, c = x2d.shape
+    v = padded_blocks(x2d.float(), block) * _per_block(scale)
+    v = v.clamp_(-fmt.max, fmt.max).reshape(v.shape[0] * block[0], v.shape[2] * block[1])[:r, :c]
+    return v.to(fmt.dtype)
+
+
 def block_cast_stats(
     x2d: torch.Tensor,
     dequantized: torch.Tensor | None,

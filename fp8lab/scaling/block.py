@@ -90,9 +90,21 @@ class Float8BlockScaling(BlockwiseScaling):
         return super().accumulation_error(acc)
 
     def unsupported(self, backend: str, device) -> str | None:
-        """TE's ``check_recipe_support``: block scaling from sm_90 with CUDA 12.9."""
-        if backend == "te" and not ((device.capability or (0, 0)) >= (9, 0) and (device.cuda or (0, 0)) >= (12, 9)):
+        """TE's ``check_recipe_support``: block scaling from sm_90 with CUDA 12.9. torch's
+        blockwise scaled GEMM (``ScaledBlas.cpp`` ``_check_deepseek_support``): Hopper (sm_9x)
+        only, cuBLAS 12.9 or newer, and a torch that has it (``DeviceFacts.torch_blockwise``)."""
+        capability, cuda = device.capability or (0, 0), device.cuda or (0, 0)
+        if backend == "te" and not (capability >= (9, 0) and cuda >= (12, 9)):
             return "Transformer Engine's Float8BlockScaling needs sm_90 or newer and CUDA 12.9 or newer"
+        if backend == "scaled_mm":
+            gemm = "torch's blockwise scaled GEMM (1x128/128x128 scales)"
+            if capability[0] != 9:
+                return f"{gemm} runs on Hopper (sm_90) only, not sm_{capability[0]}{capability[1]}"
+            if cuda < (12, 9):
+                return f"{gemm} needs cuBLAS 12.9 or newer; this torch was built with CUDA {cuda[0]}.{cuda[1]}"
+            if not device.torch_blockwise:
+                return "this torch lacks the blockwise scaled GEMM (F.scaled_mm, ScalingType.BlockWise1x128)"
+            return None
         return super().unsupported(backend, device)
 
     def te_recipe(self) -> dict:

@@ -43,17 +43,17 @@ class BlockwiseScaling(Scaling):
     ) -> Operand:
         """Cast block by block with scales from each block's amax; the rowwise cast counts
         NaN/inf faults in training and leaves cast and block statistics on log steps.
-        ``raw``: the FP8 values themselves, with each block's inverse scale repeated along the
-        dimension the GEMM does not contract (``Operand.group_scale``)."""
+        ``raw``: the FP8 values themselves (the backend's ``quantize_blocks`` with no
+        ``scale_inv``), with each block's inverse scale repeated along the dimension the GEMM
+        does not contract (``Operand.group_scale``) and the block shape (``Operand.block``)."""
         fmt, block = self.format_for(role), self.block(role, usage)
         amax = blocks_amax(x2d, block)
         scale, scale_inv = self.block_scales(amax, fmt, x2d.dtype)
         if record and usage == ROWWISE:
             slot.count_faults(role, amaxes_of(x2d)[0])
-        values = backend.quantize_blocks(x2d, block, scale, torch.ones_like(scale_inv) if raw else scale_inv, fmt)
+        values = backend.quantize_blocks(x2d, block, scale, None if raw else scale_inv, fmt)
         if slot is not None and slot.armed and usage == ROWWISE:
-            deq = values if not raw else backend.quantize_blocks(x2d, block, scale, scale_inv, fmt)
-            stats = block_cast_stats(x2d, deq, block, scale, fmt)
+            stats = block_cast_stats(x2d, None if raw else values, block, scale, fmt)  # None: the same cast, redone
             slot.cast_stats[role] = stats[:3]
             slot.record_blocks(role, stats[3:], amax.max())
         if not raw:
@@ -63,7 +63,7 @@ class BlockwiseScaling(Scaling):
             groups = scale_inv.repeat_interleave(block[0], dim=0)[:r]
         else:  # (G, ceil(C/bc)) -> (G, C)
             groups = scale_inv.repeat_interleave(block[1], dim=1)[:, :c]
-        return Operand(values, None, fmt, groups.float().contiguous())
+        return Operand(values, None, fmt, groups.float().contiguous(), block)
 
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
@@ -81,5 +81,5 @@ class BlockwiseScaling(Scaling):
 
     def unsupported(self, backend: str, device) -> str | None:
         if backend == "scaled_mm":
-            return "torch._scaled_mm runs per-tensor scaling only (fp8lab does not drive its blockwise modes)"
+            return f"fp8lab drives torch's blockwise scaled GEMM for 1x128/128x128 scales only, not {self.name}'s"
         return None

@@ -44,14 +44,16 @@ class Operand(NamedTuple):
     """What one GEMM multiplies: exact values in the backend's operand dtype, the 0-dim
     float32 inverse scale its epilogue applies (None when the values are already exact
     dequantized values, as for power-of-2 block scales), the FP8 format of the values (None
-    for a BF16 GEMM), and, for block values left unscaled for a promoting accumulator, their
-    inverse scales per group of 128 along the contracted dimension: (R, G) for a rowwise
-    operand (R, C), (G, C) for a columnwise one."""
+    for a BF16 GEMM), and, for block values left unscaled (for a promoting accumulator, or a
+    GEMM that takes block scales), their inverse scales per group of 128 along the contracted
+    dimension: (R, G) for a rowwise operand (R, C), (G, C) for a columnwise one, with the
+    block shape in the values' orientation ((1, 128) tiles, (128, 128) blocks, ...)."""
 
     values: torch.Tensor
     inv_scale: torch.Tensor | None
     fmt: FP8Format | None = None
     group_scale: torch.Tensor | None = None
+    block: tuple[int, int] | None = None
 
 
 def not_measured(device: torch.device) -> torch.Tensor:

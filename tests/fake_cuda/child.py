@@ -39,6 +39,8 @@ def _scaling(name: str):
         "delayed": lambda: fp8lab.DelayedScaling(amax_history_len=4),
         "current": fp8lab.Float8CurrentScaling,
         "block": fp8lab.Float8BlockScaling,
+        "block_x2d": lambda: fp8lab.Float8BlockScaling(x_block_scaling_dim=2, w_block_scaling_dim=1),
+        "block_g2d": lambda: fp8lab.Float8BlockScaling(w_block_scaling_dim=1, grad_block_scaling_dim=2),
         "mxfp8": fp8lab.MXFP8BlockScaling,
     }[name]()
 
@@ -129,14 +131,16 @@ def _caught_by(err: BaseException) -> str:
 
 
 def contract(args: dict) -> dict:
-    """``configs`` on a device of ``capability``, each under StrictScaledMM."""
+    """``configs`` on a device of ``capability`` (torch built with CUDA ``cuda``, default
+    12.9), each under StrictScaledMM."""
     from tests.fake_cuda.strict_scaled_mm import StrictScaledMM
 
-    install(tuple(args["capability"]))
+    install(tuple(args["capability"]), cuda=args.get("cuda", "12.9"))
+    cublas = tuple(int(p) for p in args.get("cuda", "12.9").split("."))
     out = []
     with fake_mode():
         for cfg in args["configs"]:
-            with StrictScaledMM(capability=tuple(args["capability"])) as strict:
+            with StrictScaledMM(capability=tuple(args["capability"]), cublas=cublas) as strict:
                 out.append(run_config(cfg, strict))
     return {"results": out}
 
@@ -180,7 +184,12 @@ def syncs(args: dict) -> dict:
     with fake_mode():
         for cfg in args["configs"]:
             layer = fp8lab.Linear(
-                64, 48, fp8=fp8lab.FP8Options(scaling=_scaling(cfg["scaling"]), fallback="emulated"), device="cuda"
+                64,
+                48,
+                fp8=fp8lab.FP8Options(
+                    scaling=_scaling(cfg["scaling"]), backend=cfg.get("backend", "auto"), fallback="emulated"
+                ),
+                device="cuda",
             )
             counter = D2HCounter()
             error = None
@@ -203,7 +212,7 @@ def verdicts(args: dict) -> dict:
     """The strict model's verdict on each crafted call of ``tests.fake_cuda.strict_calls``
     (at ``capability``), and on a blockwise 1x128 x 128x128 call on several devices."""
     from tests.fake_cuda.strict_calls import calls
-    from tests.fake_cuda.strict_scaled_mm import refusal, scaling_kinds
+    from tests.fake_cuda.strict_scaled_mm import refusal, refusal_v2, scaling_kinds
 
     install(tuple(args["capability"]))
     cap = tuple(args["capability"])
@@ -226,7 +235,42 @@ def verdicts(args: dict) -> dict:
             "fast_accum": refusal(**call, use_fast_accum=True, capability=(9, 0)),
             "scale_a_row_major": refusal(**call | {"scale_a": scale_a.contiguous()}, capability=(9, 0)),
         }
-    return {"crafted": crafted, "arch": arch, "block": block}
+        block_v2 = _v2_verdicts(refusal_v2)
+    return {"crafted": crafted, "arch": arch, "block": block, "block_v2": block_v2}
+
+
+def _v2_verdicts(refusal_v2) -> dict:
+    """``refusal_v2`` on a blockwise 1x128 x 128x128 call as fp8lab makes it (K/128 = 6, so the
+    128x128 scales are padded to L4 = 8) and on variants that each break one rule."""
+    m, k, n = 32, 768, 256
+    a = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
+    b = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn).t()
+    scale_a = torch.empty(k // 128, m, device="cuda").t()  # (M, K/128), strides (1, M)
+    scale_b = torch.empty(n // 128, 8, device="cuda").t()  # (L4, N/128), strides (1, L4)
+    good = dict(
+        mat1=a,
+        mat2=b,
+        scale_a=[scale_a],
+        recipe_a=[4],
+        swizzle_a=[],
+        scale_b=[scale_b],
+        recipe_b=[5],
+        swizzle_b=[],
+        out_dtype=torch.bfloat16,
+    )
+    sm90 = dict(capability=(9, 0))
+    return {
+        "good": refusal_v2(**good, **sm90),
+        "unpadded_L4": refusal_v2(**good | {"scale_b": [torch.empty(n // 128, 6, device="cuda").t()]}, **sm90),
+        "scale_a_row_major": refusal_v2(**good | {"scale_a": [scale_a.contiguous()]}, **sm90),
+        "fast_accum": refusal_v2(**good | {"use_fast_accum": True}, **sm90),
+        "sm_89": refusal_v2(**good, capability=(8, 9)),
+        "sm_100": refusal_v2(**good, capability=(10, 0)),
+        "cublas_12.8": refusal_v2(**good, capability=(9, 0), cublas=(12, 8)),
+        "scales_on_cpu": refusal_v2(**good | {"scale_b": [torch.empty(2, 8).t()]}, **sm90),
+        "b_row_major": refusal_v2(**good | {"mat2": b.contiguous()}, **sm90),
+        "fp32_bias_bf16_out": refusal_v2(**good | {"bias": torch.empty(n, device="cuda")}, **sm90),
+    }
 
 
 def suite(args: dict) -> dict:

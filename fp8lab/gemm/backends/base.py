@@ -85,13 +85,25 @@ class QuantizedGemmBackend:
 
     name: str
     fp8 = True
+    # Whether block-scaled operands reach ``gemm`` as FP8 values with their block scales (the
+    # hardware's blockwise GEMM applies them), whatever the accumulator; else dequantized
+    # values unless the accumulator model applies the scales (``fp8lab.gemm.qlinear``).
+    block_scales_in_gemm = False
 
     def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
         """``x_hp`` cast onto ``fmt``'s grid with ``scale`` (given, never computed here)."""
         raise NotImplementedError
 
-    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None) -> torch.Tensor:
-        """``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in ``out_dtype``."""
+    def quantize_blocks(self, x2d: torch.Tensor, block, scale, scale_inv, fmt: FP8Format) -> torch.Tensor:
+        """``x2d`` cast block by block with the given power-of-2 ``scale``s, then multiplied by
+        ``scale_inv`` (exact dequantized values), or left as the FP8 values when ``scale_inv``
+        is None (their scales then go to the GEMM as ``group_scales``)."""
+        raise NotImplementedError
+
+    def gemm(self, a, b, a_inv, b_inv, out_dtype: torch.dtype, bias=None, **block_operands) -> torch.Tensor:
+        """``round(fp32(a @ b) * (a_inv * b_inv) + bias)`` in ``out_dtype``. With block-scaled
+        operands (``fp8lab.gemm.qlinear._gemm``) also ``accumulator``, the operands'
+        ``formats``, ``group_scales`` and ``blocks``: each backend reads those its GEMM needs."""
         raise NotImplementedError
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

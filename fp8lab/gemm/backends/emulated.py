@@ -55,8 +55,10 @@ class EmulatedBackend(QuantizedGemmBackend):
         return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype)
 
     def quantize_blocks(self, x2d: torch.Tensor, block, scale, scale_inv, fmt: FP8Format) -> torch.Tensor:
-        """``x2d`` cast block by block with the given power-of-2 scales, dequantized exactly."""
-        return cast_blocks_dequantized(x2d, block, scale, scale_inv, fmt, dtype=self.path.operand_dtype)
+        """``x2d`` cast block by block with the given power-of-2 scales, dequantized exactly
+        (``scale_inv`` None: the FP8 values, held in the exact path's dtype)."""
+        unscale = torch.ones_like(scale) if scale_inv is None else scale_inv
+        return cast_blocks_dequantized(x2d, block, scale, unscale, fmt, dtype=self.path.operand_dtype)
 
     def gemm(
         self,
@@ -70,10 +72,12 @@ class EmulatedBackend(QuantizedGemmBackend):
         accumulator: Accumulator = FP32,
         formats=(None, None),
         group_scales=(None, None),
+        **_hardware,
     ) -> torch.Tensor:
         """The hardware model of ``a @ b`` with ``accumulator``; ``formats`` are the operands'
         FP8 formats and ``group_scales`` their per-group block scales (both for a fast or
-        promoted accumulator, see ``fp8lab.gemm.accumulate``)."""
+        promoted accumulator, see ``fp8lab.gemm.accumulate``). The block shapes (``blocks``)
+        only a hardware GEMM needs: the group scales already say everything per K group."""
         if accumulator.kind == "fp32" and group_scales == (None, None):
             return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
         acc = tensor_core_accumulate(

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from fp8lab.gemm.exact import ROUNDED_DTYPES
-from fp8lab.gemm.hardware import FP8_MIN_CAPABILITY, HW_GEMM_MULTIPLE, BackendUnavailable, DeviceFacts
+from fp8lab.gemm.hardware import (
+    FP8_MIN_CAPABILITY,
+    HW_GEMM_MULTIPLE,
+    BackendUnavailable,
+    DeviceFacts,
+    torch_has_blockwise_mm,
+)
 from fp8lab.scaling.delayed import DelayedScaling
 from fp8lab.scaling.protocol import Scaling
 
@@ -148,7 +154,13 @@ def probe_device(device: torch.device) -> DeviceFacts:
         return DeviceFacts(device.type)
     index = device.index if device.index is not None else torch.cuda.current_device()
     cuda = tuple(int(p) for p in torch.version.cuda.split(".")[:2]) if torch.version.cuda else None
-    return DeviceFacts("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index), cuda)
+    return DeviceFacts(
+        "cuda",
+        torch.cuda.get_device_capability(index),
+        torch.cuda.get_device_name(index),
+        cuda,
+        torch_has_blockwise_mm(),
+    )
 
 
 def probe_te() -> TEFacts:
