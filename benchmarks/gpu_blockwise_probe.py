@@ -65,6 +65,22 @@ def dequant(q, scale_inv, block):
     return q.double() * s.double()
 
 
+def _measure(ref: torch.Tensor, gemm, *args, **kwargs) -> dict:
+    """Run ``gemm(*args, **kwargs)`` (a bf16 output): whether CUDA accepts it, and against the
+    float64 ``ref`` the share of outputs bit-equal to ref in bf16 and the max error / max|ref|."""
+    try:
+        out = gemm(*args, **kwargs)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - recorded: the point is what CUDA refuses
+        return {"cuda": f"refuses: {str(err).splitlines()[0][:120]}"}
+    return {
+        "cuda": "accepts",
+        "bit_equal": f"{(out == ref.to(torch.bfloat16)).float().mean().item():.4f}",
+        "max_rel_err": f"{((out.double() - ref).abs().max() / ref.abs().max()).item():.2e}",
+    }
+
+
 def probe(m: int, n: int, k: int) -> list[dict]:
     torch.manual_seed(0)
     x, w, g = (
@@ -113,15 +129,7 @@ def probe(m: int, n: int, k: int) -> list[dict]:
             "model": refusal(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16, capability=cap, cublas=cublas)
             or "accepts",
         }
-        try:
-            out = torch._scaled_mm(a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16)
-            torch.cuda.synchronize()
-            want = ref.to(torch.bfloat16)
-            row["cuda"] = "accepts"
-            row["bit_equal"] = f"{(out == want).float().mean().item():.4f}"
-            row["max_rel_err"] = f"{((out.double() - ref).abs().max() / ref.abs().max()).item():.2e}"
-        except Exception as err:  # noqa: BLE001 - recorded: the point is what CUDA refuses
-            row["cuda"] = f"refuses: {str(err).splitlines()[0][:120]}"
+        row |= _measure(ref, torch._scaled_mm, a, b, sa.float(), sb.float(), out_dtype=torch.bfloat16)
         rows.append(row)
     return rows
 
@@ -164,15 +172,7 @@ def probe_fp8lab(m: int, n: int, k: int, device: str = "cuda") -> list[dict]:
             b.double() * sb.double().repeat_interleave(128, 0)[: b.shape[0]]
         )
         row = {"gemm": name, "shape": f"{tuple(a.shape)} @ {tuple(b.shape)}"}
-        try:
-            out = _block_gemm(a, b, torch.bfloat16, None, (sa.float(), sb.float()), blocks)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            row["cuda"] = "accepts"
-            row["bit_equal"] = f"{(out == ref.to(torch.bfloat16)).float().mean().item():.4f}"
-            row["max_rel_err"] = f"{((out.double() - ref).abs().max() / ref.abs().max()).item():.2e}"
-        except Exception as err:  # noqa: BLE001 - recorded: the point is what CUDA refuses
-            row["cuda"] = f"refuses: {str(err).splitlines()[0][:120]}"
+        row |= _measure(ref, _block_gemm, a, b, torch.bfloat16, None, (sa.float(), sb.float()), blocks)
         rows.append(row)
     return rows
 

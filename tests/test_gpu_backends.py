@@ -120,14 +120,20 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner, scales):
     assert _bf16_ulps(out, ref).max().item() <= 2.0
 
 
-@needs_fp8
-def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
-    x, g = (t.cuda() for t in tokens)
+def _emulated_and_scaled_mm(scaling) -> tuple[Linear, Linear]:
+    """The same 256 -> 128 layer (one initialisation) on the emulated and scaled_mm backends."""
     torch.manual_seed(0)
-    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
-    hw = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="scaled_mm"), device="cuda")
+    ref = Linear(256, 128, fp8=FP8Options(scaling=scaling, backend="emulated"), device="cuda")
+    hw = Linear(256, 128, fp8=FP8Options(scaling=scaling, backend="scaled_mm"), device="cuda")
     hw.load_state_dict(ref.state_dict())
     assert hw.plan().backend == "scaled_mm"
+    return ref, hw
+
+
+@needs_fp8
+def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
+    ref, hw = _emulated_and_scaled_mm(SCALING)
+    x, g = (t.cuda() for t in tokens)
     for step in range(5):  # step 0 runs at scale 1, later steps at the updated scales
         want, got = run_step(ref, x, g), run_step(hw, x, g)
         for key in ("y", "grad_x", "grad_w"):
@@ -280,11 +286,8 @@ def test_scaled_mm_linear_equals_the_emulation_at_the_same_scales(tokens, pow2):
     """One step of the same layer, scales set by hand: fprop, dgrad and wgrad of the real
     FP8 GEMM against the emulation (the same FP8 operands; only cuBLASLt's summation order
     and, for any scales, its epilogue may differ)."""
+    ref, hw = _emulated_and_scaled_mm(SCALING)
     x, g = (t.cuda() for t in tokens)
-    torch.manual_seed(0)
-    ref = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"), device="cuda")
-    hw = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="scaled_mm"), device="cuda")
-    hw.load_state_dict(ref.state_dict())
     scales = [2.0**5, 2.0**9, 2.0**13] if pow2 else [448.0 / 3.3, 448.0 / 0.061, 57344.0 / 0.0077]
     for layer in (ref, hw):
         layer.fp8_state.scale.copy_(torch.tensor(scales))
@@ -317,12 +320,8 @@ def test_block_scaling_on_torchs_blockwise_gemm_matches_the_emulation(tokens, sc
     emulation (same block scales, computed from the same amaxes; the emulation on CUDA
     accumulates in fp32, the tensor cores promote every 128 products). Unverified before a
     GPU run: the thresholds (>= 95% of bf16 outputs bit-equal, every one within 2 ulps)."""
+    ref, hw = _emulated_and_scaled_mm(scaling)
     x, g = (t.cuda() for t in tokens)
-    torch.manual_seed(0)
-    ref = Linear(256, 128, fp8=FP8Options(scaling=scaling, backend="emulated"), device="cuda")
-    hw = Linear(256, 128, fp8=FP8Options(scaling=scaling, backend="scaled_mm"), device="cuda")
-    hw.load_state_dict(ref.state_dict())
-    assert hw.plan().backend == "scaled_mm"
     want, got = run_step(ref, x, g), run_step(hw, x, g)
     for key in ("y", "grad_x", "grad_w"):
         assert (got[key] == want[key]).float().mean().item() >= 0.95, key
