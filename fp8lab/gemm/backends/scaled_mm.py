@@ -34,30 +34,32 @@ def _is_col_major(t: torch.Tensor) -> bool:
     return t.stride(0) == 1 and t.stride(1) > 1
 
 
-def _a_operand(a: torch.Tensor, k_pad: int, m_pad: int | None = None) -> torch.Tensor:
-    """A as cuBLASLt takes it: row-major (m_pad, k_pad), zero columns (and rows) appended."""
-    m, k = a.shape
-    m_pad = m if m_pad is None else m_pad
-    if k == k_pad and m == m_pad and _is_row_major(a):
-        return a
+def _row_major(t: torch.Tensor, cols: int, rows: int | None = None) -> torch.Tensor:
+    """``t`` row-major as (rows, cols), zero columns (and rows) appended; ``t`` itself when it
+    already is."""
+    r, c = t.shape
+    rows = r if rows is None else rows
+    if c == cols and r == rows and _is_row_major(t):
+        return t
     # Built through uint8 views: zero bits are +0.0 in both FP8 formats, and uint8
     # fill/copy kernels exist everywhere (float8 ones need not).
-    grow = k < k_pad or m < m_pad
-    out = (torch.zeros if grow else torch.empty)(m_pad, k_pad, dtype=torch.uint8, device=a.device)
-    out[:m, :k].copy_(a.view(torch.uint8))
-    return out.view(a.dtype)
+    grow = c < cols or r < rows
+    out = (torch.zeros if grow else torch.empty)(rows, cols, dtype=torch.uint8, device=t.device)
+    out[:r, :c].copy_(t.view(torch.uint8))
+    return out.view(t.dtype)
+
+
+def _a_operand(a: torch.Tensor, k_pad: int, m_pad: int | None = None) -> torch.Tensor:
+    """A as cuBLASLt takes it: row-major (m_pad, k_pad), zero columns (and rows) appended."""
+    return _row_major(a, k_pad, m_pad)
 
 
 def _b_operand(b: torch.Tensor, k_pad: int, n_pad: int | None = None) -> torch.Tensor:
-    """B as cuBLASLt takes it: column-major (k_pad, n_pad), zero rows (and columns) appended."""
-    k, n = b.shape
-    n_pad = n if n_pad is None else n_pad
-    if k == k_pad and n == n_pad and _is_col_major(b):
+    """B as cuBLASLt takes it: column-major (k_pad, n_pad), zero rows (and columns) appended
+    (the transpose of B^T made row-major); ``b`` itself when it already is."""
+    if b.shape[0] == k_pad and n_pad in (None, b.shape[1]) and _is_col_major(b):
         return b
-    grow = k < k_pad or n < n_pad
-    out = (torch.zeros if grow else torch.empty)(n_pad, k_pad, dtype=torch.uint8, device=b.device)
-    out[:n, :k].copy_(b.t().view(torch.uint8))
-    return out.view(b.dtype).t()
+    return _row_major(b.t(), k_pad, n_pad).t()
 
 
 def _round_up(x: int, multiple: int) -> int:
