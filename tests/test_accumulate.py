@@ -9,6 +9,7 @@ the classic bound K * 2^-24 * sum|a||b|.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import struct
@@ -20,8 +21,15 @@ from fp8lab.accumulation import FP32, HOPPER_FAST, HOPPER_PROMOTED, Accumulator
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm import accumulate as acc_mod
 from fp8lab.gemm import accumulate_native
-from fp8lab.gemm.accumulate import AccumulatePath, accumulate_path, chain_instructions, tensor_core_accumulate
+from fp8lab.gemm.accumulate import (
+    AccumulatePath,
+    accumulate_path,
+    chain_instructions,
+    tensor_core_accumulate,
+    tensor_core_gemm,
+)
 from fp8lab.gemm.accumulate_torch import Steps
+from fp8lab.gemm.exact import epilogue
 from tests import accum_reference as ref
 
 FMT = {"e4m3": (E4M3, (-6, 3)), "e5m2": (E5M2, (-14, 2))}
@@ -418,6 +426,47 @@ def test_empty_dimensions(path, acc):
     for m, k, n in ((0, 64, 5), (4, 64, 0), (4, 0, 5), (0, 0, 0)):
         out = tensor_core_accumulate(torch.zeros(m, k), torch.zeros(k, n), E4M3, E4M3, acc, path=path)
         assert out.shape == (m, n) and out.dtype == torch.float32 and (out == 0).all()
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.values[0].name != "torch"])  # torch: not fused
+@pytest.mark.parametrize("acc", [HOPPER_FAST, HOPPER_PROMOTED], ids=["fast", "promoted"])
+def test_the_fused_epilogue_is_the_epilogue_bit_for_bit(path, acc):
+    """``tensor_core_gemm`` (the kernel applies scale, bias and the output rounding as it stores each
+    tile) against ``epilogue(tensor_core_accumulate(...))``: every output dtype and bias dtype, with and
+    without the scale, K in several blocks (bf16 output: the kernel's own fp32 accumulator between them),
+    transposed bf16 operands, and inf/NaN/overflowing outputs."""
+    gen = torch.Generator().manual_seed(21)
+    a, b = fp8(gen, (37, 700), "e4m3", 8), fp8(gen, (700, 530), "e5m2", 4)
+    a[5, 3], b[9, 11], a[6, :40] = math.inf, math.nan, 448.0  # an inf, a NaN, and a row near fp32's edge
+    b[:40, 12] = 57344.0
+    cases = [(a, b), (a.t().contiguous().t().bfloat16(), b.t().contiguous().t().bfloat16())]
+    inv = torch.tensor(2.0**100 * 1.25)  # pushes large outputs past fp32 and bf16: inf after the scale
+    accumulators = [tensor_core_accumulate(x, y, E4M3, E5M2, acc, path=path) for x, y in cases]
+    for ((x, y), accumulator), out_dtype, bias_dtype, scale in itertools.product(
+        zip(cases, accumulators),
+        (torch.float32, torch.bfloat16, torch.float16),
+        (None, torch.bfloat16, torch.float32),
+        (None, inv),
+    ):
+        bias = None if bias_dtype is None else (torch.randn(530, generator=gen) * 3).to(bias_dtype)
+        expected = epilogue(accumulator.clone(), scale, out_dtype, bias)
+        out = tensor_core_gemm(x, y, E4M3, E5M2, acc, scale, out_dtype, bias, path=path)
+        assert out.dtype == out_dtype and out.shape == expected.shape
+        eq = same(out.float(), expected.float())
+        assert eq.all(), (out_dtype, bias_dtype, scale, (~eq).sum().item())
+        assert out.isinf().any() or scale is None
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here")
+def test_off_grid_values_are_counted_once_in_every_layout():
+    """The prepass counts off-grid values per tile; tiles packed together from a transposed A and a last
+    tile whose missing rows repeat the last real row must not count a value twice."""
+    for m in (12, 13, 48, 50):
+        a = torch.ones(m, 70)
+        a[m - 1, 5] = 1.1
+        for x in (a, a.t().contiguous().t(), a.bfloat16().t().contiguous().t()):
+            with pytest.raises(ValueError, match=r"a holds 1 values that are not E4M3"):
+                tensor_core_accumulate(x, torch.ones(70, 3), E4M3, E4M3, HOPPER_FAST)
 
 
 @pytest.mark.parametrize("path", PATHS)

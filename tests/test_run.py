@@ -149,9 +149,9 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     """No device tensor is read on the host in a non-log step. On CPU, tensors live in host
     memory and reading one is a load, not a copy; fp8lab does it by design, and only these:
     one NaN check per FP8 cast (amaxes_of: the NaN-ignoring pass runs only when a NaN is
-    there) and, on the oneDNN bf16 path, one alpha per FP8 GEMM accumulated in fp32 (the
-    inverse scale; the accumulator model's GEMMs read none). Each is
-    a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
+    there), one alpha (the inverse scale) per GEMM of the accumulator model (its C kernel
+    applies the epilogue; the model runs on the CPU only) and, on the oneDNN bf16 path, one
+    alpha per FP8 GEMM accumulated in fp32. Each is a 0-dim CPU tensor. On an accelerator none happens (tests/test_gpu_backends.py checks
     with CUDA's sync debug mode). The BF16 shadow GEMMs (accuracy) run on log steps only."""
     from fp8lab.gemm import shadow
 
@@ -172,7 +172,8 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     n_fp8 = 8  # FP8 layers of the model; each step casts x, w, grad_out and runs 3 GEMMs
     nan_checks = [("cpu", (), torch.bool)] * (3 * n_fp8)
     fp32_gemms = sum(run.variant.fp8.accumulator(gemm).kind == "fp32" for gemm in range(3)) * n_fp8
-    alphas = [("cpu", (), torch.float32)] * fp32_gemms if path_name == "onednn-bf16" else []
+    model_gemms = 3 * n_fp8 - fp32_gemms
+    alphas = [("cpu", (), torch.float32)] * (model_gemms + (fp32_gemms if path_name == "onednn-bf16" else 0))
     assert sorted(plain.reads, key=str) == sorted(nan_checks + alphas, key=str)
     assert armed == [] and shadows == []
     assert not any(layer.telemetry.armed for _, layer in run.collector.layers)

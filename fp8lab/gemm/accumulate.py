@@ -29,12 +29,17 @@ computes exactly them (tests/test_accumulate.py holds them to an integer referen
 (``accumulate_kernel.c``, SIMD or generic) or the pure-torch fallback, chosen once per process and
 named by ``accumulate_path`` for ``fp8lab info``. NaN results compare as NaN (payloads not modelled).
 
+``tensor_core_gemm`` is the whole GEMM of the hardware model, the epilogue included: the kernel applies
+scale, bias and the output rounding as it stores each tile, bit for bit what ``fp8lab.gemm.exact.epilogue``
+computes on the accumulator.
+
 Cost: the C kernel runs at about a third of an fp32 GEMM's speed (pass 2 is four vector ops per 16
 products where a GEMM needs one FMA); it keeps its scratch memory (about 8 bytes per element of a,
-5 per element of b, for the largest call so far) with the calling thread between calls, because a
-fresh page costs microseconds on a VM (``accumulate_native.release`` frees it). Measured on the
-2-core AVX-512 dev VM, 2048x512x128 promoted: SIMD kernel 5.5 ms (49 GFLOP-equivalent/s), its
-generic scalar path (CPUs without AVX2) 0.43 s, the pure-torch fallback 1.4 s.
+5 per element of b, 4 per output when a bf16 output spans several K blocks, for the largest call so
+far) with the calling thread between calls, because a fresh page costs microseconds on a VM
+(``accumulate_native.release`` frees it). Measured on the 2-core AVX-512 dev VM, 2048x512x128
+promoted: SIMD kernel about 4.3 ms (62 GFLOP-equivalent/s), its generic scalar path (CPUs without
+AVX2) 0.43 s, the pure-torch fallback 1.4 s.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from fp8lab.accumulation import Accumulator
 from fp8lab.formats import FP8Format
 from fp8lab.gemm import accumulate_native
 from fp8lab.gemm.accumulate_torch import Steps, accumulate_torch, fma_fp32
+from fp8lab.gemm.exact import epilogue
 
 PATH_NAMES = ("c-avx512", "c-avx2", "c-generic", "torch")
 
@@ -125,8 +131,9 @@ def _check(counts: tuple[int, int], a_format: FP8Format, b_format: FP8Format) ->
             )
 
 
-def _run(a, b, a_format, b_format, steps: Steps, *, c0, sa, sb, path: AccumulatePath):
-    """One accumulation on float32 CPU tensors with the implementation ``path`` names."""
+def _run(a, b, a_format, b_format, steps: Steps, *, c0, sa, sb, path: AccumulatePath, **epilogue):
+    """One accumulation on float32 CPU tensors with the implementation ``path`` names; ``epilogue``
+    (``inv``, ``bias``, ``out_dtype``: the C kernel's fused epilogue) only with the kernel."""
     (ea, ma, xa), (eb, mb, xb) = _grid(a_format), _grid(b_format)
     if path.name == "torch":
         a, b = a.float(), b.float()
@@ -135,9 +142,9 @@ def _run(a, b, a_format, b_format, steps: Steps, *, c0, sa, sb, path: Accumulate
     kernel, why = _kernel()
     if kernel is None:
         raise RuntimeError(f"accumulate path {path.name!r} needs the C kernel, which is unavailable: {why}")
-    generic = path.name == "c-generic"
+    mode = 1 if path.name == "c-generic" else 0
     out, counts = accumulate_native.run(
-        kernel, a, b, (ea, ma, eb, mb), (xa, xb), steps, c0=c0, sa=sa, sb=sb, generic=generic
+        kernel, a, b, (ea, ma, eb, mb), (xa, xb), steps, c0=c0, sa=sa, sb=sb, mode=mode, **epilogue
     )
     _check(counts, a_format, b_format)
     return out
@@ -152,6 +159,77 @@ def _fp32_kind(a, b, sa, sb, group_k: int, desc: bool) -> torch.Tensor:
         ks = slice(g * group_k, (g + 1) * group_k)
         out = fma_fp32(torch.mm(a[:, ks], b[ks]), sa[:, g : g + 1] * sb[g : g + 1], out)
     return out
+
+
+def _group_scales(sa, sb, m: int, n: int, n_groups: int, acc: Accumulator):
+    """The group scales as float32 CPU tensors, checked (both or neither; (M, G) and (G, N))."""
+    if (sa is None) != (sb is None):
+        raise ValueError("a_group_scale and b_group_scale come together: give both or neither")
+    if sa is None:
+        return None, None
+    if acc.kind == "fast":
+        raise ValueError("group scales are applied at promotions: Accumulator.kind must be 'promoted' or 'fp32'")
+    sa, sb = sa.detach().to("cpu", torch.float32).contiguous(), sb.detach().to("cpu", torch.float32).contiguous()
+    if tuple(sa.shape) != (m, n_groups) or tuple(sb.shape) != (n_groups, n):
+        raise ValueError(
+            f"group scales must be (M, G) = {(m, n_groups)} and (G, N) = {(n_groups, n)} with "
+            f"G = ceil(K / {acc.group_k}), got {tuple(sa.shape)} and {tuple(sb.shape)}"
+        )
+    return sa, sb
+
+
+def tensor_core_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_format: FP8Format,
+    b_format: FP8Format,
+    acc: Accumulator,
+    inv_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    *,
+    a_group_scale: torch.Tensor | None = None,
+    b_group_scale: torch.Tensor | None = None,
+    path: AccumulatePath | None = None,
+) -> torch.Tensor:
+    """``epilogue(tensor_core_accumulate(a, b, ...), inv_scale, out_dtype, bias)``, bit for bit: the
+    whole FP8 GEMM of the hardware model. The C kernel applies the epilogue as it stores each tile
+    (no fp32 (M, N) pass afterwards); other paths, split-K and other output dtypes run the two steps.
+
+    Args:
+        a, b, a_format, b_format, acc, a_group_scale, b_group_scale, path: as ``tensor_core_accumulate``.
+        inv_scale: 0-dim float32 ``scale_inv_a * scale_inv_b`` (a CPU tensor), or None for 1.
+        out_dtype: the output dtype (one rounding from fp32).
+        bias: (N,) the epilogue's bias (``fp8lab.gemm.exact.epilogue_bias``), added in fp32, or None.
+    """
+    path = path or accumulate_path()
+    fused = (
+        acc.kind != "fp32"
+        and acc.split_k == 1
+        and path.name != "torch"
+        and a.device.type == "cpu"
+        and (inv_scale is None or inv_scale.device.type == "cpu")
+        and (bias is None or bias.dtype in (torch.float32, torch.bfloat16))
+    )
+    if not fused:
+        out = tensor_core_accumulate(
+            a, b, a_format, b_format, acc, a_group_scale=a_group_scale, b_group_scale=b_group_scale, path=path
+        )
+        return epilogue(out, inv_scale, out_dtype, bias)
+    a, b = _operand(a, "a"), _operand(b, "b")
+    (m, k), n = a.shape, b.shape[1]
+    if b.shape[0] != k:
+        raise ValueError(f"a is (M, K) = {tuple(a.shape)} but b is {tuple(b.shape)}, not (K, N) with K = {k}")
+    sa, sb = _group_scales(a_group_scale, b_group_scale, m, n, -(-k // acc.group_k), acc)
+    steps = Steps(
+        acc.chunk, acc.fraction_bits, acc.promote_every if acc.kind == "promoted" else 0, acc.k_order == "descending"
+    )
+    kernel_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    inv = None if inv_scale is None else float(inv_scale)  # a CPU tensor's value: a load, not a device copy
+    out = _run(
+        a, b, a_format, b_format, steps, c0=None, sa=sa, sb=sb, path=path, inv=inv, bias=bias, out_dtype=kernel_dtype
+    )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def tensor_core_accumulate(
@@ -185,18 +263,7 @@ def tensor_core_accumulate(
     if b.shape[0] != k:
         raise ValueError(f"a is (M, K) = {tuple(a.shape)} but b is {tuple(b.shape)}, not (K, N) with K = {k}")
     n_groups = -(-k // acc.group_k)
-    sa, sb = a_group_scale, b_group_scale
-    if (sa is None) != (sb is None):
-        raise ValueError("a_group_scale and b_group_scale come together: give both or neither")
-    if sa is not None:
-        if acc.kind == "fast":
-            raise ValueError("group scales are applied at promotions: Accumulator.kind must be 'promoted' or 'fp32'")
-        sa, sb = sa.detach().to("cpu", torch.float32).contiguous(), sb.detach().to("cpu", torch.float32).contiguous()
-        if tuple(sa.shape) != (m, n_groups) or tuple(sb.shape) != (n_groups, n):
-            raise ValueError(
-                f"group scales must be (M, G) = {(m, n_groups)} and (G, N) = {(n_groups, n)} with "
-                f"G = ceil(K / {acc.group_k}), got {tuple(sa.shape)} and {tuple(sb.shape)}"
-            )
+    sa, sb = _group_scales(a_group_scale, b_group_scale, m, n, n_groups, acc)
     path = path or accumulate_path()
     desc = acc.k_order == "descending"
     per_slice = max(1, -(-n_groups // acc.split_k))

@@ -19,8 +19,15 @@
  * memory); pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised
  * over N; a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K
  * block, whose B panels stay in L2. Generic path (any CPU, any F <= 40): the same steps per element in
- * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself: torch's
- * transposing copies cost more than the whole prepass.
+ * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself into panels (A:
+ * [tile][k][MR], B: [panel][k][NR], with their exponent codes): torch's transposing copies cost more than
+ * the whole prepass. The GEMM's epilogue (scale, bias, rounding to the output dtype) is applied as the
+ * last K block of each tile is stored, so no (M, N) pass follows.
+ *
+ * Tried and measured (2-core AVX-512 VM, 2026-12-04): pass 2 in 16-bit integers (significand products,
+ * variable word shifts, pair dot products: five or six ops per 32 products) ran 1.25x faster on K = 128
+ * GEMMs alone, but its integer forms doubled the prepass and its panels the cache footprint, and a
+ * training step was no faster (3.43x vs 3.40x the fp32 step); removed.
  */
 #include <math.h>
 #include <stdint.h>
@@ -60,12 +67,18 @@
 typedef struct {
     int64_t m, n, k, n_ins, np;  /* np: N rounded up to nr (B's packed row length) */
     int chunk, frac, out_frac, promote, desc, mr, nr;
-    const float *a, *c0, *sa, *sb;  /* a: (M, K) row-major float */
+    const float *c0, *sa, *sb;
     int64_t sa_ld, sb_ld;
-    int32_t *ea;         /* (M, K): A's exponent codes, each repeated in the 4 bytes (one 32-bit broadcast) */
+    float *ap;           /* A as [tile][k][mr] (rows past M repeat the last row) */
+    int32_t *ea;         /* its exponent codes, same layout, each repeated in the 4 bytes (one 32-bit broadcast) */
     float *bp;           /* B as [panel][k][nr], columns past N zero */
     int8_t *eb;          /* its exponent codes, same layout */
-    float *out;          /* (M, N): between K blocks, the chained C ("fast") or the promoted accumulator */
+    float *acc;          /* (M, N): between K blocks, the chained C ("fast") or the promoted accumulator */
+    /* The epilogue, applied as the last K block is stored: out = round(acc * inv + bias), each step in fp32. */
+    int has_inv, bias_bf16, out_bf16;
+    float inv;
+    const void *bias;    /* (N,) fp32 or bf16, or NULL */
+    void *out;           /* (M, N) row-major, fp32 or bf16 (nearest even; NaN -> 0x7FC0, as torch rounds) */
 } job_t;
 
 /* Scratch memory of the calling thread, kept between calls: on a VM a page fault costs microseconds,
@@ -135,31 +148,78 @@ static inline const void *element(const void *base, int bf16, int64_t at) {
     return bf16 ? (const void *)((const uint16_t *)base + at) : (const void *)((const float *)base + at);
 }
 
-/* Rows [i0, i1) of A (strides sm, sk; fp32 or bf16) into row-major float, in squares so that a
- * transposed A is read along its cache lines. */
-static void copy_a(float *dst, const void *a, int bf16, int64_t sm, int64_t sk, int64_t k, int64_t i0, int64_t i1) {
-    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
-        const int64_t k1 = min64(k, k0 + BLOCK);
-        if (sk <= sm)
-            for (int64_t i = i0; i < i1; i++)
-                copy_strided(dst + i * k + k0, 1, element(a, bf16, i * sm + k0 * sk), bf16, sk, k1 - k0);
-        else
-            for (int64_t kk = k0; kk < k1; kk++)
-                copy_strided(dst + i0 * k + kk, k, element(a, bf16, i0 * sm + kk * sk), bf16, sm, i1 - i0);
+/* dst[kk * ds] = src[kk * ss] (widened exactly from bf16) for kk < count: one row of A into a panel. */
+static void widen_row(float *dst, int64_t ds, const void *src, int bf16, int64_t ss, int64_t count) {
+    if (bf16) {
+        const uint16_t *s = src;
+        for (int64_t kk = 0; kk < count; kk++) {
+            const uint32_t u = (uint32_t)s[kk * ss] << 16;
+            memcpy(dst + kk * ds, &u, 4);
+        }
+    } else {
+        const float *s = src;
+        for (int64_t kk = 0; kk < count; kk++) dst[kk * ds] = s[kk * ss];
     }
 }
 
-/* Row i of A: its exponent codes and how many of its values are off the grid. */
-static int64_t codes_a(const job_t *j, int64_t i, const int *fmt, uint32_t vmax_bits) {
+/* Exponent codes of n packed values (each repeated in the 4 bytes), and how many are off the grid. */
+static int32_t codes32(const float *v, int32_t *codes, int64_t n, int32_t emin, int32_t mbits, uint32_t vmax_bits) {
     int32_t bad = 0;
-    const float *a = j->a + i * j->k;
-    int32_t *dst = j->ea + i * j->k;
-    const int32_t emin = fmt[0], mbits = fmt[1], k = (int32_t)j->k;  /* locals: dst may alias fmt */
-    for (int32_t kk = 0; kk < k; kk++) {
+    for (int64_t at = 0; at < n; at++) {
         int32_t off;
-        const uint32_t c = (uint32_t)operand_code(a[kk], emin, mbits, vmax_bits, &off) & 0xFFu;
-        dst[kk] = (int32_t)(c * 0x01010101u);
+        const uint32_t c = (uint32_t)operand_code(v[at], emin, mbits, vmax_bits, &off) & 0xFFu;
+        codes[at] = (int32_t)(c * 0x01010101u);
         bad += off;
+    }
+    return bad;
+}
+
+/* A's row tiles [it0, it1) (strides sm, sk; fp32 or bf16) as panels [k][mr], rows past M repeating the
+ * last, their exponent codes, and how many of their values (rows inside M) are off the
+ * grid. BLOCK columns at a time, coded while they are in L1. A transposed A (sm == 1) is read a row of K
+ * at a time across all the tiles, whole cache lines rather than a tile's few values from each. */
+static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64_t sk, int64_t it0, int64_t it1,
+                      const int *fmt, uint32_t vmax_bits) {
+    const int mr = j->mr;
+    const int64_t k = j->k, across = sm == 1 && it1 * mr <= j->m;
+    int64_t bad = 0;
+    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+        const int64_t nk = min64(k, k0 + BLOCK) - k0;
+        if (across && bf16)
+            for (int64_t kk = k0; kk < k0 + nk; kk++) {
+                const uint16_t *row = (const uint16_t *)a + kk * sk + it0 * mr;
+                float *d = j->ap + (it0 * k + kk) * mr;
+                for (int64_t t = 0; t < it1 - it0; t++, row += mr, d += k * mr)
+                    for (int r = 0; r < mr; r++) {
+                        const uint32_t u = (uint32_t)row[r] << 16;
+                        memcpy(d + r, &u, 4);
+                    }
+            }
+        else if (across)
+            for (int64_t kk = k0; kk < k0 + nk; kk++) {
+                const float *row = (const float *)a + kk * sk + it0 * mr;
+                float *d = j->ap + (it0 * k + kk) * mr;
+                for (int64_t t = 0; t < it1 - it0; t++, row += mr, d += k * mr)
+                    for (int r = 0; r < mr; r++) d[r] = row[r];
+            }
+        for (int64_t it = it0; it < it1; it++) {
+            const int64_t i0 = it * mr, rows = min64(mr, j->m - i0);
+            float *d = j->ap + (it * k + k0) * mr;
+            if (!across)
+                for (int r = 0; r < mr; r++)
+                    widen_row(d + r, mr, element(a, bf16, (i0 + (r < rows ? r : rows - 1)) * sm + k0 * sk), bf16, sk,
+                              nk);
+            bad += codes32(d, j->ea + (it * k + k0) * mr, nk * mr, fmt[0], fmt[1], vmax_bits);
+        }
+    }
+    const int64_t last = it1 - 1, rows = min64(mr, j->m - last * mr);
+    if (rows < mr) {  /* the last tile's repeated rows were counted too: count its real rows alone */
+        const float *d = j->ap + last * k * mr;
+        for (int64_t at = 0; at < k * mr; at++) {
+            int32_t off;
+            operand_code(d[at], fmt[0], fmt[1], vmax_bits, &off);
+            bad -= off & (at % mr >= rows);
+        }
     }
     return bad;
 }
@@ -170,7 +230,17 @@ static int64_t pack_b(const job_t *j, const void *b, int bf16, int64_t sk, int64
     const int nr = j->nr;
     const int64_t c0 = p * nr, nc = min64(nr, j->n - c0);
     float *dst = j->bp + p * j->k * nr;
-    if (sn <= sk)
+    if (sn == 1 && bf16)  /* the common layouts, as loops that vectorise */
+        for (int64_t k = k0; k < k1; k++) {
+            const uint16_t *src = (const uint16_t *)b + k * sk + c0;
+            for (int c = 0; c < nc; c++) {
+                const uint32_t u = (uint32_t)src[c] << 16;
+                memcpy(dst + k * nr + c, &u, 4);
+            }
+        }
+    else if (sn == 1)
+        for (int64_t k = k0; k < k1; k++) memcpy(dst + k * nr, (const float *)b + k * sk + c0, sizeof(float) * nc);
+    else if (sn <= sk)
         for (int64_t k = k0; k < k1; k++)
             copy_strided(dst + k * nr, 1, element(b, bf16, k * sk + c0 * sn), bf16, sn, nc);
     else
@@ -204,9 +274,55 @@ static void tile_in(const job_t *j, const float *src, int64_t i0, int64_t j0, fl
 }
 
 static void tile_out(const job_t *j, float *dst, int64_t i0, int64_t j0, const float *src) {
-    if (!dst) return;
     for (int r = 0; r < j->mr && i0 + r < j->m; r++)
         for (int c = 0; c < j->nr && j0 + c < j->n; c++) dst[(i0 + r) * j->n + j0 + c] = src[r * j->nr + c];
+}
+
+/* fp32 -> bf16 as torch rounds: to nearest even, NaN to the quiet NaN 0x7FC0 (payloads not modelled). */
+static inline uint16_t bf16_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return v != v ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* The epilogue of row i, columns [j0, j0 + count): out = round(src * inv + bias), each step in fp32. */
+static void epilogue_row(const job_t *j, const float *src, int64_t i, int64_t j0, int64_t count) {
+    float v[BLOCK];
+    for (int64_t c0 = 0; c0 < count; c0 += BLOCK) {
+        const int64_t nc = min64(BLOCK, count - c0), col = j0 + c0;
+        for (int64_t c = 0; c < nc; c++) v[c] = src[c0 + c];
+        if (j->has_inv)
+            for (int64_t c = 0; c < nc; c++) v[c] = v[c] * j->inv;
+        if (j->bias && j->bias_bf16) {
+            const uint16_t *b = (const uint16_t *)j->bias + col;
+            for (int64_t c = 0; c < nc; c++) {
+                const uint32_t u = (uint32_t)b[c] << 16;
+                float bv;
+                memcpy(&bv, &u, 4);
+                v[c] = v[c] + bv;
+            }
+        } else if (j->bias) {
+            const float *b = (const float *)j->bias + col;
+            for (int64_t c = 0; c < nc; c++) v[c] = v[c] + b[c];
+        }
+        if (j->out_bf16) {
+            uint16_t *o = (uint16_t *)j->out + i * j->n + col;
+            for (int64_t c = 0; c < nc; c++) o[c] = bf16_of(v[c]);
+        } else {
+            float *o = (float *)j->out + i * j->n + col;
+            for (int64_t c = 0; c < nc; c++) o[c] = v[c];
+        }
+    }
+}
+
+/* Store a dense mr x nr tile: to the fp32 accumulator between K blocks, through the epilogue after the last. */
+static void tile_store(const job_t *j, int last, int64_t i0, int64_t j0, const float *src) {
+    if (!last) {
+        tile_out(j, j->acc, i0, j0, src);
+        return;
+    }
+    const int64_t cols = min64(j->nr, j->n - j0);
+    for (int r = 0; r < j->mr && i0 + r < j->m; r++) epilogue_row(j, src + r * j->nr, i0 + r, j0, cols);
 }
 
 /* The promotion's scales sA[i, g] * sB[g, j] (one fp32 rounding) for the tile, zeros outside. */
@@ -217,8 +333,6 @@ static void group_scales(const job_t *j, int64_t g, int64_t i0, int64_t j0, floa
             dst[r * j->nr + c] = in ? j->sa[(i0 + r) * j->sa_ld + g] * j->sb[g * j->sb_ld + j0 + c] : 0.0f;
         }
 }
-
-static inline int64_t row_of(const job_t *j, int64_t i) { return i < j->m ? i : j->m - 1; }
 
 /* ---------------------------------------------------------------- one output, scalar, in double */
 
@@ -231,23 +345,24 @@ static inline int c_exponent_scalar(float c) {
 
 /* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
  * can overflow double, so the non-finite terms alone decide it, in any order). */
-static float ieee_instruction(const float *arow, const float *bcol, int nr, int64_t k0, int64_t k1, float cin) {
+static float ieee_instruction(const float *arow, const float *bcol, int mr, int nr, int64_t k0, int64_t k1, float cin) {
     double s = (double)cin;
-    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bcol[k * nr];
+    for (int64_t k = k0; k < k1; k++) s += (double)arow[k * mr] * (double)bcol[k * nr];
     return (float)s;
 }
 
-/* One instruction for one output (B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
+/* One instruction for one output (A's row arow, stride mr; B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
 static float instruction_scalar(const job_t *j, const float *arow, const int32_t *earow, const float *bcol,
                                 const int8_t *ebcol, int64_t k0, int64_t k1, float cin) {
     int e = c_exponent_scalar(cin);
     for (int64_t k = k0; k < k1; k++) {
-        const int ek = exponent_of_code((int8_t)(earow[k] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
+        const int ek = exponent_of_code((int8_t)(earow[k * j->mr] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
         e = ek > e ? ek : e;
     }
-    if (e >= 128) return ieee_instruction(arow, bcol, j->nr, k0, k1, cin);
+    if (e >= 128) return ieee_instruction(arow, bcol, j->mr, j->nr, k0, k1, cin);
     double sum = trunc(ldexp((double)cin, j->frac - e));
-    for (int64_t k = k0; k < k1; k++) sum += trunc(ldexp((double)arow[k] * (double)bcol[k * j->nr], j->frac - e));
+    for (int64_t k = k0; k < k1; k++)
+        sum += trunc(ldexp((double)arow[k * j->mr] * (double)bcol[k * j->nr], j->frac - e));
     /* Step 5: toward zero to out_frac fraction bits, with fp32's exponent range (clamped at -126). */
     const double v = ldexp(sum, e - j->frac);
     if (v == 0.0) return 0.0f;  /* +0: the hardware's integer sum has no sign of zero */
@@ -263,14 +378,15 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int
     const float *bpanel = j->bp + jt * j->k * NR_G;
     const int8_t *ebpanel = j->eb + jt * j->k * NR_G;
     float c[T], acc[T], s[T];
-    tile_in(j, j->promote ? NULL : j->out, i0, j0, c);
-    tile_in(j, j->promote ? j->out : NULL, i0, j0, acc);
+    const float *state = t0 ? j->acc : j->c0;  /* the first K block starts from c0 (or zeros) */
+    tile_in(j, j->promote ? NULL : state, i0, j0, c);
+    tile_in(j, j->promote && t0 ? j->acc : NULL, i0, j0, acc);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
         for (int r = 0; r < MR_G; r++) {
-            const float *arow = j->a + row_of(j, i0 + r) * j->k;
-            const int32_t *earow = j->ea + row_of(j, i0 + r) * j->k;
+            const float *arow = j->ap + it * j->k * MR_G + r;
+            const int32_t *earow = j->ea + it * j->k * MR_G + r;
             for (int q = 0; q < NR_G; q++)
                 c[r * NR_G + q] = instruction_scalar(j, arow, earow, bpanel + q, ebpanel + q, k0, k1, c[r * NR_G + q]);
         }
@@ -284,7 +400,7 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int
             memset(c, 0, sizeof c);
         }
     }
-    tile_out(j, j->out, i0, j0, j->promote ? acc : c);
+    tile_store(j, t1 == j->n_ins, i0, j0, j->promote ? acc : c);
 }
 
 /* ---------------------------------------------------------------- SIMD path */
@@ -396,12 +512,15 @@ static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, i
     }
 }
 
-static void state_out(const job_t *j, float *dst, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
-    if (!dst) return;
+static void state_out(const job_t *j, int last, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
+    if (!last && full) {
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) vf_store(j->acc + (i0 + r) * j->n + j0 + v * VL, x[r][v]);
+        return;
+    }
     for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++)
-            vf_store(full ? dst + (i0 + r) * j->n + j0 + v * VL : buf + r * NR + v * VL, x[r][v]);
-    if (!full) tile_out(j, dst, i0, j0, buf);
+        for (int v = 0; v < NV; v++) vf_store(buf + r * NR + v * VL, x[r][v]);
+    tile_store(j, last, i0, j0, buf);
 }
 
 static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_t t1) {
@@ -409,18 +528,15 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const int full = i0 + MR <= j->m && j0 + NR <= j->n;
     const float *bpanel = j->bp + jt * j->k * NR;
     const int8_t *ebpanel = j->eb + jt * j->k * NR;
-    const float *arow[MR];
-    const int32_t *earow[MR];
-    for (int r = 0; r < MR; r++) {
-        arow[r] = j->a + row_of(j, i0 + r) * j->k;  /* rows past M repeat the last (their outputs are dropped) */
-        earow[r] = j->ea + row_of(j, i0 + r) * j->k;
-    }
+    const float *apanel = j->ap + it * j->k * MR;  /* rows past M repeat the last (their outputs are dropped) */
+    const int32_t *eapanel = j->ea + it * j->k * MR;
     const int frac = j->frac;
     const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u)); /* step 5 as a mantissa mask */
     float buf[MR * NR];
     vf c[MR][NV], acc[MR][NV];
-    state_in(j, j->promote ? NULL : j->out, i0, j0, full, buf, c);
-    state_in(j, j->promote ? j->out : NULL, i0, j0, full, buf, acc);
+    const float *state = t0 ? j->acc : j->c0;  /* the first K block starts from c0 (or zeros) */
+    state_in(j, j->promote ? NULL : state, i0, j0, full, buf, c);
+    state_in(j, j->promote && t0 ? j->acc : NULL, i0, j0, full, buf, acc);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
@@ -430,7 +546,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int64_t k = k0; k < k1; k++) {
             const vh eb = vh_load(ebpanel + k * NR);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(earow[r] + k), eb));
+            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(eapanel + k * MR + r), eb));
         }
         vi e[MR][NV], s[MR][NV];
         vf sc[MR][NV];
@@ -462,7 +578,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
             const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
-                const vf a = vf_set1(arow[r][k]);
+                const vf a = vf_set1(apanel[k * MR + r]);
                 s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vf_mul(vf_mul(a, b0), sc[r][0])));
                 s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
             }
@@ -490,7 +606,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int r = 0; r < MR; r++)
             for (int q = 0; q < NR; q++)
                 if (ebuf[r * NR + q] >= 128)  /* rare: an instruction with an inf or NaN term is an IEEE sum */
-                    buf[r * NR + q] = ieee_instruction(arow[r], bpanel + q, NR, k0, k1, cin[r * NR + q]);
+                    buf[r * NR + q] = ieee_instruction(apanel + r, bpanel + q, MR, NR, k0, k1, cin[r * NR + q]);
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
     promote:
@@ -508,7 +624,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
                 for (int v = 0; v < NV; v++) c[r][v] = vf_zero();
         }
     }
-    state_out(j, j->out, i0, j0, full, buf, j->promote ? acc : c);
+    state_out(j, t1 == j->n_ins, i0, j0, full, buf, j->promote ? acc : c);
 }
 #endif
 
@@ -531,24 +647,30 @@ int fp8lab_accum_uses_simd(int chunk, int frac) {
 }
 
 /*
- * out (M, N, row-major) = the accumulator over A (M, K) times B (K, N).
+ * out (M, N, row-major) = round(acc * inv + bias), acc the accumulator over A (M, K) times B (K, N).
  * a, b: fp32 or bf16 (a_bf16, b_bf16) with element strides (sam, sak), (sbk, sbn).
  * fmt: {a_emin, a_mbits, b_emin, b_mbits} (exponents within [-19, 19]); vmax: {a_max, b_max} (grid check).
  * promote: instructions per promotion (0: fast accumulation, the chained C is the result).
  * desc: visit instructions from the last to the first. c0: (M, N) row-major first C ("fast" only), or NULL.
  * sa (M, G; row stride sa_ld), sb (G, N; row stride sb_ld): group scales or NULL (promote > 0 only).
- * bad[0], bad[1]: how many values of A and B are off their format's grid (then nothing is computed).
- * Returns 0, or -1 when memory runs out. Scratch memory stays with the calling thread (fp8lab_accum_release).
+ * The epilogue, each step in fp32: times inv if has_inv, plus bias (N,) (fp32, or bf16 if bias_bf16) if not
+ * NULL, then stored as fp32 or, if out_bf16, rounded to bf16 (nearest even). With none of them, out is acc.
+ * mode: 0 the fastest exact path, 1 the generic path (tests compare them).
+ * bad[0], bad[1]: how many values of A and B are off their format's grid (then nothing is computed and out
+ * is left as it was). Returns 0, or -1 when memory runs out. Scratch memory stays with the calling thread
+ * (fp8lab_accum_release).
  */
 int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const void *b, int b_bf16, int64_t sbk,
                       int64_t sbn, int64_t m, int64_t n, int64_t k, const int *fmt, const float *vmax, int chunk,
                       int frac, int promote, int desc, const float *c0, const float *sa, int64_t sa_ld,
-                      const float *sb, int64_t sb_ld, float *out, int nthreads, int force_generic, int64_t *bad) {
+                      const float *sb, int64_t sb_ld, int has_inv, float inv, const void *bias, int bias_bf16,
+                      void *out, int out_bf16, int nthreads, int mode, int64_t *bad) {
     job_t j = {0};
-    const int simd = fp8lab_accum_uses_simd(chunk, frac) && !force_generic;
+    const int simd = fp8lab_accum_uses_simd(chunk, frac) && mode != 1;
     j.m = m, j.n = n, j.k = k, j.chunk = chunk, j.frac = frac, j.out_frac = frac < 23 ? frac : 23;
     j.n_ins = (k + chunk - 1) / chunk, j.promote = promote, j.desc = desc;
     j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld;
+    j.has_inv = has_inv, j.inv = inv, j.bias = bias, j.bias_bf16 = bias_bf16, j.out = out, j.out_bf16 = out_bf16;
 #if SIMD
     j.mr = simd ? MR : MR_G, j.nr = simd ? NR : NR_G;
 #else
@@ -559,22 +681,8 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
     if (m == 0 || n == 0) return 0;
     j.np = (n + j.nr - 1) / j.nr * j.nr;
     const int64_t tiles_m = (m + j.mr - 1) / j.mr, tiles_n = j.np / j.nr, kk = k > 0 ? k : 1;
-    const int in_place = !a_bf16 && sak == 1 && (sam == k || m == 1);  /* A already row-major fp32 */
-    /* Scratch, 64-byte aligned pieces: A as fp32 (unless in place), A's codes, B's panels, their codes. */
-    const size_t pieces[4] = {in_place ? 0 : sizeof(float) * m * kk, sizeof(int32_t) * m * kk,
-                              sizeof(float) * j.np * kk, (size_t)(j.np * kk)};
-    size_t total = 0, at[4];
-    for (int q = 0; q < 4; q++) at[q] = total, total += (pieces[q] + 63) / 64 * 64;
-    char *mem = scratch(total + 64);
-    if (!mem) return -1;
-    mem += (64 - (uintptr_t)mem % 64) % 64;
-    float *a32 = in_place ? NULL : (float *)(mem + at[0]);
-    j.a = in_place ? (const float *)a : a32;
-    j.ea = (int32_t *)(mem + at[1]), j.bp = (float *)(mem + at[2]), j.eb = (int8_t *)(mem + at[3]);
-    j.out = out;
-    int64_t bad_a = 0, bad_b = 0;
     /* K blocks of whole instructions (whole promotion groups when promoting, so that C is 0 between
-     * blocks and the promoted accumulator alone lives in out) whose B panels, float + int8 code per
+     * blocks and the promoted accumulator alone lives in acc) whose B panels, float + int8 code per
      * element, fit L2_BUDGET. */
     int64_t block = L2_BUDGET / (j.np * 5 * chunk);
     block = block < 1 ? 1 : block;
@@ -582,10 +690,26 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
     /* Descending, the first group visited is the partial one at the end of K. */
     const int64_t first = promote && desc ? (j.n_ins - 1) % promote + 1 + (block - promote) : block;
     const int64_t n_blocks = j.n_ins <= first ? 1 : 1 + (j.n_ins - first + block - 1) / block;
+    /* Scratch, 64-byte aligned pieces: A's panels, their codes, B's panels, their codes, and the fp32
+     * accumulator between K blocks when out cannot hold it. */
+    const int own_acc = n_blocks > 1 && out_bf16;
+    const size_t pieces[5] = {sizeof(float) * tiles_m * j.mr * kk, sizeof(int32_t) * tiles_m * j.mr * kk,
+                              sizeof(float) * j.np * kk, (size_t)(j.np * kk), own_acc ? sizeof(float) * m * n : 0};
+    size_t total = 0, at[5];
+    for (int q = 0; q < 5; q++) at[q] = total, total += (pieces[q] + 63) / 64 * 64;
+    char *mem = scratch(total + 64);
+    if (!mem) return -1;
+    mem += (64 - (uintptr_t)mem % 64) % 64;
+    j.ap = (float *)(mem + at[0]), j.ea = (int32_t *)(mem + at[1]);
+    j.bp = (float *)(mem + at[2]), j.eb = (int8_t *)(mem + at[3]);
+    j.acc = own_acc ? (float *)(mem + at[4]) : (float *)out;
+    int64_t bad_a = 0, bad_b = 0;
     const int64_t k_squares = (k + BLOCK - 1) / BLOCK;
     uint32_t vmax_bits[2];
     memcpy(vmax_bits, vmax, sizeof vmax_bits);
     if (nthreads < 1) nthreads = 1;
+    int64_t group = tiles_m / (4 * nthreads);  /* A's tiles packed together: up to 8, 4 groups per thread */
+    group = group < 1 ? 1 : group > 8 ? 8 : group;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef HAVE_MXCSR
@@ -594,23 +718,13 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
         const unsigned int csr = _mm_getcsr();
         _mm_setcsr(0x1F80);
 #endif
-        if (!in_place) {
-#pragma omp for schedule(static)
-            for (int64_t i0 = 0; i0 < m; i0 += BLOCK) copy_a(a32, a, a_bf16, sam, sak, k, i0, min64(m, i0 + BLOCK));
-        }
 #pragma omp for schedule(static) reduction(+ : bad_a)
-        for (int64_t i = 0; i < m; i++) bad_a += codes_a(&j, i, fmt, vmax_bits[0]);
+        for (int64_t it = 0; it < tiles_m; it += group)
+            bad_a += pack_a(&j, a, a_bf16, sam, sak, it, min64(tiles_m, it + group), fmt, vmax_bits[0]);
 #pragma omp for schedule(static) reduction(+ : bad_b)
         for (int64_t t = 0; t < tiles_n * k_squares; t++) {
             const int64_t p = t / k_squares, k0 = (t % k_squares) * BLOCK;
             bad_b += pack_b(&j, b, b_bf16, sbk, sbn, p, k0, min64(k, k0 + BLOCK), fmt, vmax_bits[1]);
-        }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; i++) {
-            if (c0 && !promote)
-                memcpy(out + i * n, c0 + i * n, sizeof(float) * n);
-            else
-                memset(out + i * n, 0, sizeof(float) * n);
         }
         if (!(bad_a || bad_b))
             for (int64_t blk = 0; blk < n_blocks; blk++) {

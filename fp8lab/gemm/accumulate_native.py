@@ -112,7 +112,12 @@ def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
         i64,
         ptr,
         i64,
+        c_int,
+        ctypes.c_float,
         ptr,
+        c_int,
+        ptr,
+        c_int,
         c_int,
         c_int,
         ptr,
@@ -177,22 +182,35 @@ def run(
     c0=None,
     sa=None,
     sb=None,
-    generic: bool = False,
+    inv: float | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    mode: int = 0,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One call of the kernel: ``(out (M, N) float32, (off-grid values of a, of b))``.
+    """One call of the kernel: ``(out (M, N), (off-grid values of a, of b))``.
 
     ``a`` and ``b``: float32 or bfloat16 CPU tensors, any strides (the kernel's prepass converts and
     transposes them itself: torch's transposing copies cost more than the whole prepass). ``c0``
     (M, N) is made row-major; ``sa`` (M, G) and ``sb`` (G, N) must have a unit column stride.
     ``steps``: the instruction sequence (``accumulate_torch.Steps``; promote 0 is fast accumulation).
+    The epilogue, in the kernel as the last K block is stored, each step in fp32: ``out = acc * inv``
+    (if ``inv`` is not None) ``+ bias`` ((N,) fp32 or bf16, if given), then ``out_dtype`` (fp32, or bf16
+    rounded to nearest even as torch rounds). Without them ``out`` is the accumulator itself.
+    ``mode``: 0 the fastest exact path, 1 the generic path (both compute the same bits; tests hold each
+    to the reference).
     """
-    for x in (a, b):
+    for x in (a, b) + (() if bias is None else (bias,)):
         if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
             raise ValueError(f"the kernel takes float32 or bfloat16 CPU tensors, got {x.dtype} on {x.device}")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the kernel writes float32 or bfloat16, not {out_dtype}")
     c0 = None if c0 is None else c0.contiguous()
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty(m, n, dtype=torch.float32)
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be (N,) = ({n},), got {tuple(bias.shape)}")
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype)
     fmt_arr, vmax_arr = (ctypes.c_int * 4)(*fmt), (ctypes.c_float * 2)(*vmax)
     bad = (ctypes.c_int64 * 2)()
     status = kernel.lib.fp8lab_accumulate(
@@ -218,9 +236,14 @@ def run(
         sa.stride(0) if sa is not None else 0,
         _ptr(sb),
         sb.stride(0) if sb is not None else 0,
+        int(inv is not None),
+        1.0 if inv is None else inv,
+        _ptr(bias),
+        int(bias is not None and bias.dtype == torch.bfloat16),
         out.data_ptr(),
+        int(out_dtype == torch.bfloat16),
         torch.get_num_threads(),
-        int(generic),
+        mode,
         bad,
     )
     if status != 0:

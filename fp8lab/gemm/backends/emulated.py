@@ -16,9 +16,9 @@ import torch
 
 from fp8lab.accumulation import FP32, Accumulator
 from fp8lab.formats import FP8Format
-from fp8lab.gemm.accumulate import tensor_core_accumulate
+from fp8lab.gemm.accumulate import tensor_core_gemm
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
-from fp8lab.gemm.exact import GemmPath, epilogue, scaled_gemm
+from fp8lab.gemm.exact import GemmPath, scaled_gemm
 from fp8lab.quantize.blocks import cast_blocks_dequantized
 from fp8lab.quantize.tensor import cast_to_fp8_grid
 
@@ -80,7 +80,14 @@ class EmulatedBackend(QuantizedGemmBackend):
         only a hardware GEMM needs: the group scales already say everything per K group."""
         if accumulator.kind == "fp32" and group_scales == (None, None):
             return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
-        acc = tensor_core_accumulate(
-            a, b, *formats, accumulator, a_group_scale=group_scales[0], b_group_scale=group_scales[1]
+        return tensor_core_gemm(
+            a,
+            b,
+            *formats,
+            accumulator,
+            _inv_product(a_inv, b_inv),
+            out_dtype,
+            bias,
+            a_group_scale=group_scales[0],
+            b_group_scale=group_scales[1],
         )
-        return epilogue(acc, _inv_product(a_inv, b_inv), out_dtype, bias)
