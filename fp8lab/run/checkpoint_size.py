@@ -75,10 +75,14 @@ def _stats(layers: tuple[str, ...], whatif: bool) -> LayerStats:
     if not layers:
         return LayerStats.empty()
     n = len(layers)
-    rows = np.zeros((n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))) if whatif else np.full(
-        (n, 3, len(WHATIF_RECIPES), len(STAT_NAMES)), np.nan
+    rows = (
+        np.zeros((n, 3, len(WHATIF_RECIPES), len(STAT_NAMES)))
+        if whatif
+        else np.full((n, 3, len(WHATIF_RECIPES), len(STAT_NAMES)), np.nan)
     )
-    return LayerStats(layers, {f: np.zeros((n, 3)) for f in FIELDS + (NONFINITE,)}, rows, np.zeros((n, 3)), np.zeros((n, 3)))
+    return LayerStats(
+        layers, {f: np.zeros((n, 3)) for f in FIELDS + (NONFINITE,)}, rows, np.zeros((n, 3)), np.zeros((n, 3))
+    )
 
 
 def _history(config, runs, summary: RunSummary, overviews: dict) -> None:
@@ -140,4 +144,3 @@ def checkpoint_bytes(config, device: torch.device | None = None) -> int:
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(payload, sink)
     return sink.size
-
