@@ -20,12 +20,8 @@ RESERVED = 128
 
 
 def shown(text: str) -> str:
-    """``text`` as a message can print it (non-UTF-8 bytes escaped)."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return ascii(text)
+    """``text`` as a message can print it: bytes that are not UTF-8 as ``\\xff``."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def _name_max(folder: str) -> int:
@@ -46,7 +42,7 @@ def folder_problem(path) -> str | None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return (
-            f"{ascii(text)} is not valid UTF-8; TensorBoard's event writer and the run's JSON files need "
+            f"'{shown(text)}' is not valid UTF-8; TensorBoard's event writer and the run's JSON files need "
             "UTF-8 file names: choose a folder whose name is UTF-8"
         )
     full = os.path.join(os.getcwd(), text)  # not normalized: the kernel resolves ".." after symlinks

@@ -39,8 +39,10 @@ class Linear(nn.Module):
     ``(*, out_features)``; ``in_features=0`` gives the bias (zeros without one), as
     nn.Linear does. The input must be a floating-point tensor (float32, bfloat16, float16,
     float64); an integer or bool tensor, a 0-dim tensor or a last dimension other than
-    ``in_features`` raises ``RuntimeError``, as nn.Linear does. NaN and inf propagate to the
-    output as in nn.Linear; the FP8 scales ignore NaN and keep their value on inf (DESIGN.md).
+    ``in_features`` raises ``RuntimeError``, as nn.Linear does. NaN propagates to the output
+    as in nn.Linear; an inf in an FP8 GEMM's operand saturates to the format's largest value
+    (the hardware's saturating cast) where nn.Linear gives inf; both are counted in the
+    ``faults/`` telemetry, and the scales ignore NaN and keep their value on inf (DESIGN.md).
 
     Args:
         in_features: size of each input sample (an int >= 0).

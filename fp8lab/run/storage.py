@@ -83,7 +83,8 @@ def check_out(out, what: str | None = None) -> None:
     """Refuse an ``--out`` (as the user typed it) no run folder can be created under."""
     problem = folder_problem(out)
     if problem is not None:
-        raise StorageError(f"{what or f'--out {shown(os.fsdecode(os.fspath(out)))!r}'}: {problem}")
+        what = what if what is not None else f"--out '{shown(os.fsdecode(os.fspath(out)))}'"
+        raise StorageError(f"{what}: {problem}")
 
 
 def check_free_space(path: Path, needed: int, what: str) -> None:
