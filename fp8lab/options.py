@@ -3,7 +3,8 @@
 Invariant: an FP8Options is immutable and valid once constructed; this is the only place
 that checks backend and fallback names, and a bad field raises ``ValueError`` whose
 message starts with the field's name and lists the allowed values. Every fp8lab layer,
-``GPT`` and ``convert`` take one ``fp8=`` keyword of this type (None: ``FP8Options()``).
+``GPT`` and ``convert`` take one ``fp8=`` keyword of this type (None: ``FP8Options()``; a
+bare scaling recipe: ``FP8Options(scaling=it)``; anything else: TypeError, ``as_options``).
 """
 
 from __future__ import annotations
@@ -83,3 +84,30 @@ class FP8Options:
             return self.accumulation
         kind = self.scaling.te_accumulation(gemm) if self.accumulation == "te" else self.accumulation
         return HOPPER[kind]
+
+
+def as_options(fp8, name: str = "fp8") -> FP8Options:
+    """What the layers' ``fp8=`` argument means, or TypeError naming ``name``.
+
+    None is ``FP8Options()``; an ``FP8Options`` is itself; a scaling recipe alone
+    (``DelayedScaling(...)``, ``Float8CurrentScaling()``, ...) is ``FP8Options(scaling=it)``
+    with the default backend and fallback. Anything else (a backend name such as
+    "emulated", a bool) is refused: a string could mean the backend or the fallback.
+    """
+    if fp8 is None:
+        return FP8Options()
+    if isinstance(fp8, FP8Options):
+        return fp8
+    if isinstance(fp8, tuple(SCALINGS.values())):
+        return FP8Options(scaling=fp8)
+    names = ", ".join(t.__name__ for t in SCALINGS.values())
+    hint = ""
+    if isinstance(fp8, str):
+        hint = (
+            f"; for a backend or fallback name write {name}=fp8lab.FP8Options(backend={fp8!r}) or "
+            f"{name}=fp8lab.FP8Options(fallback={fp8!r})"
+        )
+    raise TypeError(
+        f"{name} must be an fp8lab.FP8Options, a scaling recipe ({names}) or None, "
+        f"got {fp8!r} ({type(fp8).__name__}){hint}"
+    )

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fp8lab.run import checkpoint as ckpt
-from fp8lab.run import memory
+from fp8lab.run import checkpoint_size
 from fp8lab.run.cli import main
 from tests.helpers import QUICKSTART, RECIPE_HEADER, ROOT, TINY
 
@@ -229,7 +229,7 @@ def _checkpoint_size(*sets: str) -> int:
     from fp8lab.run.overrides import apply_overrides
     from fp8lab.run.recipe_file import load_recipe
 
-    return memory.checkpoint_bytes(apply_overrides(load_recipe(QUICKSTART), TINY + list(sets)))
+    return checkpoint_size.checkpoint_bytes(apply_overrides(load_recipe(QUICKSTART), TINY + list(sets)))
 
 
 def _disk_full(ctx: Ctx):

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from fp8lab.layers import choices
 from fp8lab.layers.choices import one_of
 from fp8lab.layers.linear import Linear
-from fp8lab.layers.norm import Norm
+from fp8lab.layers.norm import Norm, check_normalization
 from fp8lab.options import FP8Options
 
 ATTN_MASK_TYPES = ("causal", "no_mask")
@@ -65,7 +66,8 @@ class MultiheadAttention(nn.Module):
         normalization: None (no input norm), "LayerNorm" or "RMSNorm".
         bias: learn additive biases in the QKV and output projections.
         eps: the input norm's epsilon.
-        fp8: the FP8 options of both GEMMs (None: ``FP8Options()``).
+        fp8: the FP8 options of both GEMMs, as ``fp8lab.Linear`` takes them (an FP8Options,
+            a scaling recipe alone, or None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -84,11 +86,14 @@ class MultiheadAttention(nn.Module):
     ):
         super().__init__()
         one_of("attn_mask_type", attn_mask_type, ATTN_MASK_TYPES)
-        if num_attention_heads < 1 or hidden_size % num_attention_heads:
+        choices.size("hidden_size", hidden_size)
+        choices.size("num_attention_heads", num_attention_heads)
+        if hidden_size % num_attention_heads:
             raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
-                f"({num_attention_heads}), which must be >= 1"
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
             )
+        if normalization is not None:
+            check_normalization(normalization)
         self.num_attention_heads, self.attn_mask_type = num_attention_heads, attn_mask_type
         self.attention_core = check_attention_core(attention_core)
         gemm = dict(fp8=fp8, device=device)

@@ -30,7 +30,8 @@ class TransformerBlock(nn.Module):
         attention_core: where the attention core computes: "auto", "native" or "fp32".
         bias: learn additive biases in all four GEMMs.
         eps: the norms' epsilon.
-        fp8: the FP8 options of all four GEMMs (None: ``FP8Options()``).
+        fp8: the FP8 options of all four GEMMs, as ``fp8lab.Linear`` takes them (an
+            FP8Options, a scaling recipe alone, or None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 

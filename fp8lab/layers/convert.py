@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 from fp8lab.layers.convert_hf import Conv1DLinear, conv1d_skip_reason, is_hf_conv1d
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.policy import PrecisionPolicy
-from fp8lab.options import FP8Options
+from fp8lab.options import FP8Options, as_options
 
 SKIP_REASON_ATTR = "fp8lab_skip_reason"
 
@@ -102,11 +102,17 @@ def convert(
 
     Args:
         model: any module.
-        fp8: the FP8 options of every converted layer (None: ``FP8Options()``).
+        fp8: the FP8 options of every converted layer, as ``fp8lab.Linear`` takes them (an
+            FP8Options, a scaling recipe alone, or None: ``FP8Options()``); anything else
+            raises TypeError before any layer is touched.
         policy: applied to every fp8lab layer of ``model`` afterwards (default:
             ``PrecisionPolicy()``, which keeps a layer named ``lm_head`` in BF16).
     """
-    fp8 = fp8 if fp8 is not None else FP8Options()
+    fp8 = as_options(fp8)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if policy is not None and not isinstance(policy, PrecisionPolicy):
+        raise TypeError(f"policy must be an fp8lab.PrecisionPolicy or None, got {policy!r}")
     policy = policy if policy is not None else PrecisionPolicy()
     if not isinstance(model, Linear) and (isinstance(model, nn.Linear) or is_hf_conv1d(model)):
         reason = _reason(None, "", model)

@@ -26,7 +26,7 @@ from fp8lab.layers.linear import Linear
 from fp8lab.layers.mlp import check_activation
 from fp8lab.layers.norm import Norm, check_normalization
 from fp8lab.layers.policy import PrecisionPolicy
-from fp8lab.options import FP8Options
+from fp8lab.options import FP8Options, as_options
 
 INIT_STD = 0.02  # GPT-2's initialisation
 
@@ -75,7 +75,8 @@ class GPTConfig:
             activations' dtype elsewhere), "native" or "fp32".
         bias: biases in every block GEMM (the LM head never has one).
         tie_embeddings: share the LM head's weight with the token embedding.
-        fp8: the FP8 options of every GEMM (None: ``FP8Options()``).
+        fp8: the FP8 options of every GEMM, as ``fp8lab.Linear`` takes them (an FP8Options,
+            a scaling recipe alone, or None: ``FP8Options()``).
         policy: which layers stay in BF16 (None: ``PrecisionPolicy()``, the LM head).
     """
 
@@ -107,10 +108,7 @@ class GPTConfig:
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.fp8 is None:
-            object.__setattr__(self, "fp8", FP8Options())
-        if not isinstance(self.fp8, FP8Options):
-            raise ValueError(f"fp8 must be an FP8Options or None, got {self.fp8!r}")
+        object.__setattr__(self, "fp8", as_options(self.fp8))  # None, an FP8Options or a scaling recipe
         if self.policy is not None and not isinstance(self.policy, PrecisionPolicy):
             raise ValueError(f"policy must be a PrecisionPolicy or None, got {self.policy!r}")
 
@@ -131,7 +129,7 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown GPTConfig field(s) {unknown}; allowed: {sorted(fields | set(FP8_SHORTHANDS))}")
         if shorthand:
-            overrides["fp8"] = dataclasses.replace(overrides.get("fp8") or FP8Options(), **shorthand)
+            overrides["fp8"] = dataclasses.replace(as_options(overrides.get("fp8")), **shorthand)
         return cls(**{**PRESETS[name], **overrides})
 
 

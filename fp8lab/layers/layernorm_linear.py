@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fp8lab.layers import choices
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
 from fp8lab.options import FP8Options
@@ -24,7 +25,8 @@ class LayerNormLinear(nn.Module):
         bias: learn an additive bias in the Linear.
         normalization: "LayerNorm" or "RMSNorm".
         eps: the norm's epsilon.
-        fp8: the FP8 options of the GEMM (None: ``FP8Options()``).
+        fp8: the FP8 options of the GEMM, as ``fp8lab.Linear`` takes them (an FP8Options,
+            a scaling recipe alone, or None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -40,6 +42,7 @@ class LayerNormLinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        choices.size("in_features", in_features)  # a norm over no features is undefined
         self.norm = Norm(in_features, normalization, eps, device=device)
         self.linear = Linear(in_features, out_features, bias, fp8=fp8, device=device)
 

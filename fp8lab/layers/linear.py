@@ -14,6 +14,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fp8lab.accumulation import describe_gemms
@@ -22,7 +23,8 @@ from fp8lab.gemm.backends.base import ScalingView
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device, probe_te, select_backend
 from fp8lab.gemm.exact import ROUNDED_DTYPES, gemm_path, rounded_gemm_path
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
-from fp8lab.options import FP8Options
+from fp8lab.layers import choices
+from fp8lab.options import FP8Options, as_options
 
 # Training forwards without an update_scales call after which a layer warns (once):
 # enough for long gradient accumulation, few enough that stale scales are noticed early.
@@ -32,12 +34,27 @@ STALE_SCALE_FORWARDS = 256
 class Linear(nn.Module):
     """``y = x @ W^T + b`` with FP8 GEMMs (forward E4M3, gradients E5M2 under "hybrid").
 
+    Takes what ``nn.Linear`` takes and returns the same shapes: input ``(*, in_features)``
+    with any number of leading dimensions (none, or a zero-size batch, too), output
+    ``(*, out_features)``; ``in_features=0`` gives the bias (zeros without one), as
+    nn.Linear does. The input must be a floating-point tensor (float32, bfloat16, float16,
+    float64); an integer or bool tensor, a 0-dim tensor or a last dimension other than
+    ``in_features`` raises ``RuntimeError``, as nn.Linear does. NaN propagates to the output
+    as in nn.Linear; an inf in an FP8 GEMM's operand saturates to the format's largest value
+    (the hardware's saturating cast) where nn.Linear gives inf; both are counted in the
+    ``faults/`` telemetry, and the scales ignore NaN and keep their value on inf (DESIGN.md).
+
     Args:
-        in_features: size of each input sample.
-        out_features: size of each output sample.
-        bias: learn an additive bias.
-        fp8: the FP8 options: scaling, backend, fallback (None: ``FP8Options()``).
+        in_features: size of each input sample (an int >= 0).
+        out_features: size of each output sample (an int >= 0).
+        bias: learn an additive bias (a bool).
+        fp8: the FP8 options: an ``FP8Options`` (scaling, backend, fallback, accumulation),
+            a scaling recipe alone (``DelayedScaling(...)`` etc.: ``FP8Options(scaling=it)``)
+            or None (``FP8Options()``); anything else, a backend name such as "emulated"
+            included, raises TypeError.
         device: where parameters and scaling state are created.
+        dtype: the parameters' dtype (default float32: master weights); one of float32,
+            bfloat16, float16, float64.
 
     Attributes read by the backends (``fp8lab.gemm.backends.base``):
         fp8_state: what ``fp8.scaling.new_state`` made: a ScalingState (amax history and
@@ -57,14 +74,20 @@ class Linear(nn.Module):
         *,
         fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        in_features, out_features = (
+            choices.size("in_features", in_features, 0),
+            choices.size("out_features", out_features, 0),
+        )
+        bias, device, dtype = choices.flag("bias", bias), choices.device(device), choices.dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.fp8 = fp8 if fp8 is not None else FP8Options()
+        self.fp8 = as_options(fp8)
         self.keep_bf16_reason: str | None = None  # why a policy keeps it out of FP8 (None: it isn't)
         self.kept_precision = "bf16"  # the precision of its GEMMs while kept: the activations' one
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.fp8_state = self.fp8.scaling.new_state(device)  # the scaling decides (None: stateless)
         self.telemetry = TelemetrySlot()
         self.te_handle = None  # an fp8lab.gemm.backends.te.TEHandle once TE runs this layer
@@ -137,8 +160,28 @@ class Linear(nn.Module):
         self._plans.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.in_features == 0:  # an empty sum: the bias (or zeros), as nn.Linear gives
+            return F.linear(x, self.gemm_weight(), self.bias)
         backend = backend_for(self.plan(x.device).backend, x.device.type)
         return backend.forward(self, x)  # (..., in_features) -> (..., out_features)
+
+    def _check_input(self, x) -> None:
+        """nn.Linear's refusals, in words that name the layer's sizes (metadata only, no sync)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"fp8lab.Linear: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in choices.FLOAT_DTYPES:
+            raise RuntimeError(
+                f"fp8lab.Linear: input must be a floating-point tensor ({', '.join(map(str, choices.FLOAT_DTYPES))}), "
+                f"got {x.dtype} (nn.Linear refuses it too); convert it with x.float()"
+            )
+        if x.dim() == 0:
+            raise RuntimeError("fp8lab.Linear: input must be at least 1-D (..., in_features), got a 0-dim tensor")
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(
+                f"fp8lab.Linear: input shape {tuple(x.shape)} cannot be multiplied with the weight "
+                f"({self.out_features}, {self.in_features}): its last dimension must be in_features={self.in_features}"
+            )
 
     def scaling_view(self) -> ScalingView | None:
         """This layer's scaling as telemetry reads it, on its weight's device (a TE

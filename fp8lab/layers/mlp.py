@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.layers import choices
 from fp8lab.layers.choices import one_of
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm
@@ -39,7 +40,8 @@ class LayerNormMLP(nn.Module):
         activation: "gelu" (tanh approximation) or "swiglu".
         bias: learn additive biases in fc1 and fc2.
         eps: the norm's epsilon.
-        fp8: the FP8 options of both GEMMs (None: ``FP8Options()``).
+        fp8: the FP8 options of both GEMMs, as ``fp8lab.Linear`` takes them (an FP8Options,
+            a scaling recipe alone, or None: ``FP8Options()``).
         device: where parameters and scaling state are created.
     """
 
@@ -56,6 +58,8 @@ class LayerNormMLP(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        choices.size("hidden_size", hidden_size)
+        choices.size("ffn_hidden_size", ffn_hidden_size)
         self.activation = check_activation(activation)
         fc1_out = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
         gemm = dict(fp8=fp8, device=device)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.layers import choices
 from fp8lab.layers.choices import one_of
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -40,9 +41,10 @@ class Norm(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        hidden_size = choices.size("hidden_size", hidden_size)
         self.normalization = check_normalization(normalization)
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        eps = choices.positive_float("eps", eps)
+        device = choices.device(device)
         self.hidden_size, self.eps = hidden_size, eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device))
         if normalization == "LayerNorm":

@@ -167,7 +167,7 @@ def _launch(args, config) -> int:
     from fp8lab.run.launch import launch_local
     from fp8lab.run.lock import check_not_busy
     from fp8lab.run.runner import check_world_size
-    from fp8lab.run.storage import check_writable, new_run_dir
+    from fp8lab.run.storage import check_out, check_writable, new_run_dir
 
     if "LOCAL_RANK" in os.environ:
         raise ConfigError("--nproc starts torchrun itself; under torchrun, leave --nproc out")
@@ -185,6 +185,7 @@ def _launch(args, config) -> int:
         newest_usable(resume, config.hash(), config.to_dict())  # fail here, before any process starts
         run_dir, worker = resume, ["--resume", str(resume)]
     else:
+        check_out(args.out)
         check_writable(Path(args.out) / config.name, f"--out {args.out}")
         run_dir = new_run_dir(Path(args.out), config.name, config.hash())
         worker = ["--run-dir", str(run_dir)]

@@ -77,20 +77,7 @@ class RunFolder:
         """Write the checkpoint of ``step`` atomically (rank 0; ranks hold the same state)."""
         if not self.dist.is_main:
             return None
-        device = variants[0].device
-        payload = {
-            "format_version": ckpt.FORMAT_VERSION,
-            "step": step,
-            "config_hash": self.config.hash(),
-            "config": self.config.to_dict(),
-            "variants": {run.variant.name: run.state_dict() for run in variants},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            },
-            "summary": summary.state_dict(),
-            "overview": {name: overview.state_dict() for name, overview in overviews.items() if overview},
-        }
+        payload = checkpoint_payload(self.config, step, variants, summary, overviews)
         self.last_checkpoint = ckpt.save_checkpoint(self.path, step, payload, self.config.train.keep_checkpoints)
         return self.last_checkpoint
 
@@ -124,6 +111,25 @@ class RunFolder:
     def storage_error(self, err: OSError) -> storage.StorageError:
         """A failed write, named with the folder and its newest intact checkpoint."""
         return storage.storage_error(err, self.path, self.last_checkpoint)
+
+
+def checkpoint_payload(config: RunConfig, step: int, variants, summary, overviews: dict) -> dict:
+    """What a checkpoint file holds, in one place: ``fp8lab.run.checkpoint_size`` measures
+    the same payload built from fake tensors, so a field added here is counted there too."""
+    device = variants[0].device
+    return {
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": step,
+        "config_hash": config.hash(),
+        "config": config.to_dict(),
+        "variants": {run.variant.name: run.state_dict() for run in variants},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        },
+        "summary": summary.state_dict(),
+        "overview": {name: overview.state_dict() for name, overview in overviews.items() if overview},
+    }
 
 
 def check_variants_fit(path: Path, payload: dict, variants) -> None:

@@ -30,8 +30,7 @@ import torch
 from fp8lab.layers.gpt import PRESETS
 
 TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight + grad + exp_avg + exp_avg_sq
-CHECKPOINT_BYTES = 12  # per parameter: weight + AdamW's two moments (no gradient)
-# A variant without master weights holds all four (three in a checkpoint) in 16 bits.
+# A variant without master weights holds all four in 16 bits.
 HALF = 2
 HISTORY_ROW_BYTES = 12  # one amax history row: 3 roles x float32
 ACTIVATION_BYTES_PER_BLOCK = 34  # x B*T*H (Megatron-LM, activations in 16 bits)
@@ -90,16 +89,6 @@ def estimate(config, processes: int = 1) -> Estimate:
     val_batches = t.eval_batches * 2 * t.batch_size * t.block_size * 8  # int64 (x, y), kept on the device
     other = histories * fp8_layers(shape) * HISTORY_ROW_BYTES + val_batches
     return Estimate(params, state, activations, other)
-
-
-def checkpoint_bytes(config) -> int:
-    """About the size of one checkpoint file of ``config``."""
-    shape = gpt_shape(config)
-    histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
-    return (
-        sum(CHECKPOINT_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * gpt_params(shape)
-        + histories * fp8_layers(shape) * HISTORY_ROW_BYTES
-    )
 
 
 def _cgroup_free() -> int | None:

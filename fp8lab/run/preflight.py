@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fp8lab.run import memory, storage
+from fp8lab.run import checkpoint_size, memory, storage
 from fp8lab.run.checkpoint import CheckpointError, checkpoint_dir
 from fp8lab.run.lock import check_not_busy
 
@@ -40,4 +40,4 @@ def preflight(
             storage.check_writable(target, what)
     memory.check_fits(config, device, world_size)
     if is_main:
-        storage.check_free_space(target, memory.checkpoint_bytes(config), what)
+        storage.check_free_space(target, checkpoint_size.checkpoint_bytes(config, device), what)

@@ -86,6 +86,7 @@ class Runner:
         self.config, t = config, config.train
         self.dist = dist if dist is not None else Distributed(device=resolve_device(t.device))
         check_world_size(config, self.dist.world_size)
+        storage.check_out(out_root)  # before Path(""), which is the working folder
         resume = Path(resume) if resume is not None else None
         run_dir = Path(run_dir) if run_dir is not None else None
         preflight(

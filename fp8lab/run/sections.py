@@ -25,6 +25,14 @@ PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes of a command line (surrogateescape)
+        return False
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     source: str = "stdlib"  # "stdlib" | "text:PATH" | "tokens:PATH"
@@ -35,6 +43,12 @@ class DataConfig:
             isinstance(self.source, str) and (self.source == "stdlib" or self.source.startswith(("text:", "tokens:"))),
             "data.source",
             "'stdlib', 'text:PATH' or 'tokens:PATH'",
+            self.source,
+        )
+        check(
+            _utf8(self.source),
+            "data.source",
+            "a path in UTF-8 (the run's config.json and TensorBoard text record it; rename the file)",
             self.source,
         )
         check(

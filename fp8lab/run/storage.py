@@ -16,6 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
+from fp8lab.paths import folder_problem, shown
+
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -60,9 +62,12 @@ def check_writable(path: Path, what: str) -> None:
         path: the folder that will be created (or written into, if it exists).
         what: how the user named it, e.g. ``"--out logs"``.
     Raises:
-        StorageError: a path component is a file, or the nearest existing folder is not
-            writable by this user.
+        StorageError: the path is one no folder can have (see ``fp8lab.paths``), a path
+            component is a file, or the nearest existing folder is not writable by this user.
     """
+    problem = folder_problem(path)
+    if problem is not None:
+        raise StorageError(f"{what}: {problem}")
     existing = nearest_existing(path)
     if not existing.is_dir():
         raise StorageError(f"{what}: {existing} is a file, not a folder; choose another --out folder")
@@ -72,6 +77,14 @@ def check_writable(path: Path, what: str) -> None:
             f"{what}: no permission to {verb} {existing} (running as {_user()}); "
             "choose a folder you can write, or change its permissions"
         )
+
+
+def check_out(out, what: str | None = None) -> None:
+    """Refuse an ``--out`` (as the user typed it) no run folder can be created under."""
+    problem = folder_problem(out)
+    if problem is not None:
+        what = what if what is not None else f"--out '{shown(os.fsdecode(os.fspath(out)))}'"
+        raise StorageError(f"{what}: {problem}")
 
 
 def check_free_space(path: Path, needed: int, what: str) -> None:

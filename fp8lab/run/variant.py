@@ -52,7 +52,8 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
         fp8=variant.fp8 if fp8 else dataclasses.replace(variant.fp8, backend="bf16"),
         policy=policy if fp8 else None,
     )
-    return rung.prepare_gemms(model).to(device)
+    model = rung.prepare_gemms(model)  # built on the CPU: moved only to another device
+    return model if device.type == "cpu" else model.to(device)
 
 
 def check_backends(model: torch.nn.Module, variant: Variant, device: torch.device) -> None:

@@ -17,11 +17,14 @@ plus the Custom Scalars layout and the layer table (Text) once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fp8lab.layers import choices
+from fp8lab.paths import folder_problem
 from fp8lab.telemetry.accuracy import WeightDrift
 from fp8lab.telemetry.overview import ScalingOverview
 from fp8lab.telemetry.step import FaultTotals, StepTelemetry, is_log_step, is_whatif_step
@@ -47,6 +50,11 @@ class Monitor:
             recipe's cast of each operand, about three extra casts each): None on every
             log step, else a multiple of ``log_interval``.
         group: the data-parallel process group passed to ``update_scales``.
+
+    Raises (before anything is written): TypeError for an argument of the wrong type,
+    ValueError for a value out of range or a ``log_dir`` no folder can have (empty, not
+    UTF-8, a dangling symlink or a loop, a name longer than the file system allows, a
+    file in the way); each message starts with the argument's name.
     """
 
     def __init__(
@@ -60,6 +68,16 @@ class Monitor:
         whatif_interval: int | None = None,
         group=None,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise TypeError(f"reference must be a torch.nn.Module or None, got {type(reference).__name__}")
+        if not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a str or os.PathLike folder, got {type(log_dir).__name__}")
+        problem = folder_problem(log_dir)
+        if problem is not None:
+            raise ValueError(f"log_dir: {problem}")
+        choices.size("histogram_interval", histogram_interval)
         self.telemetry = StepTelemetry(model, log_interval=log_interval, whatif_interval=whatif_interval, group=group)
         self.model, self.histogram_interval = model, histogram_interval
         self.drift = WeightDrift(model, reference) if reference is not None else None
