@@ -461,7 +461,7 @@ CASES: dict[str, Case] = {
     "report_summary_not_fp8lab": Case(
         _report(lambda d: (d / "summary.json").write_text("[1, 2]")), 2, "summary.json is damaged"
     ),
-    "report_damaged_events": Case(_report(_damage_events), 2, "hold no readable event (damaged"),
+    "report_damaged_events": Case(_report(_damage_events), 2, "is damaged at byte 0 of 2000 (a record"),
     "report_on_a_file": Case(_report_on_file, 2, "is a file; name a run folder"),
     "report_unreadable_folder": Case(_report_unreadable, 2, "cannot be read (Permission denied)", as_user=True),
 }
