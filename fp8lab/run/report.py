@@ -76,8 +76,9 @@ def read_variant(
         train = acc.Scalars("loss/train") if "loss/train" in acc.Tags()["scalars"] else []
         last = max((e.step for e in train), default=None)
         if last is None or last < step:
+            end = "hold no train loss" if last is None else f"end at step {last}"
             raise ReportError(
-                f"the event files in {variant_dir} end at step {last} but the run reached step {step} ({source}): "
+                f"the event files in {variant_dir} {end} but the run reached step {step} ({source}): "
                 "events were lost (a file cut at a record boundary, or removed); restore them from a copy"
             )
     if not any(isinstance(v, list) and v for v in acc.Tags().values()):
@@ -210,6 +211,8 @@ def report(run_dir: str | Path) -> str:
         )
     lines = []
     summary_path = run_dir / "summary.json"
+    if summary_path.exists() and not summary_path.is_file():
+        raise ReportError(f"{summary_path} is not a file; move it away (the run's checkpoints can rewrite it)")
     if summary_path.is_file():
         lines += _summary_lines(run_dir, summary_path)
     else:
