@@ -443,13 +443,13 @@ CASES: dict[str, Case] = {
     "sigterm_during_final_checkpoint": Case(
         _signal_during_final_checkpoint,
         143,
-        "SIGTERM received while writing the final checkpoint and summary; both were completed",
+        "SIGTERM received at the end of the run: the final checkpoint and summary.json were completed first",
         after=_finished_intact,
     ),
     "sigint_during_summary_write": Case(
         _signal_during_summary,
         130,
-        "SIGINT received while writing the final checkpoint and summary; both were completed",
+        "SIGINT received at the end of the run: the final checkpoint and summary.json were completed first",
         after=_finished_intact,
     ),
     "second_writer_on_a_run_folder": Case(_second_writer, 2, "is in use by process"),
