@@ -574,3 +574,33 @@ def test_signals_at_named_moments(finished, tmp_path, one_thread):
     assert main(run_argv(run_dir, "--resume", str(run_dir))) == 0
     assert _tree(run_dir) == once
     _same_final_numbers(run_dir, finished)
+
+
+def test_progress_to_a_closed_stderr_does_not_stop_training():
+    """``fp8lab run ... 2>&1 | head -1``: the pipe's reader is gone; before, the next progress
+    line raised BrokenPipeError mid-run (a traceback, no checkpoint)."""
+    from fp8lab.run.progress import Progress
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    progress = Progress(6, stream=Closed())
+    progress.update(1, {"fp8": {"loss/train": 5.0}})  # raised before
+    progress.stopped("SIGTERM", 1, "step_00000001.pt", "run")
+    assert not progress.enabled
+
+
+def test_a_record_being_written_is_damage_only_when_no_process_writes_the_run(finished, tmp_path):
+    from fp8lab.run.event_files import check_event_file
+
+    path = tmp_path / "events.out.tfevents.1.host.1.0"
+    data = main_events(finished).read_bytes()
+    path.write_bytes(data[: records(main_events(finished))[-1] + 30])  # the last record half-written
+    assert check_event_file(path, live=True) is None
+    assert "runs past the end of the file" in str(check_event_file(path, live=False))
+    path.write_bytes(b"")
+    assert check_event_file(path, live=True) is None  # created, not flushed yet
