@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fp8lab.run.cli import main
+from fp8lab.run.digest import sealed
 from tests.helpers import QUICKSTART, RECIPE_HEADER, TINY
 
 RECIPES = {  # recipe file body -> the message it must produce
@@ -125,7 +126,7 @@ def _damaged_copy(finished_run, tmp_path, damage):
         model = payload["variants"]["fp8"]["model"]
         for key in [k for k in model if "fp8_state" in k]:
             del model[key]
-        torch.save(payload, newest)
+        torch.save(sealed(payload), newest)  # a consistent file without scaling state, not a damaged one
     elif damage == "no_checkpoints":
         shutil.rmtree(run_dir / "checkpoints")
     elif damage == "not_a_run":

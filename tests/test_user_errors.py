@@ -443,13 +443,13 @@ CASES: dict[str, Case] = {
     "sigterm_during_final_checkpoint": Case(
         _signal_during_final_checkpoint,
         143,
-        "SIGTERM received while writing the final checkpoint and summary; both were completed",
+        "SIGTERM received at the end of the run: the final checkpoint and summary.json were completed first",
         after=_finished_intact,
     ),
     "sigint_during_summary_write": Case(
         _signal_during_summary,
         130,
-        "SIGINT received while writing the final checkpoint and summary; both were completed",
+        "SIGINT received at the end of the run: the final checkpoint and summary.json were completed first",
         after=_finished_intact,
     ),
     "second_writer_on_a_run_folder": Case(_second_writer, 2, "is in use by process"),
@@ -461,7 +461,7 @@ CASES: dict[str, Case] = {
     "report_summary_not_fp8lab": Case(
         _report(lambda d: (d / "summary.json").write_text("[1, 2]")), 2, "summary.json is damaged"
     ),
-    "report_damaged_events": Case(_report(_damage_events), 2, "hold no readable event (damaged"),
+    "report_damaged_events": Case(_report(_damage_events), 2, "is damaged at byte 0 of 2000 (a record"),
     "report_on_a_file": Case(_report_on_file, 2, "is a file; name a run folder"),
     "report_unreadable_folder": Case(_report_unreadable, 2, "cannot be read (Permission denied)", as_user=True),
 }

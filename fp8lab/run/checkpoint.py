@@ -7,19 +7,28 @@ removes its temporary file and leaves the previous checkpoints as they were. Fil
 only tensors and plain containers and load with ``torch.load(weights_only=True)``;
 scaling state (amax history and scale of every layer) travels inside each model's
 state_dict.
+
+Nothing damaged is used: every checkpoint carries the digest of its payload
+(``run.digest``), checked on every read; a file whose digest does not match, that is not
+a regular file (a FIFO would hang ``torch.load``), that cannot be read or whose name
+and step disagree is refused like a truncated one, and an older intact checkpoint is
+offered. Checkpoints of format_version 1 (before digests) still load, unverified.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import torch
 
+from fp8lab.run import digest
 from fp8lab.run.config import hash_of, upgrade
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the payload carries its digest; 1 (no digest) is still read, unverified
+READABLE_VERSIONS = (1, 2)
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 REQUIRED = ("format_version", "step", "config_hash", "config", "variants", "rng", "summary")
@@ -75,7 +84,10 @@ class _Sink:
 
 
 def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write ``payload`` as the checkpoint of ``step`` atomically; keep the newest ``keep``."""
+    """Write ``payload`` (with its digest added) as the checkpoint of ``step`` atomically; keep
+    the newest ``keep``. Entries named like checkpoints or temporaries that are folders were
+    not written by fp8lab and are left alone."""
+    payload = digest.sealed(payload)
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
@@ -97,31 +109,106 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
         raise
     _fsync_dir(folder)
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
+        _remove(old)
     for stale in folder.glob(".step_*.tmp-*"):  # left by a process killed mid-write
         if stale != tmp:
-            stale.unlink(missing_ok=True)
+            _remove(stale)
     return final
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Load and sanity-check one checkpoint file (CPU tensors)."""
+def _remove(path: Path) -> None:
+    """Unlink a file (or link, FIFO...) fp8lab named; a folder by that name is not fp8lab's."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not stat.S_ISDIR(path.lstat().st_mode):
+            path.unlink()
     except FileNotFoundError:
+        pass
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _not_regular(path: Path, mode: int) -> CheckpointError:
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    link = f" (a symbolic link to {os.readlink(path)})" if path.is_symlink() else ""
+    return CheckpointError(f"checkpoint {path} is {kind}{link}, not a regular file; fp8lab writes checkpoints as files")
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading if it is a regular file (after symlinks); anything else is
+    refused before it is opened (a FIFO would block ``open``, ``/dev/zero`` never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if swapped for a FIFO since
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CheckpointError(
+                f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist"
+            ) from None
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as err:  # truncated zip, bad pickle, unsafe global: all mean unusable
+    except OSError as err:  # permission denied, a symlink loop, an I/O error
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})"
+            f"checkpoint {path} cannot be read ({err.strerror or err}); check its permissions"
         ) from None
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between stat and open
+        f.close()
+        raise _not_regular(path, mode)
+    return f
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load and check one checkpoint file (CPU tensors): a regular file, a run checkpoint of a
+    version this fp8lab reads, its digest matching its contents and its step its name's."""
+    path = Path(path)
+    with _open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or corrupt")
+        try:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated zip, bad pickle, unsafe global: all mean unusable
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})"
+            ) from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
         raise CheckpointError(f"checkpoint {path} is not an fp8lab run checkpoint (missing {missing})")
-    if payload["format_version"] != FORMAT_VERSION:
+    version = payload["format_version"]
+    # One flipped bit cannot turn 2 into 1 (0b10 -> 0b01 is two), so a damaged checkpoint of
+    # today's format never passes for an unverified one of version 1.
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path} has format_version {payload['format_version']}, this fp8lab reads {FORMAT_VERSION}"
+            f"checkpoint {path} has format_version {version!r}, this fp8lab reads {READABLE_VERSIONS}"
+        )
+    if version >= 2:  # format_version 1 had no digest: such a checkpoint is used unverified
+        _check_digest(path, payload)
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != payload["step"]:
+        raise CheckpointError(
+            f"checkpoint {path} holds step {payload['step']!r}, not the step its name says; "
+            "fp8lab never renames checkpoints"
         )
     return payload
+
+
+def _check_digest(path: Path, payload: dict) -> None:
+    stored = payload.get(digest.KEY)
+    if not isinstance(stored, str):
+        raise CheckpointError(f"checkpoint {path} has no digest (format_version 2 stores one): damaged")
+    if digest.payload_digest(payload) != stored:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the digest stored with them "
+            "(a bit changed on disk or in a copy)"
+        )
 
 
 def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -164,16 +251,20 @@ def newest_usable(run_dir: Path, config_hash: str, config_dict: dict, validate=N
             validate(path, payload)
         return payload
 
-    _, newest = found[-1]
-    try:
-        return newest, usable(newest)
-    except CheckpointError as err:
-        for _, older in reversed(found[:-1]):
-            try:
-                usable(older)
-            except CheckpointError:
-                continue
-            raise CheckpointError(
-                f"{err}. An older intact checkpoint exists: {older} (move {newest.name} away to resume from it)"
-            ) from None
-        raise
+    refused: list[tuple[Path, CheckpointError]] = []  # newest first
+    for _, path in reversed(found):
+        try:
+            payload = usable(path)
+        except CheckpointError as err:
+            refused.append((path, err))
+            continue
+        if not refused:
+            return path, payload
+        names = " and ".join(p.name for p, _ in reversed(refused))
+        also = "".join(f"; {err}" for _, err in refused[1:])
+        raise CheckpointError(
+            f"{refused[0][1]}{also}. An older intact checkpoint exists: {path} (move {names} away to resume from it)"
+        )
+    if len(refused) > 1:
+        raise CheckpointError("; ".join(str(err) for _, err in refused) + ". No checkpoint of this run is usable")
+    raise refused[0][1]

@@ -2,7 +2,7 @@
 
 Invariant: ``classify`` is the one place where an error becomes an exit code: every
 error caused by the user's input or environment exits 2 (3 for divergence, 128 + the
-signal for SIGINT/SIGTERM) with one message naming the key, file or resource and what
+signal for SIGHUP/SIGINT/SIGTERM) with one message naming the key, file or resource and what
 to do; any other exception is a bug in fp8lab and shows its traceback (exit 1). Bad
 input is found before anything is written under the output folder.
 """
@@ -27,8 +27,9 @@ EXIT_CODES = """exit codes:
        written, or (disk full during training) the newest checkpoint is intact and the
        message prints the command that resumes
   3    training diverged: train.max_consecutive_skips non-finite steps in a row
-  130  Ctrl-C (SIGINT), 143 SIGTERM: the current step and a checkpoint are finished first
-       (the resume command is printed); before training started, nothing was written
+  129, 130, 143  SIGHUP, Ctrl-C (SIGINT), SIGTERM: the current step and a checkpoint are
+       finished first (the resume command is printed); before training started, nothing was
+       written; at the end of a run (final writes or later), the run is finished
 """
 
 
@@ -119,43 +120,56 @@ def _quiet_writer_threads() -> None:
 def _run(args) -> int:
     from fp8lab.run.overrides import apply_overrides
     from fp8lab.run.recipe_file import load_recipe
-    from fp8lab.run.stop import stop_before_start
+    from fp8lab.run.stop import StopRequest, stop_before_start
 
-    with stop_before_start():  # a signal here stops at once: nothing is written yet
-        config = apply_overrides(load_recipe(args.recipe), args.set or [])
-        if args.nproc is not None:
-            return _launch(args, config)
-        from fp8lab.run.distributed import Distributed
-        from fp8lab.run.runner import Runner, resolve_device
+    stop = StopRequest()
+    # The flag first, then everything inside it: stop_before_start nests (and restores the
+    # flag), Runner.run nests, and as the process's own command the flag stays until exit.
+    with stop.installed(until_exit=args.own_process):
+        with stop_before_start():  # a signal here stops at once: nothing is written yet
+            config = apply_overrides(load_recipe(args.recipe), args.set or [])
+            if args.nproc is not None:
+                return _launch(args, config)
+            from fp8lab.run.distributed import Distributed
+            from fp8lab.run.runner import Runner, resolve_device
 
-        dist = Distributed.from_env(resolve_device(config.train.device))
+            dist = Distributed.from_env(resolve_device(config.train.device))
+            try:
+                runner = Runner(
+                    config,
+                    args.out,
+                    progress=not args.quiet,
+                    resume=args.resume,
+                    dist=dist,
+                    run_dir=args.run_dir,
+                    stop=stop,
+                )
+            except BaseException:
+                dist.close()
+                raise
+        _quiet_writer_threads()
         try:
-            runner = Runner(
-                config, args.out, progress=not args.quiet, resume=args.resume, dist=dist, run_dir=args.run_dir
+            result = runner.run()  # from here a signal finishes the step and checkpoints
+        except RuntimeError as err:
+            if not dist.enabled or classify(err) is not None:
+                raise
+            # Typically a collective whose peer died; torchrun reports which rank failed first.
+            first_line = (str(err).splitlines() or [""])[0]
+            print(
+                f"fp8lab run: rank {dist.rank} of {dist.world_size} failed: {type(err).__name__}: {first_line}\n"
+                f"fp8lab run: when the job has stopped, relaunch it with --resume {runner.run_dir} "
+                "to continue from its newest checkpoint",
+                file=sys.stderr,
             )
-        except BaseException:
+            raise
+        finally:
             dist.close()
-            raise
-    _quiet_writer_threads()
-    try:
-        result = runner.run()  # from here a signal finishes the step and checkpoints
-    except RuntimeError as err:
-        if not dist.enabled or classify(err) is not None:
-            raise
-        # Typically a collective whose peer died; torchrun reports which rank failed first.
-        first_line = (str(err).splitlines() or [""])[0]
-        print(
-            f"fp8lab run: rank {dist.rank} of {dist.world_size} failed: {type(err).__name__}: {first_line}\n"
-            f"fp8lab run: when the job has stopped, relaunch it with --resume {runner.run_dir} "
-            "to continue from its newest checkpoint",
-            file=sys.stderr,
-        )
-        raise
-    finally:
-        dist.close()
-    if result is None or runner.stop:  # a signal (on this rank or another): after a checkpoint
-        return 128 + (runner.stop.signum or signal.SIGTERM)
-    return 0
+        if result is None:  # a signal (on this rank or another): after a checkpoint, said by the runner
+            return 128 + (stop.signum or signal.SIGTERM)
+        if stop:  # the run is finished; the last moment a signal changes the exit code
+            runner.progress.stopped_at_end(stop.name, runner.run_dir)
+            return 128 + stop.signum
+        return 0
 
 
 def _launch(args, config) -> int:
@@ -256,7 +270,15 @@ def _speaks(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` and return its exit code.
+
+    Args:
+        argv: the arguments; None reads the process's command line, and the process is
+            then the command's: ``run`` keeps its signal handler until the process exits
+            (called with a list, as tests do, it restores the caller's handlers).
+    """
     args = build_parser().parse_args(argv)
+    args.own_process = argv is None
     try:
         return args.func(args)
     except BaseException as err:  # the one place an error becomes an exit code
@@ -266,8 +288,19 @@ def main(argv: list[str] | None = None) -> int:
         code, message = verdict
         if _speaks(err):
             rank = os.environ.get("RANK", "0")
-            print(f"fp8lab {args.command}: {'' if rank == '0' else f'rank {rank}: '}{message}", file=sys.stderr)
+            try:
+                print(f"fp8lab {args.command}: {'' if rank == '0' else f'rank {rank}: '}{message}", file=sys.stderr)
+            except (OSError, ValueError):
+                pass  # stderr is gone (a closed pipe): the exit code still says it
         return code
+    finally:
+        if args.own_process:
+            # The exit code is decided and only the interpreter's exit follows, during which
+            # Python restores the signals' default action: hold them pending from here, so a
+            # late SIGTERM cannot turn a finished run's exit code into a death by signal.
+            from fp8lab.run.stop import SIGNALS
+
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,14 @@ class RunFolder:
             return
         for name, png in pictures.items():
             storage.write_atomic(self.path / f"scaling_{name}.png", png)
-        storage.write_atomic(self.path / "summary.json", json.dumps(result, indent=2))
+        storage.write_atomic(self.path / "summary.json", _summary_text(result))
+
+    def has_summary(self, result: dict) -> bool:
+        """Whether summary.json holds exactly ``result`` (as ``finish`` writes it)."""
+        try:
+            return (self.path / "summary.json").read_text() == _summary_text(result)
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8
+            return False
 
     def storage_error(self, err: OSError) -> storage.StorageError:
         """A failed write, named with the folder and its newest intact checkpoint."""
@@ -130,6 +137,10 @@ def checkpoint_payload(config: RunConfig, step: int, variants, summary, overview
         "summary": summary.state_dict(),
         "overview": {name: overview.state_dict() for name, overview in overviews.items() if overview},
     }
+
+
+def _summary_text(result: dict) -> str:
+    return json.dumps(result, indent=2)
 
 
 def check_variants_fit(path: Path, payload: dict, variants) -> None:

@@ -23,11 +23,14 @@ class Progress:
     def _print(self, text: str, final: bool = False, always: bool = False) -> None:
         if not (self.enabled or (always and self.main)):
             return
-        if self.tty and not final:
-            self.stream.write("\r" + text + "\x1b[K")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        try:
+            if self.tty and not final:
+                self.stream.write("\r" + text + "\x1b[K")
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed (a pipe's reader gone, a hung-up terminal)
+            self.enabled = self.main = False  # the run goes on; its files are the record
 
     def update(self, step: int, metrics: dict[str, dict]) -> None:
         if self.first_step is None:
@@ -62,9 +65,10 @@ class Progress:
         )
 
     def stopped_at_end(self, signal_name: str, run_dir) -> None:
+        """A signal during the final checkpoint and summary, or after them."""
         self._print(
-            f"\n{signal_name} received while writing the final checkpoint and summary; both were completed "
-            f"first: the run is finished ({run_dir}).",
+            f"\n{signal_name} received at the end of the run: the final checkpoint and summary.json were "
+            f"completed first; the run is finished ({run_dir}).",
             final=True,
             always=True,
         )

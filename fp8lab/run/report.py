@@ -2,7 +2,11 @@
 
 Invariant: reads only what the run wrote (TensorBoard event files and summary.json)
 through TensorBoard's own event reader, so it shows exactly what TensorBoard shows; a
-missing, unreadable or damaged input is a ``ReportError`` naming the file and what to do.
+missing, unreadable or damaged input is a ``ReportError`` naming the file and what to do
+(exit 2). Damage TensorBoard's reader passes over in silence is found first
+(``run.event_files``): a record failing its CRC, bytes past the last record, a file cut
+short, or events that end before the step summary.json or the newest checkpoint says the
+run reached; the error names the file and the last step read intact.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 from pathlib import Path
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
+from fp8lab.run.event_files import check_event_file, expected_last_step
+from fp8lab.run.lock import holder_pid
 from fp8lab.run.whatif_report import best_by_layer, read_whatif, whatif_lines
 from fp8lab.telemetry.keys import ACCURACY, SCALING, parse_tag
 
@@ -47,11 +53,34 @@ def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
     return read_variant(variant_dir)[0]
 
 
-def read_variant(variant_dir: Path) -> tuple[dict, dict, tuple[dict, dict]]:
+def read_variant(
+    variant_dir: Path, *, live: bool = False, expected: tuple[int, str] | None = None
+) -> tuple[dict, dict, tuple[dict, dict]]:
     """({(layer, role, field): values}, {(layer, name): values}, what-if) of the ``scaling/``,
     the ``accuracy/`` (name: ``fprop_sqnr_db`` ..., ``weight_rel_diff``) and the ``whatif/``
-    tags of one variant (``read_whatif``), from one read of its events."""
+    tags of one variant (``read_whatif``), from one read of its events.
+
+    Args:
+        live: a process is writing the run (a record being written is not damage).
+        expected: (step, source): the last step the events must reach (``expected_last_step``).
+    Raises:
+        ReportError: an event file is damaged, or the events end before ``expected``.
+    """
+    for path in sorted(variant_dir.glob("events.out.tfevents.*")):
+        damage = check_event_file(path, live=live)
+        if damage is not None:
+            raise ReportError(str(damage))
     acc = _load(variant_dir)
+    if expected is not None and not live:
+        step, source = expected
+        train = acc.Scalars("loss/train") if "loss/train" in acc.Tags()["scalars"] else []
+        last = max((e.step for e in train), default=None)
+        if last is None or last < step:
+            end = "hold no train loss" if last is None else f"end at step {last}"
+            raise ReportError(
+                f"the event files in {variant_dir} {end} but the run reached step {step} ({source}): "
+                "events were lost (a file cut at a record boundary, or removed); restore them from a copy"
+            )
     if not any(isinstance(v, list) and v for v in acc.Tags().values()):
         if any(p.stat().st_size for p in variant_dir.glob("events.out.tfevents.*")):
             # every run writes its layout and layer table first: nothing readable means damage
@@ -182,13 +211,17 @@ def report(run_dir: str | Path) -> str:
         )
     lines = []
     summary_path = run_dir / "summary.json"
+    if summary_path.exists() and not summary_path.is_file():
+        raise ReportError(f"{summary_path} is not a file; move it away (the run's checkpoints can rewrite it)")
     if summary_path.is_file():
         lines += _summary_lines(run_dir, summary_path)
     else:
         lines.append(f"run {run_dir}  (no summary.json: the run did not finish)")
+    live = holder_pid(run_dir) is not None  # a run writing now: its last record may be half-written
+    expected = expected_last_step(run_dir)
     for variant_dir in variants:
         try:
-            scaling, accuracy, whatif = read_variant(variant_dir)
+            scaling, accuracy, whatif = read_variant(variant_dir, live=live, expected=expected)
         except ReportError:
             raise
         except Exception as err:  # TensorBoard's reader: unreadable or damaged event files

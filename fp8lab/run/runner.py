@@ -63,6 +63,8 @@ class Runner:
             trains on its slice of every global batch and only rank 0 writes files.
         run_dir: the folder of a fresh run (default: a new one under ``out_root``, named
             by rank 0).
+        stop: the flag a signal sets (``fp8lab run`` installs it before building the
+            runner and keeps it to the end); default a fresh one, installed by ``run``.
     Raises:
         CheckpointError: ``resume`` has no usable checkpoint for this config.
         ConfigError: ``train.batch_size`` is not divisible by the number of processes, or
@@ -82,6 +84,7 @@ class Runner:
         resume: str | Path | None = None,
         dist: Distributed | None = None,
         run_dir: str | Path | None = None,
+        stop: StopRequest | None = None,
     ):
         self.config, t = config, config.train
         self.dist = dist if dist is not None else Distributed(device=resolve_device(t.device))
@@ -114,7 +117,7 @@ class Runner:
         self.val_batches = [tuple(a.to(self.device) for a in val.batch(i)) for i in range(t.eval_batches)]
         self.progress = Progress(t.steps, enabled=progress and self.dist.is_main, main=self.dist.is_main)
         self.summary = RunSummary(config, [v.name for v in config.variants])
-        self.stop = StopRequest()
+        self.stop = stop if stop is not None else StopRequest()
         self.folder = RunFolder(config, Path(out_root), self.dist, run_dir)
         self.log: RunLog | None = None
         self.start_step = 0
@@ -141,13 +144,14 @@ class Runner:
     def run(self) -> dict | None:
         """Train every variant for ``train.steps`` steps; write events and summary.json.
 
-        Returns the summary, or None when stopped by SIGTERM/SIGINT (after a checkpoint);
-        a signal during the final writes lets them finish, and ``self.stop`` names it.
+        Returns the summary, or None when stopped by a signal (after a checkpoint); a signal
+        during the final writes lets them finish, and ``self.stop`` names it (the caller
+        says so: ``Progress.stopped_at_end``).
         Raises TrainingDiverged after ``train.max_consecutive_skips`` skipped steps,
         StorageError when a write fails for lack of space or permission, and
         RunFolderBusy when another process holds the run folder.
         """
-        with self.stop.installed():  # SIGTERM/SIGINT only set a flag from here to the end, final writes included
+        with self.stop.installed():  # signals only set a flag from here to the end, final writes included
             try:
                 self.folder.claim()
                 result = self._train()
@@ -159,12 +163,12 @@ class Runner:
                 raise self.folder.storage_error(err) from err
             finally:
                 self.folder.release()
-        if result is not None and self.stop:
-            self.progress.stopped_at_end(self.stop.name, self.run_dir)
         return result
 
     def _train(self) -> dict | None:
         cfg = self.config
+        if self.start_step >= cfg.train.steps:  # resumed from the final checkpoint
+            return self._finished_already()
         self.log = RunLog(
             self.run_dir,
             self.variants,
@@ -257,15 +261,35 @@ class Runner:
             self.log.flush()
         return self.folder.save_checkpoint(step, self.variants, self.summary, self.overviews)
 
-    def _finish(self) -> dict:
+    def _result(self) -> dict:
         for run in self.variants:
             self.summary.first_batch[run.variant.name] = run.first_batch_sha
-        result = self.summary.to_dict(self.corpus.fingerprint, str(self.device))
+        return self.summary.to_dict(self.corpus.fingerprint, str(self.device))
+
+    def _finish(self) -> dict:
+        result = self._result()
         self.log.hparams(self.config, self.variants, result)
         self.log.close()
         self._save_checkpoint(self.config.train.steps)
+        self._write_summary(result)
+        return result
+
+    def _write_summary(self, result: dict) -> None:
         if self.dist.is_main:  # the heatmap of the whole run, beside summary.json
             self.folder.finish(result, {name: view.png() for name, view in self.overviews.items() if view})
         self.dist.barrier()  # the job ends when rank 0's files are written
         self.progress.finish(self.summary.table(result), self.run_dir)
+
+    def _finished_already(self) -> dict:
+        """A resume from the final checkpoint writes no event (the hparams and every event
+        were closed before that checkpoint was written) and no checkpoint; summary.json and
+        the heatmaps are written only when summary.json is missing or not this run's (the
+        process died in its final writes). So resuming a finished run changes no file, and
+        resuming it again, none either."""
+        result = self._result()
+        if self.dist.broadcast(self.folder.has_summary(result) if self.dist.is_main else None):  # rank 0 decides
+            self.progress.note(f"the run already finished all {self.config.train.steps} steps; nothing to do")
+            self.progress.finish(self.summary.table(result), self.run_dir)
+            return result
+        self._write_summary(result)
         return result
