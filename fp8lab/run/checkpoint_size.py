@@ -50,6 +50,8 @@ EVAL_METRICS = ("loss/val", "metrics/val_ppl", "metrics/val_token_acc", "compare
 class _CountingSink:
     """A write-only, seekable file that keeps no bytes: its ``size`` is the file's."""
 
+    name = "<checkpoint size>"  # what a file object has (wrappers of torch.save may read it)
+
     def __init__(self) -> None:
         self.pos = self.size = 0
 
