@@ -152,7 +152,8 @@ def test_no_host_read_between_log_steps_and_collector_only_on_log_steps(tmp_path
     there), one alpha (the inverse scale) per GEMM of the accumulator model (its C kernel
     applies the epilogue; the model runs on the CPU only) and, on the oneDNN bf16 path, one
     alpha per FP8 GEMM accumulated in fp32. Each is a 0-dim CPU tensor. On an accelerator none
-    happens (tests/test_gpu_backends.py checks with CUDA's sync debug mode). The BF16 shadow GEMMs (accuracy) run on log steps only."""
+    happens (tests/test_gpu_backends.py checks with CUDA's sync debug mode). The BF16 shadow
+    GEMMs (accuracy) run on log steps only."""
     from fp8lab.gemm import shadow
 
     force_gemm_path(monkeypatch, path_name)
