@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 # FP16 rounds every |g| <= 2**-25 to zero (its smallest subnormal is 2**-24, a tie goes to even).
-FP16_FLUSH = 2.0**-25
+FP16_ZERO_BOUND = 2.0**-25
 
 
 def flushing_scale(tokens: int) -> float:
@@ -37,7 +37,7 @@ def flushing_scale(tokens: int) -> float:
     ``S * (p - y) / tokens``. When ``S / tokens <= 2**-25`` every one of them rounds to zero,
     and every gradient of the model (all downstream of the logits) is zero with them.
     """
-    return tokens * FP16_FLUSH
+    return tokens * FP16_ZERO_BOUND
 
 
 @dataclass(frozen=True, kw_only=True)
