@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fp8lab.run import storage
+from fp8lab.run import memory, storage
 from fp8lab.run.config import ConfigError, RunConfig
 from fp8lab.run.data import BatchSampler, DataError, load_corpus
 from fp8lab.run.distributed import Distributed
@@ -158,6 +158,17 @@ class Runner:
                 if self.log is not None:
                     self.log.close_after_fault()
                 raise self.folder.storage_error(err) from err
+            except (MemoryError, RuntimeError) as err:  # out of memory before a checkpoint: keep nothing
+                if not memory.is_out_of_memory(err) or self.folder.last_checkpoint is not None:
+                    raise
+                if self.log is not None:
+                    self.log.close_after_fault()
+                self.folder.release()
+                if not self.folder.discard():
+                    raise
+                raise memory.ResourceError(
+                    f"{memory.out_of_memory_message(err)}. Nothing was kept: the run folder it had started was removed"
+                ) from err
             finally:
                 self.folder.release()
         if result is not None and self.stop:
