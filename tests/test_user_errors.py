@@ -380,7 +380,7 @@ CASES: dict[str, Case] = {
     "data_source_is_a_folder": Case(_data_folder, 2, "is a folder; name a file"),
     # --- memory: refused from the estimate, before anything is allocated ---
     "model_too_large_for_memory": Case(
-        lambda c: _sets(c, "model.hidden_size=65536"), 2, "the model is too large for this machine"
+        lambda c: _sets(c, "model.hidden_size=65536"), 2, "the run is too large for this machine"
     ),
     "eval_batches_too_many_for_memory": Case(
         lambda c: _sets(c, "train.eval_batches=100000000000"), 2, "too large for this machine"

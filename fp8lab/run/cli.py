@@ -57,12 +57,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _out_of_memory(err: BaseException) -> bool:
-    import torch
+    from fp8lab.run.memory import is_out_of_memory
 
-    text = str(err)
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
-    )
+    return is_out_of_memory(err)
 
 
 def classify(err: BaseException, args=None) -> tuple[int, str] | None:
@@ -82,12 +79,9 @@ def classify(err: BaseException, args=None) -> tuple[int, str] | None:
             message += f"\n  resume with: {resume_command(args, run_dir)}"
         return EXIT_BAD_INPUT, message
     if _out_of_memory(err):
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return EXIT_BAD_INPUT, (
-            f"out of memory ({type(err).__name__}: {first_line[:300]}). The run needs more memory "
-            "than this device has free; lower train.batch_size, train.block_size or the model "
-            "size (model.num_layers, model.hidden_size), or train fewer variants"
-        )
+        from fp8lab.run.memory import out_of_memory_message
+
+        return EXIT_BAD_INPUT, out_of_memory_message(err)
     return None
 
 

@@ -10,7 +10,9 @@ every variant's state, RNG state, the summary's state and the overviews' history
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ class RunFolder:
         self.lock: RunLock | None = None
         self.resumed_from: Path | None = None  # the checkpoint this process loaded
         self.last_checkpoint: Path | None = None  # the newest intact checkpoint (named in errors)
+        self.created: list[Path] = []  # folders a fresh run's claim made, innermost first
 
     def load_newest(self, resume: Path, validate) -> dict:
         """The newest usable checkpoint of ``resume`` (its config, its state keys: ``validate``);
@@ -50,12 +53,15 @@ class RunFolder:
         """Create (fresh run) and lock the folder; rank 0 writes config.json. A resumed folder
         that changed since its checkpoint was loaded is another process's: ``RunFolderBusy``."""
         if self.path is None:  # rank 0 creates a fresh run's folder; every rank uses that name
+            parents = [self.out_root / self.config.name, self.out_root]
+            self.created = [p for p in parents if not p.exists()] if self.dist.is_main else []
             claimed = (
                 storage.claim_run_dir(self.out_root, self.config.name, self.config.hash())
                 if self.dist.is_main
                 else None
             )
             self.path = self.dist.broadcast(claimed)
+            self.created = [self.path, *self.created] if self.dist.is_main else []
         if not self.dist.is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)  # named by the --nproc launcher, or resumed
@@ -68,6 +74,19 @@ class RunFolder:
             )
         if not (self.path / "config.json").exists():
             storage.write_atomic(self.path / "config.json", json.dumps(self.config.to_dict(), indent=2, default=str))
+
+    def discard(self) -> bool:
+        """Remove a fresh run's folder (and the parents its claim created) when no checkpoint
+        was written into it: a run that failed before keeping anything leaves nothing behind.
+        Returns whether it did (False for a resumed run, a --nproc rank, or after a checkpoint).
+        Call it after ``release`` and after the event files are closed."""
+        if not self.created or self.last_checkpoint is not None or self.dist.enabled:
+            return False
+        shutil.rmtree(self.created[0], ignore_errors=True)
+        for parent in self.created[1:]:
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty: another run may have started there meanwhile
+        return True
 
     def release(self) -> None:
         if self.lock is not None:

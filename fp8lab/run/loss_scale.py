@@ -24,6 +24,21 @@ from dataclasses import dataclass
 
 import torch
 
+# FP16 rounds every |g| <= 2**-25 to zero (its smallest subnormal is 2**-24, a tie goes to even).
+FP16_ZERO_BOUND = 2.0**-25
+
+
+def flushing_scale(tokens: int) -> float:
+    """The loss scale at or below which every FP16 gradient is zero, for a loss that is the
+    mean over ``tokens`` tokens.
+
+    The gradient of the mean cross-entropy with respect to a logit is ``(p - y) / tokens``,
+    of magnitude below ``1 / tokens``; under a loss scale S it reaches the FP16 logits as
+    ``S * (p - y) / tokens``. When ``S / tokens <= 2**-25`` every one of them rounds to zero,
+    and every gradient of the model (all downstream of the logits) is zero with them.
+    """
+    return tokens * FP16_ZERO_BOUND
+
 
 @dataclass(frozen=True, kw_only=True)
 class LossScaleConfig:

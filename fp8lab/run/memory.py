@@ -15,13 +15,16 @@ What it counts, in bytes (``P`` parameters of the GPT, counted from its shape):
   logits (BF16 logits and their float32 log-softmax), for this process's share B of
   the batch;
 - the validation batches kept on the device.
-It is compared with MemAvailable (and the cgroup's limit) on CPU, shared by every
-local process of a ``--nproc`` run, or with ``torch.cuda.mem_get_info`` on CUDA.
+It is compared with MemAvailable (and the cgroup's limit, and the address space left under
+``ulimit -v`` less what the runtime maps after this check) on CPU, shared by every local
+process of a ``--nproc`` run, or with ``torch.cuda.mem_get_info`` on CUDA. A refusal names
+the share of the estimate that is largest and the settings that make it.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,11 @@ HALF = 2
 HISTORY_ROW_BYTES = 12  # one amax history row: 3 roles x float32
 ACTIVATION_BYTES_PER_BLOCK = 34  # x B*T*H (Megatron-LM, activations in 16 bits)
 LOGIT_BYTES = 6  # x B*T*V: bf16 logits + float32 log-softmax
+# Under an address-space limit (ulimit -v): what a CPU run maps after the memory check besides
+# its tensors (TensorBoard's writer, oneDNN's kernels, a malloc arena and a stack per thread).
+# Measured: a one-block run on 2 threads grows by about 410 MiB, so this stays below it.
+RUNTIME_MAPPINGS = 256 * 2**20
+PER_THREAD_MAPPINGS = 64 * 2**20
 
 
 class ResourceError(RuntimeError):
@@ -46,11 +54,38 @@ class Estimate:
     params: int  # of one model
     state: int  # training state of every variant, bytes
     activations: int  # one step of one variant, bytes
-    other: int  # amax histories and validation batches, bytes
+    histories: int  # amax histories of every FP8 layer, bytes
+    val_batches: int  # validation batches on the device, bytes
+    history_keys: tuple[str, ...] = ()  # the settings that make the histories (per variant)
+
+    @property
+    def other(self) -> int:
+        return self.histories + self.val_batches
 
     @property
     def total(self) -> int:
         return self.state + self.activations + self.other
+
+    def shares(self, config) -> list[tuple[int, str, str]]:
+        """(bytes, what, the settings that make it) of each part, largest first."""
+        t, variants = config.train, len(config.variants)
+        return sorted(
+            [
+                (
+                    self.state,
+                    f"the training state of {variants} variants x {self.params / 1e6:.1f}M parameters",
+                    "model.num_layers, model.hidden_size or model.ffn_hidden_size, or train fewer variants",
+                ),
+                (
+                    self.activations,
+                    f"the activations of one step ({t.batch_size} x {t.block_size} tokens)",
+                    "train.batch_size or train.block_size (or model.num_layers, model.hidden_size)",
+                ),
+                (self.histories, "the amax histories of the FP8 layers", " or ".join(self.history_keys) or "-"),
+                (self.val_batches, f"{t.eval_batches} validation batches", "train.eval_batches"),
+            ],
+            key=lambda share: -share[0],
+        )
 
 
 def gpt_shape(config) -> dict:
@@ -79,7 +114,12 @@ def estimate(config, processes: int = 1) -> Estimate:
     shape = gpt_shape(config)
     params = gpt_params(shape)
     state = sum(TRAIN_STATE_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * params
-    histories = sum(getattr(v.scaling, "amax_history_len", 0) for v in config.variants if v.precision == "fp8")
+    fp8 = [v for v in config.variants if v.precision == "fp8" and hasattr(v.scaling, "amax_history_len")]
+    histories = sum(v.scaling.amax_history_len for v in fp8)
+    keys = tuple(
+        f"variants.{v.name}.scaling.amax_history_len (={v.scaling.amax_history_len}, or fp8.amax_history_len)"
+        for v in sorted(fp8, key=lambda v: -v.scaling.amax_history_len)
+    )
     t = config.train
     batch = max(t.batch_size // processes, 1)
     tokens = batch * t.block_size
@@ -87,8 +127,8 @@ def estimate(config, processes: int = 1) -> Estimate:
         ACTIVATION_BYTES_PER_BLOCK * shape["num_layers"] * shape["hidden_size"] + LOGIT_BYTES * shape["vocab_size"]
     )
     val_batches = t.eval_batches * 2 * t.batch_size * t.block_size * 8  # int64 (x, y), kept on the device
-    other = histories * fp8_layers(shape) * HISTORY_ROW_BYTES + val_batches
-    return Estimate(params, state, activations, other)
+    history_bytes = histories * fp8_layers(shape) * HISTORY_ROW_BYTES
+    return Estimate(params, state, activations, history_bytes, val_batches, keys)
 
 
 def _cgroup_free() -> int | None:
@@ -119,12 +159,67 @@ def available(device: torch.device) -> tuple[int | None, str]:
         return None, ""
     limit = _cgroup_free()
     if limit is not None and limit < free:
-        return limit, "left under this cgroup's memory limit"
-    return free, "MemAvailable in /proc/meminfo"
+        free, source = limit, "left under this cgroup's memory limit"
+    else:
+        source = "MemAvailable in /proc/meminfo"
+    mappable = _address_space_free()
+    if mappable is not None and mappable < free:
+        return mappable, (
+            "left under this process's address-space limit (ulimit -v / RLIMIT_AS: raise it), after the "
+            f"{gib(RUNTIME_MAPPINGS + PER_THREAD_MAPPINGS * torch.get_num_threads())} the runtime maps besides tensors"
+        )
+    return free, source
+
+
+def address_space_limited() -> bool:
+    """This process runs under an address-space limit (``ulimit -v``, RLIMIT_AS)."""
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+
+
+def _address_space_free() -> int | None:
+    """Bytes this process can still map under RLIMIT_AS, less what the runtime maps later
+    besides tensors (``RUNTIME_MAPPINGS``, ``PER_THREAD_MAPPINGS``); None without a limit."""
+    if not address_space_limited():
+        return None
+    try:
+        status = Path("/proc/self/status").read_text()
+        mapped = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+    reserve = RUNTIME_MAPPINGS + PER_THREAD_MAPPINGS * torch.get_num_threads()
+    return max(resource.getrlimit(resource.RLIMIT_AS)[0] - mapped - reserve, 0)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """``err`` is an allocation that failed: torch's or Python's out-of-memory error, the
+    allocator's message, or (under an address-space limit) oneDNN failing to create a kernel,
+    which is how a GEMM that cannot map its scratch space fails."""
+    text = str(err)
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError)
+        and (
+            "can't allocate memory" in text
+            or "not enough memory" in text
+            or (address_space_limited() and "could not create a primitive" in text)
+        )
+    )
+
+
+def out_of_memory_message(err: BaseException) -> str:
+    """What an exit 2 says about an allocation that failed during the run."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    where = f" (this process's address-space limit, ulimit -v, is {gib(limit)})" if address_space_limited() else ""
+    return (
+        f"out of memory ({type(err).__name__}: {first_line[:300]}). The run needs more memory than this device "
+        f"has free{where}; lower train.batch_size, train.block_size or the model size (model.num_layers, "
+        "model.hidden_size), or train fewer variants"
+    )
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """``n`` bytes in GiB, or in MiB below 1 GiB (so a small share does not read 0.0 GiB)."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_fits(config, device: torch.device, world_size: int = 1) -> Estimate:
@@ -139,11 +234,10 @@ def check_fits(config, device: torch.device, world_size: int = 1) -> Estimate:
     needed = est.total * local
     if free is not None and needed > free:
         who = f"{local} processes x " if local > 1 else ""
+        (size, what, keys), *rest = est.shares(config)
+        others = "; ".join(f"{w}: {gib(b)}" for b, w, _ in rest)
         raise ResourceError(
-            f"the model is too large for this machine: it needs at least {who}{gib(est.total)} "
-            f"({len(config.variants)} variants x {est.params / 1e6:.1f}M parameters with gradients and AdamW state: "
-            f"{gib(est.state)}; activations of one step: {gib(est.activations)}; other: {gib(est.other)}), but "
-            f"{gib(free)} are {source}. Lower model.num_layers / model.hidden_size, train.batch_size or "
-            "train.block_size, or train fewer variants"
+            f"the run is too large for this machine: it needs at least {who}{gib(est.total)}, but {gib(free)} are "
+            f"{source}. The largest share, {gib(size)}, is {what}: lower {keys} (the rest: {others})"
         )
     return est

@@ -49,6 +49,10 @@ class Progress:
     def note(self, text: str) -> None:
         self._print(f"  {text}", final=True)
 
+    def warn(self, text: str) -> None:
+        """A note that prints even under --quiet (this process speaks for the run)."""
+        self._print(f"  warning: {text}", final=True, always=True)
+
     def note_eval(self, results: dict[str, dict]) -> None:
         text = " | ".join(f"{n} val {m['loss/val']:.4f}" for n, m in results.items())
         self._print(f"  eval: {text}", final=True)

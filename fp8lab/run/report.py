@@ -18,7 +18,8 @@ from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
 from fp8lab.run.event_files import check_event_file, expected_last_step
 from fp8lab.run.lock import holder_pid
 from fp8lab.run.whatif_report import best_by_layer, read_whatif, whatif_lines
-from fp8lab.telemetry.keys import ACCURACY, SCALING, parse_tag
+from fp8lab.scaling import SCALINGS, Scaling
+from fp8lab.telemetry.keys import ACCURACY, OPTIMIZER_STATE, SCALING, parse_tag
 
 # Thresholds for "worth attention", applied to the mean over the run's log steps.
 OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
@@ -29,11 +30,20 @@ TOP_ACCURACY = 10  # layers shown in each accuracy ranking
 # SQNR is within 10*log10(2) dB of the total's: "accumulation dominates".
 ACCUMULATION_DOMINATES_DB = 3.01
 
-ADVICE = {
-    "overflow": "raise margin (fp8.margin=1 or 2) or use amax_compute_algo='max' with a longer history",
-    "underflow": "shorten amax_history_len (a stale large amax keeps the scale low) or keep the layer in BF16",
-    "sqnr": "keep the layer in BF16 (variants.<name>.keep_bf16) or check its inputs for outliers",
-}
+# AdamW state in 16 bits (no master weights): a layer whose exp_avg_sq is zero while exp_avg is
+# not in more than this % of its values takes steps of lr * exp_avg / eps there.
+M_OVER_EPS_PCT = 1.0
+SQNR_ADVICE = "keep the layer in BF16 (variants.<name>.keep_bf16) or check its inputs for outliers"
+OPTIMIZER_ADVICE = (
+    "keep master weights (variants.<name>.master_weights=true: fp32 AdamW state), or train in bf16, whose "
+    "exponent range holds squared gradients"
+)
+
+
+def advice(scaling: str | None, problem: str) -> str:
+    """What to change for ``problem`` ("overflow", "underflow") under the variant's scaling
+    recipe (``Scaling.advice``; the generic answer when the recipe is unknown)."""
+    return (SCALINGS[scaling] if scaling in SCALINGS else Scaling).advice(problem)
 
 
 class ReportError(ValueError):
@@ -55,10 +65,11 @@ def read_scaling(variant_dir: Path) -> dict[tuple[str, str, str], list[float]]:
 
 def read_variant(
     variant_dir: Path, *, live: bool = False, expected: tuple[int, str] | None = None
-) -> tuple[dict, dict, tuple[dict, dict]]:
-    """({(layer, role, field): values}, {(layer, name): values}, what-if) of the ``scaling/``,
-    the ``accuracy/`` (name: ``fprop_sqnr_db`` ..., ``weight_rel_diff``) and the ``whatif/``
-    tags of one variant (``read_whatif``), from one read of its events.
+) -> tuple[dict, dict, tuple[dict, dict], dict]:
+    """({(layer, role, field): values}, {(layer, name): values}, what-if, {(layer, moment, stat):
+    values}) of the ``scaling/``, the ``accuracy/`` (name: ``fprop_sqnr_db`` ...,
+    ``weight_rel_diff``), the ``whatif/`` (``read_whatif``) and the ``optimizer_state/`` tags
+    of one variant, from one read of its events.
 
     Args:
         live: a process is writing the run (a record being written is not damage).
@@ -88,14 +99,16 @@ def read_variant(
                 f"the event files in {variant_dir} hold no readable event (damaged or not "
                 "TensorBoard files); restore them from a copy, or move them away"
             )
-    out, accuracy = {}, {}
+    out, accuracy, state = {}, {}, {}
     for tag in acc.Tags()["scalars"]:
         key = parse_tag(tag)
         if key is not None and key.group == SCALING:
             out[(key.layer, key.role, key.stat)] = [e.value for e in acc.Scalars(tag)]
         elif key is not None and key.group == ACCURACY:
             accuracy[(key.layer, key.stat)] = [e.value for e in acc.Scalars(tag)]
-    return out, accuracy, read_whatif(acc)
+        elif key is not None and key.group == OPTIMIZER_STATE:
+            state[(key.layer, key.moment, key.stat)] = [e.value for e in acc.Scalars(tag)]
+    return out, accuracy, read_whatif(acc), state
 
 
 def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> list[str]:
@@ -221,7 +234,7 @@ def report(run_dir: str | Path) -> str:
     expected = expected_last_step(run_dir)
     for variant_dir in variants:
         try:
-            scaling, accuracy, whatif = read_variant(variant_dir, live=live, expected=expected)
+            scaling, accuracy, whatif, state = read_variant(variant_dir, live=live, expected=expected)
         except ReportError:
             raise
         except Exception as err:  # TensorBoard's reader: unreadable or damaged event files
@@ -229,40 +242,74 @@ def report(run_dir: str | Path) -> str:
                 f"the event files in {variant_dir} cannot be read ({type(err).__name__}: "
                 f"{str(err)[:200]}); check their permissions, or restore them from a copy"
             ) from None
-        if not scaling:
+        if not scaling and not state:
             continue
-        lines += [
-            "",
-            f"== {variant_dir.name}: mean over log steps",
-            f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}",
-        ]
-        layers = sorted({k[0] for k in scaling})
-        attention = []
-        for layer in layers:
-            for role in ROLE_NAMES:
-                m = {
-                    f: _mean(scaling.get((layer, role, f), []))
-                    for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")
-                }
-                lines.append(
-                    f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} "
-                    f"{m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}"
-                )
-                if m["overflow_pct"] > OVERFLOW_PCT:
-                    attention.append((layer, role, f"overflow {m['overflow_pct']:.3f}%", ADVICE["overflow"]))
-                if m["underflow_pct"] > UNDERFLOW_PCT:
-                    attention.append((layer, role, f"underflow {m['underflow_pct']:.2f}%", ADVICE["underflow"]))
-                if m["sqnr_db"] < SQNR_DB:
-                    attention.append((layer, role, f"SQNR {m['sqnr_db']:.1f} dB", ADVICE["sqnr"]))
-        lines += whatif_lines(variant_dir.name, best_by_layer(*whatif), _scaling_of(run_dir, variant_dir.name))
-        lines.append("")
+        kind = _scaling_of(run_dir, variant_dir.name)
+        table, attention = _scaling_table(variant_dir.name, scaling, kind) if scaling else ([], [])
+        lines += table
+        lines += whatif_lines(variant_dir.name, best_by_layer(*whatif), kind) if scaling else []
+        table, watch = optimizer_state_lines(variant_dir.name, state)
+        lines += table + [""]
+        attention += watch
         if attention:
             lines.append(f"layers worth attention ({variant_dir.name}):")
             lines += [f"  {layer}/{role}: {what} -> {advice}" for layer, role, what, advice in attention]
         else:
             lines.append(
                 f"no layer worth attention in {variant_dir.name} (overflow <= {OVERFLOW_PCT}%, "
-                f"underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB)"
+                f"underflow <= {UNDERFLOW_PCT}%, SQNR >= {SQNR_DB} dB, AdamW exp_avg_sq zero where exp_avg is not "
+                f"<= {M_OVER_EPS_PCT}%)"
             )
         lines += accuracy_lines(variant_dir.name, accuracy)
     return "\n".join(lines)
+
+
+def _scaling_table(variant: str, scaling: dict, kind: str | None) -> tuple[list[str], list[tuple]]:
+    """The per-layer, per-role table of one FP8 variant, and its layers worth attention
+    (with the advice of the variant's scaling recipe ``kind``)."""
+    lines = [
+        "",
+        f"== {variant}: mean over log steps",
+        f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}",
+    ]
+    attention = []
+    for layer in sorted({k[0] for k in scaling}):
+        for role in ROLE_NAMES:
+            m = {
+                f: _mean(scaling.get((layer, role, f), []))
+                for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")
+            }
+            lines.append(
+                f"{layer:<34} {role:<12} {m['scale']:>10.4g} {m['amax']:>10.4g} {m['overflow_pct']:>7.3f} "
+                f"{m['underflow_pct']:>7.2f} {m['sqnr_db']:>8.2f}"
+            )
+            if m["overflow_pct"] > OVERFLOW_PCT:
+                attention.append((layer, role, f"overflow {m['overflow_pct']:.3f}%", advice(kind, "overflow")))
+            if m["underflow_pct"] > UNDERFLOW_PCT:
+                attention.append((layer, role, f"underflow {m['underflow_pct']:.2f}%", advice(kind, "underflow")))
+            if m["sqnr_db"] < SQNR_DB:
+                attention.append((layer, role, f"SQNR {m['sqnr_db']:.1f} dB", SQNR_ADVICE))
+    return lines, attention
+
+
+def optimizer_state_lines(variant: str, state: dict) -> tuple[list[str], list[tuple]]:
+    """The AdamW-state underflow table of a variant without master weights (mean % over log
+    steps), and the layers whose ``exp_avg_sq`` is zero where ``exp_avg`` is not (their steps
+    are ``lr * exp_avg / eps``) in more than ``M_OVER_EPS_PCT`` of their values."""
+    if not state:
+        return [], []
+    lines = [
+        "",
+        f"== {variant}: AdamW state underflow in 16 bits (mean % of values over log steps)",
+        f"{'layer':<34} {'m zero':>8} {'m subn':>8} {'v zero':>8} {'v subn':>8} {'v=0,m!=0':>9}",
+    ]
+    attention = []
+    columns = [("exp_avg", "zero_pct"), ("exp_avg", "subnormal_pct"), ("exp_avg_sq", "zero_pct")]
+    columns += [("exp_avg_sq", "subnormal_pct"), ("exp_avg_sq", "m_over_eps_pct")]
+    for layer in sorted({k[0] for k in state}):
+        m = [_mean(state.get((layer, *column), [])) for column in columns]
+        lines.append(f"{layer:<34} " + " ".join(f"{v:>8.2f}" for v in m[:4]) + f" {m[4]:>9.2f}")
+        if m[4] > M_OVER_EPS_PCT:
+            what = f"AdamW exp_avg_sq is 0 where exp_avg is not in {m[4]:.1f}% of values (step = lr * exp_avg / eps)"
+            attention.append((layer, "optimizer_state", what, OPTIMIZER_ADVICE))
+    return lines, attention

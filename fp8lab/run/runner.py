@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from fp8lab.run import storage
+from fp8lab.run import memory, storage
 from fp8lab.run.config import ConfigError, RunConfig
 from fp8lab.run.data import BatchSampler, DataError, load_corpus
 from fp8lab.run.distributed import Distributed
 from fp8lab.run.folder import RunFolder, check_variants_fit
+from fp8lab.run.loss_scale import flushing_scale
 from fp8lab.run.preflight import preflight
 from fp8lab.run.progress import Progress
 from fp8lab.run.runlog import RunLog
@@ -118,6 +119,7 @@ class Runner:
         self.progress = Progress(t.steps, enabled=progress and self.dist.is_main, main=self.dist.is_main)
         self.summary = RunSummary(config, [v.name for v in config.variants])
         self.stop = stop if stop is not None else StopRequest()
+        self.flushing: set[str] = set()  # variants whose loss scale flushes every FP16 gradient (said once)
         self.folder = RunFolder(config, Path(out_root), self.dist, run_dir)
         self.log: RunLog | None = None
         self.start_step = 0
@@ -161,6 +163,17 @@ class Runner:
                 if self.log is not None:
                     self.log.close_after_fault()
                 raise self.folder.storage_error(err) from err
+            except (MemoryError, RuntimeError) as err:  # out of memory before a checkpoint: keep nothing
+                if not memory.is_out_of_memory(err) or self.folder.last_checkpoint is not None:
+                    raise
+                if self.log is not None:
+                    self.log.close_after_fault()
+                self.folder.release()
+                if not self.folder.discard():
+                    raise
+                raise memory.ResourceError(
+                    f"{memory.out_of_memory_message(err)}. Nothing was kept: the run folder it had started was removed"
+                ) from err
             finally:
                 self.folder.release()
         return result
@@ -225,6 +238,7 @@ class Runner:
         if overview and self.dist.is_main:  # the heatmap of every log step so far (Images tab)
             self.log[name].image("overview/scaling", overview.png(), step)
         self._check_diverged(run, step, metrics)
+        self._check_loss_scale(run, step, metrics)
 
     def _evaluate(self, step: int) -> None:
         results = {run.variant.name: run.evaluate(self.val_batches) for run in self.variants}
@@ -237,6 +251,22 @@ class Runner:
         self.progress.note_eval(results)
         for run in self.variants:
             self.log[run.variant.name].histories(step, run.collector.histories())
+
+    def _check_loss_scale(self, run: VariantRun, step: int, metrics: dict) -> None:
+        """At log steps: say once per variant when its loss scale has decayed to where every FP16
+        gradient flushes to zero (``loss_scale.flushing_scale``): it no longer learns."""
+        scale, name = metrics.get("precision/loss_scale"), run.variant.name
+        tokens = self.config.train.batch_size * self.config.train.block_size
+        if scale is None or scale > flushing_scale(tokens) or name in self.flushing:
+            return
+        self.flushing.add(name)
+        c = run.variant.loss_scale
+        self.progress.warn(
+            f"variant {name!r} stopped learning at step {step}: its loss scale fell to {scale:.3g}, at or below "
+            f"{flushing_scale(tokens):.3g} ({tokens} tokens x 2**-25), where every FP16 gradient rounds to zero; "
+            f"{int(metrics['faults/skipped_steps'])} skipped steps each multiplied it by loss_scale_backoff_factor="
+            f"{c.backoff_factor:g}. Raise variants.{name}.loss_scale_backoff_factor (GradScaler's is 0.5)"
+        )
 
     def _check_diverged(self, run: VariantRun, step: int, metrics: dict) -> None:
         """At log steps: stop when the run of skipped steps reached the limit."""

@@ -15,15 +15,16 @@ import numpy as np
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.quantize.tensor import STAT_NAMES
 from fp8lab.run.config import RunConfig
+from fp8lab.run.loss_scale import flushing_scale
 from fp8lab.run.precision import rung_of
 
 # A growing weight clamps a handful of values at every delayed-scaling step; a log step
 # counts as "saturated" only above the report's threshold (0.01% of the tensor).
-from fp8lab.run.report import OVERFLOW_PCT
+from fp8lab.run.report import M_OVER_EPS_PCT, OVERFLOW_PCT
 from fp8lab.run.whatif_report import best_by_layer
 from fp8lab.scaling.whatif import WHATIF_RECIPES
 from fp8lab.telemetry.collector import LayerStats
-from fp8lab.telemetry.keys import FP16_FLUSH, parse_tag
+from fp8lab.telemetry.keys import FP16_FLUSH, OPTIMIZER_STATE, parse_tag
 from fp8lab.telemetry.step import FaultTotals
 
 TOP_LAYERS = 3
@@ -144,25 +145,36 @@ class RunSummary:
         }
 
     def _precision(self, name: str) -> dict:
-        """Memory (exact bytes of the last log step; peak MiB), final loss scale, and the layers
-        whose gradients FP16 would most flush without loss scaling (mean % over log steps)."""
+        """Memory (exact bytes of the last log step; peak MiB), final loss scale (and whether every
+        FP16 gradient flushes at it), the layers whose gradients FP16 would most flush without
+        loss scaling, and those whose 16-bit AdamW ``exp_avg_sq`` is most often zero where
+        ``exp_avg`` is not (mean % over log steps)."""
         variant = next(v for v in self.config.variants if v.name == name)
         last = self.train[name][-1][1] if self.train[name] else {}
         memory = {key: int(last[tag]) for tag, key in MEMORY_TAGS.items() if tag in last}
-        flush = defaultdict(list)
+        flush, m_over_eps = defaultdict(list), defaultdict(list)
         for _, metrics in self.train[name]:
             for tag, value in metrics.items():
                 key = parse_tag(tag)
                 if key is not None and key.group == FP16_FLUSH:
                     flush[key.layer].append(value)
+                elif key is not None and key.group == OPTIMIZER_STATE and key.stat == "m_over_eps_pct":
+                    m_over_eps[key.layer].append(value)
         means = sorted(((layer, float(np.mean(v))) for layer, v in flush.items()), key=lambda kv: -kv[1])
+        state = sorted(((layer, float(np.mean(v))) for layer, v in m_over_eps.items()), key=lambda kv: -kv[1])
+        scale = last.get("precision/loss_scale")
+        tokens = self.config.train.batch_size * self.config.train.block_size
         return {
             "precision": variant.precision,
             "activations": rung_of(variant).activations,
             "master_weights": variant.master_weights,
             "memory": {**memory, "peak_mem_mb": last.get("perf/peak_mem_mb")},
-            "loss_scale": last.get("precision/loss_scale"),
+            "loss_scale": scale,
+            "loss_scale_flushes": scale is not None and scale <= flushing_scale(tokens),
             "most_fp16_flush": [{"layer": k, "mean_flush_pct": v} for k, v in means[:TOP_LAYERS]],
+            "most_adam_state_underflow": [
+                {"layer": k, "mean_m_over_eps_pct": v} for k, v in state[:TOP_LAYERS] if v > M_OVER_EPS_PCT
+            ],
         }
 
     def to_dict(self, fingerprint: str, device: str) -> dict:
@@ -223,6 +235,14 @@ class RunSummary:
             watch += ("; " if watch and v["most_underflow"] else "") + ", ".join(
                 f"{d['layer_role']} (underflow {d['mean_underflow_pct']:.2f}%)" for d in v["most_underflow"][:1]
             )
+            watch += ("; " if watch and v.get("most_adam_state_underflow") else "") + ", ".join(
+                f"{d['layer']} (AdamW exp_avg_sq 0 where exp_avg is not: {d['mean_m_over_eps_pct']:.1f}%)"
+                for d in v.get("most_adam_state_underflow", [])[:1]
+            )
+            if v.get("loss_scale_flushes"):
+                watch = f"loss scale {v['loss_scale']:.3g}: every FP16 gradient flushes to zero" + (
+                    f"; {watch}" if watch else ""
+                )
             loss = f"{v['final_val_loss']:.4f}" if v["final_val_loss"] is not None else "-"
             tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
             scaling = v.get("scaling") or v.get("precision") or "-"

@@ -9,7 +9,10 @@ Rules:
 - the run name is one folder name, so the run stays inside ``--out``;
 - the model's shape is one ``GPTConfig`` accepts (hidden size divisible by the heads...);
 - every variant names a known backend, and its precision policy is well formed;
-- an FP8 variant's margin leaves the amax representable in E4M3 (else all casts are 0);
+- an FP8 variant's margin leaves the amax representable in E4M3 (else all casts are 0),
+  and so does its amax_epsilon for any tensor whose amax is at most 1;
+- a loss-scaled variant's scale, at the start and after one backoff, keeps some FP16
+  gradient from flushing to zero (``loss_scale.flushing_scale``);
 - an FP8 variant keeps at least one layer in FP8, and every ``keep_bf16`` pattern
   matches a layer (a pattern that matches nothing is almost always a typo).
 """
@@ -24,6 +27,8 @@ from fp8lab.formats import E4M3
 from fp8lab.layers.gpt import PRESETS, GPTConfig
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.run.checks import ConfigError
+from fp8lab.run.loss_scale import flushing_scale
+from fp8lab.run.precision import rung_of
 from fp8lab.run.sections import DataConfig, ModelConfig, TrainConfig, Variant
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # one folder under --out
@@ -60,8 +65,11 @@ def check_run(config) -> None:
     """Cross-field rules; see the module docstring."""
     _check_data(config.data)
     num_layers = _check_model(config)
+    tokens = config.train.batch_size * config.train.block_size
     for variant in config.variants:
         _check_variant(variant, num_layers)
+        if rung_of(variant).loss_scaling:
+            _check_loss_scale(variant, tokens)
 
 
 def _is(ok: bool, key: str, allowed: str, value) -> None:
@@ -113,6 +121,16 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
         f"<= {limit}: a larger margin puts even the amax below E4M3's smallest subnormal, so every value casts to zero",
         margin,
     )
+    epsilon, epsilon_limit = getattr(variant.scaling, "amax_epsilon", 0.0), max_epsilon()
+    _is(
+        epsilon <= epsilon_limit,
+        f"fp8.amax_epsilon (of {key})",
+        f"<= {epsilon_limit:g} (E4M3's max / its smallest subnormal): the epsilon is a floor under every amax, "
+        f"so a tensor whose amax is at most 1 (a transformer's weights, its normalised activations) is scaled by "
+        f"{E4M3.max:g} / amax_epsilon or less, and a larger epsilon puts even its amax below E4M3's smallest "
+        "subnormal: every value casts to zero",
+        epsilon,
+    )
     blocks = _Blocks(num_layers)
     if not any(policy.reason_for(name, blocks) is None for name in _candidates(num_layers, variant.first_last_bf16)):
         raise ConfigError(
@@ -129,6 +147,34 @@ def _check_variant(variant: Variant, num_layers: int) -> None:
                     f"blocks.<0..{num_layers - 1}>.{{{','.join(BLOCK_LAYERS)}}} and {HEAD_LAYER} (fnmatch patterns, "
                     "e.g. 'blocks.0.*')"
                 )
+
+
+def _check_loss_scale(variant: Variant, tokens: int) -> None:
+    """The loss scale at the start and after one backoff does not flush every FP16 gradient to
+    zero (``loss_scale.flushing_scale``). (Growth needs no bound: torch's update never grows the
+    scale past float32's max.)"""
+    key, c, flush = f"variants.{variant.name}", variant.loss_scale, flushing_scale(tokens)
+    why = (
+        f"train.batch_size x train.block_size = {tokens} tokens x 2**-25: the loss is a mean over {tokens} tokens, "
+        f"so no logit gradient exceeds loss_scale / {tokens}, and FP16 rounds every |g| <= 2**-25 to zero; at or "
+        "below it every gradient is zero and nothing trains"
+    )
+    _is(c.init > flush, f"{key}.loss_scale_init", f"> {flush:.4g} ({why})", c.init)
+    _is(
+        c.init * c.backoff_factor > flush,
+        f"{key}.loss_scale_backoff_factor",
+        f"> {flush / c.init:.4g} (one skipped step multiplies loss_scale_init={c.init:g} by it; the scale must stay "
+        f"above {flush:.4g}, {why})",
+        c.backoff_factor,
+    )
+
+
+def max_epsilon() -> float:
+    """The largest amax_epsilon that keeps an amax of 1 representable in E4M3: the epsilon
+    floors the amax, so the scale is at most fp8_max / epsilon and the amax maps to
+    amax * fp8_max / epsilon, which must stay >= the smallest subnormal (``max_margin``'s
+    reasoning, for an amax of 1)."""
+    return E4M3.max / (E4M3.min_normal * 2.0**-E4M3.mantissa_bits)
 
 
 def max_margin() -> int:

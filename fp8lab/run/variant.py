@@ -3,7 +3,7 @@
 Invariant: every variant starts from the same initial weights and is fed the batches
 the runner gives it. A training step makes no device-to-host copy: the loss is summed
 on the device, timings use CUDA events (or the host clock on CPU), the loss scale lives
-on the device, and the collector, the FP16 flush probe and the memory counts only run
+on the device, and the collector, the FP16 flush probe, the optimizer-state probe and the memory counts only run
 when the runner asks for a log step. What the variant's precision changes (autocast,
 GEMM precision, parameter dtype, loss scaling) comes from its ``Rung``
 (``fp8lab.run.precision``).
@@ -32,6 +32,7 @@ from fp8lab.run.precision import rung_of
 from fp8lab.run.timer import StepTimer
 from fp8lab.telemetry.collector import LayerStats
 from fp8lab.telemetry.fp16_flush import FP16FlushProbe
+from fp8lab.telemetry.optimizer_state import OptimizerStateProbe
 from fp8lab.telemetry.step import StepTelemetry
 
 
@@ -131,6 +132,8 @@ class VariantRun:
         self.first_batch_sha: str | None = None
         self.loss_scaler = DynamicLossScaler(variant.loss_scale, device) if self.rung.loss_scaling else None
         self.flush_probe = FP16FlushProbe(self.model) if self.rung.loss_scaling else None
+        # AdamW state in 16 bits (no master weights): how much of it underflows (log steps only)
+        self.state_probe = None if self.rung.master_weights else OptimizerStateProbe(self.model, self.optimizer)
         self.saved_counter = footprint.SavedTensorCounter(self.model)
         self.memory: dict[str, int] = {}  # perf/mem_* of the last log step (host values)
         self.cuda_peak = 0  # bytes: the allocator's peak during this variant's steps since the last log
@@ -227,6 +230,8 @@ class VariantRun:
         if self.loss_scaler is not None:
             metrics["precision/loss_scale"] = extra[0]
             metrics.update(self.flush_probe.read())
+        if self.state_probe is not None:
+            metrics.update(self.state_probe.read())
         return metrics
 
     @property

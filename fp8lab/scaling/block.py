@@ -21,7 +21,7 @@ import torch
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.scaling.blockwise import BlockwiseScaling, tile
 from fp8lab.scaling.current import check_epsilon
-from fp8lab.scaling.protocol import TE_PINNED, te_format
+from fp8lab.scaling.protocol import KEEP_BF16, TE_PINNED, te_format
 from fp8lab.scaling.te_scales import te_scale_from_amax
 
 BLOCK = 128
@@ -106,6 +106,19 @@ class Float8BlockScaling(BlockwiseScaling):
                 return "this torch lacks the blockwise scaled GEMM (F.scaled_mm, ScalingType.BlockWise1x128)"
             return None
         return super().unsupported(backend, device)
+
+    @classmethod
+    def advice(cls, problem: str) -> str:
+        """Each block's own amax sets its (power-of-2, rounded down) scale, so only inf clamps;
+        flushed values lie more than E4M3's range below their block's amax."""
+        if problem == "overflow":
+            return (
+                "each block's scale maps its own amax to at most fp8_max, so only inf clamps: see faults/nonfinite_amax"
+            )
+        return (
+            "the flushed values lie more than E4M3's range below their block's amax: use smaller blocks "
+            f"(variants.<name>.scaling=mxfp8, 1x32), lower amax_epsilon if it is set, or {KEEP_BF16}"
+        )
 
     def te_recipe(self) -> dict:
         dims = {

@@ -17,7 +17,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.quantize.tensor import amaxes_of, cast_stats
-from fp8lab.scaling.protocol import ROWWISE, TE_PINNED, Operand, Scaling, te_format
+from fp8lab.scaling.protocol import KEEP_BF16, ROWWISE, TE_PINNED, Operand, Scaling, te_format
 from fp8lab.scaling.te_scales import te_scale_from_amax
 
 
@@ -77,6 +77,19 @@ class Float8CurrentScaling(Scaling):
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
         return cast_stats(x2d, None, cls().scale(amaxes_of(x2d)[1], fmt), fmt)
+
+    @classmethod
+    def advice(cls, problem: str) -> str:
+        """Each tensor's own amax maps onto fp8_max (an epsilon only lowers the scale), so only
+        inf clamps; flushed values lie more than the format's range below the tensor's amax."""
+        if problem == "overflow":
+            return (
+                "the scale maps each tensor's own amax to fp8_max, so only inf values clamp: see faults/nonfinite_amax"
+            )
+        return (
+            "the flushed values lie more than E4M3's range below the tensor's amax: give them their own scale "
+            f"(variants.<name>.scaling=block or mxfp8), lower amax_epsilon if it is set, or {KEEP_BF16}"
+        )
 
     def te_recipe(self) -> dict:
         # TE's QParams take power-of-2 and epsilon from class-level defaults (computed from

@@ -32,7 +32,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.quantize.tensor import amaxes_of, cast_stats
-from fp8lab.scaling.protocol import ROWWISE, TE_PINNED, Operand, Scaling, not_measured, te_format
+from fp8lab.scaling.protocol import KEEP_BF16, ROWWISE, TE_PINNED, Operand, Scaling, not_measured, te_format
 from fp8lab.scaling.state import ScalingState
 
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -105,6 +105,14 @@ class DelayedScaling(Scaling):
         """Not measurable on another recipe's layer: delayed scaling needs the layer's own
         amax history (NaN)."""
         return not_measured(x2d.device)
+
+    @classmethod
+    def advice(cls, problem: str) -> str:
+        """The scale comes from past amaxes: a growing tensor clamps (raise the margin, or take
+        the max over a longer window), a shrinking one flushes under a stale large amax."""
+        if problem == "overflow":
+            return "raise margin (fp8.margin=1 or 2) or use amax_compute_algo='max' with a longer history"
+        return f"shorten amax_history_len (a stale large amax keeps the scale low) or {KEEP_BF16}"
 
     def te_recipe(self) -> dict:
         kwargs = {

@@ -16,7 +16,7 @@ import torch
 
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.scaling.blockwise import BlockwiseScaling, tile
-from fp8lab.scaling.protocol import TE_PINNED, te_format
+from fp8lab.scaling.protocol import KEEP_BF16, TE_PINNED, te_format
 from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0
 
 BLOCK = 32
@@ -72,6 +72,17 @@ class MXFP8BlockScaling(BlockwiseScaling):
         if backend == "te" and not ((10, 0) <= (device.capability or (0, 0)) < (12, 0)):
             return "Transformer Engine's MXFP8BlockScaling needs sm_100 (Blackwell; not sm_120)"
         return super().unsupported(backend, device)
+
+    @classmethod
+    def advice(cls, problem: str) -> str:
+        """E8M0 scales round each 1x32 block's amax up to a power of two, so only inf clamps;
+        flushed values lie more than E4M3's range below their block's amax, in the finest
+        blocks TE offers."""
+        if problem == "overflow":
+            return (
+                "each block's E8M0 scale keeps its amax within fp8_max, so only inf clamps: see faults/nonfinite_amax"
+            )
+        return f"the flushed values lie more than E4M3's range below their 1x32 block's amax (TE's finest): {KEEP_BF16}"
 
     def te_recipe(self) -> dict:
         kwargs = {

@@ -21,7 +21,9 @@ The questions, in the order a training step asks them:
 - ``te_accumulation(gemm)`` and ``accumulation_error(acc)``: how TE asks the tensor cores
   to accumulate each of its GEMMs, and why an explicit accumulator cannot apply to it;
 - ``unsupported(backend, device)``: why a hardware backend cannot run it there, or None;
-- ``te_recipe()``: TE's recipe class name and constructor arguments, without TE.
+- ``te_recipe()``: TE's recipe class name and constructor arguments, without TE;
+- ``advice(problem)`` (a class method): what to change when a layer under this recipe
+  loses values to "overflow" or "underflow" (``fp8lab report``), in this recipe's fields.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def te_format(fp8_format: str) -> str:
 # otherwise take ``backward_override`` from $NVTE_BACKWARD_OVERRIDE): no FP8 attention, the
 # backward in the recipe's own precision.
 TE_PINNED = {"fp8_dpa": False, "fp8_mha": False, "backward_override": None}
+
+
+# What helps a layer whatever its recipe: take it out of FP8.
+KEEP_BF16 = "keep the layer in BF16 (variants.<name>.keep_bf16)"
 
 
 class Scaling:
@@ -141,6 +147,13 @@ class Scaling:
         ``fp8lab.gemm.backends.select.DeviceFacts``), or None when it can; the device is
         already known to have FP8 tensor cores."""
         return None
+
+    @classmethod
+    def advice(cls, problem: str) -> str:
+        """What to change when a layer cast by this recipe loses values to ``problem``
+        ("overflow": clamped at fp8_max; "underflow": flushed to zero), naming only settings
+        this recipe has."""
+        return KEEP_BF16
 
     def te_recipe(self) -> dict:
         """Transformer Engine's recipe equal to this scaling, without importing TE:

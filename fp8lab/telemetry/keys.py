@@ -10,6 +10,7 @@ from event files). Layer names are ``named_modules`` names, which never hold "/"
     accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db  accuracy/<layer>/weight_rel_diff
     faults/nonfinite_amax/<layer>/<role>        amax_history/<layer>/<role> (histogram)
     precision/fp16_flush_pct/<layer>
+    optimizer_state/<layer>/<exp_avg|exp_avg_sq>/<zero_pct|subnormal_pct|m_over_eps_pct>
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 SCALING, WHATIF, ACCURACY = "scaling", "whatif", "accuracy"
 NONFINITE, AMAX_HISTORY, FP16_FLUSH = "faults/nonfinite_amax", "amax_history", "precision/fp16_flush_pct"
+OPTIMIZER_STATE = "optimizer_state"
 
 # The parts after "<group>/<layer>/" of each group's tags, in order.
 _PARTS = {
@@ -27,6 +29,7 @@ _PARTS = {
     NONFINITE: ("role",),
     AMAX_HISTORY: ("role",),
     FP16_FLUSH: (),
+    OPTIMIZER_STATE: ("moment", "stat"),
 }
 
 
@@ -34,13 +37,15 @@ _PARTS = {
 class Key:
     """One per-layer value: ``group`` (one of the groups above), ``layer``, and the parts
     its group has (``role``: input, weight or grad_output; ``scaling``: a recipe's short
-    name; ``stat``: the statistic, e.g. "sqnr_db" or "fprop_sqnr_db")."""
+    name; ``stat``: the statistic, e.g. "sqnr_db" or "fprop_sqnr_db"; ``moment``: an AdamW
+    state tensor, "exp_avg" or "exp_avg_sq")."""
 
     group: str
     layer: str
     role: str | None = None
     scaling: str | None = None
     stat: str | None = None
+    moment: str | None = None
 
     @property
     def tag(self) -> str:
