@@ -214,7 +214,7 @@ def test_accumulator_telemetry_is_the_sqnr_against_fp32_accumulation(monkeypatch
 
 
 def test_the_report_says_when_accumulation_dominates_a_layers_error():
-    from fp8lab.run.report import accuracy_lines
+    from fp8lab.run.accuracy_report import accuracy_lines
 
     accuracy = {  # mean dB over log steps, as read back from the event files
         ("a", "fprop_sqnr_db"): [30.0],

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
+from fp8lab.formats import ROLE_NAMES
+from fp8lab.run.accuracy_report import accuracy_lines, mean
 from fp8lab.run.event_files import check_event_file, expected_last_step
 from fp8lab.run.lock import holder_pid
 from fp8lab.run.whatif_report import best_by_layer, read_whatif, whatif_lines
@@ -25,10 +26,6 @@ from fp8lab.telemetry.keys import ACCURACY, OPTIMIZER_STATE, SCALING, parse_tag
 OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
 UNDERFLOW_PCT = 1.0  # more than 1% of non-zero values flushed to zero
 SQNR_DB = 20.0  # below torchao's bar for an FP8 linear
-TOP_ACCURACY = 10  # layers shown in each accuracy ranking
-# The accumulator's error power is at least half of a GEMM's total error against BF16 when its
-# SQNR is within 10*log10(2) dB of the total's: "accumulation dominates".
-ACCUMULATION_DOMINATES_DB = 3.01
 
 # AdamW state in 16 bits (no master weights): a layer whose exp_avg_sq is zero while exp_avg is
 # not in more than this % of its values takes steps of lr * exp_avg / eps there.
@@ -109,65 +106,6 @@ def read_variant(
         elif key is not None and key.group == OPTIMIZER_STATE:
             state[(key.layer, key.moment, key.stat)] = [e.value for e in acc.Scalars(tag)]
     return out, accuracy, read_whatif(acc), state
-
-
-def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> list[str]:
-    """Layers ranked by output SQNR against BF16 (lowest first) and by weight drift from
-    BF16 (largest first): the layers whose FP8 output or weights differ most."""
-    layers = sorted({layer for layer, _ in accuracy})
-    if not layers:
-        return []
-    sqnr = {layer: [_mean(accuracy.get((layer, f"{g}_sqnr_db"), [])) for g in GEMM_NAMES] for layer in layers}
-    measured = [layer for layer in layers if any(v == v for v in sqnr[layer])]  # NaN != NaN
-    lines = [
-        "",
-        f"== {variant}: accuracy against the BF16 GEMM of the same operands (mean over log steps, lowest first)",
-        f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}",
-    ]
-    for layer in sorted(measured, key=lambda name: min(v for v in sqnr[name] if v == v))[:top]:
-        lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in sqnr[layer]))
-    lines += accumulation_lines(variant, accuracy, sqnr)
-    drift = {
-        layer: accuracy[(layer, "weight_rel_diff")][-1] for layer in layers if accuracy.get((layer, "weight_rel_diff"))
-    }
-    if drift:
-        lines += ["", f"== {variant}: weight drift ||W - W_bf16|| / ||W_bf16|| at the last log step (largest first)"]
-        lines += [f"{layer:<34} {value:>9.3g}" for layer, value in sorted(drift.items(), key=lambda kv: -kv[1])[:top]]
-    return lines
-
-
-def accumulation_lines(variant: str, accuracy: dict, sqnr: dict) -> list[str]:
-    """Per layer and GEMM, the output SQNR against the same GEMM accumulated in fp32 (what the
-    tensor cores' accumulator alone costs) and whether it dominates the error against BF16:
-    it does when its error power is at least half of the total, i.e. when its SQNR is within
-    ``ACCUMULATION_DOMINATES_DB`` (3.01 dB) of the SQNR against BF16 (cast and accumulator)."""
-    accum = {layer: [_mean(accuracy.get((layer, f"{g}_accum_sqnr_db"), [])) for g in GEMM_NAMES] for layer in sqnr}
-    measured = [layer for layer in accum if any(v == v for v in accum[layer])]
-    if not measured:
-        return []
-    lines = [
-        "",
-        f"== {variant}: accumulator SQNR against fp32 accumulation (mean over log steps; the tensor cores' "
-        "accumulator alone, lowest first)",
-        f"{'layer':<34} {'fprop dB':>9} {'dgrad dB':>9} {'wgrad dB':>9}",
-    ]
-    dominated = []
-    for layer in sorted(measured, key=lambda name: min(v for v in accum[name] if v == v)):
-        lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in accum[layer]))
-        for gemm, acc_db, total_db in zip(GEMM_NAMES, accum[layer], sqnr[layer]):
-            if acc_db == acc_db and total_db == total_db and acc_db <= total_db + ACCUMULATION_DOMINATES_DB:
-                dominated.append(
-                    f"{layer} {gemm} ({acc_db:.1f} dB against fp32 accumulation, {total_db:.1f} dB against BF16)"
-                )
-    if dominated:
-        lines.append("accumulation, not the FP8 cast, dominates the error of: " + "; ".join(dominated))
-    else:
-        lines.append("the FP8 casts, not the accumulator, dominate every layer's error")
-    return lines
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _summary_lines(run_dir: Path, path: Path) -> list[str]:
@@ -276,7 +214,7 @@ def _scaling_table(variant: str, scaling: dict, kind: str | None) -> tuple[list[
     for layer in sorted({k[0] for k in scaling}):
         for role in ROLE_NAMES:
             m = {
-                f: _mean(scaling.get((layer, role, f), []))
+                f: mean(scaling.get((layer, role, f), []))
                 for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")
             }
             lines.append(
@@ -307,7 +245,7 @@ def optimizer_state_lines(variant: str, state: dict) -> tuple[list[str], list[tu
     columns = [("exp_avg", "zero_pct"), ("exp_avg", "subnormal_pct"), ("exp_avg_sq", "zero_pct")]
     columns += [("exp_avg_sq", "subnormal_pct"), ("exp_avg_sq", "m_over_eps_pct")]
     for layer in sorted({k[0] for k in state}):
-        m = [_mean(state.get((layer, *column), [])) for column in columns]
+        m = [mean(state.get((layer, *column), [])) for column in columns]
         lines.append(f"{layer:<34} " + " ".join(f"{v:>8.2f}" for v in m[:4]) + f" {m[4]:>9.2f}")
         if m[4] > M_OVER_EPS_PCT:
             what = f"AdamW exp_avg_sq is 0 where exp_avg is not in {m[4]:.1f}% of values (step = lr * exp_avg / eps)"
