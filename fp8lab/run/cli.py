@@ -124,8 +124,8 @@ def _run(args) -> int:
             config = apply_overrides(load_recipe(args.recipe), args.set or [])
             if args.nproc is not None:
                 return _launch(args, config)
-            from fp8lab.run.distributed import Distributed
-            from fp8lab.run.runner import Runner, resolve_device
+            from fp8lab.run.distributed import Distributed, resolve_device
+            from fp8lab.run.runner import Runner
 
             dist = Distributed.from_env(resolve_device(config.train.device))
             try:
@@ -172,9 +172,9 @@ def _launch(args, config) -> int:
 
     from fp8lab.run.checkpoint import CheckpointError, newest_usable
     from fp8lab.run.config import ConfigError
+    from fp8lab.run.distributed import check_world_size
     from fp8lab.run.launch import launch_local
     from fp8lab.run.lock import check_not_busy
-    from fp8lab.run.runner import check_world_size
     from fp8lab.run.storage import check_out, check_writable, new_run_dir
 
     if "LOCAL_RANK" in os.environ:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lab.run.checks import ConfigError
+
 # A rank that waits longer than this in a collective fails instead of hanging forever.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -187,3 +189,21 @@ class NullWriter:
     def hparams(self, hparams, metrics) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device: "auto" is CUDA where there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def check_world_size(config, world_size: int) -> None:
+    """The global batch splits into equal slices, one per rank (``config``: a RunConfig)."""
+    if config.train.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size must be divisible by the number of processes ({world_size}), "
+            f"got {config.train.batch_size}: every rank trains on an equal slice of the global batch"
+        )

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from fp8lab.run import memory, storage
-from fp8lab.run.config import ConfigError, RunConfig
+from fp8lab.run.config import RunConfig
 from fp8lab.run.data import BatchSampler, DataError, load_corpus
-from fp8lab.run.distributed import Distributed
+from fp8lab.run.distributed import Distributed, check_world_size, resolve_device
 from fp8lab.run.folder import RunFolder, check_variants_fit
 from fp8lab.run.loss_scale import flushing_scale
 from fp8lab.run.preflight import preflight
@@ -34,22 +34,6 @@ from fp8lab.run.variant import VariantRun, build_model
 from fp8lab.telemetry.accuracy import WeightDrift
 from fp8lab.telemetry.overview import ScalingOverview
 from fp8lab.telemetry.step import is_log_step, is_whatif_step
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def check_world_size(config: RunConfig, world_size: int) -> None:
-    if config.train.batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size must be divisible by the number of processes ({world_size}), "
-            f"got {config.train.batch_size}: every rank trains on an equal slice of the global batch"
-        )
 
 
 class Runner:
