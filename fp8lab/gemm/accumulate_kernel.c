@@ -148,20 +148,6 @@ static inline const void *element(const void *base, int bf16, int64_t at) {
     return bf16 ? (const void *)((const uint16_t *)base + at) : (const void *)((const float *)base + at);
 }
 
-/* dst[kk * ds] = src[kk * ss] (widened exactly from bf16) for kk < count: one row of A into a panel. */
-static void widen_row(float *dst, int64_t ds, const void *src, int bf16, int64_t ss, int64_t count) {
-    if (bf16) {
-        const uint16_t *s = src;
-        for (int64_t kk = 0; kk < count; kk++) {
-            const uint32_t u = (uint32_t)s[kk * ss] << 16;
-            memcpy(dst + kk * ds, &u, 4);
-        }
-    } else {
-        const float *s = src;
-        for (int64_t kk = 0; kk < count; kk++) dst[kk * ds] = s[kk * ss];
-    }
-}
-
 /* Exponent codes of n packed values (each repeated in the 4 bytes), and how many are off the grid. */
 static int32_t codes32(const float *v, int32_t *codes, int64_t n, int32_t emin, int32_t mbits, uint32_t vmax_bits) {
     int32_t bad = 0;
@@ -207,7 +193,7 @@ static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64
             float *d = j->ap + (it * k + k0) * mr;
             if (!across)
                 for (int r = 0; r < mr; r++)
-                    widen_row(d + r, mr, element(a, bf16, (i0 + (r < rows ? r : rows - 1)) * sm + k0 * sk), bf16, sk,
+                    copy_strided(d + r, mr, element(a, bf16, (i0 + (r < rows ? r : rows - 1)) * sm + k0 * sk), bf16, sk,
                               nk);
             bad += codes32(d, j->ea + (it * k + k0) * mr, nk * mr, fmt[0], fmt[1], vmax_bits);
         }
