@@ -192,9 +192,10 @@ static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64
             const int64_t i0 = it * mr, rows = min64(mr, j->m - i0);
             float *d = j->ap + (it * k + k0) * mr;
             if (!across)
-                for (int r = 0; r < mr; r++)
-                    copy_strided(d + r, mr, element(a, bf16, (i0 + (r < rows ? r : rows - 1)) * sm + k0 * sk), bf16, sk,
-                              nk);
+                for (int r = 0; r < mr; r++) {
+                    const int64_t i = i0 + (r < rows ? r : rows - 1);  /* rows past M repeat the last */
+                    copy_strided(d + r, mr, element(a, bf16, i * sm + k0 * sk), bf16, sk, nk);
+                }
             bad += codes32(d, j->ea + (it * k + k0) * mr, nk * mr, fmt[0], fmt[1], vmax_bits);
         }
     }
