@@ -17,16 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp8lab import MXFP8BlockScaling
-from fp8lab.formats import E4M3, E5M2
+import fp8lab
+from fp8lab import Float8BlockScaling, FP8Options, MXFP8BlockScaling
+from fp8lab.accumulation import FP32, Accumulator
+from fp8lab.formats import E4M3, E5M2, Role
+from fp8lab.gemm.accumulate import tensor_core_accumulate
+from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.backends.te_mapping import make_te_recipe
+from fp8lab.gemm.exact import GemmPath
 from fp8lab.gemm.hardware import BackendUnavailable
-from fp8lab.quantize.blocks import blocks_amax, cast_blocks_fp8
+from fp8lab.gemm.qlinear import quantized_linear
+from fp8lab.quantize.blocks import blocks_amax, cast_blocks_dequantized, cast_blocks_fp8
 from fp8lab.run.checks import ConfigError
 from fp8lab.run.overrides import apply_overrides
 from fp8lab.run.recipe_file import load_recipe
 from fp8lab.scaling.mxfp8 import SCALE_CALCULATION_MODES
-from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0
+from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE
+from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0, te_scale_from_amax
 
 ROOT = Path(__file__).resolve().parents[1]
 F32 = torch.float32
@@ -165,3 +172,150 @@ def test_te_refuses_mxfp8_modes_it_lacks():
         assert "rceil" in scaling.unsupported("te", Blackwell())
         with pytest.raises(BackendUnavailable, match=f"scale_calculation_mode='{mode}'"):
             make_te_recipe(scaling, recipe_module=None, te_version="2.20.2")
+
+
+# --- Float8BlockScaling with float32 (non-power-of-2) scales --------------------------------
+
+
+def _e4m3_round64(y: torch.Tensor) -> torch.Tensor:
+    """Round float64 values to the E4M3 grid, nearest even, clamped to +-448 (the definition)."""
+    y = y.clamp(-448.0, 448.0)
+    exponent = torch.floor(torch.log2(y.abs().clamp(min=2.0**-9))).clamp(min=-6)
+    quantum = torch.exp2(exponent - 3)
+    return torch.round(y / quantum) * quantum  # torch.round: half to even
+
+
+def _reference_f32_block(x: torch.Tensor, eps: float, value_for_inf: float):
+    """(scale, scale_inv, fp8 values) of 1x128 tiles from TE's definition, in float64: amax
+    floored at eps; 0/inf/NaN give 1; fp8_max / amax rounded once to float32 (a float64
+    quotient of float32 numbers rounds to the correctly rounded float32 one), float32
+    overflow gives value_for_inf; scale_inv the float32 1 / scale; x * scale rounded to
+    float32, then to E4M3."""
+    x64 = x.double()
+    amax = x64.abs().reshape(x.shape[0], -1, 128).amax(-1)
+    amax = torch.where(amax < eps, torch.full_like(amax, eps), amax)
+    scale = (448.0 / amax).float().double()
+    scale = torch.where(torch.isinf(scale), torch.full_like(scale, value_for_inf), scale)
+    scale = torch.where((amax == 0) | torch.isinf(amax), torch.ones_like(scale), scale)
+    scale_inv = (1.0 / scale).float().double()
+    scaled = (x64.reshape(x.shape[0], -1, 128) * scale[..., None]).float().double()
+    return scale, scale_inv, _e4m3_round64(scaled).reshape(x.shape)
+
+
+def _f32_block_input() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 512, generator=gen) * torch.exp2(
+        torch.randint(-30, 31, (48, 4), generator=gen).float()
+    ).repeat_interleave(128, dim=1)
+    x[0, :128] = 0.0
+    x[1, :128] *= 1e-40 / x[1, :128].abs().max()  # float32-subnormal amax: the scale overflows
+    x[2, 128:256] = x[2, 128:256].sign() * 448.0 * 2.0**5  # amax exactly fp8_max * 2^k
+    x[3, 256:384] *= 1e-3  # below the epsilon below
+    return x
+
+
+def test_f32_block_scales_and_casts_equal_the_float64_reference():
+    x = _f32_block_input()
+    for eps in (0.0, 1e-2):
+        scaling = Float8BlockScaling(use_f32_scales=True, amax_epsilon=eps)
+        amax = blocks_amax(x, (1, 128))
+        scale, scale_inv = scaling.block_scales(amax, E4M3, x.dtype)
+        ref_scale, ref_inv, ref_q = _reference_f32_block(x, eps, float(torch.finfo(F32).max))
+        assert torch.equal(scale.double(), ref_scale) and torch.equal(scale_inv.double(), ref_inv)
+        assert not bool(((scale.view(torch.int32) & 0x7FFFFF) == 0).all())  # not all powers of two
+        q = cast_blocks_fp8(x, (1, 128), scale, E4M3)
+        assert torch.equal(q.double(), ref_q)
+        # the recipe hands the GEMM exactly these FP8 values with these inverse scales
+        op = scaling.operand(
+            x,
+            Role.INPUT,
+            ROWWISE,
+            state=None,
+            backend=EmulatedBackend(GemmPath("fp32", F32, "test")),
+            record=False,
+            slot=None,
+        )
+        assert torch.equal(op.values.double(), ref_q) and op.inv_scale is None
+        assert torch.equal(op.group_scale.double(), ref_inv)
+    # the bf16 input's overflow value is bf16's largest finite value
+    bf = x.bfloat16()
+    scale, _ = Float8BlockScaling(use_f32_scales=True).block_scales(blocks_amax(bf, (1, 128)), E4M3, bf.dtype)
+    assert torch.equal(scale.double(), _reference_f32_block(bf.float(), 0.0, float(torch.finfo(torch.bfloat16).max))[0])
+
+
+def test_power_of_2_default_is_unchanged():
+    """Default block scaling: power-of-2 scales, dequantized values, no group scales with fp32
+    accumulation, TE's recipe as before."""
+    x = _f32_block_input()
+    scaling = Float8BlockScaling()
+    assert scaling.use_f32_scales is False and scaling.exact_dequantization
+    amax = blocks_amax(x, (1, 128))
+    scale, scale_inv = scaling.block_scales(amax, E4M3, x.dtype)
+    assert torch.equal(scale, te_scale_from_amax(amax, 448.0, pow2=True, value_for_inf=float(torch.finfo(F32).max)))
+    backend = EmulatedBackend(GemmPath("fp32", F32, "test"))
+    op = scaling.operand(x, Role.INPUT, ROWWISE, state=None, backend=backend, record=False, slot=None)
+    assert op.group_scale is None
+    assert torch.equal(op.values, cast_blocks_dequantized(x, (1, 128), scale, scale_inv, E4M3, dtype=F32))
+    spec = scaling.te_recipe()
+    assert spec["kwargs"]["use_f32_scales"] is False and spec["qparams"]["power_2_scale"] is True
+    f32 = Float8BlockScaling(use_f32_scales=True).te_recipe()
+    assert f32["kwargs"]["use_f32_scales"] is True and f32["qparams"]["power_2_scale"] is False
+    with pytest.raises(ValueError, match="use_f32_scales must be a bool"):
+        Float8BlockScaling(use_f32_scales=1)
+
+
+def test_f32_block_gemm_applies_group_scales_at_promotion():
+    """fprop with float32 block scales and fp32 accumulation: the layer's output is the model
+    (per 128-wide K group, fma(fp32 partial sum, fp32(sA * sB), acc)) bit for bit, and within
+    2^-20 of the magnitude sum of the exact float64 sum of the dequantized products."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 384, generator=gen) * torch.logspace(-3, 3, 384)[torch.randperm(384, generator=gen)]
+    w = torch.randn(40, 384, generator=gen)
+    scaling = Float8BlockScaling(use_f32_scales=True)
+    backend = EmulatedBackend(GemmPath("fp32", F32, "test"))
+    xo = scaling.operand(x, Role.INPUT, ROWWISE, state=None, backend=backend, record=False, slot=None)
+    wo = scaling.operand(w, Role.WEIGHT, ROWWISE, state=None, backend=backend, record=False, slot=None)
+    assert xo.group_scale.shape == (32, 3) and wo.group_scale.shape == (40, 3)
+    y = quantized_linear(x, w, None, scaling, None, backend, F32, record=False)
+    model = tensor_core_accumulate(
+        xo.values, wo.values.t(), E4M3, E4M3, FP32, a_group_scale=xo.group_scale, b_group_scale=wo.group_scale.t()
+    )
+    assert torch.equal(y, model)
+    a64 = xo.values.double() * xo.group_scale.double().repeat_interleave(128, dim=1)
+    b64 = wo.values.double() * wo.group_scale.double().repeat_interleave(128, dim=1)
+    exact = a64 @ b64.t()
+    assert bool(((y.double() - exact).abs() <= 2.0**-20 * (a64.abs() @ b64.abs().t())).all())
+    # dequantizing in float32 first is not exact with these scales (why the values go raw)
+    assert not torch.equal((xo.values * xo.group_scale.repeat_interleave(128, dim=1)).double(), a64)
+    # the backward's copies, cast along the other dim, carry their scales the same way
+    xc = scaling.operand(x, Role.INPUT, COLUMNWISE, state=None, backend=backend, record=False, slot=None)
+    assert xc.group_scale.shape == (1, 384) and xc.block == (128, 1)
+    with pytest.raises(Exception, match="promote_every x chunk must be 128"):
+        FP8Options(scaling=scaling, accumulation=Accumulator(kind="fp32", promote_every=2))
+
+
+def test_f32_block_scaling_trains_a_tiny_model():
+    """Ten SGD steps of a two-layer MLP: finite, the loss falls, and ends within 5% of BF16's."""
+
+    def run(fp8):
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(fp8lab.Linear(128, 256, fp8=fp8), torch.nn.GELU(), fp8lab.Linear(256, 128, fp8=fp8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(8)
+        target = torch.randn(128, 128, generator=gen) / 16
+        losses = []
+        for _ in range(10):
+            x = torch.randn(64, 128, generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(model(x).float(), x @ target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            fp8lab.update_scales(model)
+            losses.append(float(loss.detach()))
+        return losses
+
+    fp8 = run(FP8Options(scaling=Float8BlockScaling(use_f32_scales=True), fallback="emulated"))
+    bf16 = run(FP8Options(backend="bf16"))
+    assert all(math.isfinite(v) for v in fp8) and fp8[-1] < fp8[0]
+    assert abs(fp8[-1] - bf16[-1]) <= 0.05 * bf16[-1]
