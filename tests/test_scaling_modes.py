@@ -262,6 +262,10 @@ def test_power_of_2_default_is_unchanged():
     assert f32["kwargs"]["use_f32_scales"] is True and f32["qparams"]["power_2_scale"] is False
     with pytest.raises(ValueError, match="use_f32_scales must be a bool"):
         Float8BlockScaling(use_f32_scales=1)
+    config = load_recipe(ROOT / "recipes" / "quickstart.py")
+    fp8 = next(v.name for v in config.variants if v.precision == "fp8")
+    config = apply_overrides(config, [f"variants.{fp8}.scaling=block", f"variants.{fp8}.scaling.use_f32_scales=true"])
+    assert next(v for v in config.variants if v.name == fp8).scaling.use_f32_scales is True
 
 
 def test_f32_block_gemm_applies_group_scales_at_promotion():
