@@ -44,6 +44,7 @@ SCALINGS = [
     Float8CurrentScaling(fp8_format="e4m3", use_power_2_scales=True, amax_epsilon=1e-6),
     Float8BlockScaling(),
     Float8BlockScaling(fp8_format="hybrid", x_block_scaling_dim=2, w_block_scaling_dim=1, amax_epsilon=1e-12),
+    Float8BlockScaling(use_f32_scales=True, amax_epsilon=1e-12),
     MXFP8BlockScaling(),
     MXFP8BlockScaling(enable_2d_quantization=True),
 ]

@@ -1,15 +1,19 @@
-"""Block scaling (DeepSeek-V3 style): one power-of-2 scale per 1x128 tile or 128x128 block.
+"""Block scaling (DeepSeek-V3 style): one scale per 1x128 tile or 128x128 block.
 
 Invariant: ``Float8BlockScaling`` is immutable and valid once constructed, with Transformer
 Engine's names and defaults: E4M3 everywhere, 1-D tiles (1 x 128 along the dimension the
 GEMM contracts) for activations and gradients, 2-D 128 x 128 blocks for weights. Each
-block's scale is TE's ``compute_scale_from_amax`` of the block's amax, rounded down to a
-power of two; a block of zeros gets scale 1 (``fp8lab.scaling.blockwise`` does the rest).
+block's scale is TE's ``compute_scale_from_amax`` of the block's amax (fp8_max / amax in
+float32, after the ``amax_epsilon`` floor), rounded down to a power of two by default; a
+block of zeros gets scale 1; its inverse scale is the float32 ``1 / scale``
+(``fp8lab.scaling.blockwise`` does the rest).
 
-fp8lab always uses power-of-2 block scales (TE's default): the dequantized values of a
-block are then exact, so the emulation's one GEMM on them equals the hardware's
-per-block accumulation. TE's non-default fp32 block scales (NVTE_FP8_BLOCK_SCALING_FP32_SCALES)
-are not offered.
+With power-of-2 scales (TE's default) the dequantized values of a block are exact, so the
+emulation's one GEMM on them equals the hardware's per-block accumulation. With
+``use_f32_scales`` (TE's field, NVTE_FP8_BLOCK_SCALING_FP32_SCALES) the scale keeps its
+float32 mantissa and dequantizing is no longer exact: the GEMM then always takes the FP8
+values with their group scales, applied at each promotion as the hardware does
+(``fp8lab.gemm.accumulate``: ``acc = fma(partial, sA * sB, acc)``, with "fp32" accumulation too).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Float8BlockScaling(BlockwiseScaling):
         w_block_scaling_dim: the same for weights (default 2).
         grad_block_scaling_dim: the same for output gradients (default 1).
         amax_epsilon: a floor under every block's amax.
+        use_f32_scales: float32 block scales (fp8_max / amax, not rounded to a power of two;
+            TE's ``QParams(power_2_scale=False)``), default False (powers of two).
     """
 
     fp8_format: str = "e4m3"
@@ -49,6 +55,7 @@ class Float8BlockScaling(BlockwiseScaling):
     w_block_scaling_dim: int = 2
     grad_block_scaling_dim: int = 1
     amax_epsilon: float = 0.0
+    use_f32_scales: bool = False
 
     name = "block"
 
@@ -60,18 +67,26 @@ class Float8BlockScaling(BlockwiseScaling):
         if sum(d == 2 for d in dims) > 1:  # a GEMM of two 2-D blocked operands (TE refuses it too)
             raise ValueError(f"at most one of x/w/grad_block_scaling_dim may be 2 (2D by 2D block GEMM), got {dims}")
         check_epsilon(self.amax_epsilon)
+        if not isinstance(self.use_f32_scales, bool):
+            raise ValueError(f"use_f32_scales must be a bool, got {self.use_f32_scales!r}")
+
+    @property
+    def exact_dequantization(self) -> bool:
+        """Power-of-2 scales dequantize exactly; float32 scales go to the GEMM with the values."""
+        return not self.use_f32_scales
 
     def block(self, role: Role, usage: str) -> tuple[int, int]:
         dim = (self.x_block_scaling_dim, self.w_block_scaling_dim, self.grad_block_scaling_dim)[role]
         return tile(dim, usage, BLOCK)
 
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
-        """(scale, scale_inv) of blocks with these amaxes; scale_inv = 1 / scale (exact)."""
+        """(scale, scale_inv) of blocks with these amaxes; scale_inv = 1 / scale in float32
+        (exact for power-of-2 scales; TE's ``1.0 / scale``, one rounding, for float32 ones)."""
         value_for_inf = (
             torch.finfo(input_dtype).max if input_dtype.is_floating_point else torch.finfo(torch.float32).max
         )
         scale = te_scale_from_amax(
-            amax, fmt.max, pow2=True, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf
+            amax, fmt.max, pow2=not self.use_f32_scales, epsilon=float(self.amax_epsilon), value_for_inf=value_for_inf
         )
         return scale, scale.reciprocal()
 
@@ -86,6 +101,11 @@ class Float8BlockScaling(BlockwiseScaling):
             return (
                 f"block scaling applies its {BLOCK}-wide block scales at each promotion: promote_every x chunk "
                 f"must be {BLOCK}, got {acc.promote_every} x {acc.chunk}"
+            )
+        if self.use_f32_scales and acc.kind == "fp32" and acc.group_k != BLOCK:
+            return (
+                f"float32 block scales are applied per {BLOCK}-wide K group even in fp32 accumulation: "
+                f"promote_every x chunk must be {BLOCK}, got {acc.promote_every} x {acc.chunk}"
             )
         return super().accumulation_error(acc)
 
@@ -125,10 +145,15 @@ class Float8BlockScaling(BlockwiseScaling):
             name: getattr(self, name)
             for name in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim")
         }
-        kwargs = {"fp8_format": te_format(self.fp8_format), **dims, "use_f32_scales": False, **TE_PINNED}
+        kwargs = {
+            "fp8_format": te_format(self.fp8_format),
+            **dims,
+            "use_f32_scales": self.use_f32_scales,
+            **TE_PINNED,
+        }
         return {
             "recipe": "Float8BlockScaling",
             "kwargs": kwargs,
             "mmparams": self.te_split_accumulator(),
-            "qparams": {"power_2_scale": True, "amax_epsilon": float(self.amax_epsilon)},
+            "qparams": {"power_2_scale": not self.use_f32_scales, "amax_epsilon": float(self.amax_epsilon)},
         }

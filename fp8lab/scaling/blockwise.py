@@ -2,11 +2,13 @@
 
 Invariant: a blockwise recipe (``Float8BlockScaling``, ``MXFP8BlockScaling``) says only
 which block each operand gets (``block``) and how a block's amax becomes its scale
-(``block_scales``, powers of two); everything else is here. A 1-D block runs along the
-GEMM's contraction dimension, so the forward and backward GEMMs see one tensor through
-different tiles, each cast from the high-precision tensor (TE quantizes "rowwise" and
-"columnwise" copies); the operands' values arrive dequantized (exact: power-of-2 scales),
-with no per-tensor inverse scale. No state persists between steps.
+(``block_scales``); everything else is here. A 1-D block runs along the GEMM's contraction
+dimension, so the forward and backward GEMMs see one tensor through different tiles, each
+cast from the high-precision tensor (TE quantizes "rowwise" and "columnwise" copies); the
+operands' values arrive dequantized (exact: power-of-2 scales), with no per-tensor inverse
+scale, unless the scales are not powers of two (``exact_dequantization`` False) or the
+accumulator applies them: then as FP8 values with their group scales. No state persists
+between steps.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class BlockwiseScaling(Scaling):
 
     per_tensor = False
 
+    @property
+    def exact_dequantization(self) -> bool:
+        """Whether a block's dequantized values are exact in float32 (power-of-2 scales); when
+        not, ``operand`` always hands the GEMM FP8 values with their group scales."""
+        return True
+
     def block(self, role: Role, usage: str) -> tuple[int, int]:
         raise NotImplementedError
 
@@ -47,6 +55,7 @@ class BlockwiseScaling(Scaling):
         ``scale_inv``), with each block's inverse scale repeated along the dimension the GEMM
         does not contract (``Operand.group_scale``) and the block shape (``Operand.block``)."""
         fmt, block = self.format_for(role), self.block(role, usage)
+        raw = raw or not self.exact_dequantization
         amax = blocks_amax(x2d, block)
         scale, scale_inv = self.block_scales(amax, fmt, x2d.dtype)
         if record and usage == ROWWISE:

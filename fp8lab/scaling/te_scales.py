@@ -7,6 +7,8 @@ TE's kernels so that fp8lab quantizes exactly as they do:
   used per tensor by Float8CurrentScaling and per block by Float8BlockScaling;
 - ``float_to_e8m0``, ``e8m0_scale``, ``e8m0_scale_inv``: MXFP8's power-of-2 block scales
   (common/util/ptx_arch_spec.cuh ``float_to_e8m0``, ptx.cuh ``exp2f_rcp``);
+- ``torchao_e8m0``: the E8M0 codes of torchao's other MX scale modes (``ScaleCalculationMode``
+  FLOOR, CEIL, EVEN of torchao 0.18's ``mx_formats.mx_tensor.to_mx``), which TE does not have;
 
 The amaxes they start from are taken by ``fp8lab.quantize.tensor`` (``amaxes_of`` per tensor,
 ``blocks.blocks_amax`` per block), as TE's cast kernels take them.
@@ -71,3 +73,29 @@ def e8m0_scale_inv(e8m0: torch.Tensor) -> torch.Tensor:
     e = e8m0.to(torch.int32)
     out = torch.where(e > 0, e << 23, torch.full_like(e, 0x00400000)).view(torch.float32)
     return torch.where(e == 255, torch.full_like(out, float("nan")), out)
+
+
+def torchao_e8m0(amax: torch.Tensor, mode: str, max_pow2: int, mantissa_bits: int) -> torch.Tensor:
+    """torchao's E8M0 block code (int32, 0..255) for ``ScaleCalculationMode`` "floor", "ceil" or
+    "even" (torchao 0.18 ``to_mx``, bit for bit): from the float32 bits of ``amax``,
+
+    - "even": first round amax's significand to ``mantissa_bits`` bits, half up (add half an
+      ulp of the element format, clear the fraction bits);
+    - the unbiased exponent ``e`` of amax (a float32 subnormal or 0 counts as -127, inf as 128);
+      "ceil" adds 1 when amax's fraction is not 0 (before "even"'s rounding none remains);
+    - code = clamp(e - max_pow2, -127, 128) + 127, where ``max_pow2`` = floor(log2(fp8_max))
+      (8 for E4M3, 15 for E5M2); a NaN amax gives 255.
+
+    So a block of zeros gets code 0, an inf amax 128 - max_pow2 + 127 (its elements clamp).
+    """
+    amax = amax.float()
+    bits = amax.view(torch.int32)
+    if mode == "even":  # amax >= 0, so the sign bit stays clear except for NaN (masked below)
+        bits = (bits + (1 << (23 - mantissa_bits - 1))) & _SIGN_AND_EXPONENT
+    exponent = ((bits >> 23) & 0xFF) - 127
+    if mode == "ceil":
+        exponent = exponent + ((bits & 0x7FFFFF) > 0).to(torch.int32)
+    elif mode not in ("floor", "even"):
+        raise ValueError(f"mode must be 'floor', 'ceil' or 'even', got {mode!r}")
+    code = (exponent - max_pow2).clamp(-127, 128) + 127
+    return torch.where(torch.isnan(amax), torch.full_like(code, 255), code)

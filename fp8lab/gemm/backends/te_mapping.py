@@ -47,8 +47,13 @@ def make_te_recipe(scaling, recipe_module, te_version: str):
             value whose absence would change the numerics; the message names the TE
             version needed. (TE's recipes are pydantic dataclasses, which silently ignore
             unknown keywords: without this check an older TE would run something else.)
+            Also a setting no TE has (``te_recipe`` raises ValueError), e.g. an MXFP8 scale
+            rounding mode other than TE's.
     """
-    spec = scaling.te_recipe()
+    try:
+        spec = scaling.te_recipe()
+    except ValueError as err:
+        raise BackendUnavailable(str(err)) from None
     name = spec["recipe"]
     cls = getattr(recipe_module, name, None)
     if cls is None:
