@@ -144,6 +144,20 @@ def test_mxfp8_default_is_rceil_and_unchanged():
     assert torch.equal(scale, e8m0_scale(old_code)) and torch.equal(scale_inv, e8m0_scale_inv(old_code))
 
 
+def test_mxfp8_code_zero_block_is_cast_unscaled_as_te_does():
+    """A block whose amax is below fp8_max * 2^-127 gets E8M0 code 0, and TE's ``exp2f_rcp(0)``
+    is 1: its values are cast unscaled, so nonzero ones far below E4M3's smallest subnormal
+    flush to zero (multiplying them by 2^127 instead would keep them). Its neighbour block,
+    with a normal amax, is untouched."""
+    x = torch.zeros(1, 64)
+    x[0, :32] = torch.linspace(1e-38, 2e-38, 32)  # amax / 448 below 2^-127: code 0
+    x[0, 32:] = torch.linspace(-1.0, 1.0, 32)
+    code, q = _fp8lab_mx(x, "rceil", E4M3)
+    assert code.reshape(-1).tolist()[0] == 0 and code.reshape(-1).tolist()[1] > 0
+    assert bool((q.reshape(-1)[:32].float() == 0).all())
+    assert bool((q.reshape(-1)[32:].float() != 0).any())
+
+
 def test_mxfp8_mode_is_validated_and_set_from_the_cli():
     with pytest.raises(ValueError, match=r"scale_calculation_mode must be one of \('rceil', 'floor'"):
         MXFP8BlockScaling(scale_calculation_mode="nearest")

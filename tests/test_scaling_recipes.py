@@ -57,8 +57,9 @@ def test_float_to_e8m0_equals_the_kernel():
     values += [0.0, math.inf, math.nan, 2.0**-127, 2.0**-126, 1.5 * 2.0**-127, 2.0**-149, 1.0, 1.0000001, ref.F32_MAX]
     got = float_to_e8m0(torch.tensor(values, dtype=torch.float32))
     assert got.tolist() == [ref.e8m0(v) for v in values]
-    codes = torch.arange(0, 255)
-    assert torch.equal(e8m0_scale(codes) * e8m0_scale_inv(codes), torch.ones(255))  # exact reciprocals
+    codes = torch.arange(1, 255)
+    assert torch.equal(e8m0_scale(codes) * e8m0_scale_inv(codes), torch.ones(254))  # exact reciprocals
+    assert e8m0_scale(torch.tensor([0])).item() == 1.0  # TE's exp2f_rcp(0): such blocks are cast unscaled
     assert e8m0_scale_inv(torch.tensor([127, 128, 0, 254])).tolist() == [1.0, 2.0, 2.0**-127, 2.0**127]
 
 

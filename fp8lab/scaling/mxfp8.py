@@ -12,9 +12,10 @@ Engine's names and defaults (E4M3 everywhere). A block's E8M0 code ``e`` is, by
 Values are multiplied by ``2^(127 - e)`` before the cast and the GEMM multiplies them back by
 ``2^(e - 127)``, so a dequantized block is exact (``fp8lab.scaling.blockwise`` does the rest).
 A block with code 0 (amax below about fp8_max * 2^-127: zeros or float32-subnormal-range
-values) is multiplied by 2^127 here; TE's ``exp2f_rcp`` and torchao's "rceil" multiply it by 1,
-torchao's other modes by 2^126 (dividing by their float32-normal floor), so both flush or halve
-tiny nonzero values: a known difference, kept as it was. No state persists.
+values) is multiplied by 1, as TE's ``exp2f_rcp`` and torchao's "rceil" do, so its nonzero
+values flush to zero; torchao's other modes multiply it by 2^126 (dividing by their
+float32-normal floor), which fp8lab does not model (such blocks differ from torchao there). No
+state persists.
 """
 
 from __future__ import annotations

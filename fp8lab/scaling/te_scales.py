@@ -61,10 +61,13 @@ def float_to_e8m0(value: torch.Tensor) -> torch.Tensor:
 
 
 def e8m0_scale(e8m0: torch.Tensor) -> torch.Tensor:
-    """TE's ``exp2f_rcp``: 2^(127 - e), what values are multiplied by before the cast."""
+    """TE's ``exp2f_rcp``: 2^(127 - e), what values are multiplied by before the cast, and 1 for
+    code 0 (TE's own special case: a block whose amax is below about fp8_max * 2^-127 is cast
+    unscaled, so its nonzero values flush to zero rather than being multiplied by 2^127)."""
     e = e8m0.to(torch.int32)
     out = ((254 - e) << 23).view(torch.float32)
     out = torch.where(e == 254, torch.full_like(e, 0x00400000).view(torch.float32), out)  # 2^-127
+    out = torch.where(e == 0, torch.ones_like(out), out)
     return torch.where(e == 255, torch.full_like(out, float("nan")), out)
 
 
