@@ -161,6 +161,22 @@ def _fp32_kind(a, b, sa, sb, group_k: int, desc: bool) -> torch.Tensor:
     return out
 
 
+def _inputs(a, b, acc: Accumulator, a_group_scale, b_group_scale):
+    """(a, b, sa, sb): the operands on the CPU (``_operand``) with matching K, and the group scales
+    checked (``_group_scales``)."""
+    a, b = _operand(a, "a"), _operand(b, "b")
+    (m, k), n = a.shape, b.shape[1]
+    if b.shape[0] != k:
+        raise ValueError(f"a is (M, K) = {tuple(a.shape)} but b is {tuple(b.shape)}, not (K, N) with K = {k}")
+    return a, b, *_group_scales(a_group_scale, b_group_scale, m, n, -(-k // acc.group_k), acc)
+
+
+def _steps(acc: Accumulator) -> Steps:
+    """The instruction sequence of a "fast" or "promoted" accumulator."""
+    promote = acc.promote_every if acc.kind == "promoted" else 0
+    return Steps(acc.chunk, acc.fraction_bits, promote, acc.k_order == "descending")
+
+
 def _group_scales(sa, sb, m: int, n: int, n_groups: int, acc: Accumulator):
     """The group scales as float32 CPU tensors, checked (both or neither; (M, G) and (G, N))."""
     if (sa is None) != (sb is None):
@@ -216,18 +232,22 @@ def tensor_core_gemm(
             a, b, a_format, b_format, acc, a_group_scale=a_group_scale, b_group_scale=b_group_scale, path=path
         )
         return epilogue(out, inv_scale, out_dtype, bias)
-    a, b = _operand(a, "a"), _operand(b, "b")
-    (m, k), n = a.shape, b.shape[1]
-    if b.shape[0] != k:
-        raise ValueError(f"a is (M, K) = {tuple(a.shape)} but b is {tuple(b.shape)}, not (K, N) with K = {k}")
-    sa, sb = _group_scales(a_group_scale, b_group_scale, m, n, -(-k // acc.group_k), acc)
-    steps = Steps(
-        acc.chunk, acc.fraction_bits, acc.promote_every if acc.kind == "promoted" else 0, acc.k_order == "descending"
-    )
+    a, b, sa, sb = _inputs(a, b, acc, a_group_scale, b_group_scale)
     kernel_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     inv = None if inv_scale is None else float(inv_scale)  # a CPU tensor's value: a load, not a device copy
     out = _run(
-        a, b, a_format, b_format, steps, c0=None, sa=sa, sb=sb, path=path, inv=inv, bias=bias, out_dtype=kernel_dtype
+        a,
+        b,
+        a_format,
+        b_format,
+        _steps(acc),
+        c0=None,
+        sa=sa,
+        sb=sb,
+        path=path,
+        inv=inv,
+        bias=bias,
+        out_dtype=kernel_dtype,
     )
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
@@ -258,12 +278,9 @@ def tensor_core_accumulate(
     Raises ValueError for operands off their formats' grids ("fast" and "promoted" check, "fp32" does not).
     """
     device = a.device
-    a, b = _operand(a, "a"), _operand(b, "b")
+    a, b, sa, sb = _inputs(a, b, acc, a_group_scale, b_group_scale)
     (m, k), n = a.shape, b.shape[1]
-    if b.shape[0] != k:
-        raise ValueError(f"a is (M, K) = {tuple(a.shape)} but b is {tuple(b.shape)}, not (K, N) with K = {k}")
     n_groups = -(-k // acc.group_k)
-    sa, sb = _group_scales(a_group_scale, b_group_scale, m, n, n_groups, acc)
     path = path or accumulate_path()
     desc = acc.k_order == "descending"
     per_slice = max(1, -(-n_groups // acc.split_k))
@@ -275,8 +292,7 @@ def tensor_core_accumulate(
         if acc.kind == "fp32":
             part = _fp32_kind(a[:, ks].float(), b[ks].float(), sa_s, sb_s, acc.group_k, desc)
         else:
-            steps = Steps(acc.chunk, acc.fraction_bits, acc.promote_every if acc.kind == "promoted" else 0, desc)
-            part = _run(a[:, ks], b[ks], a_format, b_format, steps, c0=None, sa=sa_s, sb=sb_s, path=path)
+            part = _run(a[:, ks], b[ks], a_format, b_format, _steps(acc), c0=None, sa=sa_s, sb=sb_s, path=path)
         out = part if out is None else out + part
     if out is None:  # K == 0
         out = torch.zeros(m, n)
