@@ -19,15 +19,24 @@
  * memory); pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised
  * over N; a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K
  * block, whose B panels stay in L2. Generic path (any CPU, any F <= 40): the same steps per element in
- * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself into panels (A:
- * [tile][k][MR], B: [panel][k][NR], with their exponent codes): torch's transposing copies cost more than
- * the whole prepass. The GEMM's epilogue (scale, bias, rounding to the output dtype) is applied as the
+ * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself (A as rows of K,
+ * B as panels [panel][k][NR], with their exponent codes): torch's transposing copies cost more than the
+ * whole prepass. The GEMM's epilogue (scale, bias, rounding to the output dtype) is applied as the
  * last K block of each tile is stored, so no (M, N) pass follows.
  *
  * Tried and measured (2-core AVX-512 VM, 2026-12-04): pass 2 in 16-bit integers (significand products,
  * variable word shifts, pair dot products: five or six ops per 32 products) ran 1.25x faster on K = 128
  * GEMMs alone, but its integer forms doubled the prepass and its panels the cache footprint, and a
- * training step was no faster (3.43x vs 3.40x the fp32 step); removed.
+ * training step was no faster (3.43x vs 3.40x the fp32 step); removed. Also tried, each bit-exact on the
+ * kernel tests' GEMMs and none faster (the same VM, 2026-12-04 session 3): (1) the scale as an integer add
+ * to the product's exponent field instead of a multiply (A prescaled by 2^-64 so that zero products stay
+ * below 1): same speed, since a 512-bit op of any kind issues at two per cycle on this CPU (Zen 4) and a
+ * multiply at one, so four ops per 16 products cost two cycles either way; (2) steps 2-4 by rounding: two
+ * FMAs per 16 products rounding toward zero (embedded rounding) into sums started at 2^(E + 23 - frac), one
+ * for positive terms and one for negative, B split into max(B, 0) and max(-B, 0) and A's sign choosing the
+ * half: 10% slower, the half chosen per row is a data-dependent load; (3) pass 2 in 16-bit lanes (significand
+ * products, variable shifts, VNNI pair dot products with +-1 sign tables): its inner loop spilled, and its
+ * prepass cost 1.3-3 ms where this one costs 0.25-0.4. Pass 2 is about 60% of a GEMM's time here.
  */
 #include <math.h>
 #include <stdint.h>
@@ -69,7 +78,7 @@ typedef struct {
     int chunk, frac, out_frac, promote, desc, mr, nr;
     const float *c0, *sa, *sb;
     int64_t sa_ld, sb_ld;
-    float *ap;           /* A as [tile][k][mr] (rows past M repeat the last row) */
+    float *ap;           /* A as [row][k] (rows past M, up to a whole tile, repeat the last row) */
     int32_t *ea;         /* its exponent codes, same layout, each repeated in the 4 bytes (one 32-bit broadcast) */
     float *bp;           /* B as [panel][k][nr], columns past N zero */
     int8_t *eb;          /* its exponent codes, same layout */
@@ -132,7 +141,13 @@ static inline int32_t exponent_of_code(int32_t c) {
 /* dst[i * ds] = src[i * ss] for i < count, src fp32 or bf16 (widened exactly). The branches sit outside
  * the loops so that the unit-stride cases vectorise. */
 static void copy_strided(float *dst, int64_t ds, const void *src, int bf16, int64_t ss, int64_t count) {
-    if (bf16) {
+    if (bf16 && ds == 1 && ss == 1) {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < count; i++) {
+            const uint32_t u = (uint32_t)s[i] << 16;
+            memcpy(dst + i, &u, 4);
+        }
+    } else if (bf16) {
         const uint16_t *s = src;
         for (int64_t i = 0; i < count; i++) {
             const uint32_t u = (uint32_t)s[i * ss] << 16;
@@ -140,7 +155,10 @@ static void copy_strided(float *dst, int64_t ds, const void *src, int bf16, int6
         }
     } else {
         const float *s = src;
-        for (int64_t i = 0; i < count; i++) dst[i * ds] = s[i * ss];
+        if (ds == 1 && ss == 1)
+            memcpy(dst, s, sizeof(float) * count);
+        else
+            for (int64_t i = 0; i < count; i++) dst[i * ds] = s[i * ss];
     }
 }
 
@@ -160,53 +178,29 @@ static int32_t codes32(const float *v, int32_t *codes, int64_t n, int32_t emin, 
     return bad;
 }
 
-/* A's row tiles [it0, it1) (strides sm, sk; fp32 or bf16) as panels [k][mr], rows past M repeating the
- * last, their exponent codes, and how many of their values (rows inside M) are off the
- * grid. BLOCK columns at a time, coded while they are in L1. A transposed A (sm == 1) is read a row of K
- * at a time across all the tiles, whole cache lines rather than a tile's few values from each. */
+/* A's row tiles [it0, it1) (strides sm, sk; fp32 or bf16) as rows of K ([row][k], rows past M repeating the
+ * last), their exponent codes, and how many values of rows inside M are off the grid. A row of A in memory
+ * (sk == 1) is a plain widening copy; a transposed A (sm == 1, every wgrad) is read a row of K at a time
+ * across all the tiles' rows (whole cache lines), BLOCK values of K at a time, its rows written while in L1. */
 static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64_t sk, int64_t it0, int64_t it1,
                       const int *fmt, uint32_t vmax_bits) {
     const int mr = j->mr;
-    const int64_t k = j->k, across = sm == 1 && it1 * mr <= j->m;
+    const int64_t k = j->k, r0 = it0 * mr, r1 = min64(it1 * mr, j->m), across = sm == 1 && sk != 1;
+    if (across)
+        for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+            const int64_t nk = min64(k, k0 + BLOCK) - k0;
+            for (int64_t i = r0; i < r1; i++)
+                copy_strided(j->ap + i * k + k0, 1, element(a, bf16, i + k0 * sk), bf16, sk, nk);
+        }
     int64_t bad = 0;
-    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
-        const int64_t nk = min64(k, k0 + BLOCK) - k0;
-        if (across && bf16)
-            for (int64_t kk = k0; kk < k0 + nk; kk++) {
-                const uint16_t *row = (const uint16_t *)a + kk * sk + it0 * mr;
-                float *d = j->ap + (it0 * k + kk) * mr;
-                for (int64_t t = 0; t < it1 - it0; t++, row += mr, d += k * mr)
-                    for (int r = 0; r < mr; r++) {
-                        const uint32_t u = (uint32_t)row[r] << 16;
-                        memcpy(d + r, &u, 4);
-                    }
-            }
-        else if (across)
-            for (int64_t kk = k0; kk < k0 + nk; kk++) {
-                const float *row = (const float *)a + kk * sk + it0 * mr;
-                float *d = j->ap + (it0 * k + kk) * mr;
-                for (int64_t t = 0; t < it1 - it0; t++, row += mr, d += k * mr)
-                    for (int r = 0; r < mr; r++) d[r] = row[r];
-            }
-        for (int64_t it = it0; it < it1; it++) {
-            const int64_t i0 = it * mr, rows = min64(mr, j->m - i0);
-            float *d = j->ap + (it * k + k0) * mr;
-            if (!across)
-                for (int r = 0; r < mr; r++) {
-                    const int64_t i = i0 + (r < rows ? r : rows - 1);  /* rows past M repeat the last */
-                    copy_strided(d + r, mr, element(a, bf16, i * sm + k0 * sk), bf16, sk, nk);
-                }
-            bad += codes32(d, j->ea + (it * k + k0) * mr, nk * mr, fmt[0], fmt[1], vmax_bits);
-        }
-    }
-    const int64_t last = it1 - 1, rows = min64(mr, j->m - last * mr);
-    if (rows < mr) {  /* the last tile's repeated rows were counted too: count its real rows alone */
-        const float *d = j->ap + last * k * mr;
-        for (int64_t at = 0; at < k * mr; at++) {
-            int32_t off;
-            operand_code(d[at], fmt[0], fmt[1], vmax_bits, &off);
-            bad -= off & (at % mr >= rows);
-        }
+    for (int64_t i = r0; i < it1 * mr; i++) {
+        float *d = j->ap + i * k;
+        if (i >= r1)  /* rows past M repeat the last (their outputs are dropped) */
+            memcpy(d, j->ap + (r1 - 1) * k, sizeof(float) * k);
+        else if (!across)
+            copy_strided(d, 1, element(a, bf16, i * sm), bf16, sk, k);
+        const int32_t off = codes32(d, j->ea + i * k, k, fmt[0], fmt[1], vmax_bits);
+        bad += i < r1 ? off : 0;
     }
     return bad;
 }
@@ -332,24 +326,24 @@ static inline int c_exponent_scalar(float c) {
 
 /* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
  * can overflow double, so the non-finite terms alone decide it, in any order). */
-static float ieee_instruction(const float *arow, const float *bcol, int mr, int nr, int64_t k0, int64_t k1, float cin) {
+static float ieee_instruction(const float *arow, const float *bcol, int nr, int64_t k0, int64_t k1, float cin) {
     double s = (double)cin;
-    for (int64_t k = k0; k < k1; k++) s += (double)arow[k * mr] * (double)bcol[k * nr];
+    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bcol[k * nr];
     return (float)s;
 }
 
-/* One instruction for one output (A's row arow, stride mr; B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
+/* One instruction for one output (A's row arow; B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
 static float instruction_scalar(const job_t *j, const float *arow, const int32_t *earow, const float *bcol,
                                 const int8_t *ebcol, int64_t k0, int64_t k1, float cin) {
     int e = c_exponent_scalar(cin);
     for (int64_t k = k0; k < k1; k++) {
-        const int ek = exponent_of_code((int8_t)(earow[k * j->mr] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
+        const int ek = exponent_of_code((int8_t)(earow[k] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
         e = ek > e ? ek : e;
     }
-    if (e >= 128) return ieee_instruction(arow, bcol, j->mr, j->nr, k0, k1, cin);
+    if (e >= 128) return ieee_instruction(arow, bcol, j->nr, k0, k1, cin);
     double sum = trunc(ldexp((double)cin, j->frac - e));
     for (int64_t k = k0; k < k1; k++)
-        sum += trunc(ldexp((double)arow[k * j->mr] * (double)bcol[k * j->nr], j->frac - e));
+        sum += trunc(ldexp((double)arow[k] * (double)bcol[k * j->nr], j->frac - e));
     /* Step 5: toward zero to out_frac fraction bits, with fp32's exponent range (clamped at -126). */
     const double v = ldexp(sum, e - j->frac);
     if (v == 0.0) return 0.0f;  /* +0: the hardware's integer sum has no sign of zero */
@@ -372,8 +366,8 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
         for (int r = 0; r < MR_G; r++) {
-            const float *arow = j->ap + it * j->k * MR_G + r;
-            const int32_t *earow = j->ea + it * j->k * MR_G + r;
+            const float *arow = j->ap + (i0 + r) * j->k;
+            const int32_t *earow = j->ea + (i0 + r) * j->k;
             for (int q = 0; q < NR_G; q++)
                 c[r * NR_G + q] = instruction_scalar(j, arow, earow, bpanel + q, ebpanel + q, k0, k1, c[r * NR_G + q]);
         }
@@ -515,8 +509,9 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const int full = i0 + MR <= j->m && j0 + NR <= j->n;
     const float *bpanel = j->bp + jt * j->k * NR;
     const int8_t *ebpanel = j->eb + jt * j->k * NR;
-    const float *apanel = j->ap + it * j->k * MR;  /* rows past M repeat the last (their outputs are dropped) */
-    const int32_t *eapanel = j->ea + it * j->k * MR;
+    const int64_t kk = j->k;  /* A's row stride */
+    const float *apanel = j->ap + i0 * kk;  /* rows past M repeat the last (their outputs are dropped) */
+    const int32_t *eapanel = j->ea + i0 * kk;
     const int frac = j->frac;
     const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u)); /* step 5 as a mantissa mask */
     float buf[MR * NR];
@@ -533,7 +528,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int64_t k = k0; k < k1; k++) {
             const vh eb = vh_load(ebpanel + k * NR);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(eapanel + k * MR + r), eb));
+            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(eapanel + r * kk + k), eb));
         }
         vi e[MR][NV], s[MR][NV];
         vf sc[MR][NV];
@@ -565,7 +560,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
             const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
-                const vf a = vf_set1(apanel[k * MR + r]);
+                const vf a = vf_set1(apanel[r * kk + k]);
                 s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vf_mul(vf_mul(a, b0), sc[r][0])));
                 s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
             }
@@ -593,7 +588,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int r = 0; r < MR; r++)
             for (int q = 0; q < NR; q++)
                 if (ebuf[r * NR + q] >= 128)  /* rare: an instruction with an inf or NaN term is an IEEE sum */
-                    buf[r * NR + q] = ieee_instruction(apanel + r, bpanel + q, MR, NR, k0, k1, cin[r * NR + q]);
+                    buf[r * NR + q] = ieee_instruction(apanel + r * kk, bpanel + q, NR, k0, k1, cin[r * NR + q]);
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
     promote:
@@ -705,7 +700,7 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
         const unsigned int csr = _mm_getcsr();
         _mm_setcsr(0x1F80);
 #endif
-#pragma omp for schedule(static) reduction(+ : bad_a)
+#pragma omp for schedule(static) reduction(+ : bad_a) nowait /* pack_b's loop ends in the barrier */
         for (int64_t it = 0; it < tiles_m; it += group)
             bad_a += pack_a(&j, a, a_bf16, sam, sak, it, min64(tiles_m, it + group), fmt, vmax_bits[0]);
 #pragma omp for schedule(static) reduction(+ : bad_b)
