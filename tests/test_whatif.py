@@ -194,3 +194,23 @@ def test_whatif_runs_only_on_the_steps_asked_for(tmp_path, one_thread):
     assert [e.step for e in acc.Scalars(f"whatif/{layer}/input/mxfp8/sqnr_db")] == [4]
     with pytest.raises(ConfigError, match=r"train\.whatif_interval"):
         apply_overrides(config, ["train.whatif_interval=3"])
+
+
+def test_the_report_labels_a_variant_with_the_options_it_set(tmp_path):
+    """Two variants of one recipe read apart: the label adds every field set away from its default."""
+    from fp8lab.run.report import _scaling_of
+
+    variants = [
+        {"name": "bf16", "precision": "bf16", "scaling": {"kind": "delayed"}},
+        {"name": "rceil", "precision": "fp8", "scaling": {"kind": "mxfp8", "scale_calculation_mode": "rceil"}},
+        {"name": "floor", "precision": "fp8", "scaling": {"kind": "mxfp8", "scale_calculation_mode": "floor"}},
+        {"name": "f32", "precision": "fp8", "scaling": {"kind": "block", "use_f32_scales": True, "amax_epsilon": 0.0}},
+        {"name": "hist", "precision": "fp8", "scaling": {"kind": "delayed", "amax_history_len": 16, "margin": 0}},
+    ]
+    (tmp_path / "config.json").write_text(json.dumps({"variants": variants}))
+    assert _scaling_of(tmp_path, "bf16") == (None, None)
+    assert _scaling_of(tmp_path, "rceil") == ("mxfp8", "mxfp8")
+    assert _scaling_of(tmp_path, "floor") == ("mxfp8", "mxfp8(scale_calculation_mode='floor')")
+    assert _scaling_of(tmp_path, "f32") == ("block", "block(use_f32_scales=True)")
+    assert _scaling_of(tmp_path, "hist") == ("delayed", "delayed(amax_history_len=16)")
+    assert _scaling_of(tmp_path, "absent") == (None, None)

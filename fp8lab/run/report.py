@@ -11,6 +11,7 @@ run reached; the error names the file and the last step read intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -133,14 +134,22 @@ def _summary_lines(run_dir: Path, path: Path) -> list[str]:
     return lines
 
 
-def _scaling_of(run_dir: Path, variant: str) -> str | None:
-    """The scaling recipe a variant ran, from the run's config.json (None if unknown)."""
+def _scaling_of(run_dir: Path, variant: str) -> tuple[str | None, str | None]:
+    """The scaling recipe a variant ran, from the run's config.json: its kind and a label that adds
+    the fields it set away from the recipe's defaults (``mxfp8(scale_calculation_mode='floor')``),
+    so that variants of one recipe read apart; (None, None) if unknown."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         entry = next(v for v in config["variants"] if v["name"] == variant)
-        return entry["scaling"].get("kind", "delayed") if entry.get("precision") == "fp8" else None
+        if entry.get("precision") != "fp8":
+            return None, None
+        fields = dict(entry["scaling"])
+        kind = fields.pop("kind", "delayed")
     except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
-        return None
+        return None, None
+    defaults = {f.name: f.default for f in dataclasses.fields(SCALINGS[kind])} if kind in SCALINGS else {}
+    changed = [f"{k}={v!r}" for k, v in fields.items() if k in defaults and defaults[k] != v]
+    return kind, f"{kind}({', '.join(changed)})" if changed else kind
 
 
 def report(run_dir: str | Path) -> str:
@@ -182,10 +191,10 @@ def report(run_dir: str | Path) -> str:
             ) from None
         if not scaling and not state:
             continue
-        kind = _scaling_of(run_dir, variant_dir.name)
-        table, attention = _scaling_table(variant_dir.name, scaling, kind) if scaling else ([], [])
+        kind, label = _scaling_of(run_dir, variant_dir.name)
+        table, attention = _scaling_table(variant_dir.name, scaling, kind, label) if scaling else ([], [])
         lines += table
-        lines += whatif_lines(variant_dir.name, best_by_layer(*whatif), kind) if scaling else []
+        lines += whatif_lines(variant_dir.name, best_by_layer(*whatif), label) if scaling else []
         table, watch = optimizer_state_lines(variant_dir.name, state)
         lines += table + [""]
         attention += watch
@@ -202,12 +211,12 @@ def report(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def _scaling_table(variant: str, scaling: dict, kind: str | None) -> tuple[list[str], list[tuple]]:
-    """The per-layer, per-role table of one FP8 variant, and its layers worth attention
-    (with the advice of the variant's scaling recipe ``kind``)."""
+def _scaling_table(variant: str, scaling: dict, kind: str | None, label: str | None) -> tuple[list[str], list[tuple]]:
+    """The per-layer, per-role table of one FP8 variant (which ran ``label``), and its layers worth
+    attention (with the advice of the variant's scaling recipe ``kind``)."""
     lines = [
         "",
-        f"== {variant}: mean over log steps",
+        f"== {variant}{' (' + label + ')' if label else ''}: mean over log steps",
         f"{'layer':<34} {'role':<12} {'scale':>10} {'amax':>10} {'ovf %':>7} {'unf %':>7} {'sqnr dB':>8}",
     ]
     attention = []
