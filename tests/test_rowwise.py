@@ -70,7 +70,7 @@ def _pair(recipe: str, k: int, n: int, accumulation: str = "fp32", bias: bool = 
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {a.shape} vs {b.dtype} {b.shape}"
     bad = (a != b) & ~(a.isnan() & b.isnan())
     assert not bad.any(), f"{what}: {int(bad.sum())} of {a.numel()} differ, max |diff| {(a - b)[bad].abs().max()}"
 
@@ -133,42 +133,25 @@ def test_scales_and_casts_equal_torchao(recipe):
     g = torch.randn(37, 45, generator=torch.Generator().manual_seed(5))  # (M, N)
     g[:, 3] *= 1e-30  # a column of tiny gradients: a large power-of-2 scale
     backend = EmulatedBackend(gemm_path("cpu"))
-    # (name, fp8lab tensor, role, usage, torchao tensor as it casts it, cast config, axiswise dim,
-    #  torchao role, transpose from fp8lab's layout to torchao's)
+    # (name, fp8lab's tensor, role, usage, torchao's cast config, its axiswise dim): torchao casts
+    # the weight as weight_hp_t = w.t() (K, N), fp8lab casts w (N, K), so those are compared transposed.
     cases = [
-        ("fprop x", x, Role.INPUT, ROWWISE, x, cfg.cast_config_input, -1, GemmInputRole.INPUT, False),
-        ("fprop w", w, Role.WEIGHT, ROWWISE, w.t(), cfg.cast_config_weight, 0, GemmInputRole.WEIGHT, True),
-        ("dgrad g", g, Role.GRAD_OUTPUT, ROWWISE, g, cfg.cast_config_grad_output, -1, GemmInputRole.GRAD_OUTPUT, False),
-        (
-            "dgrad w",
-            w,
-            Role.WEIGHT,
-            COLUMNWISE,
-            w.t(),
-            cfg.cast_config_weight_for_grad_input,
-            -1,
-            GemmInputRole.WEIGHT,
-            True,
-        ),
+        ("fprop x", x, Role.INPUT, ROWWISE, cfg.cast_config_input, -1),
+        ("fprop w", w, Role.WEIGHT, ROWWISE, cfg.cast_config_weight, 0),
+        ("dgrad g", g, Role.GRAD_OUTPUT, ROWWISE, cfg.cast_config_grad_output, -1),
+        ("dgrad w", w, Role.WEIGHT, COLUMNWISE, cfg.cast_config_weight_for_grad_input, -1),
     ]
     if recipe == "rowwise":  # gw_hp casts nothing for wgrad (checked below)
         cases += [
-            (
-                "wgrad g",
-                g,
-                Role.GRAD_OUTPUT,
-                COLUMNWISE,
-                g,
-                cfg.cast_config_grad_output_for_grad_weight,
-                0,
-                GemmInputRole.GRAD_OUTPUT,
-                False,
-            ),
-            ("wgrad x", x, Role.INPUT, COLUMNWISE, x, cfg.cast_config_input_for_grad_weight, 0, GemmInputRole.INPUT, False),
+            ("wgrad g", g, Role.GRAD_OUTPUT, COLUMNWISE, cfg.cast_config_grad_output_for_grad_weight, 0),
+            ("wgrad x", x, Role.INPUT, COLUMNWISE, cfg.cast_config_input_for_grad_weight, 0),
         ]
-    for name, ours_hp, role, usage, theirs_hp, cast_config, dim, ao_role, flip in cases:
+    ao_roles = {Role.INPUT: GemmInputRole.INPUT, Role.WEIGHT: GemmInputRole.WEIGHT}
+    for name, ours_hp, role, usage, cast_config, dim in cases:
         op = scaling.operand(ours_hp, role, usage, state=None, backend=backend, record=False, slot=None, raw=True)
-        data, scale = _torchao_cast(scaling_utils, cfg, theirs_hp, cast_config, dim, ao_role)
+        flip = role == Role.WEIGHT
+        ao_role = ao_roles.get(role, GemmInputRole.GRAD_OUTPUT)
+        data, scale = _torchao_cast(scaling_utils, cfg, ours_hp.t() if flip else ours_hp, cast_config, dim, ao_role)
         values, inv = (op.values.float().t(), op.inv_scale.t()) if flip else (op.values.float(), op.inv_scale)
         assert op.fmt is E4M3, name
         _same(values, data, f"{name} values")
