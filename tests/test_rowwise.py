@@ -2,7 +2,7 @@
 
 Tolerances: none. With fp32 accumulation every scale, every FP8 value, the forward output and
 the input, weight and bias gradients equal torchao's ``Float8Linear(emulate=True)`` bit for bit
-(fp32 model, CPU), for both recipe names, on shapes that are not multiples of 16 with a zero row
+(fp32 and bf16 models, CPU), for both recipe names, on shapes that are not multiples of 16 with a zero row
 and an outlier row. Under the default accumulation the forward GEMM equals the fast-accumulation
 model (``tensor_core_accumulate``, HOPPER_FAST) bit for bit and differs from the promoted and
 fp32 results on the same operands. Skips (with the reason) only where torchao is not importable.
@@ -49,10 +49,11 @@ def _hard_input(batch: int, tokens: int, k: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def _pair(recipe: str, k: int, n: int, accumulation: str = "fp32", bias: bool = True):
-    """torchao's Float8Linear (emulate=True) and an fp8lab Linear with the same weights."""
+def _pair(recipe: str, k: int, n: int, dtype: torch.dtype = torch.float32, bias: bool = True):
+    """torchao's Float8Linear (emulate=True) and an fp8lab Linear (fp32 accumulation) with the
+    same weights, in ``dtype``."""
     config, linear, _ = _torchao()
-    ref = nn.Linear(k, n, bias=bias)
+    ref = nn.Linear(k, n, bias=bias, dtype=dtype)
     with torch.no_grad():
         ref.weight.copy_(torch.randn(n, k, generator=torch.Generator().manual_seed(1)) / k**0.5)
         ref.weight[2] *= 300.0  # an outlier output row of the weight
@@ -60,8 +61,8 @@ def _pair(recipe: str, k: int, n: int, accumulation: str = "fp32", bias: bool = 
             ref.bias.copy_(torch.randn(n, generator=torch.Generator().manual_seed(2)))
     cfg = dataclasses.replace(config.Float8LinearConfig.from_recipe_name(recipe), emulate=True)
     theirs = linear.Float8Linear.from_float(copy.deepcopy(ref), config=cfg)
-    fp8 = FP8Options(scaling=Float8RowwiseScaling(recipe_name=recipe), backend="emulated", accumulation=accumulation)
-    ours = fp8lab.Linear(k, n, bias=bias, fp8=fp8)
+    fp8 = FP8Options(scaling=Float8RowwiseScaling(recipe_name=recipe), backend="emulated", accumulation="fp32")
+    ours = fp8lab.Linear(k, n, bias=bias, fp8=fp8, dtype=dtype)
     with torch.no_grad():
         ours.weight.copy_(ref.weight)
         if bias:
@@ -77,15 +78,17 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("shape", [(2, 9, 70, 45), (1, 5, 33, 17), (3, 7, 144, 40)])
-def test_linear_equals_torchao_emulate_bit_for_bit(recipe, shape):
-    """fp32 accumulation: output, grad_input, grad_weight and grad_bias equal torchao's emulation."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_equals_torchao_emulate_bit_for_bit(recipe, shape, dtype):
+    """fp32 accumulation: output, grad_input, grad_weight and grad_bias equal torchao's emulation
+    (an fp32 model, and a bf16 one: bf16 parameters and inputs, no autocast)."""
     batch, tokens, k, n = shape
-    theirs, ours = _pair(recipe, k, n)
-    x = _hard_input(batch, tokens, k)
+    theirs, ours = _pair(recipe, k, n, dtype)
+    x = _hard_input(batch, tokens, k).to(dtype)
     x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_theirs, y_ours = theirs(x_theirs), ours(x_ours)
     _same(y_ours, y_theirs, "output")
-    grad = torch.randn(y_theirs.shape, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(y_theirs.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     grad[0, 2] = 0.0  # a zero gradient row
     grad[-1, 0] *= 1e4  # an outlier gradient row
     y_theirs.backward(grad)

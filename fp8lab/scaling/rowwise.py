@@ -22,7 +22,8 @@ finite values cast to 0, inf to NaN); NaN propagates (torch's ``amax``). The ama
 values are exact: with an fp32 accumulator the GEMM takes them (``x_fp8 / scale``, torchao's
 ``emulate=True``: one fp32 GEMM, then the output dtype); a fast or promoted accumulator takes
 the FP8 values and the epilogue multiplies its fp32 accumulator by ``1/sA[i] * 1/sB[j]`` (the
-product formed first: exact for powers of two, as is CUTLASS's ``sA[i] * (sB[j] * acc)``).
+product formed first; for powers of two any order gives the same result, barring subnormals).
+Not modelled: torchao's GPU path writes rowwise GEMMs of fp32 and fp16 models in bf16 first.
 """
 
 from __future__ import annotations
