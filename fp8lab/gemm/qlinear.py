@@ -13,7 +13,10 @@ GEMM is the hardware model (``fp8lab.gemm.exact``), with its own accumulator
     wgrad:  grad_w = grad_out_fp8^T      @ x_fp8 (E4M3)     * 1/(s_g * s_x)
             grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
 
-grad_out is E5M2 under "hybrid", E4M3 under "e4m3". x and w are quantized once in the
+grad_out is E5M2 under "hybrid", E4M3 under "e4m3". Under torchao's rowwise scaling the inverse
+scales are per row of the left operand and per column of the right (an (M, N) epilogue), b is
+added after the output's rounding (``Scaling.bias_after_gemm``), and "rowwise_with_gw_hp"'s
+wgrad multiplies the high-precision tensors (an fp32 accumulator: no FP8 GEMM). x and w are quantized once in the
 forward and the FP8 copies are saved for the backward, as on FP8 hardware. All three
 GEMMs round once to the activation dtype (autocast's, else x's), as Transformer Engine's
 Linear does without ``fuse_wgrad_accumulation``; autograd then casts grad_x and grad_w to
