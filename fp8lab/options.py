@@ -29,12 +29,12 @@ class FP8Options:
     Args:
         scaling: how scales are computed, one of ``fp8lab.scaling.SCALINGS``:
             ``DelayedScaling`` (default, TE's defaults), ``Float8CurrentScaling``,
-            ``Float8BlockScaling`` or ``MXFP8BlockScaling``.
+            ``Float8BlockScaling``, ``MXFP8BlockScaling`` or ``Float8RowwiseScaling`` (torchao's).
         backend: "auto", "te", "scaled_mm", "emulated" or "bf16" (see docs/backends.md).
         fallback: what "auto" does without FP8 hardware: "bf16" or "emulated" (the old
             spelling "emulate" is accepted with a DeprecationWarning).
         accumulation: how the tensor cores accumulate each FP8 GEMM (``fp8lab.accumulation``):
-            "te" (default: per GEMM what Transformer Engine asks of a Hopper for this scaling,
+            "te" (default: per GEMM what Transformer Engine (torchao, for rowwise) asks of a Hopper for this scaling,
             ``Scaling.te_accumulation``), "fast", "promoted" or "fp32" for all three GEMMs with
             Hopper's parameters, or an ``Accumulator`` for other parameters.
     """

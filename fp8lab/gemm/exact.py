@@ -180,12 +180,14 @@ def scaled_gemm(
     Args:
         a: (M, K) exact operand values (FP8 or bf16 values, held in any float dtype).
         b: (K, N) exact operand values (any strides).
-        inv_scale: 0-dim float32 ``scale_inv_a * scale_inv_b``, or None for 1.
+        inv_scale: 0-dim float32 ``scale_inv_a * scale_inv_b``, or an (M, N)-broadcastable one
+            (per-row and per-column scales), or None for 1.
         out_dtype: the dtype of the result (one rounding from fp32).
         bias: (N,) the epilogue's bias (see ``epilogue_bias``), added in fp32, or None.
         path: the path of this device (``gemm_path``).
     """
-    if path.name == "onednn-bf16" and out_dtype == torch.bfloat16:
+    per_element = inv_scale is not None and inv_scale.dim() > 0  # rowwise scales: the (M, N) epilogue below
+    if path.name == "onednn-bf16" and out_dtype == torch.bfloat16 and not per_element:
         return _onednn_bf16(a.to(torch.bfloat16), b.to(torch.bfloat16), inv_scale, bias)
     if path.name == "cuda" and inv_scale is None and out_dtype == torch.bfloat16:
         # A BF16 GEMM with a bf16 output is cuBLAS's own: fp32 accumulation, the bias in its

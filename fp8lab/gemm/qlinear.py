@@ -13,7 +13,10 @@ GEMM is the hardware model (``fp8lab.gemm.exact``), with its own accumulator
     wgrad:  grad_w = grad_out_fp8^T      @ x_fp8 (E4M3)     * 1/(s_g * s_x)
             grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
 
-grad_out is E5M2 under "hybrid", E4M3 under "e4m3". x and w are quantized once in the
+grad_out is E5M2 under "hybrid", E4M3 under "e4m3". Under torchao's rowwise scaling the inverse
+scales are per row of the left operand and per column of the right (an (M, N) epilogue), b is
+added after the output's rounding (``Scaling.bias_after_gemm``), and "rowwise_with_gw_hp"'s
+wgrad multiplies the high-precision tensors (an fp32 accumulator: no FP8 GEMM). x and w are quantized once in the
 forward and the FP8 copies are saved for the backward, as on FP8 hardware. All three
 GEMMs round once to the activation dtype (autocast's, else x's), as Transformer Engine's
 Linear does without ``fuse_wgrad_accumulation``; autograd then casts grad_x and grad_w to
@@ -75,7 +78,10 @@ def _gemm(
 ) -> torch.Tensor:
     """``a @ b`` by the backend with the accumulator ``acc``; while the slot is armed, also
     the SQNR of that output against the same GEMM accumulated in fp32 (what the accumulator
-    alone costs, ``accum_sqnr``)."""
+    alone costs, ``accum_sqnr``). A GEMM of high-precision operands (no FP8 format: rowwise
+    scaling's "rowwise_with_gw_hp" wgrad) has no FP8 accumulator: fp32."""
+    if a.fmt is None or b.fmt is None:
+        acc = FP32
     kwargs = (
         {}
         if acc is FP32 and a.group_scale is None
@@ -103,9 +109,11 @@ def _gemm(
 
 
 def _t(op: Operand) -> Operand:
-    """The operand transposed (its group scales with it)."""
+    """The operand transposed (its group scales and per-row/column inverse scales with it)."""
+    per_slice = op.inv_scale is not None and op.inv_scale.dim() == 2
     return op._replace(
         values=op.values.t(),
+        inv_scale=op.inv_scale.t() if per_slice else op.inv_scale,
         group_scale=None if op.group_scale is None else op.group_scale.t(),
         block=None if op.block is None else op.block[::-1],
     )
@@ -137,8 +145,11 @@ class _QuantizedLinear(torch.autograd.Function):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
         x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record, accs[FPROP])  # fprop contracts K
         w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
-        b = epilogue_bias(bias, out_dtype, backend.fp8)
+        after = scaling is not None and scaling.bias_after_gemm  # torchao's ``output + bias``
+        b = None if after else epilogue_bias(bias, out_dtype, backend.fp8)
         y = _gemm(backend, x_row, _t(w_row), out_dtype, b, accs[FPROP], slot, FPROP)  # (B*T, N)
+        if after and bias is not None:
+            y = y + bias.to(y.dtype)
         # Log steps only (a host flag): the BF16 GEMM of the same operands; the backward's
         # shadows need x_hp and w_hp, kept only then.
         shadow_on = scaling is not None and slot is not None and slot.armed

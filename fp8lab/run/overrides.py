@@ -8,11 +8,11 @@ configuration is reachable in any order of ``--set`` (``model.num_attention_head
 explicitly is never dropped without an error.
 
 Keys: ``data.*``, ``model.*``, ``train.*``; ``fp8.<field>`` sets a scaling field (e.g.
-DelayedScaling's ``amax_history_len``, ``margin``; every recipe's ``fp8_format``) on
+DelayedScaling's ``amax_history_len``, ``margin``; ``fp8_format`` of the TE recipes) on
 every FP8 variant whose scaling has it; ``variants.<name>.<field>`` sets one variant's
 field (``precision``, ``backend``, ``fallback``, ``keep_bf16``, ``first_last_bf16``,
 ``activations``, ``master_weights``, ``loss_scale_*``, and ``scaling``: "delayed",
-"current", "block" or "mxfp8", TE's defaults for every field not set by a ``--set``);
+"current", "block", "mxfp8" or "rowwise" (torchao's), the recipe's defaults for every field not set by a ``--set``);
 ``variants.<name>.scaling.<field>`` sets one field of one variant's scaling.
 
 Which scaling a key reaches is decided on the final config (after every ``scaling=``),

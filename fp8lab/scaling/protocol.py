@@ -43,9 +43,10 @@ ROWWISE, COLUMNWISE = "rowwise", "columnwise"
 
 
 class Operand(NamedTuple):
-    """What one GEMM multiplies: exact values in the backend's operand dtype, the 0-dim
-    float32 inverse scale its epilogue applies (None when the values are already exact
-    dequantized values, as for power-of-2 block scales), the FP8 format of the values (None
+    """What one GEMM multiplies: exact values in the backend's operand dtype, the float32
+    inverse scale its epilogue applies (0-dim per tensor, or (R, 1) per row / (1, C) per column
+    of the values for rowwise scaling; None when the values are already exact dequantized
+    values, as for power-of-2 block scales, or high-precision values), the FP8 format of the values (None
     for a BF16 GEMM), and, for block values left unscaled (for a promoting accumulator, or a
     GEMM that takes block scales), their inverse scales per group of 128 along the contracted
     dimension: (R, G) for a rowwise operand (R, C), (G, C) for a columnwise one, with the
@@ -85,10 +86,13 @@ class Scaling:
         name: the short name runs, tags, reports and ``--set variants.<v>.scaling=`` use.
         per_tensor: one scale covers the whole tensor, so one operand serves every usage
             (forward and backward); block recipes cast a copy per usage instead.
+        bias_after_gemm: the bias is added to the GEMM's rounded output in its dtype
+            (torchao's ``output + bias``), not in the fp32 epilogue (TE's, cuBLASLt's).
     """
 
     name: ClassVar[str]
     per_tensor: ClassVar[bool]
+    bias_after_gemm: ClassVar[bool] = False
     fp8_format: str
 
     def format_for(self, role: Role) -> FP8Format:

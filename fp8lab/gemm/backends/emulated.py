@@ -16,15 +16,16 @@ import torch
 
 from fp8lab.accumulation import FP32, Accumulator
 from fp8lab.formats import FP8Format
-from fp8lab.gemm.accumulate import tensor_core_gemm
+from fp8lab.gemm.accumulate import tensor_core_accumulate, tensor_core_gemm
 from fp8lab.gemm.backends.base import QuantizedGemmBackend
-from fp8lab.gemm.exact import GemmPath, scaled_gemm
+from fp8lab.gemm.exact import GemmPath, epilogue, scaled_gemm
 from fp8lab.quantize.blocks import cast_blocks_dequantized
 from fp8lab.quantize.tensor import cast_to_fp8_grid
 
 
 def _inv_product(a_inv: torch.Tensor | None, b_inv: torch.Tensor | None) -> torch.Tensor | None:
-    """``scale_inv_a * scale_inv_b`` in float32 (one rounding), as the GEMM epilogue forms it."""
+    """``scale_inv_a * scale_inv_b`` in float32 (one rounding), as the GEMM epilogue forms it; per-row
+    (M, 1) and per-column (1, N) inverse scales (rowwise scaling) give their (M, N) outer product."""
     if a_inv is None:
         return b_inv
     return a_inv if b_inv is None else a_inv * b_inv
@@ -78,8 +79,14 @@ class EmulatedBackend(QuantizedGemmBackend):
         FP8 formats and ``group_scales`` their per-group block scales (both for a fast or
         promoted accumulator, see ``fp8lab.gemm.accumulate``). The block shapes (``blocks``)
         only a hardware GEMM needs: the group scales already say everything per K group."""
+        inv = _inv_product(a_inv, b_inv)
         if accumulator.kind == "fp32" and group_scales == (None, None):
-            return scaled_gemm(a, b, _inv_product(a_inv, b_inv), out_dtype, bias, path=self.path)
+            return scaled_gemm(a, b, inv, out_dtype, bias, path=self.path)
+        if inv is not None and inv.dim() > 0:  # per-row/column scales (rowwise): an (M, N) epilogue
+            acc = tensor_core_accumulate(
+                a, b, *formats, accumulator, a_group_scale=group_scales[0], b_group_scale=group_scales[1]
+            )
+            return epilogue(acc, inv, out_dtype, bias)
         return tensor_core_gemm(
             a,
             b,
