@@ -1,14 +1,15 @@
-"""Scaling recipes side by side: BF16 and Transformer Engine's four FP8 recipes, same batches.
+"""Scaling recipes side by side: BF16, Transformer Engine's four FP8 recipes and torchao's rowwise, same batches.
 
 Delayed scaling (an amax history), current scaling (each tensor's own amax), block scaling
 (1x128 tiles, 128x128 weight blocks, power-of-2 scales) and MXFP8 (1x32 blocks, E8M0
 scales), each with TE's defaults and the same history length as the quickstart for the
-delayed one. FP8 is emulated exactly on machines without the hardware for a recipe (MXFP8
+delayed one, and torchao's rowwise recipe (a power-of-2 scale per row of each operand, what
+torchtitan trains with). FP8 is emulated exactly on machines without the hardware for a recipe (MXFP8
 needs Blackwell), so the comparison means the same on a laptop. `fp8lab report` then says
 per layer which recipe would have served it best.
 """
 
-from fp8lab import DelayedScaling, Float8BlockScaling, Float8CurrentScaling, MXFP8BlockScaling
+from fp8lab import DelayedScaling, Float8BlockScaling, Float8CurrentScaling, Float8RowwiseScaling, MXFP8BlockScaling
 from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig, Variant
 
 
@@ -23,5 +24,6 @@ def config() -> RunConfig:
             Variant(name="current", scaling=Float8CurrentScaling(), fallback="emulated"),
             Variant(name="block", scaling=Float8BlockScaling(), fallback="emulated"),
             Variant(name="mxfp8", scaling=MXFP8BlockScaling(), fallback="emulated"),
+            Variant(name="rowwise", scaling=Float8RowwiseScaling(), fallback="emulated"),
         ),
     )
