@@ -173,9 +173,16 @@ def test_rotary_scores_depend_only_on_the_offset():
     assert torch.allclose(scores.diagonal(0), (q @ k).expand(t))  # offset 0: the plain dot product
 
 
-def test_rotary_head_size_must_be_even():
+def test_rotary_arguments_are_checked_before_anything_is_built():
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(31)
+    with pytest.raises(ValueError, match="even"):
+        MultiheadAttention(12, 4, rotary_base=1e4)  # head size 3
+    with pytest.raises(TypeError, match="^rotary_base"):
+        MultiheadAttention(16, 4, rotary_base="1e4")
+    with pytest.raises(ValueError, match="^rotary_base"):
+        MultiheadAttention(16, 4, rotary_base=1.0)  # every angle 0: no position information
+    assert MultiheadAttention(16, 4, rotary_base=500000).rotary.base == 500000.0
 
 
 # ---- SwiGLU MLP and rotary attention, fp32 and FP8 ----

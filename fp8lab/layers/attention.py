@@ -99,13 +99,16 @@ class MultiheadAttention(nn.Module):
             )
         if normalization is not None:
             check_normalization(normalization)
+        if rotary_base is not None:
+            choices.positive_float("rotary_base", rotary_base)  # TypeError for a non-number
+        head_size = hidden_size // num_attention_heads
+        rotary = RotaryEmbedding(head_size, rotary_base) if rotary_base is not None else None  # checks, no tensors
         self.num_attention_heads, self.attn_mask_type = num_attention_heads, attn_mask_type
         self.attention_core = check_attention_core(attention_core)
         gemm = dict(fp8=fp8, device=device)
         self.norm = Norm(hidden_size, normalization, eps, device=device) if normalization is not None else None
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias, **gemm)
-        head_size = hidden_size // num_attention_heads
-        self.rotary = RotaryEmbedding(head_size, rotary_base) if rotary_base is not None else None
+        self.rotary = rotary
         self.proj = Linear(hidden_size, hidden_size, bias, **gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
