@@ -3,7 +3,7 @@
 Invariant: every GEMM of every layer is an ``fp8lab.Linear``, whose plan (and its reason)
 ``describe`` shows; no layer updates scales itself (``fp8lab.update_scales`` does).
 
-Reading order follows the data through a model: linear -> norm -> LayerNormLinear ->
+Reading order follows the data through a model: linear -> norm -> LayerNormLinear -> rotary ->
 MultiheadAttention -> LayerNormMLP -> TransformerBlock -> GPT; then ``policy`` (which
 layers stay BF16), ``convert`` (nn.Linear -> fp8lab.Linear) and ``describe``.
 """

@@ -5,7 +5,8 @@ Invariant: exactly two GEMMs are quantized, ``qkv`` (hidden -> 3 * hidden, one
 PV) is never quantized, as in Transformer Engine's FP8 recipes. The QKV features are
 laid out ``(three h d)``: all query heads, then all key heads, then all value heads
 (``nn.MultiheadAttention``'s ``in_proj_weight`` layout), so weights move between the two
-unchanged.
+unchanged. With ``rotary_base`` set, q and k are rotated by their positions
+(``fp8lab.layers.rotary``, unquantized) between the QKV GEMM and the core.
 
 Where the core computes (``attention_core``), the same for the BF16 baseline and every
 FP8 variant:
@@ -32,6 +33,7 @@ from fp8lab.layers import choices
 from fp8lab.layers.choices import one_of
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm, check_normalization
+from fp8lab.layers.rotary import RotaryEmbedding
 from fp8lab.options import FP8Options
 
 ATTN_MASK_TYPES = ("causal", "no_mask")
@@ -64,6 +66,8 @@ class MultiheadAttention(nn.Module):
         attention_core: where the core computes: "auto", "native" or "fp32" (see the
             module docstring).
         normalization: None (no input norm), "LayerNorm" or "RMSNorm".
+        rotary_base: None (no position information here), or the base theta of rotary
+            embeddings of q and k (10000 in Llama); the head size must then be even.
         bias: learn additive biases in the QKV and output projections.
         eps: the input norm's epsilon.
         fp8: the FP8 options of both GEMMs, as ``fp8lab.Linear`` takes them (an FP8Options,
@@ -79,6 +83,7 @@ class MultiheadAttention(nn.Module):
         attn_mask_type: str = "causal",
         attention_core: str = "auto",
         normalization: str | None = None,
+        rotary_base: float | None = None,
         bias: bool = True,
         eps: float = 1e-5,
         fp8: FP8Options | None = None,
@@ -94,17 +99,24 @@ class MultiheadAttention(nn.Module):
             )
         if normalization is not None:
             check_normalization(normalization)
+        if rotary_base is not None:
+            choices.positive_float("rotary_base", rotary_base)  # TypeError for a non-number
+        head_size = hidden_size // num_attention_heads
+        rotary = RotaryEmbedding(head_size, rotary_base) if rotary_base is not None else None  # checks, no tensors
         self.num_attention_heads, self.attn_mask_type = num_attention_heads, attn_mask_type
         self.attention_core = check_attention_core(attention_core)
         gemm = dict(fp8=fp8, device=device)
         self.norm = Norm(hidden_size, normalization, eps, device=device) if normalization is not None else None
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias, **gemm)
+        self.rotary = rotary
         self.proj = Linear(hidden_size, hidden_size, bias, **gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) if self.norm is not None else x  # (B, T, C)
         qkv = self.qkv(h)  # (B, T, 3C)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.num_attention_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)  # (B, H, T, D) each, rotated by position
         y = attention(q, k, v, causal=self.attn_mask_type == "causal", core=self.attention_core)  # (B, H, T, D)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 

@@ -28,6 +28,7 @@ class TransformerBlock(nn.Module):
         activation: "gelu" (tanh approximation) or "swiglu".
         attn_mask_type: "causal" or "no_mask".
         attention_core: where the attention core computes: "auto", "native" or "fp32".
+        rotary_base: None, or the base theta of rotary embeddings of q and k (Llama: 10000).
         bias: learn additive biases in all four GEMMs.
         eps: the norms' epsilon.
         fp8: the FP8 options of all four GEMMs, as ``fp8lab.Linear`` takes them (an
@@ -45,6 +46,7 @@ class TransformerBlock(nn.Module):
         activation: str = "gelu",
         attn_mask_type: str = "causal",
         attention_core: str = "auto",
+        rotary_base: float | None = None,
         bias: bool = True,
         eps: float = 1e-5,
         fp8: FP8Options | None = None,
@@ -58,6 +60,7 @@ class TransformerBlock(nn.Module):
             attn_mask_type=attn_mask_type,
             attention_core=attention_core,
             normalization=check_normalization(normalization),
+            rotary_base=rotary_base,
             **gemm,
         )
         self.mlp = LayerNormMLP(

@@ -3,12 +3,17 @@
 Invariant: every GEMM is an ``fp8lab.Linear`` (4 per block plus the LM head), each with
 its own ScalingState; which of them stay in BF16 is decided once, at construction, by
 the model's ``PrecisionPolicy`` (by default only ``lm_head``). Embeddings, norms,
-residuals and the attention core never run in FP8. A model is fully described by its
-frozen ``GPTConfig``.
+rotary embeddings, residuals and the attention core never run in FP8. A model is fully
+described by its frozen ``GPTConfig``.
 
 Module names (they are the layer names in ``describe`` and TensorBoard):
-``tok_emb``, ``pos_emb``, ``blocks.<i>.attn.{norm,qkv,proj}``,
-``blocks.<i>.mlp.{norm,fc1,fc2}``, ``final_norm``, ``lm_head``.
+``tok_emb``, ``pos_emb`` (learned positions only), ``blocks.<i>.attn.{norm,qkv,rotary,proj}``
+(``rotary``: rotary positions only), ``blocks.<i>.mlp.{norm,fc1,fc2}``, ``final_norm``,
+``lm_head``. Under SwiGLU ``fc1`` is the gate and up projections fused, [gate; up].
+
+Two block styles, chosen by fields: GPT-2's (the default: LayerNorm, GELU, learned
+positions, biases) and Llama's (``"llama-tiny"``: RMSNorm, SwiGLU, rotary positions, no
+biases), the style most FP8 training results in the literature are reported on.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fp8lab.layers import choices
 from fp8lab.layers.attention import check_attention_core
 from fp8lab.layers.block import TransformerBlock
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.mlp import check_activation
 from fp8lab.layers.norm import Norm, check_normalization
 from fp8lab.layers.policy import PrecisionPolicy
+from fp8lab.layers.rotary import DEFAULT_BASE, check_rotary_base
 from fp8lab.options import FP8Options, as_options
 
 INIT_STD = 0.02  # GPT-2's initialisation
@@ -46,7 +53,24 @@ PRESETS: dict[str, dict] = {
         ffn_hidden_size=3072,
         tie_embeddings=True,
     ),
+    # "tiny" in Llama's block style: RMSNorm, SwiGLU, rotary positions, no biases. SwiGLU's
+    # size per half is Llama's rule, 2/3 of 4 * hidden_size rounded up to a multiple (Llama:
+    # 256; 64 here): 2/3 * 512 = 341.3 -> 384, about the GELU MLP's parameters (+12%).
+    "llama-tiny": dict(
+        vocab_size=256,
+        block_size=128,
+        num_layers=4,
+        hidden_size=128,
+        num_attention_heads=4,
+        ffn_hidden_size=384,
+        normalization="RMSNorm",
+        activation="swiglu",
+        position_embedding="rotary",
+        bias=False,
+    ),
 }
+
+POSITION_EMBEDDINGS = ("learned", "rotary")
 
 
 # GPTConfig.from_preset keywords folded into ``fp8`` (fields of FP8Options).
@@ -70,7 +94,11 @@ class GPTConfig:
         num_attention_heads: attention heads per block.
         ffn_hidden_size: MLP intermediate size.
         normalization: "LayerNorm" or "RMSNorm".
-        activation: "gelu" (tanh approximation) or "swiglu".
+        activation: "gelu" (tanh approximation) or "swiglu" (``ffn_hidden_size`` per half).
+        position_embedding: "learned" (a ``pos_emb`` table added to the token embeddings,
+            GPT-2) or "rotary" (q and k rotated by position in every attention, Llama; no
+            ``pos_emb``; the head size must be even).
+        rotary_base: theta of the rotary angles (10000 in Llama); unused with "learned".
         attention_core: where the attention core computes: "auto" (float32 on CPU, the
             activations' dtype elsewhere), "native" or "fp32".
         bias: biases in every block GEMM (the LM head never has one).
@@ -88,6 +116,8 @@ class GPTConfig:
     ffn_hidden_size: int
     normalization: str = "LayerNorm"
     activation: str = "gelu"
+    position_embedding: str = "learned"
+    rotary_base: float = DEFAULT_BASE
     attention_core: str = "auto"
     bias: bool = True
     tie_embeddings: bool = False
@@ -104,6 +134,14 @@ class GPTConfig:
             )
         check_normalization(self.normalization)
         check_activation(self.activation)
+        choices.one_of("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        object.__setattr__(self, "rotary_base", check_rotary_base(self.rotary_base))
+        head_size = self.hidden_size // self.num_attention_heads
+        if self.position_embedding == "rotary" and head_size % 2:
+            raise ValueError(
+                f"position_embedding='rotary' pairs a head's channels: the head size hidden_size / "
+                f"num_attention_heads must be even, got {self.hidden_size} / {self.num_attention_heads} = {head_size}"
+            )
         check_attention_core(self.attention_core)
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
@@ -114,10 +152,10 @@ class GPTConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
-        """A preset ("tiny", "gpt2-124m") with any field replaced by ``overrides``.
+        """A preset ("tiny", "gpt2-124m", "llama-tiny") with any field replaced by ``overrides``.
 
         Args:
-            name: "tiny" or "gpt2-124m".
+            name: "tiny", "gpt2-124m" or "llama-tiny".
             overrides: GPTConfig fields, plus the shorthands ``scaling=``, ``backend=``
                 and ``fallback=``, which replace those fields of ``fp8`` (given or default).
         """
@@ -134,7 +172,7 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """Token + position embeddings, pre-norm blocks, final norm, LM head.
+    """Token (+ learned position) embeddings, pre-norm blocks, final norm, LM head.
 
     ``model(idx)`` maps token ids (B, T) int64, T <= block_size, to logits (B, T, V) in
     the GEMM output dtype (BF16 under autocast). The constructor takes the fields of
@@ -152,6 +190,8 @@ class GPT(nn.Module):
         *,
         normalization: str = "LayerNorm",
         activation: str = "gelu",
+        position_embedding: str = "learned",
+        rotary_base: float = DEFAULT_BASE,
         attention_core: str = "auto",
         bias: bool = True,
         tie_embeddings: bool = False,
@@ -162,12 +202,13 @@ class GPT(nn.Module):
         cfg = GPTConfig(
             vocab_size=vocab_size, block_size=block_size, num_layers=num_layers, hidden_size=hidden_size,
             num_attention_heads=num_attention_heads, ffn_hidden_size=ffn_hidden_size, normalization=normalization,
-            activation=activation, attention_core=attention_core, bias=bias, tie_embeddings=tie_embeddings, fp8=fp8,
-            policy=policy,
+            activation=activation, position_embedding=position_embedding, rotary_base=rotary_base,
+            attention_core=attention_core, bias=bias, tie_embeddings=tie_embeddings, fp8=fp8, policy=policy,
         )  # fmt: skip
         self.config = cfg
+        rotary = position_embedding == "rotary"
         self.tok_emb = nn.Embedding(vocab_size, hidden_size)
-        self.pos_emb = nn.Embedding(block_size, hidden_size)
+        self.pos_emb = None if rotary else nn.Embedding(block_size, hidden_size)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 hidden_size,
@@ -177,6 +218,7 @@ class GPT(nn.Module):
                 activation=activation,
                 attn_mask_type="causal",
                 attention_core=attention_core,
+                rotary_base=cfg.rotary_base if rotary else None,
                 bias=bias,
                 fp8=cfg.fp8,
             )  # fmt: skip
@@ -199,7 +241,8 @@ class GPT(nn.Module):
         """``GPT.from_config(GPTConfig.from_preset(name, **overrides))``.
 
         Args:
-            name: "tiny" (byte-level, CPU-sized) or "gpt2-124m".
+            name: "tiny" (byte-level, CPU-sized), "gpt2-124m" or "llama-tiny" (the size
+                of "tiny" in Llama's block style).
             overrides: any GPTConfig field, or a shorthand for a field of ``fp8``
                 (``scaling=``, ``backend=``, ``fallback=``), e.g. ``fallback="emulated"``.
         """
@@ -227,8 +270,9 @@ class GPT(nn.Module):
         _, t = idx.shape
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(t, device=idx.device)  # (T,)
-        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C) float32
+        x = self.tok_emb(idx)  # (B, T, C) float32
+        if self.pos_emb is not None:  # learned positions; rotary ones are applied in every attention
+            x = x + self.pos_emb(torch.arange(t, device=idx.device))  # (T,) positions
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.final_norm(x))  # (B, T, V)

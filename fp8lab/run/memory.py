@@ -102,7 +102,8 @@ def gpt_params(shape: dict) -> int:
     fc1_out = 2 * f if shape.get("activation", "gelu") == "swiglu" else f
     block = 2 * norm + h * 3 * h + h * h + h * fc1_out + f * h + bias * (3 * h + h + fc1_out + h)
     head = 0 if shape.get("tie_embeddings", False) else h * v
-    return v * h + t * h + layers * block + norm + head
+    pos = t * h if shape.get("position_embedding", "learned") == "learned" else 0  # rotary: no table
+    return v * h + pos + layers * block + norm + head
 
 
 def fp8_layers(shape: dict) -> int:
