@@ -32,6 +32,7 @@ from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
 from fp8lab.telemetry.collector import ScalingCollector
 from tests.helpers import QUICKSTART, sigterm_in_training_step, sqnr_db
+from tests.test_gpt import train_step
 
 B, T, C, HEADS, FFN = 2, 32, 64, 4, 96
 EPS = 1e-5
@@ -243,17 +244,6 @@ def llama(num_layers: int = 2) -> GPT:
         scaling=fp8lab.DelayedScaling(amax_history_len=8),
         fallback="emulated",
     )
-
-
-def train_step(model, opt, x, y) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(x)  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    fp8lab.update_scales(model)
-    return loss.detach()
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
