@@ -32,6 +32,7 @@ RECIPES = {
     "current": fp8lab.Float8CurrentScaling(),
     "block": fp8lab.Float8BlockScaling(),
     "mxfp8": fp8lab.MXFP8BlockScaling(),
+    "rowwise": fp8lab.Float8RowwiseScaling(),
 }
 
 
