@@ -74,7 +74,7 @@
 #define NR_G 8
 
 typedef struct {
-    int64_t m, n, k, n_ins, np;  /* np: N rounded up to nr (B's packed row length) */
+    int64_t m, n, k, n_ins, np, lda;  /* np: N rounded up to nr (B's packed row length); lda: A's row stride */
     int chunk, frac, out_frac, promote, desc, mr, nr;
     const float *c0, *sa, *sb;
     int64_t sa_ld, sb_ld;
@@ -190,16 +190,16 @@ static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64
         for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
             const int64_t nk = min64(k, k0 + BLOCK) - k0;
             for (int64_t i = r0; i < r1; i++)
-                copy_strided(j->ap + i * k + k0, 1, element(a, bf16, i + k0 * sk), bf16, sk, nk);
+                copy_strided(j->ap + i * j->lda + k0, 1, element(a, bf16, i + k0 * sk), bf16, sk, nk);
         }
     int64_t bad = 0;
     for (int64_t i = r0; i < it1 * mr; i++) {
-        float *d = j->ap + i * k;
+        float *d = j->ap + i * j->lda;
         if (i >= r1)  /* rows past M repeat the last (their outputs are dropped) */
-            memcpy(d, j->ap + (r1 - 1) * k, sizeof(float) * k);
+            memcpy(d, j->ap + (r1 - 1) * j->lda, sizeof(float) * k);
         else if (!across)
             copy_strided(d, 1, element(a, bf16, i * sm), bf16, sk, k);
-        const int32_t off = codes32(d, j->ea + i * k, k, fmt[0], fmt[1], vmax_bits);
+        const int32_t off = codes32(d, j->ea + i * j->lda, k, fmt[0], fmt[1], vmax_bits);
         bad += i < r1 ? off : 0;
     }
     return bad;
@@ -366,8 +366,8 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
         for (int r = 0; r < MR_G; r++) {
-            const float *arow = j->ap + (i0 + r) * j->k;
-            const int32_t *earow = j->ea + (i0 + r) * j->k;
+            const float *arow = j->ap + (i0 + r) * j->lda;
+            const int32_t *earow = j->ea + (i0 + r) * j->lda;
             for (int q = 0; q < NR_G; q++)
                 c[r * NR_G + q] = instruction_scalar(j, arow, earow, bpanel + q, ebpanel + q, k0, k1, c[r * NR_G + q]);
         }
@@ -509,7 +509,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const int full = i0 + MR <= j->m && j0 + NR <= j->n;
     const float *bpanel = j->bp + jt * j->k * NR;
     const int8_t *ebpanel = j->eb + jt * j->k * NR;
-    const int64_t kk = j->k;  /* A's row stride */
+    const int64_t kk = j->lda;  /* A's row stride */
     const float *apanel = j->ap + i0 * kk;  /* rows past M repeat the last (their outputs are dropped) */
     const int32_t *eapanel = j->ea + i0 * kk;
     const int frac = j->frac;
@@ -675,7 +675,9 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
     /* Scratch, 64-byte aligned pieces: A's panels, their codes, B's panels, their codes, and the fp32
      * accumulator between K blocks when out cannot hold it. */
     const int own_acc = n_blocks > 1 && out_bf16;
-    const size_t pieces[5] = {sizeof(float) * tiles_m * j.mr * kk, sizeof(int32_t) * tiles_m * j.mr * kk,
+    /* A's rows 64 bytes longer than 4 KiB multiples, so that a tile's rows do not share their L1 sets */
+    j.lda = (kk + 15) / 16 * 16 + ((kk + 15) / 16 % 64 == 0 ? 16 : 0);
+    const size_t pieces[5] = {sizeof(float) * tiles_m * j.mr * j.lda, sizeof(int32_t) * tiles_m * j.mr * j.lda,
                               sizeof(float) * j.np * kk, (size_t)(j.np * kk), own_acc ? sizeof(float) * m * n : 0};
     size_t total = 0, at[5];
     for (int q = 0; q < 5; q++) at[q] = total, total += (pieces[q] + 63) / 64 * 64;
