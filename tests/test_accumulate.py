@@ -494,6 +494,23 @@ def test_inputs_on_other_dtypes_and_layouts_give_the_same_bits():
         assert torch.equal(tensor_core_accumulate(a2, b2, E4M3, E4M3, HOPPER_PROMOTED), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_transposed_a_packs_to_the_same_bits(dtype):
+    """A given as the transpose of a row-major tensor (every wgrad's layout) is packed in 16 x 16
+    squares where it can (the AVX-512 build) and element by element at the edges: 200 rows and
+    150 columns leave both edges; the result must equal the row-major A's bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = fp8(gen, (200, 150), "e5m2", 0.01), fp8(gen, (150, 40), "e4m3", 8)
+    base = tensor_core_accumulate(a.to(dtype), b, E5M2, E4M3, HOPPER_PROMOTED)
+    transposed = a.to(dtype).t().contiguous().t()
+    assert transposed.stride() == (1, 200)
+    assert torch.equal(tensor_core_accumulate(transposed, b, E5M2, E4M3, HOPPER_PROMOTED), base)
+    assert torch.equal(
+        tensor_core_accumulate(transposed[3:170, 5:149], b[5:149], E5M2, E4M3, HOPPER_PROMOTED),
+        tensor_core_accumulate(a.to(dtype)[3:170, 5:149], b[5:149], E5M2, E4M3, HOPPER_PROMOTED),
+    )
+
+
 def test_flush_to_zero_set_by_torch_does_not_change_the_model():
     # Results in fp32's subnormal range: the model keeps them (as the GPU's fp32 adds do).
     a = torch.full((2, 64), 2.0**-9)

@@ -178,6 +178,41 @@ static int32_t codes32(const float *v, int32_t *codes, int64_t n, int32_t emin, 
     return bad;
 }
 
+#if SIMD == 512 && defined(__AVX512F__)
+/* r[i] (16 floats each) becomes column i of the 16 x 16 block the r[i] were rows of. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++)
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    for (int g = 0; g < 4; g++) {
+        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+        r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c)), r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d)), r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88), t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 8; i++)
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88), r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+}
+
+/* Rows [i0, i0 + 16), columns [k0, k0 + 16) of A packed from its transpose (A[i, k] at a[i + k * sk]). */
+static void pack_a_square(const job_t *j, const void *a, int bf16, int64_t sk, int64_t i0, int64_t k0) {
+    __m512 r[16];
+    for (int q = 0; q < 16; q++) {
+        const int64_t at = i0 + (k0 + q) * sk;
+        r[q] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + at))), 16))
+                    : _mm512_loadu_ps((const float *)a + at);
+    }
+    transpose16(r);
+    for (int q = 0; q < 16; q++) _mm512_storeu_ps(j->ap + (i0 + q) * j->lda + k0, r[q]);
+}
+#endif
+
 /* A's row tiles [it0, it1) (strides sm, sk; fp32 or bf16) as rows of K ([row][k], rows past M repeating the
  * last), their exponent codes, and how many values of rows inside M are off the grid. A row of A in memory
  * (sk == 1) is a plain widening copy; a transposed A (sm == 1, every wgrad) is read a row of K at a time
@@ -186,12 +221,22 @@ static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64
                       const int *fmt, uint32_t vmax_bits) {
     const int mr = j->mr;
     const int64_t k = j->k, r0 = it0 * mr, r1 = min64(it1 * mr, j->m), across = sm == 1 && sk != 1;
-    if (across)
+    if (across) {
+        int64_t i16 = r0, k16 = 0;  /* rows [r0, i16) x columns [0, k16) come in 16 x 16 squares */
+#if SIMD == 512 && defined(__AVX512F__)
+        i16 = r0 + (r1 - r0) / 16 * 16, k16 = k / 16 * 16;
+        for (int64_t k0 = 0; k0 < k16; k0 += 16)
+            for (int64_t i0 = r0; i0 < i16; i0 += 16) pack_a_square(j, a, bf16, sk, i0, k0);
+#endif
         for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
             const int64_t nk = min64(k, k0 + BLOCK) - k0;
-            for (int64_t i = r0; i < r1; i++)
-                copy_strided(j->ap + i * j->lda + k0, 1, element(a, bf16, i + k0 * sk), bf16, sk, nk);
+            for (int64_t i = r0; i < r1; i++) {
+                const int64_t from = i < i16 ? (k16 > k0 ? min64(k16 - k0, nk) : 0) : 0; /* done by the squares */
+                copy_strided(j->ap + i * j->lda + k0 + from, 1, element(a, bf16, i + (k0 + from) * sk), bf16, sk,
+                             nk - from);
+            }
         }
+    }
     int64_t bad = 0;
     for (int64_t i = r0; i < it1 * mr; i++) {
         float *d = j->ap + i * j->lda;
