@@ -67,8 +67,10 @@ def quantize_moment(x_fp32: torch.Tensor, dtype: str, block_size: int | None) ->
     fmax = torch.finfo(target).max
     blocks = _blocks(x_fp32, block_size)  # (blocks, block_size)
     scale = blocks.abs().amax(dim=-1).clamp(min=SCALE_FLOOR) / fmax  # (blocks,)
-    codes = (blocks / scale[:, None]).clamp(-fmax, fmax).to(target)
-    return codes.reshape(-1)[: x_fp32.numel()].view(x_fp32.shape), scale
+    codes = (blocks / scale[:, None]).clamp(-fmax, fmax).to(target).reshape(-1)
+    if codes.numel() != x_fp32.numel():  # a copy: a view would keep the padding's storage alive
+        codes = codes[: x_fp32.numel()].clone()
+    return codes.view(x_fp32.shape), scale
 
 
 def dequantize_moment(codes: torch.Tensor, scale: torch.Tensor, block_size: int | None) -> torch.Tensor:
