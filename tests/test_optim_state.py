@@ -86,13 +86,20 @@ class RefAdamW:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def grads(shape, steps, seed=0):
     gen = torch.Generator().manual_seed(seed)
     # magnitudes over many binades, so that FP8 and FP16 storage round and underflow
-    return [torch.randn(shape, generator=gen) * torch.exp(4 * torch.randn(shape, generator=gen)) * 1e-3 for _ in range(steps)]
+    return [
+        torch.randn(shape, generator=gen) * torch.exp(4 * torch.randn(shape, generator=gen)) * 1e-3
+        for _ in range(steps)
+    ]
 
 
 # ---- the moments and parameters, bit for bit ------------------------------------------------
@@ -103,9 +110,7 @@ def test_moments_and_params_bit_exact_against_the_reference(setting):
     exp_avg_dtype, exp_avg_sq_dtype, block = SETTINGS[setting]
     p0 = torch.randn(37, 29, generator=torch.Generator().manual_seed(1))
     p = torch.nn.Parameter(p0.clone())
-    opt = LowPrecisionAdamW(
-        [p], exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype, block_size=block, **HP
-    )
+    opt = LowPrecisionAdamW([p], exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype, block_size=block, **HP)
     ref = RefAdamW(p0, exp_avg_dtype, exp_avg_sq_dtype, block, **HP)
     for g in grads(p.shape, 6):
         p.grad = g.clone()
@@ -298,3 +303,178 @@ def test_block_scales_count():
     opt.step()
     assert opt.state[p]["exp_avg_scale"].shape == (4,)  # 256 * 3 + 232
     assert tensor_bytes(optimizer_tensors(opt)) == 1000 * 2 + 4 * 4 * 2 + 4
+
+
+# ---- underflow telemetry ----------------------------------------------------------------
+
+
+def test_underflow_counts_against_a_hand_computed_case():
+    """One step from zero state, lr 0: exp_avg = 0.1 * g, exp_avg_sq = 0.05 * g**2 (fp32).
+    Stored values are v / scale with scale = amax / fmax; E4M3 rounds below 2**-10 (half its
+    smallest subnormal 2**-9) to zero, FP16 below 2**-25.
+    Weight (4 values), g = [2**10, 2**-12, 0, -1]:
+      exp_avg / scale = g / 2**10 * 448: 2**-12 -> about 2**-13.2 -> 0; -1 -> 0.4375 kept: 1 underflow
+      exp_avg_sq / scale = g**2 / 2**20 * 65504: 2**-12 -> about 2**-28 -> 0; -1 -> 65504 / 2**20 (exact): 1
+    Bias (2 values), g = [1, 2**-24]:
+      exp_avg: 2**-24 * 448 (about 2**-15.2) -> 0; exp_avg_sq: 2**-48 * 65504 -> 0: 1 and 1.
+    The zero gradient is not counted (zero in fp32 already). Per layer: 2 of 6 values each.
+    """
+    from fp8lab.telemetry.optimizer_state import StoredMomentProbe
+
+    layer = torch.nn.Linear(1, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias = torch.nn.Parameter(torch.zeros(2))
+    model = torch.nn.Sequential(layer)
+    opt = LowPrecisionAdamW(model.parameters(), lr=0.0, betas=(0.9, 0.95), weight_decay=0.0)
+    layer.weight.grad = torch.tensor([[2.0**10], [2.0**-12], [0.0], [-1.0]])
+    layer.bias.grad = torch.tensor([1.0, 2.0**-24])
+    probe = StoredMomentProbe(model, opt)
+    opt.step()  # not tracked
+    assert probe.read() == {}
+    opt.track_underflow = True
+    opt.state.clear()
+    opt.step()
+    assert opt.underflow[layer.weight].tolist() == [1, 1]
+    assert opt.underflow[layer.bias].tolist() == [1, 1]
+    got = probe.read()
+    assert got == {
+        "optimizer_state/0/exp_avg/underflow_pct": 100.0 * 2 / 6,
+        "optimizer_state/0/exp_avg_sq/underflow_pct": 100.0 * 2 / 6,
+    }
+    # the stored codes agree: the counted values are exactly the zero codes of nonzero grads
+    codes = opt.state[layer.weight]["exp_avg"].float().flatten().tolist()
+    assert codes == [448.0, 0.0, 0.0, -0.4375]
+    assert opt.state[layer.weight]["exp_avg_sq"].float().flatten().tolist() == [65504.0, 0.0, 0.0, 65504 / 2**20]
+
+
+def test_probe_logs_only_moments_stored_below_fp32():
+    from fp8lab.telemetry.optimizer_state import StoredMomentProbe
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    opt = LowPrecisionAdamW(model.parameters(), exp_avg_dtype="fp32", exp_avg_sq_dtype="fp8")
+    model(torch.randn(2, 3)).sum().backward()
+    opt.track_underflow = True
+    opt.step()
+    assert set(StoredMomentProbe(model, opt).read()) == {"optimizer_state/0/exp_avg_sq/underflow_pct"}
+
+
+# ---- the run config and the runner ------------------------------------------------------
+
+
+def test_run_config_field_validation():
+    from fp8lab.run.config import ConfigError, Variant
+
+    assert Variant(name="v").optimizer_state == "fp32"  # the default: torch's fused AdamW, unchanged
+    with pytest.raises(ConfigError, match=r"^variants\.v\.optimizer_state must be one of"):
+        Variant(name="v", optimizer_state="fp8")
+    with pytest.raises(ConfigError, match=r"^variants\.v\.optimizer_state must be 'fp32' when master_weights"):
+        Variant(name="v", precision="bf16", optimizer_state="fp8-lm", master_weights=False)
+
+
+def test_set_override_reaches_the_field():
+    from fp8lab.run.config import RunConfig, Variant
+    from fp8lab.run.overrides import apply_overrides
+
+    base = RunConfig(name="t", variants=(Variant(name="bf16", precision="bf16"), Variant(name="fp8")))
+    config = apply_overrides(base, ["variants.fp8.optimizer_state=fp8-block"])
+    assert [v.optimizer_state for v in config.variants] == ["fp32", "fp8-block"]
+    from fp8lab.run.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"variants\.fp8\.optimizer_state"):
+        apply_overrides(base, ["variants.fp8.optimizer_state=int4"])
+
+
+def test_old_configs_hash_as_before():
+    """A config saved before the field existed hashes like today's default (checkpoints resume)."""
+    from fp8lab.run.config import RunConfig, hash_of, upgrade
+
+    config = RunConfig(name="t")
+    saved = config.to_dict()
+    for v in saved["variants"]:
+        del v["optimizer_state"]
+    assert hash_of(upgrade(saved)) == config.hash()
+
+
+def _tiny(*variants, **train):
+    from fp8lab.run.config import ModelConfig, RunConfig, TrainConfig
+
+    fields = dict(steps=3, batch_size=2, block_size=16, log_interval=1, eval_interval=3, eval_batches=1, warmup_steps=1)
+    return RunConfig(
+        name="optstate", model=ModelConfig(num_layers=1), train=TrainConfig(**{**fields, **train}), variants=variants
+    )
+
+
+def test_runner_trains_with_fp8_moments_and_logs_their_underflow(tmp_path):
+    from fp8lab.run.config import Variant
+    from fp8lab.run.runner import Runner
+
+    variants = (
+        Variant(name="bf16", precision="bf16"),
+        Variant(name="fp8lm", precision="bf16", optimizer_state="fp8-lm"),
+        Variant(name="fp8blk", precision="fp8", fallback="emulated", optimizer_state="fp8-block"),
+    )
+    runner = Runner(_tiny(*variants), tmp_path, progress=False)
+    assert isinstance(runner.variants[1].optimizer, LowPrecisionAdamW)
+    assert isinstance(runner.variants[0].optimizer, torch.optim.AdamW)  # unchanged default
+    result = runner.run()
+    assert all(math.isfinite(result["variants"][n]["final_val_loss"]) for n in ("bf16", "fp8lm", "fp8blk"))
+    for name in ("fp8lm", "fp8blk"):
+        logged = runner.summary.train[name][-1][1]
+        tags = [t for t in logged if t.endswith("/underflow_pct")]
+        assert "optimizer_state/blocks.0.mlp.fc1/exp_avg/underflow_pct" in tags
+        assert all(0.0 <= logged[t] <= 100.0 for t in tags)
+        state = runner.variants[[v.name for v in variants].index(name)].optimizer.state
+        assert {s["exp_avg"].dtype for s in state.values()} == {torch.float8_e4m3fn}
+    assert not [t for t in runner.summary.train["bf16"][-1][1] if t.endswith("/underflow_pct")]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """A 4-step run checkpointed at step 2 (weights_only files) and resumed ends with the same
+    weights and moments, bit for bit, as one run straight through."""
+    from fp8lab.run.config import Variant
+    from fp8lab.run.runner import Runner
+
+    variants = (Variant(name="bf16", precision="bf16"), Variant(name="lp", precision="bf16", optimizer_state="fp8-lm"))
+    straight = Runner(_tiny(*variants, steps=4, eval_interval=4), tmp_path / "a", progress=False)
+    straight.run()
+    first = Runner(_tiny(*variants, steps=4, eval_interval=4, checkpoint_interval=2), tmp_path / "b", progress=False)
+    first.run()
+    # keep only the step-2 checkpoint, then resume from it in a new Runner
+    from fp8lab.run.checkpoint import list_checkpoints
+
+    for step, path in list_checkpoints(first.run_dir):
+        if step != 2:
+            path.unlink()
+    resumed = Runner(
+        _tiny(*variants, steps=4, eval_interval=4, checkpoint_interval=2),
+        tmp_path / "b",
+        progress=False,
+        resume=first.run_dir,
+    )
+    assert resumed.start_step == 2
+    resumed.run()
+    a, b = straight.variants[1], resumed.variants[1]
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert same_bits(p.detach(), q.detach()), n
+    for sa, sb in zip(a.optimizer.state.values(), b.optimizer.state.values()):
+        assert all(same_bits(sa[k], sb[k]) for k in sa)
+
+
+def test_cli_run_with_the_override(tmp_path):
+    import json
+
+    from fp8lab.run.cli import main
+    from tests.helpers import QUICKSTART, TINY_MODEL
+
+    sets = [
+        *TINY_MODEL,
+        "train.steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=2",
+        "variants.fp8.optimizer_state=fp8-lm",
+    ]
+    assert main(["run", QUICKSTART, "--out", str(tmp_path), "--quiet", *(a for s in sets for a in ("--set", s))]) == 0
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert all(math.isfinite(v["final_val_loss"]) for v in summary["variants"].values())
+    assert json.loads(next(tmp_path.rglob("config.json")).read_text())
