@@ -18,15 +18,17 @@ The storage of one moment (``quantize_moment``), torchao's ``OptimStateFp8`` def
              (the clamp only catches x / scale rounding above fmax); a zero stays zero
     value    codes.float() * scale          (dequantized, fp32)
 
-A value below about ``scale * 2**-9`` (E4M3's smallest subnormal) or ``scale * 2**-24``
-(FP16's) is stored as zero: that is the underflow the telemetry counts. A block of zeros
+A value of magnitude at most ``scale * 2**-10`` (half E4M3's smallest subnormal 2**-9; the
+tie rounds to even, zero) or ``scale * 2**-25`` (FP16) is stored as zero: that is the
+underflow the telemetry counts. A block of zeros
 gets scale 1e-12 / fmax and stays zero. Non-finite moments are not defined here: steps with
 non-finite gradients are skipped through ``found_inf`` (the runner sets it).
 
-FP8-LM (arXiv 2310.18313, section 2.3) and MS-AMP's ``LBAdamW`` (O2) store the first moment
+FP8-LM (arXiv 2310.18313) and MS-AMP's ``LBAdamW`` (O2) store the first moment
 in FP8 E4M3 with a per-tensor scale and the second in FP16; torchao's ``AdamWFp8`` stores
 both in E4M3 with blocks of 256. Here FP16 storage carries a scale too (same definition),
-so small second moments use FP16's whole range instead of flushing below 2**-24.
+so small second moments use FP16's whole range instead of flushing below 2**-24 (whether
+MS-AMP scales its FP16 moment the same way was not checked against its source).
 """
 
 from __future__ import annotations
