@@ -192,9 +192,15 @@ def test_found_inf_skips_and_grad_scale_divides():
     a_before = a.detach().clone()
     a.grad = torch.full_like(p0, float("nan"))
     oa.found_inf = torch.tensor(1.0)
+    oa.track_underflow = True
     oa.step()
     assert same_bits(a.detach(), a_before)
     assert all(same_bits(oa.state[a][k], v) for k, v in before.items())
+    assert oa.underflow[a].tolist() == [0, 0]  # nothing stored, nothing underflowed
+    a.grad = g[1].clone()
+    oa.found_inf = torch.tensor(0.0)
+    oa.step()
+    assert float(oa.state[a]["step"]) == 2.0  # the skipped step was not counted
 
 
 # ---- options ----------------------------------------------------------------------------
@@ -413,13 +419,15 @@ def test_runner_trains_with_fp8_moments_and_logs_their_underflow(tmp_path):
         Variant(name="bf16", precision="bf16"),
         Variant(name="fp8lm", precision="bf16", optimizer_state="fp8-lm"),
         Variant(name="fp8blk", precision="fp8", fallback="emulated", optimizer_state="fp8-block"),
+        # FP16 activations: the loss scale and clipping reach the optimizer as grad_scale
+        Variant(name="fp8fp16", precision="fp8", activations="fp16", fallback="emulated", optimizer_state="fp8-lm"),
     )
     runner = Runner(_tiny(*variants), tmp_path, progress=False)
     assert isinstance(runner.variants[1].optimizer, LowPrecisionAdamW)
     assert isinstance(runner.variants[0].optimizer, torch.optim.AdamW)  # unchanged default
     result = runner.run()
-    assert all(math.isfinite(result["variants"][n]["final_val_loss"]) for n in ("bf16", "fp8lm", "fp8blk"))
-    for name in ("fp8lm", "fp8blk"):
+    assert all(math.isfinite(result["variants"][n]["final_val_loss"]) for n in ("bf16", "fp8lm", "fp8blk", "fp8fp16"))
+    for name in ("fp8lm", "fp8blk", "fp8fp16"):
         logged = runner.summary.train[name][-1][1]
         tags = [t for t in logged if t.endswith("/underflow_pct")]
         assert "optimizer_state/blocks.0.mlp.fc1/exp_avg/underflow_pct" in tags

@@ -210,6 +210,8 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     )
                 if found_inf is not None:  # a skipped step keeps everything (no host sync)
                     skip = found_inf > 0
+                    if self.track_underflow:  # and stored nothing: no underflow
+                        self.underflow[p] = torch.where(skip, 0, self.underflow[p])
                     param = torch.where(skip, p, param)
                     new = {k: torch.where(skip, state[k], v) for k, v in new.items()}
                 p.copy_(param)
