@@ -435,6 +435,11 @@ def test_runner_trains_with_fp8_moments_and_logs_their_underflow(tmp_path):
         state = runner.variants[[v.name for v in variants].index(name)].optimizer.state
         assert {s["exp_avg"].dtype for s in state.values()} == {torch.float8_e4m3fn}
     assert not [t for t in runner.summary.train["bf16"][-1][1] if t.endswith("/underflow_pct")]
+    assert [result["variants"][n]["optimizer_state"] for n in ("bf16", "fp8lm", "fp8blk")] == [
+        "fp32",
+        "fp8-lm",
+        "fp8-block",
+    ]
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
