@@ -71,9 +71,15 @@ def upgrade(saved: dict) -> dict:
 
     - ``variants.<v>.accumulation``: absent before the accumulator model; those runs accumulated
       every FP8 GEMM in fp32 ("fp32"); other precisions take the default ("te", unused).
+    - ``variants.<v>.optimizer_state``: absent before low-precision AdamW state; those runs kept
+      it in fp32 ("fp32", torch's fused AdamW).
     """
     variants = [
-        {**v, "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te")}
+        {
+            **v,
+            "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te"),
+            "optimizer_state": v.get("optimizer_state", "fp32"),
+        }
         for v in saved.get("variants", [])
     ]
     return {**saved, "variants": variants}

@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 
 from fp8lab.layers.gpt import PRESETS
+from fp8lab.optim import OPTIMIZER_STATES
 
 TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight + grad + exp_avg + exp_avg_sq
 # A variant without master weights holds all four in 16 bits.
 HALF = 2
+MOMENT_BYTES = {"fp32": 4, "fp16": 2, "fp8": 1}  # one stored AdamW moment value (fp8lab.optim)
 HISTORY_ROW_BYTES = 12  # one amax history row: 3 roles x float32
 ACTIVATION_BYTES_PER_BLOCK = 34  # x B*T*H (Megatron-LM, activations in 16 bits)
 LOGIT_BYTES = 6  # x B*T*V: bf16 logits + float32 log-softmax
@@ -106,6 +108,16 @@ def gpt_params(shape: dict) -> int:
     return v * h + pos + layers * block + norm + head
 
 
+def train_state_bytes(variant) -> int:
+    """Bytes per parameter of weight, gradient and AdamW moments for ``variant``: 16 in fp32,
+    8 without master weights, fp32 weight and grad + the stored moments' bytes with FP8/FP16
+    optimizer state (their per-tensor or per-block scales are left out: a few bytes a tensor)."""
+    if variant.optimizer_state != "fp32":
+        moments = OPTIMIZER_STATES[variant.optimizer_state]
+        return 8 + sum(MOMENT_BYTES[moments[m]] for m in ("exp_avg_dtype", "exp_avg_sq_dtype"))
+    return TRAIN_STATE_BYTES // (1 if variant.master_weights else HALF)
+
+
 def fp8_layers(shape: dict) -> int:
     return 4 * shape["num_layers"] + 1
 
@@ -114,7 +126,7 @@ def estimate(config, processes: int = 1) -> Estimate:
     """The memory one process of a ``processes``-process run needs (see the module docstring)."""
     shape = gpt_shape(config)
     params = gpt_params(shape)
-    state = sum(TRAIN_STATE_BYTES // (1 if v.master_weights else HALF) for v in config.variants) * params
+    state = sum(train_state_bytes(v) for v in config.variants) * params
     fp8 = [v for v in config.variants if v.precision == "fp8" and hasattr(v.scaling, "amax_history_len")]
     histories = sum(v.scaling.amax_history_len for v in fp8)
     keys = tuple(

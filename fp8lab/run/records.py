@@ -41,6 +41,7 @@ def hparams_of(config: RunConfig, variant) -> dict:
         "accumulation": variant.accumulation,
         "activations": rung_of(variant).activations,
         "master_weights": variant.master_weights,
+        "optimizer_state": variant.optimizer_state,
         "steps": config.train.steps,
         "lr": config.train.lr,
         "batch_size": config.train.batch_size,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fp8lab.layers.attention import ATTENTION_CORES
 from fp8lab.layers.gpt import PRESETS
+from fp8lab.optim import OPTIMIZER_STATES
 from fp8lab.options import FP8Options
 from fp8lab.run.checks import ConfigError, check, check_int
 from fp8lab.run.loss_scale import LossScaleConfig
@@ -185,6 +186,10 @@ class Variant:
     first_last_bf16: int = 0  # Megatron-style: first N and last N blocks in BF16
     activations: str | None = None  # fp8 only: "bf16" (None) or "fp16"; other precisions: their own
     master_weights: bool = True  # False: parameters and AdamW state in the activations' dtype
+    # How AdamW stores its moments between steps (fp8lab.optim.OPTIMIZER_STATES): "fp32" (torch's
+    # fused AdamW), "fp8-lm" (exp_avg E4M3 + exp_avg_sq FP16, per-tensor scales), "fp8-block"
+    # (both E4M3, blocks of 256); the low-precision ones need master weights (FP8-LM's O2 setting).
+    optimizer_state: str = "fp32"
     # Dynamic loss scaling (FP16 activations only; torch.amp.GradScaler's defaults)
     loss_scale_init: float = 2.0**16
     loss_scale_growth_factor: float = 2.0
@@ -215,6 +220,18 @@ class Variant:
         )
         check_int(self.first_last_bf16, f"variants.{self.name}.first_last_bf16", low=0)
         check_variant(self)
+        check(
+            isinstance(self.optimizer_state, str) and self.optimizer_state in OPTIMIZER_STATES,
+            f"variants.{self.name}.optimizer_state",
+            f"one of {tuple(OPTIMIZER_STATES)}",
+            self.optimizer_state,
+        )
+        check(
+            self.optimizer_state == "fp32" or self.master_weights is True,
+            f"variants.{self.name}.optimizer_state",
+            "'fp32' when master_weights is false (FP8/FP16 moments update fp32 master weights)",
+            self.optimizer_state,
+        )
         try:  # LossScaleConfig names its field first: init, growth_factor, ...
             loss_scale = LossScaleConfig(
                 init=self.loss_scale_init,

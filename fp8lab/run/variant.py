@@ -24,6 +24,7 @@ import fp8lab
 from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
+from fp8lab.optim import OPTIMIZER_STATES, LowPrecisionAdamW
 from fp8lab.run import footprint
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
@@ -32,7 +33,7 @@ from fp8lab.run.precision import rung_of
 from fp8lab.run.timer import StepTimer
 from fp8lab.telemetry.collector import LayerStats
 from fp8lab.telemetry.fp16_flush import FP16FlushProbe
-from fp8lab.telemetry.optimizer_state import OptimizerStateProbe
+from fp8lab.telemetry.optimizer_state import OptimizerStateProbe, StoredMomentProbe
 from fp8lab.telemetry.step import StepTelemetry
 
 
@@ -87,6 +88,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, variant: Variant, config: RunConfig) -> torch.optim.Optimizer:
+    """The variant's AdamW: torch's fused one (fp32 moments, or the parameters' dtype without
+    master weights), or ``LowPrecisionAdamW`` for ``optimizer_state`` "fp8-lm"/"fp8-block"."""
+    groups, t = param_groups(model, config.train.weight_decay), config.train
+    if variant.optimizer_state == "fp32":
+        # fused: one kernel per step, and its step counters never leave the device
+        # (the default single-tensor path calls .item() on them every step).
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=True)
+    return LowPrecisionAdamW(groups, lr=t.lr, betas=(0.9, 0.95), **OPTIMIZER_STATES[variant.optimizer_state])
+
+
 class VariantRun:
     """Model, optimizer and bookkeeping of one variant.
 
@@ -117,11 +129,7 @@ class VariantRun:
             for name, param in self.model.named_parameters():
                 param.copy_(init_params[name])
         self.rung.cast_parameters_(self.model)  # no master weights: the training dtype (rounded once)
-        # fused: one kernel per step, and its step counters never leave the device
-        # (the default single-tensor path calls .item() on them every step).
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.95), fused=True
-        )
+        self.optimizer = build_optimizer(self.model, variant, config)
         self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         t = config.train
         # The log-step protocol (shared with fp8lab.Monitor): arming, update_scales, the counters.
@@ -132,8 +140,13 @@ class VariantRun:
         self.first_batch_sha: str | None = None
         self.loss_scaler = DynamicLossScaler(variant.loss_scale, device) if self.rung.loss_scaling else None
         self.flush_probe = FP16FlushProbe(self.model) if self.rung.loss_scaling else None
-        # AdamW state in 16 bits (no master weights): how much of it underflows (log steps only)
-        self.state_probe = None if self.rung.master_weights else OptimizerStateProbe(self.model, self.optimizer)
+        # AdamW state in 16 bits (no master weights), or moments stored in FP8/FP16: how much of
+        # it underflows (log steps only)
+        self.low_precision_state = isinstance(self.optimizer, LowPrecisionAdamW)
+        if self.low_precision_state:
+            self.state_probe = StoredMomentProbe(self.model, self.optimizer)
+        else:
+            self.state_probe = None if self.rung.master_weights else OptimizerStateProbe(self.model, self.optimizer)
         self.saved_counter = footprint.SavedTensorCounter(self.model)
         self.memory: dict[str, int] = {}  # perf/mem_* of the last log step (host values)
         self.cuda_peak = 0  # bytes: the allocator's peak during this variant's steps since the last log
@@ -201,6 +214,8 @@ class VariantRun:
         loss = self.dist.all_reduce_sum(local_loss.detach())  # the global mean loss, on every rank
         skip = ~(torch.isfinite(grad_norm) & torch.isfinite(loss))
         self.optimizer.found_inf = skip.float()
+        if self.low_precision_state:  # count the moments stored as zero on log steps only
+            self.optimizer.track_underflow = log
         self.optimizer.step()
         if log:  # exact bytes, from tensor metadata only (gradients are still held here)
             self.memory = footprint.training_bytes(params, self.optimizer, self.saved_counter)

@@ -10,7 +10,7 @@ from event files). Layer names are ``named_modules`` names, which never hold "/"
     accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db  accuracy/<layer>/weight_rel_diff
     faults/nonfinite_amax/<layer>/<role>        amax_history/<layer>/<role> (histogram)
     precision/fp16_flush_pct/<layer>
-    optimizer_state/<layer>/<exp_avg|exp_avg_sq>/<zero_pct|subnormal_pct|m_over_eps_pct>
+    optimizer_state/<layer>/<exp_avg|exp_avg_sq>/<zero_pct|subnormal_pct|m_over_eps_pct|underflow_pct>
 """
 
 from __future__ import annotations

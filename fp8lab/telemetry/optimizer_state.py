@@ -8,6 +8,11 @@ than AdamW's normalised one. What is measured, per layer (the module owning the 
 and moment: the share of values exactly zero (``zero_pct``), subnormal (``subnormal_pct``),
 and for ``exp_avg_sq`` the share that is zero while ``exp_avg`` is not (``m_over_eps_pct``).
 
+With moments stored in FP8/FP16 (``fp8lab.optim.LowPrecisionAdamW``, master weights kept)
+``StoredMomentProbe`` reports, per layer and stored moment, ``underflow_pct``: the share of
+values that were nonzero in fp32 and are stored as zero (counted by the optimizer on the
+steps it is asked to: the runner's log steps).
+
 Invariant: ``read`` runs only when the runner asks for a log step; it counts on the device
 and copies the counts to the host once. The optimizer and its state are never written to.
 """
@@ -79,4 +84,48 @@ class OptimizerStateProbe:
                     out[Key(OPTIMIZER_STATE, layer, moment=moment, stat=f"{stat}_pct").tag] = pct
             pct = 100.0 * counted["m_over_eps"] / total
             out[Key(OPTIMIZER_STATE, layer, moment="exp_avg_sq", stat="m_over_eps_pct").tag] = pct
+        return out
+
+
+class StoredMomentProbe:
+    """Per layer of ``model``, the underflow % of each moment ``optimizer`` stores below fp32.
+
+    Args:
+        model: the variant's (un-wrapped) model.
+        optimizer: a ``fp8lab.optim.LowPrecisionAdamW``; its ``underflow`` counts (int64 [2]
+            per parameter, on the device) of the last step that had ``track_underflow`` set.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        by_layer: dict[str, list[nn.Parameter]] = defaultdict(list)
+        for name, param in model.named_parameters():
+            by_layer[name.rpartition(".")[0] or name].append(param)
+        self.layers = sorted(by_layer.items())
+        self.optimizer = optimizer
+        group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+        # the moments each layer stores below fp32 (an fp32 moment never underflows here)
+        self.moments = {
+            layer: [m for m in MOMENTS if any(group_of[p][f"{m}_dtype"] != "fp32" for p in params if p in group_of)]
+            for layer, params in self.layers
+        }
+
+    def read(self) -> dict[str, float]:
+        """``{"optimizer_state/<layer>/<moment>/underflow_pct": %}`` of the last tracked step
+        (one host copy); layers with no count yet are left out."""
+        rows, totals = [], []
+        for _, params in self.layers:
+            counted = [self.optimizer.underflow[p] for p in params if p in self.optimizer.underflow]
+            totals.append(sum(p.numel() for p in params if p in self.optimizer.underflow))
+            rows.append(torch.stack(counted).sum(0) if counted else None)
+        present = [row for row in rows if row is not None]
+        host = iter(torch.stack(present).tolist() if present else [])
+        out = {}
+        for (layer, _), row, total in zip(self.layers, rows, totals):
+            if row is None:
+                continue
+            counts = dict(zip(MOMENTS, next(host)))
+            for moment in self.moments[layer]:
+                out[Key(OPTIMIZER_STATE, layer, moment=moment, stat="underflow_pct").tag] = (
+                    100.0 * counts[moment] / total
+                )
         return out
