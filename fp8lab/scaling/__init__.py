@@ -33,8 +33,8 @@ SCALINGS: dict[str, type[Scaling]] = {
         Float8CurrentScaling,
         Float8BlockScaling,
         MXFP8BlockScaling,
-        NVFP4BlockScaling,
         Float8RowwiseScaling,
+        NVFP4BlockScaling,
     )
 }
 
