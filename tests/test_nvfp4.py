@@ -161,6 +161,36 @@ def test_fields_and_defaults_follow_te(te_recipe_220):
         assert getattr(ours, name) == getattr(te, name), name
     assert SCALINGS["nvfp4"] is NVFP4BlockScaling
     assert ours.te_recipe()["recipe"] == "NVFP4BlockScaling"
+    # TE's QParams per tensor say where RHT, SR and 2-D blocks apply; fp8lab's recipe agrees
+    off = NVFP4BlockScaling(disable_rht=True, disable_stochastic_rounding=True, disable_2d_quantization=True)
+    for scaling in (ours, off):
+        built = te(**scaling.te_recipe()["kwargs"])
+        for attr, role in (
+            ("fp4_quant_fwd_inp", Role.INPUT),
+            ("fp4_quant_fwd_weight", Role.WEIGHT),
+            ("fp4_quant_bwd_grad", Role.GRAD_OUTPUT),
+        ):
+            q = getattr(built, attr)
+            assert q.random_hadamard_transform == scaling.rht(role, COLUMNWISE)  # TE: columnwise copies only
+            assert not scaling.rht(role, ROWWISE)
+            assert q.stochastic_rounding == scaling.stochastic(role)
+            assert q.fp4_2d_quantization == (scaling.block(role, ROWWISE) == (16, 16))
+
+
+def test_selected_from_the_cli_and_runs_emulated():
+    from pathlib import Path
+
+    from fp8lab.run.overrides import apply_overrides
+    from fp8lab.run.recipe_file import load_recipe
+
+    config = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.py")
+    fp8 = next(v.name for v in config.variants if v.precision == "fp8")
+    config = apply_overrides(
+        config, [f"variants.{fp8}.scaling=nvfp4", f"variants.{fp8}.scaling.disable_2d_quantization=true"]
+    )
+    assert next(v for v in config.variants if v.name == fp8).scaling == NVFP4BlockScaling(disable_2d_quantization=True)
+    rows = list(fp8lab.describe(_layer(NVFP4BlockScaling())))
+    assert rows[0].precision == "fp8" and rows[0].backend == "emulated"
 
 
 @pytest.fixture
