@@ -420,3 +420,17 @@ def test_rht_beats_plain_1x16_on_a_tensor_with_an_outlier():
         sq[rht] = (_sqnr(x.double()[rest], d[rest]), _sqnr(x.double(), d))
     assert sq[False][0] < 5.0 and sq[True][0] >= 15.0
     assert sq[True][1] > sq[False][1] + 10.0
+
+
+def test_telemetry_cast_and_block_statistics_and_whatif_row():
+    layer = _layer(NVFP4BlockScaling())
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    layer.telemetry.arm(layer.weight.device)
+    layer(x).backward(torch.randn(32, 48, generator=torch.Generator().manual_seed(13)))
+    layer.telemetry.disarm()
+    view = layer.scaling_view()
+    assert torch.isfinite(view.cast_stats).all() and torch.isfinite(view.block_stats).all()
+    assert torch.equal(view.amax[Role.INPUT], x.detach().abs().max())
+    assert (view.cast_stats[:, 2] >= 17.0).all()  # SQNR dB of each role's cast (Gaussian, 1x16 / 16x16)
+    row = list(SCALINGS).index("nvfp4")
+    assert torch.equal(view.whatif[Role.INPUT, row], view.cast_stats[Role.INPUT])

@@ -182,6 +182,7 @@ class NVFP4BlockScaling(Scaling):
         values = dequantize_blocks(q, block, decode, backend.path.operand_dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
+            slot.record_blocks(role, _block_stats(x, values, block, decode, amax), amax)
         return Operand(values, amax, E2M1)
 
     @classmethod
@@ -232,6 +233,21 @@ class NVFP4BlockScaling(Scaling):
             **TE_PINNED,
         }
         return {"recipe": "NVFP4BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
+
+
+def _block_stats(x, values, block, decode, amax) -> torch.Tensor:
+    """``BLOCK_STAT_NAMES`` of one NVFP4 cast: log2 of the blocks' effective scales (what their
+    elements are multiplied by, 1 / (E4M3 scale * S_dec)) over the blocks holding a non-zero
+    value, the % of those blocks that lost a non-zero element to zero, and 0 % clamped."""
+    s_dec = global_decode_scale(global_encode_scale(amax))
+    occupied = blocks_amax(x, block) > 0
+    lost = blocks_amax(((x != 0) & (values == 0)).float(), block) > 0
+    log2 = -torch.log2(decode.float() * s_dec)[occupied & (decode > 0)]
+    if log2.numel() == 0:
+        log2 = torch.zeros(1, device=x.device)
+    blocks = max(int(occupied.sum()), 1)  # telemetry steps only: a host read is acceptable here
+    zero = torch.zeros((), device=x.device)
+    return torch.stack([log2.min(), log2.median(), log2.max(), lost.sum().float() * (100.0 / blocks), zero]).float()
 
 
 def _cast_stats(x: torch.Tensor, dequantized_by_block: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
