@@ -109,6 +109,22 @@ def test_cast_bit_exact_against_reference(dtype, block):
     assert torch.equal(dec[:1, :1].flatten(), torch.zeros(1, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("role", [Role.INPUT, Role.GRAD_OUTPUT])
+def test_rht_copy_cast_bit_exact_against_reference(role):
+    """The columnwise copy with RHT: the transform of each 16-row group of each column (exact
+    sums rounded once to float32), then the same cast, amax taken after the transform."""
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    x[3, 5] = 300.0
+    t = torch.diag(torch.tensor(RHT_SIGNS).double()) @ hadamard(16) / 4
+    moved = f32((x.double().reshape(4, 16, 48).transpose(1, 2) @ t).transpose(1, 2).reshape(64, 48)).float()
+    q, dec, s_dec = _cast(NVFP4BlockScaling(disable_stochastic_rounding=True), x, role, COLUMNWISE)
+    q_ref, dec_ref, s_dec_ref = ref_cast(moved, (16, 1))
+    assert torch.equal(q, q_ref) and torch.equal(dec, dec_ref) and torch.equal(s_dec, s_dec_ref)
+    # the rowwise copy (fprop's, dgrad's) is not transformed
+    row = _cast(NVFP4BlockScaling(disable_stochastic_rounding=True), x, role, ROWWISE)
+    assert all(torch.equal(a, b) for a, b in zip(row, ref_cast(x, (1, 16))))
+
+
 def test_cast_ties_to_even_inside_a_block():
     """Global amax 2688 gives S_enc = 1 and a block of amax 6 the E4M3 scale 1: its elements are
     rounded unscaled, so the E2M1 midpoints are met exactly."""

@@ -92,10 +92,12 @@ def apply_rht_dim0(x2d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x2d`` (R, C) transformed along dim 0 in groups of 16 rows: column j's group g becomes
     ``x[g, j] @ T`` (TE transforms each 16-long row of the transposed copy). R is zero-padded to
     a multiple of 16 first (TE requires one; padding both operands of the weight-gradient GEMM
-    with zeros leaves their product unchanged). Computed in float32 (torch's matmul; the sum
-    order of TE's fused kernel is not public); returns float32 (Rp, C)."""
+    with zeros leaves their product unchanged). Each output is the exact sum of its 16 terms
+    +-x/4 rounded once to float32 (computed in float64, where 16 terms of a float32 or bf16 input
+    sum exactly unless their exponents span more than ~25 binades): a model, since the order of
+    TE's fused kernel's float32 sum is not public. Returns float32 (Rp, C)."""
     n = t.shape[0]
     r, c = x2d.shape
-    x = torch.nn.functional.pad(x2d.float(), (0, 0, 0, -r % n))
+    x = torch.nn.functional.pad(x2d.double(), (0, 0, 0, -r % n))
     groups = x.reshape(-1, n, c).transpose(1, 2)  # (G, C, 16): each row one group of column j
-    return (groups @ t.float()).transpose(1, 2).reshape(-1, c)
+    return (groups @ t.double()).transpose(1, 2).reshape(-1, c).float()
