@@ -238,6 +238,13 @@ def test_unmodelled_fields_are_refused(field, value, allowed):
     assert allowed in str(err.value)
 
 
+def test_only_fp32_accumulation_is_accepted():
+    for kind in ("fast", "promoted"):
+        with pytest.raises(ValueError, match="Blackwell's MMA"):
+            FP8Options(scaling=NVFP4BlockScaling(), accumulation=kind)
+    assert FP8Options(scaling=NVFP4BlockScaling()).accumulator(0).kind == "fp32"
+
+
 def test_block_shapes_rht_and_sr_per_operand():
     s = NVFP4BlockScaling()
     assert s.block(Role.WEIGHT, ROWWISE) == (16, 16) and s.block(Role.WEIGHT, COLUMNWISE) == (16, 16)
