@@ -30,6 +30,7 @@ from fp8lab.scaling import (
     Float8CurrentScaling,
     Float8RowwiseScaling,
     MXFP8BlockScaling,
+    NVFP4BlockScaling,
     ScalingState,
     update_scales,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Float8CurrentScaling",
     "Float8BlockScaling",
     "MXFP8BlockScaling",
+    "NVFP4BlockScaling",
     "Float8RowwiseScaling",
     "E4M3",
     "E5M2",

@@ -1,6 +1,6 @@
-"""FP8 formats: the numbers that define E4M3 and E5M2, and which operand gets which.
+"""FP8 formats: the numbers that define E4M3 and E5M2 (and FP4 E2M1), and which operand gets which.
 
-Invariant: every constant here is read from ``torch.finfo`` of the real float8 dtype,
+Invariant: every FP8 constant here is read from ``torch.finfo`` of the real float8 dtype,
 so the emulation and the hardware path can never disagree about a format's range; the
 recipe-level format names ("hybrid", "e4m3") and what they give each role are defined
 here once for every scaling.
@@ -32,6 +32,10 @@ def _fmt(name: str, dtype: torch.dtype, mantissa_bits: int) -> FP8Format:
 
 E4M3 = _fmt("e4m3", torch.float8_e4m3fn, 3)
 E5M2 = _fmt("e5m2", torch.float8_e5m2, 2)
+# FP4 E2M1 (NVFP4's element format): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives. torch has
+# only the packed dtype (two values a byte, no finfo), so the constants are written out: max 6,
+# smallest normal 1 (below it the one subnormal, 0.5), one mantissa bit.
+E2M1 = FP8Format("e2m1", torch.float4_e2m1fn_x2, 6.0, 1.0, 1)
 
 
 class Role(enum.IntEnum):

@@ -24,7 +24,7 @@ def test_collect_info_has_every_key_and_is_json():
         "accumulation",
     }
     assert info["accumulation"]["path"] in ("c-avx512", "c-avx2", "c-generic", "torch")
-    assert set(info["accumulation"]["te"]) == {"delayed", "current", "block", "mxfp8", "rowwise"}
+    assert set(info["accumulation"]["te"]) == {"delayed", "current", "block", "mxfp8", "rowwise", "nvfp4"}
     assert info["accumulation"]["te"]["rowwise"] == (  # torchao's use_fast_accum: output GEMM only
         "fprop fast (13-bit, 32 per instruction), "
         "dgrad and wgrad promoted every 4 instructions (13-bit, 32 per instruction)"

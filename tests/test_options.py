@@ -29,7 +29,8 @@ def test_defaults_are_te_scaling_auto_backend_bf16_fallback():
         (
             dict(scaling={"margin": 1}),
             r"^scaling must be one of the scaling types \('DelayedScaling', "
-            r"'Float8CurrentScaling', 'Float8BlockScaling', 'MXFP8BlockScaling'\)",
+            r"'Float8CurrentScaling', 'Float8BlockScaling', 'MXFP8BlockScaling', 'Float8RowwiseScaling', "
+            r"'NVFP4BlockScaling'\)",
         ),
     ],
 )

@@ -34,7 +34,7 @@ def test_whatif_rows_are_each_recipes_own_cast_statistics():
     delayed = cast_stats(x, cast_to_fp8_grid(x, scale, E4M3), scale, E4M3)  # a delayed layer's own cast
     stats = whatif_stats(x, Role.INPUT, E4M3, known={"delayed": delayed})
     assert stats.shape == (len(WHATIF_RECIPES), 3)
-    assert WHATIF_RECIPES == ("delayed", "current", "block", "mxfp8", "rowwise")
+    assert WHATIF_RECIPES == ("delayed", "current", "block", "mxfp8", "rowwise", "nvfp4")
     assert torch.equal(stats[0], delayed)
     current_scale = Float8CurrentScaling().scale(amaxes_of(x)[1], E4M3)
     assert torch.equal(stats[1], cast_stats(x, cast_to_fp8_grid(x, current_scale, E4M3), current_scale, E4M3))

@@ -13,7 +13,9 @@ GEMM is the hardware model (``fp8lab.gemm.exact``), with its own accumulator
     wgrad:  grad_w = grad_out_fp8^T      @ x_fp8 (E4M3)     * 1/(s_g * s_x)
             grad_b = sum(grad_out) in high precision (TE takes bgrad before the cast)
 
-grad_out is E5M2 under "hybrid", E4M3 under "e4m3". Under torchao's rowwise scaling the inverse
+grad_out is E5M2 under "hybrid", E4M3 under "e4m3". Under NVFP4 the operands are E2M1 values times
+their E4M3 block scales and each carries its tensor amax: the epilogue multiplies by the GEMM's
+alpha, formed from both amaxes (``fp8lab.scaling.nvfp4_scales.gemm_alpha``). Under torchao's rowwise scaling the inverse
 scales are per row of the left operand and per column of the right (an (M, N) epilogue), b is
 added after the output's rounding (``Scaling.bias_after_gemm``), and "rowwise_with_gw_hp"'s
 wgrad multiplies the high-precision tensors (an fp32 accumulator: no FP8 GEMM). x and w are quantized once in the
@@ -29,11 +31,12 @@ from __future__ import annotations
 import torch
 
 from fp8lab.accumulation import FP32, Accumulator
-from fp8lab.formats import DGRAD, FPROP, WGRAD, Role
+from fp8lab.formats import DGRAD, E2M1, FPROP, WGRAD, Role
 from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.quantize.tensor import CPU_CHUNK
+from fp8lab.scaling.nvfp4_scales import gemm_alpha
 from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE, Operand, Scaling
 from fp8lab.scaling.state import ScalingState
 from fp8lab.scaling.whatif import whatif_stats
@@ -82,6 +85,9 @@ def _gemm(
     scaling's "rowwise_with_gw_hp" wgrad) has no FP8 accumulator: fp32."""
     if a.fmt is None or b.fmt is None:
         acc = FP32
+    a_inv, b_inv = a.inv_scale, b.inv_scale
+    if a.fmt is E2M1 and b.fmt is E2M1:  # NVFP4: the operands carry their amaxes; cuBLAS's alpha
+        a_inv, b_inv = gemm_alpha(a.inv_scale, b.inv_scale), None
     kwargs = (
         {}
         if acc is FP32 and a.group_scale is None
@@ -92,13 +98,13 @@ def _gemm(
             blocks=(a.block, b.block),
         )
     )
-    out = backend.gemm(a.values, b.values, a.inv_scale, b.inv_scale, out_dtype, bias, **kwargs)
+    out = backend.gemm(a.values, b.values, a_inv, b_inv, out_dtype, bias, **kwargs)
     if slot is not None and slot.armed and acc.kind != "fp32":
         ref = backend.fp32_reference(
             a.values,
             b.values,
-            a.inv_scale,
-            b.inv_scale,
+            a_inv,
+            b_inv,
             out_dtype,
             bias,
             formats=(a.fmt, b.fmt),

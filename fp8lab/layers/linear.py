@@ -25,6 +25,7 @@ from fp8lab.gemm.exact import ROUNDED_DTYPES, gemm_path, rounded_gemm_path
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.layers import choices
 from fp8lab.options import FP8Options, as_options
+from fp8lab.scaling.state import ScalingState
 
 # Training forwards without an update_scales call after which a layer warns (once):
 # enough for long gradient accumulation, few enough that stale scales are noticed early.
@@ -192,7 +193,7 @@ class Linear(nn.Module):
         """Count a training forward since the last update_scales; warn once when stale.
         Called by the backends whose scales ``fp8lab.update_scales`` updates."""
         state = self.fp8_state
-        if state is None:  # a scaling without persistent state has nothing to go stale
+        if not isinstance(state, ScalingState):  # no scales (NVFP4's state is a cast counter): nothing to go stale
             return
         state.forwards_since_update += 1
         if state.forwards_since_update > STALE_SCALE_FORWARDS and not self._warned_stale:

@@ -8,7 +8,8 @@ Reading order: ``protocol`` (what every scaling answers for itself) -> ``delayed
 buffers) -> ``update`` (``update_scales``, once per optimizer step); then the recipes without
 persistent state: ``te_scales`` (TE's scale arithmetic), ``current`` (Float8CurrentScaling),
 ``blockwise`` (what the block recipes share), ``block`` (Float8BlockScaling), ``mxfp8``
-(MXFP8BlockScaling), ``rowwise`` (torchao's rowwise recipes); ``whatif`` (every recipe's statistics on one tensor).
+(MXFP8BlockScaling), ``nvfp4_scales`` and ``nvfp4`` (NVFP4BlockScaling), ``rowwise`` (torchao's
+rowwise recipes); ``whatif`` (every recipe's statistics on one tensor).
 
 ``SCALINGS`` is the registry: a new scaling is one file and one entry here.
 """
@@ -17,6 +18,7 @@ from fp8lab.scaling.block import Float8BlockScaling
 from fp8lab.scaling.current import Float8CurrentScaling
 from fp8lab.scaling.delayed import DelayedScaling, compute_scale
 from fp8lab.scaling.mxfp8 import MXFP8BlockScaling
+from fp8lab.scaling.nvfp4 import NVFP4BlockScaling
 from fp8lab.scaling.protocol import Scaling
 from fp8lab.scaling.rowwise import Float8RowwiseScaling
 from fp8lab.scaling.state import ScalingState
@@ -26,7 +28,14 @@ from fp8lab.scaling.update import update_scales
 # the order telemetry lists them (the what-if rows, the report's columns).
 SCALINGS: dict[str, type[Scaling]] = {
     cls.name: cls
-    for cls in (DelayedScaling, Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling, Float8RowwiseScaling)
+    for cls in (
+        DelayedScaling,
+        Float8CurrentScaling,
+        Float8BlockScaling,
+        MXFP8BlockScaling,
+        Float8RowwiseScaling,
+        NVFP4BlockScaling,
+    )
 }
 
 __all__ = [
@@ -36,6 +45,7 @@ __all__ = [
     "Float8CurrentScaling",
     "Float8RowwiseScaling",
     "MXFP8BlockScaling",
+    "NVFP4BlockScaling",
     "Scaling",
     "ScalingState",
     "compute_scale",

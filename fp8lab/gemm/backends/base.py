@@ -32,6 +32,7 @@ from fp8lab.gemm.exact import epilogue, gemm_path, scaled_gemm
 from fp8lab.gemm.qlinear import output_dtype, quantized_linear
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 from fp8lab.quantize.tensor import STAT_NAMES
+from fp8lab.scaling.state import ScalingState
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class QuantizedGemmBackend:
     def scaling_view(self, layer: nn.Module) -> ScalingView:
         slot, state, device = layer.telemetry, layer.fp8_state, layer.weight.device
         stats = slot.cast_stats if slot.cast_stats is not None else not_measured(device)
-        if state is not None:  # delayed scaling: the ScalingState holds scale, amax, faults
+        if isinstance(state, ScalingState):  # delayed scaling: the ScalingState holds scale, amax, faults
             return ScalingView(
                 state.scale,
                 state.amax_history[0],

@@ -1,0 +1,103 @@
+"""Casting onto the FP4 E2M1 grid block by block, with given block encode scales; the random
+Hadamard transform NVFP4 applies before some casts.
+
+Invariant: like the FP8 casts, these take scales (and random bits) as inputs and never compute
+them (``fp8lab.scaling.nvfp4_scales`` does). Each element is converted to float32 and multiplied
+by its block's encode scale (one float32 rounding, TE's ``mul.f32x2``), then converted to E2M1
+with "satfinite" semantics: NaN becomes +6, magnitudes above 6 become 6 with their sign kept;
+
+- round to nearest even (``cvt.rn.satfinite.e2m1x2.f32``): exact, ties to the even neighbour;
+- stochastic rounding with 8 random bits ``r`` per element, TE's ``stochastic_round_fp4_e2m1``
+  (its definition of what ``cvt.rs.satfinite.e2m1x4.f32`` takes): ``t = fma(r/256, step(|x|),
+  |x|)``, then ``floor(t / step(t)) * step(t)``, at most 6, with x's sign; ``step`` is the E2M1
+  spacing (0.5 below 2, 1 in [2, 4), 2 from 4). Each value rounds up with probability
+  ``ceil(256 * frac) / 256`` of its distance to the next grid point, so it is unbiased for values
+  on a 1/256-step grid between grid points and biased by less than step/256 otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp8lab.formats import E2M1
+from fp8lab.quantize.blocks import padded_blocks
+from fp8lab.quantize.tensor import round_fp32_to_fp8_grid_
+
+HADAMARD_SIZE = 16
+
+
+def _step(a: torch.Tensor) -> torch.Tensor:
+    """The E2M1 grid spacing at magnitude ``a``: 0.5 below 2, 1 in [2, 4), 2 from 4 (and for NaN: 0.5)."""
+    return torch.where(a >= 4.0, 2.0, torch.where(a >= 2.0, 1.0, 0.5)).to(torch.float32)
+
+
+def round_to_e2m1(v: torch.Tensor, rbits: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``v`` rounded onto E2M1 (satfinite) as a new float32 tensor: to nearest even, or
+    (``rbits``: integers 0..255 shaped like ``v``) stochastically, as TE defines it."""
+    v = v.float()
+    if rbits is None:
+        q = torch.where(torch.isnan(v), E2M1.max, v).clamp(-E2M1.max, E2M1.max).contiguous()
+        return round_fp32_to_fp8_grid_(q.view(-1), E2M1).view(v.shape)
+    u = rbits.to(torch.float32) * (1.0 / 256.0)  # exact: 8 bits
+    a = v.abs()
+    t = a + u * _step(a)  # u * step is exact, so this is TE's fmaf (one rounding)
+    step_t = _step(t)
+    q = torch.floor(t / step_t) * step_t  # division by a power of two: exact
+    q = torch.where(torch.isnan(t), E2M1.max, q).clamp(max=E2M1.max)
+    return torch.where(torch.isnan(v), q, torch.copysign(q, v))
+
+
+def cast_blocks_e2m1(
+    x2d: torch.Tensor, block: tuple[int, int], encode: torch.Tensor, rbits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The E2M1 values (float32, (R, C)) of ``x2d`` cast block by block: ``x * encode`` in float32,
+    then ``round_to_e2m1``.
+
+    Args:
+        x2d: any float tensor, 2-D.
+        block: the block shape (1, 16), (16, 1) or (16, 16).
+        encode: (ceil(R/br), ceil(C/bc)) float32 encode scales (``block_encode_scale``).
+        rbits: None (round to nearest even) or integers 0..255 shaped like ``x2d``.
+    """
+    r, c = x2d.shape
+    scaled = padded_blocks(x2d.float(), block) * encode.float()[:, None, :, None]
+    scaled = scaled.reshape(scaled.shape[0] * block[0], scaled.shape[2] * block[1])[:r, :c]
+    return round_to_e2m1(scaled, rbits)
+
+
+def dequantize_blocks(q: torch.Tensor, block: tuple[int, int], decode: torch.Tensor, dtype: torch.dtype):
+    """``q * decode`` per block in ``dtype``: exact in float32 and bfloat16 (an E2M1 value has 2
+    significant bits, an E4M3 scale 4, so their product has at most 6, and at least 2^-10)."""
+    r, c = q.shape
+    out = padded_blocks(q.float(), block) * decode.float()[:, None, :, None]
+    return out.reshape(out.shape[0] * block[0], out.shape[2] * block[1])[:r, :c].to(dtype)
+
+
+def hadamard(size: int = HADAMARD_SIZE) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of ``size`` (a power of two), entries +-1, float64."""
+    h = torch.ones((1, 1), dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return h
+
+
+def rht_matrix(signs: torch.Tensor) -> torch.Tensor:
+    """The random Hadamard transform's 16x16 matrix ``diag(signs) @ H / 4`` (float32, exact:
+    entries +-1/4), orthogonal: ``T @ T.T = I``. A row of 16 values ``v`` becomes ``v @ T``."""
+    n = signs.numel()
+    return (torch.diag(signs.double()) @ hadamard(n) / n**0.5).float()
+
+
+def apply_rht_dim0(x2d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x2d`` (R, C) transformed along dim 0 in groups of 16 rows: column j's group g becomes
+    ``x[g, j] @ T`` (TE transforms each 16-long row of the transposed copy). R is zero-padded to
+    a multiple of 16 first (TE requires one; padding both operands of the weight-gradient GEMM
+    with zeros leaves their product unchanged). Each output is the exact sum of its 16 terms
+    +-x/4 rounded once to float32 (computed in float64, where 16 terms of a float32 or bf16 input
+    sum exactly unless their exponents span more than ~25 binades): a model, since the order of
+    TE's fused kernel's float32 sum is not public. Returns float32 (Rp, C)."""
+    n = t.shape[0]
+    r, c = x2d.shape
+    x = torch.nn.functional.pad(x2d.double(), (0, 0, 0, -r % n))
+    groups = x.reshape(-1, n, c).transpose(1, 2)  # (G, C, 16): each row one group of column j
+    return (groups @ t.double()).transpose(1, 2).reshape(-1, c).float()
