@@ -38,7 +38,8 @@ from fp8lab.accumulation import FP32, Accumulator  # noqa: E402
 from fp8lab.formats import E4M3, E5M2  # noqa: E402
 from fp8lab.gemm.accumulate import accumulate_path, tensor_core_accumulate  # noqa: E402
 
-K_DEFAULT = [32, 64, 96, 128, 160, 256, 384, 1000, 1024, 4096, 16384]
+# CUDA's FP8 _scaled_mm needs K % 16 == 0: 48, 80 and 1008 are the Ks that are not multiples of 32 or 128
+K_DEFAULT = [32, 48, 64, 80, 96, 128, 160, 256, 384, 1008, 1024, 4096, 16384]
 PAIRS = ((E4M3, E4M3), (E4M3, E5M2))
 SCALE_A, SCALE_B = 2.0**-3, 2.0**2  # powers of two: the epilogue is exact
 # The tables' columns: the CPU check, and a GPU run's comparison per shape and K.
@@ -110,6 +111,7 @@ def gpu_rows(shapes, ks, gen) -> list[list[str]]:
                     f"{100 * equal_share(out, model(a, b, fa, fb, FP32)):.2f}%",
                 ]
             )
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)  # as it goes: a run cut short keeps its rows
     return rows
 
 
@@ -163,7 +165,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_fast_accum: no CUDA device here (use --device cpu to check the script)")
     print(f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})\n")
-    print(markdown_table(GPU_COLUMNS, gpu_rows(shapes, ks, gen)))
+    print("| " + " | ".join(GPU_COLUMNS) + " |\n|" + "---|" * len(GPU_COLUMNS), flush=True)
+    gpu_rows(shapes, ks, gen)
     print("\nThis run settles:")
     for q in QUESTIONS:
         print(f"  - {q}")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fp8lab import DelayedScaling, Float8BlockScaling, FP8Options, Linear, update_scales
+from fp8lab.accumulation import HOPPER_PROMOTED
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.gemm.backends.emulated import EmulatedBackend
 from fp8lab.gemm.backends.scaled_mm import ScaledMMBackend
@@ -108,16 +109,27 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner, scales):
     b_hp = torch.randn(inner, 32, generator=gen).cuda()
     s_a, s_b = (torch.tensor(s, device="cuda") for s in scales)
     emulated = EmulatedBackend(gemm_path("cuda"))
+    # use_fast_accum=False on an H200 is the promoted model bit for bit (benchmarks/gpu_fast_accum.py,
+    # BENCHMARKS.md): compare with it, not with an ideal fp32 sum (98% of outputs equal there)
+    qa, qb = emulated.quantize(a_hp, s_a, E5M2), emulated.quantize(b_hp, s_b, E4M3)
     ref = emulated.gemm(
-        emulated.quantize(a_hp, s_a, E5M2), emulated.quantize(b_hp, s_b, E4M3), 1 / s_a, 1 / s_b, torch.bfloat16
-    )
+        qa.cpu(),
+        qb.cpu(),
+        (1 / s_a).cpu(),
+        (1 / s_b).cpu(),
+        torch.bfloat16,
+        accumulator=HOPPER_PROMOTED,
+        formats=(E5M2, E4M3),
+    ).cuda()
     # laid out as the wgrad gets them: A = grad_out^T (column-major), B = x (row-major)
     a_q = cast_to_fp8(a_hp.t().contiguous(), s_a, E5M2).t()
     b_q = cast_to_fp8(b_hp, s_b, E4M3)
     out = ScaledMMBackend().gemm(a_q, b_q, 1 / s_a, 1 / s_b, torch.bfloat16)
     assert out.shape == (48, 32) and out.dtype == torch.bfloat16
+    if scales == (16.0, 512.0):  # power-of-2 scales: the epilogue is exact, so every bit is the model's
+        assert torch.equal(out, ref)
     assert (out == ref).float().mean().item() >= 0.99
-    assert _bf16_ulps(out, ref).max().item() <= 2.0
+    assert _bf16_ulps(out, ref).max().item() <= 1.0
 
 
 def _emulated_and_scaled_mm(scaling) -> tuple[Linear, Linear]:

@@ -34,7 +34,8 @@ def test_cpu_model_refuses_exactly_what_cuda_refuses(name):
     cublas = tuple(int(p) for p in torch.version.cuda.split(".")[:2])
     predicted = refusal(**call, capability=cap, cublas=cublas)
     try:
-        torch._scaled_mm(**call)
+        rest = dict(call)  # the tensors positionally: torch 2.11 names the first one "input", 2.13 "mat1"
+        torch._scaled_mm(rest.pop("mat1"), rest.pop("mat2"), rest.pop("scale_a"), rest.pop("scale_b"), **rest)
         torch.cuda.synchronize()
         actual = None
     except (RuntimeError, ValueError) as err:

@@ -260,4 +260,4 @@ def _cast_stats(x: torch.Tensor, dequantized_by_block: torch.Tensor, amax: torch
     underflow = (torch.count_nonzero(xd) - torch.count_nonzero(dequantized_by_block)).double() * (100.0 / n)
     signal, noise = (xd * xd).sum(), (err * err).sum().clamp_min(1e-300)
     sqnr = 10.0 * torch.log10(signal / noise)
-    return torch.stack([torch.zeros((), dtype=torch.float64), underflow, sqnr]).float().to(x.device)
+    return torch.stack([torch.zeros((), dtype=torch.float64, device=x.device), underflow, sqnr]).float()
