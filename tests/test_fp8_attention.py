@@ -27,7 +27,7 @@ import torch
 import fp8lab
 from fp8lab.formats import E4M3, E5M2
 from fp8lab.layers.attention import MultiheadAttention, attention
-from fp8lab.layers.fp8_attention import DO, DP, DQKV, O, QKV, S, fp8_attention
+from fp8lab.layers.fp8_attention import Bwd, Fwd, fp8_attention
 from tests.helpers import sqnr_db
 
 B, H, T, D = 2, 2, 32, 16
@@ -83,12 +83,12 @@ def _reference(q, k, v, fwd, bwd, causal=True):
     """The documented model in float64, differentiable (autograd gives its backward)."""
     sf, sb = fwd.scale, bwd.scale
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    qd, kd, vd = (_GradQDQ.apply(_QDQ.apply(t, sf[QKV], E4M3), sb[DQKV], E5M2) for t in (q64, k64, v64))
-    scores = _GradQDQ.apply(qd @ kd.transpose(-2, -1) * D**-0.5, sb[DP], E5M2)
+    qd, kd, vd = (_GradQDQ.apply(_QDQ.apply(t, sf[Fwd.QKV], E4M3), sb[Bwd.DQKV], E5M2) for t in (q64, k64, v64))
+    scores = _GradQDQ.apply(qd @ kd.transpose(-2, -1) * D**-0.5, sb[Bwd.DP], E5M2)
     if causal:
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = _GradQDQ.apply(_QDQ.apply(_QDQ.apply(probs, sf[S], E4M3) @ vd, sf[O], E4M3), sb[DO], E5M2)
+    out = _GradQDQ.apply(_QDQ.apply(_QDQ.apply(probs, sf[Fwd.S], E4M3) @ vd, sf[Fwd.O], E4M3), sb[Bwd.DO], E5M2)
     return out, (q64, k64, v64)
 
 
@@ -111,14 +111,14 @@ def test_forward_casts_and_gemms_against_float64_model():
     q8, k8, v8, p8, probs = y.grad_fn.saved_tensors[:5]
     s = fwd.scale
     for t8, t in zip((q8, k8, v8), (q, k, v)):  # the casts are exact: bit for bit
-        assert torch.equal(t8.double(), _cast64(t, s[QKV], E4M3))
+        assert torch.equal(t8.double(), _cast64(t, s[Fwd.QKV], E4M3))
     inv = s.reciprocal()
-    scores = q8.double() @ k8.double().transpose(-2, -1) * (inv[QKV].double() ** 2 * D**-0.5)
+    scores = q8.double() @ k8.double().transpose(-2, -1) * (inv[Fwd.QKV].double() ** 2 * D**-0.5)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(probs.double(), torch.softmax(scores, -1), rtol=0, atol=1e-5)
-    assert torch.equal(p8.double(), _cast64(probs, s[S], E4M3))  # P's cast, bit for bit
-    out64 = p8.double() @ v8.double() * (inv[S].double() * inv[QKV].double())
-    y_ref = (_cast64(out64, s[O], E4M3) * inv[O].double()).to(torch.bfloat16)
+    assert torch.equal(p8.double(), _cast64(probs, s[Fwd.S], E4M3))  # P's cast, bit for bit
+    out64 = p8.double() @ v8.double() * (inv[Fwd.S].double() * inv[Fwd.QKV].double())
+    y_ref = (_cast64(out64, s[Fwd.O], E4M3) * inv[Fwd.O].double()).to(torch.bfloat16)
     assert (y == y_ref).float().mean() > 0.99  # only fp32-vs-float64 rounding-boundary cases differ
     assert sqnr_db(y_ref, y) > 40
     out_ref, _ = _reference(q, k, v, fwd, bwd)
@@ -150,12 +150,12 @@ def test_amaxes_recorded_and_update_scales_changes_them():
     probs = y.grad_fn.saved_tensors[4]
     y.backward(g)
     qkv_amax = max(t.detach().abs().max().float() for t in (q, k, v))
-    assert fwd.amax_history[0, QKV] == qkv_amax
-    assert fwd.amax_history[0, S] == probs.max()
-    assert bwd.amax_history[0, DO] == g.abs().max().float()
+    assert fwd.amax_history[0, Fwd.QKV] == qkv_amax
+    assert fwd.amax_history[0, Fwd.S] == probs.max()
+    assert bwd.amax_history[0, Bwd.DO] == g.abs().max().float()
     # the rest against the float64 model (its fp32 values differ in the last bits)
     out_ref, leaves = _reference(q, k, v, fwd, bwd)
-    torch.testing.assert_close(fwd.amax_history[0, O], out_ref.detach().abs().max().float(), rtol=2e-2, atol=0)
+    torch.testing.assert_close(fwd.amax_history[0, Fwd.O], out_ref.detach().abs().max().float(), rtol=2e-2, atol=0)
     assert (fwd.amax_history[0] > 0).all() and (bwd.amax_history[0] > 0).all()
     assert torch.equal(fwd.scale, torch.ones(3)) and torch.equal(bwd.scale, torch.ones(3))
     before_f, before_b = fwd.amax_history[0].clone(), bwd.amax_history[0].clone()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,22 @@ from fp8lab.scaling.state import ScalingState
 # Columns of the two states, named as TE's DPA meta names them.
 FWD_TENSORS = ("qkv", "s", "o")  # scaling_fwd: META_QKV, META_S (softmax output), META_O
 BWD_TENSORS = ("dqkv", "do", "dp")  # scaling_bwd: META_DQKV, META_DO, META_DP (grad of the scores)
-QKV, S, O = 0, 1, 2
-DQKV, DO, DP = 0, 1, 2
+
+
+class Fwd(enum.IntEnum):
+    """Columns of ``scaling_fwd`` (E4M3)."""
+
+    QKV = 0
+    S = 1  # the softmax output P
+    O = 2  # noqa: E741 -- TE's name
+
+
+class Bwd(enum.IntEnum):
+    """Columns of ``scaling_bwd`` (E5M2 under "hybrid")."""
+
+    DQKV = 0
+    DO = 1
+    DP = 2  # the gradient of the scores S = q k^T * softmax_scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +126,7 @@ class _FP8Attention(torch.autograd.Function):
         inv_qkv, inv_s, inv_o = fwd.scale.reciprocal().unbind(0)
         sm = torch.tensor(softmax_scale, dtype=torch.float32, device=q.device)
         if record:
-            fwd.record_amax(QKV, _amax(q, k, v))
+            fwd.record_amax(Fwd.QKV, _amax(q, k, v))
         q8, k8, v8 = (_cast(t, s_qkv, fmt) for t in (q, k, v))  # (B, H, T, D) each
         scores = _mm(q8, k8.transpose(-2, -1)) * (inv_qkv * inv_qkv * sm)  # (B, H, T, T) fp32
         if causal:
@@ -120,11 +135,11 @@ class _FP8Attention(torch.autograd.Function):
             scores = scores.masked_fill(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # fp32
         if record:
-            fwd.record_amax(S, amaxes_of(probs))
+            fwd.record_amax(Fwd.S, amaxes_of(probs))
         p8 = _cast(probs, s_s, fmt)
         out = _mm(p8, v8) * (inv_s * inv_qkv)  # (B, H, T, D) fp32
         if record:
-            fwd.record_amax(O, amaxes_of(out))
+            fwd.record_amax(Fwd.O, amaxes_of(out))
         out = (_cast(out, s_o, fmt) * inv_o).to(out_dtype)
         ctx.save_for_backward(q8, k8, v8, p8, probs, inv_qkv, inv_s, sm)
         ctx.bwd, ctx.record, ctx.dtypes = bwd, record, (q.dtype, k.dtype, v.dtype)
@@ -138,19 +153,19 @@ class _FP8Attention(torch.autograd.Function):
         s_dqkv, s_do, s_dp = bwd.scale.unbind(0)
         inv_dqkv, inv_do, inv_dp = bwd.scale.reciprocal().unbind(0)
         if record:
-            bwd.record_amax(DO, amaxes_of(grad_out))
+            bwd.record_amax(Bwd.DO, amaxes_of(grad_out))
         do8 = _cast(grad_out, s_do, fmt)
         dv = _mm(p8.transpose(-2, -1), do8) * (inv_s * inv_do)  # (B, H, T, D)
         dp = _mm(do8, v8.transpose(-2, -1)) * (inv_do * inv_qkv)  # (B, H, T, T)
         ds = probs * (dp - (probs * dp).sum(dim=-1, keepdim=True))  # softmax backward, fp32
         if record:
-            bwd.record_amax(DP, amaxes_of(ds))
+            bwd.record_amax(Bwd.DP, amaxes_of(ds))
         ds8 = _cast(ds, s_dp, fmt)
         alpha = inv_dp * inv_qkv * sm
         dq = _mm(ds8, k8) * alpha
         dk = _mm(ds8.transpose(-2, -1), q8) * alpha
         if record:
-            bwd.record_amax(DQKV, _amax(dq, dk, dv))
+            bwd.record_amax(Bwd.DQKV, _amax(dq, dk, dv))
         grads = [(_cast(g, s_dqkv, fmt) * inv_dqkv).to(dt) for g, dt in zip((dq, dk, dv), ctx.dtypes)]
         return *grads, None, None, None, None, None, None
 
