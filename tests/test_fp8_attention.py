@@ -247,3 +247,20 @@ def test_save_load_resumes_bit_exactly(one_thread):
         assert torch.equal(_step(a, opt_a, x), _step(b, opt_b, x))
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(ta, tb), name
+
+
+def test_gpt_passes_fp8_dpa_down():
+    torch.manual_seed(0)
+    default = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1)
+    assert not any(".dpa." in k for k in default.state_dict())
+    torch.manual_seed(0)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1, fp8_dpa=True)
+    assert model.config.fp8_dpa and model.blocks[0].attn.dpa_runs(torch.device("cpu"))
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx).float().logsumexp(-1).mean().backward()
+    fp8lab.update_scales(model)
+    dpa = model.blocks[0].attn.dpa
+    assert (dpa.scaling_fwd.scale != 1).all() and (dpa.scaling_bwd.scale != 1).all()
+    with pytest.raises(ValueError, match="fp8_dpa"):
+        fp8lab.GPTConfig.from_preset("tiny", fp8_dpa=1)
