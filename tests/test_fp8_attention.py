@@ -264,3 +264,30 @@ def test_gpt_passes_fp8_dpa_down():
     assert (dpa.scaling_fwd.scale != 1).all() and (dpa.scaling_bwd.scale != 1).all()
     with pytest.raises(ValueError, match="fp8_dpa"):
         fp8lab.GPTConfig.from_preset("tiny", fp8_dpa=1)
+
+
+def test_log_step_reports_each_attention_tensor():
+    from fp8lab.telemetry.step import StepTelemetry
+
+    torch.manual_seed(0)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1, fp8_dpa=True)
+    telemetry = StepTelemetry(model, log_interval=1)
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    dpa = model.blocks[0].attn.dpa
+    for _ in range(2):
+        telemetry.begin(log=True, whatif=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx).float().logsumexp(-1).mean().backward()
+        scale = torch.cat([dpa.scaling_fwd.scale, dpa.scaling_bwd.scale])
+        amax = torch.cat([dpa.scaling_fwd.amax_history[0], dpa.scaling_bwd.amax_history[0]])
+        scalars = telemetry.end().stats.scalars()
+    tensors = ("qkv", "s", "o", "dqkv", "do", "dp")
+    for i, tensor in enumerate(tensors):
+        prefix = f"scaling/blocks.0.attn.dpa/{tensor}"
+        assert scalars[f"{prefix}/scale"] == float(scale[i]) and scalars[f"{prefix}/amax"] == float(amax[i])
+        assert scalars[f"{prefix}/sqnr_db"] > 10 and 0 <= scalars[f"{prefix}/overflow_pct"] <= 100
+    assert float(scale[0]) != 1.0  # the second step's scales came from the first step's amaxes
+    assert "scaling/blocks.0.attn.qkv/input/scale" in scalars  # the layers' rows are unchanged
+    torch.manual_seed(0)
+    plain = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1)
+    assert StepTelemetry(plain).collector.attention == []

@@ -46,7 +46,7 @@ from torch import nn
 
 from fp8lab.formats import FP8Format, Role, format_for
 from fp8lab.gemm.exact import _cuda_exact
-from fp8lab.quantize.tensor import amaxes_of, cast_to_fp8_grid
+from fp8lab.quantize.tensor import STAT_NAMES, amaxes_of, cast_stats, cast_to_fp8_grid
 from fp8lab.scaling.delayed import DelayedScaling
 from fp8lab.scaling.state import ScalingState
 
@@ -102,6 +102,32 @@ class AttentionScaling(DelayedScaling):
         return (self.tensor_format.max,) * 3
 
 
+class AttentionSlot:
+    """Where the FP8 attention leaves its casts' statistics on a log step (the collector arms
+    it, as a Linear's TelemetrySlot): ``cast_stats`` (2 states, 3 tensors, ``STAT_NAMES``),
+    NaN for a cast that did not run while armed. Not saved, never read by ``update_scales``."""
+
+    def __init__(self) -> None:
+        self.armed = False  # a host flag: checking it never touches the device
+        self.cast_stats: torch.Tensor | None = None
+
+    def arm(self, device: torch.device) -> None:
+        if self.cast_stats is None or self.cast_stats.device != device:
+            self.cast_stats = torch.empty(2, 3, len(STAT_NAMES), dtype=torch.float32, device=device)
+        self.cast_stats.fill_(float("nan"))
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def note(self, state: int, column: int, tensors, values, scale: torch.Tensor, fmt: FP8Format) -> None:
+        """The statistics of one cast (of several tensors with one scale: over all of them)."""
+        if self.armed:
+            x = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0]
+            v = torch.cat([t.reshape(-1) for t in values]) if len(values) > 1 else values[0]
+            self.cast_stats[state, column] = cast_stats(x, v, scale, fmt)
+
+
 def _amax(*tensors: torch.Tensor) -> torch.Tensor:
     """``amaxes_of`` over several tensors together (one amax, as TE's one QKV quantizer takes)."""
     return torch.stack([amaxes_of(t) for t in tensors]).amax(dim=0)
@@ -120,7 +146,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _FP8Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fwd, bwd, softmax_scale, causal, record, out_dtype):
+    def forward(ctx, q, k, v, fwd, bwd, softmax_scale, causal, record, out_dtype, slot):
         fmt = fwd.scaling.tensor_format
         s_qkv, s_s, s_o = fwd.scale.unbind(0)
         inv_qkv, inv_s, inv_o = fwd.scale.reciprocal().unbind(0)
@@ -128,6 +154,7 @@ class _FP8Attention(torch.autograd.Function):
         if record:
             fwd.record_amax(Fwd.QKV, _amax(q, k, v))
         q8, k8, v8 = (_cast(t, s_qkv, fmt) for t in (q, k, v))  # (B, H, T, D) each
+        slot.note(0, Fwd.QKV, (q, k, v), (q8, k8, v8), s_qkv, fmt)
         scores = _mm(q8, k8.transpose(-2, -1)) * (inv_qkv * inv_qkv * sm)  # (B, H, T, T) fp32
         if causal:
             t_q, t_k = scores.shape[-2:]
@@ -137,37 +164,44 @@ class _FP8Attention(torch.autograd.Function):
         if record:
             fwd.record_amax(Fwd.S, amaxes_of(probs))
         p8 = _cast(probs, s_s, fmt)
+        slot.note(0, Fwd.S, (probs,), (p8,), s_s, fmt)
         out = _mm(p8, v8) * (inv_s * inv_qkv)  # (B, H, T, D) fp32
         if record:
             fwd.record_amax(Fwd.O, amaxes_of(out))
-        out = (_cast(out, s_o, fmt) * inv_o).to(out_dtype)
+        o8 = _cast(out, s_o, fmt)
+        slot.note(0, Fwd.O, (out,), (o8,), s_o, fmt)
+        out = (o8 * inv_o).to(out_dtype)
         ctx.save_for_backward(q8, k8, v8, p8, probs, inv_qkv, inv_s, sm)
-        ctx.bwd, ctx.record, ctx.dtypes = bwd, record, (q.dtype, k.dtype, v.dtype)
+        ctx.bwd, ctx.record, ctx.dtypes, ctx.slot = bwd, record, (q.dtype, k.dtype, v.dtype), slot
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q8, k8, v8, p8, probs, inv_qkv, inv_s, sm = ctx.saved_tensors
-        bwd, record = ctx.bwd, ctx.record
+        bwd, record, slot = ctx.bwd, ctx.record, ctx.slot
         fmt = bwd.scaling.tensor_format
         s_dqkv, s_do, s_dp = bwd.scale.unbind(0)
         inv_dqkv, inv_do, inv_dp = bwd.scale.reciprocal().unbind(0)
         if record:
             bwd.record_amax(Bwd.DO, amaxes_of(grad_out))
         do8 = _cast(grad_out, s_do, fmt)
+        slot.note(1, Bwd.DO, (grad_out,), (do8,), s_do, fmt)
         dv = _mm(p8.transpose(-2, -1), do8) * (inv_s * inv_do)  # (B, H, T, D)
         dp = _mm(do8, v8.transpose(-2, -1)) * (inv_do * inv_qkv)  # (B, H, T, T)
         ds = probs * (dp - (probs * dp).sum(dim=-1, keepdim=True))  # softmax backward, fp32
         if record:
             bwd.record_amax(Bwd.DP, amaxes_of(ds))
         ds8 = _cast(ds, s_dp, fmt)
+        slot.note(1, Bwd.DP, (ds,), (ds8,), s_dp, fmt)
         alpha = inv_dp * inv_qkv * sm
         dq = _mm(ds8, k8) * alpha
         dk = _mm(ds8.transpose(-2, -1), q8) * alpha
         if record:
             bwd.record_amax(Bwd.DQKV, _amax(dq, dk, dv))
-        grads = [(_cast(g, s_dqkv, fmt) * inv_dqkv).to(dt) for g, dt in zip((dq, dk, dv), ctx.dtypes)]
-        return *grads, None, None, None, None, None, None
+        grads8 = [_cast(g, s_dqkv, fmt) for g in (dq, dk, dv)]
+        slot.note(1, Bwd.DQKV, (dq, dk, dv), grads8, s_dqkv, fmt)
+        grads = [(g8 * inv_dqkv).to(dt) for g8, dt in zip(grads8, ctx.dtypes)]
+        return *grads, None, None, None, None, None, None, None
 
 
 def fp8_attention(
@@ -180,6 +214,7 @@ def fp8_attention(
     causal: bool,
     record: bool,
     softmax_scale: float | None = None,
+    slot: AttentionSlot | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T * softmax_scale) v`` over (B, H, T, D) tensors, the FP8 model above.
 
@@ -190,12 +225,14 @@ def fp8_attention(
         causal: token t sees tokens <= t.
         record: training: the amaxes go into row 0 of the states' histories.
         softmax_scale: default 1/sqrt(D).
+        slot: the layer's AttentionSlot; while armed, each cast's statistics go there.
     Returns:
         (B, H, T, D) in q's dtype.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     with torch.autocast(q.device.type, enabled=False):
-        return _FP8Attention.apply(q, k, v, fwd, bwd, scale, causal, record, q.dtype)
+        slot = slot if slot is not None else AttentionSlot()
+        return _FP8Attention.apply(q, k, v, fwd, bwd, scale, causal, record, q.dtype, slot)
 
 
 class FP8DotProductAttention(nn.Module):
@@ -217,7 +254,21 @@ class FP8DotProductAttention(nn.Module):
             )
         self.scaling_fwd = ScalingState(AttentionScaling.of(scaling, backward=False), device)
         self.scaling_bwd = ScalingState(AttentionScaling.of(scaling, backward=True), device)
+        self.telemetry = AttentionSlot()  # armed by the telemetry collector on log steps
 
     def forward(self, q, k, v, *, causal: bool) -> torch.Tensor:
         """(B, H, T, D) q, k, v -> (B, H, T, D); amaxes recorded in training."""
-        return fp8_attention(q, k, v, self.scaling_fwd, self.scaling_bwd, causal=causal, record=self.training)
+        return fp8_attention(
+            q, k, v, self.scaling_fwd, self.scaling_bwd, causal=causal, record=self.training, slot=self.telemetry
+        )
+
+    def telemetry_snapshot(self) -> torch.Tensor:
+        """(6, 2 + len(STAT_NAMES)) on the device: scale, amax (row 0, the step being
+        recorded) and the armed step's cast statistics of qkv, s, o, dqkv, do, dp (NaN where
+        not measured). No host copy."""
+        scale = torch.cat([self.scaling_fwd.scale, self.scaling_bwd.scale])
+        amax = torch.cat([self.scaling_fwd.amax_history[0], self.scaling_bwd.amax_history[0]])
+        stats = self.telemetry.cast_stats
+        if stats is None:
+            stats = torch.full((2, 3, len(STAT_NAMES)), float("nan"), device=scale.device)
+        return torch.cat([scale[:, None], amax[:, None], stats.reshape(6, -1)], dim=1)
