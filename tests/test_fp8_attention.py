@@ -286,6 +286,8 @@ def test_log_step_reports_each_attention_tensor():
         prefix = f"scaling/blocks.0.attn.dpa/{tensor}"
         assert scalars[f"{prefix}/scale"] == float(scale[i]) and scalars[f"{prefix}/amax"] == float(amax[i])
         assert scalars[f"{prefix}/sqnr_db"] > 10 and 0 <= scalars[f"{prefix}/overflow_pct"] <= 100
+    for gemm in ("s", "o", "dv", "dp", "dq", "dk"):  # FP8 vs BF16 twin: FP8-sized, not bf16-sized, errors
+        assert 10 < scalars[f"accuracy/blocks.0.attn.dpa/{gemm}_sqnr_db"] < 45, gemm
     assert float(scale[0]) != 1.0  # the second step's scales came from the first step's amaxes
     assert "scaling/blocks.0.attn.qkv/input/scale" in scalars  # the layers' rows are unchanged
     torch.manual_seed(0)

@@ -46,6 +46,7 @@ from torch import nn
 
 from fp8lab.formats import FP8Format, Role, format_for
 from fp8lab.gemm.exact import _cuda_exact
+from fp8lab.gemm.shadow import sqnr_db
 from fp8lab.quantize.tensor import STAT_NAMES, amaxes_of, cast_stats, cast_to_fp8_grid
 from fp8lab.scaling.delayed import DelayedScaling
 from fp8lab.scaling.state import ScalingState
@@ -69,6 +70,10 @@ class Bwd(enum.IntEnum):
     DQKV = 0
     DO = 1
     DP = 2  # the gradient of the scores S = q k^T * softmax_scale
+
+
+# The six GEMMs, named by their outputs (telemetry: ``accuracy/<core>/<gemm>_sqnr_db``).
+GEMMS = ("s", "o", "dv", "dp", "dq", "dk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,19 +108,31 @@ class AttentionScaling(DelayedScaling):
 
 
 class AttentionSlot:
-    """Where the FP8 attention leaves its casts' statistics on a log step (the collector arms
-    it, as a Linear's TelemetrySlot): ``cast_stats`` (2 states, 3 tensors, ``STAT_NAMES``),
-    NaN for a cast that did not run while armed. Not saved, never read by ``update_scales``."""
+    """Where the FP8 attention leaves its statistics on a log step (the collector arms it, as a
+    Linear's TelemetrySlot): ``cast_stats`` (2 states, 3 tensors, ``STAT_NAMES``) and
+    ``gemm_sqnr`` (``GEMMS``: each GEMM's output SQNR in dB against its BF16 twin, the same
+    GEMM of the same high-precision operands rounded to bf16, summed in fp32); NaN for what
+    did not run while armed. Not saved, never read by ``update_scales``."""
 
     def __init__(self) -> None:
         self.armed = False  # a host flag: checking it never touches the device
         self.cast_stats: torch.Tensor | None = None
+        self.gemm_sqnr: torch.Tensor | None = None
 
     def arm(self, device: torch.device) -> None:
         if self.cast_stats is None or self.cast_stats.device != device:
             self.cast_stats = torch.empty(2, 3, len(STAT_NAMES), dtype=torch.float32, device=device)
+            self.gemm_sqnr = torch.empty(len(GEMMS), dtype=torch.float32, device=device)
         self.cast_stats.fill_(float("nan"))
+        self.gemm_sqnr.fill_(float("nan"))
         self.armed = True
+
+    def twin(self, gemm: str, a_hp: torch.Tensor, b_hp: torch.Tensor, out: torch.Tensor, factor=None) -> None:
+        """The SQNR of the FP8 GEMM's fp32 output ``out`` against ``a_hp @ b_hp`` in BF16 (times
+        ``factor``, the softmax scale of S, dQ and dK); log steps only."""
+        if self.armed:
+            ref = _mm(a_hp.detach().to(torch.bfloat16).float(), b_hp.detach().to(torch.bfloat16).float())
+            self.gemm_sqnr[GEMMS.index(gemm)] = sqnr_db(ref if factor is None else ref * factor, out)
 
     def disarm(self) -> None:
         self.armed = False
@@ -156,6 +173,7 @@ class _FP8Attention(torch.autograd.Function):
         q8, k8, v8 = (_cast(t, s_qkv, fmt) for t in (q, k, v))  # (B, H, T, D) each
         slot.note(0, Fwd.QKV, (q, k, v), (q8, k8, v8), s_qkv, fmt)
         scores = _mm(q8, k8.transpose(-2, -1)) * (inv_qkv * inv_qkv * sm)  # (B, H, T, T) fp32
+        slot.twin("s", q, k.transpose(-2, -1), scores, sm)
         if causal:
             t_q, t_k = scores.shape[-2:]
             future = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1)
@@ -166,6 +184,7 @@ class _FP8Attention(torch.autograd.Function):
         p8 = _cast(probs, s_s, fmt)
         slot.note(0, Fwd.S, (probs,), (p8,), s_s, fmt)
         out = _mm(p8, v8) * (inv_s * inv_qkv)  # (B, H, T, D) fp32
+        slot.twin("o", probs, v, out)
         if record:
             fwd.record_amax(Fwd.O, amaxes_of(out))
         o8 = _cast(out, s_o, fmt)
@@ -173,6 +192,9 @@ class _FP8Attention(torch.autograd.Function):
         out = (o8 * inv_o).to(out_dtype)
         ctx.save_for_backward(q8, k8, v8, p8, probs, inv_qkv, inv_s, sm)
         ctx.bwd, ctx.record, ctx.dtypes, ctx.slot = bwd, record, (q.dtype, k.dtype, v.dtype), slot
+        # Log steps only (a host flag): the high-precision q, k, v for the backward's BF16 twins;
+        # kept outside save_for_backward (telemetry's, not the GEMMs'), as qlinear's shadows.
+        ctx.hp = (q.detach(), k.detach(), v.detach()) if slot.armed else None
         return out
 
     @staticmethod
@@ -188,6 +210,10 @@ class _FP8Attention(torch.autograd.Function):
         slot.note(1, Bwd.DO, (grad_out,), (do8,), s_do, fmt)
         dv = _mm(p8.transpose(-2, -1), do8) * (inv_s * inv_do)  # (B, H, T, D)
         dp = _mm(do8, v8.transpose(-2, -1)) * (inv_do * inv_qkv)  # (B, H, T, T)
+        twins = ctx.hp is not None and slot.armed
+        if twins:
+            slot.twin("dv", probs.transpose(-2, -1), grad_out, dv)
+            slot.twin("dp", grad_out, ctx.hp[2].transpose(-2, -1), dp)
         ds = probs * (dp - (probs * dp).sum(dim=-1, keepdim=True))  # softmax backward, fp32
         if record:
             bwd.record_amax(Bwd.DP, amaxes_of(ds))
@@ -196,6 +222,9 @@ class _FP8Attention(torch.autograd.Function):
         alpha = inv_dp * inv_qkv * sm
         dq = _mm(ds8, k8) * alpha
         dk = _mm(ds8.transpose(-2, -1), q8) * alpha
+        if twins:
+            slot.twin("dq", ds, ctx.hp[1], dq, sm)
+            slot.twin("dk", ds.transpose(-2, -1), ctx.hp[0], dk, sm)
         if record:
             bwd.record_amax(Bwd.DQKV, _amax(dq, dk, dv))
         grads8 = [_cast(g, s_dqkv, fmt) for g in (dq, dk, dv)]
@@ -263,12 +292,14 @@ class FP8DotProductAttention(nn.Module):
         )
 
     def telemetry_snapshot(self) -> torch.Tensor:
-        """(6, 2 + len(STAT_NAMES)) on the device: scale, amax (row 0, the step being
-        recorded) and the armed step's cast statistics of qkv, s, o, dqkv, do, dp (NaN where
-        not measured). No host copy."""
+        """(6, 3 + len(STAT_NAMES)) on the device: row i holds the scale, amax (row 0, the step
+        being recorded) and the armed step's cast statistics of tensor i (qkv, s, o, dqkv, do,
+        dp), then the BF16-twin SQNR of GEMM i (``GEMMS``: s, o, dv, dp, dq, dk); NaN where not
+        measured. No host copy."""
         scale = torch.cat([self.scaling_fwd.scale, self.scaling_bwd.scale])
         amax = torch.cat([self.scaling_fwd.amax_history[0], self.scaling_bwd.amax_history[0]])
-        stats = self.telemetry.cast_stats
+        stats, gemms = self.telemetry.cast_stats, self.telemetry.gemm_sqnr
         if stats is None:
             stats = torch.full((2, 3, len(STAT_NAMES)), float("nan"), device=scale.device)
-        return torch.cat([scale[:, None], amax[:, None], stats.reshape(6, -1)], dim=1)
+            gemms = torch.full((len(GEMMS),), float("nan"), device=scale.device)
+        return torch.cat([scale[:, None], amax[:, None], stats.reshape(6, -1), gemms[:, None]], dim=1)

@@ -10,8 +10,10 @@ and fault counts with ONE device-to-host copy. That copy is a sync point, by des
 here. On the same step it reads each layer's output SQNR against its BF16 shadow
 (``accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db``), in the same copy, and the scale, amax
 and cast statistics of each FP8 attention core's tensors (``fp8_dpa``):
-``scaling/<attention fqn>.dpa/<qkv|s|o|dqkv|do|dp>/<stat>``, kept apart from the layers' rows
-(whose roles are input, weight, grad_output) in ``LayerStats.attention``.
+``scaling/<attention fqn>.dpa/<qkv|s|o|dqkv|do|dp>/<stat>``, and the output SQNR of its six
+GEMMs against their BF16 twins, ``accuracy/<attention fqn>.dpa/<s|o|dv|dp|dq|dk>_sqnr_db``,
+kept apart from the layers' rows (whose roles are input, weight, grad_output) in
+``LayerStats.attention``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
 from fp8lab.layers.attention import MultiheadAttention
-from fp8lab.layers.fp8_attention import BWD_TENSORS, FWD_TENSORS
+from fp8lab.layers.fp8_attention import BWD_TENSORS, FWD_TENSORS, GEMMS
 from fp8lab.layers.linear import Linear
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 from fp8lab.quantize.tensor import STAT_NAMES
@@ -59,8 +61,9 @@ class LayerStats:
         shadow: (n_layers, 3 GEMMs): each GEMM's output SQNR against BF16 (NaN: not measured).
         accum: (n_layers, 3 GEMMs): each GEMM's output SQNR against the same GEMM accumulated
             in fp32 (NaN: an fp32 accumulator, or not measured).
-        attention: {FP8 attention core's name: (6 tensors ``ATTENTION_TENSORS``,
-            ``ATTENTION_FIELDS``)}: scale, amax and cast statistics (NaN: not measured).
+        attention: {FP8 attention core's name: (6, len(ATTENTION_FIELDS) + 1)}: row i holds
+            scale, amax and cast statistics of tensor ``ATTENTION_TENSORS[i]``, then the
+            BF16-twin output SQNR of GEMM ``fp8_attention.GEMMS[i]`` (NaN: not measured).
     """
 
     layers: tuple[str, ...]
@@ -110,6 +113,9 @@ class LayerStats:
                     value = float(values[t, f])
                     if not math.isnan(value):
                         yield Key(SCALING, core, tensor, stat=stat), value
+                value = float(values[t, -1])
+                if not math.isnan(value):
+                    yield Key(ACCURACY, core, stat=f"{GEMMS[t]}_sqnr_db"), value
 
     def scalars(self) -> dict[str, float]:
         """{tag: value} of ``items`` for the TensorBoard writer."""
@@ -224,7 +230,7 @@ class ScalingCollector:
         if snapshot is None:
             return LayerStats.empty(), host_extra
         torch._foreach_zero_(counters)
-        host_attention = flat[len(flat) - n_attention :].reshape(-1, len(ATTENTION_TENSORS), len(ATTENTION_FIELDS))
+        host_attention = flat[len(flat) - n_attention :].reshape(-1, len(ATTENTION_TENSORS), len(ATTENTION_FIELDS) + 1)
         attention_stats = {name: host_attention[i] for i, (name, _) in enumerate(self.attention)}
         host = flat[len(extra) : len(flat) - n_attention].reshape(len(self.names), _ROWS, 3)
         values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
