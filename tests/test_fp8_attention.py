@@ -92,10 +92,10 @@ def _reference(q, k, v, fwd, bwd, causal=True):
     return out, (q64, k64, v64)
 
 
-def _warm_states(q, k, v, g):
+def _warm_states(q, k, v, g, causal=True):
     """States whose scales come from one recorded step (realistic, not powers of two)."""
     fwd, bwd = _states()
-    fp8_attention(q, k, v, fwd, bwd, causal=True, record=True).backward(g)
+    fp8_attention(q, k, v, fwd, bwd, causal=causal, record=True).backward(g)
     holder = torch.nn.ModuleDict({"f": fwd, "b": bwd})
     fp8lab.update_scales(holder)
     for t in (q, k, v):
@@ -126,15 +126,18 @@ def test_forward_casts_and_gemms_against_float64_model():
     assert sqnr_db(out_ref, y) > 45
 
 
-def test_gradients_against_autograd_of_float64_model():
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_against_autograd_of_float64_model(causal):
     q, k, v = _qkv(1)
     g = torch.randn(B, H, T, D).to(torch.bfloat16)
-    fwd, bwd = _warm_states(q, k, v, g)
-    fp8_attention(q, k, v, fwd, bwd, causal=True, record=False).backward(g)
-    out_ref, leaves = _reference(q, k, v, fwd, bwd)
+    fwd, bwd = _warm_states(q, k, v, g, causal)
+    y = fp8_attention(q, k, v, fwd, bwd, causal=causal, record=False)
+    y.backward(g)
+    out_ref, leaves = _reference(q, k, v, fwd, bwd, causal)
+    assert (out_ref.to(torch.bfloat16) == y).float().mean() > 0.99
     out_ref.backward(g.double())
     plain = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    torch.nn.functional.scaled_dot_product_attention(*plain, is_causal=True).backward(g.float())
+    torch.nn.functional.scaled_dot_product_attention(*plain, is_causal=causal).backward(g.float())
     for t, ref, hp in zip((q, k, v), leaves, plain):
         assert t.grad.dtype == torch.bfloat16
         model_db = sqnr_db(ref.grad, t.grad)
@@ -302,3 +305,15 @@ def test_log_step_reports_each_attention_tensor():
     torch.manual_seed(0)
     plain = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1)
     assert StepTelemetry(plain).collector.attention == []
+
+
+def test_e4m3_format_casts_the_backward_in_e4m3():
+    layer = MultiheadAttention(
+        64, 4, fp8_dpa=True, fp8=fp8lab.FP8Options(scaling=fp8lab.DelayedScaling(fp8_format="e4m3"))
+    )
+    assert layer.dpa.scaling_bwd.scaling.tensor_format is E4M3
+    assert torch.equal(layer.dpa.scaling_bwd.fp8_max, torch.full((3,), 448.0))
+    hybrid = MultiheadAttention(64, 4, fp8_dpa=True)
+    assert hybrid.dpa.scaling_bwd.scaling.tensor_format is E5M2
+    assert torch.equal(hybrid.dpa.scaling_fwd.fp8_max, torch.full((3,), 448.0))
+    assert torch.equal(hybrid.dpa.scaling_bwd.fp8_max, torch.full((3,), 57344.0))
