@@ -317,3 +317,12 @@ def test_e4m3_format_casts_the_backward_in_e4m3():
     assert hybrid.dpa.scaling_bwd.scaling.tensor_format is E5M2
     assert torch.equal(hybrid.dpa.scaling_fwd.fp8_max, torch.full((3,), 448.0))
     assert torch.equal(hybrid.dpa.scaling_bwd.fp8_max, torch.full((3,), 57344.0))
+
+
+def test_describe_has_a_row_for_the_attention_core():
+    on = fp8lab.describe(MultiheadAttention(64, 4, fp8_dpa=True, fp8=EMULATED))
+    assert [(r.name, r.precision, r.backend) for r in on if r.name == "dpa"] == [("dpa", "fp8", "emulated")]
+    off = fp8lab.describe(MultiheadAttention(64, 4, fp8_dpa=True))  # CPU, fallback bf16
+    assert [(r.name, r.precision) for r in off if r.name == "dpa"] == [("dpa", "bf16")]
+    assert "not quantized" in str(off)
+    assert [r.name for r in fp8lab.describe(MultiheadAttention(64, 4, fp8=EMULATED))] == ["qkv", "proj"]

@@ -41,6 +41,8 @@ from fp8lab.options import FP8Options
 
 ATTN_MASK_TYPES = ("causal", "no_mask")
 ATTENTION_CORES = ("auto", "native", "fp32")
+# The qkv projection's backends under which fp8_dpa runs the FP8 core (fp8lab's own GEMMs).
+DPA_BACKENDS = ("emulated", "scaled_mm")
 
 
 def check_attention_core(core: str) -> str:
@@ -126,7 +128,7 @@ class MultiheadAttention(nn.Module):
     def dpa_runs(self, device: torch.device) -> bool:
         """Whether the core runs in FP8 on ``device``: fp8_dpa, and the qkv projection's plan
         is FP8 on fp8lab's own GEMMs (a TE-run layer keeps TE's recipe, fp8_dpa pinned off)."""
-        return self.dpa is not None and self.qkv.plan(device).backend in ("emulated", "scaled_mm")
+        return self.dpa is not None and self.qkv.plan(device).backend in DPA_BACKENDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) if self.norm is not None else x  # (B, T, C)
