@@ -1,8 +1,10 @@
-"""MultiheadAttention: fused QKV projection and output projection in FP8, core unquantized.
+"""MultiheadAttention: fused QKV projection and output projection in FP8, core optionally FP8.
 
-Invariant: exactly two GEMMs are quantized, ``qkv`` (hidden -> 3 * hidden, one
+Invariant: the two projections are quantized, ``qkv`` (hidden -> 3 * hidden, one
 ``fp8lab.Linear``) and ``proj`` (hidden -> hidden); the attention core (QK^T, softmax,
-PV) is never quantized, as in Transformer Engine's FP8 recipes. The QKV features are
+PV) is quantized only with ``fp8_dpa=True`` (off by default, as in Transformer Engine's
+recipes) while the ``qkv`` layer's plan is FP8 on fp8lab's own backends: then it is
+``fp8lab.layers.fp8_attention``'s model, with its own scaling state (``self.dpa``). The QKV features are
 laid out ``(three h d)``: all query heads, then all key heads, then all value heads
 (``nn.MultiheadAttention``'s ``in_proj_weight`` layout), so weights move between the two
 unchanged. With ``rotary_base`` set, q and k are rotated by their positions
@@ -31,6 +33,7 @@ from torch import nn
 
 from fp8lab.layers import choices
 from fp8lab.layers.choices import one_of
+from fp8lab.layers.fp8_attention import FP8DotProductAttention
 from fp8lab.layers.linear import Linear
 from fp8lab.layers.norm import Norm, check_normalization
 from fp8lab.layers.rotary import RotaryEmbedding
@@ -38,6 +41,8 @@ from fp8lab.options import FP8Options
 
 ATTN_MASK_TYPES = ("causal", "no_mask")
 ATTENTION_CORES = ("auto", "native", "fp32")
+# The qkv projection's backends under which fp8_dpa runs the FP8 core (fp8lab's own GEMMs).
+DPA_BACKENDS = ("emulated", "scaled_mm")
 
 
 def check_attention_core(core: str) -> str:
@@ -70,6 +75,11 @@ class MultiheadAttention(nn.Module):
             embeddings of q and k (10000 in Llama); the head size must then be even.
         bias: learn additive biases in the QKV and output projections.
         eps: the input norm's epsilon.
+        fp8_dpa: run QK^T and PV as FP8 GEMMs with delayed scaling (Transformer Engine's
+            recipe field of that name; ``fp8lab.layers.fp8_attention``) whenever the ``qkv``
+            projection runs in FP8 on the emulated or scaled_mm backend; the scaling must be
+            a ``DelayedScaling``. Off (default): the core is ``attention_core``'s, and the
+            layer has no attention scaling state.
         fp8: the FP8 options of both GEMMs, as ``fp8lab.Linear`` takes them (an FP8Options,
             a scaling recipe alone, or None: ``FP8Options()``).
         device: where parameters and scaling state are created.
@@ -86,6 +96,7 @@ class MultiheadAttention(nn.Module):
         rotary_base: float | None = None,
         bias: bool = True,
         eps: float = 1e-5,
+        fp8_dpa: bool = False,
         fp8: FP8Options | None = None,
         device: torch.device | str | None = None,
     ):
@@ -110,6 +121,14 @@ class MultiheadAttention(nn.Module):
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias, **gemm)
         self.rotary = rotary
         self.proj = Linear(hidden_size, hidden_size, bias, **gemm)
+        self.fp8_dpa = choices.flag("fp8_dpa", fp8_dpa)
+        # only with fp8_dpa, so the state_dict of every other model is unchanged
+        self.dpa = FP8DotProductAttention(self.qkv.fp8.scaling, device=device) if self.fp8_dpa else None
+
+    def dpa_runs(self, device: torch.device) -> bool:
+        """Whether the core runs in FP8 on ``device``: fp8_dpa, and the qkv projection's plan
+        is FP8 on fp8lab's own GEMMs (a TE-run layer keeps TE's recipe, fp8_dpa pinned off)."""
+        return self.dpa is not None and self.qkv.plan(device).backend in DPA_BACKENDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) if self.norm is not None else x  # (B, T, C)
@@ -117,11 +136,15 @@ class MultiheadAttention(nn.Module):
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.num_attention_heads)
         if self.rotary is not None:
             q, k = self.rotary(q, k)  # (B, H, T, D) each, rotated by position
-        y = attention(q, k, v, causal=self.attn_mask_type == "causal", core=self.attention_core)  # (B, H, T, D)
+        causal = self.attn_mask_type == "causal"
+        if self.dpa_runs(x.device):
+            y = self.dpa(q, k, v, causal=causal)  # (B, H, T, D), FP8 QK^T and PV
+        else:
+            y = attention(q, k, v, causal=causal, core=self.attention_core)  # (B, H, T, D)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 
     def extra_repr(self) -> str:
         return (
             f"num_attention_heads={self.num_attention_heads}, attn_mask_type={self.attn_mask_type}, "
-            f"attention_core={self.attention_core}"
+            f"attention_core={self.attention_core}" + (", fp8_dpa=True" if self.fp8_dpa else "")
         )

@@ -28,6 +28,7 @@ class TransformerBlock(nn.Module):
         activation: "gelu" (tanh approximation) or "swiglu".
         attn_mask_type: "causal" or "no_mask".
         attention_core: where the attention core computes: "auto", "native" or "fp32".
+        fp8_dpa: FP8 attention core (``MultiheadAttention``'s ``fp8_dpa``; off by default).
         rotary_base: None, or the base theta of rotary embeddings of q and k (Llama: 10000).
         bias: learn additive biases in all four GEMMs.
         eps: the norms' epsilon.
@@ -46,6 +47,7 @@ class TransformerBlock(nn.Module):
         activation: str = "gelu",
         attn_mask_type: str = "causal",
         attention_core: str = "auto",
+        fp8_dpa: bool = False,
         rotary_base: float | None = None,
         bias: bool = True,
         eps: float = 1e-5,
@@ -59,6 +61,7 @@ class TransformerBlock(nn.Module):
             num_attention_heads,
             attn_mask_type=attn_mask_type,
             attention_core=attention_core,
+            fp8_dpa=fp8_dpa,
             normalization=check_normalization(normalization),
             rotary_base=rotary_base,
             **gemm,

@@ -5,7 +5,9 @@ Invariant: describe reads plans and never changes a layer. A row is produced for
 ``Conv1D`` left in the model (with the reason ``fp8lab.convert`` recorded, if it skipped
 the layer) and for every other linear-like module (``convert_hf.unconverted_reason``: a
 2-D weight that is not an embedding or a convolution, nn.MultiheadAttention's packed
-in-projection), so nothing runs outside FP8 without showing up here.
+in-projection), so nothing runs outside FP8 without showing up here; and a row
+``<attention>.dpa`` for every ``MultiheadAttention`` built with ``fp8_dpa=True``, saying
+whether its core runs in FP8.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_te
+from fp8lab.layers.attention import DPA_BACKENDS, MultiheadAttention
 from fp8lab.layers.convert import SKIP_REASON_ATTR
 from fp8lab.layers.convert_hf import is_hf_conv1d, unconverted_reason
 from fp8lab.layers.linear import Linear
@@ -71,13 +74,18 @@ def describe(
         te: Transformer Engine facts, used with ``DeviceFacts`` only (default: probed).
     """
     rows = Description()
+
+    def plan_of(linear: Linear) -> Plan:
+        if isinstance(device, DeviceFacts):
+            return plan_for(linear, device, te)
+        return linear.plan(torch.device(device) if device is not None else None)
+
     for name, module in model.named_modules():
         if isinstance(module, Linear):
-            if isinstance(device, DeviceFacts):
-                plan = plan_for(module, device, te)
-            else:
-                plan = module.plan(torch.device(device) if device is not None else None)
+            plan = plan_of(module)
             rows.append(LayerRow(name, plan.precision, plan.backend, plan.reason))
+        elif isinstance(module, MultiheadAttention) and module.dpa is not None:
+            rows.append(_dpa_row(name, plan_of(module.qkv)))
         elif isinstance(module, nn.Linear) or is_hf_conv1d(module):
             kind = "torch.nn.Linear" if isinstance(module, nn.Linear) else "transformers Conv1D"
             reason = getattr(module, SKIP_REASON_ATTR, f"plain {kind} (not converted)")
@@ -85,3 +93,13 @@ def describe(
         elif (reason := unconverted_reason(module)) is not None:
             rows.append(LayerRow(name, UNCONVERTED, UNCONVERTED, reason))
     return rows
+
+
+def _dpa_row(name: str, qkv_plan: Plan) -> LayerRow:
+    """The row of an attention core built with fp8_dpa, from its QKV projection's plan."""
+    core = f"{name}.dpa" if name else "dpa"
+    if qkv_plan.backend in DPA_BACKENDS:
+        reason = "fp8_dpa: QK^T and PV as FP8 GEMMs, fp8lab's model of TE's FP8 attention (fp32 accumulation)"
+        return LayerRow(core, "fp8", "emulated", reason)
+    reason = f"fp8_dpa, but the QKV projection runs on {qkv_plan.backend}: the attention core is not quantized"
+    return LayerRow(core, qkv_plan.precision, qkv_plan.backend, reason)

@@ -101,6 +101,9 @@ class GPTConfig:
         rotary_base: theta of the rotary angles (10000 in Llama); unused with "learned".
         attention_core: where the attention core computes: "auto" (float32 on CPU, the
             activations' dtype elsewhere), "native" or "fp32".
+        fp8_dpa: QK^T and PV as FP8 GEMMs with their own delayed-scaling state in every
+            attention whose QKV projection runs in FP8 (``fp8lab.layers.fp8_attention``;
+            Transformer Engine's recipe field of that name); off by default.
         bias: biases in every block GEMM (the LM head never has one).
         tie_embeddings: share the LM head's weight with the token embedding.
         fp8: the FP8 options of every GEMM, as ``fp8lab.Linear`` takes them (an FP8Options,
@@ -119,6 +122,7 @@ class GPTConfig:
     position_embedding: str = "learned"
     rotary_base: float = DEFAULT_BASE
     attention_core: str = "auto"
+    fp8_dpa: bool = False
     bias: bool = True
     tie_embeddings: bool = False
     fp8: FP8Options | None = None
@@ -143,7 +147,7 @@ class GPTConfig:
                 f"num_attention_heads must be even, got {self.hidden_size} / {self.num_attention_heads} = {head_size}"
             )
         check_attention_core(self.attention_core)
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "fp8_dpa"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "fp8", as_options(self.fp8))  # None, an FP8Options or a scaling recipe
@@ -193,6 +197,7 @@ class GPT(nn.Module):
         position_embedding: str = "learned",
         rotary_base: float = DEFAULT_BASE,
         attention_core: str = "auto",
+        fp8_dpa: bool = False,
         bias: bool = True,
         tie_embeddings: bool = False,
         fp8: FP8Options | None = None,
@@ -203,7 +208,8 @@ class GPT(nn.Module):
             vocab_size=vocab_size, block_size=block_size, num_layers=num_layers, hidden_size=hidden_size,
             num_attention_heads=num_attention_heads, ffn_hidden_size=ffn_hidden_size, normalization=normalization,
             activation=activation, position_embedding=position_embedding, rotary_base=rotary_base,
-            attention_core=attention_core, bias=bias, tie_embeddings=tie_embeddings, fp8=fp8, policy=policy,
+            attention_core=attention_core, fp8_dpa=fp8_dpa, bias=bias, tie_embeddings=tie_embeddings, fp8=fp8,
+            policy=policy,
         )  # fmt: skip
         self.config = cfg
         rotary = position_embedding == "rotary"
@@ -218,6 +224,7 @@ class GPT(nn.Module):
                 activation=activation,
                 attn_mask_type="causal",
                 attention_core=attention_core,
+                fp8_dpa=fp8_dpa,
                 rotary_base=cfg.rotary_base if rotary else None,
                 bias=bias,
                 fp8=cfg.fp8,

@@ -8,11 +8,17 @@ layer's TelemetrySlot before the forward, snapshots the views on the device afte
 backward (before ``update_scales`` rolls row 0 away), and after the update reads snapshot
 and fault counts with ONE device-to-host copy. That copy is a sync point, by design only
 here. On the same step it reads each layer's output SQNR against its BF16 shadow
-(``accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db``), in the same copy.
+(``accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db``), in the same copy, and the scale, amax
+and cast statistics of each FP8 attention core's tensors (``fp8_dpa``):
+``scaling/<attention fqn>.dpa/<qkv|s|o|dqkv|do|dp>/<stat>``, and the output SQNR of its six
+GEMMs against their BF16 twins, ``accuracy/<attention fqn>.dpa/<s|o|dv|dp|dq|dk>_sqnr_db``,
+kept apart from the layers' rows (whose roles are input, weight, grad_output) in
+``LayerStats.attention``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,6 +27,8 @@ import torch
 from torch import nn
 
 from fp8lab.formats import GEMM_NAMES, ROLE_NAMES
+from fp8lab.layers.attention import MultiheadAttention
+from fp8lab.layers.fp8_attention import BWD_TENSORS, FWD_TENSORS, GEMMS
 from fp8lab.layers.linear import Linear
 from fp8lab.quantize.blocks import BLOCK_STAT_NAMES
 from fp8lab.quantize.tensor import STAT_NAMES
@@ -53,6 +61,9 @@ class LayerStats:
         shadow: (n_layers, 3 GEMMs): each GEMM's output SQNR against BF16 (NaN: not measured).
         accum: (n_layers, 3 GEMMs): each GEMM's output SQNR against the same GEMM accumulated
             in fp32 (NaN: an fp32 accumulator, or not measured).
+        attention: {FP8 attention core's name: (6, len(ATTENTION_FIELDS) + 1)}: row i holds
+            scale, amax and cast statistics of tensor ``ATTENTION_TENSORS[i]``, then the
+            BF16-twin output SQNR of GEMM ``fp8_attention.GEMMS[i]`` (NaN: not measured).
     """
 
     layers: tuple[str, ...]
@@ -60,6 +71,7 @@ class LayerStats:
     whatif: np.ndarray
     shadow: np.ndarray
     accum: np.ndarray
+    attention: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> LayerStats:
@@ -95,10 +107,33 @@ class LayerStats:
                     value = float(array[i, g])
                     if not math.isnan(value):
                         yield Key(ACCURACY, layer, stat=stat), value
+        for core, values in self.attention.items():
+            for t, tensor in enumerate(ATTENTION_TENSORS):
+                for f, stat in enumerate(ATTENTION_FIELDS):
+                    value = float(values[t, f])
+                    if not math.isnan(value):
+                        yield Key(SCALING, core, tensor, stat=stat), value
+                value = float(values[t, -1])
+                if not math.isnan(value):
+                    yield Key(ACCURACY, core, stat=f"{GEMMS[t]}_sqnr_db"), value
 
     def scalars(self) -> dict[str, float]:
         """{tag: value} of ``items`` for the TensorBoard writer."""
         return {key.tag: value for key, value in self.items()}
+
+
+ATTENTION_TENSORS = FWD_TENSORS + BWD_TENSORS  # qkv, s, o, dqkv, do, dp
+ATTENTION_FIELDS = ("scale", "amax") + STAT_NAMES
+
+
+def fp8_attention_cores(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, core) of every FP8 attention core (``MultiheadAttention.dpa``) that runs
+    FP8 on its layer's device."""
+    return [
+        (f"{name}.dpa" if name else "dpa", m.dpa)
+        for name, m in model.named_modules()
+        if isinstance(m, MultiheadAttention) and m.dpa_runs(m.qkv.weight.device)
+    ]
 
 
 def fp8_layers(model: nn.Module) -> list[tuple[str, Linear]]:
@@ -123,6 +158,7 @@ class ScalingCollector:
     def __init__(self, model: nn.Module):
         self.layers = fp8_layers(model)
         self.names = tuple(name for name, _ in self.layers)
+        self.attention = fp8_attention_cores(model)
 
     def _views(self) -> list:
         return [layer.scaling_view() for _, layer in self.layers]
@@ -132,14 +168,23 @@ class ScalingCollector:
         what-if statistics of every scaling recipe when ``whatif``."""
         for _, layer in self.layers:
             layer.telemetry.arm(layer.weight.device, whatif=whatif)
+        for _, core in self.attention:
+            core.telemetry.arm(core.scaling_fwd.scale.device)
 
-    def snapshot(self) -> torch.Tensor | None:
-        """Scale, amax (row 0), cast stats and output SQNR against BF16 of every layer, on
-        the device, before update_scales rolls row 0 away; disarms the layers. No host copy."""
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Scale, amax (row 0), cast stats and output SQNR against BF16 of every layer, and
+        (second) scale, amax and cast stats of every FP8 attention core's tensors, on the
+        device, before update_scales rolls row 0 away; disarms them. No host copy."""
         if not self.layers:
             return None
         for _, layer in self.layers:
             layer.telemetry.disarm()
+        for _, core in self.attention:
+            core.telemetry.disarm()
+        attention = torch.stack([core.telemetry_snapshot() for _, core in self.attention]) if self.attention else None
+        return self._layer_snapshot(), attention
+
+    def _layer_snapshot(self) -> torch.Tensor:
         rows = []
         for v in self._views():
 
@@ -167,27 +212,32 @@ class ScalingCollector:
         """``read_with`` without other values."""
         return self.read_with(snapshot, ())[0]
 
-    def read_with(
-        self, snapshot: torch.Tensor | None, extra: tuple[torch.Tensor, ...]
-    ) -> tuple[LayerStats, list[float]]:
+    def read_with(self, snapshot, extra: tuple[torch.Tensor, ...]) -> tuple[LayerStats, list[float]]:
         """The snapshot plus the non-finite amaxes counted by this step's update_scales, and
         the 0-dim ``extra`` tensors (the step's counters), copied to the host together: the one
         sync of a log step. Drains the fault counts. Returns (stats, [extra values])."""
         parts = [torch.stack([t.float() for t in extra])] if extra else []
+        snapshot, attention = snapshot if snapshot is not None else (None, None)
         if snapshot is not None:
             counters = [v.faults for v in self._views()]
             faults = torch.stack(counters)[:, None]  # (n, 1, 3)
             parts.append(torch.cat([snapshot, faults], dim=1).float().reshape(-1))  # (n_layers * _ROWS * 3,)
+        n_attention = 0 if attention is None else attention.numel()
+        if attention is not None:
+            parts.append(attention.float().reshape(-1))  # (n_cores * 6 * len(ATTENTION_FIELDS),), same copy
         flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
         host_extra = flat[: len(extra)].tolist()
         if snapshot is None:
             return LayerStats.empty(), host_extra
         torch._foreach_zero_(counters)
-        host = flat[len(extra) :].reshape(len(self.names), _ROWS, 3)
+        host_attention = flat[len(flat) - n_attention :].reshape(-1, len(ATTENTION_TENSORS), len(ATTENTION_FIELDS) + 1)
+        attention_stats = {name: host_attention[i] for i, (name, _) in enumerate(self.attention)}
+        host = flat[len(extra) : len(flat) - n_attention].reshape(len(self.names), _ROWS, 3)
         values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
         n, per_role = len(self.names), host[:, len(FIELDS) : len(FIELDS) + _WHATIF_ROWS, :]
         whatif = per_role.transpose(0, 2, 1).reshape(n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))
-        return LayerStats(self.names, values, whatif, host[:, -3, :], host[:, -2, :]), host_extra
+        stats = LayerStats(self.names, values, whatif, host[:, -3, :], host[:, -2, :], attention_stats)
+        return stats, host_extra
 
     def faults(self) -> torch.Tensor:
         """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""
