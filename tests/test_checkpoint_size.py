@@ -43,3 +43,13 @@ def test_estimate_within_one_percent_of_the_checkpoint_written(recipe, tmp_path,
     with capsys.disabled():
         print(f"\n{recipe}: estimate {estimate} bytes, written {real} ({100 * (estimate - real) / real:+.3f}%)")
     assert abs(estimate - real) <= TOLERANCE * real, (estimate, real)
+
+
+def test_the_estimate_of_a_gpu_backend_run_builds_on_the_cpu():
+    """The preflight estimates a run that needs a GPU backend (backend='scaled_mm') on CPU fake
+    tensors: it must not ask that backend to run on the CPU (it refused every such run on an H200),
+    and the state it estimates is the same as the emulated backend's."""
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.py")
+    emulated = checkpoint_bytes(apply_overrides(recipe, ONE_STEP + NARROW))
+    scaled_mm = checkpoint_bytes(apply_overrides(recipe, ONE_STEP + NARROW + ["variants.fp8.backend=scaled_mm"]))
+    assert scaled_mm == emulated > 0

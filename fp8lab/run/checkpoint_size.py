@@ -18,6 +18,7 @@ on tensor data (a digest, a checksum) must be given a stand-in of its real size 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -113,6 +114,9 @@ def _stand_ins(runs) -> None:
         run.first_batch_sha = "0" * 16  # a sha256 prefix (VariantRun.train_step)
 
 
+GPU_BACKENDS = ("scaled_mm", "te")
+
+
 def checkpoint_bytes(config, device: torch.device | None = None) -> int:
     """The size in bytes of the run's largest checkpoint file (its last one), exact up to
     the float values the summary records.
@@ -130,7 +134,12 @@ def checkpoint_bytes(config, device: torch.device | None = None) -> int:
         warnings.simplefilter("ignore")
         reference = build_model(config, config.variants[0], cpu)
         init = {name: p.detach() for name, p in reference.named_parameters()}
-        runs = [VariantRun(v, config, init, cpu, Distributed(device=cpu)) for v in config.variants]
+        # A backend that needs the run's GPU (scaled_mm, te) cannot plan on the CPU: the stand-in runs emulated,
+        # whose state has the same shapes and dtypes (the run itself checks its backends where it trains)
+        stand_ins = [
+            dataclasses.replace(v, backend="emulated") if v.backend in GPU_BACKENDS else v for v in config.variants
+        ]
+        runs = [VariantRun(v, config, init, cpu, Distributed(device=cpu)) for v in stand_ins]
         for run in runs:  # one step: AdamW's moments and step counters exist from then on
             for p in run.model.parameters():
                 p.grad = torch.zeros_like(p)
