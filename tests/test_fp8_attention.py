@@ -341,7 +341,8 @@ def _against_cpu(device: str) -> None:
         leaves = [t.detach().to(where).requires_grad_() for t in (q, k, v)]
         y = fp8_attention(*leaves, f, b, causal=True, record=True)
         y.backward(g.to(where))
-        results[where] = [y.detach().cpu()] + [t.grad.cpu() for t in leaves] + [f.amax_history[0].cpu()]
+        # clone: on the CPU .cpu() is the tensor itself, which the zero_() below would clear
+        results[where] = [y.detach().cpu()] + [t.grad.cpu() for t in leaves] + [f.amax_history[0].cpu().clone()]
         f.amax_history.zero_(), b.amax_history.zero_()
     for a, b in zip(results["cpu"][:4], results[device][:4]):
         assert (a == b).float().mean() > 0.99 and sqnr_db(a, b) > 40

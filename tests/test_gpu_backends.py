@@ -132,6 +132,18 @@ def test_scaled_mm_gemm_matches_emulated_gemm(inner, scales):
     assert _bf16_ulps(out, ref).max().item() <= 1.0
 
 
+def _cpu_model_and_scaled_mm(scaling) -> tuple[Linear, Linear]:
+    """The same 256 -> 128 layer (one initialisation) as the hardware model on the CPU (the emulated
+    backend there models the tensor cores' accumulator: fast fprop, promoted dgrad and wgrad, as
+    cuBLASLt runs them; the emulation on CUDA accumulates in fp32) and on the scaled_mm backend."""
+    torch.manual_seed(0)
+    ref = Linear(256, 128, fp8=FP8Options(scaling=scaling, backend="emulated"))
+    hw = Linear(256, 128, fp8=FP8Options(scaling=scaling, backend="scaled_mm"), device="cuda")
+    hw.load_state_dict(ref.state_dict())
+    assert hw.plan().backend == "scaled_mm"
+    return ref, hw
+
+
 def _emulated_and_scaled_mm(scaling) -> tuple[Linear, Linear]:
     """The same 256 -> 128 layer (one initialisation) on the emulated and scaled_mm backends."""
     torch.manual_seed(0)
@@ -161,7 +173,8 @@ def test_scaled_mm_linear_matches_emulated_with_the_same_scales(tokens):
 def test_emulated_on_cuda_matches_emulated_on_cpu(tokens):
     x, g = tokens
     torch.manual_seed(0)
-    cpu = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated"))
+    # accumulation="fp32": the emulation on CUDA accumulates in fp32 (the accumulator model is a CPU kernel)
+    cpu = Linear(256, 128, fp8=FP8Options(scaling=SCALING, backend="emulated", accumulation="fp32"))
     gpu = copy.deepcopy(cpu).cuda()
     for step in range(3):
         want, got = run_step(cpu, x, g), run_step(gpu, x.cuda(), g.cuda())
@@ -298,15 +311,17 @@ def test_scaled_mm_linear_equals_the_emulation_at_the_same_scales(tokens, pow2):
     """One step of the same layer, scales set by hand: fprop, dgrad and wgrad of the real
     FP8 GEMM against the emulation (the same FP8 operands; only cuBLASLt's summation order
     and, for any scales, its epilogue may differ)."""
-    ref, hw = _emulated_and_scaled_mm(SCALING)
-    x, g = (t.cuda() for t in tokens)
+    ref, hw = _cpu_model_and_scaled_mm(SCALING)
+    x, g = tokens
     scales = [2.0**5, 2.0**9, 2.0**13] if pow2 else [448.0 / 3.3, 448.0 / 0.061, 57344.0 / 0.0077]
     for layer in (ref, hw):
         layer.fp8_state.scale.copy_(torch.tensor(scales))
-    want, got = run_step(ref, x, g), run_step(hw, x, g)
+    want, got = run_step(ref, x, g), run_step(hw, x.cuda(), g.cuda())
     for key in ("y", "grad_x", "grad_w"):
-        assert (got[key] == want[key]).float().mean().item() >= 0.99, key
-        assert _bf16_ulps(got[key], want[key]).max().item() <= 2.0, key
+        if pow2:  # exact epilogues: every bit is the model's (BENCHMARKS.md, the H200 section)
+            assert torch.equal(got[key].cpu(), want[key]), key
+        assert (got[key].cpu() == want[key]).float().mean().item() >= 0.99, key
+        assert _bf16_ulps(got[key].cpu(), want[key]).max().item() <= 2.0, key
 
 
 HAS_BLOCKWISE = (
@@ -332,12 +347,14 @@ def test_block_scaling_on_torchs_blockwise_gemm_matches_the_emulation(tokens, sc
     emulation (same block scales, computed from the same amaxes; the emulation on CUDA
     accumulates in fp32, the tensor cores promote every 128 products). Unverified before a
     GPU run: the thresholds (>= 95% of bf16 outputs bit-equal, every one within 2 ulps)."""
-    ref, hw = _emulated_and_scaled_mm(scaling)
-    x, g = (t.cuda() for t in tokens)
-    want, got = run_step(ref, x, g), run_step(hw, x, g)
+    ref, hw = _cpu_model_and_scaled_mm(scaling)
+    x, g = tokens
+    want, got = run_step(ref, x, g), run_step(hw, x.cuda(), g.cuda())
     for key in ("y", "grad_x", "grad_w"):
-        assert (got[key] == want[key]).float().mean().item() >= 0.95, key
-        assert _bf16_ulps(got[key], want[key]).max().item() <= 2.0, key
+        share = (got[key].cpu() == want[key]).float().mean().item()
+        print(f"{key}: {100 * share:.2f}% of outputs equal to the CPU model")
+        assert share >= 0.95, key
+        assert _bf16_ulps(got[key].cpu(), want[key]).max().item() <= 2.0, key
 
 
 @needs_cuda
@@ -442,4 +459,4 @@ def test_a_training_step_between_log_steps_never_syncs_with_the_host(tmp_path, b
     finally:
         torch.cuda.set_sync_debug_mode("default")
     stats = run.train_step(*runner.sampler.batch(3), 1e-3, log=True)  # the log step reads, once
-    assert stats is not None and len(stats.layers) == 8
+    assert stats is not None and len(stats.layers) == len(run.collector.layers) == 16  # 4 blocks x 4 GEMMs

@@ -230,7 +230,7 @@ CASES: dict[str, Case] = {
         r"variants.bf16 has precision 'bf16', no FP8 scaling", "variants.bf16.scaling.margin=1"
     ),
     "variant_name_cannot_be_set": bad(r"variants.fp8.name cannot be set", "variants.fp8.name=x"),
-    "unknown_scaling_kind": bad(r"variants.fp8.scaling must be one of \('delayed'", "variants.fp8.scaling=nvfp4"),
+    "unknown_scaling_kind": bad(r"variants.fp8.scaling must be one of \('delayed'", "variants.fp8.scaling=mxfp4"),
     "no_equals_sign": bad(r"override 'train.steps' must look like section.key=value", "train.steps"),
     "empty_key": bad(r"override '=3' must look like section.key=value", "=3"),
     # --- new: a value of the wrong type for each kind of field ---
