@@ -31,6 +31,14 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 _COUNTS = ("exp_avg_zero", "exp_avg_subnormal", "exp_avg_sq_zero", "exp_avg_sq_subnormal", "m_over_eps")
 
 
+def params_by_layer(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """``model``'s parameters grouped by the module that owns them, in name order."""
+    by_layer: dict[str, list[nn.Parameter]] = defaultdict(list)
+    for name, param in model.named_parameters():
+        by_layer[name.rpartition(".")[0] or name].append(param)
+    return sorted(by_layer.items())
+
+
 class OptimizerStateProbe:
     """Per layer of ``model``, how much of ``optimizer``'s AdamW state is zero or subnormal.
 
@@ -40,10 +48,7 @@ class OptimizerStateProbe:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        by_layer: dict[str, list[nn.Parameter]] = defaultdict(list)
-        for name, param in model.named_parameters():
-            by_layer[name.rpartition(".")[0] or name].append(param)
-        self.layers = sorted(by_layer.items())
+        self.layers = params_by_layer(model)
         self.optimizer = optimizer
 
     def _counts(self, params: list[nn.Parameter], device: torch.device) -> tuple[int, torch.Tensor]:
@@ -97,10 +102,7 @@ class StoredMomentProbe:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        by_layer: dict[str, list[nn.Parameter]] = defaultdict(list)
-        for name, param in model.named_parameters():
-            by_layer[name.rpartition(".")[0] or name].append(param)
-        self.layers = sorted(by_layer.items())
+        self.layers = params_by_layer(model)
         self.optimizer = optimizer
         group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
         # the moments each layer stores below fp32 (an fp32 moment never underflows here)
