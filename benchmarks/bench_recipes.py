@@ -33,6 +33,7 @@ RECIPES = {
     "block": fp8lab.Float8BlockScaling(),
     "mxfp8": fp8lab.MXFP8BlockScaling(),
     "rowwise": fp8lab.Float8RowwiseScaling(),
+    "nvfp4": fp8lab.NVFP4BlockScaling(),
 }
 
 
