@@ -357,3 +357,47 @@ def test_fp8_attention_is_deterministic_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fp8_attention_on_cuda_matches_cpu():
     _against_cpu("cuda")
+
+
+def test_a_run_with_fp8_dpa_logs_the_attention_core(tmp_path):
+    """`--set variants.fp8.fp8_dpa=true` reaches the model: the run trains, its FP8 variant logs the
+    attention core's scaling and accuracy tags, the BF16 baseline has none, and the amaxes moved."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fp8lab.run.cli import main
+    from tests.helpers import QUICKSTART, TINY_MODEL
+
+    sets = TINY_MODEL + ["train.steps=2", "train.log_interval=2", "train.eval_interval=2", "variants.fp8.fp8_dpa=true"]
+    assert main(["run", QUICKSTART, "--out", str(tmp_path), "--quiet", *(a for s in sets for a in ("--set", s))]) == 0
+    (run_dir,) = (tmp_path / "quickstart").iterdir()
+    tags = {}
+    for variant in ("fp8", "bf16"):
+        acc = EventAccumulator(str(run_dir / variant), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags[variant] = {t: acc.Scalars(t) for t in acc.Tags()["scalars"] if ".dpa/" in t}
+    assert not tags["bf16"]
+    for name in ("qkv", "s", "o", "dqkv", "do", "dp"):
+        amax = tags["fp8"][f"scaling/blocks.0.attn.dpa/{name}/amax"]
+        assert amax and all(0 < e.value < float("inf") for e in amax), name
+    assert all(f"accuracy/blocks.0.attn.dpa/{g}_sqnr_db" in tags["fp8"] for g in ("s", "o", "dv", "dp", "dq", "dk"))
+
+
+def test_fp8_dpa_is_refused_where_it_cannot_run():
+    from fp8lab.run.config import ConfigError, RunConfig, hash_of, upgrade
+    from fp8lab.run.overrides import apply_overrides
+    from fp8lab.run.recipe_file import load_recipe
+    from tests.helpers import QUICKSTART
+
+    recipe = load_recipe(QUICKSTART)
+    for sets, message in (
+        (["variants.bf16.fp8_dpa=true"], r"variants\.bf16\.fp8_dpa does not apply to precision 'bf16'"),
+        (["variants.fp8.fp8_dpa=true", "variants.fp8.scaling=current"], r"variants\.fp8\.fp8_dpa must be False"),
+        (["variants.fp8.fp8_dpa=maybe"], r"variants\.fp8\.fp8_dpa must be a bool"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(recipe, sets)
+    config = RunConfig(name="t")  # a config saved before the field existed hashes as today's default
+    saved = config.to_dict()
+    for v in saved["variants"]:
+        del v["fp8_dpa"]
+    assert hash_of(upgrade(saved)) == config.hash()

@@ -73,12 +73,14 @@ def upgrade(saved: dict) -> dict:
       every FP8 GEMM in fp32 ("fp32"); other precisions take the default ("te", unused).
     - ``variants.<v>.optimizer_state``: absent before low-precision AdamW state; those runs kept
       it in fp32 ("fp32", torch's fused AdamW).
+    - ``variants.<v>.fp8_dpa``: absent before FP8 attention; those runs' attention core was not FP8.
     """
     variants = [
         {
             **v,
             "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te"),
             "optimizer_state": v.get("optimizer_state", "fp32"),
+            "fp8_dpa": v.get("fp8_dpa", False),
         }
         for v in saved.get("variants", [])
     ]

@@ -190,6 +190,9 @@ class Variant:
     # fused AdamW), "fp8-lm" (exp_avg E4M3 + exp_avg_sq FP16, per-tensor scales), "fp8-block"
     # (both E4M3, blocks of 256); the low-precision ones need master weights (FP8-LM's O2 setting).
     optimizer_state: str = "fp32"
+    # FP8 attention (Transformer Engine's recipe field of that name): QK^T and PV as FP8 GEMMs with their own
+    # delayed-scaling states (fp8lab.layers.fp8_attention); fp8 variants with delayed scaling only
+    fp8_dpa: bool = False
     # Dynamic loss scaling (FP16 activations only; torch.amp.GradScaler's defaults)
     loss_scale_init: float = 2.0**16
     loss_scale_growth_factor: float = 2.0
@@ -225,6 +228,13 @@ class Variant:
             f"variants.{self.name}.optimizer_state",
             f"one of {tuple(OPTIMIZER_STATES)}",
             self.optimizer_state,
+        )
+        check(isinstance(self.fp8_dpa, bool), f"variants.{self.name}.fp8_dpa", "a bool", self.fp8_dpa)
+        check(
+            not self.fp8_dpa or getattr(self.scaling, "name", None) == "delayed",
+            f"variants.{self.name}.fp8_dpa",
+            "False unless the variant's scaling is 'delayed' (FP8 attention keeps amax histories, as TE's does)",
+            self.fp8_dpa,
         )
         check(
             self.optimizer_state == "fp32" or self.master_weights is True,

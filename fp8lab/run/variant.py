@@ -53,6 +53,7 @@ def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GP
         block_size=config.train.block_size,
         fp8=variant.fp8 if fp8 else dataclasses.replace(variant.fp8, backend="bf16"),
         policy=policy if fp8 else None,
+        fp8_dpa=variant.fp8_dpa,  # False for every other precision (check_variant)
     )
     model = rung.prepare_gemms(model)  # built on the CPU: moved only to another device
     return model if device.type == "cpu" else model.to(device)
