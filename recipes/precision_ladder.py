@@ -3,7 +3,9 @@
 Each rung really runs in its precision (fp8lab/run/precision.py has the table). FP32 is the
 reference every gap is measured against. Two more rungs show what the ladder's choices
 buy: BF16 without master weights (parameters and AdamW state in bf16), and FP8 GEMMs
-over FP16 activations, with loss scaling, as Transformer Engine allows. The final table
+over FP16 activations, with loss scaling, as Transformer Engine allows. Three go past the
+linear layers (issue 25): FP8 attention (QK^T and PV in FP8, TE's fp8_dpa), AdamW's moments
+stored in FP8/FP16 (FP8-LM's O2 layout, fp32 master weights), and both. The final table
 gives per rung the val loss, its gap to FP32, tokens/s, exactly counted memory and
 skipped steps. FP8 uses fallback="emulated" so its numerics are FP8's on any machine.
 """
@@ -26,6 +28,16 @@ def config() -> RunConfig:
             Variant(name="fp8", precision="fp8", scaling=SCALING, fallback="emulated"),
             Variant(name="bf16_no_master", precision="bf16", master_weights=False),
             Variant(name="fp8_fp16", precision="fp8", activations="fp16", scaling=SCALING, fallback="emulated"),
+            Variant(name="fp8_attn", precision="fp8", scaling=SCALING, fallback="emulated", fp8_dpa=True),
+            Variant(name="fp8_adam8", precision="fp8", scaling=SCALING, fallback="emulated", optimizer_state="fp8-lm"),
+            Variant(
+                name="fp8_all",
+                precision="fp8",
+                scaling=SCALING,
+                fallback="emulated",
+                fp8_dpa=True,
+                optimizer_state="fp8-lm",
+            ),
         ),
         baseline="fp32",
     )
