@@ -457,3 +457,14 @@ def test_telemetry_cast_and_block_statistics_and_whatif_row():
     assert (view.cast_stats[:, 2] >= 17.0).all()  # SQNR dB of each role's cast (Gaussian, 1x16 / 16x16)
     row = list(SCALINGS).index("nvfp4")
     assert torch.equal(view.whatif[Role.INPUT, row], view.cast_stats[Role.INPUT])
+
+
+def test_the_cast_counter_is_kept_on_the_host_and_follows_a_load():
+    """The counter's buffer is written, not read, at each cast (a read would sync a GPU); a loaded
+    state_dict is where counting continues, also in a state that had counted further."""
+    from fp8lab.scaling.nvfp4 import NVFP4State
+
+    state = NVFP4State()
+    assert [state.next_cast() for _ in range(3)] == [0, 1, 2] and state.sr_casts.item() == 3
+    state.load_state_dict({"sr_casts": torch.tensor(1)})
+    assert state.next_cast() == 1 and state.sr_casts.item() == 2

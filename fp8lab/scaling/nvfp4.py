@@ -71,6 +71,20 @@ class NVFP4State(nn.Module):
     def __init__(self, device=None):
         super().__init__()
         self.register_buffer("sr_casts", torch.zeros((), dtype=torch.int64, device=device))
+        self._casts: int | None = None  # the counter on the host; read from the buffer once, after a load
+
+    def next_cast(self) -> int:
+        """The number of this cast, counted on the host: the buffer is written, never read on the hot path
+        (a read of a device tensor would sync a GPU at every cast)."""
+        if self._casts is None:
+            self._casts = int(self.sr_casts)
+        cast, self._casts = self._casts, self._casts + 1
+        self.sr_casts.fill_(self._casts)
+        return cast
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._casts = None  # the loaded buffer is the count now
 
 
 def sr_generator(seed: int, cast: int) -> torch.Generator:
@@ -172,8 +186,7 @@ class NVFP4BlockScaling(Scaling):
         block = self.block(role, usage)
         rbits = None
         if self.stochastic(role) and state is not None:
-            gen = sr_generator(self.sr_seed, int(state.sr_casts))  # a host read: the counter seeds the bits
-            state.sr_casts += 1
+            gen = sr_generator(self.sr_seed, state.next_cast())  # the counter seeds the bits
             shape = (-(-x2d.shape[0] // BLOCK) * BLOCK if self.rht(role, usage) else x2d.shape[0], x2d.shape[1])
             rbits = torch.randint(0, 256, shape, generator=gen, dtype=torch.int32).to(x2d.device)
         if record and usage == ROWWISE:
