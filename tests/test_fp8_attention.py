@@ -380,6 +380,23 @@ def test_a_run_with_fp8_dpa_logs_the_attention_core(tmp_path):
         amax = tags["fp8"][f"scaling/blocks.0.attn.dpa/{name}/amax"]
         assert amax and all(0 < e.value < float("inf") for e in amax), name
     assert all(f"accuracy/blocks.0.attn.dpa/{g}_sqnr_db" in tags["fp8"] for g in ("s", "o", "dv", "dp", "dq", "dk"))
+    acc = EventAccumulator(str(run_dir / "fp8"), size_guidance={"histograms": 0})
+    acc.Reload()
+    histograms = {t for t in acc.Tags()["histograms"] if ".dpa/" in t}
+    assert histograms == {f"amax_history/blocks.0.attn.dpa/{t}" for t in ("qkv", "s", "o", "dqkv", "do", "dp")}
+    # fp8lab report: a row per attention tensor in the scaling table (not NaN rows per Linear role),
+    # and the attention GEMMs ranked against their BF16 twins
+    from fp8lab.run.report import report
+
+    text = report(run_dir)
+    rows = [line.split() for line in text.splitlines() if line.startswith("blocks.0.attn.dpa ")]
+    tensors = ("qkv", "s", "o", "dqkv", "do", "dp")
+    scaling_rows = {r[1]: r[2:] for r in rows if r[1] in tensors}
+    assert set(scaling_rows) == set(tensors) and len(rows) == 7, text  # 6 tensors + the GEMM row
+    assert all(v != "nan" for values in scaling_rows.values() for v in values), text
+    assert "FP8 attention GEMMs against their BF16 twins" in text
+    (gemm_row,) = [r for r in rows if r[1] not in tensors]
+    assert all(10 < float(v) < 45 for v in gemm_row[1:]), text
 
 
 def test_fp8_dpa_is_refused_where_it_cannot_run():
@@ -401,3 +418,59 @@ def test_fp8_dpa_is_refused_where_it_cannot_run():
     for v in saved["variants"]:
         del v["fp8_dpa"]
     assert hash_of(upgrade(saved)) == config.hash()
+
+
+def test_nonfinite_attention_casts_are_counted_per_tensor_and_survive_a_checkpoint():
+    """A NaN reaching q, k, v is a fault of the core's qkv cast (and of every cast after it), counted
+    in faults/nonfinite_amax/<layer>.dpa/<tensor> as a Linear's roles are; counts not yet collected
+    travel in the telemetry's state_dict and are drained by the next log step."""
+    from fp8lab.telemetry.step import FaultTotals, StepTelemetry
+
+    torch.manual_seed(0)
+    layer = MultiheadAttention(H * D, H, fp8_dpa=True, fp8=EMULATED)
+    x = torch.randn(B, T, H * D)
+    bad = x.clone()
+    bad[0, 3, 5] = float("nan")
+    telemetry, totals = StepTelemetry(layer, log_interval=1), FaultTotals()
+    for batch in (x, bad):
+        telemetry.begin(log=True, whatif=False)
+        layer(batch).float().sum().backward()
+        totals.add(telemetry.end().stats)
+    counts = totals.scalars()
+    for tensor in ("qkv", "s", "o", "dp", "dqkv"):  # the NaN travels through the core
+        assert counts[f"faults/nonfinite_amax/dpa/{tensor}"] == 1.0, tensor
+    assert "faults/nonfinite_amax/dpa/do" not in counts  # d(sum)/d(out) through proj is finite
+    assert counts["faults/nonfinite_amax/qkv/input"] == 1.0  # the layers' rows are unchanged
+    # between log steps the counts stay on the device, in the checkpoint's rows: layers, then fwd, bwd
+    telemetry.begin(log=False)
+    layer(bad).float().sum().backward()
+    telemetry.end()
+    state = telemetry.state_dict()
+    assert state["faults"].shape == (2 + 2, 3)  # qkv and proj Linears, then the core's two states
+    assert state["faults"][2:].tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]  # (qkv, s, o), (dqkv, do, dp)
+    for state_faults in layer.dpa.scaling_fwd.faults, layer.dpa.scaling_bwd.faults:
+        state_faults.zero_()  # as in a new process
+    fresh = StepTelemetry(layer, log_interval=1)
+    fresh.load_state_dict(state)  # the resumed run's counts
+    fresh.begin(log=True, whatif=False)
+    layer(x).float().sum().backward()
+    assert fresh.end().stats.attention_faults["dpa"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    fresh.begin(log=True, whatif=False)  # then drained
+    layer(x).float().sum().backward()
+    assert fresh.end().stats.attention_faults["dpa"].tolist() == [0.0] * 6
+
+
+def test_amax_histories_of_the_attention_core_are_written_per_tensor():
+    from fp8lab.telemetry.step import StepTelemetry
+
+    torch.manual_seed(0)
+    model = fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=1, fp8_dpa=True)
+    telemetry = StepTelemetry(model, log_interval=1)
+    telemetry.begin(log=True, whatif=False)
+    model(torch.randint(0, model.config.vocab_size, (2, 16))).float().logsumexp(-1).mean().backward()
+    telemetry.end()
+    histories = telemetry.collector.histories()
+    dpa = model.blocks[0].attn.dpa
+    expected = torch.cat([dpa.scaling_fwd.amax_history, dpa.scaling_bwd.amax_history], dim=1)
+    assert (histories["blocks.0.attn.dpa"] == expected.numpy()).all() and expected.gt(0).any(dim=0).all()
+    assert histories["blocks.0.attn.qkv"].shape[1] == 3

@@ -9,6 +9,7 @@ Invariant: pure functions of the ``accuracy/`` values ``report.read_variant`` re
 from __future__ import annotations
 
 from fp8lab.formats import GEMM_NAMES
+from fp8lab.layers.fp8_attention import GEMMS as ATTENTION_GEMMS
 
 TOP_ACCURACY = 10  # layers shown in each accuracy ranking
 # The accumulator's error power is at least half of a GEMM's total error against BF16 when its
@@ -37,6 +38,7 @@ def accuracy_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> lis
     for layer in sorted(measured, key=lambda name: min(v for v in sqnr[name] if v == v))[:top]:
         lines.append(f"{layer:<34} " + " ".join(f"{v:>9.2f}" for v in sqnr[layer]))
     lines += accumulation_lines(variant, accuracy, sqnr)
+    lines += attention_lines(variant, accuracy, top)
     drift = {
         layer: accuracy[(layer, "weight_rel_diff")][-1] for layer in layers if accuracy.get((layer, "weight_rel_diff"))
     }
@@ -73,4 +75,24 @@ def accumulation_lines(variant: str, accuracy: dict, sqnr: dict) -> list[str]:
         lines.append("accumulation, not the FP8 cast, dominates the error of: " + "; ".join(dominated))
     else:
         lines.append("the FP8 casts, not the accumulator, dominate every layer's error")
+    return lines
+
+
+def attention_lines(variant: str, accuracy: dict, top: int = TOP_ACCURACY) -> list[str]:
+    """FP8 attention cores (``<layer>.dpa``) ranked by the lowest output SQNR of their six GEMMs
+    against BF16 twins (s = QK^T, o = PV, and the backward's dv, dp, dq, dk)."""
+    sqnr = {
+        layer: [mean(accuracy.get((layer, f"{g}_sqnr_db"), [])) for g in ATTENTION_GEMMS]
+        for layer in sorted({layer for layer, _ in accuracy})
+    }
+    measured = [layer for layer, values in sqnr.items() if any(v == v for v in values)]
+    if not measured:
+        return []
+    lines = [
+        "",
+        f"== {variant}: FP8 attention GEMMs against their BF16 twins (mean over log steps, lowest first)",
+        f"{'attention core':<34} " + " ".join(f"{g + ' dB':>8}" for g in ATTENTION_GEMMS),
+    ]
+    for layer in sorted(measured, key=lambda name: min(v for v in sqnr[name] if v == v))[:top]:
+        lines.append(f"{layer:<34} " + " ".join(f"{v:>8.2f}" for v in sqnr[layer]))
     return lines

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from fp8lab.formats import ROLE_NAMES
+from fp8lab.layers.fp8_attention import BWD_TENSORS, FWD_TENSORS
 from fp8lab.run.accuracy_report import accuracy_lines, mean
 from fp8lab.run.event_files import check_event_file, expected_last_step
 from fp8lab.run.lock import holder_pid
@@ -23,6 +24,7 @@ from fp8lab.run.whatif_report import best_by_layer, read_whatif, whatif_lines
 from fp8lab.scaling import SCALINGS, Scaling
 from fp8lab.telemetry.keys import ACCURACY, OPTIMIZER_STATE, SCALING, parse_tag
 
+ATTENTION_TENSORS = FWD_TENSORS + BWD_TENSORS  # the rows of an FP8 attention core (fp8_dpa)
 # Thresholds for "worth attention", applied to the mean over the run's log steps.
 OVERFLOW_PCT = 0.01  # any noticeable share of values clamped at fp8_max
 UNDERFLOW_PCT = 1.0  # more than 1% of non-zero values flushed to zero
@@ -213,7 +215,8 @@ def report(run_dir: str | Path) -> str:
 
 def _scaling_table(variant: str, scaling: dict, kind: str | None, label: str | None) -> tuple[list[str], list[tuple]]:
     """The per-layer, per-role table of one FP8 variant (which ran ``label``), and its layers worth
-    attention (with the advice of the variant's scaling recipe ``kind``)."""
+    attention (with the advice of the variant's scaling recipe ``kind``). An FP8 attention core
+    (``<layer>.dpa``) has a row per tensor it casts (qkv, s, o, dqkv, do, dp) instead of roles."""
     lines = [
         "",
         f"== {variant}{' (' + label + ')' if label else ''}: mean over log steps",
@@ -221,7 +224,7 @@ def _scaling_table(variant: str, scaling: dict, kind: str | None, label: str | N
     ]
     attention = []
     for layer in sorted({k[0] for k in scaling}):
-        for role in ROLE_NAMES:
+        for role in [r for r in ROLE_NAMES + ATTENTION_TENSORS if any(k[:2] == (layer, r) for k in scaling)]:
             m = {
                 f: mean(scaling.get((layer, role, f), []))
                 for f in ("scale", "amax", "overflow_pct", "underflow_pct", "sqnr_db")

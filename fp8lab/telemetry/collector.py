@@ -64,6 +64,8 @@ class LayerStats:
         attention: {FP8 attention core's name: (6, len(ATTENTION_FIELDS) + 1)}: row i holds
             scale, amax and cast statistics of tensor ``ATTENTION_TENSORS[i]``, then the
             BF16-twin output SQNR of GEMM ``fp8_attention.GEMMS[i]`` (NaN: not measured).
+        attention_faults: {FP8 attention core's name: (6,)}: casts of each of its tensors
+            that met NaN or inf since the previous log step (as ``NONFINITE`` of a layer).
     """
 
     layers: tuple[str, ...]
@@ -72,6 +74,7 @@ class LayerStats:
     shadow: np.ndarray
     accum: np.ndarray
     attention: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    attention_faults: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> LayerStats:
@@ -163,6 +166,12 @@ class ScalingCollector:
     def _views(self) -> list:
         return [layer.scaling_view() for _, layer in self.layers]
 
+    def _fault_counters(self) -> list[torch.Tensor]:
+        """The (3,) fault counters to drain: each layer's (per role), then each FP8 attention
+        core's forward and backward states' (per tensor: qkv, s, o; dqkv, do, dp)."""
+        cores = [state.faults for _, core in self.attention for state in (core.scaling_fwd, core.scaling_bwd)]
+        return [v.faults for v in self._views()] + cores
+
     def arm(self, whatif: bool = True) -> None:
         """Ask every layer to compute cast statistics during the coming step, and the
         what-if statistics of every scaling recipe when ``whatif``."""
@@ -219,39 +228,56 @@ class ScalingCollector:
         parts = [torch.stack([t.float() for t in extra])] if extra else []
         snapshot, attention = snapshot if snapshot is not None else (None, None)
         if snapshot is not None:
-            counters = [v.faults for v in self._views()]
-            faults = torch.stack(counters)[:, None]  # (n, 1, 3)
+            counters = self._fault_counters()
+            n = len(self.names)
+            faults = torch.stack(counters[:n])[:, None]  # (n, 1, 3)
             parts.append(torch.cat([snapshot, faults], dim=1).float().reshape(-1))  # (n_layers * _ROWS * 3,)
-        n_attention = 0 if attention is None else attention.numel()
+        n_attention = 0 if attention is None else attention.numel() + 6 * len(self.attention)
         if attention is not None:
             parts.append(attention.float().reshape(-1))  # (n_cores * 6 * len(ATTENTION_FIELDS),), same copy
+            parts.append(torch.stack(counters[n:]).float().reshape(-1))  # (n_cores * 6,) fault counts
         flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
         host_extra = flat[: len(extra)].tolist()
         if snapshot is None:
             return LayerStats.empty(), host_extra
         torch._foreach_zero_(counters)
-        host_attention = flat[len(flat) - n_attention :].reshape(-1, len(ATTENTION_TENSORS), len(ATTENTION_FIELDS) + 1)
+        tail = flat[len(flat) - n_attention :]
+        n_cores, width = len(self.attention), len(ATTENTION_FIELDS) + 1
+        host_attention = tail[: tail.size - 6 * n_cores].reshape(-1, len(ATTENTION_TENSORS), width)
+        host_faults = tail[tail.size - 6 * n_cores :].reshape(n_cores, len(ATTENTION_TENSORS))
         attention_stats = {name: host_attention[i] for i, (name, _) in enumerate(self.attention)}
-        host = flat[len(extra) : len(flat) - n_attention].reshape(len(self.names), _ROWS, 3)
+        attention_faults = {name: host_faults[i] for i, (name, _) in enumerate(self.attention)}
+        host = flat[len(extra) : len(flat) - n_attention].reshape(n, _ROWS, 3)
         values = {f: host[:, i, :] for i, f in enumerate(FIELDS)} | {NONFINITE: host[:, -1, :]}
-        n, per_role = len(self.names), host[:, len(FIELDS) : len(FIELDS) + _WHATIF_ROWS, :]
+        per_role = host[:, len(FIELDS) : len(FIELDS) + _WHATIF_ROWS, :]
         whatif = per_role.transpose(0, 2, 1).reshape(n, 3, len(WHATIF_RECIPES), len(STAT_NAMES))
-        stats = LayerStats(self.names, values, whatif, host[:, -3, :], host[:, -2, :], attention_stats)
+        stats = LayerStats(
+            self.names, values, whatif, host[:, -3, :], host[:, -2, :], attention_stats, attention_faults
+        )
         return stats, host_extra
 
     def faults(self) -> torch.Tensor:
-        """(n_layers, 3) non-finite amax counts not yet collected (for checkpoints)."""
+        """(n_layers + 2 * n_attention_cores, 3) non-finite amax counts not yet collected (for
+        checkpoints): the layers' rows, then two per FP8 attention core (forward, backward)."""
         if not self.layers:
             return torch.zeros(0, 3)
-        return torch.stack([v.faults for v in self._views()]).cpu()
+        return torch.stack(self._fault_counters()).cpu()
 
     def load_faults(self, faults: torch.Tensor) -> None:
-        for view, row in zip(self._views(), faults):
-            view.faults.copy_(row)
+        """Rows as ``faults`` returns them (a checkpoint from before the attention rows existed
+        has only the layers' rows; the cores' counters then start at zero)."""
+        for counter, row in zip(self._fault_counters(), faults):
+            counter.copy_(row)
 
     def histories(self) -> dict[str, np.ndarray]:
-        """Each delayed-scaling layer's whole amax history (H, 3) on the host (histograms)."""
+        """Each delayed-scaling layer's whole amax history (H, 3: ``ROLE_NAMES``) and each FP8
+        attention core's (H, 6: ``ATTENTION_TENSORS``, its two states side by side) on the host
+        (histograms)."""
         found = [(name, v.amax_history) for name, v in zip(self.names, self._views()) if v.amax_history is not None]
+        found += [
+            (name, torch.cat([core.scaling_fwd.amax_history, core.scaling_bwd.amax_history], dim=1))
+            for name, core in self.attention
+        ]
         if not found:
             return {}
         if len({h.shape for _, h in found}) == 1:  # one copy when all windows are alike

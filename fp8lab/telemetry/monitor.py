@@ -8,6 +8,8 @@ device tensor. On a log step it writes the recipes' tags to one TensorBoard run 
     scaling/<layer>/<role>/<stat>        accuracy/<layer>/<fprop|dgrad|wgrad>_sqnr_db
     whatif/<layer>/<role>/<scaling>/<stat>
     faults/nonfinite_amax/<layer>/<role> faults/skipped_steps faults/consecutive_skips
+    (an FP8 attention core, fp8_dpa: scaling/<layer>.dpa/<tensor>/<stat>, accuracy/<layer>.dpa/
+    <gemm>_sqnr_db and faults/nonfinite_amax/<layer>.dpa/<tensor>, tensor in qkv s o dqkv do dp)
     loss/train (if given: the mean over the steps since the last log step that were not skipped)
     accuracy/<layer>/weight_rel_diff (with a BF16 ``reference`` model)
     amax_history/<layer>/<role> (histograms)   overview/scaling (heatmap image)

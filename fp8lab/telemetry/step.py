@@ -27,7 +27,7 @@ from torch import nn
 
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.scaling.update import update_scales
-from fp8lab.telemetry.collector import NONFINITE, LayerStats, ScalingCollector
+from fp8lab.telemetry.collector import ATTENTION_TENSORS, NONFINITE, LayerStats, ScalingCollector
 from fp8lab.telemetry.keys import NONFINITE as NONFINITE_GROUP
 from fp8lab.telemetry.keys import Key
 
@@ -64,7 +64,8 @@ def is_whatif_step(step: int, whatif_interval: int | None) -> bool:
 
 
 class FaultTotals:
-    """Casts that met NaN or inf, per layer and role, summed over the log steps so far."""
+    """Casts that met NaN or inf, per layer and role (per tensor for an FP8 attention core:
+    ``faults/nonfinite_amax/<layer>.dpa/<qkv|s|o|dqkv|do|dp>``), summed over the log steps so far."""
 
     def __init__(self) -> None:
         self.counts: dict[Key, float] = defaultdict(float)
@@ -76,6 +77,10 @@ class FaultTotals:
                 count = float(stats.values[NONFINITE][i, r])
                 if count:
                     self.counts[Key(NONFINITE_GROUP, layer, role)] += count
+        for core, counts in stats.attention_faults.items():  # FP8 attention: per tensor (qkv, s, o, ...)
+            for tensor, count in zip(ATTENTION_TENSORS, counts):
+                if count:
+                    self.counts[Key(NONFINITE_GROUP, core, tensor)] += float(count)
 
     def scalars(self) -> dict[str, float]:
         """{"faults/nonfinite_amax/<layer>/<role>": total} of the layers/roles that had any."""

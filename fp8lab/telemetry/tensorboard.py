@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fp8lab.formats import ROLE_NAMES
 from fp8lab.layers.describe import describe
-from fp8lab.telemetry.collector import LayerStats
+from fp8lab.telemetry.collector import ATTENTION_TENSORS, LayerStats
 from fp8lab.telemetry.keys import AMAX_HISTORY, Key
 from fp8lab.telemetry.overview import LAYOUT
 
@@ -66,7 +66,8 @@ class VariantWriter:
 
     def histories(self, step: int, histories: dict[str, np.ndarray]) -> None:
         for layer, history in histories.items():
-            for r, role in enumerate(ROLE_NAMES):
+            columns = ROLE_NAMES if history.shape[1] == len(ROLE_NAMES) else ATTENTION_TENSORS  # a .dpa core: 6
+            for r, role in enumerate(columns):
                 column = history[:, r]
                 column = column[column > 0]  # unfilled slots of a young history are zeros
                 if column.size:
