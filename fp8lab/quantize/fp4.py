@@ -27,8 +27,11 @@ HADAMARD_SIZE = 16
 
 
 def _step(a: torch.Tensor) -> torch.Tensor:
-    """The E2M1 grid spacing at magnitude ``a``: 0.5 below 2, 1 in [2, 4), 2 from 4 (and for NaN: 0.5)."""
-    return torch.where(a >= 4.0, 2.0, torch.where(a >= 2.0, 1.0, 0.5)).to(torch.float32)
+    """The E2M1 grid spacing at magnitude ``a`` (float32, >= 0 or NaN), as a new tensor: 0.5 below
+    2, 1 in [2, 4), 2 from 4 (2 for NaN and inf; the callers' NaN lanes never use it). On the bits:
+    ``a``'s exponent field alone is 2^floor(log2 a), and half of that, clamped to [0.5, 2], is the
+    spacing."""
+    return (a.view(torch.int32) & 0x7F800000).view(torch.float32).mul_(0.5).clamp_(0.5, 2.0)
 
 
 def round_to_e2m1(v: torch.Tensor, rbits: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,13 +41,13 @@ def round_to_e2m1(v: torch.Tensor, rbits: torch.Tensor | None = None) -> torch.T
     if rbits is None:
         q = torch.where(torch.isnan(v), E2M1.max, v).clamp(-E2M1.max, E2M1.max).contiguous()
         return round_fp32_to_fp8_grid_(q.view(-1), E2M1).view(v.shape)
-    u = rbits.to(torch.float32) * (1.0 / 256.0)  # exact: 8 bits
     a = v.abs()
-    t = a + u * _step(a)  # u * step is exact, so this is TE's fmaf (one rounding)
+    # u * step(a), u = r / 256, is exact (8 bits times a power of two), so adding it to a is TE's
+    # fmaf: one rounding.
+    t = _step(a).mul_(rbits.to(torch.float32)).mul_(1.0 / 256.0).add_(a)
     step_t = _step(t)
-    q = torch.floor(t / step_t) * step_t  # division by a power of two: exact
-    q = torch.where(torch.isnan(t), E2M1.max, q).clamp(max=E2M1.max)
-    return torch.where(torch.isnan(v), q, torch.copysign(q, v))
+    q = t.div_(step_t).floor_().mul_(step_t).clamp_(max=E2M1.max)  # division by a power of two: exact
+    return torch.copysign(q, v).masked_fill_(torch.isnan(v), E2M1.max)  # NaN: +6, satfinite
 
 
 def cast_blocks_e2m1(
@@ -99,5 +102,5 @@ def apply_rht_dim0(x2d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     n = t.shape[0]
     r, c = x2d.shape
     x = torch.nn.functional.pad(x2d.double(), (0, 0, 0, -r % n))
-    groups = x.reshape(-1, n, c).transpose(1, 2)  # (G, C, 16): each row one group of column j
-    return (groups @ t.double()).transpose(1, 2).reshape(-1, c).float()
+    # group g's rows become T^T @ x[g] (16, C): one batched GEMM over the groups, no transposes
+    return torch.matmul(t.double().t(), x.view(-1, n, c)).view(-1, c).float()
