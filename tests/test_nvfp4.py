@@ -346,6 +346,33 @@ def test_sr_exactly_unbiased_over_all_random_bits():
             assert ((q - sign * v).abs() < step).all()  # only the two neighbours
 
 
+def test_sr_bit_exact_against_a_scalar_reference_of_tes_definition():
+    """Every element against TE's ``stochastic_round_fp4_e2m1`` written per element in Python: the
+    float32 fma of r/256 * step(|x|) + |x| (numpy float32: one rounding, the product being exact),
+    the floor onto the spacing at the sum, satfinite at 6, x's sign, NaN -> +6; on random values
+    of every magnitude, zeros of both signs, subnormals, inf and NaN."""
+    import numpy as np
+
+    def step(a):
+        return np.float32(2.0 if a >= 4 else 1.0 if a >= 2 else 0.5)
+
+    def reference(x, r):
+        if math.isnan(x):
+            return 6.0
+        a = np.float32(abs(x))
+        t = np.float32(a + np.float32(np.float32(r / 256) * step(a)))
+        q = min(math.floor(t / step(t)) * float(step(t)), 6.0) if not math.isinf(t) else 6.0
+        return math.copysign(q, x)
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4000, generator=g) * torch.logspace(-3, 1.5, 4000)
+    x[:8] = torch.tensor([0.0, -0.0, 1e-40, -1e-40, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    r = torch.randint(0, 256, x.shape, generator=g)
+    got = round_to_e2m1(x, r)
+    want = torch.tensor([reference(float(v), int(b)) for v, b in zip(x, r)], dtype=torch.float32)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_sr_monte_carlo_mean_converges():
     """Any values: |mean of N SR casts - value| <= step/256 (the 8-bit resolution) + 5 sigma,
     sigma <= step / (2 sqrt N)."""
