@@ -246,3 +246,41 @@ def test_cast_stats_match_a_float64_reference_over_several_chunks(fmt):
     assert torch.isclose(got[0].double(), overflow, rtol=1e-6, atol=0)
     assert torch.isclose(got[1].double(), underflow, rtol=1e-6, atol=0)
     assert abs(got[2].item() - sqnr.item()) < 0.01
+
+
+def test_the_fused_cuda_casts_stay_compiled_for_every_rank_layout_dtype_and_format(monkeypatch):
+    """The CUDA casts (``_cast_cuda``, ``_amaxes_cuda``) are torch.compile'd with fullgraph=True.
+    A GPT casts 2-D operands, their transposes and 4-D attention tensors, in bf16, fp16 and fp32,
+    to E4M3 and E5M2: compiled per shape kind that is 24 graphs, past dynamo's recompile limit
+    of 8, after which every compiled call fails and fp8lab fell back to eager kernels for the
+    rest of the run. Flattened to 1-D first, the same calls need one graph per input dtype and
+    format (6) and never fall back. Dynamo's guards and recompiles are the same for every
+    backend, so the CPU test compiles with backend "eager" (no C++ build); values equal the
+    eager math bit for bit."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    from fp8lab.quantize import tensor
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(tensor, "_cast_compiled", tensor._compile(tensor._cast_math, backend="eager"))
+    monkeypatch.setattr(tensor, "_amaxes_compiled", tensor._compile(tensor._amaxes_math, backend="eager"))
+    graphs = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        for shape in ((96,), (64, 48), (2, 3, 16, 8), (4, 16, 24)):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                x = (torch.randn(shape, generator=g) * 40).to(dtype)
+                views = (x, x.t()) if x.dim() == 2 else (x,)
+                for view in views:
+                    for fmt in (E4M3, E5M2):
+                        got = tensor._cast_cuda(view, scale, fmt.max, fmt.dtype)
+                        want = tensor._cast_math(view, scale, fmt.max, fmt.dtype)
+                        assert got.shape == view.shape and got.stride() == view.stride()
+                        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+                    assert torch.equal(tensor._amaxes_cuda(view), tensor._amaxes_math(view))
+    assert counters["stats"]["unique_graphs"] - graphs <= 3 * 2 + 3  # casts: dtype x format; amaxes: dtype
+    torch._dynamo.reset()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -74,34 +75,68 @@ def _amaxes_math(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([magnitude.amax(), torch.where(magnitude.isnan(), 0.0, magnitude).amax()])
 
 
-def _compile(fn):
+def _compile(fn, backend: str = "inductor"):
     """``fn`` fused by torch.compile (Triton) for CUDA tensors, or eager ``fn`` where
-    compiling is impossible (no Triton, a torch without inductor): the same values."""
+    compiling is impossible (no Triton, a torch without inductor): the same values.
+
+    ``fn`` takes a 1-D tensor first (``_flat``): one graph per input dtype and format, not per
+    rank and layout too, which had taken a GPT's casts past dynamo's recompile limit (8 graphs
+    per function), and with ``fullgraph=True`` dynamo then fails every later call. A call
+    that still meets the limit runs eager, that call alone; any other compiler failure turns
+    compiling off for good. Both warn once.
+    """
     compiled = None
     broken = False
+    warned = set()
 
     def run(*args):
         nonlocal compiled, broken
         if not broken:
             try:
                 if compiled is None:
-                    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+                    compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
                 return compiled(*args)
-            except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, once, loudly
-                broken = True
-                warnings.warn(
-                    f"fp8lab: torch.compile of {fn.__name__} failed ({type(err).__name__}: "
-                    f"{str(err)[:200]}); using eager CUDA kernels",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, loudly
+                limit = "RecompileLimit" in type(err).__name__ or "CacheLimit" in type(err).__name__
+                broken = broken or not limit
+                if type(err).__name__ not in warned:
+                    warned.add(type(err).__name__)
+                    what = "this call runs eager" if limit else "using eager CUDA kernels"
+                    warnings.warn(
+                        f"fp8lab: torch.compile of {fn.__name__} failed ({type(err).__name__}: "
+                        f"{str(err)[:200]}); {what}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         return fn(*args)
 
     return run
 
 
-_cast_cuda = _compile(_cast_math)
-_amaxes_cuda = _compile(_amaxes_math)
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x`` as a 1-D tensor without a copy where its layout allows (contiguous, or the
+    transpose of a contiguous matrix), and the function that puts an elementwise result of it
+    back into ``x``'s shape and layout. Detached: a view would make dynamo guard on the sizes
+    of its base, one graph per base shape again (the casts need no autograd: they run inside
+    the layers' autograd Functions)."""
+    if x.is_contiguous():
+        return x.view(-1).detach(), lambda y: y.view(x.shape)
+    if x.dim() == 2 and x.t().is_contiguous():
+        return x.t().reshape(-1).detach(), lambda y: y.view(x.t().shape).t()
+    return x.reshape(-1).detach(), lambda y: y.view(x.shape)
+
+
+_cast_compiled = _compile(_cast_math)
+_amaxes_compiled = _compile(_amaxes_math)
+
+
+def _cast_cuda(x_hp: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
+    flat, restore = _flat(x_hp)
+    return restore(_cast_compiled(flat, scale, fp8_max, dtype))
+
+
+def _amaxes_cuda(x: torch.Tensor) -> torch.Tensor:
+    return _amaxes_compiled(_flat(x)[0])
 
 
 def cast_to_fp8(x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
