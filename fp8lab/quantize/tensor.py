@@ -132,7 +132,7 @@ _amaxes_compiled = _compile(_amaxes_math)
 
 def _cast_cuda(x_hp: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
     flat, restore = _flat(x_hp)
-    return restore(_cast_compiled(flat, scale, fp8_max, dtype))
+    return restore(_cast_compiled(flat, scale.detach(), fp8_max, dtype))  # a row of a state's scales: no base
 
 
 def _amaxes_cuda(x: torch.Tensor) -> torch.Tensor:
