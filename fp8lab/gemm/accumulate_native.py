@@ -1,35 +1,23 @@
-"""The accumulator model's C kernel: compiled at first use, cached per user, called through ctypes.
+"""The accumulator model's C kernel (``accumulate_kernel.c``), built and cached by ``fp8lab.native``
+(source hash, flags, compiler and machine in the cache key; ISA and OpenMP flags as it says), called
+through ctypes.
 
-Invariant: the shared library loaded is built from exactly the ``accumulate_kernel.c`` next to this
-file with exactly the flags named in its cache key (source hash, flags, compiler's version line,
-machine), so a stale or foreign build is never loaded. Building never raises: ``load_kernel`` returns
-the kernel or one line saying why there is none, and the caller decides what to do about it.
-
-ISA: ``-march=native``, except ``-mavx2 -mfma`` when torch's own ``ATEN_CPU_CAPABILITY=avx2`` is set
-(``benchmarks/common.py``'s AVX2 imitation then imitates this kernel too) and no ISA flag for
-``ATEN_CPU_CAPABILITY=default``. OpenMP when the compiler has it: the library then needs
-``libgomp.so.1``, which resolves to the copy torch has already loaded (torch's wheel ships its
-libgomp under that soname), so torch and the kernel share one OpenMP runtime and thread pool.
+Invariant: building never raises: ``load_kernel`` returns the kernel or one line saying why there is
+none, and the caller decides what to do about it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fp8lab import native
 from fp8lab.gemm.accumulate_torch import Steps
 
 SOURCE = Path(__file__).with_name("accumulate_kernel.c")
-BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")  # no contraction: every FMA is written out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,48 +32,7 @@ class Kernel:
     file: Path
 
 
-def isa_flags() -> tuple[str, ...]:
-    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    if capability == "avx2":
-        return ("-mavx2", "-mfma")
-    if capability == "default":
-        return ()
-    return ("-march=native",)
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/fp8lab`` (``~/.cache/fp8lab``), or a per-user temp folder where that is read-only."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fp8lab"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK):
-            return base
-    except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir()) / f"fp8lab-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
-def _compiler_version(compiler: str) -> str:
-    out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
-    return (out.stdout or out.stderr).splitlines()[0].strip() if out.returncode == 0 else ""
-
-
-def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str:
-    """Compile SOURCE into ``target`` (atomically); returns "" or the compiler's last error lines."""
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        return " ".join((out.stderr or out.stdout).strip().splitlines()[-2:])[:300]
-    os.replace(tmp, target)  # concurrent builders each write their own tmp; the last rename wins
-    return ""
-
-
-def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
-    lib = ctypes.CDLL(str(file))
+def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fp8lab_accumulate.restype = ctypes.c_int
     c_int = ctypes.c_int
@@ -130,35 +77,9 @@ def _load(file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
 
 
 def load_kernel(compiler: str | None = None) -> tuple[Kernel | None, str]:
-    """Build (or find in the cache) and load the kernel: ``(kernel, "")`` or ``(None, why not)``.
-
-    Tries OpenMP with the ISA flags, then without OpenMP, then without ISA flags; a build that
-    compiles but fails to load counts as a failure. ``compiler`` defaults to ``cc`` (or ``gcc``).
-    """
-    compiler = compiler or shutil.which("cc") or shutil.which("gcc")
-    if not compiler or not shutil.which(compiler):
-        return None, f"no C compiler found ({compiler or 'cc/gcc'} not on PATH)"
-    try:
-        version = _compiler_version(compiler)
-        if not version:
-            return None, f"{compiler} --version failed"
-        source_hash = hashlib.sha256(SOURCE.read_bytes()).hexdigest()
-        errors = []
-        for flags in (BASE_FLAGS + isa_flags() + ("-fopenmp",), BASE_FLAGS + isa_flags(), BASE_FLAGS):
-            key = hashlib.sha256("\n".join([source_hash, version, platform.machine(), *flags]).encode()).hexdigest()
-            target = cache_dir() / f"accumulate_{key[:20]}.so"
-            if not target.exists():
-                error = _compile(compiler, flags, target)
-                if error:
-                    errors.append(f"{' '.join(flags)}: {error}")
-                    continue
-            try:
-                return _load(target, version, flags), ""
-            except OSError as err:  # e.g. a libgomp that does not load
-                errors.append(f"{' '.join(flags)}: loading failed: {err}")
-        return None, f"{compiler} could not build the kernel: " + "; ".join(errors)
-    except (OSError, subprocess.SubprocessError) as err:
-        return None, f"building with {compiler} failed: {type(err).__name__}: {err}"
+    """Build (or find in the cache) and load the kernel: ``(kernel, "")`` or ``(None, why not)``
+    (``fp8lab.native.build``). ``compiler`` defaults to ``cc`` (or ``gcc``)."""
+    return native.build(SOURCE, "accumulate", _load, compiler)
 
 
 def release(kernel: Kernel) -> None:
