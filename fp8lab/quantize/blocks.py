@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import FP8Format
+from fp8lab.quantize import block_cast_native
 from fp8lab.quantize.tensor import CPU_CHUNK, round_fp32_to_fp8_grid_
 
 BLOCK_STAT_NAMES = (
@@ -57,6 +58,13 @@ def blocks_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """
     if transposed(x):
         return blocks_amax(x.t(), block[::-1]).t()
+    if block_cast_native.readable(x) and (k := block_cast_native.kernel()) is not None:
+        return block_cast_native.block_amax(k, x, block)  # one pass, the same values
+    return _blocks_amax_torch(x, block)
+
+
+def _blocks_amax_torch(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``blocks_amax`` in torch operations (devices, dtypes and layouts the C kernel does not read)."""
     magnitude = padded_blocks(x.abs(), block)
     amax = _block_max(magnitude) if x.device.type == "cpu" else None
     if amax is None or bool(torch.isnan(amax).any()):
@@ -100,6 +108,15 @@ def cast_blocks_dequantized(
     """
     if transposed(x2d):  # the result is laid out as x2d is: a transpose, which GEMMs take as is
         return cast_blocks_dequantized(x2d.t(), block[::-1], scale.t(), scale_inv.t(), fmt, dtype=dtype).t()
+    if block_cast_native.readable(x2d) and dtype in (torch.float32, torch.bfloat16):
+        k = block_cast_native.kernel()
+        if k is not None:  # one pass over x2d, the same values
+            return block_cast_native.block_cast(k, x2d, block, scale, scale_inv, fmt, dtype)
+    return _cast_blocks_torch(x2d, block, scale, scale_inv, fmt, dtype)
+
+
+def _cast_blocks_torch(x2d, block, scale, scale_inv, fmt: FP8Format, dtype: torch.dtype) -> torch.Tensor:
+    """``cast_blocks_dequantized`` in torch operations, on a tensor that is not a transpose."""
     br, bc = block
     r, c = x2d.shape
     out = torch.empty((r, c), dtype=dtype, device=x2d.device)

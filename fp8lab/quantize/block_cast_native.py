@@ -1,0 +1,109 @@
+"""The block casts' C kernel (``block_cast_kernel.c``): a block recipe's amaxes and FP8 cast in one
+pass each on the CPU, built and cached by ``fp8lab.native``, called through ctypes.
+
+Invariant: the kernel computes exactly the torch code of ``fp8lab.quantize.blocks`` (tests compare
+them bit for bit); where it cannot run (no C compiler, a dtype or layout it does not read) that
+torch code runs instead. ``kernel()`` is decided once per process, and says so once if it fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+from fp8lab import native
+from fp8lab.formats import FP8Format
+
+SOURCE = Path(__file__).with_name("block_cast_kernel.c")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A loaded build: the library and what it was built with."""
+
+    lib: ctypes.CDLL
+    compiler: str
+    flags: tuple[str, ...]
+    file: Path
+
+
+def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.fp8lab_block_amax.restype = c_int
+    lib.fp8lab_block_amax.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, i64, c_int]
+    lib.fp8lab_block_cast.restype = c_int
+    lib.fp8lab_block_cast.argtypes = [
+        *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
+        *(ptr, ptr, i64),  # scale, scale_inv (or NULL), their row stride
+        *(ctypes.c_float, ctypes.c_uint32, ctypes.c_float),  # fp8_max, bits of the min normal, alpha
+        *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
+    ]
+    return Kernel(lib, compiler, flags, file)
+
+
+@functools.cache
+def kernel() -> Kernel | None:
+    """The kernel of this process, built once; None (with one warning) where it cannot be built."""
+    built, why = native.build(SOURCE, "block_cast", _load)
+    if built is None:
+        warnings.warn(
+            f"fp8lab: the block-cast C kernel is unavailable ({why}); block casts run as torch operations "
+            "(the same values, slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return built
+
+
+def readable(x: torch.Tensor) -> bool:
+    """Whether the kernel reads ``x``: a 2-D float32 or bfloat16 CPU tensor with unit column stride."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.stride(1) == 1
+
+
+def _grid_shape(x: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    return -(-x.shape[0] // block[0]), -(-x.shape[1] // block[1])
+
+
+def block_amax(k: Kernel, x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``blocks.blocks_amax`` of a ``readable`` x: (ceil(R/br), ceil(C/bc)) float32."""
+    out = torch.empty(_grid_shape(x, block), dtype=torch.float32)
+    r, c = x.shape
+    k.lib.fp8lab_block_amax(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block, out.data_ptr(), out.stride(0),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def block_cast(
+    k: Kernel,
+    x: torch.Tensor,
+    block: tuple[int, int],
+    scale: torch.Tensor,
+    scale_inv: torch.Tensor | None,
+    fmt: FP8Format,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``blocks.cast_blocks_dequantized`` of a ``readable`` x (``scale_inv`` None: the FP8 values
+    themselves), in ``dtype`` (float32 or bfloat16)."""
+    grid = _grid_shape(x, block)
+    scale = scale.float().contiguous()
+    scale_inv = None if scale_inv is None else scale_inv.float().contiguous()
+    if tuple(scale.shape) != grid or (scale_inv is not None and tuple(scale_inv.shape) != grid):
+        raise ValueError(f"block scales must be {grid} for a {tuple(x.shape)} tensor in {block} blocks")
+    r, c = x.shape
+    out = torch.empty(r, c, dtype=dtype)
+    min_normal = struct.unpack("<I", struct.pack("<f", fmt.min_normal))[0]
+    k.lib.fp8lab_block_cast(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block,
+        scale.data_ptr(), None if scale_inv is None else scale_inv.data_ptr(), grid[1],
+        fmt.max, min_normal, 1.5 * 2.0 ** (23 - fmt.mantissa_bits),
+        out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,100 @@
+"""The block casts' C kernel (``fp8lab.quantize.block_cast_native``) against the torch code it
+replaces on the CPU (``blocks._blocks_amax_torch``, ``blocks._cast_blocks_torch``), bit for bit:
+every block shape the recipes use (1x16, 1x32, 1x128, 128x1, 128x128, 16x16) and shapes that
+do not fill their last blocks, float32 and bfloat16 inputs and outputs, transposed inputs, both
+FP8 formats, power-of-2 and float32 scales, and values that test the rounding: ties, subnormals,
+overflow, zeros of both signs, inf and NaN. (The torch code is itself tested against float64
+references in test_scaling_recipes.py and test_hardware_model.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8lab.formats import E4M3, E5M2
+from fp8lab.quantize import block_cast_native, blocks
+
+KERNEL = block_cast_native.kernel()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler: the block casts run as torch operations")
+
+BLOCKS = [(1, 16), (1, 32), (1, 128), (128, 1), (128, 128), (16, 16)]
+
+
+def _values(shape, dtype, seed=0) -> torch.Tensor:
+    """Values over many binades with the hard cases sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 20, shape, generator=g).float())
+    flat = x.view(-1)
+    special = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-42, 3.4e38, 1.5, 2.5, -0.0625, 448.0]
+    )
+    at = torch.randperm(flat.numel(), generator=g)[: 4 * special.numel()]
+    flat[at] = special.repeat(4)
+    return x.to(dtype)
+
+
+def _scales(amax: torch.Tensor, fmt, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.where((amax > 0) & torch.isfinite(amax), fmt.max / amax, torch.ones_like(amax))
+    if pow2:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    return scale, scale.reciprocal()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN for NaN (a NaN's sign and payload are not modelled: torch's vectorised
+    bfloat16 conversion keeps them, its scalar one and the kernel write 0x7FC0)."""
+    view = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    a, b = a.contiguous(), b.contiguous()
+    nan = torch.isnan(a)
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(nan, torch.isnan(b))
+        and torch.equal(a.view(view)[~nan], b.view(view)[~nan])
+    )
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 384), (200, 150)], ids=["whole", "ragged"])
+def test_amax_equals_the_torch_code(block, dtype, shape):
+    x = _values(shape, dtype)
+    assert torch.equal(block_cast_native.block_amax(KERNEL, x, block), blocks._blocks_amax_torch(x, block))
+    assert torch.equal(blocks.blocks_amax(x.t().contiguous().t(), block), blocks._blocks_amax_torch(x, block))
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "f32-scales"])
+def test_cast_equals_the_torch_code(block, dtype, out_dtype, fmt, pow2):
+    x = _values((200, 150), dtype, seed=1)
+    scale, scale_inv = _scales(blocks._blocks_amax_torch(x, block), fmt, pow2)
+    want = blocks._cast_blocks_torch(x, block, scale, scale_inv, fmt, out_dtype)
+    assert _same(block_cast_native.block_cast(KERNEL, x, block, scale, scale_inv, fmt, out_dtype), want)
+    assert _same(blocks.cast_blocks_dequantized(x, block, scale, scale_inv, fmt, dtype=out_dtype), want)
+    # the FP8 values themselves (no inverse scale): the torch code multiplies by ones
+    raw = block_cast_native.block_cast(KERNEL, x, block, scale, None, fmt, out_dtype)
+    assert _same(raw, blocks._cast_blocks_torch(x, block, scale, torch.ones_like(scale), fmt, out_dtype))
+
+
+def test_a_transposed_operand_is_cast_in_its_own_layout():
+    """The backward's copies are transposes of contiguous tensors: cast on the contiguous one with
+    the block shape swapped, the result laid out as the input (as the torch code does)."""
+    x = _values((150, 200), torch.bfloat16, seed=2).t()  # (200, 150), column-major
+    block = (1, 128)
+    scale, scale_inv = _scales(blocks.blocks_amax(x, block), E4M3, True)
+    got = blocks.cast_blocks_dequantized(x, block, scale, scale_inv, E4M3)
+    want = blocks._cast_blocks_torch(x.contiguous(), block, scale, scale_inv, E4M3, torch.bfloat16)
+    assert got.stride() == x.stride() and _same(got, want)
+
+
+def test_what_the_kernel_does_not_read_runs_as_torch_code():
+    x = _values((64, 64), torch.float16, seed=3)
+    assert not block_cast_native.readable(x) and not block_cast_native.readable(x.float()[:, ::2])
+    scale, scale_inv = _scales(blocks.blocks_amax(x, (1, 32)), E4M3, True)
+    want = blocks._cast_blocks_torch(x, (1, 32), scale, scale_inv, E4M3, torch.bfloat16)
+    assert _same(blocks.cast_blocks_dequantized(x, (1, 32), scale, scale_inv, E4M3), want)
+    with pytest.raises(ValueError, match="block scales must be"):
+        block_cast_native.block_cast(KERNEL, x.float(), (1, 32), scale[:, :1], None, E4M3, torch.float32)
