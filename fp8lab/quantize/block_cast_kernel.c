@@ -13,54 +13,13 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-#define LANES 16  /* partial maxima kept per 1 x bc block row, so the loop vectorises without a reduction */
-
-static inline float load(const void *x, int bf16, int64_t at) {
-    if (bf16) {
-        const uint32_t u = (uint32_t)((const uint16_t *)x)[at] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    return ((const float *)x)[at];
-}
-
-/* |v| with NaN ignored by the max that follows: m = a > m ? a : m keeps m for a NaN a, as fmaxf does. */
-static inline float larger(float m, float a) { return a > m ? a : m; }
-
-/* fmaxf(|x|) per block (NaN ignored, inf counted; an all-NaN block gives 0), into amax (nbr x nbc, ld). */
-int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
-                      float *amax, int64_t ld, int nthreads) {
-    const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc;
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t bi = 0; bi < nbr; bi++) {
-        float *row = amax + bi * ld;
-        for (int64_t bj = 0; bj < nbc; bj++) row[bj] = 0.0f;
-        const int64_t i1 = (bi + 1) * br < r ? (bi + 1) * br : r;
-        for (int64_t i = bi * br; i < i1; i++) {
-            const int64_t base = i * sr;
-            if (bc == 1) {  /* blocks down the columns: an elementwise max into the row of maxima */
-                for (int64_t j = 0; j < c; j++) row[j] = larger(row[j], fabsf(load(x, bf16, base + j)));
-                continue;
-            }
-            for (int64_t bj = 0; bj < nbc; bj++) {
-                const int64_t j0 = bj * bc, j1 = j0 + bc < c ? j0 + bc : c;
-                float lane[LANES] = {0};
-                int64_t j = j0;
-                for (; j + LANES <= j1; j += LANES)
-                    for (int q = 0; q < LANES; q++) lane[q] = larger(lane[q], fabsf(load(x, bf16, base + j + q)));
-                float m = row[bj];
-                for (; j < j1; j++) m = larger(m, fabsf(load(x, bf16, base + j)));
-                for (int q = 0; q < LANES; q++) m = larger(m, lane[q]);
-                row[bj] = m;
-            }
-        }
-    }
-    return 0;
-}
+#define SEG 2048  /* elements of a row converted to float32 at a time (a multiple of every block width used) */
 
 static inline uint32_t bits_of(float v) {
     uint32_t u;
@@ -74,31 +33,89 @@ static inline float float_of(uint32_t u) {
     return v;
 }
 
-/* Round to nearest even into bfloat16 (NaN -> 0x7FC0, as torch rounds). */
+/* n elements of x from index at, as float32 (exact), into buf: one branch-free loop per dtype. */
+static void to_float(float *restrict buf, const void *x, int bf16, int64_t at, int64_t n) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)x + at;
+        for (int64_t j = 0; j < n; j++) buf[j] = float_of((uint32_t)p[j] << 16);
+    } else {
+        memcpy(buf, (const float *)x + at, sizeof(float) * n);
+    }
+}
+
+/* Round to nearest even into bfloat16 (NaN -> 0x7FC0, as torch's scalar conversion). */
 static inline uint16_t bf16_of(float v) {
     const uint32_t u = bits_of(v);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
+}
+
+static void from_float(void *out, int out_bf16, int64_t at, const float *restrict buf, int64_t n) {
+    if (out_bf16) {
+        uint16_t *p = (uint16_t *)out + at;
+        for (int64_t j = 0; j < n; j++) p[j] = bf16_of(buf[j]);
+    } else {
+        memcpy((float *)out + at, buf, sizeof(float) * n);
+    }
+}
+
+/* The larger of m and |a|, NaN a ignored (m kept), as fmaxf does. */
+static inline float larger(float m, float a) {
+    a = fabsf(a);
+    return a > m ? a : m;
+}
+
+/* The segment width for blocks bc wide: whole blocks (bc == 1: any). */
+static inline int64_t segment(int64_t bc) { return bc >= SEG ? bc : SEG / bc * bc; }
+
+/* fmaxf(|x|) per block (NaN ignored, inf counted; an all-NaN block gives 0), into amax (nbr x nbc, ld). */
+int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
+                      float *amax, int64_t ld, int nthreads) {
+    const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc, seg = segment(bc);
+    float *bufs = malloc(sizeof(float) * seg * (nthreads < 1 ? 1 : nthreads));
+    if (!bufs) return -1;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t bi = 0; bi < nbr; bi++) {
+#ifdef _OPENMP
+        float *buf = bufs + seg * omp_get_thread_num();
+#else
+        float *buf = bufs;
+#endif
+        float *row = amax + bi * ld;
+        for (int64_t bj = 0; bj < nbc; bj++) row[bj] = 0.0f;
+        const int64_t i1 = (bi + 1) * br < r ? (bi + 1) * br : r;
+        for (int64_t i = bi * br; i < i1; i++)
+            for (int64_t j0 = 0; j0 < c; j0 += seg) {
+                const int64_t n = c - j0 < seg ? c - j0 : seg;
+                to_float(buf, x, bf16, i * sr + j0, n);
+                if (bc == 1) {  /* blocks down the columns: an elementwise max into the row of maxima */
+                    float *restrict m = row + j0;
+                    for (int64_t j = 0; j < n; j++) m[j] = larger(m[j], buf[j]);
+                    continue;
+                }
+                for (int64_t b0 = 0; b0 < n; b0 += bc) {
+                    const int64_t w = n - b0 < bc ? n - b0 : bc;
+                    float m = row[(j0 + b0) / bc];
+                    for (int64_t j = 0; j < w; j++) m = larger(m, buf[b0 + j]);
+                    row[(j0 + b0) / bc] = m;
+                }
+            }
+    }
+    free(bufs);
+    return 0;
 }
 
 /* One element: scaled, clamped (NaN stays NaN), rounded to nearest even on the FP8 grid by the magic
- * number of its binade, then (dequantize) times the block's inverse scale. */
-static inline float cast_one(float x, float s, float si, int dequantize, float fmax, uint32_t min_normal_bits,
-                             float alpha) {
+ * number of its binade, then times the block's inverse scale (1 when there is none). */
+static inline float cast_one(float x, float s, float si, float fmax, uint32_t min_normal_bits, float alpha) {
     float v = x * s;
     v = v > fmax ? fmax : (v < -fmax ? -fmax : v);
     uint32_t e = bits_of(v) & 0x7F800000u;
     e = e > min_normal_bits ? e : min_normal_bits;
     const float m = float_of(e) * alpha;
     v = (v + m) - m;
-    return dequantize ? v * si : v;
-}
-
-static inline void store(void *out, int out_bf16, int64_t at, float v) {
-    if (out_bf16)
-        ((uint16_t *)out)[at] = bf16_of(v);
-    else
-        ((float *)out)[at] = v;
+    return v * si;
 }
 
 /*
@@ -107,34 +124,46 @@ static inline void store(void *out, int out_bf16, int64_t at, float v) {
  *   v = clamp(v, -fmax, fmax)           (NaN stays NaN)
  *   v = (v + M) - M, M = 2^max(floor(log2|v|), e_min) * alpha   (round to nearest even on the FP8
  *        grid: alpha = 1.5 * 2^(23 - mantissa bits); min_normal_bits = the float32 bits of 2^e_min)
- *   v = v * scale_inv[block]            (when scale_inv is not NULL)
+ *   v = v * scale_inv[block]            (times 1 when scale_inv is NULL: exact)
  * exactly as fp8lab.quantize.tensor.round_fp32_to_fp8_grid_ and blocks.cast_blocks_dequantized do.
  */
 int fp8lab_block_cast(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
                       const float *scale, const float *scale_inv, int64_t ld, float fmax, uint32_t min_normal_bits,
                       float alpha, void *out, int out_bf16, int64_t so, int nthreads) {
-    const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc;
+    const int64_t nbr = (r + br - 1) / br, seg = segment(bc);
     if (nthreads < 1) nthreads = 1;
+    float *bufs = malloc(sizeof(float) * seg * nthreads);
+    if (!bufs) return -1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t bi = 0; bi < nbr; bi++) {
+#ifdef _OPENMP
+        float *restrict buf = bufs + seg * omp_get_thread_num();
+#else
+        float *restrict buf = bufs;
+#endif
         const float *s = scale + bi * ld, *si = scale_inv ? scale_inv + bi * ld : NULL;
         const int64_t i1 = (bi + 1) * br < r ? (bi + 1) * br : r;
-        for (int64_t i = bi * br; i < i1; i++) {
-            if (bc == 1) {  /* blocks down the columns: one scale per column */
-                for (int64_t j = 0; j < c; j++)
-                    store(out, out_bf16, i * so + j,
-                          cast_one(load(x, bf16, i * sr + j), s[j], si ? si[j] : 1.0f, si != NULL, fmax,
-                                   min_normal_bits, alpha));
-                continue;
+        for (int64_t i = bi * br; i < i1; i++)
+            for (int64_t j0 = 0; j0 < c; j0 += seg) {
+                const int64_t n = c - j0 < seg ? c - j0 : seg;
+                to_float(buf, x, bf16, i * sr + j0, n);
+                if (bc == 1) {  /* blocks down the columns: one scale per column */
+                    const float *restrict sj = s + j0, *restrict sij = si ? si + j0 : NULL;
+                    if (sij)
+                        for (int64_t j = 0; j < n; j++) buf[j] = cast_one(buf[j], sj[j], sij[j], fmax, min_normal_bits, alpha);
+                    else
+                        for (int64_t j = 0; j < n; j++) buf[j] = cast_one(buf[j], sj[j], 1.0f, fmax, min_normal_bits, alpha);
+                } else {
+                    for (int64_t b0 = 0; b0 < n; b0 += bc) {
+                        const int64_t w = n - b0 < bc ? n - b0 : bc, b = (j0 + b0) / bc;
+                        const float sb = s[b], sib = si ? si[b] : 1.0f;
+                        for (int64_t j = 0; j < w; j++)
+                            buf[b0 + j] = cast_one(buf[b0 + j], sb, sib, fmax, min_normal_bits, alpha);
+                    }
+                }
+                from_float(out, out_bf16, i * so + j0, buf, n);
             }
-            for (int64_t bj = 0; bj < nbc; bj++) {
-                const int64_t j0 = bj * bc, j1 = j0 + bc < c ? j0 + bc : c;
-                const float sb = s[bj], sib = si ? si[bj] : 1.0f;
-                for (int64_t j = j0; j < j1; j++)
-                    store(out, out_bf16, i * so + j,
-                          cast_one(load(x, bf16, i * sr + j), sb, sib, si != NULL, fmax, min_normal_bits, alpha));
-            }
-        }
     }
+    free(bufs);
     return 0;
 }
