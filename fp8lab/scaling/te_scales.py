@@ -16,6 +16,8 @@ The amaxes they start from are taken by ``fp8lab.quantize.tensor`` (``amaxes_of`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 F32_MAX = torch.finfo(torch.float32).max
@@ -48,34 +50,40 @@ def te_scale_from_amax(
 def float_to_e8m0(value: torch.Tensor) -> torch.Tensor:
     """TE's ``float_to_e8m0``: the biased exponent (0..255, int32) of the smallest power of
     two >= ``value``; NaN gives 255, inf 254, 0 gives 0, and a float32 subnormal <= 2^-127
-    keeps exponent 0 (TE's rule)."""
+    keeps exponent 0 (TE's rule). The sign is ignored.
+
+    On the bits b of |value|: (b + 0x7FFFFF) >> 23 is the exponent plus one when the mantissa is
+    not zero; TE does not round 254 up (nor inf, whose code is 254), so the code stops at 254;
+    subnormals up to 0x400000 (2^-127) and zero give 0."""
     value = value.float()
-    bits = value.view(torch.int32)
-    exponent = (bits >> 23) & 0xFF
-    mantissa = bits & 0x7FFFFF
-    round_up = (mantissa > 0) & (exponent != 0xFE) & ~((exponent == 0) & (mantissa <= 0x400000))
-    out = exponent + round_up.to(torch.int32)
-    out = torch.where(torch.isinf(value), torch.full_like(out, 0xFE), out)
-    out = torch.where(torch.isnan(value), torch.full_like(out, 0xFF), out)
-    return torch.where(value == 0, torch.zeros_like(out), out)
+    bits = value.view(torch.int32) & 0x7FFFFFFF
+    out = ((bits + 0x7FFFFF) >> 23).clamp_(max=0xFE)  # NaN's sum wraps negative: replaced below
+    out.masked_fill_(bits <= 0x400000, 0)
+    return out.masked_fill_(torch.isnan(value), 0xFF)
+
+
+@functools.cache
+def _e8m0_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2^(127 - e), 2^(e - 127)) for every code e, with TE's special cases: code 0 scales by 1
+    (``exp2f_rcp``), 254 by 2^-127, 255 (NaN) is NaN; made once per device."""
+    e = torch.arange(256, dtype=torch.int32)
+    scale = ((254 - e).clamp(min=0) << 23).view(torch.float32)
+    scale[254], scale[0], scale[255] = 2.0**-127, 1.0, float("nan")
+    inv = (e << 23).view(torch.float32).clone()
+    inv[0], inv[255] = 2.0**-127, float("nan")
+    return scale.to(device), inv.to(device)
 
 
 def e8m0_scale(e8m0: torch.Tensor) -> torch.Tensor:
     """TE's ``exp2f_rcp``: 2^(127 - e), what values are multiplied by before the cast, and 1 for
     code 0 (TE's own special case: a block whose amax is below about fp8_max * 2^-127 is cast
     unscaled, so its nonzero values flush to zero rather than being multiplied by 2^127)."""
-    e = e8m0.to(torch.int32)
-    out = ((254 - e) << 23).view(torch.float32)
-    out = torch.where(e == 254, torch.full_like(e, 0x00400000).view(torch.float32), out)  # 2^-127
-    out = torch.where(e == 0, torch.ones_like(out), out)
-    return torch.where(e == 255, torch.full_like(out, float("nan")), out)
+    return _e8m0_tables(e8m0.device)[0][e8m0.to(torch.int32)]
 
 
 def e8m0_scale_inv(e8m0: torch.Tensor) -> torch.Tensor:
     """2^(e - 127), what the GEMM multiplies a block's FP8 values by (255: NaN)."""
-    e = e8m0.to(torch.int32)
-    out = torch.where(e > 0, e << 23, torch.full_like(e, 0x00400000)).view(torch.float32)
-    return torch.where(e == 255, torch.full_like(out, float("nan")), out)
+    return _e8m0_tables(e8m0.device)[1][e8m0.to(torch.int32)]
 
 
 def torchao_e8m0(amax: torch.Tensor, mode: str, max_pow2: int, mantissa_bits: int) -> torch.Tensor:
