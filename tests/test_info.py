@@ -22,7 +22,9 @@ def test_collect_info_has_every_key_and_is_json():
         "probe_dims",
         "devices",
         "accumulation",
+        "block_casts",
     }
+    assert info["block_casts"]["path"] in ("c", "torch") and "block casts" in info["block_casts"]["reason"]
     assert info["accumulation"]["path"] in ("c-avx512", "c-avx2", "c-generic", "torch")
     assert set(info["accumulation"]["te"]) == {"delayed", "current", "block", "mxfp8", "rowwise", "nvfp4"}
     assert info["accumulation"]["te"]["rowwise"] == (  # torchao's use_fast_accum: output GEMM only
@@ -77,6 +79,7 @@ def test_format_of_a_hopper_with_te_and_an_ampere():
             "reason": "FP8 accumulator model: C kernel",
             "te": {"delayed": "fprop fast, dgrad and wgrad promoted"},
         },
+        "block_casts": {"path": "c", "reason": "block casts: C kernel built by cc 12"},
         "devices": [
             {
                 "device": "cuda:0",

@@ -13,6 +13,7 @@ import torch
 
 import fp8lab
 from fp8lab.accumulation import describe_gemms
+from fp8lab.quantize import block_cast_native
 from fp8lab.gemm.accumulate import accumulate_path
 from fp8lab.gemm.backends.select import (
     FP8_MIN_CAPABILITY,
@@ -86,6 +87,7 @@ def collect_info(import_te: bool = True) -> dict:
     }
     return {
         "accumulation": {"path": path.name, "reason": path.reason, "te": te_accumulation},
+        "block_casts": _block_casts(),
         "fp8lab": fp8lab.__version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,  # None for a CPU-only build of torch
@@ -94,6 +96,15 @@ def collect_info(import_te: bool = True) -> dict:
         "probe_dims": list(PROBE_DIMS),
         "devices": rows,
     }
+
+
+def _block_casts() -> dict:
+    """Where the block recipes' casts run on the CPU: the C kernel, or torch operations."""
+    kernel = block_cast_native.kernel()
+    if kernel is None:
+        return {"path": "torch", "reason": "block casts: torch operations (no C kernel could be built)"}
+    flags = " ".join(kernel.flags[4:]) or "no ISA flags"
+    return {"path": "c", "reason": f"block casts: C kernel built by {kernel.compiler} with {flags}"}
 
 
 def format_info(info: dict) -> str:
@@ -130,4 +141,5 @@ def format_info(info: dict) -> str:
     acc = info["accumulation"]
     lines.append(f"{acc['reason']}; accumulation='te' (the default) per scaling:")
     lines += [f"  {name}: {text}" for name, text in acc["te"].items()]
+    lines.append(info["block_casts"]["reason"])
     return "\n".join(lines)
