@@ -109,6 +109,7 @@ def test_format_of_a_hopper_with_te_and_an_ampere():
     assert lines[8:] == [
         "FP8 accumulator model: C kernel; accumulation='te' (the default) per scaling:",
         "  delayed: fprop fast, dgrad and wgrad promoted",
+        "block casts: C kernel built by cc 12",
     ]
 
 

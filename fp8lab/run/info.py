@@ -13,7 +13,6 @@ import torch
 
 import fp8lab
 from fp8lab.accumulation import describe_gemms
-from fp8lab.quantize import block_cast_native
 from fp8lab.gemm.accumulate import accumulate_path
 from fp8lab.gemm.backends.select import (
     FP8_MIN_CAPABILITY,
@@ -26,6 +25,7 @@ from fp8lab.gemm.backends.select import (
 )
 from fp8lab.gemm.exact import gemm_path
 from fp8lab.options import FALLBACKS, FP8Options
+from fp8lab.quantize import block_cast_native
 from fp8lab.scaling import SCALINGS
 
 PROBE_DIMS = (4096, 4096)  # a typical transformer Linear: in_features x out_features
