@@ -98,3 +98,29 @@ def test_what_the_kernel_does_not_read_runs_as_torch_code():
     assert _same(blocks.cast_blocks_dequantized(x, (1, 32), scale, scale_inv, E4M3), want)
     with pytest.raises(ValueError, match="block scales must be"):
         block_cast_native.block_cast(KERNEL, x.float(), (1, 32), scale[:, :1], None, E4M3, torch.float32)
+
+
+@pytest.mark.parametrize("block", [(1, 16), (16, 1), (16, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
+def test_e2m1_cast_equals_the_torch_code(block, dtype, out_dtype, stochastic):
+    """NVFP4's cast (E2M1 values of x * encode, nearest even or stochastic, times the E4M3 block
+    decode scale) in one pass, against fp4.cast_blocks_e2m1 then fp4.dequantize_blocks."""
+    from fp8lab.quantize import fp4
+    from fp8lab.scaling.nvfp4_scales import block_decode_scale, block_encode_scale, global_decode_scale
+    from fp8lab.scaling.nvfp4_scales import global_encode_scale
+
+    x = _values((200, 150), dtype, seed=4)
+    amax = torch.nan_to_num(x.float().abs(), nan=0.0).max()
+    s_enc = global_encode_scale(amax)
+    decode = block_decode_scale(blocks._blocks_amax_torch(x, block), s_enc)
+    encode = block_encode_scale(decode, global_decode_scale(s_enc))
+    g = torch.Generator().manual_seed(5)
+    rbits = torch.randint(0, 256, x.shape, generator=g, dtype=torch.int32) if stochastic else None
+    want = fp4.dequantize_blocks(fp4.cast_blocks_e2m1(x, block, encode, rbits), block, decode, out_dtype)
+    assert _same(block_cast_native.block_cast_e2m1(KERNEL, x, block, encode, decode, rbits, out_dtype), want)
+    # a transposed operand, through the dispatcher, laid out as it came
+    xt = x.t().contiguous().t()
+    got = fp4.cast_dequantized_e2m1(xt, block, encode, decode, rbits, out_dtype)
+    assert got.stride() == xt.stride() and _same(got, want)

@@ -167,3 +167,72 @@ int fp8lab_block_cast(const void *x, int bf16, int64_t sr, int64_t r, int64_t c,
     free(bufs);
     return 0;
 }
+
+/* ---------------------------------------------------------------- NVFP4: E2M1 values, E4M3 block scales */
+
+#define E2M1_MAX 6.0f
+
+/* The E2M1 spacing at magnitude a (>= 0): 0.5 below 2, 1 in [2, 4), 2 from 4 (2 for inf and NaN), from
+ * the exponent field alone, as fp8lab.quantize.fp4._step computes it. */
+static inline float e2m1_step(float a) {
+    float s = float_of(bits_of(a) & 0x7F800000u) * 0.5f;
+    s = s < 0.5f ? 0.5f : s;  /* NaN never reaches here: the exponent field of NaN is inf's */
+    return s > 2.0f ? 2.0f : s;
+}
+
+/* v (already x * encode) onto E2M1, satfinite: to nearest even (r < 0), or stochastically with the 8
+ * random bits r (0..255), as fp8lab.quantize.fp4.round_to_e2m1 does it. */
+static inline float e2m1_one(float v, int32_t r) {
+    if (r < 0) {
+        float q = v != v ? E2M1_MAX : (v > E2M1_MAX ? E2M1_MAX : (v < -E2M1_MAX ? -E2M1_MAX : v));
+        uint32_t e = bits_of(q) & 0x7F800000u;
+        e = e > 0x3F800000u ? e : 0x3F800000u;  /* E2M1's smallest normal, 1 */
+        const float m = float_of(e) * 6291456.0f;  /* 1.5 * 2^(23 - 1) */
+        return (q + m) - m;
+    }
+    const float a = fabsf(v);
+    float t = e2m1_step(a) * (float)r;
+    t = t * (1.0f / 256.0f) + a;  /* two roundings written out, as the torch code: mul_, mul_, add_ */
+    const float st = e2m1_step(t);
+    float q = floorf(t / st) * st;
+    q = q > E2M1_MAX ? E2M1_MAX : q;
+    return v != v ? E2M1_MAX : copysignf(q, v);
+}
+
+/*
+ * out (r x c, row stride so; float32, or bfloat16 if out_bf16) = each element's E2M1 value of
+ * x * encode[block] (float32), times decode[block]: fp8lab.quantize.fp4's cast_blocks_e2m1 then
+ * dequantize_blocks. rbits (r x c int32 0..255, row stride rs) chooses stochastic rounding, NULL nearest
+ * even. encode and decode: the block grid, row stride ld.
+ */
+int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
+                           const float *encode, const float *decode, int64_t ld, const int32_t *rbits, int64_t rs,
+                           void *out, int out_bf16, int64_t so, int nthreads) {
+    const int64_t nbr = (r + br - 1) / br, seg = segment(bc);
+    if (nthreads < 1) nthreads = 1;
+    float *bufs = malloc(sizeof(float) * seg * nthreads);
+    if (!bufs) return -1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t bi = 0; bi < nbr; bi++) {
+#ifdef _OPENMP
+        float *restrict buf = bufs + seg * omp_get_thread_num();
+#else
+        float *restrict buf = bufs;
+#endif
+        const float *en = encode + bi * ld, *de = decode + bi * ld;
+        const int64_t i1 = (bi + 1) * br < r ? (bi + 1) * br : r;
+        for (int64_t i = bi * br; i < i1; i++)
+            for (int64_t j0 = 0; j0 < c; j0 += seg) {
+                const int64_t n = c - j0 < seg ? c - j0 : seg;
+                const int32_t *rb = rbits ? rbits + i * rs + j0 : NULL;
+                to_float(buf, x, bf16, i * sr + j0, n);
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t b = bc == 1 ? j0 + j : (j0 + j) / bc;
+                    buf[j] = e2m1_one(buf[j] * en[b], rb ? rb[j] : -1) * de[b];
+                }
+                from_float(out, out_bf16, i * so + j0, buf, n);
+            }
+    }
+    free(bufs);
+    return 0;
+}

@@ -44,6 +44,13 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
         *(ctypes.c_float, ctypes.c_uint32, ctypes.c_float),  # fp8_max, bits of the min normal, alpha
         *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
     ]
+    lib.fp8lab_block_cast_e2m1.restype = c_int
+    lib.fp8lab_block_cast_e2m1.argtypes = [
+        *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
+        *(ptr, ptr, i64),  # encode, decode, their row stride
+        *(ptr, i64),  # random bits (or NULL), their row stride
+        *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
+    ]
     return Kernel(lib, compiler, flags, file)
 
 
@@ -64,6 +71,13 @@ def kernel() -> Kernel | None:
 def readable(x: torch.Tensor) -> bool:
     """Whether the kernel reads ``x``: a 2-D float32 or bfloat16 CPU tensor with unit column stride."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.stride(1) == 1
+
+
+def _check_grid(x: torch.Tensor, block: tuple[int, int], *scales: torch.Tensor) -> tuple[int, int]:
+    grid = _grid_shape(x, block)
+    if any(tuple(t.shape) != grid for t in scales):
+        raise ValueError(f"block scales must be {grid} for a {tuple(x.shape)} tensor in {block} blocks")
+    return grid
 
 
 def _grid_shape(x: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
@@ -92,11 +106,9 @@ def block_cast(
 ) -> torch.Tensor:
     """``blocks.cast_blocks_dequantized`` of a ``readable`` x (``scale_inv`` None: the FP8 values
     themselves), in ``dtype`` (float32 or bfloat16)."""
-    grid = _grid_shape(x, block)
     scale = scale.float().contiguous()
     scale_inv = None if scale_inv is None else scale_inv.float().contiguous()
-    if tuple(scale.shape) != grid or (scale_inv is not None and tuple(scale_inv.shape) != grid):
-        raise ValueError(f"block scales must be {grid} for a {tuple(x.shape)} tensor in {block} blocks")
+    grid = _check_grid(x, block, scale, *(() if scale_inv is None else (scale_inv,)))
     r, c = x.shape
     out = torch.empty(r, c, dtype=dtype)
     min_normal = struct.unpack("<I", struct.pack("<f", fmt.min_normal))[0]
@@ -104,6 +116,35 @@ def block_cast(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block,
         scale.data_ptr(), None if scale_inv is None else scale_inv.data_ptr(), grid[1],
         fmt.max, min_normal, 1.5 * 2.0 ** (23 - fmt.mantissa_bits),
+        out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def block_cast_e2m1(
+    k: Kernel,
+    x: torch.Tensor,
+    block: tuple[int, int],
+    encode: torch.Tensor,
+    decode: torch.Tensor,
+    rbits: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``fp4.dequantize_blocks(fp4.cast_blocks_e2m1(x, block, encode, rbits), block, decode, dtype)``
+    of a ``readable`` x in one pass: each element's E2M1 value of ``x * encode`` (nearest even, or
+    stochastic with ``rbits``, int 0..255 shaped like x) times its block's ``decode`` scale."""
+    encode, decode = encode.float().contiguous(), decode.float().contiguous()
+    grid = _check_grid(x, block, encode, decode)
+    if rbits is not None:
+        if tuple(rbits.shape) != tuple(x.shape):
+            raise ValueError(f"random bits must be shaped like x, {tuple(x.shape)}, got {tuple(rbits.shape)}")
+        rbits = rbits.to(torch.int32).contiguous()
+    r, c = x.shape
+    out = torch.empty(r, c, dtype=dtype)
+    k.lib.fp8lab_block_cast_e2m1(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block,
+        encode.data_ptr(), decode.data_ptr(), grid[1],
+        None if rbits is None else rbits.data_ptr(), c,
         out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
     )  # fmt: skip
     return out

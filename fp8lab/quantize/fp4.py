@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import E2M1
-from fp8lab.quantize.blocks import padded_blocks
+from fp8lab.quantize import block_cast_native
+from fp8lab.quantize.blocks import padded_blocks, transposed
 from fp8lab.quantize.tensor import round_fp32_to_fp8_grid_
 
 HADAMARD_SIZE = 16
@@ -66,6 +67,27 @@ def cast_blocks_e2m1(
     scaled = padded_blocks(x2d.float(), block) * encode.float()[:, None, :, None]
     scaled = scaled.reshape(scaled.shape[0] * block[0], scaled.shape[2] * block[1])[:r, :c]
     return round_to_e2m1(scaled, rbits)
+
+
+def cast_dequantized_e2m1(
+    x2d: torch.Tensor,
+    block: tuple[int, int],
+    encode: torch.Tensor,
+    decode: torch.Tensor,
+    rbits: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``dequantize_blocks(cast_blocks_e2m1(x2d, block, encode, rbits), block, decode, dtype)``: on
+    the CPU in one pass of the block-cast C kernel (the same bits), laid out as ``x2d`` is (a
+    transpose of a contiguous tensor stays one); elsewhere, or without the kernel, as written."""
+    if transposed(x2d):
+        rt = None if rbits is None else rbits.t()
+        return cast_dequantized_e2m1(x2d.t(), block[::-1], encode.t(), decode.t(), rt, dtype).t()
+    if block_cast_native.readable(x2d) and dtype in (torch.float32, torch.bfloat16):
+        k = block_cast_native.kernel()
+        if k is not None:
+            return block_cast_native.block_cast_e2m1(k, x2d, block, encode, decode, rbits, dtype)
+    return dequantize_blocks(cast_blocks_e2m1(x2d, block, encode, rbits), block, decode, dtype)
 
 
 def dequantize_blocks(q: torch.Tensor, block: tuple[int, int], decode: torch.Tensor, dtype: torch.dtype):

@@ -44,7 +44,13 @@ from torch import nn
 
 from fp8lab.formats import E2M1, FP8Format, Role
 from fp8lab.quantize.blocks import blocks_amax
-from fp8lab.quantize.fp4 import apply_rht_dim0, cast_blocks_e2m1, dequantize_blocks, rht_matrix
+from fp8lab.quantize.fp4 import (
+    apply_rht_dim0,
+    cast_blocks_e2m1,
+    cast_dequantized_e2m1,
+    dequantize_blocks,
+    rht_matrix,
+)
 from fp8lab.quantize.tensor import amaxes_of
 from fp8lab.scaling.blockwise import tile
 from fp8lab.scaling.nvfp4_scales import (
@@ -165,16 +171,21 @@ class NVFP4BlockScaling(Scaling):
     def stochastic(self, role: Role) -> bool:
         return not self.disable_stochastic_rounding and role == Role.GRAD_OUTPUT
 
-    def quantize(self, x2d: torch.Tensor, role: Role, usage: str, rbits: torch.Tensor | None = None):
-        """(E2M1 values float32, E4M3 block scales float32, tensor amax, the tensor cast) of ``x2d``
-        as this recipe casts it for ``usage``, with the given random bits (None: nearest even)."""
+    def _scales(self, x2d: torch.Tensor, role: Role, usage: str):
+        """(the tensor cast: ``x2d``, Hadamard-transformed where TE transforms it; its amax; the
+        E4M3 block decode scales; the float32 block encode scales) for ``usage``."""
         block = self.block(role, usage)
         x = apply_rht_dim0(x2d, rht_matrix(torch.tensor(RHT_SIGNS))) if self.rht(role, usage) else x2d
         amax = amaxes_of(x)[1]  # fmaxf: NaN ignored, as TE's amax kernels
         s_enc = global_encode_scale(amax)
         decode = block_decode_scale(blocks_amax(x, block), s_enc)
-        encode = block_encode_scale(decode, global_decode_scale(s_enc))
-        return cast_blocks_e2m1(x, block, encode, rbits), decode, amax, x
+        return x, amax, decode, block_encode_scale(decode, global_decode_scale(s_enc))
+
+    def quantize(self, x2d: torch.Tensor, role: Role, usage: str, rbits: torch.Tensor | None = None):
+        """(E2M1 values float32, E4M3 block scales float32, tensor amax, the tensor cast) of ``x2d``
+        as this recipe casts it for ``usage``, with the given random bits (None: nearest even)."""
+        x, amax, decode, encode = self._scales(x2d, role, usage)
+        return cast_blocks_e2m1(x, self.block(role, usage), encode, rbits), decode, amax, x
 
     def operand(
         self, x2d: torch.Tensor, role: Role, usage: str, *, state, backend, record: bool, slot, raw: bool = False
@@ -191,8 +202,8 @@ class NVFP4BlockScaling(Scaling):
             rbits = torch.randint(0, 256, shape, generator=gen, dtype=torch.int32).to(x2d.device)
         if record and usage == ROWWISE:
             slot.count_faults(role, amaxes_of(x2d)[0])
-        q, decode, amax, x = self.quantize(x2d, role, usage, rbits)
-        values = dequantize_blocks(q, block, decode, backend.path.operand_dtype)
+        x, amax, decode, encode = self._scales(x2d, role, usage)
+        values = cast_dequantized_e2m1(x, block, encode, decode, rbits, backend.path.operand_dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
             slot.record_blocks(role, _block_stats(x, values, block, decode, amax), amax)
