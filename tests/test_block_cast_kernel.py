@@ -108,8 +108,12 @@ def test_e2m1_cast_equals_the_torch_code(block, dtype, out_dtype, stochastic):
     """NVFP4's cast (E2M1 values of x * encode, nearest even or stochastic, times the E4M3 block
     decode scale) in one pass, against fp4.cast_blocks_e2m1 then fp4.dequantize_blocks."""
     from fp8lab.quantize import fp4
-    from fp8lab.scaling.nvfp4_scales import block_decode_scale, block_encode_scale, global_decode_scale
-    from fp8lab.scaling.nvfp4_scales import global_encode_scale
+    from fp8lab.scaling.nvfp4_scales import (
+        block_decode_scale,
+        block_encode_scale,
+        global_decode_scale,
+        global_encode_scale,
+    )
 
     x = _values((200, 150), dtype, seed=4)
     amax = torch.nan_to_num(x.float().abs(), nan=0.0).max()
