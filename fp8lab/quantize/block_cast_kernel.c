@@ -180,19 +180,22 @@ static inline float e2m1_step(float a) {
     return s > 2.0f ? 2.0f : s;
 }
 
-/* v (already x * encode) onto E2M1, satfinite: to nearest even (r < 0), or stochastically with the 8
- * random bits r (0..255), as fp8lab.quantize.fp4.round_to_e2m1 does it. */
-static inline float e2m1_one(float v, int32_t r) {
-    if (r < 0) {
-        float q = v != v ? E2M1_MAX : (v > E2M1_MAX ? E2M1_MAX : (v < -E2M1_MAX ? -E2M1_MAX : v));
-        uint32_t e = bits_of(q) & 0x7F800000u;
-        e = e > 0x3F800000u ? e : 0x3F800000u;  /* E2M1's smallest normal, 1 */
-        const float m = float_of(e) * 6291456.0f;  /* 1.5 * 2^(23 - 1) */
-        return (q + m) - m;
-    }
+/* v (already x * encode) onto E2M1, satfinite, to nearest even, as fp8lab.quantize.fp4.round_to_e2m1
+ * does it: NaN -> 6, clamped to +-6, rounded by the magic number of its binade. */
+static inline float e2m1_rne(float v) {
+    const float q = v != v ? E2M1_MAX : (v > E2M1_MAX ? E2M1_MAX : (v < -E2M1_MAX ? -E2M1_MAX : v));
+    uint32_t e = bits_of(q) & 0x7F800000u;
+    e = e > 0x3F800000u ? e : 0x3F800000u;  /* E2M1's smallest normal, 1 */
+    const float m = float_of(e) * 6291456.0f;  /* 1.5 * 2^(23 - 1) */
+    return (q + m) - m;
+}
+
+/* The same stochastically with the 8 random bits r (0..255), TE's definition as fp4.round_to_e2m1
+ * computes it: t = |v| + step(|v|) * r / 256 (the product exact, one rounding), floored onto the
+ * spacing at t, at most 6, with v's sign; NaN -> +6. */
+static inline float e2m1_sr(float v, float r) {
     const float a = fabsf(v);
-    float t = e2m1_step(a) * (float)r;
-    t = t * (1.0f / 256.0f) + a;  /* two roundings written out, as the torch code: mul_, mul_, add_ */
+    const float t = e2m1_step(a) * r * (1.0f / 256.0f) + a;
     const float st = e2m1_step(t);
     float q = floorf(t / st) * st;
     q = q > E2M1_MAX ? E2M1_MAX : q;
@@ -226,9 +229,22 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
                 const int64_t n = c - j0 < seg ? c - j0 : seg;
                 const int32_t *rb = rbits ? rbits + i * rs + j0 : NULL;
                 to_float(buf, x, bf16, i * sr + j0, n);
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t b = bc == 1 ? j0 + j : (j0 + j) / bc;
-                    buf[j] = e2m1_one(buf[j] * en[b], rb ? rb[j] : -1) * de[b];
+                if (bc == 1) {  /* blocks down the columns: one scale per column */
+                    const float *restrict e = en + j0, *restrict d = de + j0;
+                    if (rb)
+                        for (int64_t j = 0; j < n; j++) buf[j] = e2m1_sr(buf[j] * e[j], (float)rb[j]) * d[j];
+                    else
+                        for (int64_t j = 0; j < n; j++) buf[j] = e2m1_rne(buf[j] * e[j]) * d[j];
+                } else {
+                    for (int64_t b0 = 0; b0 < n; b0 += bc) {
+                        const int64_t w = n - b0 < bc ? n - b0 : bc, b = (j0 + b0) / bc;
+                        const float e = en[b], d = de[b];
+                        float *restrict v = buf + b0;
+                        if (rb)
+                            for (int64_t j = 0; j < w; j++) v[j] = e2m1_sr(v[j] * e, (float)rb[b0 + j]) * d;
+                        else
+                            for (int64_t j = 0; j < w; j++) v[j] = e2m1_rne(v[j] * e) * d;
+                    }
                 }
                 from_float(out, out_bf16, i * so + j0, buf, n);
             }
