@@ -128,3 +128,23 @@ def test_e2m1_cast_equals_the_torch_code(block, dtype, out_dtype, stochastic):
     xt = x.t().contiguous().t()
     got = fp4.cast_dequantized_e2m1(xt, block, encode, decode, rbits, out_dtype)
     assert got.stride() == xt.stride() and _same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 300), (200, 77)], ids=["whole", "ragged"])
+def test_hadamard_transform_equals_the_torch_code(dtype, shape):
+    """NVFP4's random Hadamard transform (16x16, TE's signs) as a fast Walsh-Hadamard transform in
+    float64, against fp4.apply_rht_dim0's float64 GEMM: bit for bit where the 16 terms sum exactly
+    (here: Gaussian values over 10 binades), rows past R zero. Inf and NaN give the IEEE sums."""
+    from fp8lab.quantize import fp4
+    from fp8lab.scaling.nvfp4 import RHT_SIGNS
+
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-5, 5, shape, generator=g).float())).to(dtype)
+    signs = torch.tensor(RHT_SIGNS)
+    want = fp4.apply_rht_dim0(x, fp4.rht_matrix(signs))
+    assert _same(block_cast_native.rht_dim0(KERNEL, x, signs), want)
+    assert _same(fp4.rht_dim0(x, signs), want)
+    x[3, 5], x[40, 7] = float("inf"), float("nan")
+    got, want = fp4.rht_dim0(x, signs), fp4.apply_rht_dim0(x, fp4.rht_matrix(signs))
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))

@@ -252,3 +252,48 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
     free(bufs);
     return 0;
 }
+
+/*
+ * NVFP4's random Hadamard transform along dim 0 (fp8lab.quantize.fp4.apply_rht_dim0): out (rp x c,
+ * float32, rp = r rounded up to 16, rows past r zero) = for each group g of 16 rows, row i of the group
+ * = sum over k of x[16 g + k] * signs[k] * H16[k][i] / 4, summed in double and rounded once to float32.
+ * The sum is a fast Walsh-Hadamard transform (four butterfly stages), exact in double whenever the
+ * 16 terms' exponents span less than ~29 binades, as the torch code's float64 GEMM is.
+ */
+#define RHT_N 16
+#define RHT_W 256  /* columns per pass: 16 rows of doubles stay in L1 */
+
+int fp8lab_rht_dim0(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs, float *out,
+                    int nthreads) {
+    const int64_t groups = (r + RHT_N - 1) / RHT_N, panels = (c + RHT_W - 1) / RHT_W;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < groups * panels; t++) {
+        const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
+        double y[RHT_N][RHT_W];
+        float row[RHT_W];
+        for (int k = 0; k < RHT_N; k++) {
+            const int64_t i = g * RHT_N + k;
+            const double sk = signs[k];
+            if (i < r) {
+                to_float(row, x, bf16, i * sr + j0, w);
+                for (int64_t j = 0; j < w; j++) y[k][j] = sk * (double)row[j];
+            } else {
+                for (int64_t j = 0; j < w; j++) y[k][j] = 0.0;
+            }
+        }
+        for (int h = 1; h < RHT_N; h *= 2)
+            for (int a = 0; a < RHT_N; a += 2 * h)
+                for (int k = a; k < a + h; k++)
+                    for (int64_t j = 0; j < w; j++) {
+                        const double u = y[k][j], v = y[k + h][j];
+                        y[k][j] = u + v;
+                        y[k + h][j] = u - v;
+                    }
+        for (int i = 0; i < RHT_N; i++) {
+            float *o = out + (g * RHT_N + i) * c + j0;
+            for (int64_t j = 0; j < w; j++) o[j] = (float)(y[i][j] * 0.25);
+        }
+    }
+    return 0;
+}

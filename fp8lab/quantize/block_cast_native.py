@@ -51,6 +51,8 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
         *(ptr, i64),  # random bits (or NULL), their row stride
         *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
     ]
+    lib.fp8lab_rht_dim0.restype = c_int
+    lib.fp8lab_rht_dim0.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, c_int]
     return Kernel(lib, compiler, flags, file)
 
 
@@ -146,5 +148,20 @@ def block_cast_e2m1(
         encode.data_ptr(), decode.data_ptr(), grid[1],
         None if rbits is None else rbits.data_ptr(), c,
         out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rht_dim0(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``fp4.apply_rht_dim0`` of a ``readable`` x with the transform ``diag(signs) @ H16 / 4``:
+    float32 (R rounded up to 16, C), each output the float64 sum of its 16 terms rounded once."""
+    if signs.numel() != 16:
+        raise ValueError(f"the transform is 16x16: 16 signs, got {signs.numel()}")
+    signs = signs.float().contiguous()
+    r, c = x.shape
+    out = torch.empty(-(-r // 16) * 16, c, dtype=torch.float32)
+    k.lib.fp8lab_rht_dim0(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, signs.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -126,3 +126,14 @@ def apply_rht_dim0(x2d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     x = torch.nn.functional.pad(x2d.double(), (0, 0, 0, -r % n))
     # group g's rows become T^T @ x[g] (16, C): one batched GEMM over the groups, no transposes
     return torch.matmul(t.double().t(), x.view(-1, n, c)).view(-1, c).float()
+
+
+def rht_dim0(x2d: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``apply_rht_dim0(x2d, rht_matrix(signs))``: on the CPU in one pass of the block-cast C kernel
+    (a fast Walsh-Hadamard transform in float64: the same bits wherever the 16 terms sum exactly,
+    see ``apply_rht_dim0``), elsewhere as written."""
+    if block_cast_native.readable(x2d):
+        k = block_cast_native.kernel()
+        if k is not None:
+            return block_cast_native.rht_dim0(k, x2d, signs)
+    return apply_rht_dim0(x2d, rht_matrix(signs))

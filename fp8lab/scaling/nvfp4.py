@@ -45,11 +45,10 @@ from torch import nn
 from fp8lab.formats import E2M1, FP8Format, Role
 from fp8lab.quantize.blocks import blocks_amax
 from fp8lab.quantize.fp4 import (
-    apply_rht_dim0,
     cast_blocks_e2m1,
     cast_dequantized_e2m1,
     dequantize_blocks,
-    rht_matrix,
+    rht_dim0,
 )
 from fp8lab.quantize.tensor import amaxes_of
 from fp8lab.scaling.blockwise import tile
@@ -175,7 +174,7 @@ class NVFP4BlockScaling(Scaling):
         """(the tensor cast: ``x2d``, Hadamard-transformed where TE transforms it; its amax; the
         E4M3 block decode scales; the float32 block encode scales) for ``usage``."""
         block = self.block(role, usage)
-        x = apply_rht_dim0(x2d, rht_matrix(torch.tensor(RHT_SIGNS))) if self.rht(role, usage) else x2d
+        x = rht_dim0(x2d, torch.tensor(RHT_SIGNS)) if self.rht(role, usage) else x2d
         amax = amaxes_of(x)[1]  # fmaxf: NaN ignored, as TE's amax kernels
         s_enc = global_encode_scale(amax)
         decode = block_decode_scale(blocks_amax(x, block), s_enc)
