@@ -180,6 +180,14 @@ static inline float e2m1_step(float a) {
     return s > 2.0f ? 2.0f : s;
 }
 
+/* floorf(y) for y >= 0 below 2^23, inf or NaN (t / step(t) here, at most 16), in operations that
+ * vectorise: floorf itself does not under the default -ftrapping-math. y + 2^23 - 2^23 is y rounded
+ * to the nearest integer (exact steps); one less where that rounded up. */
+static inline float floor_nonneg(float y) {
+    const float r = (y + 8388608.0f) - 8388608.0f;
+    return r > y ? r - 1.0f : r;
+}
+
 /* v (already x * encode) onto E2M1, satfinite, to nearest even, as fp8lab.quantize.fp4.round_to_e2m1
  * does it: NaN -> 6, clamped to +-6, rounded by the magic number of its binade. */
 static inline float e2m1_rne(float v) {
@@ -197,7 +205,7 @@ static inline float e2m1_sr(float v, float r) {
     const float a = fabsf(v);
     const float t = e2m1_step(a) * r * (1.0f / 256.0f) + a;
     const float st = e2m1_step(t);
-    float q = floorf(t / st) * st;
+    float q = floor_nonneg(t / st) * st;
     q = q > E2M1_MAX ? E2M1_MAX : q;
     return v != v ? E2M1_MAX : copysignf(q, v);
 }
@@ -213,15 +221,16 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
                            void *out, int out_bf16, int64_t so, int nthreads) {
     const int64_t nbr = (r + br - 1) / br, seg = segment(bc);
     if (nthreads < 1) nthreads = 1;
-    float *bufs = malloc(sizeof(float) * seg * nthreads);
+    float *bufs = malloc(sizeof(float) * 2 * seg * nthreads);  /* per thread: values, random bits as floats */
     if (!bufs) return -1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t bi = 0; bi < nbr; bi++) {
 #ifdef _OPENMP
-        float *restrict buf = bufs + seg * omp_get_thread_num();
+        float *restrict buf = bufs + 2 * seg * omp_get_thread_num();
 #else
         float *restrict buf = bufs;
 #endif
+        float *restrict rf = buf + seg;
         const float *en = encode + bi * ld, *de = decode + bi * ld;
         const int64_t i1 = (bi + 1) * br < r ? (bi + 1) * br : r;
         for (int64_t i = bi * br; i < i1; i++)
@@ -229,10 +238,12 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
                 const int64_t n = c - j0 < seg ? c - j0 : seg;
                 const int32_t *rb = rbits ? rbits + i * rs + j0 : NULL;
                 to_float(buf, x, bf16, i * sr + j0, n);
+                if (rb)
+                    for (int64_t j = 0; j < n; j++) rf[j] = (float)rb[j];
                 if (bc == 1) {  /* blocks down the columns: one scale per column */
                     const float *restrict e = en + j0, *restrict d = de + j0;
                     if (rb)
-                        for (int64_t j = 0; j < n; j++) buf[j] = e2m1_sr(buf[j] * e[j], (float)rb[j]) * d[j];
+                        for (int64_t j = 0; j < n; j++) buf[j] = e2m1_sr(buf[j] * e[j], rf[j]) * d[j];
                     else
                         for (int64_t j = 0; j < n; j++) buf[j] = e2m1_rne(buf[j] * e[j]) * d[j];
                 } else {
@@ -241,7 +252,7 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
                         const float e = en[b], d = de[b];
                         float *restrict v = buf + b0;
                         if (rb)
-                            for (int64_t j = 0; j < w; j++) v[j] = e2m1_sr(v[j] * e, (float)rb[b0 + j]) * d;
+                            for (int64_t j = 0; j < w; j++) v[j] = e2m1_sr(v[j] * e, rf[b0 + j]) * d;
                         else
                             for (int64_t j = 0; j < w; j++) v[j] = e2m1_rne(v[j] * e) * d;
                     }
