@@ -210,15 +210,29 @@ static inline float e2m1_sr(float v, float r) {
     return v != v ? E2M1_MAX : copysignf(q, v);
 }
 
+/* The 8 random bits of element idx (its row-major index in the tensor as the caller sees it, mod 2^32) of
+ * a stochastically rounded cast with key ``key``: the top byte of a 32-bit integer hash (Wellons'
+ * lowbias32) of idx * 0x9E3779B1 + key. fp8lab.quantize.fp4.sr_bits computes the same in torch. */
+static inline uint32_t sr_byte(uint32_t idx, uint32_t key) {
+    uint32_t h = idx * 0x9E3779B1u + key;
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x846CA68Bu;
+    h ^= h >> 16;
+    return h >> 24;
+}
+
 /*
  * out (r x c, row stride so; float32, or bfloat16 if out_bf16) = each element's E2M1 value of
  * x * encode[block] (float32), times decode[block]: fp8lab.quantize.fp4's cast_blocks_e2m1 then
- * dequantize_blocks. rbits (r x c int32 0..255, row stride rs) chooses stochastic rounding, NULL nearest
- * even. encode and decode: the block grid, row stride ld.
+ * dequantize_blocks. stochastic: round with the random bits sr_byte(i * ir + j * ic, key) of element (i, j)
+ * (ir, ic: the element's index strides in the caller's layout), else to nearest even. encode and decode:
+ * the block grid, row stride ld.
  */
 int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
-                           const float *encode, const float *decode, int64_t ld, const int32_t *rbits, int64_t rs,
-                           void *out, int out_bf16, int64_t so, int nthreads) {
+                           const float *encode, const float *decode, int64_t ld, int stochastic, uint32_t key,
+                           int64_t ir, int64_t ic, void *out, int out_bf16, int64_t so, int nthreads) {
     const int64_t nbr = (r + br - 1) / br, seg = segment(bc);
     if (nthreads < 1) nthreads = 1;
     float *bufs = malloc(sizeof(float) * 2 * seg * nthreads);  /* per thread: values, random bits as floats */
@@ -236,10 +250,12 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
         for (int64_t i = bi * br; i < i1; i++)
             for (int64_t j0 = 0; j0 < c; j0 += seg) {
                 const int64_t n = c - j0 < seg ? c - j0 : seg;
-                const int32_t *rb = rbits ? rbits + i * rs + j0 : NULL;
+                const int rb = stochastic;
                 to_float(buf, x, bf16, i * sr + j0, n);
-                if (rb)
-                    for (int64_t j = 0; j < n; j++) rf[j] = (float)rb[j];
+                if (rb) {
+                    const uint32_t at = (uint32_t)(i * ir + j0 * ic), step = (uint32_t)ic;
+                    for (int64_t j = 0; j < n; j++) rf[j] = (float)sr_byte(at + (uint32_t)j * step, key);
+                }
                 if (bc == 1) {  /* blocks down the columns: one scale per column */
                     const float *restrict e = en + j0, *restrict d = de + j0;
                     if (rb)

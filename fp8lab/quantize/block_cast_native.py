@@ -48,7 +48,7 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
     lib.fp8lab_block_cast_e2m1.argtypes = [
         *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
         *(ptr, ptr, i64),  # encode, decode, their row stride
-        *(ptr, i64),  # random bits (or NULL), their row stride
+        *(c_int, ctypes.c_uint32, i64, i64),  # stochastic, its key, the elements' index strides
         *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
     ]
     lib.fp8lab_rht_dim0.restype = c_int
@@ -129,24 +129,24 @@ def block_cast_e2m1(
     block: tuple[int, int],
     encode: torch.Tensor,
     decode: torch.Tensor,
-    rbits: torch.Tensor | None,
+    sr_key: int | None,
     dtype: torch.dtype,
+    index_strides: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``fp4.dequantize_blocks(fp4.cast_blocks_e2m1(x, block, encode, rbits), block, decode, dtype)``
     of a ``readable`` x in one pass: each element's E2M1 value of ``x * encode`` (nearest even, or
-    stochastic with ``rbits``, int 0..255 shaped like x) times its block's ``decode`` scale."""
+    stochastic with the random bits ``fp4.sr_bits(sr_key, ...)`` made inside, element (i, j) taking
+    index ``i * index_strides[0] + j * index_strides[1]``, row-major by default) times its block's
+    ``decode`` scale."""
     encode, decode = encode.float().contiguous(), decode.float().contiguous()
     grid = _check_grid(x, block, encode, decode)
-    if rbits is not None:
-        if tuple(rbits.shape) != tuple(x.shape):
-            raise ValueError(f"random bits must be shaped like x, {tuple(x.shape)}, got {tuple(rbits.shape)}")
-        rbits = rbits.to(torch.int32).contiguous()
     r, c = x.shape
+    ir, ic = index_strides or (c, 1)
     out = torch.empty(r, c, dtype=dtype)
     k.lib.fp8lab_block_cast_e2m1(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block,
         encode.data_ptr(), decode.data_ptr(), grid[1],
-        None if rbits is None else rbits.data_ptr(), c,
+        int(sr_key is not None), 0 if sr_key is None else sr_key, ir, ic,
         out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
     )  # fmt: skip
     return out

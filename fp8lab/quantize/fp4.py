@@ -17,6 +17,8 @@ with "satfinite" semantics: NaN becomes +6, magnitudes above 6 become 6 with the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fp8lab.formats import E2M1
@@ -74,20 +76,55 @@ def cast_dequantized_e2m1(
     block: tuple[int, int],
     encode: torch.Tensor,
     decode: torch.Tensor,
-    rbits: torch.Tensor | None,
+    sr_key: int | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``dequantize_blocks(cast_blocks_e2m1(x2d, block, encode, rbits), block, decode, dtype)``: on
-    the CPU in one pass of the block-cast C kernel (the same bits), laid out as ``x2d`` is (a
-    transpose of a contiguous tensor stays one); elsewhere, or without the kernel, as written."""
-    if transposed(x2d):
-        rt = None if rbits is None else rbits.t()
-        return cast_dequantized_e2m1(x2d.t(), block[::-1], encode.t(), decode.t(), rt, dtype).t()
-    if block_cast_native.readable(x2d) and dtype in (torch.float32, torch.bfloat16):
+    """``dequantize_blocks(cast_blocks_e2m1(x2d, block, encode, rbits), block, decode, dtype)`` with
+    ``rbits = sr_bits(sr_key, x2d.shape)`` (``sr_key`` None: nearest even): on the CPU in one pass of
+    the block-cast C kernel, which makes the same random bits itself (the same values), laid out as
+    ``x2d`` is (a transpose of a contiguous tensor stays one); elsewhere, or without the kernel, as
+    written."""
+    if block_cast_native.readable(x2d.t() if transposed(x2d) else x2d) and dtype in (torch.float32, torch.bfloat16):
         k = block_cast_native.kernel()
         if k is not None:
-            return block_cast_native.block_cast_e2m1(k, x2d, block, encode, decode, rbits, dtype)
+            if transposed(x2d):  # the contiguous tensor, blocks swapped; bits by x2d's own indices
+                t = block_cast_native.block_cast_e2m1(
+                    k, x2d.t(), block[::-1], encode.t(), decode.t(), sr_key, dtype, (1, x2d.shape[1])
+                )
+                return t.t()
+            return block_cast_native.block_cast_e2m1(k, x2d, block, encode, decode, sr_key, dtype)
+    rbits = None if sr_key is None else sr_bits(sr_key, x2d.shape, x2d.device)
     return dequantize_blocks(cast_blocks_e2m1(x2d, block, encode, rbits), block, decode, dtype)
+
+
+def sr_key(seed: int, cast: int) -> int:
+    """The 32-bit key of stochastically rounded cast number ``cast`` of a run seeded ``seed``
+    (splitmix64's finaliser of the pair, low 32 bits)."""
+    z = (seed * 0x9E3779B97F4A7C15 + cast + 1) % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """h * c mod 2^32 for int64 h in [0, 2^32): in 16-bit halves of c, so no product leaves int64."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def sr_bits(key: int, shape, device=None) -> torch.Tensor:
+    """The random bits (int32, 0..255) of a stochastically rounded cast with ``key`` over a tensor of
+    ``shape``: for the element of row-major index i (mod 2^32), the top byte of Wellons' lowbias32
+    hash of ``i * 0x9E3779B1 + key``. A counter-based generator: the bits of any element are a pure
+    function of (key, index), so a resumed run, a transposed layout and the C kernel all draw the
+    same ones, on any device."""
+    h = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape) & _M32
+    h = (_mul32(h, 0x9E3779B1) + key) & _M32
+    h = _mul32(h ^ (h >> 16), 0x7FEB352D)
+    h = _mul32(h ^ (h >> 15), 0x846CA68B)
+    return ((h ^ (h >> 16)) >> 24).to(torch.int32)
 
 
 def dequantize_blocks(q: torch.Tensor, block: tuple[int, int], decode: torch.Tensor, dtype: torch.dtype):

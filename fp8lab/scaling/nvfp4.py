@@ -30,9 +30,11 @@ order), and when it adds block sums into the fp32 accumulator; fp8lab's fp32 sum
 products is the model, as for MXFP8.
 
 Stochastic rounding draws 8 random bits per element (TE's ``stochastic_round_fp4_e2m1``) from
-a CPU ``torch.Generator`` seeded from ``sr_seed`` and the layer's cast counter
-(``NVFP4State.sr_casts``, saved with the layer's state_dict), so a resumed run draws the same
-bits; TE's own bits come from Philox on the GPU and are not reproduced.
+a counter-based generator (``fp4.sr_bits``: a hash of the element's index and a key made from
+``sr_seed`` and the layer's cast counter, ``NVFP4State.sr_casts``, saved with the layer's
+state_dict), so a resumed run draws the same bits on any device, and the CPU kernel makes them
+in its cast loop instead of reading a tensor of them; TE's own bits come from Philox on the GPU
+and are not reproduced.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from fp8lab.quantize.fp4 import (
     cast_dequantized_e2m1,
     dequantize_blocks,
     rht_dim0,
+    sr_key,
 )
 from fp8lab.quantize.tensor import amaxes_of
 from fp8lab.scaling.blockwise import tile
@@ -90,11 +93,6 @@ class NVFP4State(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._casts = None  # the loaded buffer is the count now
-
-
-def sr_generator(seed: int, cast: int) -> torch.Generator:
-    """The CPU generator of one stochastically rounded cast: seeded from (``seed``, ``cast``)."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + cast) % (1 << 63))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,15 +192,13 @@ class NVFP4BlockScaling(Scaling):
         both operands' amaxes, ``nvfp4_scales.gemm_alpha``), format E2M1. ``raw`` is ignored:
         the block scales are exact in the values (no group scales)."""
         block = self.block(role, usage)
-        rbits = None
+        key = None
         if self.stochastic(role) and state is not None:
-            gen = sr_generator(self.sr_seed, state.next_cast())  # the counter seeds the bits
-            shape = (-(-x2d.shape[0] // BLOCK) * BLOCK if self.rht(role, usage) else x2d.shape[0], x2d.shape[1])
-            rbits = torch.randint(0, 256, shape, generator=gen, dtype=torch.int32).to(x2d.device)
+            key = sr_key(self.sr_seed, state.next_cast())  # the counter keys the bits (fp4.sr_bits)
         if record and usage == ROWWISE:
             slot.count_faults(role, amaxes_of(x2d)[0])
         x, amax, decode, encode = self._scales(x2d, role, usage)
-        values = cast_dequantized_e2m1(x, block, encode, decode, rbits, backend.path.operand_dtype)
+        values = cast_dequantized_e2m1(x, block, encode, decode, key, backend.path.operand_dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
             slot.record_blocks(role, _block_stats(x, values, block, decode, amax), amax)
