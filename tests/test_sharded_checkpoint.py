@@ -161,9 +161,9 @@ def load_into_sharded(rank: int, world: int, path: Path) -> tuple:
     return model, opt, extra, time.perf_counter() - start
 
 
-def scenario_resume(rank: int, world: int, root: Path) -> dict:
+def scenario_resume(rank: int, world: int, root: Path, runs=(("from2", "run2"), ("from1", "run1"))) -> dict:
     out = {}
-    for name, run in (("from2", "run2"), ("from1", "run1")):
+    for name, run in runs:
         model, opt, extra, load_s = load_into_sharded(
             rank, world, root / run / "checkpoints" / f"step_{N_STEPS:08d}.dcp"
         )
@@ -180,7 +180,11 @@ def scenario_resume(rank: int, world: int, root: Path) -> dict:
     return out
 
 
-SCENARIOS = {"train_and_save": scenario_train_and_save, "resume": scenario_resume}
+SCENARIOS = {
+    "train_and_save": scenario_train_and_save,
+    "resume": scenario_resume,
+    "resume_from2": lambda rank, world, root: scenario_resume(rank, world, root, (("from2", "run2"),)),
+}
 
 
 def _rank_entry(rank: int, world: int, port: int, scenario: str, root: str) -> None:
@@ -224,6 +228,15 @@ def spawn(scenario: str, world: int, root: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------- fixtures: run once per module
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    """One intra-op thread in this process, as in the ranks (see conftest's ``one_thread``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sharded")
@@ -237,8 +250,6 @@ def two_ranks(root) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process(root, two_ranks) -> dict:
     """World size 1 in this process: load the 2-rank checkpoint (2 -> 1), then train and save its own."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     rng = torch.get_rng_state()
     try:
         out = {}
@@ -260,7 +271,6 @@ def one_process(root, two_ranks) -> dict:
         out["files1"] = {p.name: p.stat().st_size for p in path.iterdir()}
         return out
     finally:
-        torch.set_num_threads(threads)
         torch.set_rng_state(rng)
 
 
@@ -296,7 +306,7 @@ def test_scaling_state_round_trips_and_is_identical_on_every_rank(two_ranks, res
     saved = two_ranks[0]["saved"]
     keys = [k for k in saved if k.endswith(("amax_history", ".scale"))]
     assert len(keys) == 2 * len(fp8lab.scaling.update.scaling_states(build()))
-    assert all(saved[k].abs().sum() > 0 for k in keys if k.endswith("amax_history"))  # amaxes were recorded
+    assert any(saved[k].ne(1).any() for k in keys if k.endswith(".scale"))  # scales were updated: not the init
     for r in range(2):
         for case in ("from2", "from1"):
             assert torch.equal(resumed[r][case]["scaling_loaded"], resumed[0][case]["scaling_loaded"])
@@ -327,8 +337,9 @@ def test_one_process_to_two_ranks_loads_the_saved_state_exactly(one_process, res
     assert not torch.equal(resumed[1]["from1"]["rng"], one_process["rng1"])
 
 
+@pytest.mark.slow  # 4 processes on a 2-core machine: about 25 s
 def test_two_ranks_to_four_ranks(root, two_ranks, resumed):
-    four = spawn("resume", 4, root)
+    four = spawn("resume_from2", 4, root)
     for r in range(4):
         assert_identical(four[r]["from2"]["loaded"], two_ranks[0]["saved"])
         assert torch.equal(four[r]["from2"]["scaling"], four[0]["from2"]["scaling"])
@@ -401,7 +412,7 @@ DAMAGES = {
 def test_damage_is_refused_naming_the_file_and_the_older_one_is_offered(run, damage):
     name, do, words = DAMAGES[damage]
     newest = step_dir(run, 2)
-    load_fresh(newest)  # intact before the damage
+    verify_sharded(newest)  # intact before the damage
     do(newest / name)
     where = re.escape(str(newest / name))
     with pytest.raises(CheckpointError, match=f"{where}.*{words}|{words}.*{where}"):
@@ -409,7 +420,6 @@ def test_damage_is_refused_naming_the_file_and_the_older_one_is_offered(run, dam
     path, refused = newest_usable_sharded(run)
     assert path == step_dir(run, 1)
     assert [p for p, _ in refused] == [newest] and str(newest / name) in refused[0][1]
-    load_fresh(path)
 
 
 def test_a_manifest_digest_that_does_not_match_names_the_file(run):
@@ -527,7 +537,7 @@ def test_non_tensor_values_load_weights_only(tmp_path):
 def test_low_precision_adamw_state_round_trips_with_its_dtypes(tmp_path):
     model = build()
     opt = LowPrecisionAdamW(model.parameters(), lr=1e-2, exp_avg_dtype="fp8", exp_avg_sq_dtype="fp16")
-    train(model, opt, 2, 1, fresh_extra())
+    train(model, opt, 1, 1, fresh_extra())  # one step: FP8 moments are slow to quantize on CPU
     saved = snapshot(model, opt)
     assert any(v.dtype == torch.float8_e4m3fn for v in saved.values() if isinstance(v, torch.Tensor))
     path = save_sharded(tmp_path, 2, model, opt, {}, keep=1)
