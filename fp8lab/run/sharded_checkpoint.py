@@ -267,10 +267,12 @@ def _seeded_rng(rank0_cpu_state: torch.Tensor, rank: int) -> torch.Tensor:
 
 def _read_rank_file(path: Path, manifest: dict, rank: int) -> dict:
     saved_world = manifest["world_size"]
-    data = read_checked(path, rank_file(rank if rank < saved_world else 0), manifest)
+    source = rank if rank < saved_world else 0
+    data = read_checked(path, rank_file(source), manifest)  # the bytes loaded are the bytes checked
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format_version") != RANK_FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: its rank file is not one this fp8lab writes")
+    expected = {"format_version": RANK_FORMAT_VERSION, "rank": source, "step": manifest["step"]}
+    if not isinstance(payload, dict) or any(payload.get(k) != v for k, v in expected.items()):
+        raise CheckpointError(f"checkpoint file {path / rank_file(source)} is not the rank file this checkpoint needs")
     if rank >= saved_world:  # a new rank: rank 0's extra, an RNG derived from rank 0's
         payload["rng"] = {"cpu": _seeded_rng(payload["rng"]["cpu"], rank)}
     return payload
