@@ -177,6 +177,12 @@ def scenario_resume(rank: int, world: int, root: Path, runs=(("from2", "run2"), 
         out[name]["losses"] = train(model, opt, M_STEPS, world, extra)
         out[name]["final"] = snapshot(model, opt)
         out[name]["scaling"] = scaling_state(model)
+    damaged = root / "damaged2" / "checkpoints" / f"step_{N_STEPS:08d}.dcp"
+    if damaged.exists():  # only rank 1 reads the damaged file: rank 0 must fail as well
+        try:
+            load_into_sharded(rank, world, damaged)
+        except CheckpointError as err:
+            out["damaged"] = str(err)
     return out
 
 
@@ -276,6 +282,9 @@ def one_process(root, two_ranks) -> dict:
 
 @pytest.fixture(scope="module")
 def resumed(root, two_ranks, one_process) -> list[dict]:
+    shutil.copytree(root / "run2", root / "damaged2")
+    shard = root / "damaged2" / "checkpoints" / f"step_{N_STEPS:08d}.dcp" / "__0_0.distcp"
+    flip_byte(shard, shard.stat().st_size // 2)
     return spawn("resume", 2, root)
 
 
@@ -318,6 +327,12 @@ def test_ranks_with_different_replicated_state_are_refused(two_ranks, root):
         assert "replicated tensors differ between ranks" in two_ranks[r]["refused"]
         assert "amax_history" in two_ranks[r]["refused"]
     assert list_sharded(root / "refused") == []
+
+
+def test_a_file_one_rank_checks_is_refused_on_every_rank(resumed):
+    """Ranks share the digest checks (sorted files, every world-th): rank 1 reads __0_0.distcp."""
+    for r in range(2):
+        assert "__0_0.distcp is corrupt" in resumed[r]["damaged"]
 
 
 def test_two_ranks_to_one_process_loads_the_saved_state_exactly(two_ranks, one_process):
