@@ -447,6 +447,18 @@ def test_a_manifest_digest_that_does_not_match_names_the_file(run):
         verify_sharded(newest)
 
 
+def test_a_rank_file_of_another_step_is_refused_even_with_a_matching_manifest(run):
+    newest = step_dir(run, 2)
+    shutil.copy(step_dir(run, 1) / rank_file(0), newest / rank_file(0))
+    manifest = json.loads((newest / MANIFEST).read_text())
+    size, digest = file_digest(newest / rank_file(0))
+    manifest["files"][rank_file(0)] = {"bytes": size, "sha256": digest}
+    (newest / MANIFEST).write_text(json.dumps(manifest))
+    verify_sharded(newest)  # every digest matches: only the content check can catch it
+    with pytest.raises(CheckpointError, match="is not the rank file this checkpoint needs"):
+        load_fresh(newest)
+
+
 def test_no_usable_checkpoint_lists_every_damage(run):
     for step in (1, 2):
         (step_dir(run, step) / MANIFEST).unlink()
