@@ -1,0 +1,332 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): each rank writes its own shards.
+
+Invariant: a folder named ``checkpoints/step_XXXXXXXX.dcp`` is complete and every file in it
+matches its manifest. It is written as ``step_XXXXXXXX.dcp.tmp-<pid>`` (DCP's shard files,
+fsynced; one ``extra_rankNNNNN.pt`` per rank), then, after every rank has finished, rank 0
+writes ``manifest.json`` (size and SHA-256 of every file, world size, format version),
+fsyncs it and the folder, renames the folder and fsyncs ``checkpoints/``: a crash at any
+moment leaves the previous set (plus a ``.tmp-`` folder that is ignored, and removed by the
+next save) or the new one. Loading checks every file against the manifest first and never
+runs pickled code (``sharded_files``).
+
+What is saved: parameters and optimizer state through ``get_state_dict`` (FSDP2 DTensors stay
+sharded, one shard per rank; an unsharded model saves whole tensors), fp8lab's scaling state
+(``amax_history`` and ``scale`` buffers, whole on every rank under FSDP2: checked identical on
+every rank before it is saved once), and per rank its ``extra`` dict (plain values and
+tensors) and its torch CPU generator state (CUDA's too, where CUDA is initialized).
+
+World size. Parameters, optimizer state and scaling state load at any world size, resharded
+by DCP, and are bit-identical to what was saved. Rank r gets back rank r's ``extra`` and RNG
+state when the checkpoint has one; a rank beyond the saved world size gets rank 0's
+``extra`` and a CPU generator seeded from SHA-256(rank 0's state, its rank): deterministic,
+different per rank. Ranks dropped by a smaller world size are lost. Training continued at
+the same world size is bit-exact; at another world size it may differ in reduction order.
+
+Collectives: ``save_sharded``, ``load_sharded`` and ``newest_usable_sharded`` are called by every
+rank of the default process group together (or by one process without one); the run folder
+must be on a filesystem every rank sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from fp8lab.run.checkpoint import CheckpointError, _fsync_dir, checkpoint_dir
+from fp8lab.run.sharded_files import (
+    MANIFEST,
+    SafeReader,
+    WeightsOnlyLoadPlanner,
+    check_file,
+    file_digest,
+    read_checked,
+    read_dcp_metadata,
+    read_manifest,
+    write_manifest,
+)
+
+RANK_FORMAT_VERSION = 1
+_NAME = re.compile(r"^step_(\d{8})\.dcp$")
+_LEFTOVER = re.compile(r"^step_\d{8}\.dcp\.(tmp|replaced)-\d+$")
+_PLAIN = (int, float, bool, str, type(None), torch.Tensor)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj) -> list:
+    """``obj`` of every rank, in rank order (a gloo/nccl object all-gather; one process: [obj])."""
+    if _rank_world()[1] == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _together(fn, *args):
+    """Run ``fn`` on this rank; if it failed on any rank, raise CheckpointError on every rank
+    (a rank that failed alone would otherwise leave the others waiting in a collective)."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except Exception as err:  # reported to every rank below
+        error = err if isinstance(err, CheckpointError) else CheckpointError(f"{type(err).__name__}: {err}")
+    errors = [e for e in _gather(None if error is None else str(error)) if e is not None]
+    if errors:
+        raise error if error is not None else CheckpointError(errors[0])
+    return result
+
+
+def rank_file(rank: int) -> str:
+    return f"extra_rank{rank:05d}.pt"
+
+
+def list_sharded(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every completed sharded checkpoint, oldest first (``.tmp-`` folders ignored)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
+
+
+def _check_plain(value, where: str) -> None:
+    """``extra`` must load with ``torch.load(weights_only=True)``: tensors and plain containers."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}; sharded checkpoints store "
+            "only tensors, numbers, strings, None and lists/tuples/dicts of them (weights_only loading)"
+        )
+
+
+def _replicated_digests(state: dict) -> dict[str, str]:
+    """SHA-256 of every tensor that is not a DTensor (buffers: the scaling state), by key."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            out[key] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def _check_replicated(model_state: dict) -> None:
+    """DCP saves a replicated tensor from one rank: refuse if the ranks' copies differ."""
+    if _rank_world()[1] == 1:
+        return
+    digests = _gather(_replicated_digests(model_state))
+    differ = sorted(k for k in digests[0] if any(d.get(k) != digests[0][k] for d in digests[1:]))
+    if differ:
+        raise CheckpointError(
+            f"replicated tensors differ between ranks, so no one copy can be saved: {differ[:4]} "
+            "(is fp8lab.update_scales called on every rank after each optimizer step?)"
+        )
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _write_rank_file(folder: Path, rank: int, world: int, step: int, extra: dict) -> None:
+    payload = {
+        "format_version": RANK_FORMAT_VERSION,
+        "rank": rank,
+        "world_size": world,
+        "step": step,
+        "rng": _rng_state(),
+        "extra": extra,
+    }
+    with open(folder / rank_file(rank), "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _digest_share(folder: Path, names: list[str], rank: int, world: int) -> dict:
+    return {name: file_digest(folder / name) for name in names[rank::world]}
+
+
+def save_sharded(run_dir: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
+    """Save ``model`` (FSDP2-sharded or whole), ``optimizer`` (or None) and this rank's ``extra``.
+
+    Called by every rank together. Returns the checkpoint folder, ``checkpoints/step_XXXXXXXX.dcp``.
+
+    Args:
+        run_dir: the run folder; checkpoints go to ``run_dir/checkpoints/``.
+        step: the optimizer steps taken (the folder's name).
+        model: the model, after ``Distributed.shard`` or unsharded.
+        optimizer: its optimizer, or None.
+        extra: this rank's host-side state (loss scale, data position...): tensors, numbers,
+            strings, None and lists/tuples/dicts of them. The CPU RNG state is added here.
+        keep: how many sharded checkpoints to keep (the newest; >= 1).
+    """
+    if type(keep) is not int or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    _check_plain(extra, "extra")
+    rank, world = _rank_world()
+    folder = checkpoint_dir(run_dir)
+    final = folder / f"step_{step:08d}.dcp"
+    tmp = Path(_gather(str(folder / f"{final.name}.tmp-{os.getpid()}"))[0])  # rank 0's pid names it
+    _together(_make_tmp, tmp, rank)  # it exists before any rank writes into it
+    try:
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+        _together(_check_replicated, state["model"])
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+        _together(_write_rank_file, tmp, rank, world, step, extra)
+        names = _gather(sorted(p.name for p in tmp.iterdir()) if rank == 0 else None)[0]
+        shares = _together(_digest_share, tmp, names, rank, world)
+        files = {name: entry for share in _gather(shares) for name, entry in share.items()}
+        _together(_publish, tmp, final, step, world, files, keep, rank)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _make_tmp(tmp: Path, rank: int) -> None:
+    if rank == 0:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a dead process of the same pid
+        tmp.mkdir()
+
+
+def _publish(tmp: Path, final: Path, step: int, world: int, files: dict, keep: int, rank: int) -> None:
+    """Rank 0: manifest, fsync, rename into place, fsync the parent, prune."""
+    if rank != 0:
+        return
+    write_manifest(tmp, step, world, files)
+    _fsync_dir(tmp)
+    folder = final.parent
+    aside = None
+    if final.exists():  # a step saved again (after a resume from an older checkpoint)
+        aside = folder / f"{final.name}.replaced-{os.getpid()}"
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    for _, old in list_sharded(folder.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in folder.iterdir():  # left by a process killed mid-save
+        if _LEFTOVER.match(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _read_and_share(path: Path, rank: int, world: int) -> dict:
+    manifest = read_manifest(path)
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != manifest["step"]:
+        raise CheckpointError(f"checkpoint {path} holds step {manifest['step']}, not the step its name says")
+    names = sorted(manifest["files"])
+    for name in names[rank::world]:
+        check_file(path, name, manifest["files"][name])
+    return manifest
+
+
+def verify_sharded(path: Path) -> dict:
+    """The manifest of ``path`` after every file was checked against it (ranks share the
+    reading); CheckpointError naming the first damaged, missing or truncated file."""
+    rank, world = _rank_world()
+    return _together(_read_and_share, Path(path), rank, world)
+
+
+def _seeded_rng(rank0_cpu_state: torch.Tensor, rank: int) -> torch.Tensor:
+    digest = hashlib.sha256(rank0_cpu_state.numpy().tobytes() + f"rank {rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")).get_state()
+
+
+def _read_rank_file(path: Path, manifest: dict, rank: int) -> dict:
+    saved_world = manifest["world_size"]
+    source = rank if rank < saved_world else 0
+    data = read_checked(path, rank_file(source), manifest)  # the bytes loaded are the bytes checked
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    expected = {"format_version": RANK_FORMAT_VERSION, "rank": source, "step": manifest["step"]}
+    if not isinstance(payload, dict) or any(payload.get(k) != v for k, v in expected.items()):
+        raise CheckpointError(f"checkpoint file {path / rank_file(source)} is not the rank file this checkpoint needs")
+    if rank >= saved_world:  # a new rank: rank 0's extra, an RNG derived from rank 0's
+        payload["rng"] = {"cpu": _seeded_rng(payload["rng"]["cpu"], rank)}
+    return payload
+
+
+def load_sharded(path: Path, model, optimizer=None, *, restore_rng: bool = True) -> dict:
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``) at any world size; return ``extra``.
+
+    Called by every rank together, after ``Distributed.shard`` (or on the unsharded model) and
+    after the optimizer was built. Every file is checked against the manifest first.
+
+    Args:
+        path: a ``checkpoints/step_XXXXXXXX.dcp`` folder.
+        restore_rng: set this rank's torch CPU (and CUDA) generator state from the checkpoint.
+    """
+    path = Path(path)
+    rank, _ = _rank_world()
+    manifest = verify_sharded(path)
+    payload = _together(_read_rank_file, path, manifest, rank)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+    metadata = _together(read_dcp_metadata, path, manifest)  # before DCP: it would pickle.load it
+    dcp.load(state, storage_reader=SafeReader(path, metadata), planner=WeightsOnlyLoadPlanner())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if restore_rng:
+        torch.set_rng_state(payload["rng"]["cpu"])
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(payload["rng"]["cuda"])
+    return payload["extra"]
+
+
+def newest_usable_sharded(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest sharded checkpoint whose files all match its manifest, and the newer ones
+    refused (path, reason), newest first; CheckpointError when none is usable."""
+    found = list_sharded(run_dir)
+    if not found:
+        raise CheckpointError(f"run folder {run_dir} has no sharded checkpoints in {checkpoint_dir(run_dir)}")
+    refused = []
+    for _, path in reversed(found):
+        try:
+            verify_sharded(path)
+        except CheckpointError as err:
+            refused.append((path, str(err)))
+            continue
+        return path, refused
+    raise CheckpointError("; ".join(reason for _, reason in refused) + ". No sharded checkpoint is usable")
+
+
+__all__ = ["MANIFEST", "list_sharded", "load_sharded", "newest_usable_sharded", "save_sharded", "verify_sharded"]
