@@ -62,16 +62,25 @@ def float_to_e8m0(value: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(torch.isnan(value), 0xFF)
 
 
-@functools.cache
 def _e8m0_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(2^(127 - e), 2^(e - 127)) for every code e, with TE's special cases: code 0 scales by 1
-    (``exp2f_rcp``), 254 by 2^-127, 255 (NaN) is NaN; made once per device."""
-    e = torch.arange(256, dtype=torch.int32)
+    (``exp2f_rcp``), 254 by 2^-127, 255 (NaN) is NaN. Made on the device itself (no copy from the
+    host, which would block a GPU's stream); kept once made on the CPU."""
+    return _cpu_e8m0_tables() if device.type == "cpu" else _make_e8m0_tables(device)
+
+
+@functools.cache
+def _cpu_e8m0_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    return _make_e8m0_tables(torch.device("cpu"))
+
+
+def _make_e8m0_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    e = torch.arange(256, dtype=torch.int32, device=device)
     scale = ((254 - e).clamp(min=0) << 23).view(torch.float32)
-    scale[254], scale[0], scale[255] = 2.0**-127, 1.0, float("nan")
-    inv = (e << 23).view(torch.float32).clone()
-    inv[0], inv[255] = 2.0**-127, float("nan")
-    return scale.to(device), inv.to(device)
+    scale = torch.where(e == 254, 2.0**-127, torch.where(e == 0, 1.0, scale))
+    inv = torch.where(e == 0, 2.0**-127, (e << 23).view(torch.float32))
+    nan = e == 255
+    return scale.masked_fill(nan, float("nan")), inv.masked_fill(nan, float("nan"))
 
 
 def e8m0_scale(e8m0: torch.Tensor) -> torch.Tensor:
