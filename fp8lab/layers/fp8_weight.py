@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fp8lab.formats import Role
-from fp8lab.quantize.tensor import amaxes_of, cast_to_fp8
+from fp8lab.quantize.tensor import cast_to_fp8
 from fp8lab.quantize.weight import FP8Weight
 from fp8lab.scaling.delayed import compute_scale
 
@@ -29,6 +29,14 @@ WEIGHT_SETTINGS = ("hp", "fp8", "fp8-master")
 SCALINGS = ("delayed", "current")  # per-tensor scalings whose weight scale is one fp32 number
 
 
+def weight_amaxes(w_hp: torch.Tensor) -> torch.Tensor:
+    """(raw amax, TE's amax) of a weight, as ``fp8lab.quantize.tensor.amaxes_of`` defines them
+    (TE's: NaN elements ignored, inf counted), with no host read on any device (the checkpoint
+    size preflight builds runs under FakeTensorMode, where a data-dependent branch cannot run)."""
+    magnitude = w_hp.abs()
+    return torch.stack([magnitude.amax(), torch.where(magnitude.isnan(), 0.0, magnitude).amax()]).float()
+
+
 def weight_scale(layer, w_hp: torch.Tensor) -> torch.Tensor:
     """The scale the next cast of ``layer``'s weight uses: under delayed scaling the state's
     current weight scale (TE: the quantizer's ``scale``, from the amax history), under current
@@ -36,7 +44,7 @@ def weight_scale(layer, w_hp: torch.Tensor) -> torch.Tensor:
     scaling, fmt = layer.fp8.scaling, layer.fp8.scaling.format_for(Role.WEIGHT)
     if scaling.name == "delayed":
         return layer.fp8_state.scale[Role.WEIGHT]
-    return scaling.scale(amaxes_of(w_hp)[1], fmt)
+    return scaling.scale(weight_amaxes(w_hp)[1], fmt)
 
 
 def cast_into(layer, w_hp: torch.Tensor, record: bool = True) -> torch.Tensor:
@@ -47,7 +55,7 @@ def cast_into(layer, w_hp: torch.Tensor, record: bool = True) -> torch.Tensor:
     weight, fmt = layer.weight, layer.fp8.scaling.format_for(Role.WEIGHT)
     scale = weight_scale(layer, w_hp)
     if record and layer.fp8_state is not None:
-        layer.fp8_state.record_amax(Role.WEIGHT, amaxes_of(w_hp))
+        layer.fp8_state.record_amax(Role.WEIGHT, weight_amaxes(w_hp))
     weight.codes.copy_(cast_to_fp8(w_hp, scale, fmt))
     weight.scale_inv.copy_(scale.reciprocal())
     return scale
@@ -59,6 +67,8 @@ def convertible(layer) -> str | None:
     plan = layer.plan()
     if plan.precision != "fp8" or plan.backend not in ("emulated", "scaled_mm"):
         return f"its GEMMs run {plan.precision} on {plan.backend}"
+    if layer.weight.numel() == 0:
+        return "its weight has no elements"
     if layer.fp8.scaling.name not in SCALINGS:
         return f"{layer.fp8.scaling.name} scaling has no single weight scale"
     return None
@@ -90,7 +100,7 @@ def to_fp8_weights(model: nn.Module) -> dict[str, nn.Module]:
         fmt = layer.fp8.scaling.format_for(Role.WEIGHT)
         if layer.fp8_state is not None:  # delayed: the scale its first update would give
             state = layer.fp8_state
-            amax = amaxes_of(w_hp)[1]
+            amax = weight_amaxes(w_hp)[1]
             state.scale[Role.WEIGHT] = compute_scale(amax, state.scale[Role.WEIGHT], fmt.max, layer.fp8.scaling.margin)
         codes = torch.empty(w_hp.shape, dtype=fmt.dtype, device=w_hp.device)
         layer.weight = nn.Parameter(FP8Weight(codes, torch.ones((), device=w_hp.device)))

@@ -119,7 +119,9 @@ class FP8WeightUpdate:
 def fp8_primary_weights(model: nn.Module, master: bool) -> FP8WeightUpdate:
     """Convert ``model``'s convertible Linears to FP8 primary weights
     (``fp8lab.layers.fp8_weight.to_fp8_weights``) and return their update; with ``master``,
-    each master copy starts from the high-precision weight before the cast."""
+    each master copy starts from the high-precision weight before the cast. Raises
+    ``ValueError`` naming a layer that runs FP8 GEMMs and cannot be converted (e.g. one run by
+    Transformer Engine, whose own modules hold their weights)."""
     from fp8lab.layers.linear import Linear
 
     hp = {}
@@ -128,4 +130,8 @@ def fp8_primary_weights(model: nn.Module, master: bool) -> FP8WeightUpdate:
             if isinstance(layer, Linear) and convertible(layer) is None:
                 hp[name] = layer.weight.detach().float().clone()
     layers = to_fp8_weights(model)
+    for name, layer in model.named_modules():  # nothing stays in high precision silently
+        if isinstance(layer, Linear) and name not in layers and layer.plan().precision == "fp8":
+            why = convertible(layer) or "its weight is shared with another module"
+            raise ValueError(f"layer {name!r} runs FP8 GEMMs but cannot hold FP8 primary weights: {why}")
     return FP8WeightUpdate(layers, master, {name: hp[name] for name in layers} if master else None)

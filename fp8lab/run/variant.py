@@ -140,7 +140,10 @@ class VariantRun:
         if variant.weights != "hp":
             if self.dist.enabled:
                 raise ConfigError(f"variants.{variant.name}.weights={variant.weights!r}: single-process runs only")
-            self.fp8_weights = fp8_primary_weights(self.model, master=variant.weights == "fp8-master")
+            try:
+                self.fp8_weights = fp8_primary_weights(self.model, master=variant.weights == "fp8-master")
+            except ValueError as err:
+                raise ConfigError(f"variants.{variant.name}.weights={variant.weights!r}: {err}") from None
         self.optimizer = build_optimizer(self.model, variant, config, self.fp8_weights)
         self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         t = config.train
