@@ -279,3 +279,89 @@ def test_update_without_conversion_changes_nothing():
     layer = make_layer()
     update = FP8WeightUpdate({}, master=True)
     assert update.substitute(layer.weight) is layer.weight and update.state_dict() == {"master": {}}
+
+
+def test_a_layer_that_cannot_be_converted_is_refused_by_name():
+    a, b = make_layer(), make_layer()
+    b.weight = a.weight  # shared: its FP8 codes would have two owners
+    with pytest.raises(ValueError, match="layer '0' runs FP8 GEMMs but cannot hold FP8 primary weights"):
+        fp8_primary_weights(torch.nn.Sequential(a, b), master=True)
+
+
+def test_a_cli_run_with_fp8_weights_logs_lost_updates_and_bytes(tmp_path):
+    """`--set variants.fp8.weights=fp8` reaches the model: the FP8 variant logs
+    weights/<layer>/updates_lost_pct for the four block Linears, the BF16 baseline none, and
+    its parameters take fewer bytes than the baseline's by 3 bytes a converted weight element."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fp8lab.run.cli import main
+    from tests.helpers import QUICKSTART, TINY_MODEL
+
+    sets = TINY_MODEL + ["train.steps=2", "train.log_interval=1", "train.eval_interval=2", "variants.fp8.weights=fp8"]
+    assert main(["run", QUICKSTART, "--out", str(tmp_path), "--quiet", *(a for s in sets for a in ("--set", s))]) == 0
+    (run_dir,) = (tmp_path / "quickstart").iterdir()
+    scalars = {}
+    for variant in ("fp8", "bf16"):
+        acc = EventAccumulator(str(run_dir / variant), size_guidance={"scalars": 0})
+        acc.Reload()
+        scalars[variant] = {t: acc.Scalars(t) for t in acc.Tags()["scalars"]}
+    lost = {t for t in scalars["fp8"] if t.startswith("weights/")}
+    assert lost == {f"weights/blocks.0.{n}/updates_lost_pct" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert not any(t.startswith("weights/") for t in scalars["bf16"])
+    assert all(0 <= e.value <= 100 for t in lost for e in scalars["fp8"][t])
+    params = {v: scalars[v]["perf/mem_params_bytes"][-1].value for v in ("fp8", "bf16")}
+    assert params["bf16"] - params["fp8"] == 3 * W8_TINY - 4 * 4
+
+
+W8_TINY = 128 * 384 + 128 * 128 + 128 * 512 + 512 * 128  # the tiny GPT's block Linears' weight elements
+
+
+@pytest.mark.parametrize("weights", ["fp8", "fp8-master"])
+def test_runner_resumed_from_a_weights_only_checkpoint_equals_a_straight_run(tmp_path, weights):
+    """4 steps straight vs checkpointed at step 2 (the run's own files, read weights_only) and
+    resumed by a new Runner: FP8 codes, scales, master copies and moments equal bit for bit."""
+    from fp8lab.run.checkpoint import list_checkpoints
+    from fp8lab.run.runner import Runner
+
+    scaling = DelayedScaling(amax_history_len=4)
+    variants = (
+        Variant(name="fp32", precision="fp32"),
+        Variant(name="w8", precision="fp8", scaling=scaling, fallback="emulated", weights=weights),
+    )
+
+    def config(**train):
+        return tiny_config(*variants, steps=4, eval_interval=4, **train)
+
+    straight = Runner(config(), tmp_path / "a", progress=False)
+    straight.run()
+    first = Runner(config(checkpoint_interval=2), tmp_path / "b", progress=False)
+    first.run()
+    for step, path in list_checkpoints(first.run_dir):
+        if step != 2:
+            path.unlink()
+    resumed = Runner(config(checkpoint_interval=2), tmp_path / "b", progress=False, resume=first.run_dir)
+    assert resumed.start_step == 2
+    resumed.run()
+    a, b = straight.variants[1], resumed.variants[1]
+    bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(bits(value), bits(b.model.state_dict()[key])), key
+    for name, master in a.fp8_weights.state_dict()["master"].items():
+        assert torch.equal(master, b.fp8_weights.state_dict()["master"][name])
+    for sa, sb in zip(a.optimizer.state.values(), b.optimizer.state.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_memory_estimate_counts_fp8_weights_low():
+    """The preflight estimate: 3 bytes less per block Linear weight element for weights="fp8"
+    (an E4M3 code for an fp32 weight); "fp8-master" counted as "hp" (the estimate stays low)."""
+    from fp8lab.run.memory import estimate
+
+    scaling = DelayedScaling(amax_history_len=4)
+
+    def state(weights):
+        variant = Variant(name="v", scaling=scaling, weights=weights)
+        return estimate(tiny_config(Variant(name="fp32", precision="fp32"), variant)).state
+
+    assert state("hp") - state("fp8") == 3 * W8_TINY
+    assert state("fp8-master") == state("hp")
