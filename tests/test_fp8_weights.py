@@ -365,3 +365,30 @@ def test_memory_estimate_counts_fp8_weights_low():
 
     assert state("hp") - state("fp8") == 3 * W8_TINY
     assert state("fp8-master") == state("hp")
+
+
+def test_current_scaling_casts_each_new_weight_with_its_own_amax():
+    """Under Float8CurrentScaling the cast after a step takes the scale 448 / amax of the new
+    value (TE's current-scaling quantizer), with no state; a run trains with it."""
+    from fp8lab.scaling.current import Float8CurrentScaling
+
+    torch.manual_seed(0)
+    layer = fp8lab.Linear(32, 16, bias=False, fp8=FP8Options(scaling=Float8CurrentScaling(), fallback="emulated"))
+    update = fp8_primary_weights(layer, master=True)
+    master = update.stand_ins[""].detach().clone()
+    opt = torch.optim.SGD([update.substitute(layer.weight)], lr=0.1)
+    for step in range(3):
+        g = torch.randn(16, 32) * (step + 1)
+        layer.weight.grad = g.clone()
+        update.prepare()
+        opt.step()
+        update.finish()
+        master = master - 0.1 * g  # SGD in fp32, as torch computes it (p + (-lr) * g)
+        scale = f32(E4M3_MAX) / f32(master.abs().max())
+        want = e4m3_reference(master * torch.tensor(scale)).float() * torch.tensor(f32(1.0) / scale)
+        assert float(layer.weight.scale_inv) == f32(1.0) / scale
+        assert torch.equal(layer.weight.dequantize(), want)
+    run = make_run(Variant(name="cur", precision="fp8", scaling=Float8CurrentScaling(), weights="fp8"))
+    x = torch.randint(0, 256, (2, 16))
+    run.train_step(x, torch.roll(x, 1, 1), 1e-3, log=True)
+    assert np.isfinite(run.take_train_metrics(32)["loss/train"])
