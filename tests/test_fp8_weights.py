@@ -392,3 +392,32 @@ def test_current_scaling_casts_each_new_weight_with_its_own_amax():
     x = torch.randint(0, 256, (2, 16))
     run.train_step(x, torch.roll(x, 1, 1), 1e-3, log=True)
     assert np.isfinite(run.take_train_metrics(32)["loss/train"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+    reason="needs a CUDA device with FP8 tensor cores (torch._scaled_mm)",
+)
+def test_scaled_mm_takes_the_fp8_codes_as_the_weight_operand():
+    """On the GPU backend the codes go to torch._scaled_mm as they are: the output and the
+    gradients equal the high-precision-weight path with the same weight scale, bit for bit."""
+    torch.manual_seed(0)
+    fp8 = FP8Options(scaling=DelayedScaling(amax_history_len=4), backend="scaled_mm")
+    hp = fp8lab.Linear(64, 32, bias=False, fp8=fp8, device="cuda")
+    w8 = fp8lab.Linear(64, 32, bias=False, fp8=fp8, device="cuda")
+    with torch.no_grad():
+        grid = e4m3_reference(hp.weight.cpu() * 64).float() / 64
+        grid[0, 0] = 7.0  # amax 7: scale 64, the grid cast exactly
+        hp.weight.copy_(grid)
+        w8.weight.copy_(grid)
+    to_fp8_weights(w8)
+    hp.fp8_state.scale.copy_(w8.fp8_state.scale)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = hp(x1), w8(x2)
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(hp.weight.grad, w8.weight.grad)
