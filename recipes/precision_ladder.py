@@ -5,7 +5,9 @@ reference every gap is measured against. Two more rungs show what the ladder's c
 buy: BF16 without master weights (parameters and AdamW state in bf16), and FP8 GEMMs
 over FP16 activations, with loss scaling, as Transformer Engine allows. Three go past the
 linear layers (issue 25): FP8 attention (QK^T and PV in FP8, TE's fp8_dpa), AdamW's moments
-stored in FP8/FP16 (FP8-LM's O2 layout, fp32 master weights), and both. The final table
+stored in FP8/FP16 (FP8-LM's O2 layout, fp32 master weights), FP8 primary weights (the FP8
+Linears' weights stored as E4M3 codes + scale, TE's quantized_model_init, with an fp32 master
+copy the optimizer updates: ``fp8_w8``), and all three (``fp8_all``). The final table
 gives per rung the val loss, its gap to FP32, tokens/s, exactly counted memory and
 skipped steps. FP8 uses fallback="emulated" so its numerics are FP8's on any machine.
 """
@@ -30,6 +32,7 @@ def config() -> RunConfig:
             Variant(name="fp8_fp16", precision="fp8", activations="fp16", scaling=SCALING, fallback="emulated"),
             Variant(name="fp8_attn", precision="fp8", scaling=SCALING, fallback="emulated", fp8_dpa=True),
             Variant(name="fp8_adam8", precision="fp8", scaling=SCALING, fallback="emulated", optimizer_state="fp8-lm"),
+            Variant(name="fp8_w8", precision="fp8", scaling=SCALING, fallback="emulated", weights="fp8-master"),
             Variant(
                 name="fp8_all",
                 precision="fp8",
@@ -37,6 +40,7 @@ def config() -> RunConfig:
                 fallback="emulated",
                 fp8_dpa=True,
                 optimizer_state="fp8-lm",
+                weights="fp8-master",
             ),
         ),
         baseline="fp32",

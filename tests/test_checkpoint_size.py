@@ -52,4 +52,6 @@ def test_the_estimate_of_a_gpu_backend_run_builds_on_the_cpu():
     recipe = load_recipe(ROOT / "recipes" / "quickstart.py")
     emulated = checkpoint_bytes(apply_overrides(recipe, ONE_STEP + NARROW))
     scaled_mm = checkpoint_bytes(apply_overrides(recipe, ONE_STEP + NARROW + ["variants.fp8.backend=scaled_mm"]))
-    assert scaled_mm == emulated > 0
+    # the payloads differ only in the config's backend string ('scaled_mm' is 5 characters
+    # longer than 'auto'), which may push the pickle across one 64-byte zip alignment boundary
+    assert emulated > 0 and 0 <= scaled_mm - emulated <= 64

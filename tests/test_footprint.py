@@ -45,6 +45,44 @@ def test_parameters_gradients_and_adamw_state_bytes(name, width):
     assert memory["perf/mem_optimizer_bytes"] == 2 * width * P + STEP_BYTES * TENSORS  # exp_avg, exp_avg_sq, step
 
 
+W = 128 * 384 + 128 * 128 + 128 * 512 + 512 * 128  # the FP8 Linears' weights (qkv, proj, fc1, fc2)
+FP8_WEIGHTS = 4  # weight tensors held as FP8 codes + one fp32 scale_inv each (lm_head stays BF16: hp)
+# the FP8-LM moments: E4M3 exp_avg (1 byte) + FP16 exp_avg_sq (2 bytes) a value, and per tensor
+# the fp32 step and one fp32 scale per moment
+FP8_LM_TENSOR = 4 + 4 + 4
+# rung of recipes/precision_ladder.py -> (parameter, gradient, optimizer-state bytes) of the
+# tiny GPT, by hand
+LADDER_BYTES = {
+    "fp32": (4 * P, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS),
+    "fp16": (4 * P, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS),  # fp32 master weights and grads
+    "bf16": (4 * P, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS),
+    "fp8": (4 * P, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS),
+    "bf16_no_master": (2 * P, 2 * P, 2 * 2 * P + STEP_BYTES * TENSORS),
+    "fp8_fp16": (4 * P, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS),
+    "fp8_attn": (4 * P, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS),  # its amax histories are buffers
+    "fp8_adam8": (4 * P, 4 * P, (1 + 2) * P + FP8_LM_TENSOR * TENSORS),
+    # FP8 weights: 1 byte a weight element + a 4-byte scale_inv each; the gradient stays fp32;
+    # the fp32 master copies (4 bytes an element) are optimizer state, as in TE's FusedAdam
+    "fp8_w8": (4 * (P - W) + W + 4 * FP8_WEIGHTS, 4 * P, 2 * 4 * P + STEP_BYTES * TENSORS + 4 * W),
+    "fp8_all": (4 * (P - W) + W + 4 * FP8_WEIGHTS, 4 * P, (1 + 2) * P + FP8_LM_TENSOR * TENSORS + 4 * W),
+}
+
+
+def test_every_ladder_rung_counts_parameters_gradients_and_state_by_hand():
+    import recipes.precision_ladder as ladder
+
+    variants = {v.name: v for v in ladder.config().variants}
+    assert set(variants) == set(LADDER_BYTES)  # a new rung needs its hand count here
+    assert W == 196608
+    x = torch.randint(0, 256, (2, 16))
+    for name, (params, grads, state) in LADDER_BYTES.items():
+        run = make_run(variants[name])
+        run.train_step(x, torch.roll(x, 1, 1), 1e-3, log=True)
+        memory = run.take_train_metrics(32)
+        got = tuple(memory[f"perf/mem_{k}_bytes"] for k in ("params", "grads", "optimizer"))
+        assert got == (params, grads, state), name
+
+
 M, K, N = 16, 64, 32  # tokens (2 x 8), in_features, out_features
 # rung -> (activation bytes, weight-copy bytes) one Linear saves for its backward, by hand
 SAVED = {

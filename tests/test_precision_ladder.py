@@ -167,7 +167,11 @@ def test_ladder_recipe_runs_and_reports_every_rung(tmp_path, capsys):
     for name, v in variants.items():
         mem = v["memory"]
         assert {"params_bytes", "grads_bytes", "optimizer_bytes", "activations_saved_bytes"} <= set(mem), name
-        assert mem["params_bytes"] == mem["grads_bytes"] > 0 and mem["activations_saved_bytes"] > 0
+        assert mem["grads_bytes"] > 0 and mem["activations_saved_bytes"] > 0
+        if v.get("weights", "hp") == "hp":  # FP8 primary weights: 1-byte codes, fp32 gradients
+            assert mem["params_bytes"] == mem["grads_bytes"], name
+        else:
+            assert mem["params_bytes"] < mem["grads_bytes"], name
     assert variants["fp16"]["loss_scale"] == 2.0**16 and variants["bf16"]["loss_scale"] is None
     assert variants["bf16_no_master"]["memory"]["params_bytes"] * 2 == variants["bf16"]["memory"]["params_bytes"]
     saved = {name: v["memory"]["activations_saved_bytes"] for name, v in variants.items()}

@@ -36,6 +36,7 @@ from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.quantize.tensor import CPU_CHUNK
+from fp8lab.quantize.weight import FP8Weight
 from fp8lab.scaling.nvfp4_scales import gemm_alpha
 from fp8lab.scaling.protocol import COLUMNWISE, ROWWISE, Operand, Scaling
 from fp8lab.scaling.state import ScalingState
@@ -150,7 +151,12 @@ class _QuantizedLinear(torch.autograd.Function):
         accs = accumulators if accumulators is not None else FP32_ACCUMULATORS
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
         x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record, accs[FPROP])  # fprop contracts K
-        w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
+        ctx.w_dtype = w_hp.dtype
+        if isinstance(w_hp, FP8Weight):  # an FP8 primary weight is the operand as stored (TE: not cast again)
+            w_row = w_hp.operand(backend, scaling.format_for(Role.WEIGHT))
+            w_hp = w_hp.dequantize() if slot is not None and slot.armed else None  # the shadows' (log steps)
+        else:
+            w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
         after = scaling is not None and scaling.bias_after_gemm  # torchao's ``output + bias``
         b = None if after else epilogue_bias(bias, out_dtype, backend.fp8)
         y = _gemm(backend, x_row, _t(w_row), out_dtype, b, accs[FPROP], slot, FPROP)  # (B*T, N)
@@ -174,7 +180,7 @@ class _QuantizedLinear(torch.autograd.Function):
         ctx.meta = (x_col._replace(values=None, inv_scale=None), w_col._replace(values=None, inv_scale=None))
         ctx.parts, ctx.record, ctx.out_dtype, ctx.same, ctx.shadow = parts, record, out_dtype, same, shadow_on
         ctx.accs = accs
-        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
+        ctx.x_dtype, ctx.has_bias = x_hp.dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -219,7 +225,8 @@ def quantized_linear(
 
     Args:
         x_hp: (..., K) input in any float dtype.
-        w_hp: (N, K) weight (the float32 master copy).
+        w_hp: (N, K) weight (the float32 master copy), or an ``FP8Weight`` (FP8 primary
+            weight: its codes and inverse scale are the operand; no cast, no amax recorded).
         bias: (N,) or None.
         scaling: the layer's scaling (``fp8.scaling``), or None for a BF16 GEMM (``backend``
             is then a ``RoundedBackend``).

@@ -24,7 +24,9 @@ from fp8lab.gemm.backends.select import DeviceFacts, Plan, TEFacts, probe_device
 from fp8lab.gemm.exact import ROUNDED_DTYPES, gemm_path, rounded_gemm_path
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.layers import choices
+from fp8lab.layers.fp8_weight import load_fp8_weight, save_fp8_weight
 from fp8lab.options import FP8Options, as_options
+from fp8lab.quantize.weight import FP8Weight
 from fp8lab.scaling.state import ScalingState
 
 # Training forwards without an update_scales call after which a layer warns (once):
@@ -205,6 +207,23 @@ class Linear(nn.Module):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if isinstance(self.weight, FP8Weight):  # its codes and scale: plain tensors (weights_only loads)
+            save_fp8_weight(self.weight, destination, prefix + "weight")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        if not isinstance(self.weight, FP8Weight):
+            return super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
+            )
+        key = prefix + "weight"  # an FP8 primary weight loads its codes in place (never cast)
+        load_fp8_weight(self.weight, state_dict, key, error_msgs)
+        rest = {k: v for k, v in state_dict.items() if k not in (key, key + "_scale_inv")}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+        if key in missing:
+            missing.remove(key)
 
     def extra_repr(self) -> str:
         return (

@@ -143,7 +143,11 @@ def checkpoint_bytes(config, device: torch.device | None = None) -> int:
         for run in runs:  # one step: AdamW's moments and step counters exist from then on
             for p in run.model.parameters():
                 p.grad = torch.zeros_like(p)
+            if run.fp8_weights is not None:  # FP8 weights: the optimizer steps their stand-ins
+                run.fp8_weights.prepare()
             run.optimizer.step()
+            if run.fp8_weights is not None:
+                run.fp8_weights.finish()
             run.optimizer.zero_grad(set_to_none=True)
         _stand_ins(runs)
         summary = RunSummary(config, [v.name for v in config.variants])

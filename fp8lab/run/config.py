@@ -74,6 +74,7 @@ def upgrade(saved: dict) -> dict:
     - ``variants.<v>.optimizer_state``: absent before low-precision AdamW state; those runs kept
       it in fp32 ("fp32", torch's fused AdamW).
     - ``variants.<v>.fp8_dpa``: absent before FP8 attention; those runs' attention core was not FP8.
+    - ``variants.<v>.weights``: absent before FP8 primary weights; those runs' weights were fp32 ("hp").
     """
     variants = [
         {
@@ -81,6 +82,7 @@ def upgrade(saved: dict) -> dict:
             "accumulation": v.get("accumulation", "fp32" if v.get("precision") == "fp8" else "te"),
             "optimizer_state": v.get("optimizer_state", "fp32"),
             "fp8_dpa": v.get("fp8_dpa", False),
+            "weights": v.get("weights", "hp"),
         }
         for v in saved.get("variants", [])
     ]

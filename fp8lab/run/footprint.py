@@ -5,7 +5,10 @@ so counting makes no device-to-host copy. Every count is of distinct storages: a
 seen twice (a tied weight, three views of one QKV output) counts once.
 
 - parameters, gradients, optimizer state: the bytes their tensors occupy (AdamW: the two
-  moments and the fused kernel's fp32 step counter of every parameter);
+  moments and the fused kernel's fp32 step counter of every parameter). An FP8 primary
+  weight (``FP8Weight``) is its codes (1 byte an element) and its fp32 inverse scale; a
+  tensor the optimizer steps that is no model parameter (an FP8 weight's fp32 master copy,
+  ``fp8lab.optim.fp8_weights``) counts as optimizer state, where TE's FusedAdam keeps it;
 - saved for the backward (``SavedTensorCounter``): every tensor autograd keeps from one
   forward, seen through ``torch.autograd.graph.saved_tensors_hooks``, at the width the
   hardware path stores it. A GEMM operand an fp8lab Linear saves counts at its GEMM's
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from fp8lab.layers.linear import Linear
+from fp8lab.quantize.weight import FP8Weight
 
 # Bytes an element of a GEMM operand takes on the hardware path, by plan precision.
 OPERAND_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
@@ -42,19 +46,32 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, storage.data_ptr(), storage.nbytes())
 
 
+def _stored(tensors: Iterable[torch.Tensor | None]) -> Iterable[torch.Tensor]:
+    """The tensors that hold memory: an FP8Weight is its codes and inverse scale."""
+    for t in tensors:
+        if isinstance(t, FP8Weight):
+            yield from (t.codes, t.scale_inv)
+        elif t is not None:
+            yield t
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the distinct storages of ``tensors`` (None entries are skipped)."""
     seen = {}
-    for t in tensors:
-        if t is not None:
-            key = _storage_key(t)
-            seen[key] = key[2]
+    for t in _stored(tensors):
+        key = _storage_key(t)
+        seen[key] = key[2]
     return sum(seen.values())
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor of the optimizer's per-parameter state."""
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+def optimizer_tensors(optimizer: torch.optim.Optimizer, model_params: Iterable[torch.Tensor] | None = None) -> list:
+    """Every tensor of the optimizer's per-parameter state; given the model's parameters,
+    also every tensor it steps that is none of them (master copies of FP8 primary weights)."""
+    state = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    if model_params is None:
+        return state
+    own = {id(p) for p in model_params}
+    return state + [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
 
 
 class SavedTensorCounter:
@@ -103,7 +120,10 @@ class SavedTensorCounter:
                     "width": OPERAND_BYTES[plan.precision],
                     "x": args[0].numel(),
                     "w": module.weight.numel(),
-                    "weight_is_operand": module.weight.dtype == OPERAND_DTYPES.get(plan.precision),
+                    # the FP8 codes of an FP8 primary weight are the operand (the emulation's copy
+                    # of them in bf16/fp32 stands for the parameter itself)
+                    "weight_is_operand": isinstance(module.weight, FP8Weight)
+                    or module.weight.dtype == OPERAND_DTYPES.get(plan.precision),
                 }
 
         def post_hook(module, args, output):
@@ -116,7 +136,7 @@ class SavedTensorCounter:
         """Count what the enclosed forward saves (``activation_bytes``, ``weight_bytes``)."""
         self.activation_bytes = self.weight_bytes = 0
         self._seen = set()
-        self._params = {_storage_key(p) for p in self.model.parameters()}
+        self._params = {_storage_key(p) for p in _stored(self.model.parameters())}
         handles = [h for m in self.model.modules() if isinstance(m, Linear) for h in self._enter(m)]
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
@@ -135,7 +155,7 @@ def training_bytes(
     return {
         "perf/mem_params_bytes": tensor_bytes(params),
         "perf/mem_grads_bytes": tensor_bytes(p.grad for p in params),
-        "perf/mem_optimizer_bytes": tensor_bytes(optimizer_tensors(optimizer)),
+        "perf/mem_optimizer_bytes": tensor_bytes(optimizer_tensors(optimizer, params)),
         "perf/mem_activations_saved_bytes": saved.activation_bytes,
         "perf/mem_weight_copies_saved_bytes": saved.weight_bytes,
     }

@@ -7,7 +7,8 @@ here allocates a tensor; it reads the config and the free memory only.
 
 What it counts, in bytes (``P`` parameters of the GPT, counted from its shape):
 - every variant's training state at once: ``16 * P`` (fp32 weights, gradients and
-  AdamW's two moments; ``8 * P`` in 16 bits for a variant without master weights), plus
+  AdamW's two moments; ``8 * P`` in 16 bits for a variant without master weights; 3 bytes
+  less a block Linear's weight element with FP8 primary weights without master), plus
   the amax history of every FP8 layer (12 bytes per row);
 - the activations of one training step of one variant (the variants take turns):
   ``34 * B * T * H`` per block (Megatron's count for BF16 activations, without the
@@ -118,6 +119,18 @@ def train_state_bytes(variant) -> int:
     return TRAIN_STATE_BYTES // (1 if variant.master_weights else HALF)
 
 
+def fp8_weight_saving(variant, shape: dict) -> int:
+    """Bytes ``weights="fp8"`` saves below ``train_state_bytes``: 3 a weight element of every
+    block Linear (an E4M3 code for an fp32 weight; at most that, as a policy may keep some in
+    BF16). ``"fp8-master"`` is counted as ``"hp"`` (its master's extra byte a weight is left
+    out: the estimate stays low)."""
+    if variant.weights != "fp8":
+        return 0
+    h, f = shape["hidden_size"], shape["ffn_hidden_size"]
+    fc1_out = 2 * f if shape.get("activation", "gelu") == "swiglu" else f
+    return 3 * shape["num_layers"] * (h * 3 * h + h * h + h * fc1_out + f * h)
+
+
 def fp8_layers(shape: dict) -> int:
     return 4 * shape["num_layers"] + 1
 
@@ -126,7 +139,7 @@ def estimate(config, processes: int = 1) -> Estimate:
     """The memory one process of a ``processes``-process run needs (see the module docstring)."""
     shape = gpt_shape(config)
     params = gpt_params(shape)
-    state = sum(train_state_bytes(v) for v in config.variants) * params
+    state = sum(train_state_bytes(v) * params - fp8_weight_saving(v, shape) for v in config.variants)
     fp8 = [v for v in config.variants if v.precision == "fp8" and hasattr(v.scaling, "amax_history_len")]
     histories = sum(v.scaling.amax_history_len for v in fp8)
     keys = tuple(

@@ -37,7 +37,7 @@ from fp8lab.run.checks import ConfigError
 
 ACTIVATIONS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "bf16"}  # precision -> default
 FP8_ACTIVATIONS = ("bf16", "fp16")  # what an FP8 variant's activations may be (Transformer Engine's)
-FP8_FIELDS = ("scaling", "backend", "fallback", "accumulation", "keep_bf16", "first_last_bf16", "fp8_dpa")
+FP8_FIELDS = ("scaling", "backend", "fallback", "accumulation", "keep_bf16", "first_last_bf16", "fp8_dpa", "weights")
 LOSS_SCALE_FIELDS = (
     "loss_scale_init",
     "loss_scale_growth_factor",

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 from fp8lab.layers.attention import ATTENTION_CORES
+from fp8lab.layers.fp8_weight import SCALINGS as FP8_WEIGHT_SCALINGS
+from fp8lab.layers.fp8_weight import WEIGHT_SETTINGS
 from fp8lab.layers.gpt import PRESETS
 from fp8lab.optim import OPTIMIZER_STATES
 from fp8lab.options import FP8Options
@@ -193,6 +195,11 @@ class Variant:
     # FP8 attention (Transformer Engine's recipe field of that name): QK^T and PV as FP8 GEMMs with their own
     # delayed-scaling states (fp8lab.layers.fp8_attention); fp8 variants with delayed scaling only
     fp8_dpa: bool = False
+    # How the FP8 Linears' weights are stored (fp8lab.layers.fp8_weight): "hp" (fp32 parameters, cast to
+    # FP8 at every forward), "fp8" (FP8 codes + scale are the parameter, TE's quantized_model_init; the
+    # update is applied to the dequantized weight and cast back) or "fp8-master" (the same with an fp32
+    # master copy the optimizer updates, cast after each step); fp8 variants with delayed or current scaling
+    weights: str = "hp"
     # Dynamic loss scaling (FP16 activations only; torch.amp.GradScaler's defaults)
     loss_scale_init: float = 2.0**16
     loss_scale_growth_factor: float = 2.0
@@ -235,6 +242,24 @@ class Variant:
             f"variants.{self.name}.fp8_dpa",
             "False unless the variant's scaling is 'delayed' (FP8 attention keeps amax histories, as TE's does)",
             self.fp8_dpa,
+        )
+        check(
+            isinstance(self.weights, str) and self.weights in WEIGHT_SETTINGS,
+            f"variants.{self.name}.weights",
+            f"one of {WEIGHT_SETTINGS}",
+            self.weights,
+        )
+        check(
+            self.weights == "hp" or getattr(self.scaling, "name", None) in FP8_WEIGHT_SCALINGS,
+            f"variants.{self.name}.weights",
+            f"'hp' unless the variant's scaling is one of {FP8_WEIGHT_SCALINGS} (one scale per weight tensor)",
+            self.weights,
+        )
+        check(
+            self.weights == "hp" or self.master_weights is True,
+            f"variants.{self.name}.weights",
+            "'hp' when master_weights is false (the other parameters' dtype; 'fp8' is FP8 weights without master)",
+            self.weights,
         )
         check(
             self.optimizer_state == "fp32" or self.master_weights is True,

@@ -169,6 +169,7 @@ class RunSummary:
             "activations": rung_of(variant).activations,
             "master_weights": variant.master_weights,
             "optimizer_state": variant.optimizer_state,
+            "weights": variant.weights,
             "memory": {**memory, "peak_mem_mb": last.get("perf/peak_mem_mb")},
             "loss_scale": scale,
             "loss_scale_flushes": scale is not None and scale <= flushing_scale(tokens),

@@ -25,6 +25,7 @@ from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.optim import OPTIMIZER_STATES, LowPrecisionAdamW
+from fp8lab.optim.fp8_weights import FP8WeightUpdate, fp8_primary_weights
 from fp8lab.run import footprint
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
@@ -35,6 +36,7 @@ from fp8lab.telemetry.collector import LayerStats
 from fp8lab.telemetry.fp16_flush import FP16FlushProbe
 from fp8lab.telemetry.optimizer_state import OptimizerStateProbe, StoredMomentProbe
 from fp8lab.telemetry.step import StepTelemetry
+from fp8lab.telemetry.weight_updates import LostUpdateProbe
 
 
 def build_model(config: RunConfig, variant: Variant, device: torch.device) -> GPT:
@@ -82,17 +84,21 @@ def check_backends(model: torch.nn.Module, variant: Variant, device: torch.devic
             ) from None
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay, vectors (norms, biases) and embeddings' peers don't."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def param_groups(model: torch.nn.Module, weight_decay: float, fp8_weights: FP8WeightUpdate | None = None) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norms, biases) and embeddings' peers don't. An
+    FP8 primary weight is stepped through its stand-in (``fp8lab.optim.fp8_weights``)."""
+    swap = fp8_weights.substitute if fp8_weights is not None else (lambda p: p)
+    decay = [swap(p) for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [swap(p) for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, variant: Variant, config: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, variant: Variant, config: RunConfig, fp8_weights: FP8WeightUpdate | None = None
+) -> torch.optim.Optimizer:
     """The variant's AdamW: torch's fused one (fp32 moments, or the parameters' dtype without
     master weights), or ``LowPrecisionAdamW`` for ``optimizer_state`` "fp8-lm"/"fp8-block"."""
-    groups, t = param_groups(model, config.train.weight_decay), config.train
+    groups, t = param_groups(model, config.train.weight_decay, fp8_weights), config.train
     if variant.optimizer_state == "fp32":
         # fused: one kernel per step, and its step counters never leave the device
         # (the default single-tensor path calls .item() on them every step).
@@ -130,7 +136,15 @@ class VariantRun:
             for name, param in self.model.named_parameters():
                 param.copy_(init_params[name])
         self.rung.cast_parameters_(self.model)  # no master weights: the training dtype (rounded once)
-        self.optimizer = build_optimizer(self.model, variant, config)
+        self.fp8_weights = None  # variants.<v>.weights "fp8"/"fp8-master": FP8 primary weights
+        if variant.weights != "hp":
+            if self.dist.enabled:
+                raise ConfigError(f"variants.{variant.name}.weights={variant.weights!r}: single-process runs only")
+            try:
+                self.fp8_weights = fp8_primary_weights(self.model, master=variant.weights == "fp8-master")
+            except ValueError as err:
+                raise ConfigError(f"variants.{variant.name}.weights={variant.weights!r}: {err}") from None
+        self.optimizer = build_optimizer(self.model, variant, config, self.fp8_weights)
         self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         t = config.train
         # The log-step protocol (shared with fp8lab.Monitor): arming, update_scales, the counters.
@@ -148,6 +162,7 @@ class VariantRun:
             self.state_probe = StoredMomentProbe(self.model, self.optimizer)
         else:
             self.state_probe = None if self.rung.master_weights else OptimizerStateProbe(self.model, self.optimizer)
+        self.weight_probe = LostUpdateProbe(self.fp8_weights) if self.fp8_weights is not None else None
         self.saved_counter = footprint.SavedTensorCounter(self.model)
         self.memory: dict[str, int] = {}  # perf/mem_* of the last log step (host values)
         self.cuda_peak = 0  # bytes: the allocator's peak during this variant's steps since the last log
@@ -217,10 +232,16 @@ class VariantRun:
         self.optimizer.found_inf = skip.float()
         if self.low_precision_state:  # count the moments stored as zero on log steps only
             self.optimizer.track_underflow = log
+        if self.fp8_weights is not None:  # FP8 weights' stand-ins take their gradients (and values)
+            self.fp8_weights.prepare(track=log)
         self.optimizer.step()
+        if self.fp8_weights is not None:  # cast into the FP8 weights (kept on a skipped step)
+            self.fp8_weights.finish(skip)
         if log:  # exact bytes, from tensor metadata only (gradients are still held here)
             self.memory = footprint.training_bytes(params, self.optimizer, self.saved_counter)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fp8_weights is not None:  # the FP8 weights' own gradients (the optimizer holds stand-ins)
+            self.model.zero_grad(set_to_none=True)
         return loss, skip
 
     def take_train_metrics(self, tokens_per_step: int) -> dict[str, float]:
@@ -248,6 +269,8 @@ class VariantRun:
             metrics.update(self.flush_probe.read())
         if self.state_probe is not None:
             metrics.update(self.state_probe.read())
+        if self.weight_probe is not None:
+            metrics.update(self.weight_probe.read())
         return metrics
 
     @property
@@ -267,11 +290,14 @@ class VariantRun:
             "first_batch_sha": self.first_batch_sha,
             "timer": self.timer.state_dict(),
             "loss_scale": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            **({"fp8_weights": self.fp8_weights.state_dict()} if self.fp8_weights is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])  # raises if scaling state is missing
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.fp8_weights is not None:  # the master copies (the FP8 codes are in the model's)
+            self.fp8_weights.load_state_dict(state["fp8_weights"])
         self.telemetry.load_state_dict(
             {"counters": state["counters"], "faults": state["faults"], "steps_since_take": state["steps_since_log"]}
         )

@@ -11,6 +11,7 @@ from event files). Layer names are ``named_modules`` names, which never hold "/"
     faults/nonfinite_amax/<layer>/<role>        amax_history/<layer>/<role> (histogram)
     precision/fp16_flush_pct/<layer>
     optimizer_state/<layer>/<exp_avg|exp_avg_sq>/<zero_pct|subnormal_pct|m_over_eps_pct|underflow_pct>
+    weights/<layer>/updates_lost_pct
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 SCALING, WHATIF, ACCURACY = "scaling", "whatif", "accuracy"
 NONFINITE, AMAX_HISTORY, FP16_FLUSH = "faults/nonfinite_amax", "amax_history", "precision/fp16_flush_pct"
 OPTIMIZER_STATE = "optimizer_state"
+WEIGHTS = "weights"
 
 # The parts after "<group>/<layer>/" of each group's tags, in order.
 _PARTS = {
@@ -30,6 +32,7 @@ _PARTS = {
     AMAX_HISTORY: ("role",),
     FP16_FLUSH: (),
     OPTIMIZER_STATE: ("moment", "stat"),
+    WEIGHTS: ("stat",),
 }
 
 

@@ -95,6 +95,11 @@ class QuantizedGemmBackend:
         """``x_hp`` cast onto ``fmt``'s grid with ``scale`` (given, never computed here)."""
         raise NotImplementedError
 
+    def fp8_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """FP8 ``codes`` (a float8 tensor: an FP8 primary weight) as this backend's GEMM takes
+        the values ``quantize`` returns (exact: no rounding)."""
+        raise NotImplementedError
+
     def quantize_blocks(self, x2d: torch.Tensor, block, scale, scale_inv, fmt: FP8Format) -> torch.Tensor:
         """``x2d`` cast block by block with the given power-of-2 ``scale``s, then multiplied by
         ``scale_inv`` (exact dequantized values), or left as the FP8 values when ``scale_inv``

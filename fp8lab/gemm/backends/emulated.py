@@ -55,6 +55,9 @@ class EmulatedBackend(QuantizedGemmBackend):
     def quantize(self, x_hp: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
         return cast_to_fp8_grid(x_hp, scale, fmt, dtype=self.path.operand_dtype)
 
+    def fp8_values(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.to(self.path.operand_dtype)  # every FP8 value is exact in bf16 and fp32
+
     def quantize_blocks(self, x2d: torch.Tensor, block, scale, scale_inv, fmt: FP8Format) -> torch.Tensor:
         """``x2d`` cast block by block with the given power-of-2 scales, dequantized exactly
         (``scale_inv`` None: the FP8 values, held in the exact path's dtype)."""

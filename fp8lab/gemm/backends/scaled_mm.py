@@ -109,6 +109,10 @@ class ScaledMMBackend(QuantizedGemmBackend):
         return cast_to_fp8(x_hp, scale, fmt)
 
     @staticmethod
+    def fp8_values(codes: torch.Tensor) -> torch.Tensor:
+        return codes  # torch._scaled_mm takes the codes themselves
+
+    @staticmethod
     def quantize_blocks(x2d: torch.Tensor, block, scale, scale_inv, fmt: FP8Format) -> torch.Tensor:
         """The FP8 values of a block cast; the block scales go to the GEMM (``group_scales``),
         so there is no dequantized form to make here."""
