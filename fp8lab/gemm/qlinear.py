@@ -34,6 +34,7 @@ from fp8lab.accumulation import FP32, Accumulator
 from fp8lab.formats import DGRAD, E2M1, FPROP, WGRAD, Role
 from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.gemm.fp8_all_gather import GatheredFP8Weight
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.quantize.tensor import CPU_CHUNK
 from fp8lab.scaling.nvfp4_scales import gemm_alpha
@@ -150,7 +151,15 @@ class _QuantizedLinear(torch.autograd.Function):
         accs = accumulators if accumulators is not None else FP32_ACCUMULATORS
         x2d = x_hp.reshape(-1, x_hp.shape[-1])  # (B*T, K)
         x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record, accs[FPROP])  # fprop contracts K
-        w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
+        w_dtype = w_hp.dtype
+        if isinstance(w_hp, GatheredFP8Weight):  # cast shard by shard, gathered as FP8 (FSDP)
+            w_row = w_hp.operand(scaling, state, slot)
+            w_hp = w_hp.hp  # the whole fp32 weight on log steps (telemetry), else None
+            if slot is not None and slot.armed and slot.whatif_armed:
+                known = {scaling.name: slot.cast_stats[Role.WEIGHT]}
+                slot.whatif[Role.WEIGHT] = whatif_stats(w_hp, Role.WEIGHT, scaling.format_for(Role.WEIGHT), known=known)
+        else:
+            w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
         after = scaling is not None and scaling.bias_after_gemm  # torchao's ``output + bias``
         b = None if after else epilogue_bias(bias, out_dtype, backend.fp8)
         y = _gemm(backend, x_row, _t(w_row), out_dtype, b, accs[FPROP], slot, FPROP)  # (B*T, N)
@@ -174,7 +183,7 @@ class _QuantizedLinear(torch.autograd.Function):
         ctx.meta = (x_col._replace(values=None, inv_scale=None), w_col._replace(values=None, inv_scale=None))
         ctx.parts, ctx.record, ctx.out_dtype, ctx.same, ctx.shadow = parts, record, out_dtype, same, shadow_on
         ctx.accs = accs
-        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_hp.dtype, bias is not None
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x_hp.dtype, w_dtype, bias is not None
         return y.reshape(*x_hp.shape[:-1], y.shape[-1])
 
     @staticmethod
