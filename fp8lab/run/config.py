@@ -74,6 +74,8 @@ def upgrade(saved: dict) -> dict:
     - ``variants.<v>.optimizer_state``: absent before low-precision AdamW state; those runs kept
       it in fp32 ("fp32", torch's fused AdamW).
     - ``variants.<v>.fp8_dpa``: absent before FP8 attention; those runs' attention core was not FP8.
+    - ``train.parallel`` and ``train.fp8_all_gather``: absent before FSDP runs; those runs used
+      DDP ("ddp"), and the FP8 all-gather flag (FSDP only) takes its default (True).
     """
     variants = [
         {
@@ -84,4 +86,8 @@ def upgrade(saved: dict) -> dict:
         }
         for v in saved.get("variants", [])
     ]
+    train = saved.get("train")
+    if isinstance(train, dict):
+        train = {**train, "parallel": train.get("parallel", "ddp"), "fp8_all_gather": train.get("fp8_all_gather", True)}
+        return {**saved, "train": train, "variants": variants}
     return {**saved, "variants": variants}

@@ -5,7 +5,8 @@ so counting makes no device-to-host copy. Every count is of distinct storages: a
 seen twice (a tied weight, three views of one QKV output) counts once.
 
 - parameters, gradients, optimizer state: the bytes their tensors occupy (AdamW: the two
-  moments and the fused kernel's fp32 step counter of every parameter);
+  moments and the fused kernel's fp32 step counter of every parameter); under FSDP, the
+  bytes of this rank's shards (a DTensor's local tensor), i.e. what this rank holds;
 - saved for the backward (``SavedTensorCounter``): every tensor autograd keeps from one
   forward, seen through ``torch.autograd.graph.saved_tensors_hooks``, at the width the
   hardware path stores it. A GEMM operand an fp8lab Linear saves counts at its GEMM's
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fp8lab.gemm.fp8_all_gather import local_shard
 from fp8lab.layers.linear import Linear
 
 # Bytes an element of a GEMM operand takes on the hardware path, by plan precision.
@@ -38,6 +40,7 @@ OWN_GEMM_BACKENDS = ("emulated", "scaled_mm", "bf16", "fp16", "fp32")
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
+    t = local_shard(t)  # FSDP: the bytes this rank holds
     storage = t.untyped_storage()
     return (t.device, storage.data_ptr(), storage.nbytes())
 
@@ -77,6 +80,8 @@ class SavedTensorCounter:
         self._scope: dict | None = None  # inside an fp8lab Linear: width, operand sizes not yet seen
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter):  # counted in the parameters (FSDP: the gathered one of a shard)
+            return t
         key = _storage_key(t)
         if not key[1] or key in self._seen or key in self._params:
             return t

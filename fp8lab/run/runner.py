@@ -278,6 +278,8 @@ class Runner:
     def _result(self) -> dict:
         for run in self.variants:
             self.summary.first_batch[run.variant.name] = run.first_batch_sha
+            if run.sharded:
+                self.summary.sharding[run.variant.name] = run.sharding()
         return self.summary.to_dict(self.corpus.fingerprint, str(self.device))
 
     def _finish(self) -> dict:
