@@ -39,9 +39,19 @@ RECIPES = {
 }
 
 
-def gpt(scaling) -> fp8lab.GPT:
+def gpt(scaling, **kwargs) -> fp8lab.GPT:
     torch.manual_seed(0)
-    return fp8lab.GPT.from_preset("tiny", fallback="emulated", num_layers=2, block_size=BLOCK, scaling=scaling)
+    return fp8lab.GPT.from_preset(
+        "tiny", fallback="emulated", num_layers=2, block_size=BLOCK, scaling=scaling, **kwargs
+    )
+
+
+def head_in_fp8() -> fp8lab.GPT:
+    """Delayed scaling with the LM head in FP8 too: an FP8 layer of the root FSDP group, whose
+    gathered weight FSDP2 keeps between an eval forward and the next training forward."""
+    from fp8lab.layers.policy import PrecisionPolicy
+
+    return gpt(RECIPES["delayed"], policy=PrecisionPolicy(keep_bf16=()))
 
 
 def sampler() -> BatchSampler:
@@ -55,14 +65,21 @@ def states(model) -> tuple[torch.Tensor, torch.Tensor] | None:
     return torch.stack([s.amax_history.clone() for s in found]), torch.stack([s.scale.clone() for s in found])
 
 
-def train(model, batches, micro_batches: int = 1, counter=None) -> dict:
+def train(model, batches, micro_batches: int = 1, counter=None, telemetry: bool = False) -> dict:
     """STEPS optimizer steps; per step the (local) loss, the scaling state, the bytes gathered;
-    at the end every parameter whole (a collective under FSDP)."""
+    at the end every parameter whole (a collective under FSDP). ``telemetry``: every step is a
+    log step (what-if statistics included) read through the runner's protocol, and an eval
+    forward follows it."""
+    from fp8lab.telemetry.step import StepTelemetry
+
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-    out = {"losses": [], "states": [], "bytes": []}
+    out = {"losses": [], "states": [], "bytes": [], "stats": []}
+    log = StepTelemetry(inner, log_interval=1) if telemetry else None
     for step in range(STEPS):
         x, y = batches(step)
+        if log is not None:
+            log.begin(True, whatif=True)
         loss = torch.zeros(())
         for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -72,10 +89,20 @@ def train(model, batches, micro_batches: int = 1, counter=None) -> dict:
             loss += micro.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        fp8lab.update_scales(inner)
+        if log is not None:
+            stats = log.end(loss=loss).stats
+            out["stats"].append([stats.values, stats.whatif, stats.shadow, stats.accum])
+            inner.eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+            inner.train()
+        else:
+            fp8lab.update_scales(inner)
         out["losses"].append(loss)
         out["states"].append(states(inner))
         out["bytes"].append(counter.take() if counter is not None else 0)
+    if hasattr(inner, "reshard"):  # FSDP2 keeps the root gathered after an eval forward
+        inner.reshard()
     out["params"] = {name: whole_tensor(p).detach().clone() for name, p in inner.named_parameters()}
     return out
 
@@ -133,6 +160,10 @@ def rank_scenarios(rank: int) -> dict:
             out[name][key]["wrapped"] = sum(isinstance(p._local_tensor, ShardedFP8Weight) for p in model.parameters())
             if fp8_gather:
                 out[name]["gathered_equals_cast"] = gathered_equals_cast(model)
+    out["head"] = {
+        "ddp": train(me.wrap(head_in_fp8()), batches, telemetry=True),
+        "fsdp_fp8": train(me.shard(head_in_fp8(), fp8_all_gather=True), batches, telemetry=True),
+    }
     return out
 
 
@@ -247,3 +278,21 @@ def test_bytes_all_gathered_per_step_fp32_vs_fp8(ranks, recipe):
         assert fp8["bytes"] == [expected_bytes(model, fp8["chosen"])] * STEPS
     assert ranks[0][recipe]["fsdp_fp32"]["bytes"][0] == 3_451_904
     assert ranks[0][recipe]["fsdp_fp8"]["bytes"][0] == 1_092_608
+
+
+def test_telemetry_and_a_root_fp8_layer_equal_ddp(ranks):
+    """Every step a log step (cast statistics, what-if, shadow and accumulator SQNRs of every
+    layer, read as the runner reads them) with an eval forward after it, the LM head in FP8 at
+    the root: FSDP with FP8 all-gather == DDP bit for bit, NaN (not measured) where DDP's is."""
+    import numpy as np
+
+    for r in ranks:
+        fsdp, ddp = r["head"]["fsdp_fp8"], r["head"]["ddp"]
+        _same(fsdp, ddp)
+        assert len(fsdp["stats"]) == STEPS
+        for got, want in zip(fsdp["stats"], ddp["stats"]):
+            assert got[0].keys() == want[0].keys()
+            for key in want[0]:
+                np.testing.assert_array_equal(got[0][key], want[0][key])
+            for a, b in zip(got[1:], want[1:]):
+                np.testing.assert_array_equal(a, b)

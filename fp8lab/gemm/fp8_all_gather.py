@@ -14,10 +14,11 @@ sharded parameter's local tensor is a ``ShardedFP8Weight`` wrapping the fp32 sha
 ``fsdp_pre_all_gather`` casts it with the weight's scale and hands FSDP the FP8 bytes
 (uint8); ``fsdp_post_all_gather`` wraps the gathered bytes as a ``GatheredFP8Weight``,
 which ``fp8lab.gemm.qlinear`` takes as the FP8 weight operand directly. The backward's
-re-gather (blocks reshard after forward) reuses the forward's scale and amaxes: no
-collective and no second recording. On log steps the telemetry needs the whole fp32
-weight (cast statistics, the BF16 shadow GEMMs): it is gathered beside, in fp32 (a
-log-step cost only).
+re-gather (blocks reshard after forward) reuses the forward's scale and amaxes (no
+collective); recording happens in the layer's forward only, so a gather the root keeps
+across forwards (FSDP2 does not reshard the root after forward) records like a fresh one.
+On log steps the telemetry needs the whole fp32 weight (cast statistics, the BF16 shadow
+GEMMs): the layer gathers it beside, in fp32 (a log-step cost only).
 """
 
 from __future__ import annotations
@@ -107,9 +108,7 @@ class ShardedFP8Weight(torch.Tensor):
         """This shard cast to FP8 with the whole weight's scale: (uint8 bytes,), metadata."""
         layer, group = module, mesh.get_group()
         rows = -(-outer_size[0] // group.size())  # FSDP's padded shard: ceil(rows / ranks)
-        shard = self._tensor  # (rows of this rank, K) fp32; zero rows pad it (amax unchanged)
-        if shard.shape[0] < rows:
-            shard = torch.cat([shard, shard.new_zeros(rows - shard.shape[0], *shard.shape[1:])])
+        shard = self.padded(rows)  # (rows, K) fp32; zero rows pad it (the amax is unchanged)
         scaling, fmt = layer.fp8.scaling, layer.fp8.scaling.format_for(Role.WEIGHT)
         if _in_backward() and self._forward_cast is not None:  # the same weight as in the forward
             scale, amaxes = self._forward_cast
@@ -121,23 +120,25 @@ class ShardedFP8Weight(torch.Tensor):
         backend = _backend(layer, shard.device)
         values = backend.quantize(shard, scale, fmt)  # exact FP8 values in the backend's dtype
         fp8_bytes = values.to(fmt.dtype).view(torch.uint8)  # exact: on the grid, within +-max
-        w_hp = None
-        if layer.telemetry.armed and not _in_backward():  # log step: the whole fp32 weight too
-            w_hp = shard.new_empty((rows * group.size(), *shard.shape[1:]))
-            dist.all_gather_single(w_hp, shard.contiguous(), group=group)
-            w_hp = w_hp[: outer_size[0]]
-        return (fp8_bytes,), (scale, amaxes, values.dtype, fmt.dtype, w_hp, layer.training and not _in_backward())
+        return (fp8_bytes,), (scale, amaxes, values.dtype, fmt.dtype, (self, group, rows, outer_size[0]))
+
+    def padded(self, rows: int) -> torch.Tensor:
+        """The fp32 shard with zero rows up to ``rows`` (FSDP's padded shard size)."""
+        shard = self._tensor
+        if shard.shape[0] < rows:
+            shard = torch.cat([shard, shard.new_zeros(rows - shard.shape[0], *shard.shape[1:])])
+        return shard.contiguous()
 
     def fsdp_post_all_gather(
         self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: Any, param_dtype: torch.dtype, *, out=None
     ):
         (data,) = all_gather_outputs  # (rows of all ranks, padded, K) uint8
-        scale, amaxes, operand_dtype, fp8_dtype, w_hp, record = metadata
+        scale, amaxes, operand_dtype, fp8_dtype, source = metadata
         if out is not None:  # FSDP refilled the same storage: only the metadata is new
-            out._set(scale, amaxes, w_hp, record)
+            out._set(scale, amaxes, source)
             return None
         gathered = GatheredFP8Weight(data, scale, amaxes, operand_dtype, fp8_dtype, param_dtype)
-        gathered._set(scale, amaxes, w_hp, record)
+        gathered._set(scale, amaxes, source)
         return gathered, (data,)
 
 
@@ -154,10 +155,11 @@ class GatheredFP8Weight(torch.Tensor):
 
     def __init__(self, data, scale, amaxes, operand_dtype, fp8_dtype, param_dtype):
         self._data, self._operand_dtype, self._fp8_dtype = data, operand_dtype, fp8_dtype
-        self._set(scale, amaxes, None, False)
+        self._set(scale, amaxes, None)
 
-    def _set(self, scale, amaxes, w_hp, record) -> None:
-        self._scale, self._amaxes, self._w_hp, self._record = scale, amaxes, w_hp, record
+    def _set(self, scale, amaxes, source) -> None:
+        # source: (the ShardedFP8Weight, its group, padded rows, rows) for whole_hp
+        self._scale, self._amaxes, self._source = scale, amaxes, source
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -165,20 +167,25 @@ class GatheredFP8Weight(torch.Tensor):
         """The FP8 values in the backend's operand dtype (exact widening of the bytes)."""
         return self._data.view(self._fp8_dtype).to(self._operand_dtype)
 
-    def operand(self, scaling, state, slot) -> Operand:
-        """The weight's FP8 operand; recording and statistics as for the whole weight."""
+    def operand(self, scaling, state, slot, record: bool, w_hp: torch.Tensor | None) -> Operand:
+        """The weight's FP8 operand; recording (``record``: training) and statistics (from
+        ``w_hp``, the whole fp32 weight, on log steps) as for the whole weight."""
         return scaling.gathered_weight_operand(
-            self.values(), self._scale, self._amaxes, self._w_hp, state=state, record=self._record, slot=slot
+            self.values(), self._scale, self._amaxes, w_hp, state=state, record=record, slot=slot
         )
 
-    @property
-    def hp(self) -> torch.Tensor | None:
-        """The whole fp32 weight on log steps (telemetry), else None."""
-        return self._w_hp
+    def whole_hp(self) -> torch.Tensor:
+        """The whole fp32 weight, gathered now from the shards (a collective: telemetry's, on
+        log steps, where every rank runs the same layers in the same order)."""
+        sharded, group, rows, n = self._source
+        shard = sharded.padded(rows)
+        whole = shard.new_empty((rows * group.size(), *shard.shape[1:]))
+        dist.all_gather_single(whole, shard, group=group)
+        return whole[:n]
 
     def _rewrap(self, data: torch.Tensor) -> GatheredFP8Weight:
         out = GatheredFP8Weight(data, self._scale, self._amaxes, self._operand_dtype, self._fp8_dtype, self.dtype)
-        out._set(self._scale, self._amaxes, self._w_hp, self._record)
+        out._set(self._scale, self._amaxes, self._source)
         return out
 
     @classmethod

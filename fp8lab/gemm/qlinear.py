@@ -153,8 +153,9 @@ class _QuantizedLinear(torch.autograd.Function):
         x_row = _operand(x2d, Role.INPUT, ROWWISE, parts, record, accs[FPROP])  # fprop contracts K
         w_dtype = w_hp.dtype
         if isinstance(w_hp, GatheredFP8Weight):  # cast shard by shard, gathered as FP8 (FSDP)
-            w_row = w_hp.operand(scaling, state, slot)
-            w_hp = w_hp.hp  # the whole fp32 weight on log steps (telemetry), else None
+            gathered = w_hp
+            w_hp = gathered.whole_hp() if slot is not None and slot.armed else None  # telemetry's (log steps)
+            w_row = gathered.operand(scaling, state, slot, record, w_hp)
             if slot is not None and slot.armed and slot.whatif_armed:
                 known = {scaling.name: slot.cast_stats[Role.WEIGHT]}
                 slot.whatif[Role.WEIGHT] = whatif_stats(w_hp, Role.WEIGHT, scaling.format_for(Role.WEIGHT), known=known)
