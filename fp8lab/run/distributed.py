@@ -1,4 +1,4 @@
-"""Data-parallel training on torch.distributed: the process group, DDP, and the loss convention.
+"""Data-parallel training on torch.distributed: the process group, DDP or FSDP2, and the loss convention.
 
 Invariant: N ranks training on N slices of a global batch compute exactly what one
 process computes when it accumulates the gradients of those N slices as micro-batches:
@@ -11,6 +11,8 @@ amaxes of a step are MAX-reduced across ranks by ``fp8lab.update_scales``, so ev
 holds the same scaling state. DDP syncs buffers once, at construction, never per
 forward: the scaling state is kept identical by that reduction, and a per-forward
 broadcast would overwrite amaxes that other ranks recorded during gradient accumulation.
+FSDP2 (``shard``) keeps the same convention: its reduce-scatter sums (divide factor 1), and
+with 2 ranks every gradient element is the same single fp32 addition as DDP's.
 """
 
 from __future__ import annotations
