@@ -260,7 +260,7 @@ def test_block_recipe_falls_back_to_fp32_all_gather_with_the_reason(ranks):
     for r in ranks:
         chosen = r["block"]["fsdp_fp8"]["chosen"]
         assert all(v.startswith("fp32: ") for v in chosen.values())
-        assert "straddle shard boundaries" in chosen["blocks.0.mlp.fc1"]
+        assert "across shard boundaries" in chosen["blocks.0.mlp.fc1"]
         assert r["block"]["fsdp_fp8"]["wrapped"] == 0
         assert r["block"]["fsdp_fp8"]["bytes"] == r["block"]["fsdp_fp32"]["bytes"]
 

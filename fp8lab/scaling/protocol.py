@@ -129,9 +129,9 @@ class Scaling:
         if self.per_tensor:
             return None
         return (
-            f"scaling {self.name!r} casts the weight twice (a rowwise and a columnwise copy with "
-            "their own block scales), and blocks along the sharded dimension straddle shard "
-            "boundaries unless every shard's rows are a multiple of the block: gathered in fp32"
+            f"scaling {self.name!r} scales groups of the weight (blocks, rows or columns) and casts a "
+            "copy per GEMM orientation; the columnwise copy's groups run along the sharded rows, "
+            "across shard boundaries, so a shard cannot cast its part alone: gathered in fp32"
         )
 
     def gathered_weight_scale(self, amaxes: torch.Tensor, state) -> torch.Tensor:
