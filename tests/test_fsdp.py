@@ -228,15 +228,17 @@ def test_fsdp_equals_ddp_bit_for_bit(ranks, recipe):
         _same(r[recipe]["fsdp_fp8"], r[recipe]["ddp"])
 
 
-def test_fsdp_equals_one_process_accumulating_the_rank_slices(ranks):
-    """Delayed scaling: 2 FSDP ranks == 1 process running the 2 slices as micro-batches."""
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fsdp_equals_one_process_accumulating_the_rank_slices(ranks, recipe):
+    """2 FSDP ranks == 1 process running the 2 slices as accumulated micro-batches (same GEMM
+    shapes, the same single fp32 addition of the two gradients, one MAX of the amaxes)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks
     try:
-        ref = train(gpt(RECIPES["delayed"]), sampler().batch, micro_batches=WORLD)
+        ref = train(gpt(RECIPES[recipe]), sampler().batch, micro_batches=WORLD)
     finally:
         torch.set_num_threads(threads)
-    fsdp = [r["delayed"]["fsdp_fp8"] for r in ranks]
+    fsdp = [r[recipe]["fsdp_fp8"] for r in ranks]
     losses = [a + b for a, b in zip(fsdp[0]["losses"], fsdp[1]["losses"])]  # each rank's share of the mean
     assert all(torch.equal(x, y) for x, y in zip(losses, ref["losses"]))
     _same({**fsdp[0], "losses": ref["losses"]}, ref)

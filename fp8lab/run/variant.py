@@ -111,7 +111,8 @@ class VariantRun:
             variant; each variant keeps its own fresh scaling state).
         device: where to train.
         dist: the data-parallel job this process is part of (default: a single process);
-            the step then runs DDP on this rank's slice of the global batch.
+            the step then runs DDP (or FSDP2, ``train.parallel="fsdp"``: ``self.model`` is
+            then sharded in place) on this rank's slice of the global batch.
     """
 
     def __init__(
