@@ -34,6 +34,7 @@ from fp8lab.accumulation import FP32, Accumulator
 from fp8lab.formats import DGRAD, E2M1, FPROP, WGRAD, Role
 from fp8lab.gemm import shadow
 from fp8lab.gemm.exact import epilogue_bias
+from fp8lab.gemm.fp8_all_gather import GatheredFP8Weight
 from fp8lab.gemm.telemetry_slot import TelemetrySlot
 from fp8lab.quantize.tensor import CPU_CHUNK
 from fp8lab.quantize.weight import FP8Weight
@@ -155,6 +156,13 @@ class _QuantizedLinear(torch.autograd.Function):
         if isinstance(w_hp, FP8Weight):  # an FP8 primary weight is the operand as stored (TE: not cast again)
             w_row = w_hp.operand(backend, scaling.format_for(Role.WEIGHT))
             w_hp = w_hp.dequantize() if slot is not None and slot.armed else None  # the shadows' (log steps)
+        elif isinstance(w_hp, GatheredFP8Weight):  # cast shard by shard, gathered as FP8 (FSDP)
+            gathered = w_hp
+            w_hp = gathered.whole_hp() if slot is not None and slot.armed else None  # telemetry's (log steps)
+            w_row = gathered.operand(scaling, state, slot, record, w_hp)
+            if slot is not None and slot.armed and slot.whatif_armed:
+                known = {scaling.name: slot.cast_stats[Role.WEIGHT]}
+                slot.whatif[Role.WEIGHT] = whatif_stats(w_hp, Role.WEIGHT, scaling.format_for(Role.WEIGHT), known=known)
         else:
             w_row = _operand(w_hp, Role.WEIGHT, ROWWISE, parts, record, accs[FPROP])
         after = scaling is not None and scaling.bias_after_gemm  # torchao's ``output + bias``

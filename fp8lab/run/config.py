@@ -75,6 +75,8 @@ def upgrade(saved: dict) -> dict:
       it in fp32 ("fp32", torch's fused AdamW).
     - ``variants.<v>.fp8_dpa``: absent before FP8 attention; those runs' attention core was not FP8.
     - ``variants.<v>.weights``: absent before FP8 primary weights; those runs' weights were fp32 ("hp").
+    - ``train.parallel`` and ``train.fp8_all_gather``: absent before FSDP runs; those runs used
+      DDP ("ddp"), and the FP8 all-gather flag (FSDP only) takes its default (True).
     """
     variants = [
         {
@@ -86,4 +88,8 @@ def upgrade(saved: dict) -> dict:
         }
         for v in saved.get("variants", [])
     ]
+    train = saved.get("train")
+    if isinstance(train, dict):
+        train = {**train, "parallel": train.get("parallel", "ddp"), "fp8_all_gather": train.get("fp8_all_gather", True)}
+        return {**saved, "train": train, "variants": variants}
     return {**saved, "variants": variants}

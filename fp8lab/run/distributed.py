@@ -1,4 +1,4 @@
-"""Data-parallel training on torch.distributed: the process group, DDP, and the loss convention.
+"""Data-parallel training on torch.distributed: the process group, DDP or FSDP2, and the loss convention.
 
 Invariant: N ranks training on N slices of a global batch compute exactly what one
 process computes when it accumulates the gradients of those N slices as micro-batches:
@@ -11,6 +11,8 @@ amaxes of a step are MAX-reduced across ranks by ``fp8lab.update_scales``, so ev
 holds the same scaling state. DDP syncs buffers once, at construction, never per
 forward: the scaling state is kept identical by that reduction, and a per-forward
 broadcast would overwrite amaxes that other ranks recorded during gradient accumulation.
+FSDP2 (``shard``) keeps the same convention: its reduce-scatter sums (divide factor 1), and
+with 2 ranks every gradient element is the same single fp32 addition as DDP's.
 """
 
 from __future__ import annotations
@@ -126,23 +128,48 @@ class Distributed:
         ddp.register_comm_hook(self.group, sum_gradients_hook)
         return ddp
 
-    def shard(self, model: nn.Module) -> nn.Module:
+    def shard(
+        self, model: nn.Module, *, fp8_all_gather: bool = False, param_dtype: torch.dtype | None = None
+    ) -> nn.Module:
         """``model`` under FSDP2 (``fully_shard``): each block, then the root, summing gradients.
 
         Parameters (master weights, gradients, optimizer state) are sharded; fp8lab's
         scaling state is buffers, which FSDP2 leaves whole on every rank, and a layer
         casts its all-gathered weight, so amaxes and scales mean what they mean under DDP.
-        The runner uses DDP (its checkpoints hold whole tensors); this is for your own loops.
-        """
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        Build the optimizer after this call (its parameters are the sharded ones).
 
+        Args:
+            fp8_all_gather: cast each FP8 layer's weight shard to FP8 before the all-gather
+                (``fp8lab.gemm.fp8_all_gather``; per-tensor recipes, others stay fp32). Which
+                layers do, and why not, is ``model.fp8_all_gather`` afterwards.
+            param_dtype: the dtype parameters are stored, gathered and their gradients
+                reduced in (the precision rung's: fp32 master weights, or the activations'
+                dtype without them); None: the parameters' own. FSDP never re-casts them:
+                each layer casts its gathered weight as it would unsharded (to FP8, or to
+                the rung's GEMM precision), so numerics are DDP's.
+        """
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        from fp8lab.gemm.fp8_all_gather import enable_fp8_all_gather
+
+        chosen = enable_fp8_all_gather(model, self.device) if fp8_all_gather else {}
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype, cast_forward_inputs=False)
+        mesh = None  # WORLD
+        if self.group is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            mesh = DeviceMesh.from_group(self.group, self.device.type)
         for block in getattr(model, "blocks", []):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        counter = AllGatherCounter()
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # SUM: see token_loss
                 module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+                module.set_custom_all_gather(counter)
+        model.fp8_all_gather = chosen  # layer name -> "fp8" or "<dtype>: why not"
+        model.all_gather_counter = counter
         return model
 
     def broadcast(self, obj):
@@ -175,6 +202,31 @@ class Distributed:
         """Tear down the process group if ``from_env`` created it."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _default_all_gather():
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    return DefaultAllGather
+
+
+class AllGatherCounter(_default_all_gather()):
+    """FSDP2's default all-gather, counting the bytes each rank receives (``bytes``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.calls = 0
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self.bytes += output_tensor.numel() * output_tensor.element_size()
+        self.calls += 1
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    def take(self) -> int:
+        """Bytes gathered since the last call."""
+        taken, self.bytes = self.bytes, 0
+        return taken
 
 
 class NullWriter:

@@ -93,10 +93,14 @@ class RunFolder:
             self.lock.release()
 
     def save_checkpoint(self, step: int, variants, summary, overviews: dict) -> Path | None:
-        """Write the checkpoint of ``step`` atomically (rank 0; ranks hold the same state)."""
+        """Write the checkpoint of ``step`` atomically (rank 0; ranks hold the same state).
+        A sharded (FSDP) variant's state is gathered whole first, on every rank."""
+        states = None
+        if any(run.sharded for run in variants):
+            states = {run.variant.name: run.state_dict() for run in variants}  # a collective
         if not self.dist.is_main:
             return None
-        payload = checkpoint_payload(self.config, step, variants, summary, overviews)
+        payload = checkpoint_payload(self.config, step, variants, summary, overviews, states)
         self.last_checkpoint = ckpt.save_checkpoint(self.path, step, payload, self.config.train.keep_checkpoints)
         return self.last_checkpoint
 
@@ -139,16 +143,17 @@ class RunFolder:
         return storage.storage_error(err, self.path, self.last_checkpoint)
 
 
-def checkpoint_payload(config: RunConfig, step: int, variants, summary, overviews: dict) -> dict:
+def checkpoint_payload(config: RunConfig, step: int, variants, summary, overviews: dict, states=None) -> dict:
     """What a checkpoint file holds, in one place: ``fp8lab.run.checkpoint_size`` measures
-    the same payload built from fake tensors, so a field added here is counted there too."""
+    the same payload built from fake tensors, so a field added here is counted there too.
+    ``states``: the variants' state dicts when already taken (FSDP gathers them on every rank)."""
     device = variants[0].device
     return {
         "format_version": ckpt.FORMAT_VERSION,
         "step": step,
         "config_hash": config.hash(),
         "config": config.to_dict(),
-        "variants": {run.variant.name: run.state_dict() for run in variants},
+        "variants": states if states is not None else {run.variant.name: run.state_dict() for run in variants},
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

@@ -5,8 +5,9 @@ so counting makes no device-to-host copy. Every count is of distinct storages: a
 seen twice (a tied weight, three views of one QKV output) counts once.
 
 - parameters, gradients, optimizer state: the bytes their tensors occupy (AdamW: the two
-  moments and the fused kernel's fp32 step counter of every parameter). An FP8 primary
-  weight (``FP8Weight``) is its codes (1 byte an element) and its fp32 inverse scale; a
+  moments and the fused kernel's fp32 step counter of every parameter); under FSDP, the
+  bytes of this rank's shards (a DTensor's local tensor), i.e. what this rank holds. An FP8
+  primary weight (``FP8Weight``) is its codes (1 byte an element) and its fp32 inverse scale; a
   tensor the optimizer steps that is no model parameter (an FP8 weight's fp32 master copy,
   ``fp8lab.optim.fp8_weights``) counts as optimizer state, where TE's FusedAdam keeps it;
 - saved for the backward (``SavedTensorCounter``): every tensor autograd keeps from one
@@ -30,6 +31,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fp8lab.gemm.fp8_all_gather import local_shard
 from fp8lab.layers.linear import Linear
 from fp8lab.quantize.weight import FP8Weight
 
@@ -42,6 +44,7 @@ OWN_GEMM_BACKENDS = ("emulated", "scaled_mm", "bf16", "fp16", "fp32")
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
+    t = local_shard(t)  # FSDP: the bytes this rank holds
     storage = t.untyped_storage()
     return (t.device, storage.data_ptr(), storage.nbytes())
 
@@ -94,6 +97,8 @@ class SavedTensorCounter:
         self._scope: dict | None = None  # inside an fp8lab Linear: width, operand sizes not yet seen
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter):  # counted in the parameters (FSDP: the gathered one of a shard)
+            return t
         key = _storage_key(t)
         if not key[1] or key in self._seen or key in self._params:
             return t

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8lab.gemm.fp8_all_gather import whole_tensor
+
 # FP16 rounds every |g| <= 2**-25 to zero (its smallest subnormal is 2**-24, a tie goes to even).
 FP16_ZERO_BOUND = 2.0**-25
 
@@ -132,7 +134,7 @@ def clip_scaled_(
     """
     grads = [p.grad for p in params if p.grad is not None]
     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)  # per tensor, fp32 accumulation
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = whole_tensor(torch.linalg.vector_norm(torch.stack(norms)))  # FSDP: the shards' norms combined
     if scale is not None:
         total = total / scale
     clip_coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

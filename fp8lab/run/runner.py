@@ -175,6 +175,16 @@ class Runner:
         )
         if self.dist.enabled:  # a job that dies is resumed from this folder
             self.progress.note(f"run folder: {self.run_dir} ({self.dist.world_size} processes)")
+        for run in self.variants:
+            if run.sharded:  # which weights travel as FP8 (summary.json has the reasons)
+                gathered = run.model.fp8_all_gather.values()
+                fp8 = sum(way == "fp8" for way in gathered)
+                how = (
+                    f"{fp8} of {len(gathered)} GEMM weights all-gathered in FP8"
+                    if self.config.train.fp8_all_gather
+                    else "weights all-gathered in their own dtype (train.fp8_all_gather=false)"
+                )
+                self.progress.note(f"variant {run.variant.name}: FSDP over {self.dist.world_size} ranks; {how}")
         for step in range(self.start_step, cfg.train.steps):
             self._step(step)
             if self.dist.any_rank(bool(self.stop)):  # ranks stop together, after the same step (host flags)
@@ -278,6 +288,8 @@ class Runner:
     def _result(self) -> dict:
         for run in self.variants:
             self.summary.first_batch[run.variant.name] = run.first_batch_sha
+            if run.sharded:
+                self.summary.sharding[run.variant.name] = run.sharding()
         return self.summary.to_dict(self.corpus.fingerprint, str(self.device))
 
     def _finish(self) -> dict:

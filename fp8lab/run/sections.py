@@ -26,6 +26,7 @@ from fp8lab.telemetry.step import check_intervals
 
 PRECISIONS = ("bf16", "fp8", "fp32", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("ddp", "fsdp")
 
 
 def _utf8(text: str) -> bool:
@@ -117,6 +118,13 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     max_consecutive_skips: int = 5
+    # How N processes (--nproc, torchrun) share the model: "ddp" replicates it (gradients
+    # all-reduced), "fsdp" shards parameters, gradients and optimizer state per block and at the
+    # root (FSDP2); one process trains the whole model either way.
+    parallel: str = "ddp"
+    # FSDP only: FP8 layers' weight shards are cast to FP8 before the all-gather (1 byte an
+    # element; bit-identical for per-tensor recipes, which alone use it: fp8lab.gemm.fp8_all_gather)
+    fp8_all_gather: bool = True
 
     def __post_init__(self):
         for name in (
@@ -164,6 +172,8 @@ class TrainConfig:
             self.grad_clip,
         )
         check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
+        check(self.parallel in PARALLEL, "train.parallel", f"one of {PARALLEL}", self.parallel)
+        check(isinstance(self.fp8_all_gather, bool), "train.fp8_all_gather", "a bool", self.fp8_all_gather)
 
 
 @dataclass(frozen=True, kw_only=True)

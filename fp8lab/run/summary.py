@@ -35,6 +35,7 @@ MEMORY_TAGS = {
     "perf/mem_optimizer_bytes": "optimizer_bytes",
     "perf/mem_activations_saved_bytes": "activations_saved_bytes",
     "perf/mem_weight_copies_saved_bytes": "weight_copies_saved_bytes",
+    "perf/all_gather_bytes_per_step": "all_gather_bytes_per_step",  # FSDP: what one rank receives
 }
 SQNR, OVERFLOW, UNDERFLOW = (STAT_NAMES.index(s) for s in ("sqnr_db", "overflow_pct", "underflow_pct"))
 
@@ -61,6 +62,7 @@ class RunSummary:
         self.underflow_sum: dict[str, dict[tuple[str, str], float]] = {n: defaultdict(float) for n in names}
         self.nonfinite: dict[str, FaultTotals] = {n: FaultTotals() for n in names}
         self.first_batch: dict[str, str | None] = {}
+        self.sharding: dict[str, dict] = {}  # FSDP variants: how each layer's weight is all-gathered
         # what-if SQNR (dB) and lost % per (layer, recipe), over roles and log steps
         self.whatif_sqnr: dict[str, dict[tuple[str, str], list[float]]] = {n: defaultdict(list) for n in names}
         self.whatif_lost: dict[str, dict[tuple[str, str], list[float]]] = {n: defaultdict(list) for n in names}
@@ -201,6 +203,7 @@ class RunSummary:
                 "log_step_ms": float(np.median(log_ms)) if log_ms else None,
                 "first_train_loss": self.train[name][0][1]["loss/train"] if self.train[name] else None,
                 "first_batch_sha": self.first_batch.get(name),
+                **({"fsdp": self.sharding[name]} if name in self.sharding else {}),
                 "skipped_steps": self.train[name][-1][1].get("faults/skipped_steps", 0.0) if self.train[name] else 0.0,
                 "nonfinite_amax": self.nonfinite[name].by_layer_role(),
                 **self._attention(name),

@@ -13,6 +13,7 @@ Rules:
   and so does its amax_epsilon for any tensor whose amax is at most 1;
 - a loss-scaled variant's scale, at the start and after one backoff, keeps some FP16
   gradient from flushing to zero (``loss_scale.flushing_scale``);
+- under ``train.parallel='fsdp'`` AdamW's moments stay fp32 (``optimizer_state``);
 - an FP8 variant keeps at least one layer in FP8, and every ``keep_bf16`` pattern
   matches a layer (a pattern that matches nothing is almost always a typo).
 """
@@ -68,6 +69,7 @@ def check_run(config) -> None:
     tokens = config.train.batch_size * config.train.block_size
     for variant in config.variants:
         _check_variant(variant, num_layers)
+        _check_sharding(variant, config.train)
         if rung_of(variant).loss_scaling:
             _check_loss_scale(variant, tokens)
 
@@ -97,6 +99,17 @@ def _check_model(config) -> int:
     except ValueError as err:
         raise ConfigError(f"model (preset {config.model.preset!r} with the model.* settings): {err}") from None
     return fields["num_layers"]
+
+
+def _check_sharding(variant: Variant, train: TrainConfig) -> None:
+    """FSDP shards AdamW's moments; the FP8/FP16-stored moments of ``LowPrecisionAdamW`` keep
+    per-tensor and per-block scales that a shard alone cannot compute as the whole tensor's."""
+    if train.parallel == "fsdp" and variant.optimizer_state != "fp32":
+        raise ConfigError(
+            f"variants.{variant.name}.optimizer_state must be 'fp32' when train.parallel is 'fsdp', got "
+            f"{variant.optimizer_state!r}: moments stored in FP8/FP16 take scales over whole tensors (or blocks "
+            "that shards would cut); use train.parallel='ddp' for this variant's run"
+        )
 
 
 def _check_variant(variant: Variant, num_layers: int) -> None:

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import fp8lab
+from fp8lab.gemm.fp8_all_gather import whole_tensor
 from fp8lab.gemm.hardware import BackendUnavailable
 from fp8lab.layers.gpt import GPT
 from fp8lab.layers.policy import PrecisionPolicy
 from fp8lab.optim import OPTIMIZER_STATES, LowPrecisionAdamW
 from fp8lab.optim.fp8_weights import FP8WeightUpdate, fp8_primary_weights
-from fp8lab.run import footprint
+from fp8lab.run import footprint, sharded_state
 from fp8lab.run.config import ConfigError, RunConfig, Variant
 from fp8lab.run.distributed import Distributed, token_loss
 from fp8lab.run.loss_scale import DynamicLossScaler, clip_scaled_
@@ -116,7 +117,8 @@ class VariantRun:
             variant; each variant keeps its own fresh scaling state).
         device: where to train.
         dist: the data-parallel job this process is part of (default: a single process);
-            the step then runs DDP on this rank's slice of the global batch.
+            the step then runs DDP (or FSDP2, ``train.parallel="fsdp"``: ``self.model`` is
+            then sharded in place) on this rank's slice of the global batch.
     """
 
     def __init__(
@@ -144,9 +146,14 @@ class VariantRun:
                 self.fp8_weights = fp8_primary_weights(self.model, master=variant.weights == "fp8-master")
             except ValueError as err:
                 raise ConfigError(f"variants.{variant.name}.weights={variant.weights!r}: {err}") from None
-        self.optimizer = build_optimizer(self.model, variant, config, self.fp8_weights)
-        self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         t = config.train
+        self.sharded = t.parallel == "fsdp" and self.dist.enabled
+        if self.sharded:  # FSDP2 in place: self.model's parameters become this rank's shards
+            self.model = self.dist.shard(self.model, fp8_all_gather=t.fp8_all_gather, param_dtype=self.rung.param_dtype)
+            self.train_model = self.model
+        self.optimizer = build_optimizer(self.model, variant, config, self.fp8_weights)  # the shards under FSDP
+        if not self.sharded:
+            self.train_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         # The log-step protocol (shared with fp8lab.Monitor): arming, update_scales, the counters.
         self.telemetry = StepTelemetry(self.model, log_interval=t.log_interval, whatif_interval=t.whatif_interval)
         self.collector = self.telemetry.collector
@@ -186,6 +193,7 @@ class VariantRun:
             self.flush_probe.arm(scaler.scale)
         if self.device.type == "cuda":  # host-side allocator statistics, no sync
             torch.cuda.reset_peak_memory_stats(self.device)
+        gathered = self.model.all_gather_counter.bytes if self.sharded else 0
         with self.timer.measure(log=log):
             loss, skip = self._optimizer_step(self._forward_backward(x, y, log), log)
             # An overflow at a loss scale above 1 is loss scaling at work (the scale backs
@@ -196,6 +204,8 @@ class VariantRun:
             # On a log step: the layers, the counters and the (updated) loss scale in one copy.
             record = self.telemetry.end(loss=loss, skip=skip, fault=fault, extra=self._loss_scale())
             self._record = record if record is not None else self._record
+        if log and self.sharded:  # FSDP's all-gathers of this step (forward and backward), per rank
+            self.memory["perf/all_gather_bytes_per_step"] = self.model.all_gather_counter.bytes - gathered
         if log and self.flush_probe is not None:
             self.flush_probe.disarm()
         if self.device.type == "cuda":
@@ -224,6 +234,7 @@ class VariantRun:
         params = list(self.model.parameters())  # after DDP's all-reduce: the same norm on every rank
         if self.rung.plain_gradients:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip, foreach=True)
+            grad_norm = whole_tensor(grad_norm)  # FSDP: the shards' norms combined (a replicated DTensor)
         else:  # scaled or 16-bit gradients: fp32 norm, unscaled inside the fused AdamW
             scale = self.loss_scaler.scale if self.loss_scaler is not None else None
             grad_norm = clip_scaled_(self.optimizer, params, self.config.train.grad_clip, scale)
@@ -273,17 +284,29 @@ class VariantRun:
             metrics.update(self.weight_probe.read())
         return metrics
 
+    def sharding(self) -> dict:
+        """How this FSDP variant is sharded: world size, and per FP8-capable layer whether its
+        weight is all-gathered as FP8 or in its own dtype (and why)."""
+        return {
+            "world_size": self.dist.world_size,
+            "fp8_all_gather": self.config.train.fp8_all_gather,
+            "weights_gathered": dict(self.model.fp8_all_gather),
+        }
+
     @property
     def consecutive_skips(self) -> torch.Tensor:
         """The current run of faulty steps (a 0-dim device tensor)."""
         return self.telemetry.counters["consecutive_skips"]
 
     def state_dict(self) -> dict:
-        """Everything a checkpoint needs to continue this variant bit for bit."""
+        """Everything a checkpoint needs to continue this variant bit for bit. Under FSDP every
+        rank must call it (the shards are gathered: whole tensors, the format DDP writes)."""
         telemetry = self.telemetry.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": sharded_state.whole_model_state(self.model) if self.sharded else self.model.state_dict(),
+            "optimizer": sharded_state.whole_optimizer_state(self.optimizer)
+            if self.sharded
+            else self.optimizer.state_dict(),
             "counters": telemetry["counters"],
             "faults": telemetry["faults"],
             "steps_since_log": telemetry["steps_since_take"],
@@ -294,8 +317,12 @@ class VariantRun:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])  # raises if scaling state is missing
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # whole tensors in: each rank keeps its shard
+            sharded_state.load_whole_model_state(self.model, state["model"])
+            sharded_state.load_whole_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])  # raises if scaling state is missing
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.fp8_weights is not None:  # the master copies (the FP8 codes are in the model's)
             self.fp8_weights.load_state_dict(state["fp8_weights"])
         self.telemetry.load_state_dict(

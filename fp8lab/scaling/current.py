@@ -74,6 +74,21 @@ class Float8CurrentScaling(Scaling):
             slot.record_scale(role, scale, amaxes[1])
         return Operand(values, scale.reciprocal(), fmt)
 
+    def gathered_weight_scale(self, amaxes: torch.Tensor, state) -> torch.Tensor:
+        return self.scale(amaxes[1], self.format_for(Role.WEIGHT))
+
+    def gathered_weight_operand(
+        self, values: torch.Tensor, scale: torch.Tensor, amaxes: torch.Tensor, w_hp, *, state, record: bool, slot
+    ) -> Operand:
+        """As ``operand`` for the whole weight: a fault counted (training), its statistics."""
+        fmt = self.format_for(Role.WEIGHT)
+        if record:
+            slot.count_faults(Role.WEIGHT, amaxes[0])
+        if slot is not None and slot.armed and w_hp is not None:
+            slot.cast_stats[Role.WEIGHT] = cast_stats(w_hp, values, scale, fmt)
+            slot.record_scale(Role.WEIGHT, scale, amaxes[1])
+        return Operand(values, scale.reciprocal(), fmt)
+
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
         return cast_stats(x2d, None, cls().scale(amaxes_of(x2d)[1], fmt), fmt)

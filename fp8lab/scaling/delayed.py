@@ -100,6 +100,20 @@ class DelayedScaling(Scaling):
             slot.cast_stats[role] = cast_stats(x2d, values, scale, fmt)
         return Operand(values, scale.reciprocal(), fmt)
 
+    def gathered_weight_scale(self, amaxes: torch.Tensor, state) -> torch.Tensor:
+        return state.scale[Role.WEIGHT]  # from the previous update, as ``operand`` uses
+
+    def gathered_weight_operand(
+        self, values: torch.Tensor, scale: torch.Tensor, amaxes: torch.Tensor, w_hp, *, state, record: bool, slot
+    ) -> Operand:
+        """As ``operand`` for the whole weight: its amaxes into row 0 (training), its statistics."""
+        fmt = self.format_for(Role.WEIGHT)
+        if record:
+            state.record_amax(Role.WEIGHT, amaxes)
+        if slot is not None and slot.armed and w_hp is not None:
+            slot.cast_stats[Role.WEIGHT] = cast_stats(w_hp, values, scale, fmt)
+        return Operand(values, scale.reciprocal(), fmt)
+
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
         """Not measurable on another recipe's layer: delayed scaling needs the layer's own

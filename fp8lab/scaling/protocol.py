@@ -122,6 +122,33 @@ class Scaling:
         """
         raise NotImplementedError
 
+    def fp8_all_gather_unsupported(self) -> str | None:
+        """Why a weight under this recipe cannot be cast to FP8 shard by shard before FSDP's
+        all-gather (``fp8lab.gemm.fp8_all_gather``), or None when it can: per-tensor recipes
+        can (one scale for the whole weight, from the MAX of the shards' amaxes)."""
+        if self.per_tensor:
+            return None
+        return (
+            f"scaling {self.name!r} scales groups of the weight (blocks, rows or columns) and casts a "
+            "copy per GEMM orientation; the columnwise copy's groups run along the sharded rows, "
+            "across shard boundaries, so a shard cannot cast its part alone: gathered in fp32"
+        )
+
+    def gathered_weight_scale(self, amaxes: torch.Tensor, state) -> torch.Tensor:
+        """The weight's scale for an FP8 all-gather, from the whole weight's ``amaxes`` ([raw,
+        TE's], ``amaxes_of`` of the whole weight, i.e. the MAX over the shards): what
+        ``operand`` would use for the whole weight (per-tensor recipes only)."""
+        raise NotImplementedError
+
+    def gathered_weight_operand(
+        self, values: torch.Tensor, scale: torch.Tensor, amaxes: torch.Tensor, w_hp, *, state, record: bool, slot
+    ) -> Operand:
+        """The weight operand from values already cast with ``scale`` (on every shard) and
+        gathered: the recording and the statistics ``operand`` does for the whole weight, from
+        the whole weight's ``amaxes``; ``w_hp`` is the whole high-precision weight on log
+        steps (for the cast statistics), else None."""
+        raise NotImplementedError
+
     @classmethod
     def whatif_stats(cls, x2d: torch.Tensor, role: Role, fmt: FP8Format) -> torch.Tensor:
         """``STAT_NAMES`` of this recipe at TE's defaults, in ``fmt``, cast onto ``x2d`` in

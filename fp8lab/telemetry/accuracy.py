@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fp8lab.gemm.fp8_all_gather import whole_tensor
 from fp8lab.layers.linear import Linear
 from fp8lab.telemetry.keys import ACCURACY, Key
 
@@ -45,9 +46,10 @@ class WeightDrift:
         """(n_layers,) float32 relative differences, on the device (no host copy)."""
         if not self.pairs:
             return torch.zeros(0)
-        with torch.no_grad():
-            diffs = [torch.linalg.vector_norm(w.float() - w_ref.float()) for _, w, w_ref in self.pairs]
-            norms = [torch.linalg.vector_norm(w_ref.float()) for _, _, w_ref in self.pairs]
+        with torch.no_grad():  # FSDP: the whole weights (a gather per layer, log steps only)
+            pairs = [(whole_tensor(w), whole_tensor(w_ref)) for _, w, w_ref in self.pairs]
+            diffs = [torch.linalg.vector_norm(w.float() - w_ref.float()) for w, w_ref in pairs]
+            norms = [torch.linalg.vector_norm(w_ref.float()) for _, w_ref in pairs]
             return torch.stack(diffs) / torch.stack(norms).clamp_min(torch.finfo(torch.float32).tiny)
 
     def read(self) -> dict[str, float]:

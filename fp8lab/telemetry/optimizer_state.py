@@ -23,7 +23,9 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from fp8lab.gemm.fp8_all_gather import local_shard
 from fp8lab.telemetry.keys import OPTIMIZER_STATE, Key
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -59,7 +61,7 @@ class OptimizerStateProbe:
             if "exp_avg" not in state:
                 continue  # no step yet
             values += param.numel()
-            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m, v = local_shard(state["exp_avg"]), local_shard(state["exp_avg_sq"])  # FSDP: this rank's
             tiny = torch.finfo(m.dtype).tiny  # the smallest normal value
             m_zero, v_zero = m == 0, v == 0
             counts += torch.stack(
@@ -77,7 +79,10 @@ class OptimizerStateProbe:
         """``{"optimizer_state/<layer>/<moment>/<stat>": %}`` now (one host copy)."""
         device = next(p.device for _, params in self.layers for p in params)
         values, counts = zip(*(self._counts(params, device) for _, params in self.layers))
-        host = torch.stack(counts).tolist()
+        counts = torch.stack(counts)
+        if any(isinstance(p, DTensor) for _, params in self.layers for p in params):
+            torch.distributed.all_reduce(counts)  # FSDP: the shards' counts add up (integers: exact)
+        host = counts.tolist()
         out = {}
         for (layer, _), total, row in zip(self.layers, values, host):
             counted = dict(zip(_COUNTS, row))
