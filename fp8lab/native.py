@@ -68,12 +68,13 @@ def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) 
     return ""
 
 
-def build(source: Path, stem: str, load: Callable, compiler: str | None = None):
+def build(source: Path, stem: str, load: Callable, compiler: str | None = None, extra: tuple[str, ...] = ()):
     """Build ``source`` (or find it in the cache) and ``load(ctypes.CDLL, file, version, flags)`` it:
     ``(loaded, "")`` or ``(None, why not)``.
 
     Tries OpenMP with the ISA flags, then without OpenMP, then without ISA flags; a build that
-    compiles but fails to load counts as a failure. ``compiler`` defaults to ``cc`` (or ``gcc``).
+    compiles but fails to load counts as a failure. ``compiler`` defaults to ``cc`` (or ``gcc``);
+    ``extra`` flags follow the base ones (and are in the cache key).
     """
     compiler = compiler or shutil.which("cc") or shutil.which("gcc")
     if not compiler or not shutil.which(compiler):
@@ -84,7 +85,8 @@ def build(source: Path, stem: str, load: Callable, compiler: str | None = None):
             return None, f"{compiler} --version failed"
         source_hash = hashlib.sha256(source.read_bytes()).hexdigest()
         errors = []
-        for flags in (BASE_FLAGS + isa_flags() + ("-fopenmp",), BASE_FLAGS + isa_flags(), BASE_FLAGS):
+        base = BASE_FLAGS + extra
+        for flags in (base + isa_flags() + ("-fopenmp",), base + isa_flags(), base):
             key = hashlib.sha256("\n".join([source_hash, version, platform.machine(), *flags]).encode()).hexdigest()
             target = cache_dir() / f"{stem}_{key[:20]}.so"
             if not target.exists():

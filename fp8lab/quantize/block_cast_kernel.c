@@ -185,13 +185,17 @@ static inline float e2m1_step(float a) {
  * to the nearest integer (exact steps); one less where that rounded up. */
 static inline float floor_nonneg(float y) {
     const float r = (y + 8388608.0f) - 8388608.0f;
-    return r > y ? r - 1.0f : r;
+    return r - (r > y ? 1.0f : 0.0f);  /* r - 0 is r, -0 and NaN included; no arithmetic under a branch */
 }
 
 /* v (already x * encode) onto E2M1, satfinite, to nearest even, as fp8lab.quantize.fp4.round_to_e2m1
  * does it: NaN -> 6, clamped to +-6, rounded by the magic number of its binade. */
 static inline float e2m1_rne(float v) {
-    const float q = v != v ? E2M1_MAX : (v > E2M1_MAX ? E2M1_MAX : (v < -E2M1_MAX ? -E2M1_MAX : v));
+    /* every comparison made unconditionally (an ordered one nested under the NaN test is not
+     * if-converted without AVX-512's masks under -ftrapping-math, and the loop stays scalar) */
+    float q = v > E2M1_MAX ? E2M1_MAX : v;
+    q = q < -E2M1_MAX ? -E2M1_MAX : q;
+    q = v != v ? E2M1_MAX : q;
     uint32_t e = bits_of(q) & 0x7F800000u;
     e = e > 0x3F800000u ? e : 0x3F800000u;  /* E2M1's smallest normal, 1 */
     const float m = float_of(e) * 6291456.0f;  /* 1.5 * 2^(23 - 1) */
@@ -207,7 +211,8 @@ static inline float e2m1_sr(float v, float r) {
     const float st = e2m1_step(t);
     float q = floor_nonneg(t / st) * st;
     q = q > E2M1_MAX ? E2M1_MAX : q;
-    return v != v ? E2M1_MAX : copysignf(q, v);
+    const float signed_q = float_of(bits_of(q) | (bits_of(v) & 0x80000000u));  /* copysignf: q >= 0 */
+    return v != v ? E2M1_MAX : signed_q;
 }
 
 /* The 8 random bits of element idx (its row-major index in the tensor as the caller sees it, mod 2^32) of
