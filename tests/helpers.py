@@ -103,3 +103,32 @@ def assert_bad_override_exits_2(tmp_path, capsys, recipe, override: str, message
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(entry, args: tuple, nprocs: int, timeout_s: float, what: str) -> None:
+    """Spawn ``nprocs`` processes of ``entry(rank, *args)`` and wait for them; the test fails
+    (instead of hanging on a stuck collective) if they take longer than ``timeout_s``, and any
+    process still alive is killed."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(entry, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish in {timeout_s} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()

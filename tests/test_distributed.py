@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fp8lab
@@ -24,6 +21,7 @@ from fp8lab import FP8Options
 from fp8lab.formats import Role
 from fp8lab.run.data import BatchSampler, load_corpus
 from fp8lab.run.distributed import Distributed, token_loss
+from tests.helpers import free_port, run_ranks
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 150  # a hung collective fails the test instead of hanging it
@@ -170,27 +168,10 @@ def _rank_entry(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ranks")
-    ctx = mp.start_processes(
-        _rank_entry, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-rank gloo run did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_ranks(_rank_entry, (free_port(), str(out_dir)), WORLD, SPAWN_TIMEOUT_S, "2-rank gloo run")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fp8lab
 from fp8lab.formats import Role
 from fp8lab.gemm.fp8_all_gather import GatheredFP8Weight, ShardedFP8Weight, whole_tensor
 from fp8lab.run.data import BatchSampler, load_corpus
 from fp8lab.run.distributed import Distributed, token_loss
-from tests.test_distributed import _free_port
+from tests.helpers import free_port, run_ranks
 
 WORLD = 2
 STEPS, BATCH, BLOCK, LR = 3, 4, 32, 1e-3
@@ -182,18 +180,7 @@ def _rank_entry(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("fsdp_ranks")
-    ctx = mp.start_processes(
-        _rank_entry, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-rank gloo run did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_ranks(_rank_entry, (free_port(), str(out_dir)), WORLD, SPAWN_TIMEOUT_S, "2-rank gloo run")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

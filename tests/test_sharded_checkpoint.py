@@ -14,7 +14,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -49,6 +47,7 @@ from fp8lab.run.sharded_files import (
     file_digest,
     read_dcp_metadata,
 )
+from tests.helpers import free_port, run_ranks
 
 SPAWN_TIMEOUT_S = 120
 N_STEPS, M_STEPS = 3, 2  # train N, save, train M
@@ -233,25 +232,9 @@ def _rank_entry(rank: int, world: int, port: int, scenario: str, root: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(scenario: str, world: int, root: Path) -> list[dict]:
-    ctx = mp.start_processes(
-        _rank_entry, args=(world, _free_port(), scenario, str(root)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world}-rank gloo run {scenario} did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    what = f"{world}-rank run {scenario}"
+    run_ranks(_rank_entry, (world, free_port(), scenario, str(root)), world, SPAWN_TIMEOUT_S, what)
     return [torch.load(root / f"{scenario}_w{world}_rank{r}.pt", weights_only=False) for r in range(world)]
 
 
