@@ -117,3 +117,35 @@ def test_tensor_bytes_counts_each_storage_once():
     base = torch.zeros(10, 4)
     assert tensor_bytes([base, base[:5], base.t(), None]) == 160
     assert tensor_bytes([base, torch.zeros(3, dtype=torch.bfloat16)]) == 166
+
+
+def test_saved_for_backward_of_fp8_attention_and_of_an_fp8_weight_by_hand():
+    """The ladder's new rungs, by hand. FP8 attention (fp8_attn, fp8_all): its two Linears save
+    their E4M3 inputs (1 byte an element) and two fp32 inverse scales each, and its weights' E4M3
+    copies; the attention core saves q8, k8, v8 and P8 (FP8 values held in fp32 by the emulation:
+    4 bytes), the fp32 softmax output P, the reciprocal of the forward state's three scales (one
+    3-float storage, two of its rows in use) and the softmax scale. An FP8 primary weight (fp8_w8):
+    the codes and their scale are the parameter, so the Linear saves no weight copy or scale."""
+    from fp8lab.layers.attention import MultiheadAttention
+    from fp8lab.optim.fp8_weights import fp8_primary_weights
+
+    b, t, h, d = 2, 8, 2, 16
+    c, tokens = h * d, b * t
+    torch.manual_seed(0)
+    layer = MultiheadAttention(c, h, fp8_dpa=True, fp8=FP8Options(fallback="emulated"))
+    counter = SavedTensorCounter(layer)
+    with counter.counting():
+        layer(torch.randn(b, t, c))
+    linears = 2 * (tokens * c * 1 + 2 * 4)  # qkv and proj: E4M3 input + its and the weight's inverse scale
+    # q8, k8, v8 (B, H, T, D) and P8, P (B, H, T, T), all fp32; 1/scales (3 floats); softmax scale
+    core = 3 * b * h * t * d * 4 + 2 * b * h * t * t * 4 + 3 * 4 + 4
+    assert counter.activation_bytes == linears + core
+    assert counter.weight_bytes == 3 * c * c + c * c  # E4M3 copies of both weights
+
+    model = torch.nn.Sequential(fp8lab.Linear(K, N, fp8=FP8Options(fallback="emulated")))
+    fp8_primary_weights(model, master=False)
+    counter = SavedTensorCounter(model)
+    with counter.counting():
+        model(torch.randn(2, 8, K))
+    # the E4M3 input and its inverse scale; the weight's scale_inv is the parameter's own
+    assert (counter.activation_bytes, counter.weight_bytes) == (M * K * 1 + 4, 0)
