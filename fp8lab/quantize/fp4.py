@@ -173,4 +173,4 @@ def rht_dim0(x2d: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         k = block_cast_native.kernel()
         if k is not None:
             return block_cast_native.rht_dim0(k, x2d, signs)
-    return apply_rht_dim0(x2d, rht_matrix(signs))
+    return apply_rht_dim0(x2d, rht_matrix(signs).to(x2d.device))  # the 16x16 matrix where x2d is (a GPU)
