@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -132,3 +133,27 @@ def run_ranks(entry, args: tuple, nprocs: int, timeout_s: float, what: str) -> N
         for proc in ctx.processes:
             if proc.is_alive():
                 proc.kill()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This spawned process as ``rank`` of a ``world``-process gloo group on the loopback (one
+    intra-op thread, a 60 s collective timeout), destroyed on the way out."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -7,8 +7,6 @@ saw, and the tests compare it with single-process references computed here.
 
 from __future__ import annotations
 
-import datetime
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from fp8lab import FP8Options
 from fp8lab.formats import Role
 from fp8lab.run.data import BatchSampler, load_corpus
 from fp8lab.run.distributed import Distributed, token_loss
-from tests.helpers import free_port, run_ranks
+from tests.helpers import free_port, gloo_group, run_ranks
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 150  # a hung collective fails the test instead of hanging it
@@ -153,19 +151,8 @@ def rank_scenarios(rank: int) -> dict:
 
 
 def _rank_entry(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, WORLD, port):
         torch.save(rank_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

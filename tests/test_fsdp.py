@@ -12,20 +12,17 @@ b + a, so the three runs are bit-identical (clipping's sharded norm is the one d
 
 from __future__ import annotations
 
-import datetime
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fp8lab
 from fp8lab.formats import Role
 from fp8lab.gemm.fp8_all_gather import GatheredFP8Weight, ShardedFP8Weight, whole_tensor
 from fp8lab.run.data import BatchSampler, load_corpus
 from fp8lab.run.distributed import Distributed, token_loss
-from tests.helpers import free_port, run_ranks
+from tests.helpers import free_port, gloo_group, run_ranks
 
 WORLD = 2
 STEPS, BATCH, BLOCK, LR = 3, 4, 32, 1e-3
@@ -166,15 +163,8 @@ def rank_scenarios(rank: int) -> dict:
 
 
 def _rank_entry(rank: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(60)
-    )
-    try:
+    with gloo_group(rank, WORLD, port):
         torch.save(rank_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ what it saw; the tests compare. Integrity tests run in this process on small che
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pickle
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -47,7 +45,7 @@ from fp8lab.run.sharded_files import (
     file_digest,
     read_dcp_metadata,
 )
-from tests.helpers import free_port, run_ranks
+from tests.helpers import free_port, gloo_group, run_ranks
 
 SPAWN_TIMEOUT_S = 120
 N_STEPS, M_STEPS = 3, 2  # train N, save, train M
@@ -215,21 +213,10 @@ SCENARIOS = {
 
 
 def _rank_entry(rank: int, world: int, port: int, scenario: str, root: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, world, port):
         out = SCENARIOS[scenario](rank, world, Path(root))
         torch.save(out, Path(root) / f"{scenario}_w{world}_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn(scenario: str, world: int, root: Path) -> list[dict]:

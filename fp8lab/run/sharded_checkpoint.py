@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from fp8lab.run.checkpoint import CheckpointError, _fsync_dir, checkpoint_dir
+from fp8lab.run.digest import payload_digest
 from fp8lab.run.sharded_files import (
     MANIFEST,
     SafeReader,
@@ -125,13 +126,13 @@ def _check_plain(value, where: str) -> None:
 
 
 def _replicated_digests(state: dict) -> dict[str, str]:
-    """SHA-256 of every tensor that is not a DTensor (buffers: the scaling state), by key."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-            t = value.detach().cpu().contiguous().reshape(-1)
-            out[key] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
-    return out
+    """The digest (``run.digest``: dtype, shape and bytes) of every tensor that is not a DTensor
+    (buffers: the scaling state), by key."""
+    return {
+        key: payload_digest({key: value})
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+    }
 
 
 def _check_replicated(model_state: dict) -> None:
