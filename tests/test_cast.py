@@ -268,12 +268,15 @@ def test_the_fused_cuda_casts_stay_compiled_for_every_rank_layout_dtype_and_form
     torch._dynamo.reset()
     monkeypatch.setattr(tensor, "_cast_compiled", tensor._compile(tensor._cast_math, backend="eager"))
     monkeypatch.setattr(tensor, "_amaxes_compiled", tensor._compile(tensor._amaxes_math, backend="eager"))
+    rows = tensor._compile(tensor._amaxes_rows_math, backend="eager")
+    monkeypatch.setattr(tensor, "_amaxes_rows_compiled", rows)
     graphs = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([1.0, 3.0, 2.0])[1]  # as the layers pass it: one role's row of a state's scales
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warns
-        for shape in ((96,), (64, 48), (2, 3, 16, 8), (4, 16, 24)):
+        # the last two: the two-stage amax, whole rows and rows plus a ragged tail
+        for shape in ((96,), (64, 48), (2, 3, 16, 8), (4, 16, 24), (64, 2048), (3, 33333)):
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 x = (torch.randn(shape, generator=g) * 40).to(dtype)
                 views = (x, x.t(), torch.nn.Parameter(x)) if x.dim() == 2 else (x,)  # weights are Parameters
@@ -284,5 +287,14 @@ def test_the_fused_cuda_casts_stay_compiled_for_every_rank_layout_dtype_and_form
                         assert got.shape == view.shape and got.stride() == view.stride()
                         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
                     assert torch.equal(tensor._amaxes_cuda(view), tensor._amaxes_math(view))
-    assert counters["stats"]["unique_graphs"] - graphs <= 3 * 2 + 3  # casts: dtype x format; amaxes: dtype
+        big = torch.randn(3, 33333, generator=g)
+        for where_nan, where_inf in ((5, None), (99990, None), (5, 99990), (99990, 7), (None, 99995)):
+            x = big.clone().view(-1)
+            if where_nan is not None:
+                x[where_nan] = math.nan
+            if where_inf is not None:
+                x[where_inf] = -math.inf
+            torch.testing.assert_close(tensor._amaxes_cuda(x.view(3, -1)), tensor._amaxes_math(x), rtol=0, atol=0, equal_nan=True)
+    # casts: dtype x format; amaxes: dtype, one- and two-stage
+    assert counters["stats"]["unique_graphs"] - graphs <= 3 * 2 + 3 + 3
     torch._dynamo.reset()
