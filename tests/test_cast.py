@@ -294,7 +294,8 @@ def test_the_fused_cuda_casts_stay_compiled_for_every_rank_layout_dtype_and_form
                 x[where_nan] = math.nan
             if where_inf is not None:
                 x[where_inf] = -math.inf
-            torch.testing.assert_close(tensor._amaxes_cuda(x.view(3, -1)), tensor._amaxes_math(x), rtol=0, atol=0, equal_nan=True)
+            got, want = tensor._amaxes_cuda(x.view(3, -1)), tensor._amaxes_math(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     # casts: dtype x format; amaxes: dtype, one- and two-stage
     assert counters["stats"]["unique_graphs"] - graphs <= 3 * 2 + 3 + 3
     torch._dynamo.reset()
