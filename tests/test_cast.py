@@ -266,7 +266,6 @@ def test_the_fused_cuda_casts_stay_compiled_for_every_rank_layout_dtype_and_form
     from fp8lab.quantize import tensor
 
     torch._dynamo.reset()
-    monkeypatch.setattr(tensor, "COMPILE_FROM", 0)  # every size compiled (small ones run eager by default)
     monkeypatch.setattr(tensor, "_cast_compiled", tensor._compile(tensor._cast_math, backend="eager"))
     monkeypatch.setattr(tensor, "_amaxes_compiled", tensor._compile(tensor._amaxes_math, backend="eager"))
     rows = tensor._compile(tensor._amaxes_rows_math, backend="eager")

@@ -86,20 +86,13 @@ def _amaxes_rows_math(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([raw, torch.where(magnitude.isnan(), 0.0, magnitude).amax(dim=1).amax()])
 
 
-# CUDA tensors smaller than this run the casts' eager kernels (the same values): a compiled
-# call costs ~0.1-0.5 ms of host time (dynamo's guards, the runtime wrappers), which a small
-# layer's step cannot hide behind its GPU work; the eager kernels' extra passes cost less there.
-COMPILE_FROM = 1 << 22
-
-
 def _compile(fn, backend: str = "inductor"):
     """``fn`` fused by torch.compile (Triton) for CUDA tensors, or eager ``fn`` where
     compiling is impossible (no Triton, a torch without inductor): the same values.
 
     ``fn`` takes a 1-D tensor first (``_flat``): one graph per input dtype and format, not per
     rank and layout too, which had taken a GPT's casts past dynamo's recompile limit (8 graphs
-    per function), and with ``fullgraph=True`` dynamo then fails every later call. Inputs
-    of fewer than ``COMPILE_FROM`` elements run eager (host overhead, above). A call
+    per function), and with ``fullgraph=True`` dynamo then fails every later call. A call
     that still meets the limit runs eager, that call alone; any other compiler failure turns
     compiling off for good. Both warn once.
     """
@@ -109,7 +102,7 @@ def _compile(fn, backend: str = "inductor"):
 
     def run(*args):
         nonlocal compiled, broken
-        if not broken and args[0].numel() >= COMPILE_FROM:
+        if not broken:
             try:
                 if compiled is None:
                     compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
