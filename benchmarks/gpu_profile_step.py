@@ -47,14 +47,38 @@ def main() -> None:
 
     for kind in ("stats", "recompiles", "graph_break"):
         print(kind, dict(counters.get(kind, {})))
+    host_ms(block, x)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    print("host time by Python call site (3 steps):")
+    print(prof.key_averages(group_by_stack_n=4).table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def host_ms(block, x) -> None:
+    """Host time of the forward and of the backward call alone (no profiler): the GPU runs
+    behind, so a host time above the step's CUDA time is what bounds the step."""
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = block(x)
+        t1 = time.perf_counter()
+        y.float().pow(2).mean().backward()
+        t2 = time.perf_counter()
+        fp8lab.update_scales(block)
+        t3 = time.perf_counter()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        print(
+            f"host: forward {1e3 * (t1 - t0):.2f} ms, backward {1e3 * (t2 - t1):.2f} ms, "
+            f"update_scales {1e3 * (t3 - t2):.2f} ms; then waiting for the GPU {1e3 * (t4 - t3):.2f} ms"
+        )
 
 
 if __name__ == "__main__":
