@@ -33,11 +33,13 @@ must be on a filesystem every rank sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,6 +73,14 @@ RANK_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.dcp$")
 _LEFTOVER = re.compile(r"^step_\d{8}\.dcp\.(tmp|replaced)-\d+$")
 _PLAIN = (int, float, bool, str, type(None), torch.Tensor)
+
+
+@contextlib.contextmanager
+def _single_process_said():
+    """DCP without a process group warns that it assumes one process: that is what fp8lab means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _rank_world() -> tuple[int, int]:
@@ -250,7 +260,8 @@ def _save(run_dir: Path, step: int, parts: dict, extra: dict, keep: int) -> Path
         replicated = {f"{n}.{k}" if n else k: v for n, part in states.items() for k, v in part["model"].items()}
         _together(_check_replicated, replicated)
         state = states[""] if "" in states else states  # one model: save_sharded's layout, no prefix
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+        with _single_process_said():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
         _together(_write_rank_file, tmp, rank, world, step, extra)
         names = _gather(sorted(p.name for p in tmp.iterdir()) if rank == 0 else None)[0]
         shares = _together(_digest_share, tmp, names, rank, world)
@@ -360,7 +371,8 @@ def _load(path: Path, state: dict, restore_rng: bool) -> dict:
     manifest = verify_sharded(path)
     payload = _together(_read_rank_file, path, manifest, rank)
     metadata = _together(read_dcp_metadata, path, manifest)  # before DCP: it would pickle.load it
-    dcp.load(state, storage_reader=SafeReader(path, metadata), planner=WeightsOnlyLoadPlanner())
+    with _single_process_said():
+        dcp.load(state, storage_reader=SafeReader(path, metadata), planner=WeightsOnlyLoadPlanner())
     if restore_rng:
         torch.set_rng_state(payload["rng"]["cpu"])
         if "cuda" in payload["rng"] and torch.cuda.is_available():
