@@ -1,7 +1,10 @@
-"""``fp8lab run --nproc 2 --set train.parallel=fsdp`` on CPU (gloo): tags, memory, resume, refusals.
+"""``fp8lab run --nproc 2 --set train.parallel=fsdp`` on CPU (gloo): tags, memory, sharded
+checkpoints and resume, refusals.
 
-Three launches of torchrun (seconds each on a shared CPU): the quickstart sharded, the
-same under DDP, and the sharded run resumed from its middle checkpoint; plus one process.
+Six launches of torchrun (seconds each on a shared CPU): the quickstart sharded and the same
+under DDP (8 steps, a checkpoint every 2); the sharded run resumed from its middle checkpoint;
+a sharded run whose rank 1 is SIGKILLed, and its resume; the sharded run resumed on 4 ranks;
+plus one process resuming it from the older checkpoint when the newest is damaged.
 Gradient clipping is made inactive (``grad_clip=1e9``): FSDP's global norm combines the
 shards' norms, so an active clip factor can differ from DDP's by an ulp (measured on this
 recipe with grad_clip=1.0: losses within 2e-5 relative, amaxes 7e-8, SQNRs 3e-5); with it
@@ -206,6 +209,9 @@ def test_damaged_newest_sharded_checkpoint_offers_the_older_and_one_process_cont
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT
     assert f"checkpoint file {shard} has 100 bytes" in err and f"An older intact checkpoint exists: {older}" in err
+    ddp = ["run", QUICKSTART, "--nproc", "2", "--out", str(tmp_path), *_sets(SETS), "--resume", str(copy)]
+    assert main(ddp) == EXIT_BAD_INPUT  # another train.parallel is another config: refused, the field named
+    assert "train.parallel: checkpoint 'fsdp', now 'ddp'" in capsys.readouterr().err
 
     shutil.move(newer, tmp_path / newer.name)
     runner = Runner(apply_overrides(load_recipe(QUICKSTART), FSDP), tmp_path, progress=False, resume=copy)
