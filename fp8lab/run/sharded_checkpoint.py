@@ -26,9 +26,12 @@ Several models in one checkpoint (a run's variants): ``save_sharded_parts`` and
 ``load_sharded_parts`` take ``{name: (model, optimizer)}``; DCP's keys are then prefixed with
 the name (``fp8.model.<fqn>``, ``fp8.optim.state.<fqn>.exp_avg``); ``extra`` stays one per rank.
 
-Collectives: ``save_sharded*``, ``load_sharded*``, ``read_sharded`` and ``newest_usable_sharded`` are called by every
-rank of the default process group together (or by one process without one); the run folder
-must be on a filesystem every rank sees.
+A DTensor over fp8lab's ``ShardedFP8Weight`` (the FP8 all-gather's parameter) is saved and
+loaded as a DTensor over its plain fp32 shard (``_plain_shards``): the files name no fp8lab class.
+
+Collectives: ``save_sharded*``, ``load_sharded*``, ``read_sharded`` and ``newest_usable_sharded``
+are called by every rank of the default process group together (or by one process without
+one); the run folder must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
