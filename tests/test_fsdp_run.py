@@ -229,7 +229,7 @@ def test_damaged_newest_sharded_checkpoint_offers_the_older_and_one_process_cont
 def test_two_rank_sharded_checkpoint_resumes_on_four_ranks(runs, tmp_path):
     """DCP reshards the 2-rank checkpoint over 4 ranks; the run continues to its last step and
     writes a 4-rank checkpoint. Not bit-exact: 4 ranks add the gradients in another order
-    (measured: final val loss within 1e-5 relative)."""
+    (measured on a 4-step run resumed at 2: final val loss within 6e-6 relative)."""
     copy = _resumable_copy(runs["fsdp"], tmp_path / "four")
     proc = _launch(tmp_path, *_sets(FSDP), "--nproc", "4", "--resume", str(copy))  # the last --nproc counts
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
