@@ -42,7 +42,12 @@ def read_any(path: Path) -> dict:
     if path.suffix != ".dcp":
         return ckpt.read_checkpoint(path)
     extra, keys = sharded.read_sharded(path)  # every file checked against the manifest
-    if not isinstance(extra, dict) or any(k not in extra for k in SHARDED_REQUIRED):
+    if (
+        not isinstance(extra, dict)
+        or any(k not in extra for k in SHARDED_REQUIRED)
+        or not isinstance(extra["variants"], dict)
+        or not all(isinstance(state, dict) for state in extra["variants"].values())
+    ):
         raise ckpt.CheckpointError(f"checkpoint {path} is not an fp8lab run checkpoint (its rank files lack fields)")
     if extra["format_version"] != SHARDED_FORMAT_VERSION or extra["step"] != int(path.stem.split("_")[1]):
         raise ckpt.CheckpointError(
