@@ -233,19 +233,23 @@ def check_config(path: Path, payload: dict, config_hash: str, config_dict: dict)
         raise CheckpointError(f"checkpoint {path} was written for another config: " + "; ".join(diffs[:6]))
 
 
-def newest_usable(run_dir: Path, config_hash: str, config_dict: dict, validate=None) -> tuple[Path, dict]:
+def newest_usable(
+    run_dir: Path, config_hash: str, config_dict: dict, validate=None, *, found=None, read=read_checkpoint
+) -> tuple[Path, dict]:
     """The newest checkpoint of ``run_dir``, validated; errors offer an older intact one.
 
     Args:
         validate: optional ``validate(path, payload)`` raising CheckpointError when the
             payload does not fit the models it will be loaded into.
+        found: the (step, path) candidates, oldest first (default: ``list_checkpoints``).
+        read: ``read(path)``, one candidate's checked payload (default: ``read_checkpoint``).
     """
-    found = list_checkpoints(run_dir)
+    found = list_checkpoints(run_dir) if found is None else found
     if not found:
         raise CheckpointError(f"run folder {run_dir} has no checkpoints in {FOLDER}/ to resume from")
 
     def usable(path: Path) -> dict:
-        payload = read_checkpoint(path)
+        payload = read(path)
         check_config(path, payload, config_hash, config_dict)
         if validate is not None:
             validate(path, payload)

@@ -170,7 +170,8 @@ def _launch(args, config) -> int:
     """``--nproc N``: validate, name the run folder, and start N workers through torchrun."""
     from pathlib import Path
 
-    from fp8lab.run.checkpoint import CheckpointError, newest_usable
+    from fp8lab.run.checkpoint import CheckpointError
+    from fp8lab.run.checkpoint_kinds import newest_usable
     from fp8lab.run.config import ConfigError
     from fp8lab.run.distributed import check_world_size
     from fp8lab.run.launch import launch_local

@@ -96,7 +96,7 @@ def expected_last_step(run_dir: Path) -> tuple[int, str] | None:
     flushed its events before each checkpoint, so they hold the last log step at or before
     its newest checkpoint (``train.log_interval`` from config.json).
     """
-    from fp8lab.run.checkpoint import list_checkpoints
+    from fp8lab.run.checkpoint_kinds import list_all
 
     try:
         steps = json.loads((run_dir / "summary.json").read_text())["steps"]
@@ -104,7 +104,7 @@ def expected_last_step(run_dir: Path) -> tuple[int, str] | None:
             return steps, "summary.json"
     except (OSError, ValueError, KeyError, TypeError):
         pass  # a damaged summary.json is reported by itself
-    found = list_checkpoints(run_dir)
+    found = list_all(run_dir)
     try:
         interval = json.loads((run_dir / "config.json").read_text())["train"]["log_interval"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -3,9 +3,12 @@
 Invariant: this is the only code that writes into a run folder besides the event files
 (``fp8lab.run.runlog``): ``config.json`` once, checkpoints atomically (``run.checkpoint``),
 and at the end ``summary.json`` and the heatmaps, each written atomically; only rank 0
-writes, and it holds the folder's lock from ``claim`` to ``release``. A checkpoint's payload
-is assembled and applied here, in one format (``checkpoint.FORMAT_VERSION``): step, config,
-every variant's state, RNG state, the summary's state and the overviews' history.
+writes (but for the shards of a sharded checkpoint: every rank's own), and it holds the
+folder's lock from ``claim`` to ``release``. A checkpoint's payload is assembled and applied
+here, in one format (``checkpoint.FORMAT_VERSION``): step, config, every variant's state, RNG
+state, the summary's state and the overviews' history. A sharded run (FSDP over more than
+one process) writes the same payload as a DCP checkpoint (``run.checkpoint_kinds``): the
+variants' parameters and optimizer state in shards, the rest in each rank's ``extra``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fp8lab.run import checkpoint as ckpt
-from fp8lab.run import storage
+from fp8lab.run import checkpoint_kinds, sharded_checkpoint, storage
 from fp8lab.run.config import RunConfig
 from fp8lab.run.distributed import Distributed
 from fp8lab.run.lock import RunFolderBusy, RunLock
@@ -45,7 +48,9 @@ class RunFolder:
     def load_newest(self, resume: Path, validate) -> dict:
         """The newest usable checkpoint of ``resume`` (its config, its state keys: ``validate``);
         the folder becomes ``resume``. Raises ``CheckpointError`` when none is usable."""
-        self.resumed_from, payload = ckpt.newest_usable(resume, self.config.hash(), self.config.to_dict(), validate)
+        self.resumed_from, payload = checkpoint_kinds.newest_usable(
+            resume, self.config.hash(), self.config.to_dict(), validate
+        )
         self.path, self.last_checkpoint = resume, self.resumed_from
         return payload
 
@@ -66,7 +71,7 @@ class RunFolder:
             return
         self.path.mkdir(parents=True, exist_ok=True)  # named by the --nproc launcher, or resumed
         self.lock = RunLock(self.path).acquire()
-        found = ckpt.list_checkpoints(self.path)
+        found = checkpoint_kinds.list_all(self.path)
         if self.resumed_from is not None and (not found or found[-1][1] != self.resumed_from):
             raise RunFolderBusy(
                 f"run folder {self.path} changed while this process loaded {self.resumed_from} "
@@ -93,23 +98,40 @@ class RunFolder:
             self.lock.release()
 
     def save_checkpoint(self, step: int, variants, summary, overviews: dict) -> Path | None:
-        """Write the checkpoint of ``step`` atomically (rank 0; ranks hold the same state).
-        A sharded (FSDP) variant's state is gathered whole first, on every rank."""
-        states = None
-        if any(run.sharded for run in variants):
-            states = {run.variant.name: run.state_dict() for run in variants}  # a collective
-        if not self.dist.is_main:
+        """Write the checkpoint of ``step`` atomically: a whole file by rank 0 (ranks hold the
+        same state), or, when the variants are sharded (FSDP), a DCP folder by every rank.
+        Returns its path (None on ranks other than 0 for a whole file)."""
+        keep = self.config.train.keep_checkpoints
+        if any(run.sharded for run in variants):  # every rank: its shards and its extra
+            parts = {run.variant.name: (run.model, run.optimizer) for run in variants}
+            extra = sharded_payload(self.config, step, variants, summary, overviews)
+            path = sharded_checkpoint.save_sharded_parts(self.path, step, parts, extra, keep)
+        elif self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.path, step, checkpoint_payload(self.config, step, variants, summary, overviews), keep
+            )
+        else:
             return None
-        payload = checkpoint_payload(self.config, step, variants, summary, overviews, states)
-        self.last_checkpoint = ckpt.save_checkpoint(self.path, step, payload, self.config.train.keep_checkpoints)
-        return self.last_checkpoint
+        if self.dist.is_main:  # keep counts both kinds; this step is now held by this kind only
+            checkpoint_kinds.prune(self.path, path, keep)
+        self.last_checkpoint = path
+        return path
 
     def restore(self, payload: dict, variants, summary, overviews: dict) -> int:
         """Put a checkpoint's state back into the variants, summary, overviews and RNGs;
-        returns its step. A variant that does not fit is a ``CheckpointError`` naming it."""
+        returns its step. A variant that does not fit is a ``CheckpointError`` naming it.
+        A sharded checkpoint is loaded by every rank together, resharded to this world size:
+        ``payload`` (rank 0's, read to choose it) is replaced by this rank's own."""
+        sharded = self.resumed_from is not None and self.resumed_from.suffix == ".dcp"
+        if sharded:  # the parameters and optimizer state, and this rank's extra and RNG state
+            parts = {run.variant.name: (run.model, run.optimizer) for run in variants}
+            try:
+                payload = sharded_checkpoint.load_sharded_parts(self.resumed_from, parts)
+            except (KeyError, ValueError, RuntimeError) as err:  # CheckpointError is a ValueError
+                raise ckpt.CheckpointError(f"checkpoint {self.resumed_from}: {err}") from None
         for run in variants:
             try:
-                run.load_state_dict(payload["variants"][run.variant.name])
+                run.load_state_dict(payload["variants"][run.variant.name], weights=not sharded)
             except (KeyError, ValueError, RuntimeError) as err:
                 raise ckpt.CheckpointError(
                     f"checkpoint {self.resumed_from}: variant {run.variant.name!r}: {err}"
@@ -117,6 +139,8 @@ class RunFolder:
         summary.load_state_dict(payload["summary"])
         for name, state in payload.get("overview", {}).items():  # older checkpoints have none
             overviews[name].load_state_dict(state)
+        if sharded:  # load_sharded_parts set the RNG state (a new rank's: derived from rank 0's)
+            return payload["step"]
         torch.set_rng_state(payload["rng"]["torch"])
         device = variants[0].device
         if device.type == "cuda" and payload["rng"].get("cuda") is not None:
@@ -161,6 +185,15 @@ def checkpoint_payload(config: RunConfig, step: int, variants, summary, overview
         "summary": summary.state_dict(),
         "overview": {name: overview.state_dict() for name, overview in overviews.items() if overview},
     }
+
+
+def sharded_payload(config: RunConfig, step: int, variants, summary, overviews: dict) -> dict:
+    """A sharded checkpoint's ``extra`` (each rank's own): ``checkpoint_payload`` without the
+    tensors DCP holds (every variant's model and optimizer) and the RNG state (its rank file's)."""
+    states = {run.variant.name: run.state_dict(weights=False) for run in variants}
+    payload = checkpoint_payload(config, step, variants, summary, overviews, states)
+    del payload["rng"]
+    return {**payload, "format_version": checkpoint_kinds.SHARDED_FORMAT_VERSION}
 
 
 def _summary_text(result: dict) -> str:

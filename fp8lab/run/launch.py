@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import fp8lab
-from fp8lab.run.checkpoint import list_checkpoints
+from fp8lab.run.checkpoint_kinds import list_all
 
 
 def torchrun_command(nproc: int, worker_args: list[str]) -> list[str]:
@@ -80,7 +80,7 @@ def failure_message(nproc: int, code: int, run_dir: Path, resume_command: list[s
             f"fp8lab run: the {nproc}-process job failed (torchrun exit code {code}; its report "
             "above names the rank that failed first and why)."
         )
-    found = list_checkpoints(run_dir)
+    found = list_all(run_dir)
     if not found:
         return f"{head}\nNo checkpoint was written in {run_dir} yet: start the run again (without --resume)."
     step, path = found[-1]

@@ -22,18 +22,27 @@ state when the checkpoint has one; a rank beyond the saved world size gets rank 
 different per rank. Ranks dropped by a smaller world size are lost. Training continued at
 the same world size is bit-exact; at another world size it may differ in reduction order.
 
-Collectives: ``save_sharded``, ``load_sharded`` and ``newest_usable_sharded`` are called by every
-rank of the default process group together (or by one process without one); the run folder
-must be on a filesystem every rank sees.
+Several models in one checkpoint (a run's variants): ``save_sharded_parts`` and
+``load_sharded_parts`` take ``{name: (model, optimizer)}``; DCP's keys are then prefixed with
+the name (``fp8.model.<fqn>``, ``fp8.optim.state.<fqn>.exp_avg``); ``extra`` stays one per rank.
+
+A DTensor over fp8lab's ``ShardedFP8Weight`` (the FP8 all-gather's parameter) is saved and
+loaded as a DTensor over its plain fp32 shard (``_plain_shards``): the files name no fp8lab class.
+
+Collectives: ``save_sharded*``, ``load_sharded*``, ``read_sharded`` and ``newest_usable_sharded``
+are called by every rank of the default process group together (or by one process without
+one); the run folder must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +55,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map_only
 
+from fp8lab.gemm.fp8_all_gather import local_shard
 from fp8lab.run.checkpoint import CheckpointError, _fsync_dir, checkpoint_dir
 from fp8lab.run.digest import payload_digest
 from fp8lab.run.sharded_files import (
@@ -65,6 +76,14 @@ RANK_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.dcp$")
 _LEFTOVER = re.compile(r"^step_\d{8}\.dcp\.(tmp|replaced)-\d+$")
 _PLAIN = (int, float, bool, str, type(None), torch.Tensor)
+
+
+@contextlib.contextmanager
+def _single_process_said():
+    """DCP without a process group warns that it assumes one process: that is what fp8lab means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _rank_world() -> tuple[int, int]:
@@ -170,6 +189,36 @@ def _write_rank_file(folder: Path, rank: int, world: int, step: int, extra: dict
         os.fsync(f.fileno())
 
 
+def _plain_shards(state: dict) -> dict:
+    """``state`` with every DTensor over a wrapper subclass (fp8lab's ``ShardedFP8Weight``, the
+    FP8 all-gather's parameter) as a DTensor over its plain shard, sharing its storage: DCP
+    pickles the class of each tensor it saves, and ``weights_only`` loading refuses fp8lab's.
+    DCP loads into the same storage, so the parameter receives the values."""
+
+    def plain(t: DTensor) -> DTensor:
+        shard = local_shard(t)
+        if shard is t._local_tensor:
+            return t
+        return DTensor.from_local(shard, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+    return tree_map_only(DTensor, plain, state)
+
+
+def _state_of(model, optimizer) -> dict:
+    """DCP's view of one model (and its optimizer): ``{"model": ..., "optim": ...}``."""
+    if optimizer is None:
+        return {"model": _plain_shards(get_model_state_dict(model))}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": _plain_shards(model_state), "optim": _plain_shards(optim_state)}
+
+
+def _set_state(model, optimizer, state: dict) -> None:
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def _digest_share(folder: Path, names: list[str], rank: int, world: int) -> dict:
     return {name: file_digest(folder / name) for name in names[rank::world]}
 
@@ -188,6 +237,19 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, extra: dict, keep: 
             strings, None and lists/tuples/dicts of them. The CPU RNG state is added here.
         keep: how many sharded checkpoints to keep (the newest; >= 1).
     """
+    return _save(run_dir, step, {"": (model, optimizer)}, extra, keep)
+
+
+def save_sharded_parts(run_dir: Path, step: int, parts: dict, extra: dict, keep: int) -> Path:
+    """``save_sharded`` of several models in one checkpoint: ``parts`` maps a name to
+    ``(model, optimizer or None)``; DCP's keys are ``<name>.model.<fqn>`` and ``<name>.optim...``."""
+    if not parts or "" in parts:
+        raise ValueError(f"parts must be named, got {sorted(parts)!r}")
+    return _save(run_dir, step, parts, extra, keep)
+
+
+def _save(run_dir: Path, step: int, parts: dict, extra: dict, keep: int) -> Path:
+    """Every rank: ``parts`` (name -> (model, optimizer)); the name "" alone is save_sharded's layout."""
     if type(keep) is not int or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     _check_plain(extra, "extra")
@@ -197,13 +259,12 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, extra: dict, keep: 
     tmp = Path(_gather(str(folder / f"{final.name}.tmp-{os.getpid()}"))[0])  # rank 0's pid names it
     _together(_make_tmp, tmp, rank)  # it exists before any rank writes into it
     try:
-        if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-        else:
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optim": optim_state}
-        _together(_check_replicated, state["model"])
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+        states = {name: _state_of(model, optimizer) for name, (model, optimizer) in parts.items()}
+        replicated = {f"{n}.{k}" if n else k: v for n, part in states.items() for k, v in part["model"].items()}
+        _together(_check_replicated, replicated)
+        state = states[""] if "" in states else states  # one model: save_sharded's layout, no prefix
+        with _single_process_said():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
         _together(_write_rank_file, tmp, rank, world, step, extra)
         names = _gather(sorted(p.name for p in tmp.iterdir()) if rank == 0 else None)[0]
         shares = _together(_digest_share, tmp, names, rank, world)
@@ -291,26 +352,45 @@ def load_sharded(path: Path, model, optimizer=None, *, restore_rng: bool = True)
         path: a ``checkpoints/step_XXXXXXXX.dcp`` folder.
         restore_rng: set this rank's torch CPU (and CUDA) generator state from the checkpoint.
     """
-    path = Path(path)
+    state = _state_of(model, optimizer)
+    payload = _load(Path(path), state, restore_rng)
+    _set_state(model, optimizer, state)
+    return payload["extra"]
+
+
+def load_sharded_parts(path: Path, parts: dict, *, restore_rng: bool = True) -> dict:
+    """``load_sharded`` of a ``save_sharded_parts`` checkpoint into ``parts`` (name ->
+    ``(model, optimizer or None)``, the names it was saved with); returns this rank's ``extra``."""
+    state = {name: _state_of(model, optimizer) for name, (model, optimizer) in parts.items()}
+    payload = _load(Path(path), state, restore_rng)
+    for name, (model, optimizer) in parts.items():
+        _set_state(model, optimizer, state[name])
+    return payload["extra"]
+
+
+def _load(path: Path, state: dict, restore_rng: bool) -> dict:
+    """Check ``path``, fill ``state`` (DCP's view of the models) in place; this rank's rank file."""
     rank, _ = _rank_world()
     manifest = verify_sharded(path)
     payload = _together(_read_rank_file, path, manifest, rank)
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
     metadata = _together(read_dcp_metadata, path, manifest)  # before DCP: it would pickle.load it
-    dcp.load(state, storage_reader=SafeReader(path, metadata), planner=WeightsOnlyLoadPlanner())
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with _single_process_said():
+        dcp.load(state, storage_reader=SafeReader(path, metadata), planner=WeightsOnlyLoadPlanner())
     if restore_rng:
         torch.set_rng_state(payload["rng"]["cpu"])
         if "cuda" in payload["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(payload["rng"]["cuda"])
-    return payload["extra"]
+    return payload
+
+
+def read_sharded(path: Path) -> tuple[dict, list[str]]:
+    """Rank 0's ``extra`` and the keys DCP holds (``<name>.model.<fqn>``...) of ``path``, after
+    every file was checked against the manifest; no tensor is loaded. Every rank together."""
+    path = Path(path)
+    manifest = verify_sharded(path)
+    payload = _together(_read_rank_file, path, manifest, 0)
+    metadata = _together(read_dcp_metadata, path, manifest)
+    return payload["extra"], sorted(metadata.state_dict_metadata)
 
 
 def newest_usable_sharded(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
@@ -330,4 +410,14 @@ def newest_usable_sharded(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
     raise CheckpointError("; ".join(reason for _, reason in refused) + ". No sharded checkpoint is usable")
 
 
-__all__ = ["MANIFEST", "list_sharded", "load_sharded", "newest_usable_sharded", "save_sharded", "verify_sharded"]
+__all__ = [
+    "MANIFEST",
+    "list_sharded",
+    "load_sharded",
+    "load_sharded_parts",
+    "newest_usable_sharded",
+    "read_sharded",
+    "save_sharded",
+    "save_sharded_parts",
+    "verify_sharded",
+]

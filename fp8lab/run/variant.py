@@ -226,15 +226,24 @@ class VariantRun:
         """The current run of faulty steps (a 0-dim device tensor)."""
         return self.telemetry.counters["consecutive_skips"]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, weights: bool = True) -> dict:
         """Everything a checkpoint needs to continue this variant bit for bit. Under FSDP every
-        rank must call it (the shards are gathered: whole tensors, the format DDP writes)."""
-        telemetry = self.telemetry.state_dict()
+        rank must call it (the shards are gathered: whole tensors, the format DDP writes).
+        ``weights=False``: without "model" and "optimizer" (a sharded checkpoint's DCP part
+        holds them); no collective then."""
+        if not weights:
+            return self._bookkeeping_state()
         return {
             "model": sharded_state.whole_model_state(self.model) if self.sharded else self.model.state_dict(),
             "optimizer": sharded_state.whole_optimizer_state(self.optimizer)
             if self.sharded
             else self.optimizer.state_dict(),
+            **self._bookkeeping_state(),
+        }
+
+    def _bookkeeping_state(self) -> dict:
+        telemetry = self.telemetry.state_dict()
+        return {
             "counters": telemetry["counters"],
             "faults": telemetry["faults"],
             "steps_since_log": telemetry["steps_since_take"],
@@ -244,8 +253,11 @@ class VariantRun:
             **({"fp8_weights": self.fp8_weights.state_dict()} if self.fp8_weights is not None else {}),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.sharded:  # whole tensors in: each rank keeps its shard
+    def load_state_dict(self, state: dict, *, weights: bool = True) -> None:
+        """``weights=False``: all but the model and optimizer (loaded from DCP before)."""
+        if not weights:
+            pass
+        elif self.sharded:  # whole tensors in: each rank keeps its shard
             sharded_state.load_whole_model_state(self.model, state["model"])
             sharded_state.load_whole_optimizer_state(self.optimizer, state["optimizer"])
         else:
