@@ -261,3 +261,29 @@ def test_low_precision_adam_state_is_refused_under_fsdp(tmp_path, capsys):
     recipe = str(Path(QUICKSTART).parents[0] / "precision_ladder.py")
     assert main(["run", recipe, "--out", str(tmp_path), "--set", "train.parallel=fsdp"]) == EXIT_BAD_INPUT
     assert "variants.fp8_adam8.optimizer_state must be 'fp32' when train.parallel is 'fsdp'" in capsys.readouterr().err
+
+
+def test_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path):
+    """World size 1 -> 2 through the CLI: one process with ``train.parallel=fsdp`` (FSDP is off
+    for one process) writes whole .pt checkpoints; 2 ranks resume from the middle one, shard it
+    and write a 2-rank DCP checkpoint. Not bit-exact (two ranks add the gradients in another
+    order): the final val loss within 1e-3 relative of the one-process run's."""
+    runner = Runner(apply_overrides(load_recipe(QUICKSTART), FSDP), tmp_path / "one", progress=False)
+    assert runner.run() is not None
+    one = runner.folder.path
+    assert [p.name for _, p in checkpoint_kinds.list_all(one)] == [f"step_{STEPS - 2:08d}.pt", f"step_{STEPS:08d}.pt"]
+    copy = tmp_path / "two"
+    shutil.copytree(one, copy)
+    (copy / "checkpoints" / f"step_{STEPS:08d}.pt").unlink()
+    (copy / "summary.json").unlink()
+    proc = _launch(tmp_path, *_sets(FSDP), "--resume", str(copy))
+    _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]
+    final = copy / "checkpoints" / f"step_{STEPS:08d}.dcp"
+    assert json.loads((final / "manifest.json").read_text())["world_size"] == 2
+    a, b = (json.loads((d / "summary.json").read_text())["variants"] for d in (copy, one))
+    for variant in ("bf16", "fp8"):
+        losses = _scalars(copy / variant)["loss/train"]
+        assert [s for s, _ in losses] == list(range(2, STEPS + 1, 2)) and all(math.isfinite(v) for _, v in losses)
+        assert a[variant]["final_val_loss"] == pytest.approx(b[variant]["final_val_loss"], rel=1e-3)
+        assert a[variant]["fsdp"]["world_size"] == 2
