@@ -1,10 +1,11 @@
 """``fp8lab run --nproc 2 --set train.parallel=fsdp`` on CPU (gloo): tags, memory, sharded
 checkpoints and resume, refusals.
 
-Six launches of torchrun (seconds each on a shared CPU): the quickstart sharded and the same
+Seven launches of torchrun (seconds each on a shared CPU): the quickstart sharded and the same
 under DDP (8 steps, a checkpoint every 2); the sharded run resumed from its middle checkpoint;
 a sharded run whose rank 1 is SIGKILLed, and its resume; the sharded run resumed on 4 ranks;
-plus one process resuming it from the older checkpoint when the newest is damaged.
+a one-process run resumed on 2 ranks; plus one process resuming the sharded run from the older
+checkpoint when the newest is damaged.
 Gradient clipping is made inactive (``grad_clip=1e9``): FSDP's global norm combines the
 shards' norms, so an active clip factor can differ from DDP's by an ulp (measured on this
 recipe with grad_clip=1.0: losses within 2e-5 relative, amaxes 7e-8, SQNRs 3e-5); with it
