@@ -133,12 +133,12 @@ def test_two_ranks_write_what_one_process_writes(tmp_path):
     assert "blocks.0.mlp.fc1.fp8_state.scale" in payload["variants"]["fp8"]["model"]
 
 
-def test_killed_rank_fails_the_job_with_a_resume_command_and_resume_finishes(tmp_path):
-    steps = 16
-    sets = [*SHORT[1:], f"train.steps={steps}", "train.checkpoint_interval=2", "train.eval_interval=10"]
+def launch_and_kill_rank_1(tmp_path: Path, sets: list[str], kind: str):
+    """Launch a 2-rank run, SIGKILL rank 1 once a checkpoint of ``kind`` ("pt" or "dcp") is
+    in place (a later save may be under way), wait for the job: (run folder, job, stderr)."""
     proc = _launch(tmp_path, *_sets(sets))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not list(tmp_path.glob("quickstart/*/checkpoints/step_*.pt")):
+    while not list(tmp_path.glob(f"quickstart/*/checkpoints/step_*.{kind}")):
         assert proc.poll() is None and time.monotonic() < deadline, "the job ended before its first checkpoint"
         time.sleep(0.05)
     rank1 = _rank_pid(proc.pid, 1)
@@ -146,6 +146,13 @@ def test_killed_rank_fails_the_job_with_a_resume_command_and_resume_finishes(tmp
     os.kill(rank1, signal.SIGKILL)
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     (run_dir,) = (tmp_path / "quickstart").iterdir()
+    return run_dir, proc, err
+
+
+def test_killed_rank_fails_the_job_with_a_resume_command_and_resume_finishes(tmp_path):
+    steps = 16
+    sets = [*SHORT[1:], f"train.steps={steps}", "train.checkpoint_interval=2", "train.eval_interval=10"]
+    run_dir, proc, err = launch_and_kill_rank_1(tmp_path, sets, "pt")
 
     assert proc.returncode != 0
     assert not (run_dir / "summary.json").exists()  # it did not finish

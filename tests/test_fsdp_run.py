@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import time
 import warnings
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
 from tests.helpers import QUICKSTART
 from tests.helpers import SHORT as SHORT_RUN
-from tests.test_distributed_run import LAUNCH_TIMEOUT_S, _events, _launch, _rank_pid, _sets
+from tests.test_distributed_run import LAUNCH_TIMEOUT_S, _events, _launch, _sets, launch_and_kill_rank_1
 
 STEPS = 8  # checkpoints every 2 steps: a kill after the first leaves the job steps to run
 SETS = [*SHORT_RUN[1:], f"train.steps={STEPS}", "train.warmup_steps=2", "train.checkpoint_interval=2"]
@@ -171,16 +168,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_is_bit_exact(runs, tmp_path):
 def test_killed_fsdp_rank_resumes_bit_exact_from_the_sharded_checkpoint(runs, tmp_path):
     """kill -9 of rank 1 after the first sharded checkpoint (possibly in a later save: its
     ``.tmp-`` folder is ignored); 2 ranks resumed end bit for bit where the uninterrupted run did."""
-    proc = _launch(tmp_path, *_sets(FSDP))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not list(tmp_path.glob("quickstart/*/checkpoints/step_*.dcp")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before its first checkpoint"
-        time.sleep(0.05)
-    rank1 = _rank_pid(proc.pid, 1)
-    assert rank1 is not None
-    os.kill(rank1, signal.SIGKILL)
-    _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    (run_dir,) = (tmp_path / "quickstart").iterdir()
+    run_dir, proc, err = launch_and_kill_rank_1(tmp_path, FSDP, "dcp")
     assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), err[-3000:]
     step, newest = checkpoint_kinds.list_all(run_dir)[-1]
     assert newest.suffix == ".dcp" and 2 <= step < STEPS
