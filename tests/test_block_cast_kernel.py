@@ -179,3 +179,77 @@ def test_stochastic_rounding_bits_are_the_documented_hash_and_uniform():
     expected = bits.numel() / 256
     assert ((counts - expected) ** 2 / expected).sum().item() < 360
     assert fp4.sr_key(0, 1) != key and fp4.sr_key(1, 0) != key  # each cast and each seed its own bits
+
+
+def _torch_only(monkeypatch) -> None:
+    """Every dispatcher takes its torch path from here on (as without a C compiler)."""
+    monkeypatch.setattr(block_cast_native, "kernel", lambda: None)
+
+
+def _amax_grid(seed: int) -> torch.Tensor:
+    """Block amaxes of a ragged tensor over ~80 binades (float32 subnormals to near FLT_MAX), with
+    blocks of zeros, inf and float32's extremes, NaN as a raw amax would carry it."""
+    x = _values((203, 157), torch.float32, seed=seed) * torch.exp2(torch.randint(-60, 60, (203, 1)).float())
+    grid = blocks._blocks_amax_torch(x, (1, 16))
+    grid[:3] = 0.0
+    edges = [float("inf"), float("nan"), 1e-45, 2.0**-127, 2.0**-126, 3.4028235e38, 448.0, 1.0, 2688.0, 1e-4]
+    grid[3, : len(edges)] = torch.tensor(edges)
+    return grid
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "f32-scales"])
+@pytest.mark.parametrize("eps", [0.0, 1e-4, 2.0**-140])
+def test_te_scales_equal_the_torch_code(fmt, pow2, eps, monkeypatch):
+    """Float8BlockScaling's (and current scaling's) scale from amax, for a grid and a 0-dim amax."""
+    from fp8lab.scaling.te_scales import te_scale_from_amax
+
+    grid = _amax_grid(7)
+    e = torch.tensor(1e-4)  # float32's neighbours of the epsilon: the comparison is made in float32
+    grid[4, :3] = torch.stack([e.nextafter(torch.tensor(0.0)), e, e.nextafter(torch.tensor(1.0))])
+    bf16_max, f32_max = torch.finfo(torch.bfloat16).max, torch.finfo(torch.float32).max
+    cases = [(grid, bf16_max), (grid.t(), f32_max), (grid[5, 7], bf16_max)]
+
+    def scales():
+        return [te_scale_from_amax(a, fmt.max, pow2=pow2, epsilon=eps, value_for_inf=v) for a, v in cases]
+
+    got = scales()
+    _torch_only(monkeypatch)
+    want = scales()
+    assert all(_same(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_e8m0_scales_equal_the_torch_code(fmt, monkeypatch):
+    """MXFP8's "rceil" scale and inverse scale, NaN amax (code 255) and amaxes whose code is 0 or 254
+    included (amax * 1/fp8_max at and around 2^-127, and inf)."""
+    from fp8lab.scaling.te_scales import e8m0_scales
+
+    grid = _amax_grid(8)
+    edge = torch.tensor([2.0**-127, 2.0**-126, 1.5 * 2.0**-127, 2.0**126, 2.0**127, 1.7e38]) * fmt.max
+    grid[5, : edge.numel()] = edge
+    got = e8m0_scales(grid, fmt.max)
+    _torch_only(monkeypatch)
+    want = e8m0_scales(grid, fmt.max)
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+@pytest.mark.parametrize("case", ["values", "zeros", "inf", "one-block", "empty"])
+def test_nvfp4_scales_equal_the_torch_code(case, monkeypatch):
+    """NVFP4's tensor amax (amaxes_of's, -0 of a zero tensor included), E4M3 decode and float32 encode
+    scales from the block amax grid of a tensor."""
+    from fp8lab.quantize.tensor import amaxes_of
+    from fp8lab.scaling.nvfp4 import _tensor_amax
+    from fp8lab.scaling.nvfp4_scales import block_scales
+
+    x = _values((203, 157), torch.bfloat16, seed=9) * torch.exp2(torch.randint(-60, 60, (203, 1))).bfloat16()
+    x = {"values": x, "zeros": torch.zeros(40, 48), "inf": x, "one-block": x[:1, :16], "empty": x[:0]}[case]
+    if case == "values":
+        x[torch.isinf(x)] = 1.0  # finite: its scales decide the E4M3 rounding of every block
+    grid = blocks.blocks_amax(x, (1, 16))
+    amax = _tensor_amax(x, grid)
+    assert _same(amax, amaxes_of(x)[1])
+    got = block_scales(grid, amax)
+    _torch_only(monkeypatch)
+    want = block_scales(grid, amax)
+    assert all(_same(g, w) for g, w in zip(got, want))

@@ -11,6 +11,7 @@
  * br x bc; the block grid is (ceil(r/br), ceil(c/bc)), row-major with row stride ld (elements) for the
  * amaxes, scales and inverse scales. Work is split across threads by block rows.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -65,6 +66,27 @@ static inline float larger(float m, float a) {
     return a > m ? a : m;
 }
 
+/* n elements of x from index at as the float32 bits of their magnitudes, NaN as 0 (the bits of +0),
+ * into bits: non-negative floats order as their bits, so an integer maximum of these is fmaxf's
+ * maximum with NaN ignored, and GCC vectorises an integer max reduction (a float one it keeps
+ * scalar, since reordering it would reorder NaN comparisons). */
+static void to_magnitude_bits(uint32_t *restrict bits, const void *x, int bf16, int64_t at, int64_t n) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)x + at;
+        for (int64_t j = 0; j < n; j++) bits[j] = (uint32_t)(p[j] & 0x7FFFu) << 16;
+    } else {
+        memcpy(bits, (const float *)x + at, sizeof(float) * n);
+        for (int64_t j = 0; j < n; j++) bits[j] &= 0x7FFFFFFFu;
+    }
+    for (int64_t j = 0; j < n; j++) bits[j] = bits[j] > 0x7F800000u ? 0u : bits[j];
+}
+
+/* The largest of n magnitude bits and m. */
+static inline uint32_t max_bits(uint32_t m, const uint32_t *restrict bits, int64_t n) {
+    for (int64_t j = 0; j < n; j++) m = bits[j] > m ? bits[j] : m;
+    return m;
+}
+
 /* The segment width for blocks bc wide: whole blocks (bc == 1: any). */
 static inline int64_t segment(int64_t bc) { return bc >= SEG ? bc : SEG / bc * bc; }
 
@@ -72,9 +94,9 @@ static inline int64_t segment(int64_t bc) { return bc >= SEG ? bc : SEG / bc * b
 int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
                       float *amax, int64_t ld, int nthreads) {
     const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc, seg = segment(bc);
-    float *bufs = malloc(sizeof(float) * seg * (nthreads < 1 ? 1 : nthreads));
-    if (!bufs) return -1;
     if (nthreads < 1) nthreads = 1;
+    float *bufs = malloc(sizeof(float) * seg * nthreads);  /* floats, or (row blocks) magnitude bits */
+    if (!bufs) return -1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t bi = 0; bi < nbr; bi++) {
 #ifdef _OPENMP
@@ -88,17 +110,17 @@ int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c,
         for (int64_t i = bi * br; i < i1; i++)
             for (int64_t j0 = 0; j0 < c; j0 += seg) {
                 const int64_t n = c - j0 < seg ? c - j0 : seg;
-                to_float(buf, x, bf16, i * sr + j0, n);
                 if (bc == 1) {  /* blocks down the columns: an elementwise max into the row of maxima */
+                    to_float(buf, x, bf16, i * sr + j0, n);
                     float *restrict m = row + j0;
                     for (int64_t j = 0; j < n; j++) m[j] = larger(m[j], buf[j]);
                     continue;
                 }
+                uint32_t *restrict bits = (uint32_t *)buf;  /* the buffer holds bits here, never floats */
+                to_magnitude_bits(bits, x, bf16, i * sr + j0, n);
                 for (int64_t b0 = 0; b0 < n; b0 += bc) {
-                    const int64_t w = n - b0 < bc ? n - b0 : bc;
-                    float m = row[(j0 + b0) / bc];
-                    for (int64_t j = 0; j < w; j++) m = larger(m, buf[b0 + j]);
-                    row[(j0 + b0) / bc] = m;
+                    const int64_t w = n - b0 < bc ? n - b0 : bc, b = (j0 + b0) / bc;
+                    row[b] = float_of(max_bits(bits_of(row[b]), bits + b0, w));  /* row[b] >= 0: bits order */
                 }
             }
     }
@@ -326,6 +348,70 @@ int fp8lab_rht_dim0(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, c
             float *o = out + (g * RHT_N + i) * c + j0;
             for (int64_t j = 0; j < w; j++) o[j] = (float)(y[i][j] * 0.25);
         }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- block scales from block amaxes */
+
+/*
+ * The scale arithmetic the block recipes run on their amax grids (n values, contiguous), one pass over
+ * the small grid instead of a dozen tensor operations, each step the float32 operation of the torch
+ * function named (same order, same roundings; -ffp-contract=off, NaN comparisons kept). Selects only,
+ * so the loops vectorise.
+ */
+
+/* fp8lab.scaling.te_scales.te_scale_from_amax: TE's compute_scale_from_amax. */
+int fp8lab_te_scales(const float *amax, int64_t n, float fp8_max, float epsilon, float value_for_inf, int pow2,
+                     float *scale) {
+    for (int64_t i = 0; i < n; i++) {
+        const float a = amax[i] < epsilon ? epsilon : amax[i];  /* NaN < epsilon is false */
+        float s = fp8_max / a;
+        s = (fabsf(a) == INFINITY || a == 0.0f || a != a) ? 1.0f : s;
+        s = fabsf(s) == INFINITY ? value_for_inf : s;
+        scale[i] = pow2 ? float_of(bits_of(s) & 0xFF800000u) : s;
+    }
+    return 0;
+}
+
+/* fp8lab.scaling.te_scales: float_to_e8m0(amax * rcp), then e8m0_scale (2^(127 - e); code 0: 1, 254:
+ * 2^-127, 255: NaN) and e8m0_scale_inv (2^(e - 127); code 0: 2^-127, 255: NaN). */
+int fp8lab_e8m0_scales(const float *amax, int64_t n, float rcp, float *scale, float *scale_inv) {
+    const float nan = float_of(0x7FC00000u);
+    for (int64_t i = 0; i < n; i++) {
+        const float v = amax[i] * rcp;
+        const uint32_t b = bits_of(v) & 0x7FFFFFFFu, up = (b + 0x7FFFFFu) >> 23;
+        uint32_t e = up > 0xFEu ? 0xFEu : up;
+        e = b <= 0x400000u ? 0u : e;
+        e = v != v ? 0xFFu : e;
+        float s = float_of((e < 254u ? 254u - e : 0u) << 23);
+        s = e == 0u ? 1.0f : (e == 254u ? float_of(0x00400000u) : s);  /* 2^-127: a float32 subnormal */
+        scale[i] = e == 255u ? nan : s;
+        scale_inv[i] = e == 255u ? nan : (e == 0u ? float_of(0x00400000u) : float_of(e << 23));
+    }
+    return 0;
+}
+
+/* fp8lab.scaling.nvfp4_scales.block_scales: from the tensor amax, global_encode_scale, global_decode_scale;
+ * then of each block amax (n), block_decode_scale (E4M3 by magic-number rounding: min normal 2^-6, 3
+ * mantissa bits) and block_encode_scale, into decode and encode. */
+int fp8lab_nvfp4_scales(const float *block_amax, int64_t n, float amax, float *decode, float *encode) {
+    float s_enc = 2688.0f / amax;  /* 448 * 6 */
+    s_enc = (s_enc != s_enc || s_enc > FLT_MAX) ? FLT_MAX : s_enc;
+    s_enc = (amax == 0.0f || s_enc == 0.0f) ? 1.0f : s_enc;
+    const float s_dec = (float)(1.0 / (double)s_enc);
+    const float multiplier = s_enc * (float)(1.0 / 6.0);  /* TE's fp4_max_inv, rounded once */
+    const float m_min = float_of(0x3C800000u) * 1572864.0f;  /* 2^-6 * 1.5 * 2^(23 - 3) */
+    for (int64_t i = 0; i < n; i++) {
+        float d = block_amax[i] * multiplier;
+        d = d > FLT_MAX ? FLT_MAX : d;
+        d = d > 448.0f ? 448.0f : (d < -448.0f ? -448.0f : d);
+        const uint32_t e = bits_of(d) & 0x7F800000u;
+        const float m = e > 0x3C800000u ? float_of(e) * 1572864.0f : m_min;
+        d = (d + m) - m;
+        decode[i] = d;
+        const float en = 1.0f / (d * s_dec);
+        encode[i] = en > FLT_MAX ? FLT_MAX : en;
     }
     return 0;
 }

@@ -57,6 +57,13 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
     ]
     lib.fp8lab_rht_dim0.restype = c_int
     lib.fp8lab_rht_dim0.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, c_int]
+    f32 = ctypes.c_float
+    lib.fp8lab_te_scales.restype = c_int
+    lib.fp8lab_te_scales.argtypes = [ptr, i64, f32, f32, f32, c_int, ptr]  # amax, n, fp8_max, eps, inf's, pow2, out
+    lib.fp8lab_e8m0_scales.restype = c_int
+    lib.fp8lab_e8m0_scales.argtypes = [ptr, i64, f32, ptr, ptr]  # amax, n, 1 / fp8_max, scale, scale_inv
+    lib.fp8lab_nvfp4_scales.restype = c_int
+    lib.fp8lab_nvfp4_scales.argtypes = [ptr, i64, f32, ptr, ptr]  # block amax, n, tensor amax, decode, encode
     return Kernel(lib, compiler, flags, file)
 
 
@@ -72,6 +79,11 @@ def kernel() -> Kernel | None:
             stacklevel=2,
         )
     return built
+
+
+def scale_kernel(amax: torch.Tensor) -> Kernel | None:
+    """The kernel where it computes the scales of the amax grid ``amax`` (a CPU tensor), else None."""
+    return kernel() if amax.device.type == "cpu" else None
 
 
 def readable(x: torch.Tensor) -> bool:
@@ -169,3 +181,34 @@ def rht_dim0(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _grid(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+def te_scales(k: Kernel, amax: torch.Tensor, fp8_max: float, epsilon: float, value_for_inf: float, pow2: bool):
+    """``te_scales.te_scale_from_amax`` of a CPU amax tensor (any shape), float32."""
+    amax = _grid(amax)
+    scale = torch.empty_like(amax)
+    k.lib.fp8lab_te_scales(amax.data_ptr(), amax.numel(), fp8_max, epsilon, value_for_inf, int(pow2), scale.data_ptr())
+    return scale
+
+
+def e8m0_scales(k: Kernel, amax: torch.Tensor, rcp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e8m0_scale(code), e8m0_scale_inv(code))``, ``code = float_to_e8m0(amax * rcp)`` (``rcp``
+    rounded to float32), of a CPU amax tensor (any shape)."""
+    amax = _grid(amax)
+    scale, scale_inv = torch.empty_like(amax), torch.empty_like(amax)
+    k.lib.fp8lab_e8m0_scales(amax.data_ptr(), amax.numel(), rcp, scale.data_ptr(), scale_inv.data_ptr())
+    return scale, scale_inv
+
+
+def nvfp4_scales(k: Kernel, block_amax: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nvfp4_scales.block_scales`` of a CPU grid and tensor amax: (decode, encode)."""
+    block_amax = _grid(block_amax)
+    decode, encode = torch.empty_like(block_amax), torch.empty_like(block_amax)
+    k.lib.fp8lab_nvfp4_scales(
+        block_amax.data_ptr(), block_amax.numel(), float(amax), decode.data_ptr(), encode.data_ptr()
+    )
+    return decode, encode

@@ -55,18 +55,15 @@ from fp8lab.quantize.fp4 import (
 )
 from fp8lab.quantize.tensor import amaxes_of
 from fp8lab.scaling.blockwise import tile
-from fp8lab.scaling.nvfp4_scales import (
-    block_decode_scale,
-    block_encode_scale,
-    global_decode_scale,
-    global_encode_scale,
-)
+from fp8lab.scaling.nvfp4_scales import block_scales, global_decode_scale, global_encode_scale
 from fp8lab.scaling.protocol import COLUMNWISE, KEEP_BF16, ROWWISE, TE_PINNED, Operand, Scaling
 
 BLOCK = 16
 # TE's ``get_wgrad_sign_vector`` (transformer_engine/pytorch/tensor/nvfp4_tensor.py): the fixed
 # "random" signs of the Hadamard transform's rows.
 RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+# Made once: torch.tensor of a tuple costs about 10 us, per cast.
+RHT_SIGN_TENSOR = torch.tensor(RHT_SIGNS, dtype=torch.float32)
 # TE 2.20.2's allowed values of the 4over6 fields; fp8lab models only nvfp4_4over6="none".
 SCOPES = ("none", "weights", "activations", "all")
 ERR_MODES = ("MAE", "MSE")
@@ -172,11 +169,10 @@ class NVFP4BlockScaling(Scaling):
         """(the tensor cast: ``x2d``, Hadamard-transformed where TE transforms it; its amax; the
         E4M3 block decode scales; the float32 block encode scales) for ``usage``."""
         block = self.block(role, usage)
-        x = rht_dim0(x2d, torch.tensor(RHT_SIGNS)) if self.rht(role, usage) else x2d
-        amax = amaxes_of(x)[1]  # fmaxf: NaN ignored, as TE's amax kernels
-        s_enc = global_encode_scale(amax)
-        decode = block_decode_scale(blocks_amax(x, block), s_enc)
-        return x, amax, decode, block_encode_scale(decode, global_decode_scale(s_enc))
+        x = rht_dim0(x2d, RHT_SIGN_TENSOR) if self.rht(role, usage) else x2d
+        block_amax = blocks_amax(x, block)
+        amax = _tensor_amax(x, block_amax)
+        return x, amax, *block_scales(block_amax, amax)
 
     def quantize(self, x2d: torch.Tensor, role: Role, usage: str, rbits: torch.Tensor | None = None):
         """(E2M1 values float32, E4M3 block scales float32, tensor amax, the tensor cast) of ``x2d``
@@ -252,6 +248,17 @@ class NVFP4BlockScaling(Scaling):
             **TE_PINNED,
         }
         return {"recipe": "NVFP4BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
+
+
+def _tensor_amax(x: torch.Tensor, block_amax: torch.Tensor) -> torch.Tensor:
+    """``amaxes_of(x)[1]`` (fmaxf: NaN ignored, as TE's amax kernels). On the CPU, the largest block
+    amax is that value without another pass over x, unless it is 0: then amaxes_of's own (its
+    sign of zero, -0 for a tensor of +0s, reaches the GEMM's alpha)."""
+    if x.device.type == "cpu" and block_amax.numel():
+        amax = block_amax.amax()
+        if amax > 0:  # a CPU tensor: reading it is a load, no sync
+            return amax
+    return amaxes_of(x)[1]
 
 
 def _block_stats(x, values, block, decode, amax) -> torch.Tensor:
