@@ -156,6 +156,37 @@ def test_hadamard_transform_equals_the_torch_code(dtype, shape):
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 300), (200, 77), (5, 3)], ids=["whole", "ragged", "one-group"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
+def test_transform_in_pass_equals_the_transform_stored(dtype, out_dtype, shape, stochastic, monkeypatch):
+    """NVFP4's columnwise copies with the Hadamard transform made inside the amax pass and the cast
+    (never stored) against the transform stored then ``blocks_amax`` and ``cast_dequantized_e2m1``,
+    and against the torch code throughout: zeros, subnormals, inf and NaN, blocks past R."""
+    from fp8lab.quantize import fp4
+    from fp8lab.scaling.nvfp4 import RHT_SIGN_TENSOR as signs
+    from fp8lab.scaling.nvfp4_scales import block_scales
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-4, 4, shape, generator=g).float())
+    x[1, :3] = torch.tensor([0.0, -0.0, 1e-40])[: shape[1]]
+    if shape[0] > 40:
+        x[40:56] = 0.0  # a group of zeros: block scale 0, encode FLT_MAX
+        x[60, 1], x[80, 2] = float("inf"), float("nan")
+    x = x.to(dtype)
+    key = fp4.sr_key(5, 1) if stochastic else None
+    amax = fp4.rht_blocks_amax(x, signs)
+    t = fp4.rht_dim0(x, signs)
+    assert fp4.rht_in_pass(x) and _same(amax, blocks.blocks_amax(t, (16, 1)))
+    decode, encode = block_scales(amax, amax.amax())
+    got = fp4.rht_cast_dequantized_e2m1(x, signs, encode, decode, key, out_dtype)
+    assert _same(got, fp4.cast_dequantized_e2m1(t, (16, 1), encode, decode, key, out_dtype))
+    _torch_only(monkeypatch)
+    assert not fp4.rht_in_pass(x) and _same(amax, fp4.rht_blocks_amax(x, signs))
+    assert _same(got, fp4.rht_cast_dequantized_e2m1(x, signs, encode, decode, key, out_dtype))
+
+
 def test_stochastic_rounding_bits_are_the_documented_hash_and_uniform():
     """fp4.sr_bits against the hash written in Python integers, element by element, and its bytes
     uniform over 2^20 elements (chi-square with 255 degrees of freedom below its 99.99th percentile,
@@ -247,7 +278,7 @@ def test_nvfp4_scales_equal_the_torch_code(case, monkeypatch):
     if case == "values":
         x[torch.isinf(x)] = 1.0  # finite: its scales decide the E4M3 rounding of every block
     grid = blocks.blocks_amax(x, (1, 16))
-    amax = _tensor_amax(x, grid)
+    amax = _tensor_amax(grid, lambda: x)
     assert _same(amax, amaxes_of(x)[1])
     got = block_scales(grid, amax)
     _torch_only(monkeypatch)

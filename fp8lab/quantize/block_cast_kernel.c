@@ -317,36 +317,85 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
 #define RHT_N 16
 #define RHT_W 256  /* columns per pass: 16 rows of doubles stay in L1 */
 
+/* Columns j0 .. j0 + w of group g of the transform, as float32, into out[16][RHT_W]. */
+static void rht_tile(const void *x, int bf16, int64_t sr, int64_t r, const float *signs, int64_t g, int64_t j0,
+                     int64_t w, float out[RHT_N][RHT_W]) {
+    double y[RHT_N][RHT_W];
+    for (int k = 0; k < RHT_N; k++) {
+        const int64_t i = g * RHT_N + k;
+        const double sk = signs[k];
+        if (i < r) {
+            to_float(out[k], x, bf16, i * sr + j0, w);
+            for (int64_t j = 0; j < w; j++) y[k][j] = sk * (double)out[k][j];
+        } else {
+            for (int64_t j = 0; j < w; j++) y[k][j] = 0.0;
+        }
+    }
+    for (int h = 1; h < RHT_N; h *= 2)
+        for (int a = 0; a < RHT_N; a += 2 * h)
+            for (int k = a; k < a + h; k++)
+                for (int64_t j = 0; j < w; j++) {
+                    const double u = y[k][j], v = y[k + h][j];
+                    y[k][j] = u + v;
+                    y[k + h][j] = u - v;
+                }
+    for (int i = 0; i < RHT_N; i++)
+        for (int64_t j = 0; j < w; j++) out[i][j] = (float)(y[i][j] * 0.25);
+}
+
+#define FOR_EACH_RHT_TILE                                                                       \
+    const int64_t groups = (r + RHT_N - 1) / RHT_N, panels = (c + RHT_W - 1) / RHT_W;          \
+    if (nthreads < 1) nthreads = 1;                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                          \
+    for (int64_t t = 0; t < groups * panels; t++)
+
 int fp8lab_rht_dim0(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs, float *out,
                     int nthreads) {
-    const int64_t groups = (r + RHT_N - 1) / RHT_N, panels = (c + RHT_W - 1) / RHT_W;
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < groups * panels; t++) {
+    FOR_EACH_RHT_TILE {
         const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
-        double y[RHT_N][RHT_W];
-        float row[RHT_W];
+        float tile[RHT_N][RHT_W];
+        rht_tile(x, bf16, sr, r, signs, g, j0, w, tile);
+        for (int i = 0; i < RHT_N; i++) memcpy(out + (g * RHT_N + i) * c + j0, tile[i], sizeof(float) * w);
+    }
+    return 0;
+}
+
+/* fp8lab_block_amax of the transform in (16, 1) blocks, the transform never stored: amax ((rp / 16) x c). */
+int fp8lab_rht_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs, float *amax,
+                    int nthreads) {
+    FOR_EACH_RHT_TILE {
+        const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
+        float tile[RHT_N][RHT_W];
+        rht_tile(x, bf16, sr, r, signs, g, j0, w, tile);
+        float *restrict m = amax + g * c + j0;
+        for (int64_t j = 0; j < w; j++) m[j] = 0.0f;
+        for (int i = 0; i < RHT_N; i++)
+            for (int64_t j = 0; j < w; j++) m[j] = larger(m[j], tile[i][j]);
+    }
+    return 0;
+}
+
+/* fp8lab_block_cast_e2m1 of the transform in (16, 1) blocks (encode, decode: (rp / 16) x c), the transform
+ * never stored: out (rp x c), element (i, j) rounded with the random bits of index i * c + j. */
+int fp8lab_rht_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs,
+                         const float *encode, const float *decode, int stochastic, uint32_t key, void *out,
+                         int out_bf16, int nthreads) {
+    FOR_EACH_RHT_TILE {
+        const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
+        float tile[RHT_N][RHT_W], rf[RHT_W];
+        rht_tile(x, bf16, sr, r, signs, g, j0, w, tile);
+        const float *restrict e = encode + g * c + j0, *restrict d = decode + g * c + j0;
         for (int k = 0; k < RHT_N; k++) {
             const int64_t i = g * RHT_N + k;
-            const double sk = signs[k];
-            if (i < r) {
-                to_float(row, x, bf16, i * sr + j0, w);
-                for (int64_t j = 0; j < w; j++) y[k][j] = sk * (double)row[j];
+            float *restrict v = tile[k];
+            if (stochastic) {
+                const uint32_t at = (uint32_t)(i * c + j0);
+                for (int64_t j = 0; j < w; j++) rf[j] = (float)sr_byte(at + (uint32_t)j, key);
+                for (int64_t j = 0; j < w; j++) v[j] = e2m1_sr(v[j] * e[j], rf[j]) * d[j];
             } else {
-                for (int64_t j = 0; j < w; j++) y[k][j] = 0.0;
+                for (int64_t j = 0; j < w; j++) v[j] = e2m1_rne(v[j] * e[j]) * d[j];
             }
-        }
-        for (int h = 1; h < RHT_N; h *= 2)
-            for (int a = 0; a < RHT_N; a += 2 * h)
-                for (int k = a; k < a + h; k++)
-                    for (int64_t j = 0; j < w; j++) {
-                        const double u = y[k][j], v = y[k + h][j];
-                        y[k][j] = u + v;
-                        y[k + h][j] = u - v;
-                    }
-        for (int i = 0; i < RHT_N; i++) {
-            float *o = out + (g * RHT_N + i) * c + j0;
-            for (int64_t j = 0; j < w; j++) o[j] = (float)(y[i][j] * 0.25);
+            from_float(out, out_bf16, i * c + j0, v, w);
         }
     }
     return 0;

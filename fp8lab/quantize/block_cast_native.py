@@ -57,6 +57,14 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
     ]
     lib.fp8lab_rht_dim0.restype = c_int
     lib.fp8lab_rht_dim0.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, c_int]
+    lib.fp8lab_rht_amax.restype = c_int
+    lib.fp8lab_rht_amax.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, c_int]
+    lib.fp8lab_rht_cast_e2m1.restype = c_int
+    lib.fp8lab_rht_cast_e2m1.argtypes = [
+        *(ptr, c_int, i64, i64, i64, ptr),  # x, bf16, row stride, r, c, signs
+        *(ptr, ptr, c_int, ctypes.c_uint32),  # encode, decode, stochastic, its key
+        *(ptr, c_int, c_int),  # out, out_bf16, threads
+    ]
     f32 = ctypes.c_float
     lib.fp8lab_te_scales.restype = c_int
     lib.fp8lab_te_scales.argtypes = [ptr, i64, f32, f32, f32, c_int, ptr]  # amax, n, fp8_max, eps, inf's, pow2, out
@@ -171,14 +179,57 @@ def block_cast_e2m1(
 def rht_dim0(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``fp4.apply_rht_dim0`` of a ``readable`` x with the transform ``diag(signs) @ H16 / 4``:
     float32 (R rounded up to 16, C), each output the float64 sum of its 16 terms rounded once."""
-    if signs.numel() != 16:
-        raise ValueError(f"the transform is 16x16: 16 signs, got {signs.numel()}")
-    signs = signs.float().contiguous()
+    signs = _signs(signs)
     r, c = x.shape
     out = torch.empty(-(-r // 16) * 16, c, dtype=torch.float32)
     k.lib.fp8lab_rht_dim0(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, signs.data_ptr(), out.data_ptr(),
         torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _signs(signs: torch.Tensor) -> torch.Tensor:
+    if signs.numel() != 16:
+        raise ValueError(f"the transform is 16x16: 16 signs, got {signs.numel()}")
+    return signs.float().contiguous()
+
+
+def rht_amax(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``blocks.blocks_amax(rht_dim0(k, x, signs), (16, 1))`` of a ``readable`` x in one pass, the
+    transform made in the pass and not stored: float32 (ceil(R/16), C)."""
+    signs = _signs(signs)
+    r, c = x.shape
+    out = torch.empty(-(-r // 16), c, dtype=torch.float32)
+    k.lib.fp8lab_rht_amax(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, signs.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rht_cast_e2m1(
+    k: Kernel,
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    encode: torch.Tensor,
+    decode: torch.Tensor,
+    sr_key: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``block_cast_e2m1(k, rht_dim0(k, x, signs), (16, 1), encode, decode, sr_key, dtype)`` of a
+    ``readable`` x in one pass, the transform made in the pass and not stored: (R rounded up to 16, C)."""
+    signs = _signs(signs)
+    r, c = x.shape
+    encode, decode = encode.float().contiguous(), decode.float().contiguous()
+    rp = -(-r // 16) * 16
+    if tuple(encode.shape) != (rp // 16, c) or tuple(decode.shape) != (rp // 16, c):
+        raise ValueError(f"block scales must be {(rp // 16, c)} for the transform of a {tuple(x.shape)} tensor")
+    out = torch.empty(rp, c, dtype=dtype)
+    k.lib.fp8lab_rht_cast_e2m1(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, signs.data_ptr(),
+        encode.data_ptr(), decode.data_ptr(), int(sr_key is not None), 0 if sr_key is None else sr_key,
+        out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads(),
     )  # fmt: skip
     return out
 

@@ -39,6 +39,7 @@ and are not reproduced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,10 @@ from fp8lab.quantize.fp4 import (
     cast_blocks_e2m1,
     cast_dequantized_e2m1,
     dequantize_blocks,
+    rht_blocks_amax,
+    rht_cast_dequantized_e2m1,
     rht_dim0,
+    rht_in_pass,
     sr_key,
 )
 from fp8lab.quantize.tensor import amaxes_of
@@ -171,7 +175,7 @@ class NVFP4BlockScaling(Scaling):
         block = self.block(role, usage)
         x = rht_dim0(x2d, RHT_SIGN_TENSOR) if self.rht(role, usage) else x2d
         block_amax = blocks_amax(x, block)
-        amax = _tensor_amax(x, block_amax)
+        amax = _tensor_amax(block_amax, lambda: x)
         return x, amax, *block_scales(block_amax, amax)
 
     def quantize(self, x2d: torch.Tensor, role: Role, usage: str, rbits: torch.Tensor | None = None):
@@ -193,8 +197,14 @@ class NVFP4BlockScaling(Scaling):
             key = sr_key(self.sr_seed, state.next_cast())  # the counter keys the bits (fp4.sr_bits)
         if record and usage == ROWWISE:
             slot.count_faults(role, amaxes_of(x2d)[0])
+        dtype = backend.path.operand_dtype
+        if self.rht(role, usage) and rht_in_pass(x2d):  # the same values, the transform made in each pass
+            block_amax = rht_blocks_amax(x2d, RHT_SIGN_TENSOR)
+            amax = _tensor_amax(block_amax, lambda: rht_dim0(x2d, RHT_SIGN_TENSOR))
+            decode, encode = block_scales(block_amax, amax)
+            return Operand(rht_cast_dequantized_e2m1(x2d, RHT_SIGN_TENSOR, encode, decode, key, dtype), amax, E2M1)
         x, amax, decode, encode = self._scales(x2d, role, usage)
-        values = cast_dequantized_e2m1(x, block, encode, decode, key, backend.path.operand_dtype)
+        values = cast_dequantized_e2m1(x, block, encode, decode, key, dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
             slot.record_blocks(role, _block_stats(x, values, block, decode, amax), amax)
@@ -250,15 +260,16 @@ class NVFP4BlockScaling(Scaling):
         return {"recipe": "NVFP4BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
 
 
-def _tensor_amax(x: torch.Tensor, block_amax: torch.Tensor) -> torch.Tensor:
-    """``amaxes_of(x)[1]`` (fmaxf: NaN ignored, as TE's amax kernels). On the CPU, the largest block
-    amax is that value without another pass over x, unless it is 0: then amaxes_of's own (its
-    sign of zero, -0 for a tensor of +0s, reaches the GEMM's alpha)."""
-    if x.device.type == "cpu" and block_amax.numel():
+def _tensor_amax(block_amax: torch.Tensor, tensor: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``amaxes_of(tensor())[1]`` (fmaxf: NaN ignored, as TE's amax kernels) of the tensor cast, whose
+    block amaxes are ``block_amax``. On the CPU the largest block amax is that value without another
+    pass over the tensor, unless it is 0: then amaxes_of's own (its sign of zero, -0 for a tensor
+    of +0s, reaches the GEMM's alpha)."""
+    if block_amax.device.type == "cpu" and block_amax.numel():
         amax = block_amax.amax()
         if amax > 0:  # a CPU tensor: reading it is a load, no sync
             return amax
-    return amaxes_of(x)[1]
+    return amaxes_of(tensor())[1]
 
 
 def _block_stats(x, values, block, decode, amax) -> torch.Tensor:
