@@ -65,6 +65,28 @@ def test_amax_equals_the_torch_code(block, dtype, shape):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["specials", "finite", "inf", "zeros", "transposed", "empty"])
+def test_amax_with_the_raw_amax_in_one_pass(block, dtype, case, monkeypatch):
+    """The block amaxes and the raw amax (NaN propagating: what a training cast counts faults from)
+    of one pass: the grid as blocks_amax's, the raw amax as amaxes_of's up to the sign of a zero."""
+    from fp8lab.quantize.tensor import amaxes_of
+
+    x = _values((200, 150), dtype, seed=11)
+    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    x = {"specials": x, "finite": finite, "inf": finite, "zeros": torch.zeros_like(x), "transposed": x.t()}.get(case, x)
+    if case == "inf":
+        x[77, 3] = -float("inf")
+    x = x[:0] if case == "empty" else x
+    got = blocks.blocks_amax_and_raw(x, block)
+    _torch_only(monkeypatch)
+    want = blocks.blocks_amax_and_raw(x, block)
+    assert _same(got[0], blocks._blocks_amax_torch(x, block)) and _same(got[0], want[0])
+    raw = amaxes_of(x)[0]
+    assert _same(got[1].abs(), raw.abs()) and _same(want[1].abs(), raw.abs())
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "f32-scales"])

@@ -70,13 +70,19 @@ static inline float larger(float m, float a) {
  * into bits: non-negative floats order as their bits, so an integer maximum of these is fmaxf's
  * maximum with NaN ignored, and GCC vectorises an integer max reduction (a float one it keeps
  * scalar, since reordering it would reorder NaN comparisons). */
-static void to_magnitude_bits(uint32_t *restrict bits, const void *x, int bf16, int64_t at, int64_t n) {
+static void to_magnitude_bits(uint32_t *restrict bits, const void *x, int bf16, int64_t at, int64_t n,
+                              int64_t *nans) {
     if (bf16) {
         const uint16_t *p = (const uint16_t *)x + at;
         for (int64_t j = 0; j < n; j++) bits[j] = (uint32_t)(p[j] & 0x7FFFu) << 16;
     } else {
         memcpy(bits, (const float *)x + at, sizeof(float) * n);
         for (int64_t j = 0; j < n; j++) bits[j] &= 0x7FFFFFFFu;
+    }
+    if (nans) {  /* counted where asked: NaN becomes 0 below */
+        int64_t count = 0;
+        for (int64_t j = 0; j < n; j++) count += bits[j] > 0x7F800000u;
+        *nans += count;
     }
     for (int64_t j = 0; j < n; j++) bits[j] = bits[j] > 0x7F800000u ? 0u : bits[j];
 }
@@ -90,14 +96,16 @@ static inline uint32_t max_bits(uint32_t m, const uint32_t *restrict bits, int64
 /* The segment width for blocks bc wide: whole blocks (bc == 1: any). */
 static inline int64_t segment(int64_t bc) { return bc >= SEG ? bc : SEG / bc * bc; }
 
-/* fmaxf(|x|) per block (NaN ignored, inf counted; an all-NaN block gives 0), into amax (nbr x nbc, ld). */
+/* fmaxf(|x|) per block (NaN ignored, inf counted; an all-NaN block gives 0), into amax (nbr x nbc, ld);
+ * the number of NaN elements into *nans unless it is NULL (the raw amax's NaN, in the same pass). */
 int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
-                      float *amax, int64_t ld, int nthreads) {
+                      float *amax, int64_t ld, int nthreads, int64_t *nans) {
     const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc, seg = segment(bc);
     if (nthreads < 1) nthreads = 1;
     float *bufs = malloc(sizeof(float) * seg * nthreads);  /* floats, or (row blocks) magnitude bits */
     if (!bufs) return -1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    int64_t nan_count = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : nan_count)
     for (int64_t bi = 0; bi < nbr; bi++) {
 #ifdef _OPENMP
         float *buf = bufs + seg * omp_get_thread_num();
@@ -114,10 +122,12 @@ int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c,
                     to_float(buf, x, bf16, i * sr + j0, n);
                     float *restrict m = row + j0;
                     for (int64_t j = 0; j < n; j++) m[j] = larger(m[j], buf[j]);
+                    if (nans)
+                        for (int64_t j = 0; j < n; j++) nan_count += buf[j] != buf[j];
                     continue;
                 }
                 uint32_t *restrict bits = (uint32_t *)buf;  /* the buffer holds bits here, never floats */
-                to_magnitude_bits(bits, x, bf16, i * sr + j0, n);
+                to_magnitude_bits(bits, x, bf16, i * sr + j0, n, nans ? &nan_count : NULL);
                 for (int64_t b0 = 0; b0 < n; b0 += bc) {
                     const int64_t w = n - b0 < bc ? n - b0 : bc, b = (j0 + b0) / bc;
                     row[b] = float_of(max_bits(bits_of(row[b]), bits + b0, w));  /* row[b] >= 0: bits order */
@@ -125,6 +135,7 @@ int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c,
             }
     }
     free(bufs);
+    if (nans) *nans = nan_count;
     return 0;
 }
 

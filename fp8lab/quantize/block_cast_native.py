@@ -40,7 +40,7 @@ class Kernel:
 def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.fp8lab_block_amax.restype = c_int
-    lib.fp8lab_block_amax.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, i64, c_int]
+    lib.fp8lab_block_amax.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, i64, c_int, ptr]  # ..., nans
     lib.fp8lab_block_cast.restype = c_int
     lib.fp8lab_block_cast.argtypes = [
         *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
@@ -110,13 +110,14 @@ def _grid_shape(x: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
     return -(-x.shape[0] // block[0]), -(-x.shape[1] // block[1])
 
 
-def block_amax(k: Kernel, x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``blocks.blocks_amax`` of a ``readable`` x: (ceil(R/br), ceil(C/bc)) float32."""
+def block_amax(k: Kernel, x: torch.Tensor, block: tuple[int, int], nans: ctypes.c_int64 | None = None):
+    """``blocks.blocks_amax`` of a ``readable`` x: (ceil(R/br), ceil(C/bc)) float32; the number of
+    NaN elements of x into ``nans`` where one is given (in the same pass)."""
     out = torch.empty(_grid_shape(x, block), dtype=torch.float32)
     r, c = x.shape
     k.lib.fp8lab_block_amax(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block, out.data_ptr(), out.stride(0),
-        torch.get_num_threads(),
+        torch.get_num_threads(), None if nans is None else ctypes.byref(nans),
     )  # fmt: skip
     return out
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from fp8lab.formats import E2M1, FP8Format, Role
-from fp8lab.quantize.blocks import blocks_amax
+from fp8lab.quantize.blocks import blocks_amax, blocks_amax_and_raw
 from fp8lab.quantize.fp4 import (
     cast_blocks_e2m1,
     cast_dequantized_e2m1,
@@ -169,12 +169,17 @@ class NVFP4BlockScaling(Scaling):
     def stochastic(self, role: Role) -> bool:
         return not self.disable_stochastic_rounding and role == Role.GRAD_OUTPUT
 
-    def _scales(self, x2d: torch.Tensor, role: Role, usage: str):
+    def _scales(self, x2d: torch.Tensor, role: Role, usage: str, faults=None):
         """(the tensor cast: ``x2d``, Hadamard-transformed where TE transforms it; its amax; the
-        E4M3 block decode scales; the float32 block encode scales) for ``usage``."""
+        E4M3 block decode scales; the float32 block encode scales) for ``usage``; ``faults``: the
+        slot whose fault count this cast adds to (when the tensor cast is x2d itself)."""
         block = self.block(role, usage)
         x = rht_dim0(x2d, RHT_SIGN_TENSOR) if self.rht(role, usage) else x2d
-        block_amax = blocks_amax(x, block)
+        if faults is not None:
+            block_amax, raw_amax = blocks_amax_and_raw(x, block)  # one pass on the CPU
+            faults.count_faults(role, raw_amax)
+        else:
+            block_amax = blocks_amax(x, block)
         amax = _tensor_amax(block_amax, lambda: x)
         return x, amax, *block_scales(block_amax, amax)
 
@@ -195,15 +200,14 @@ class NVFP4BlockScaling(Scaling):
         key = None
         if self.stochastic(role) and state is not None:
             key = sr_key(self.sr_seed, state.next_cast())  # the counter keys the bits (fp4.sr_bits)
-        if record and usage == ROWWISE:
-            slot.count_faults(role, amaxes_of(x2d)[0])
+        faults = slot if record and usage == ROWWISE else None  # rowwise: never transformed
         dtype = backend.path.operand_dtype
         if self.rht(role, usage) and rht_in_pass(x2d):  # the same values, the transform made in each pass
             block_amax = rht_blocks_amax(x2d, RHT_SIGN_TENSOR)
             amax = _tensor_amax(block_amax, lambda: rht_dim0(x2d, RHT_SIGN_TENSOR))
             decode, encode = block_scales(block_amax, amax)
             return Operand(rht_cast_dequantized_e2m1(x2d, RHT_SIGN_TENSOR, encode, decode, key, dtype), amax, E2M1)
-        x, amax, decode, encode = self._scales(x2d, role, usage)
+        x, amax, decode, encode = self._scales(x2d, role, usage, faults)
         values = cast_dequantized_e2m1(x, block, encode, decode, key, dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
