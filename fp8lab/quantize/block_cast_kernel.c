@@ -328,30 +328,32 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
 #define RHT_N 16
 #define RHT_W 256  /* columns per pass: 16 rows of doubles stay in L1 */
 
-/* Columns j0 .. j0 + w of group g of the transform, as float32, into out[16][RHT_W]. */
+/* Columns j0 .. j0 + w of group g of the transform, as float32, into out[16][RHT_W]: column by column,
+ * its 16 values in registers through the four butterfly stages (vectorised across the columns). */
 static void rht_tile(const void *x, int bf16, int64_t sr, int64_t r, const float *signs, int64_t g, int64_t j0,
                      int64_t w, float out[RHT_N][RHT_W]) {
-    double y[RHT_N][RHT_W];
+    double sk[RHT_N];
     for (int k = 0; k < RHT_N; k++) {
         const int64_t i = g * RHT_N + k;
-        const double sk = signs[k];
         if (i < r) {
             to_float(out[k], x, bf16, i * sr + j0, w);
-            for (int64_t j = 0; j < w; j++) y[k][j] = sk * (double)out[k][j];
-        } else {
-            for (int64_t j = 0; j < w; j++) y[k][j] = 0.0;
+            sk[k] = signs[k];
+        } else {  /* rows past r: +0 (times +1, so no -0 enters the sums) */
+            memset(out[k], 0, sizeof(float) * w);
+            sk[k] = 1.0;
         }
     }
-    for (int h = 1; h < RHT_N; h *= 2)
-        for (int a = 0; a < RHT_N; a += 2 * h)
-            for (int k = a; k < a + h; k++)
-                for (int64_t j = 0; j < w; j++) {
-                    const double u = y[k][j], v = y[k + h][j];
-                    y[k][j] = u + v;
-                    y[k + h][j] = u - v;
-                }
-    for (int i = 0; i < RHT_N; i++)
-        for (int64_t j = 0; j < w; j++) out[i][j] = (float)(y[i][j] * 0.25);
+    for (int64_t j = 0; j < w; j++) {  /* straight-line code inside, so this loop vectorises */
+        double y[RHT_N];
+        for (int k = 0; k < RHT_N; k++) y[k] = sk[k] * (double)out[k][j];
+#define BF(a, b) { const double u = y[a], v = y[b]; y[a] = u + v; y[b] = u - v; }
+        BF(0, 1) BF(2, 3) BF(4, 5) BF(6, 7) BF(8, 9) BF(10, 11) BF(12, 13) BF(14, 15)
+        BF(0, 2) BF(1, 3) BF(4, 6) BF(5, 7) BF(8, 10) BF(9, 11) BF(12, 14) BF(13, 15)
+        BF(0, 4) BF(1, 5) BF(2, 6) BF(3, 7) BF(8, 12) BF(9, 13) BF(10, 14) BF(11, 15)
+        BF(0, 8) BF(1, 9) BF(2, 10) BF(3, 11) BF(4, 12) BF(5, 13) BF(6, 14) BF(7, 15)
+#undef BF
+        for (int i = 0; i < RHT_N; i++) out[i][j] = (float)(y[i] * 0.25);
+    }
 }
 
 #define FOR_EACH_RHT_TILE                                                                       \
