@@ -178,35 +178,68 @@ def test_hadamard_transform_equals_the_torch_code(dtype, shape):
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+def _nvfp4_values(shape, dtype, seed) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-4, 4, shape, generator=g).float())
+    x[1, :3] = torch.tensor([0.0, -0.0, 1e-40])[: shape[1]]
+    if shape[0] > 80:
+        x[40:56] = 0.0  # 16 rows of zeros: 1x16, 16x1 and 16x16 blocks of zeros (scale 0, encode FLT_MAX)
+        x[60, 1], x[80, 2] = float("inf"), float("nan")
+    return x.to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(256, 300), (200, 77), (5, 3)], ids=["whole", "ragged", "one-group"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
-def test_transform_in_pass_equals_the_transform_stored(dtype, out_dtype, shape, stochastic, monkeypatch):
-    """NVFP4's columnwise copies with the Hadamard transform made inside the amax pass and the cast
-    (never stored) against the transform stored then ``blocks_amax`` and ``cast_dequantized_e2m1``,
-    and against the torch code throughout: zeros, subnormals, inf and NaN, blocks past R."""
+def test_transform_in_pass_equals_the_transform_stored(dtype, out_dtype, shape, stochastic):
+    """The Hadamard transform made inside the amax pass and the E2M1 cast (never stored) against the
+    transform stored, then block_amax and block_cast_e2m1: zeros, subnormals, inf, NaN, blocks past R."""
     from fp8lab.quantize import fp4
     from fp8lab.scaling.nvfp4 import RHT_SIGN_TENSOR as signs
     from fp8lab.scaling.nvfp4_scales import block_scales
 
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-4, 4, shape, generator=g).float())
-    x[1, :3] = torch.tensor([0.0, -0.0, 1e-40])[: shape[1]]
-    if shape[0] > 40:
-        x[40:56] = 0.0  # a group of zeros: block scale 0, encode FLT_MAX
-        x[60, 1], x[80, 2] = float("inf"), float("nan")
-    x = x.to(dtype)
+    x = _nvfp4_values(shape, dtype, 10)
     key = fp4.sr_key(5, 1) if stochastic else None
-    amax = fp4.rht_blocks_amax(x, signs)
-    t = fp4.rht_dim0(x, signs)
-    assert fp4.rht_in_pass(x) and _same(amax, blocks.blocks_amax(t, (16, 1)))
+    t = block_cast_native.rht_dim0(KERNEL, x, signs)
+    amax = block_cast_native.rht_amax(KERNEL, x, signs)
+    assert _same(amax, blocks._blocks_amax_torch(t, (16, 1)))
     decode, encode = block_scales(amax, amax.amax())
-    got = fp4.rht_cast_dequantized_e2m1(x, signs, encode, decode, key, out_dtype)
-    assert _same(got, fp4.cast_dequantized_e2m1(t, (16, 1), encode, decode, key, out_dtype))
+    got = block_cast_native.rht_cast_e2m1(KERNEL, x, signs, encode, decode, key, out_dtype)
+    assert _same(got, block_cast_native.block_cast_e2m1(KERNEL, t, (16, 1), encode, decode, key, out_dtype))
+
+
+@pytest.mark.parametrize("role", ["input", "weight", "grad_output"])
+@pytest.mark.parametrize("usage", ["rowwise", "columnwise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 300), (200, 77), (5, 3), (64, 48)], ids=["whole", "ragged", "tiny", "zeros"])
+def test_nvfp4_cast_in_one_call_equals_the_torch_code(role, usage, dtype, shape, monkeypatch):
+    """NVFP4's operands (1x16, 16x1 and 16x16 blocks, Hadamard transform, stochastic rounding) cast by
+    the one-call kernel path against the torch path: values, tensor amax (with amaxes_of's -0 of a
+    zero tensor) and the fault count of NaN and inf; the cast statistics of a log step too."""
+    from fp8lab import NVFP4BlockScaling
+    from fp8lab.formats import Role
+    from fp8lab.gemm.backends.emulated import EmulatedBackend
+    from fp8lab.gemm.exact import GemmPath
+    from fp8lab.gemm.telemetry_slot import TelemetrySlot
+
+    x = _nvfp4_values(shape, dtype, 12) if shape != (64, 48) else torch.zeros(64, 48, dtype=dtype)
+    scaling, role = (
+        NVFP4BlockScaling(),
+        {"input": Role.INPUT, "weight": Role.WEIGHT, "grad_output": Role.GRAD_OUTPUT}[role],
+    )
+    backend = EmulatedBackend(GemmPath("bf16", torch.bfloat16, "test"))
+
+    def cast():
+        state, slot = scaling.new_state(), TelemetrySlot()
+        slot.arm(x.device, whatif=False)
+        op = scaling.operand(x, role, usage, state=state, backend=backend, record=True, slot=slot)
+        return op.values, op.inv_scale, slot.fault_counts(x.device), slot.cast_stats[role], slot.block_stats[role]
+
+    got = cast()
     _torch_only(monkeypatch)
-    assert not fp4.rht_in_pass(x) and _same(amax, fp4.rht_blocks_amax(x, signs))
-    assert _same(got, fp4.rht_cast_dequantized_e2m1(x, signs, encode, decode, key, out_dtype))
+    want = cast()
+    assert all(_same(g, w) for g, w in zip(got, want))
 
 
 def test_stochastic_rounding_bits_are_the_documented_hash_and_uniform():
@@ -300,7 +333,7 @@ def test_nvfp4_scales_equal_the_torch_code(case, monkeypatch):
     if case == "values":
         x[torch.isinf(x)] = 1.0  # finite: its scales decide the E4M3 rounding of every block
     grid = blocks.blocks_amax(x, (1, 16))
-    amax = _tensor_amax(grid, lambda: x)
+    amax = _tensor_amax(grid.amax() if grid.numel() else None, lambda: x)
     assert _same(amax, amaxes_of(x)[1])
     got = block_scales(grid, amax)
     _torch_only(monkeypatch)

@@ -477,3 +477,28 @@ int fp8lab_nvfp4_scales(const float *block_amax, int64_t n, float amax, float *d
     }
     return 0;
 }
+
+/*
+ * One NVFP4 cast, every step above in one call (fp8lab.scaling.nvfp4's operand): the block amaxes into
+ * grid (nbr x nbc, contiguous; of the transform in (16, 1) blocks when signs is not NULL, rows rounded
+ * up to 16), the tensor amax (the largest of them) into *amax, the scales into decode and encode (like
+ * grid), the E2M1 cast into out (row stride so; the transform's: rp x c, row stride c) and, where nans
+ * is not NULL, the number of NaN elements of x into *nans (not with signs).
+ */
+int fp8lab_nvfp4_cast(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
+                      const float *signs, int stochastic, uint32_t key, int64_t ir, int64_t ic, float *grid,
+                      float *amax, float *decode, float *encode, int64_t *nans, void *out, int out_bf16, int64_t so,
+                      int nthreads) {
+    const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc;
+    int rc = signs ? fp8lab_rht_amax(x, bf16, sr, r, c, signs, grid, nthreads)
+                   : fp8lab_block_amax(x, bf16, sr, r, c, br, bc, grid, nbc, nthreads, nans);
+    if (rc) return rc;
+    uint32_t top = 0;  /* block amaxes are >= 0 and never NaN: their bits order as they do */
+    for (int64_t i = 0; i < nbr * nbc; i++) top = bits_of(grid[i]) > top ? bits_of(grid[i]) : top;
+    *amax = float_of(top);
+    fp8lab_nvfp4_scales(grid, nbr * nbc, *amax, decode, encode);
+    if (signs) return fp8lab_rht_cast_e2m1(x, bf16, sr, r, c, signs, encode, decode, stochastic, key, out, out_bf16,
+                                           nthreads);
+    return fp8lab_block_cast_e2m1(x, bf16, sr, r, c, br, bc, encode, decode, nbc, stochastic, key, ir, ic, out,
+                                  out_bf16, so, nthreads);
+}

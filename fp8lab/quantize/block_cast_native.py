@@ -65,6 +65,13 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
         *(ptr, ptr, c_int, ctypes.c_uint32),  # encode, decode, stochastic, its key
         *(ptr, c_int, c_int),  # out, out_bf16, threads
     ]
+    lib.fp8lab_nvfp4_cast.restype = c_int
+    lib.fp8lab_nvfp4_cast.argtypes = [
+        *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
+        *(ptr, c_int, ctypes.c_uint32, i64, i64),  # signs (or NULL), stochastic, its key, index strides
+        *(ptr, ptr, ptr, ptr, ptr),  # block amaxes, tensor amax, decode, encode, NaN count (or NULL)
+        *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
+    ]
     f32 = ctypes.c_float
     lib.fp8lab_te_scales.restype = c_int
     lib.fp8lab_te_scales.argtypes = [ptr, i64, f32, f32, f32, c_int, ptr]  # amax, n, fp8_max, eps, inf's, pow2, out
@@ -264,3 +271,35 @@ def nvfp4_scales(k: Kernel, block_amax: torch.Tensor, amax: torch.Tensor) -> tup
         block_amax.data_ptr(), block_amax.numel(), float(amax), decode.data_ptr(), encode.data_ptr()
     )
     return decode, encode
+
+
+def nvfp4_cast(
+    k: Kernel,
+    x: torch.Tensor,
+    block: tuple[int, int],
+    signs: torch.Tensor | None,
+    sr_key: int | None,
+    dtype: torch.dtype,
+    count_nans: bool = False,
+):
+    """NVFP4's cast of a ``readable`` x in one call: ``blocks_amax`` (of ``rht_dim0(x, signs)`` in
+    (16, 1) blocks where ``signs`` is given, the transform made in the passes), the tensor amax (the
+    largest block amax), ``nvfp4_scales.block_scales`` and ``block_cast_e2m1`` (``rht_cast_e2m1``).
+    Returns (values in ``dtype``, tensor amax 0-dim, decode scales, the number of NaN elements of x or
+    None unless ``count_nans``, which the transformed cast does not count)."""
+    if signs is not None:
+        signs, block = _signs(signs), (16, 1)
+    r, c = x.shape
+    grid_shape = _grid_shape(x, block)
+    grid, decode, encode = (torch.empty(grid_shape, dtype=torch.float32) for _ in range(3))
+    amax = torch.empty((), dtype=torch.float32)
+    out = torch.empty(grid_shape[0] * 16 if signs is not None else r, c, dtype=dtype)
+    nans = ctypes.c_int64(0) if count_nans and signs is None else None
+    k.lib.fp8lab_nvfp4_cast(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block,
+        None if signs is None else signs.data_ptr(), int(sr_key is not None), 0 if sr_key is None else sr_key, c, 1,
+        grid.data_ptr(), amax.data_ptr(), decode.data_ptr(), encode.data_ptr(),
+        None if nans is None else ctypes.byref(nans),
+        out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, amax, decode, None if nans is None else nans.value

@@ -23,7 +23,7 @@ import torch
 
 from fp8lab.formats import E2M1
 from fp8lab.quantize import block_cast_native
-from fp8lab.quantize.blocks import blocks_amax, padded_blocks, transposed
+from fp8lab.quantize.blocks import padded_blocks, transposed
 from fp8lab.quantize.tensor import round_fp32_to_fp8_grid_
 
 HADAMARD_SIZE = 16
@@ -174,34 +174,3 @@ def rht_dim0(x2d: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         if k is not None:
             return block_cast_native.rht_dim0(k, x2d, signs)
     return apply_rht_dim0(x2d, rht_matrix(signs).to(x2d.device))  # the 16x16 matrix where x2d is (a GPU)
-
-
-def rht_in_pass(x2d: torch.Tensor) -> bool:
-    """Whether ``rht_blocks_amax`` and ``rht_cast_dequantized_e2m1`` transform ``x2d`` inside their
-    passes (on the CPU, with the block-cast C kernel): the transform is then made twice and never
-    stored, which is cheaper there than a float32 copy of x2d written and read twice (4 MB at
-    2048x512, page-faulted in again each cast). Elsewhere they transform it once each: call
-    ``rht_dim0`` once instead."""
-    return block_cast_native.readable(x2d) and block_cast_native.kernel() is not None
-
-
-def rht_blocks_amax(x2d: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """``blocks_amax(rht_dim0(x2d, signs), (16, 1))``: (ceil(R/16), C) float32."""
-    if rht_in_pass(x2d):
-        return block_cast_native.rht_amax(block_cast_native.kernel(), x2d, signs)
-    return blocks_amax(rht_dim0(x2d, signs), (HADAMARD_SIZE, 1))
-
-
-def rht_cast_dequantized_e2m1(
-    x2d: torch.Tensor,
-    signs: torch.Tensor,
-    encode: torch.Tensor,
-    decode: torch.Tensor,
-    sr_key: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``cast_dequantized_e2m1(rht_dim0(x2d, signs), (16, 1), encode, decode, sr_key, dtype)``:
-    (R rounded up to 16, C), the random bits by the transform's row-major indices."""
-    if rht_in_pass(x2d) and dtype in (torch.float32, torch.bfloat16):
-        return block_cast_native.rht_cast_e2m1(block_cast_native.kernel(), x2d, signs, encode, decode, sr_key, dtype)
-    return cast_dequantized_e2m1(rht_dim0(x2d, signs), (HADAMARD_SIZE, 1), encode, decode, sr_key, dtype)

@@ -46,15 +46,13 @@ import torch
 from torch import nn
 
 from fp8lab.formats import E2M1, FP8Format, Role
+from fp8lab.quantize import block_cast_native
 from fp8lab.quantize.blocks import blocks_amax, blocks_amax_and_raw
 from fp8lab.quantize.fp4 import (
     cast_blocks_e2m1,
     cast_dequantized_e2m1,
     dequantize_blocks,
-    rht_blocks_amax,
-    rht_cast_dequantized_e2m1,
     rht_dim0,
-    rht_in_pass,
     sr_key,
 )
 from fp8lab.quantize.tensor import amaxes_of
@@ -180,7 +178,8 @@ class NVFP4BlockScaling(Scaling):
             faults.count_faults(role, raw_amax)
         else:
             block_amax = blocks_amax(x, block)
-        amax = _tensor_amax(block_amax, lambda: x)
+        largest = block_amax.amax() if block_amax.device.type == "cpu" and block_amax.numel() else None
+        amax = _tensor_amax(largest, lambda: x)
         return x, amax, *block_scales(block_amax, amax)
 
     def quantize(self, x2d: torch.Tensor, role: Role, usage: str, rbits: torch.Tensor | None = None):
@@ -197,18 +196,25 @@ class NVFP4BlockScaling(Scaling):
         both operands' amaxes, ``nvfp4_scales.gemm_alpha``), format E2M1. ``raw`` is ignored:
         the block scales are exact in the values (no group scales)."""
         block = self.block(role, usage)
-        key = None
+        key, k = None, None
         if self.stochastic(role) and state is not None:
             key = sr_key(self.sr_seed, state.next_cast())  # the counter keys the bits (fp4.sr_bits)
         faults = slot if record and usage == ROWWISE else None  # rowwise: never transformed
         dtype = backend.path.operand_dtype
-        if self.rht(role, usage) and rht_in_pass(x2d):  # the same values, the transform made in each pass
-            block_amax = rht_blocks_amax(x2d, RHT_SIGN_TENSOR)
-            amax = _tensor_amax(block_amax, lambda: rht_dim0(x2d, RHT_SIGN_TENSOR))
-            decode, encode = block_scales(block_amax, amax)
-            return Operand(rht_cast_dequantized_e2m1(x2d, RHT_SIGN_TENSOR, encode, decode, key, dtype), amax, E2M1)
-        x, amax, decode, encode = self._scales(x2d, role, usage, faults)
-        values = cast_dequantized_e2m1(x, block, encode, decode, key, dtype)
+        if block_cast_native.readable(x2d) and dtype in (torch.float32, torch.bfloat16):
+            k = block_cast_native.kernel()
+        if k is not None:  # the CPU: amaxes, scales and cast in one call of the C kernel, the same values
+            signs = RHT_SIGN_TENSOR if self.rht(role, usage) else None
+            values, amax, decode, nans = block_cast_native.nvfp4_cast(
+                k, x2d, block, signs, key, dtype, faults is not None
+            )
+            x = x2d if signs is None else None  # a transform is not stored (statistics read rowwise casts only)
+            amax = _tensor_amax(amax, lambda: rht_dim0(x2d, signs) if x is None else x)
+            if faults is not None:  # the raw amax, NaN propagating: non-finite iff x2d holds NaN or inf
+                faults.count_faults(role, torch.tensor(float("nan")) if nans else amax)
+        else:
+            x, amax, decode, encode = self._scales(x2d, role, usage, faults)
+            values = cast_dequantized_e2m1(x, block, encode, decode, key, dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
             slot.record_blocks(role, _block_stats(x, values, block, decode, amax), amax)
@@ -264,15 +270,13 @@ class NVFP4BlockScaling(Scaling):
         return {"recipe": "NVFP4BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
 
 
-def _tensor_amax(block_amax: torch.Tensor, tensor: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _tensor_amax(largest: torch.Tensor | None, tensor: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``amaxes_of(tensor())[1]`` (fmaxf: NaN ignored, as TE's amax kernels) of the tensor cast, whose
-    block amaxes are ``block_amax``. On the CPU the largest block amax is that value without another
-    pass over the tensor, unless it is 0: then amaxes_of's own (its sign of zero, -0 for a tensor
-    of +0s, reaches the GEMM's alpha)."""
-    if block_amax.device.type == "cpu" and block_amax.numel():
-        amax = block_amax.amax()
-        if amax > 0:  # a CPU tensor: reading it is a load, no sync
-            return amax
+    largest block amax (a CPU tensor; None elsewhere) is ``largest``: that value without another pass
+    over the tensor, unless it is 0: then amaxes_of's own (its sign of zero, -0 for a tensor of +0s,
+    reaches the GEMM's alpha; the scales are those of any zero amax)."""
+    if largest is not None and largest > 0:  # a CPU tensor: reading it is a load, no sync
+        return largest
     return amaxes_of(tensor())[1]
 
 
