@@ -213,14 +213,6 @@ static inline float e2m1_step(float a) {
     return s > 2.0f ? 2.0f : s;
 }
 
-/* floorf(y) for y >= 0 below 2^23, inf or NaN (t / step(t) here, at most 16), in operations that
- * vectorise: floorf itself does not under the default -ftrapping-math. y + 2^23 - 2^23 is y rounded
- * to the nearest integer (exact steps); one less where that rounded up. */
-static inline float floor_nonneg(float y) {
-    const float r = (y + 8388608.0f) - 8388608.0f;
-    return r - (r > y ? 1.0f : 0.0f);  /* r - 0 is r, -0 and NaN included; no arithmetic under a branch */
-}
-
 /* v (already x * encode) onto E2M1, satfinite, to nearest even, as fp8lab.quantize.fp4.round_to_e2m1
  * does it: NaN -> 6, clamped to +-6, rounded by the magic number of its binade. */
 static inline float e2m1_rne(float v) {
@@ -237,12 +229,15 @@ static inline float e2m1_rne(float v) {
 
 /* The same stochastically with the 8 random bits r (0..255), TE's definition as fp4.round_to_e2m1
  * computes it: t = |v| + step(|v|) * r / 256 (the product exact, one rounding), floored onto the
- * spacing at t, at most 6, with v's sign; NaN -> +6. */
+ * spacing at t, at most 6, with v's sign; NaN -> +6. The floor on the bits: from 1 up (spacing 0.5
+ * in [1, 2), 1 in [2, 4), 2 from 4) E2M1 keeps one mantissa bit, so floor(t / step) * step is t with
+ * the rest cleared (inf stays inf); in [0.5, 1) it is 0.5, below 0. Exactly the quotient, floor and
+ * product, without a division. */
 static inline float e2m1_sr(float v, float r) {
     const float a = fabsf(v);
     const float t = e2m1_step(a) * r * (1.0f / 256.0f) + a;
-    const float st = e2m1_step(t);
-    float q = floor_nonneg(t / st) * st;
+    float q = float_of(bits_of(t) & 0xFFC00000u);
+    q = t < 1.0f ? (t < 0.5f ? 0.0f : 0.5f) : q;
     q = q > E2M1_MAX ? E2M1_MAX : q;
     const float signed_q = float_of(bits_of(q) | (bits_of(v) & 0x80000000u));  /* copysignf: q >= 0 */
     return v != v ? E2M1_MAX : signed_q;
