@@ -242,6 +242,19 @@ def test_nvfp4_cast_in_one_call_equals_the_torch_code(role, usage, dtype, shape,
     assert all(_same(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("encode", [1.0, 0.7, 3.1e-3, 1e30], ids=["1", "0.7", "small", "huge"])
+def test_stochastic_e2m1_of_every_bf16_value_equals_the_torch_code(encode):
+    """The kernel's stochastic rounding (its floor taken on the bits) on all 65,536 bf16 patterns (NaN,
+    inf, subnormals, both zeros) times an encode scale, against fp4.round_to_e2m1 with fp4.sr_bits."""
+    from fp8lab.quantize import fp4
+
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
+    scale = torch.full((256, 16), encode)
+    key = fp4.sr_key(2, 9)
+    got = block_cast_native.block_cast_e2m1(KERNEL, x, (1, 16), scale, torch.ones_like(scale), key, torch.float32)
+    assert _same(got, fp4.round_to_e2m1(x.float() * torch.tensor(encode), fp4.sr_bits(key, x.shape)))
+
+
 def test_stochastic_rounding_bits_are_the_documented_hash_and_uniform():
     """fp4.sr_bits against the hash written in Python integers, element by element, and its bytes
     uniform over 2^20 elements (chi-square with 255 degrees of freedom below its 99.99th percentile,
