@@ -65,6 +65,28 @@ def test_amax_equals_the_torch_code(block, dtype, shape):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["specials", "finite", "inf", "zeros", "transposed", "empty"])
+def test_amax_with_the_raw_amax_in_one_pass(block, dtype, case, monkeypatch):
+    """The block amaxes and the raw amax (NaN propagating: what a training cast counts faults from)
+    of one pass: the grid as blocks_amax's, the raw amax as amaxes_of's up to the sign of a zero."""
+    from fp8lab.quantize.tensor import amaxes_of
+
+    x = _values((200, 150), dtype, seed=11)
+    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    x = {"specials": x, "finite": finite, "inf": finite, "zeros": torch.zeros_like(x), "transposed": x.t()}.get(case, x)
+    if case == "inf":
+        x[77, 3] = -float("inf")
+    x = x[:0] if case == "empty" else x
+    got = blocks.blocks_amax_and_raw(x, block)
+    _torch_only(monkeypatch)
+    want = blocks.blocks_amax_and_raw(x, block)
+    assert _same(got[0], blocks._blocks_amax_torch(x, block)) and _same(got[0], want[0])
+    raw = amaxes_of(x)[0]
+    assert _same(got[1].abs(), raw.abs()) and _same(want[1].abs(), raw.abs())
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "f32-scales"])
@@ -156,6 +178,83 @@ def test_hadamard_transform_equals_the_torch_code(dtype, shape):
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+def _nvfp4_values(shape, dtype, seed) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-4, 4, shape, generator=g).float())
+    x[1, :3] = torch.tensor([0.0, -0.0, 1e-40])[: shape[1]]
+    if shape[0] > 80:
+        x[40:56] = 0.0  # 16 rows of zeros: 1x16, 16x1 and 16x16 blocks of zeros (scale 0, encode FLT_MAX)
+        x[60, 1], x[80, 2] = float("inf"), float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 300), (200, 77), (5, 3)], ids=["whole", "ragged", "one-group"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rne", "sr"])
+def test_transform_in_pass_equals_the_transform_stored(dtype, out_dtype, shape, stochastic):
+    """The Hadamard transform made inside the amax pass and the E2M1 cast (never stored) against the
+    transform stored, then block_amax and block_cast_e2m1: zeros, subnormals, inf, NaN, blocks past R."""
+    from fp8lab.quantize import fp4
+    from fp8lab.scaling.nvfp4 import RHT_SIGN_TENSOR as signs
+    from fp8lab.scaling.nvfp4_scales import block_scales
+
+    x = _nvfp4_values(shape, dtype, 10)
+    key = fp4.sr_key(5, 1) if stochastic else None
+    t = block_cast_native.rht_dim0(KERNEL, x, signs)
+    amax = block_cast_native.rht_amax(KERNEL, x, signs)
+    assert _same(amax, blocks._blocks_amax_torch(t, (16, 1)))
+    decode, encode = block_scales(amax, amax.amax())
+    got = block_cast_native.rht_cast_e2m1(KERNEL, x, signs, encode, decode, key, out_dtype)
+    assert _same(got, block_cast_native.block_cast_e2m1(KERNEL, t, (16, 1), encode, decode, key, out_dtype))
+
+
+@pytest.mark.parametrize("role", ["input", "weight", "grad_output"])
+@pytest.mark.parametrize("usage", ["rowwise", "columnwise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 300), (200, 77), (5, 3), (64, 48)], ids=["whole", "ragged", "tiny", "zeros"])
+def test_nvfp4_cast_in_one_call_equals_the_torch_code(role, usage, dtype, shape, monkeypatch):
+    """NVFP4's operands (1x16, 16x1 and 16x16 blocks, Hadamard transform, stochastic rounding) cast by
+    the one-call kernel path against the torch path: values, tensor amax (with amaxes_of's -0 of a
+    zero tensor) and the fault count of NaN and inf; the cast statistics of a log step too."""
+    from fp8lab import NVFP4BlockScaling
+    from fp8lab.formats import Role
+    from fp8lab.gemm.backends.emulated import EmulatedBackend
+    from fp8lab.gemm.exact import GemmPath
+    from fp8lab.gemm.telemetry_slot import TelemetrySlot
+
+    x = _nvfp4_values(shape, dtype, 12) if shape != (64, 48) else torch.zeros(64, 48, dtype=dtype)
+    scaling, role = (
+        NVFP4BlockScaling(),
+        {"input": Role.INPUT, "weight": Role.WEIGHT, "grad_output": Role.GRAD_OUTPUT}[role],
+    )
+    backend = EmulatedBackend(GemmPath("bf16", torch.bfloat16, "test"))
+
+    def cast():
+        state, slot = scaling.new_state(), TelemetrySlot()
+        slot.arm(x.device, whatif=False)
+        op = scaling.operand(x, role, usage, state=state, backend=backend, record=True, slot=slot)
+        return op.values, op.inv_scale, slot.fault_counts(x.device), slot.cast_stats[role], slot.block_stats[role]
+
+    got = cast()
+    _torch_only(monkeypatch)
+    want = cast()
+    assert all(_same(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("encode", [1.0, 0.7, 3.1e-3, 1e30], ids=["1", "0.7", "small", "huge"])
+def test_stochastic_e2m1_of_every_bf16_value_equals_the_torch_code(encode):
+    """The kernel's stochastic rounding (its floor taken on the bits) on all 65,536 bf16 patterns (NaN,
+    inf, subnormals, both zeros) times an encode scale, against fp4.round_to_e2m1 with fp4.sr_bits."""
+    from fp8lab.quantize import fp4
+
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
+    scale = torch.full((256, 16), encode)
+    key = fp4.sr_key(2, 9)
+    got = block_cast_native.block_cast_e2m1(KERNEL, x, (1, 16), scale, torch.ones_like(scale), key, torch.float32)
+    assert _same(got, fp4.round_to_e2m1(x.float() * torch.tensor(encode), fp4.sr_bits(key, x.shape)))
+
+
 def test_stochastic_rounding_bits_are_the_documented_hash_and_uniform():
     """fp4.sr_bits against the hash written in Python integers, element by element, and its bytes
     uniform over 2^20 elements (chi-square with 255 degrees of freedom below its 99.99th percentile,
@@ -179,3 +278,77 @@ def test_stochastic_rounding_bits_are_the_documented_hash_and_uniform():
     expected = bits.numel() / 256
     assert ((counts - expected) ** 2 / expected).sum().item() < 360
     assert fp4.sr_key(0, 1) != key and fp4.sr_key(1, 0) != key  # each cast and each seed its own bits
+
+
+def _torch_only(monkeypatch) -> None:
+    """Every dispatcher takes its torch path from here on (as without a C compiler)."""
+    monkeypatch.setattr(block_cast_native, "kernel", lambda: None)
+
+
+def _amax_grid(seed: int) -> torch.Tensor:
+    """Block amaxes of a ragged tensor over ~80 binades (float32 subnormals to near FLT_MAX), with
+    blocks of zeros, inf and float32's extremes, NaN as a raw amax would carry it."""
+    x = _values((203, 157), torch.float32, seed=seed) * torch.exp2(torch.randint(-60, 60, (203, 1)).float())
+    grid = blocks._blocks_amax_torch(x, (1, 16))
+    grid[:3] = 0.0
+    edges = [float("inf"), float("nan"), 1e-45, 2.0**-127, 2.0**-126, 3.4028235e38, 448.0, 1.0, 2688.0, 1e-4]
+    grid[3, : len(edges)] = torch.tensor(edges)
+    return grid
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "f32-scales"])
+@pytest.mark.parametrize("eps", [0.0, 1e-4, 2.0**-140])
+def test_te_scales_equal_the_torch_code(fmt, pow2, eps, monkeypatch):
+    """Float8BlockScaling's (and current scaling's) scale from amax, for a grid and a 0-dim amax."""
+    from fp8lab.scaling.te_scales import te_scale_from_amax
+
+    grid = _amax_grid(7)
+    e = torch.tensor(1e-4)  # float32's neighbours of the epsilon: the comparison is made in float32
+    grid[4, :3] = torch.stack([e.nextafter(torch.tensor(0.0)), e, e.nextafter(torch.tensor(1.0))])
+    bf16_max, f32_max = torch.finfo(torch.bfloat16).max, torch.finfo(torch.float32).max
+    cases = [(grid, bf16_max), (grid.t(), f32_max), (grid[5, 7], bf16_max)]
+
+    def scales():
+        return [te_scale_from_amax(a, fmt.max, pow2=pow2, epsilon=eps, value_for_inf=v) for a, v in cases]
+
+    got = scales()
+    _torch_only(monkeypatch)
+    want = scales()
+    assert all(_same(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_e8m0_scales_equal_the_torch_code(fmt, monkeypatch):
+    """MXFP8's "rceil" scale and inverse scale, NaN amax (code 255) and amaxes whose code is 0 or 254
+    included (amax * 1/fp8_max at and around 2^-127, and inf)."""
+    from fp8lab.scaling.te_scales import e8m0_scales
+
+    grid = _amax_grid(8)
+    edge = torch.tensor([2.0**-127, 2.0**-126, 1.5 * 2.0**-127, 2.0**126, 2.0**127, 1.7e38]) * fmt.max
+    grid[5, : edge.numel()] = edge
+    got = e8m0_scales(grid, fmt.max)
+    _torch_only(monkeypatch)
+    want = e8m0_scales(grid, fmt.max)
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+@pytest.mark.parametrize("case", ["values", "zeros", "inf", "one-block", "empty"])
+def test_nvfp4_scales_equal_the_torch_code(case, monkeypatch):
+    """NVFP4's tensor amax (amaxes_of's, -0 of a zero tensor included), E4M3 decode and float32 encode
+    scales from the block amax grid of a tensor."""
+    from fp8lab.quantize.tensor import amaxes_of
+    from fp8lab.scaling.nvfp4 import _tensor_amax
+    from fp8lab.scaling.nvfp4_scales import block_scales
+
+    x = _values((203, 157), torch.bfloat16, seed=9) * torch.exp2(torch.randint(-60, 60, (203, 1))).bfloat16()
+    x = {"values": x, "zeros": torch.zeros(40, 48), "inf": x, "one-block": x[:1, :16], "empty": x[:0]}[case]
+    if case == "values":
+        x[torch.isinf(x)] = 1.0  # finite: its scales decide the E4M3 rounding of every block
+    grid = blocks.blocks_amax(x, (1, 16))
+    amax = _tensor_amax(grid.amax() if grid.numel() else None, lambda: x)
+    assert _same(amax, amaxes_of(x)[1])
+    got = block_scales(grid, amax)
+    _torch_only(monkeypatch)
+    want = block_scales(grid, amax)
+    assert all(_same(g, w) for g, w in zip(got, want))

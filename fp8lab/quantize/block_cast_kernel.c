@@ -11,6 +11,7 @@
  * br x bc; the block grid is (ceil(r/br), ceil(c/bc)), row-major with row stride ld (elements) for the
  * amaxes, scales and inverse scales. Work is split across threads by block rows.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -65,17 +66,46 @@ static inline float larger(float m, float a) {
     return a > m ? a : m;
 }
 
+/* n elements of x from index at as the float32 bits of their magnitudes, NaN as 0 (the bits of +0),
+ * into bits: non-negative floats order as their bits, so an integer maximum of these is fmaxf's
+ * maximum with NaN ignored, and GCC vectorises an integer max reduction (a float one it keeps
+ * scalar, since reordering it would reorder NaN comparisons). */
+static void to_magnitude_bits(uint32_t *restrict bits, const void *x, int bf16, int64_t at, int64_t n,
+                              int64_t *nans) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)x + at;
+        for (int64_t j = 0; j < n; j++) bits[j] = (uint32_t)(p[j] & 0x7FFFu) << 16;
+    } else {
+        memcpy(bits, (const float *)x + at, sizeof(float) * n);
+        for (int64_t j = 0; j < n; j++) bits[j] &= 0x7FFFFFFFu;
+    }
+    if (nans) {  /* counted where asked: NaN becomes 0 below */
+        int64_t count = 0;
+        for (int64_t j = 0; j < n; j++) count += bits[j] > 0x7F800000u;
+        *nans += count;
+    }
+    for (int64_t j = 0; j < n; j++) bits[j] = bits[j] > 0x7F800000u ? 0u : bits[j];
+}
+
+/* The largest of n magnitude bits and m. */
+static inline uint32_t max_bits(uint32_t m, const uint32_t *restrict bits, int64_t n) {
+    for (int64_t j = 0; j < n; j++) m = bits[j] > m ? bits[j] : m;
+    return m;
+}
+
 /* The segment width for blocks bc wide: whole blocks (bc == 1: any). */
 static inline int64_t segment(int64_t bc) { return bc >= SEG ? bc : SEG / bc * bc; }
 
-/* fmaxf(|x|) per block (NaN ignored, inf counted; an all-NaN block gives 0), into amax (nbr x nbc, ld). */
+/* fmaxf(|x|) per block (NaN ignored, inf counted; an all-NaN block gives 0), into amax (nbr x nbc, ld);
+ * the number of NaN elements into *nans unless it is NULL (the raw amax's NaN, in the same pass). */
 int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
-                      float *amax, int64_t ld, int nthreads) {
+                      float *amax, int64_t ld, int nthreads, int64_t *nans) {
     const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc, seg = segment(bc);
-    float *bufs = malloc(sizeof(float) * seg * (nthreads < 1 ? 1 : nthreads));
-    if (!bufs) return -1;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    float *bufs = malloc(sizeof(float) * seg * nthreads);  /* floats, or (row blocks) magnitude bits */
+    if (!bufs) return -1;
+    int64_t nan_count = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : nan_count)
     for (int64_t bi = 0; bi < nbr; bi++) {
 #ifdef _OPENMP
         float *buf = bufs + seg * omp_get_thread_num();
@@ -88,21 +118,24 @@ int fp8lab_block_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c,
         for (int64_t i = bi * br; i < i1; i++)
             for (int64_t j0 = 0; j0 < c; j0 += seg) {
                 const int64_t n = c - j0 < seg ? c - j0 : seg;
-                to_float(buf, x, bf16, i * sr + j0, n);
                 if (bc == 1) {  /* blocks down the columns: an elementwise max into the row of maxima */
+                    to_float(buf, x, bf16, i * sr + j0, n);
                     float *restrict m = row + j0;
                     for (int64_t j = 0; j < n; j++) m[j] = larger(m[j], buf[j]);
+                    if (nans)
+                        for (int64_t j = 0; j < n; j++) nan_count += buf[j] != buf[j];
                     continue;
                 }
+                uint32_t *restrict bits = (uint32_t *)buf;  /* the buffer holds bits here, never floats */
+                to_magnitude_bits(bits, x, bf16, i * sr + j0, n, nans ? &nan_count : NULL);
                 for (int64_t b0 = 0; b0 < n; b0 += bc) {
-                    const int64_t w = n - b0 < bc ? n - b0 : bc;
-                    float m = row[(j0 + b0) / bc];
-                    for (int64_t j = 0; j < w; j++) m = larger(m, buf[b0 + j]);
-                    row[(j0 + b0) / bc] = m;
+                    const int64_t w = n - b0 < bc ? n - b0 : bc, b = (j0 + b0) / bc;
+                    row[b] = float_of(max_bits(bits_of(row[b]), bits + b0, w));  /* row[b] >= 0: bits order */
                 }
             }
     }
     free(bufs);
+    if (nans) *nans = nan_count;
     return 0;
 }
 
@@ -180,14 +213,6 @@ static inline float e2m1_step(float a) {
     return s > 2.0f ? 2.0f : s;
 }
 
-/* floorf(y) for y >= 0 below 2^23, inf or NaN (t / step(t) here, at most 16), in operations that
- * vectorise: floorf itself does not under the default -ftrapping-math. y + 2^23 - 2^23 is y rounded
- * to the nearest integer (exact steps); one less where that rounded up. */
-static inline float floor_nonneg(float y) {
-    const float r = (y + 8388608.0f) - 8388608.0f;
-    return r - (r > y ? 1.0f : 0.0f);  /* r - 0 is r, -0 and NaN included; no arithmetic under a branch */
-}
-
 /* v (already x * encode) onto E2M1, satfinite, to nearest even, as fp8lab.quantize.fp4.round_to_e2m1
  * does it: NaN -> 6, clamped to +-6, rounded by the magic number of its binade. */
 static inline float e2m1_rne(float v) {
@@ -204,12 +229,15 @@ static inline float e2m1_rne(float v) {
 
 /* The same stochastically with the 8 random bits r (0..255), TE's definition as fp4.round_to_e2m1
  * computes it: t = |v| + step(|v|) * r / 256 (the product exact, one rounding), floored onto the
- * spacing at t, at most 6, with v's sign; NaN -> +6. */
+ * spacing at t, at most 6, with v's sign; NaN -> +6. The floor on the bits: from 1 up (spacing 0.5
+ * in [1, 2), 1 in [2, 4), 2 from 4) E2M1 keeps one mantissa bit, so floor(t / step) * step is t with
+ * the rest cleared (inf stays inf); in [0.5, 1) it is 0.5, below 0. Exactly the quotient, floor and
+ * product, without a division. */
 static inline float e2m1_sr(float v, float r) {
     const float a = fabsf(v);
     const float t = e2m1_step(a) * r * (1.0f / 256.0f) + a;
-    const float st = e2m1_step(t);
-    float q = floor_nonneg(t / st) * st;
+    float q = float_of(bits_of(t) & 0xFFC00000u);
+    q = t < 1.0f ? (t < 0.5f ? 0.0f : 0.5f) : q;
     q = q > E2M1_MAX ? E2M1_MAX : q;
     const float signed_q = float_of(bits_of(q) | (bits_of(v) & 0x80000000u));  /* copysignf: q >= 0 */
     return v != v ? E2M1_MAX : signed_q;
@@ -295,37 +323,177 @@ int fp8lab_block_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64
 #define RHT_N 16
 #define RHT_W 256  /* columns per pass: 16 rows of doubles stay in L1 */
 
+/* Columns j0 .. j0 + w of group g of the transform, as float32, into out[16][RHT_W]: column by column,
+ * its 16 values in registers through the four butterfly stages (vectorised across the columns). */
+static void rht_tile(const void *x, int bf16, int64_t sr, int64_t r, const float *signs, int64_t g, int64_t j0,
+                     int64_t w, float out[RHT_N][RHT_W]) {
+    double sk[RHT_N];
+    for (int k = 0; k < RHT_N; k++) {
+        const int64_t i = g * RHT_N + k;
+        if (i < r) {
+            to_float(out[k], x, bf16, i * sr + j0, w);
+            sk[k] = signs[k];
+        } else {  /* rows past r: +0 (times +1, so no -0 enters the sums) */
+            memset(out[k], 0, sizeof(float) * w);
+            sk[k] = 1.0;
+        }
+    }
+    for (int64_t j = 0; j < w; j++) {  /* straight-line code inside, so this loop vectorises */
+        double y[RHT_N];
+        for (int k = 0; k < RHT_N; k++) y[k] = sk[k] * (double)out[k][j];
+#define BF(a, b) { const double u = y[a], v = y[b]; y[a] = u + v; y[b] = u - v; }
+        BF(0, 1) BF(2, 3) BF(4, 5) BF(6, 7) BF(8, 9) BF(10, 11) BF(12, 13) BF(14, 15)
+        BF(0, 2) BF(1, 3) BF(4, 6) BF(5, 7) BF(8, 10) BF(9, 11) BF(12, 14) BF(13, 15)
+        BF(0, 4) BF(1, 5) BF(2, 6) BF(3, 7) BF(8, 12) BF(9, 13) BF(10, 14) BF(11, 15)
+        BF(0, 8) BF(1, 9) BF(2, 10) BF(3, 11) BF(4, 12) BF(5, 13) BF(6, 14) BF(7, 15)
+#undef BF
+        for (int i = 0; i < RHT_N; i++) out[i][j] = (float)(y[i] * 0.25);
+    }
+}
+
+#define FOR_EACH_RHT_TILE                                                                       \
+    const int64_t groups = (r + RHT_N - 1) / RHT_N, panels = (c + RHT_W - 1) / RHT_W;          \
+    if (nthreads < 1) nthreads = 1;                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                          \
+    for (int64_t t = 0; t < groups * panels; t++)
+
 int fp8lab_rht_dim0(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs, float *out,
                     int nthreads) {
-    const int64_t groups = (r + RHT_N - 1) / RHT_N, panels = (c + RHT_W - 1) / RHT_W;
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < groups * panels; t++) {
+    FOR_EACH_RHT_TILE {
         const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
-        double y[RHT_N][RHT_W];
-        float row[RHT_W];
+        float tile[RHT_N][RHT_W];
+        rht_tile(x, bf16, sr, r, signs, g, j0, w, tile);
+        for (int i = 0; i < RHT_N; i++) memcpy(out + (g * RHT_N + i) * c + j0, tile[i], sizeof(float) * w);
+    }
+    return 0;
+}
+
+/* fp8lab_block_amax of the transform in (16, 1) blocks, the transform never stored: amax ((rp / 16) x c). */
+int fp8lab_rht_amax(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs, float *amax,
+                    int nthreads) {
+    FOR_EACH_RHT_TILE {
+        const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
+        float tile[RHT_N][RHT_W];
+        rht_tile(x, bf16, sr, r, signs, g, j0, w, tile);
+        float *restrict m = amax + g * c + j0;
+        for (int64_t j = 0; j < w; j++) m[j] = 0.0f;
+        for (int i = 0; i < RHT_N; i++)
+            for (int64_t j = 0; j < w; j++) m[j] = larger(m[j], tile[i][j]);
+    }
+    return 0;
+}
+
+/* fp8lab_block_cast_e2m1 of the transform in (16, 1) blocks (encode, decode: (rp / 16) x c), the transform
+ * never stored: out (rp x c), element (i, j) rounded with the random bits of index i * c + j. */
+int fp8lab_rht_cast_e2m1(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, const float *signs,
+                         const float *encode, const float *decode, int stochastic, uint32_t key, void *out,
+                         int out_bf16, int nthreads) {
+    FOR_EACH_RHT_TILE {
+        const int64_t g = t / panels, j0 = (t % panels) * RHT_W, w = c - j0 < RHT_W ? c - j0 : RHT_W;
+        float tile[RHT_N][RHT_W], rf[RHT_W];
+        rht_tile(x, bf16, sr, r, signs, g, j0, w, tile);
+        const float *restrict e = encode + g * c + j0, *restrict d = decode + g * c + j0;
         for (int k = 0; k < RHT_N; k++) {
             const int64_t i = g * RHT_N + k;
-            const double sk = signs[k];
-            if (i < r) {
-                to_float(row, x, bf16, i * sr + j0, w);
-                for (int64_t j = 0; j < w; j++) y[k][j] = sk * (double)row[j];
+            float *restrict v = tile[k];
+            if (stochastic) {
+                const uint32_t at = (uint32_t)(i * c + j0);
+                for (int64_t j = 0; j < w; j++) rf[j] = (float)sr_byte(at + (uint32_t)j, key);
+                for (int64_t j = 0; j < w; j++) v[j] = e2m1_sr(v[j] * e[j], rf[j]) * d[j];
             } else {
-                for (int64_t j = 0; j < w; j++) y[k][j] = 0.0;
+                for (int64_t j = 0; j < w; j++) v[j] = e2m1_rne(v[j] * e[j]) * d[j];
             }
-        }
-        for (int h = 1; h < RHT_N; h *= 2)
-            for (int a = 0; a < RHT_N; a += 2 * h)
-                for (int k = a; k < a + h; k++)
-                    for (int64_t j = 0; j < w; j++) {
-                        const double u = y[k][j], v = y[k + h][j];
-                        y[k][j] = u + v;
-                        y[k + h][j] = u - v;
-                    }
-        for (int i = 0; i < RHT_N; i++) {
-            float *o = out + (g * RHT_N + i) * c + j0;
-            for (int64_t j = 0; j < w; j++) o[j] = (float)(y[i][j] * 0.25);
+            from_float(out, out_bf16, i * c + j0, v, w);
         }
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- block scales from block amaxes */
+
+/*
+ * The scale arithmetic the block recipes run on their amax grids (n values, contiguous), one pass over
+ * the small grid instead of a dozen tensor operations, each step the float32 operation of the torch
+ * function named (same order, same roundings; -ffp-contract=off, NaN comparisons kept). Selects only,
+ * so the loops vectorise.
+ */
+
+/* fp8lab.scaling.te_scales.te_scale_from_amax: TE's compute_scale_from_amax. */
+int fp8lab_te_scales(const float *amax, int64_t n, float fp8_max, float epsilon, float value_for_inf, int pow2,
+                     float *scale) {
+    for (int64_t i = 0; i < n; i++) {
+        const float a = amax[i] < epsilon ? epsilon : amax[i];  /* NaN < epsilon is false */
+        float s = fp8_max / a;
+        s = (fabsf(a) == INFINITY || a == 0.0f || a != a) ? 1.0f : s;
+        s = fabsf(s) == INFINITY ? value_for_inf : s;
+        scale[i] = pow2 ? float_of(bits_of(s) & 0xFF800000u) : s;
+    }
+    return 0;
+}
+
+/* fp8lab.scaling.te_scales: float_to_e8m0(amax * rcp), then e8m0_scale (2^(127 - e); code 0: 1, 254:
+ * 2^-127, 255: NaN) and e8m0_scale_inv (2^(e - 127); code 0: 2^-127, 255: NaN). */
+int fp8lab_e8m0_scales(const float *amax, int64_t n, float rcp, float *scale, float *scale_inv) {
+    const float nan = float_of(0x7FC00000u);
+    for (int64_t i = 0; i < n; i++) {
+        const float v = amax[i] * rcp;
+        const uint32_t b = bits_of(v) & 0x7FFFFFFFu, up = (b + 0x7FFFFFu) >> 23;
+        uint32_t e = up > 0xFEu ? 0xFEu : up;
+        e = b <= 0x400000u ? 0u : e;
+        e = v != v ? 0xFFu : e;
+        float s = float_of((e < 254u ? 254u - e : 0u) << 23);
+        s = e == 0u ? 1.0f : (e == 254u ? float_of(0x00400000u) : s);  /* 2^-127: a float32 subnormal */
+        scale[i] = e == 255u ? nan : s;
+        scale_inv[i] = e == 255u ? nan : (e == 0u ? float_of(0x00400000u) : float_of(e << 23));
+    }
+    return 0;
+}
+
+/* fp8lab.scaling.nvfp4_scales.block_scales: from the tensor amax, global_encode_scale, global_decode_scale;
+ * then of each block amax (n), block_decode_scale (E4M3 by magic-number rounding: min normal 2^-6, 3
+ * mantissa bits) and block_encode_scale, into decode and encode. */
+int fp8lab_nvfp4_scales(const float *block_amax, int64_t n, float amax, float *decode, float *encode) {
+    float s_enc = 2688.0f / amax;  /* 448 * 6 */
+    s_enc = (s_enc != s_enc || s_enc > FLT_MAX) ? FLT_MAX : s_enc;
+    s_enc = (amax == 0.0f || s_enc == 0.0f) ? 1.0f : s_enc;
+    const float s_dec = (float)(1.0 / (double)s_enc);
+    const float multiplier = s_enc * (float)(1.0 / 6.0);  /* TE's fp4_max_inv, rounded once */
+    const float m_min = float_of(0x3C800000u) * 1572864.0f;  /* 2^-6 * 1.5 * 2^(23 - 3) */
+    for (int64_t i = 0; i < n; i++) {
+        float d = block_amax[i] * multiplier;
+        d = d > FLT_MAX ? FLT_MAX : d;
+        d = d > 448.0f ? 448.0f : (d < -448.0f ? -448.0f : d);
+        const uint32_t e = bits_of(d) & 0x7F800000u;
+        const float m = e > 0x3C800000u ? float_of(e) * 1572864.0f : m_min;
+        d = (d + m) - m;
+        decode[i] = d;
+        const float en = 1.0f / (d * s_dec);
+        encode[i] = en > FLT_MAX ? FLT_MAX : en;
+    }
+    return 0;
+}
+
+/*
+ * One NVFP4 cast, every step above in one call (fp8lab.scaling.nvfp4's operand): the block amaxes into
+ * grid (nbr x nbc, contiguous; of the transform in (16, 1) blocks when signs is not NULL, rows rounded
+ * up to 16), the tensor amax (the largest of them) into *amax, the scales into decode and encode (like
+ * grid), the E2M1 cast into out (row stride so; the transform's: rp x c, row stride c) and, where nans
+ * is not NULL, the number of NaN elements of x into *nans (not with signs).
+ */
+int fp8lab_nvfp4_cast(const void *x, int bf16, int64_t sr, int64_t r, int64_t c, int64_t br, int64_t bc,
+                      const float *signs, int stochastic, uint32_t key, int64_t ir, int64_t ic, float *grid,
+                      float *amax, float *decode, float *encode, int64_t *nans, void *out, int out_bf16, int64_t so,
+                      int nthreads) {
+    const int64_t nbr = (r + br - 1) / br, nbc = (c + bc - 1) / bc;
+    int rc = signs ? fp8lab_rht_amax(x, bf16, sr, r, c, signs, grid, nthreads)
+                   : fp8lab_block_amax(x, bf16, sr, r, c, br, bc, grid, nbc, nthreads, nans);
+    if (rc) return rc;
+    uint32_t top = 0;  /* block amaxes are >= 0 and never NaN: their bits order as they do */
+    for (int64_t i = 0; i < nbr * nbc; i++) top = bits_of(grid[i]) > top ? bits_of(grid[i]) : top;
+    *amax = float_of(top);
+    fp8lab_nvfp4_scales(grid, nbr * nbc, *amax, decode, encode);
+    if (signs) return fp8lab_rht_cast_e2m1(x, bf16, sr, r, c, signs, encode, decode, stochastic, key, out, out_bf16,
+                                           nthreads);
+    return fp8lab_block_cast_e2m1(x, bf16, sr, r, c, br, bc, encode, decode, nbc, stochastic, key, ir, ic, out,
+                                  out_bf16, so, nthreads);
 }

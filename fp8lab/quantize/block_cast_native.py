@@ -40,7 +40,7 @@ class Kernel:
 def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -> Kernel:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.fp8lab_block_amax.restype = c_int
-    lib.fp8lab_block_amax.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, i64, c_int]
+    lib.fp8lab_block_amax.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, i64, c_int, ptr]  # ..., nans
     lib.fp8lab_block_cast.restype = c_int
     lib.fp8lab_block_cast.argtypes = [
         *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
@@ -57,6 +57,28 @@ def _load(lib: ctypes.CDLL, file: Path, compiler: str, flags: tuple[str, ...]) -
     ]
     lib.fp8lab_rht_dim0.restype = c_int
     lib.fp8lab_rht_dim0.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, c_int]
+    lib.fp8lab_rht_amax.restype = c_int
+    lib.fp8lab_rht_amax.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, c_int]
+    lib.fp8lab_rht_cast_e2m1.restype = c_int
+    lib.fp8lab_rht_cast_e2m1.argtypes = [
+        *(ptr, c_int, i64, i64, i64, ptr),  # x, bf16, row stride, r, c, signs
+        *(ptr, ptr, c_int, ctypes.c_uint32),  # encode, decode, stochastic, its key
+        *(ptr, c_int, c_int),  # out, out_bf16, threads
+    ]
+    lib.fp8lab_nvfp4_cast.restype = c_int
+    lib.fp8lab_nvfp4_cast.argtypes = [
+        *(ptr, c_int, i64, i64, i64, i64, i64),  # x, bf16, row stride, r, c, br, bc
+        *(ptr, c_int, ctypes.c_uint32, i64, i64),  # signs (or NULL), stochastic, its key, index strides
+        *(ptr, ptr, ptr, ptr, ptr),  # block amaxes, tensor amax, decode, encode, NaN count (or NULL)
+        *(ptr, c_int, i64, c_int),  # out, out_bf16, its row stride, threads
+    ]
+    f32 = ctypes.c_float
+    lib.fp8lab_te_scales.restype = c_int
+    lib.fp8lab_te_scales.argtypes = [ptr, i64, f32, f32, f32, c_int, ptr]  # amax, n, fp8_max, eps, inf's, pow2, out
+    lib.fp8lab_e8m0_scales.restype = c_int
+    lib.fp8lab_e8m0_scales.argtypes = [ptr, i64, f32, ptr, ptr]  # amax, n, 1 / fp8_max, scale, scale_inv
+    lib.fp8lab_nvfp4_scales.restype = c_int
+    lib.fp8lab_nvfp4_scales.argtypes = [ptr, i64, f32, ptr, ptr]  # block amax, n, tensor amax, decode, encode
     return Kernel(lib, compiler, flags, file)
 
 
@@ -72,6 +94,11 @@ def kernel() -> Kernel | None:
             stacklevel=2,
         )
     return built
+
+
+def scale_kernel(amax: torch.Tensor) -> Kernel | None:
+    """The kernel where it computes the scales of the amax grid ``amax`` (a CPU tensor), else None."""
+    return kernel() if amax.device.type == "cpu" else None
 
 
 def readable(x: torch.Tensor) -> bool:
@@ -90,13 +117,14 @@ def _grid_shape(x: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
     return -(-x.shape[0] // block[0]), -(-x.shape[1] // block[1])
 
 
-def block_amax(k: Kernel, x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``blocks.blocks_amax`` of a ``readable`` x: (ceil(R/br), ceil(C/bc)) float32."""
+def block_amax(k: Kernel, x: torch.Tensor, block: tuple[int, int], nans: ctypes.c_int64 | None = None):
+    """``blocks.blocks_amax`` of a ``readable`` x: (ceil(R/br), ceil(C/bc)) float32; the number of
+    NaN elements of x into ``nans`` where one is given (in the same pass)."""
     out = torch.empty(_grid_shape(x, block), dtype=torch.float32)
     r, c = x.shape
     k.lib.fp8lab_block_amax(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block, out.data_ptr(), out.stride(0),
-        torch.get_num_threads(),
+        torch.get_num_threads(), None if nans is None else ctypes.byref(nans),
     )  # fmt: skip
     return out
 
@@ -159,9 +187,7 @@ def block_cast_e2m1(
 def rht_dim0(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``fp4.apply_rht_dim0`` of a ``readable`` x with the transform ``diag(signs) @ H16 / 4``:
     float32 (R rounded up to 16, C), each output the float64 sum of its 16 terms rounded once."""
-    if signs.numel() != 16:
-        raise ValueError(f"the transform is 16x16: 16 signs, got {signs.numel()}")
-    signs = signs.float().contiguous()
+    signs = _signs(signs)
     r, c = x.shape
     out = torch.empty(-(-r // 16) * 16, c, dtype=torch.float32)
     k.lib.fp8lab_rht_dim0(
@@ -169,3 +195,111 @@ def rht_dim0(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _signs(signs: torch.Tensor) -> torch.Tensor:
+    if signs.numel() != 16:
+        raise ValueError(f"the transform is 16x16: 16 signs, got {signs.numel()}")
+    return signs.float().contiguous()
+
+
+def rht_amax(k: Kernel, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``blocks.blocks_amax(rht_dim0(k, x, signs), (16, 1))`` of a ``readable`` x in one pass, the
+    transform made in the pass and not stored: float32 (ceil(R/16), C)."""
+    signs = _signs(signs)
+    r, c = x.shape
+    out = torch.empty(-(-r // 16), c, dtype=torch.float32)
+    k.lib.fp8lab_rht_amax(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, signs.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rht_cast_e2m1(
+    k: Kernel,
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    encode: torch.Tensor,
+    decode: torch.Tensor,
+    sr_key: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``block_cast_e2m1(k, rht_dim0(k, x, signs), (16, 1), encode, decode, sr_key, dtype)`` of a
+    ``readable`` x in one pass, the transform made in the pass and not stored: (R rounded up to 16, C)."""
+    signs = _signs(signs)
+    r, c = x.shape
+    encode, decode = encode.float().contiguous(), decode.float().contiguous()
+    rp = -(-r // 16) * 16
+    if tuple(encode.shape) != (rp // 16, c) or tuple(decode.shape) != (rp // 16, c):
+        raise ValueError(f"block scales must be {(rp // 16, c)} for the transform of a {tuple(x.shape)} tensor")
+    out = torch.empty(rp, c, dtype=dtype)
+    k.lib.fp8lab_rht_cast_e2m1(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, signs.data_ptr(),
+        encode.data_ptr(), decode.data_ptr(), int(sr_key is not None), 0 if sr_key is None else sr_key,
+        out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _grid(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+def te_scales(k: Kernel, amax: torch.Tensor, fp8_max: float, epsilon: float, value_for_inf: float, pow2: bool):
+    """``te_scales.te_scale_from_amax`` of a CPU amax tensor (any shape), float32."""
+    amax = _grid(amax)
+    scale = torch.empty_like(amax)
+    k.lib.fp8lab_te_scales(amax.data_ptr(), amax.numel(), fp8_max, epsilon, value_for_inf, int(pow2), scale.data_ptr())
+    return scale
+
+
+def e8m0_scales(k: Kernel, amax: torch.Tensor, rcp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e8m0_scale(code), e8m0_scale_inv(code))``, ``code = float_to_e8m0(amax * rcp)`` (``rcp``
+    rounded to float32), of a CPU amax tensor (any shape)."""
+    amax = _grid(amax)
+    scale, scale_inv = torch.empty_like(amax), torch.empty_like(amax)
+    k.lib.fp8lab_e8m0_scales(amax.data_ptr(), amax.numel(), rcp, scale.data_ptr(), scale_inv.data_ptr())
+    return scale, scale_inv
+
+
+def nvfp4_scales(k: Kernel, block_amax: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nvfp4_scales.block_scales`` of a CPU grid and tensor amax: (decode, encode)."""
+    block_amax = _grid(block_amax)
+    decode, encode = torch.empty_like(block_amax), torch.empty_like(block_amax)
+    k.lib.fp8lab_nvfp4_scales(
+        block_amax.data_ptr(), block_amax.numel(), float(amax), decode.data_ptr(), encode.data_ptr()
+    )
+    return decode, encode
+
+
+def nvfp4_cast(
+    k: Kernel,
+    x: torch.Tensor,
+    block: tuple[int, int],
+    signs: torch.Tensor | None,
+    sr_key: int | None,
+    dtype: torch.dtype,
+    count_nans: bool = False,
+):
+    """NVFP4's cast of a ``readable`` x in one call: ``blocks_amax`` (of ``rht_dim0(x, signs)`` in
+    (16, 1) blocks where ``signs`` is given, the transform made in the passes), the tensor amax (the
+    largest block amax), ``nvfp4_scales.block_scales`` and ``block_cast_e2m1`` (``rht_cast_e2m1``).
+    Returns (values in ``dtype``, tensor amax 0-dim, decode scales, the number of NaN elements of x or
+    None unless ``count_nans``, which the transformed cast does not count)."""
+    if signs is not None:
+        signs, block = _signs(signs), (16, 1)
+    r, c = x.shape
+    grid_shape = _grid_shape(x, block)
+    grid, decode, encode = (torch.empty(grid_shape, dtype=torch.float32) for _ in range(3))
+    amax = torch.empty((), dtype=torch.float32)
+    out = torch.empty(grid_shape[0] * 16 if signs is not None else r, c, dtype=dtype)
+    nans = ctypes.c_int64(0) if count_nans and signs is None else None
+    k.lib.fp8lab_nvfp4_cast(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), r, c, *block,
+        None if signs is None else signs.data_ptr(), int(sr_key is not None), 0 if sr_key is None else sr_key, c, 1,
+        grid.data_ptr(), amax.data_ptr(), decode.data_ptr(), encode.data_ptr(),
+        None if nans is None else ctypes.byref(nans),
+        out.data_ptr(), int(dtype == torch.bfloat16), c, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, amax, decode, None if nans is None else nans.value

@@ -15,11 +15,13 @@ dim 0, (128, 128) squares; (1, 32), (32, 1) and (32, 32) for MXFP8.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from fp8lab.formats import FP8Format
 from fp8lab.quantize import block_cast_native
-from fp8lab.quantize.tensor import CPU_CHUNK, round_fp32_to_fp8_grid_
+from fp8lab.quantize.tensor import CPU_CHUNK, amaxes_of, round_fp32_to_fp8_grid_
 
 BLOCK_STAT_NAMES = (
     "block_scale_log2_min",
@@ -61,6 +63,23 @@ def blocks_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     if block_cast_native.readable(x) and (k := block_cast_native.kernel()) is not None:
         return block_cast_native.block_amax(k, x, block)  # one pass, the same values
     return _blocks_amax_torch(x, block)
+
+
+def blocks_amax_and_raw(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``blocks_amax(x, block)``, x's raw amax: max|x| with NaN propagating, 0-dim float32, the
+    value of ``amaxes_of(x)[0]`` up to the sign of a zero, so non-finite exactly when x holds NaN
+    or inf: what a training cast counts its faults from). Where the C kernel reads x, one pass
+    (it counts NaN elements as it takes the maxima) and the largest block amax; else two passes."""
+    if transposed(x):
+        amax, raw = blocks_amax_and_raw(x.t(), block[::-1])
+        return amax.t(), raw
+    if block_cast_native.readable(x) and (k := block_cast_native.kernel()) is not None:
+        nans = ctypes.c_int64(0)
+        amax = block_cast_native.block_amax(k, x, block, nans)
+        if nans.value:
+            return amax, torch.tensor(float("nan"))
+        return amax, amax.amax() if amax.numel() else torch.zeros(())
+    return blocks_amax(x, block), amaxes_of(x)[0]
 
 
 def _blocks_amax_torch(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

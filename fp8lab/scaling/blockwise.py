@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from fp8lab.formats import FP8Format, Role
-from fp8lab.quantize.blocks import block_cast_stats, blocks_amax
-from fp8lab.quantize.tensor import amaxes_of
+from fp8lab.quantize.blocks import block_cast_stats, blocks_amax, blocks_amax_and_raw
 from fp8lab.scaling.protocol import ROWWISE, Operand, Scaling
 
 
@@ -56,10 +55,12 @@ class BlockwiseScaling(Scaling):
         does not contract (``Operand.group_scale``) and the block shape (``Operand.block``)."""
         fmt, block = self.format_for(role), self.block(role, usage)
         raw = raw or not self.exact_dequantization
-        amax = blocks_amax(x2d, block)
-        scale, scale_inv = self.block_scales(amax, fmt, x2d.dtype)
         if record and usage == ROWWISE:
-            slot.count_faults(role, amaxes_of(x2d)[0])
+            amax, raw_amax = blocks_amax_and_raw(x2d, block)  # one pass on the CPU
+            slot.count_faults(role, raw_amax)
+        else:
+            amax = blocks_amax(x2d, block)
+        scale, scale_inv = self.block_scales(amax, fmt, x2d.dtype)
         values = backend.quantize_blocks(x2d, block, scale, None if raw else scale_inv, fmt)
         if slot is not None and slot.armed and usage == ROWWISE:
             stats = block_cast_stats(x2d, None if raw else values, block, scale, fmt)  # None: the same cast, redone

@@ -28,7 +28,7 @@ import torch
 from fp8lab.formats import FP8Format, Role, check_fp8_format
 from fp8lab.scaling.blockwise import BlockwiseScaling, tile
 from fp8lab.scaling.protocol import KEEP_BF16, TE_PINNED, te_format
-from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, float_to_e8m0, torchao_e8m0
+from fp8lab.scaling.te_scales import e8m0_scale, e8m0_scale_inv, e8m0_scales, float_to_e8m0, torchao_e8m0
 
 BLOCK = 32
 # torchao 0.18's ScaleCalculationMode values; only "rceil" exists in Transformer Engine.
@@ -77,6 +77,8 @@ class MXFP8BlockScaling(BlockwiseScaling):
 
     def block_scales(self, amax: torch.Tensor, fmt: FP8Format, input_dtype: torch.dtype):
         """(scale, scale_inv) of blocks with these amaxes: powers of two from E8M0 codes."""
+        if self.scale_calculation_mode == "rceil":
+            return e8m0_scales(amax, fmt.max)
         code = self.block_codes(amax, fmt)
         return e8m0_scale(code), e8m0_scale_inv(code)
 

@@ -39,13 +39,15 @@ and are not reproduced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fp8lab.formats import E2M1, FP8Format, Role
-from fp8lab.quantize.blocks import blocks_amax
+from fp8lab.quantize import block_cast_native
+from fp8lab.quantize.blocks import blocks_amax, blocks_amax_and_raw
 from fp8lab.quantize.fp4 import (
     cast_blocks_e2m1,
     cast_dequantized_e2m1,
@@ -55,18 +57,15 @@ from fp8lab.quantize.fp4 import (
 )
 from fp8lab.quantize.tensor import amaxes_of
 from fp8lab.scaling.blockwise import tile
-from fp8lab.scaling.nvfp4_scales import (
-    block_decode_scale,
-    block_encode_scale,
-    global_decode_scale,
-    global_encode_scale,
-)
+from fp8lab.scaling.nvfp4_scales import block_scales, global_decode_scale, global_encode_scale
 from fp8lab.scaling.protocol import COLUMNWISE, KEEP_BF16, ROWWISE, TE_PINNED, Operand, Scaling
 
 BLOCK = 16
 # TE's ``get_wgrad_sign_vector`` (transformer_engine/pytorch/tensor/nvfp4_tensor.py): the fixed
 # "random" signs of the Hadamard transform's rows.
 RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+# Made once: torch.tensor of a tuple costs about 10 us, per cast.
+RHT_SIGN_TENSOR = torch.tensor(RHT_SIGNS, dtype=torch.float32)
 # TE 2.20.2's allowed values of the 4over6 fields; fp8lab models only nvfp4_4over6="none".
 SCOPES = ("none", "weights", "activations", "all")
 ERR_MODES = ("MAE", "MSE")
@@ -168,15 +167,20 @@ class NVFP4BlockScaling(Scaling):
     def stochastic(self, role: Role) -> bool:
         return not self.disable_stochastic_rounding and role == Role.GRAD_OUTPUT
 
-    def _scales(self, x2d: torch.Tensor, role: Role, usage: str):
+    def _scales(self, x2d: torch.Tensor, role: Role, usage: str, faults=None):
         """(the tensor cast: ``x2d``, Hadamard-transformed where TE transforms it; its amax; the
-        E4M3 block decode scales; the float32 block encode scales) for ``usage``."""
+        E4M3 block decode scales; the float32 block encode scales) for ``usage``; ``faults``: the
+        slot whose fault count this cast adds to (when the tensor cast is x2d itself)."""
         block = self.block(role, usage)
-        x = rht_dim0(x2d, torch.tensor(RHT_SIGNS)) if self.rht(role, usage) else x2d
-        amax = amaxes_of(x)[1]  # fmaxf: NaN ignored, as TE's amax kernels
-        s_enc = global_encode_scale(amax)
-        decode = block_decode_scale(blocks_amax(x, block), s_enc)
-        return x, amax, decode, block_encode_scale(decode, global_decode_scale(s_enc))
+        x = rht_dim0(x2d, RHT_SIGN_TENSOR) if self.rht(role, usage) else x2d
+        if faults is not None:
+            block_amax, raw_amax = blocks_amax_and_raw(x, block)  # one pass on the CPU
+            faults.count_faults(role, raw_amax)
+        else:
+            block_amax = blocks_amax(x, block)
+        largest = block_amax.amax() if block_amax.device.type == "cpu" and block_amax.numel() else None
+        amax = _tensor_amax(largest, lambda: x)
+        return x, amax, *block_scales(block_amax, amax)
 
     def quantize(self, x2d: torch.Tensor, role: Role, usage: str, rbits: torch.Tensor | None = None):
         """(E2M1 values float32, E4M3 block scales float32, tensor amax, the tensor cast) of ``x2d``
@@ -192,13 +196,25 @@ class NVFP4BlockScaling(Scaling):
         both operands' amaxes, ``nvfp4_scales.gemm_alpha``), format E2M1. ``raw`` is ignored:
         the block scales are exact in the values (no group scales)."""
         block = self.block(role, usage)
-        key = None
+        key, k = None, None
         if self.stochastic(role) and state is not None:
             key = sr_key(self.sr_seed, state.next_cast())  # the counter keys the bits (fp4.sr_bits)
-        if record and usage == ROWWISE:
-            slot.count_faults(role, amaxes_of(x2d)[0])
-        x, amax, decode, encode = self._scales(x2d, role, usage)
-        values = cast_dequantized_e2m1(x, block, encode, decode, key, backend.path.operand_dtype)
+        faults = slot if record and usage == ROWWISE else None  # rowwise: never transformed
+        dtype = backend.path.operand_dtype
+        if block_cast_native.readable(x2d) and dtype in (torch.float32, torch.bfloat16):
+            k = block_cast_native.kernel()
+        if k is not None:  # the CPU: amaxes, scales and cast in one call of the C kernel, the same values
+            signs = RHT_SIGN_TENSOR if self.rht(role, usage) else None
+            values, amax, decode, nans = block_cast_native.nvfp4_cast(
+                k, x2d, block, signs, key, dtype, faults is not None
+            )
+            x = x2d if signs is None else None  # a transform is not stored (statistics read rowwise casts only)
+            amax = _tensor_amax(amax, lambda: rht_dim0(x2d, signs) if x is None else x)
+            if faults is not None:  # the raw amax, NaN propagating: non-finite iff x2d holds NaN or inf
+                faults.count_faults(role, torch.tensor(float("nan")) if nans else amax)
+        else:
+            x, amax, decode, encode = self._scales(x2d, role, usage, faults)
+            values = cast_dequantized_e2m1(x, block, encode, decode, key, dtype)
         if slot is not None and slot.armed and usage == ROWWISE:
             slot.cast_stats[role] = _cast_stats(x, values, amax)
             slot.record_blocks(role, _block_stats(x, values, block, decode, amax), amax)
@@ -252,6 +268,16 @@ class NVFP4BlockScaling(Scaling):
             **TE_PINNED,
         }
         return {"recipe": "NVFP4BlockScaling", "kwargs": kwargs, "mmparams": None, "qparams": None}
+
+
+def _tensor_amax(largest: torch.Tensor | None, tensor: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``amaxes_of(tensor())[1]`` (fmaxf: NaN ignored, as TE's amax kernels) of the tensor cast, whose
+    largest block amax (a CPU tensor; None elsewhere) is ``largest``: that value without another pass
+    over the tensor, unless it is 0: then amaxes_of's own (its sign of zero, -0 for a tensor of +0s,
+    reaches the GEMM's alpha; the scales are those of any zero amax)."""
+    if largest is not None and largest > 0:  # a CPU tensor: reading it is a load, no sync
+        return largest
+    return amaxes_of(tensor())[1]
 
 
 def _block_stats(x, values, block, decode, amax) -> torch.Tensor:

@@ -12,6 +12,8 @@ step one float32 rounding in TE's order:
   E4M3, clamped to 448; a block of zeros (or one whose scale underflows E4M3) gets 0.
 - ``block_encode_scale(s_dec_b, s_dec)``: what the block's elements are multiplied by before
   the E2M1 conversion, ``fminf(1 / (s_dec_b * S_dec), FLT_MAX)`` (a zero block scale gives FLT_MAX).
+- ``block_scales(block_amax, amax)``: both block scales of a cast from the tensor amax (its global
+  scales) and the block amaxes; on the CPU in one call of the block-cast C kernel, the same values.
 - ``gemm_alpha(amax_a, amax_b)``: the GEMM's output multiplier, ``amax_a * amax_b * fp32(1 /
   (6 * 6 * 448 * 448))`` (TE's ``compute_nvfp4_per_tensor_scale_kernel``), from the amaxes, not
   from ``S_dec``: the two differ in the last bits, as on the hardware.
@@ -20,6 +22,8 @@ step one float32 rounding in TE's order:
 from __future__ import annotations
 
 import torch
+
+from fp8lab.quantize import block_cast_native
 
 FP4_MAX = 6.0
 E4M3_MAX = 448.0
@@ -63,6 +67,18 @@ def block_encode_scale(s_dec_b: torch.Tensor, s_dec: torch.Tensor) -> torch.Tens
     (a block of zeros) gives FLT_MAX, which leaves its zeros zero."""
     encode = torch.reciprocal(s_dec_b.float() * s_dec.float())
     return encode.clamp(max=F32_MAX)
+
+
+def block_scales(block_amax: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 decode scales, float32 encode scales) of blocks with these amaxes in a tensor with
+    this amax: ``block_decode_scale(block_amax, global_encode_scale(amax))`` and its
+    ``block_encode_scale``. On the CPU one pass of the block-cast C kernel over the grid (a dozen
+    small tensor operations otherwise, which at the quickstart's sizes cost more than the cast)."""
+    if (k := block_cast_native.scale_kernel(block_amax)) is not None and amax.device.type == "cpu":
+        return block_cast_native.nvfp4_scales(k, block_amax, amax)
+    s_enc = global_encode_scale(amax)
+    decode = block_decode_scale(block_amax, s_enc)
+    return decode, block_encode_scale(decode, global_decode_scale(s_enc))
 
 
 def gemm_alpha(amax_a: torch.Tensor, amax_b: torch.Tensor) -> torch.Tensor:

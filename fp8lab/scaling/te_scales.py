@@ -20,6 +20,8 @@ import functools
 
 import torch
 
+from fp8lab.quantize import block_cast_native
+
 F32_MAX = torch.finfo(torch.float32).max
 _SIGN_AND_EXPONENT = 0xFF800000 - (1 << 32)  # as a signed int32: clears the mantissa bits
 
@@ -35,7 +37,12 @@ def te_scale_from_amax(
       ``value_for_inf`` (float32 max for current scaling, the input dtype's largest finite
       value for block scaling);
     - ``pow2``: the scale's mantissa bits cleared (rounded down to a power of two).
+
+    On the CPU one pass of the block-cast C kernel (the same float32 operations; a block grid's
+    eight tensor operations cost more than its cast at the quickstart's sizes).
     """
+    if (k := block_cast_native.scale_kernel(amax)) is not None:
+        return block_cast_native.te_scales(k, amax, fp8_max, epsilon, value_for_inf, pow2)
     amax = amax.float()
     amax = torch.where(amax < epsilon, torch.full_like(amax, epsilon), amax)  # NaN < eps is False
     scale = torch.full_like(amax, fp8_max) / amax
@@ -93,6 +100,19 @@ def e8m0_scale(e8m0: torch.Tensor) -> torch.Tensor:
 def e8m0_scale_inv(e8m0: torch.Tensor) -> torch.Tensor:
     """2^(e - 127), what the GEMM multiplies a block's FP8 values by (255: NaN)."""
     return _e8m0_tables(e8m0.device)[1][e8m0.to(torch.int32)]
+
+
+def e8m0_scales(amax: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``e8m0_scale``, ``e8m0_scale_inv``) of TE's code ``float_to_e8m0(amax * fp32(1 / fp8_max))``
+    (MXFP8's "rceil" scales of blocks with these amaxes); on the CPU one pass of the block-cast C
+    kernel (the same values)."""
+    if (k := block_cast_native.scale_kernel(amax)) is not None:
+        return block_cast_native.e8m0_scales(k, amax, 1.0 / fp8_max)
+    # TE's max_norm_rcp, filled on the device: torch.tensor(v, device="cuda") would be a
+    # blocking host-to-device copy, which synchronises the stream at every cast.
+    rcp = torch.full((), 1.0 / fp8_max, dtype=torch.float32, device=amax.device)
+    code = float_to_e8m0(amax.float() * rcp)
+    return e8m0_scale(code), e8m0_scale_inv(code)
 
 
 def torchao_e8m0(amax: torch.Tensor, mode: str, max_pow2: int, mantissa_bits: int) -> torch.Tensor:
