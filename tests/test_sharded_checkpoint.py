@@ -33,7 +33,6 @@ from fp8lab.run.sharded_checkpoint import (
     list_sharded,
     load_sharded,
     newest_usable_sharded,
-    rank_file,
     save_sharded,
     verify_sharded,
 )
@@ -43,6 +42,7 @@ from fp8lab.run.sharded_files import (
     SafeReader,
     WeightsOnlyLoadPlanner,
     file_digest,
+    rank_file,
     read_dcp_metadata,
 )
 from tests.helpers import free_port, gloo_group, run_ranks

@@ -27,7 +27,7 @@ Several models in one checkpoint (a run's variants): ``save_sharded_parts`` and
 the name (``fp8.model.<fqn>``, ``fp8.optim.state.<fqn>.exp_avg``); ``extra`` stays one per rank.
 
 A DTensor over fp8lab's ``ShardedFP8Weight`` (the FP8 all-gather's parameter) is saved and
-loaded as a DTensor over its plain fp32 shard (``_plain_shards``): the files name no fp8lab class.
+loaded as a DTensor over its plain fp32 shard (``sharded_state.plain_shards``): the files name no fp8lab class.
 
 Collectives: ``save_sharded*``, ``load_sharded*``, ``read_sharded`` and ``newest_usable_sharded``
 are called by every rank of the default process group together (or by one process without
@@ -37,8 +37,6 @@ one); the run folder must be on a filesystem every rank sees.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import os
 import re
 import shutil
@@ -48,16 +46,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_map_only
 
-from fp8lab.gemm.fp8_all_gather import local_shard
 from fp8lab.run.checkpoint import CheckpointError, _fsync_dir, checkpoint_dir
 from fp8lab.run.digest import payload_digest
 from fp8lab.run.sharded_files import (
@@ -65,17 +55,18 @@ from fp8lab.run.sharded_files import (
     SafeReader,
     WeightsOnlyLoadPlanner,
     check_file,
+    check_plain,
     file_digest,
-    read_checked,
     read_dcp_metadata,
     read_manifest,
+    read_rank_file,
     write_manifest,
+    write_rank_file,
 )
+from fp8lab.run.sharded_state import dcp_state, set_dcp_state
 
-RANK_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.dcp$")
 _LEFTOVER = re.compile(r"^step_\d{8}\.dcp\.(tmp|replaced)-\d+$")
-_PLAIN = (int, float, bool, str, type(None), torch.Tensor)
 
 
 @contextlib.contextmanager
@@ -115,33 +106,12 @@ def _together(fn, *args):
     return result
 
 
-def rank_file(rank: int) -> str:
-    return f"extra_rank{rank:05d}.pt"
-
-
 def list_sharded(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every completed sharded checkpoint, oldest first (``.tmp-`` folders ignored)."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
-
-
-def _check_plain(value, where: str) -> None:
-    """``extra`` must load with ``torch.load(weights_only=True)``: tensors and plain containers."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
-            _check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN):
-        raise TypeError(
-            f"{where} is a {type(value).__module__}.{type(value).__qualname__}; sharded checkpoints store "
-            "only tensors, numbers, strings, None and lists/tuples/dicts of them (weights_only loading)"
-        )
 
 
 def _replicated_digests(state: dict) -> dict[str, str]:
@@ -165,58 +135,6 @@ def _check_replicated(model_state: dict) -> None:
             f"replicated tensors differ between ranks, so no one copy can be saved: {differ[:4]} "
             "(is fp8lab.update_scales called on every rank after each optimizer step?)"
         )
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _write_rank_file(folder: Path, rank: int, world: int, step: int, extra: dict) -> None:
-    payload = {
-        "format_version": RANK_FORMAT_VERSION,
-        "rank": rank,
-        "world_size": world,
-        "step": step,
-        "rng": _rng_state(),
-        "extra": extra,
-    }
-    with open(folder / rank_file(rank), "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _plain_shards(state: dict) -> dict:
-    """``state`` with every DTensor over a wrapper subclass (fp8lab's ``ShardedFP8Weight``, the
-    FP8 all-gather's parameter) as a DTensor over its plain shard, sharing its storage: DCP
-    pickles the class of each tensor it saves, and ``weights_only`` loading refuses fp8lab's.
-    DCP loads into the same storage, so the parameter receives the values."""
-
-    def plain(t: DTensor) -> DTensor:
-        shard = local_shard(t)
-        if shard is t._local_tensor:
-            return t
-        return DTensor.from_local(shard, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
-
-    return tree_map_only(DTensor, plain, state)
-
-
-def _state_of(model, optimizer) -> dict:
-    """DCP's view of one model (and its optimizer): ``{"model": ..., "optim": ...}``."""
-    if optimizer is None:
-        return {"model": _plain_shards(get_model_state_dict(model))}
-    model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": _plain_shards(model_state), "optim": _plain_shards(optim_state)}
-
-
-def _set_state(model, optimizer, state: dict) -> None:
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _digest_share(folder: Path, names: list[str], rank: int, world: int) -> dict:
@@ -252,20 +170,20 @@ def _save(run_dir: Path, step: int, parts: dict, extra: dict, keep: int) -> Path
     """Every rank: ``parts`` (name -> (model, optimizer)); the name "" alone is save_sharded's layout."""
     if type(keep) is not int or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-    _check_plain(extra, "extra")
+    check_plain(extra, "extra")
     rank, world = _rank_world()
     folder = checkpoint_dir(run_dir)
     final = folder / f"step_{step:08d}.dcp"
     tmp = Path(_gather(str(folder / f"{final.name}.tmp-{os.getpid()}"))[0])  # rank 0's pid names it
     _together(_make_tmp, tmp, rank)  # it exists before any rank writes into it
     try:
-        states = {name: _state_of(model, optimizer) for name, (model, optimizer) in parts.items()}
+        states = {name: dcp_state(model, optimizer) for name, (model, optimizer) in parts.items()}
         replicated = {f"{n}.{k}" if n else k: v for n, part in states.items() for k, v in part["model"].items()}
         _together(_check_replicated, replicated)
         state = states[""] if "" in states else states  # one model: save_sharded's layout, no prefix
         with _single_process_said():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
-        _together(_write_rank_file, tmp, rank, world, step, extra)
+        _together(write_rank_file, tmp, rank, world, step, extra)
         names = _gather(sorted(p.name for p in tmp.iterdir()) if rank == 0 else None)[0]
         shares = _together(_digest_share, tmp, names, rank, world)
         files = {name: entry for share in _gather(shares) for name, entry in share.items()}
@@ -324,24 +242,6 @@ def verify_sharded(path: Path) -> dict:
     return _together(_read_and_share, Path(path), rank, world)
 
 
-def _seeded_rng(rank0_cpu_state: torch.Tensor, rank: int) -> torch.Tensor:
-    digest = hashlib.sha256(rank0_cpu_state.numpy().tobytes() + f"rank {rank}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")).get_state()
-
-
-def _read_rank_file(path: Path, manifest: dict, rank: int) -> dict:
-    saved_world = manifest["world_size"]
-    source = rank if rank < saved_world else 0
-    data = read_checked(path, rank_file(source), manifest)  # the bytes loaded are the bytes checked
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    expected = {"format_version": RANK_FORMAT_VERSION, "rank": source, "step": manifest["step"]}
-    if not isinstance(payload, dict) or any(payload.get(k) != v for k, v in expected.items()):
-        raise CheckpointError(f"checkpoint file {path / rank_file(source)} is not the rank file this checkpoint needs")
-    if rank >= saved_world:  # a new rank: rank 0's extra, an RNG derived from rank 0's
-        payload["rng"] = {"cpu": _seeded_rng(payload["rng"]["cpu"], rank)}
-    return payload
-
-
 def load_sharded(path: Path, model, optimizer=None, *, restore_rng: bool = True) -> dict:
     """Load a sharded checkpoint into ``model`` (and ``optimizer``) at any world size; return ``extra``.
 
@@ -352,19 +252,19 @@ def load_sharded(path: Path, model, optimizer=None, *, restore_rng: bool = True)
         path: a ``checkpoints/step_XXXXXXXX.dcp`` folder.
         restore_rng: set this rank's torch CPU (and CUDA) generator state from the checkpoint.
     """
-    state = _state_of(model, optimizer)
+    state = dcp_state(model, optimizer)
     payload = _load(Path(path), state, restore_rng)
-    _set_state(model, optimizer, state)
+    set_dcp_state(model, optimizer, state)
     return payload["extra"]
 
 
 def load_sharded_parts(path: Path, parts: dict, *, restore_rng: bool = True) -> dict:
     """``load_sharded`` of a ``save_sharded_parts`` checkpoint into ``parts`` (name ->
     ``(model, optimizer or None)``, the names it was saved with); returns this rank's ``extra``."""
-    state = {name: _state_of(model, optimizer) for name, (model, optimizer) in parts.items()}
+    state = {name: dcp_state(model, optimizer) for name, (model, optimizer) in parts.items()}
     payload = _load(Path(path), state, restore_rng)
     for name, (model, optimizer) in parts.items():
-        _set_state(model, optimizer, state[name])
+        set_dcp_state(model, optimizer, state[name])
     return payload["extra"]
 
 
@@ -372,7 +272,7 @@ def _load(path: Path, state: dict, restore_rng: bool) -> dict:
     """Check ``path``, fill ``state`` (DCP's view of the models) in place; this rank's rank file."""
     rank, _ = _rank_world()
     manifest = verify_sharded(path)
-    payload = _together(_read_rank_file, path, manifest, rank)
+    payload = _together(read_rank_file, path, manifest, rank)
     metadata = _together(read_dcp_metadata, path, manifest)  # before DCP: it would pickle.load it
     with _single_process_said():
         dcp.load(state, storage_reader=SafeReader(path, metadata), planner=WeightsOnlyLoadPlanner())
@@ -388,7 +288,7 @@ def read_sharded(path: Path) -> tuple[dict, list[str]]:
     every file was checked against the manifest; no tensor is loaded. Every rank together."""
     path = Path(path)
     manifest = verify_sharded(path)
-    payload = _together(_read_rank_file, path, manifest, 0)
+    payload = _together(read_rank_file, path, manifest, 0)
     metadata = _together(read_dcp_metadata, path, manifest)
     return payload["extra"], sorted(metadata.state_dict_metadata)
 

@@ -14,6 +14,9 @@ nothing in it can run code when parsed:
   (``METADATA_GLOBALS``; anything else is refused before it is looked up, so no ``__reduce__``
   of another class runs).
 
+- rank files (``extra_rankNNNNN.pt``: each rank's ``extra`` and RNG state): plain containers and
+  tensors only (``check_plain`` before saving), loaded from the checked bytes with ``weights_only=True``.
+
 The digests of the data files are checked before DCP reads them, not while it reads them: a
 file replaced between the check and the read is not detected (it still cannot run code).
 """
@@ -201,3 +204,69 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
             self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+# ---------------------------------------------------------------- rank files: each rank's extra and RNG state
+RANK_FORMAT_VERSION = 1
+_PLAIN = (int, float, bool, str, type(None), torch.Tensor)
+
+
+def rank_file(rank: int) -> str:
+    return f"extra_rank{rank:05d}.pt"
+
+
+def check_plain(value, where: str) -> None:
+    """``extra`` must load with ``torch.load(weights_only=True)``: tensors and plain containers."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}; sharded checkpoints store "
+            "only tensors, numbers, strings, None and lists/tuples/dicts of them (weights_only loading)"
+        )
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def write_rank_file(folder: Path, rank: int, world: int, step: int, extra: dict) -> None:
+    payload = {
+        "format_version": RANK_FORMAT_VERSION,
+        "rank": rank,
+        "world_size": world,
+        "step": step,
+        "rng": _rng_state(),
+        "extra": extra,
+    }
+    with open(folder / rank_file(rank), "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _seeded_rng(rank0_cpu_state: torch.Tensor, rank: int) -> torch.Tensor:
+    digest = hashlib.sha256(rank0_cpu_state.numpy().tobytes() + f"rank {rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")).get_state()
+
+
+def read_rank_file(path: Path, manifest: dict, rank: int) -> dict:
+    saved_world = manifest["world_size"]
+    source = rank if rank < saved_world else 0
+    data = read_checked(path, rank_file(source), manifest)  # the bytes loaded are the bytes checked
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    expected = {"format_version": RANK_FORMAT_VERSION, "rank": source, "step": manifest["step"]}
+    if not isinstance(payload, dict) or any(payload.get(k) != v for k, v in expected.items()):
+        raise CheckpointError(f"checkpoint file {path / rank_file(source)} is not the rank file this checkpoint needs")
+    if rank >= saved_world:  # a new rank: rank 0's extra, an RNG derived from rank 0's
+        payload["rng"] = {"cpu": _seeded_rng(payload["rng"]["cpu"], rank)}
+    return payload

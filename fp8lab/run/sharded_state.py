@@ -1,4 +1,5 @@
-"""Whole-tensor state dicts of an FSDP-sharded variant: the checkpoint format DDP writes.
+"""State dicts of an FSDP-sharded variant: whole tensors (the checkpoint format DDP writes), and
+the sharded view DCP saves and loads (``dcp_state``, ``set_dcp_state``).
 
 Invariant: what ``whole_*`` returns equals, key for key and bit for bit, the state dict the
 same model and optimizer would have unsharded (the shards are gathered, never rounded), so
@@ -12,8 +13,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map_only
 
-from fp8lab.gemm.fp8_all_gather import whole_tensor
+from fp8lab.gemm.fp8_all_gather import local_shard, whole_tensor
 
 
 def _whole(value):
@@ -56,3 +65,33 @@ def load_whole_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) ->
         for index, entry in state["state"].items()
     }
     optimizer.load_state_dict({**state, "state": per_param})
+
+
+def plain_shards(state: dict) -> dict:
+    """``state`` with every DTensor over a wrapper subclass (fp8lab's ``ShardedFP8Weight``, the
+    FP8 all-gather's parameter) as a DTensor over its plain shard, sharing its storage: DCP
+    pickles the class of each tensor it saves, and ``weights_only`` loading refuses fp8lab's.
+    DCP loads into the same storage, so the parameter receives the values."""
+
+    def plain(t: DTensor) -> DTensor:
+        shard = local_shard(t)
+        if shard is t._local_tensor:
+            return t
+        return DTensor.from_local(shard, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+    return tree_map_only(DTensor, plain, state)
+
+
+def dcp_state(model, optimizer) -> dict:
+    """DCP's view of one model (and its optimizer): ``{"model": ..., "optim": ...}``."""
+    if optimizer is None:
+        return {"model": plain_shards(get_model_state_dict(model))}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": plain_shards(model_state), "optim": plain_shards(optim_state)}
+
+
+def set_dcp_state(model, optimizer, state: dict) -> None:
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
