@@ -241,6 +241,14 @@ class VariantRun:
             **self._bookkeeping_state(),
         }
 
+    def _load_weights(self, state: dict) -> None:
+        if self.sharded:  # whole tensors in: each rank keeps its shard
+            sharded_state.load_whole_model_state(self.model, state["model"])
+            sharded_state.load_whole_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])  # raises if scaling state is missing
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def _bookkeeping_state(self) -> dict:
         telemetry = self.telemetry.state_dict()
         return {
@@ -255,14 +263,8 @@ class VariantRun:
 
     def load_state_dict(self, state: dict, *, weights: bool = True) -> None:
         """``weights=False``: all but the model and optimizer (loaded from DCP before)."""
-        if not weights:
-            pass
-        elif self.sharded:  # whole tensors in: each rank keeps its shard
-            sharded_state.load_whole_model_state(self.model, state["model"])
-            sharded_state.load_whole_optimizer_state(self.optimizer, state["optimizer"])
-        else:
-            self.model.load_state_dict(state["model"])  # raises if scaling state is missing
-            self.optimizer.load_state_dict(state["optimizer"])
+        if weights:
+            self._load_weights(state)
         if self.fp8_weights is not None:  # the master copies (the FP8 codes are in the model's)
             self.fp8_weights.load_state_dict(state["fp8_weights"])
         self.telemetry.load_state_dict(
