@@ -109,6 +109,20 @@ def _instruction_batches() -> list[tuple[str, torch.Tensor, torch.Tensor, torch.
     out.append(("inf and NaN", a, b, c, "e5m2", "e4m3", 32))
     a, b = fp8(gen, (25, 32), "e4m3", 8), fp8(gen, (32, 40), "e5m2", 8)
     out.append(("Ada: two chained instructions of 16", a, b, c_like(50.0), "e4m3", "e5m2", 16))
+    # The kernel scales products by an integer add to their exponent field only where E lies in [-49, 77]
+    # (frac = 13); C's exponents around the upper edge, isolated zero operands (a zero product in a lane
+    # that has other products) and tiles of nothing but zero products, mixed with ordinary lanes.
+    a, b = fp8(gen, (25, 32), "e4m3", 2), fp8(gen, (32, 40), "e4m3", 2)
+    a[:12, 5], b[9, :20] = 0.0, -0.0  # one zero product (or two) in each of these lanes
+    a[18:], b[:, 32:] = 0.0, 0.0  # whole 6 x 32 kernel tiles of zero products: there E is C's alone
+    exps = torch.tensor([-52, -51, -50, -49, -48, -47, 0, 75, 76, 77, 78, 79, 100, 127], dtype=torch.float32)
+    pick = torch.randint(0, len(exps), (25, 40), generator=gen)
+    c = torch.randn(25, 40, generator=gen).sign() * (1 + torch.rand(25, 40, generator=gen)) * 2.0 ** exps[pick]
+    a[:3, :4], b[:4, :3] = 2.0**-9, -(2.0**-8)  # products of 2^-17 against a huge C
+    c[:3, :3] = torch.tensor(
+        [[1.5 * 2.0**127, -(2.0**120), 2.0**121], [2.0**122, 2.0**126, -(2.0**110)], [0, 1, 2.0**118]]
+    )
+    out.append(("C at the edges of the exponent-add path", a, b, c.float(), "e4m3", "e4m3", 32))
     return out
 
 
@@ -329,6 +343,7 @@ def test_implementations_agree_bit_for_bit_on_larger_gemms(acc):
     gen = torch.Generator().manual_seed(9)
     a, b = fp8(gen, (41, 700), "e4m3", 8), fp8(gen, (35, 700), "e5m2", 0.01).t()  # b: a transposed view
     a[3] = 0.0
+    a[5:9, ::7], b[::11, 4:6] = 0.0, -0.0  # isolated zero products among nonzero ones
     scales = (torch.rand(41, 6, generator=gen) + 0.5, torch.rand(6, 35, generator=gen) + 0.5)
     sa, sb = scales if acc.kind == "promoted" else (None, None)
     a_in = a.bfloat16() if acc.kind == "fast" else a.t().contiguous().t()  # bf16, or a column-major fp32 a

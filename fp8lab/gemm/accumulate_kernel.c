@@ -16,7 +16,10 @@
  * a*b is exact in fp32, the power-of-two scale is exact, |term| < 2^(F+2) -- so a chunk's sum is an exact
  * int32 and step 5 is a mask of its float's low mantissa bits. Pass 1 finds E per output with saturating
  * int8 max-plus arithmetic on exponent codes (two ops per NR products, A's codes broadcast straight from
- * memory); pass 2 costs four ops per VL products (mul, mul, truncating convert, integer add). Vectorised
+ * memory); pass 2 costs four ops per VL products: a multiply by A's value broadcast from memory (A is
+ * packed times 2^-64), an integer add of 64 + frac - E to the product's exponent field (the scale), a
+ * truncating convert and an integer add. Tiles with a lane where that add is not exact (E outside
+ * [frac - 62, frac + 64]: an inf/NaN term, a huge C, nothing but zero products) multiply instead. Vectorised
  * over N; a tile of MR rows x NR columns keeps C and the promoted accumulator in registers over a K
  * block, whose B panels stay in L2. Generic path (any CPU, any F <= 40): the same steps per element in
  * double, with frexp/ldexp. The prepass converts (bf16) and transposes the operands itself (A as rows of K,
@@ -37,6 +40,13 @@
  * half: 10% slower, the half chosen per row is a data-dependent load; (3) pass 2 in 16-bit lanes (significand
  * products, variable shifts, VNNI pair dot products with +-1 sign tables): its inner loop spilled, and its
  * prepass cost 1.3-3 ms where this one costs 0.25-0.4. Pass 2 is about 60% of a GEMM's time here.
+ * Kept (session 6, the same VM): the scale as an exponent add *together with* A's broadcast as the
+ * multiply's {1to16} memory operand. On Zen 4 a separate vbroadcastss from memory takes a vector pipe's
+ * slot (+0.4 cycles measured) and two multiplies per 16 products fill the two multiply pipes, so the adds
+ * had no room: pass 2 went from 2.5 to 2.0-2.1 cycles per 16 products, GEMMs 9-10% faster. Tried and not
+ * kept: pass 1 for up to 16 instructions ahead of their pass 2 (no change: pass 1 is load-bound, about 4.4
+ * cycles per k for its 7 loads), and GCC's register copies after each accumulating add (eliminated at
+ * rename: no change).
  */
 #include <math.h>
 #include <stdint.h>
@@ -85,6 +95,7 @@ typedef struct {
     float *acc;          /* (M, N): between K blocks, the chained C ("fast") or the promoted accumulator */
     /* The epilogue, applied as the last K block is stored: out = round(acc * inv + bias), each step in fp32. */
     int has_inv, bias_bf16, out_bf16;
+    int prescaled;       /* ap holds A * 2^-64: the SIMD path scales products by an exponent add (tile_simd) */
     float inv;
     const void *bias;    /* (N,) fp32 or bf16, or NULL */
     void *out;           /* (M, N) row-major, fp32 or bf16 (nearest even; NaN -> 0x7FC0, as torch rounds) */
@@ -247,6 +258,11 @@ static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64
         const int32_t off = codes32(d, j->ea + i * j->lda, k, fmt[0], fmt[1], vmax_bits);
         bad += i < r1 ? off : 0;
     }
+    if (j->prescaled)  /* exact: FP8 values are >= 2^-16 in magnitude (or 0, inf, NaN); times 2^-64, normal */
+        for (int64_t i = r0; i < it1 * mr; i++) {
+            float *d = j->ap + i * j->lda;
+            for (int64_t q = 0; q < k; q++) d[q] *= 0x1p-64f;
+        }
     return bad;
 }
 
@@ -371,9 +387,10 @@ static inline int c_exponent_scalar(float c) {
 
 /* The IEEE value of an instruction with an inf or NaN term: C + the products in double (no finite part
  * can overflow double, so the non-finite terms alone decide it, in any order). */
-static float ieee_instruction(const float *arow, const float *bcol, int nr, int64_t k0, int64_t k1, float cin) {
+static float ieee_instruction(const float *arow, double ascale, const float *bcol, int nr, int64_t k0, int64_t k1,
+                              float cin) {
     double s = (double)cin;
-    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * (double)bcol[k * nr];
+    for (int64_t k = k0; k < k1; k++) s += (double)arow[k] * ascale * (double)bcol[k * nr];
     return (float)s;
 }
 
@@ -385,7 +402,7 @@ static float instruction_scalar(const job_t *j, const float *arow, const int32_t
         const int ek = exponent_of_code((int8_t)(earow[k] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
         e = ek > e ? ek : e;
     }
-    if (e >= 128) return ieee_instruction(arow, bcol, j->nr, k0, k1, cin);
+    if (e >= 128) return ieee_instruction(arow, 1.0, bcol, j->nr, k0, k1, cin);
     double sum = trunc(ldexp((double)cin, j->frac - e));
     for (int64_t k = k0; k < k1; k++)
         sum += trunc(ldexp((double)arow[k] * (double)bcol[k * j->nr], j->frac - e));
@@ -472,6 +489,10 @@ static inline vi decode(vi d) {
 static inline int vi_any_outside(vi x, int lo, int hi) {
     return _mm512_cmpgt_epu32_mask(vi_sub(x, vi_set1(lo)), vi_set1(hi - lo)) != 0;
 }
+/* Whether any code of x lies outside (-CODE_SPLIT, CODE_SPLIT), where decode() is not the identity. */
+static inline int vh_any_far(vh x) {
+    return _mm256_cmpgt_epu8_mask(_mm256_add_epi8(x, vh_set1(CODE_SPLIT - 1)), vh_set1(2 * (CODE_SPLIT - 1))) != 0;
+}
 #elif SIMD == 256
 #define VL 8
 #define MR 2
@@ -512,12 +533,28 @@ static inline int vi_any_outside(vi x, int lo, int hi) {
     const vi u = vi_sub(x, vi_set1(lo)), range = vi_set1(hi - lo);  /* unsigned u > range <=> max(u, range) != range */
     return !_mm256_testc_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(u, range), range), _mm256_set1_epi32(-1));
 }
+static inline int vh_any_far(vh x) {
+    const vh u = _mm_add_epi8(x, vh_set1(CODE_SPLIT - 1)), range = vh_set1(2 * (CODE_SPLIT - 1));
+    return _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_max_epu8(u, range), range)) != 0xFFFF;
+}
 #endif
 
 #if SIMD
 #define NV 2
 #define NR (NV * VL)
 
+
+/* b * (*a broadcast): on AVX-512 the broadcast is the multiply's memory operand ({1to16}); a separate
+ * broadcast from memory takes a vector pipe's slot on Zen 4 (measured: +0.4 cycles each). */
+static inline vf mul_bcast(const float *a, vf b) {
+#if SIMD == 512
+    vf p;
+    __asm__("vmulps %1%{1to16%}, %2, %0" : "=v"(p) : "m"(*a), "v"(b));
+    return p;
+#else
+    return vf_mul(vf_set1(*a), b);
+#endif
+}
 /* 2^e for an int32 vector of exponents in [-126, 127]. */
 static inline vf pow2(vi e) { return vi_as_vf(vi_slli(vi_add(e, vi_set1(127)), 23)); }
 
@@ -577,49 +614,71 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         }
         vi e[MR][NV], s[MR][NV];
         vf sc[MR][NV];
-        int unusual = 0;  /* a lane with an inf/NaN term (E >= 128) or nothing but zero products and a tiny C */
+        /* Usually every lane's largest code sum is a product's exponent (not every product has a zero
+         * operand, and none has an inf or NaN one) and its E lies in [frac - 62, frac + 64]: then E + 127 is
+         * the max of the codes + 127 and C's exponent field (the codes + 127 are >= 88: C's clamp at -126
+         * cannot matter). */
+        int unusual = 0;
+        for (int r = 0; r < MR; r++) unusual |= vh_any_far(eh[r]);
+        if (!unusual)
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    const vi cfield = vi_and(vi_srli(vf_as_vi(c[r][v]), 23), vi_set1(0xFF));
+                    e[r][v] = vi_max(vi_add(vh_widen(eh[r], v), vi_set1(127)), cfield);  /* E + 127 */
+                    unusual |= vi_any_outside(e[r][v], frac + 65, frac + 191);
+                }
+        if (!unusual) {
+            /* Pass 2 scales a product by 2^(frac - E) by adding 64 + frac - E >= 0 to its exponent field: A
+             * is packed times 2^-64, so a nonzero product a*b*2^-64 is exact and normal (|a*b| >= 2^-32) and
+             * stays normal; a zero product (bits 0 or the sign bit alone) becomes at most 2^(frac - E - 63)
+             * < 1 in magnitude, which truncates to 0. One multiply per 16 products where a second one would
+             * share the multiply pipes with the other ops (Zen 4: 2.0-2.1 instead of 2.3-2.5 cycles). */
+            vi d[MR][NV];
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    const vi scale = vi_slli(vi_sub(vi_set1(frac + 254), e[r][v]), 23);  /* 2^(frac - E) */
+                    s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], vi_as_vf(scale)));
+                    d[r][v] = vi_sub(scale, vi_set1(63 << 23));  /* 64 + frac - E in the exponent field */
+                }
+            for (int64_t k = k0; k < k1; k++) {
+                const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
+#pragma GCC unroll 8
+                for (int r = 0; r < MR; r++) {
+                    const float *a = apanel + r * kk + k;
+                    s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vi_as_vf(vi_add(vf_as_vi(mul_bcast(a, b0)), d[r][0]))));
+                    s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vi_as_vf(vi_add(vf_as_vi(mul_bcast(a, b1)), d[r][1]))));
+                }
+            }
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < NV; v++) {
+                    const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
+                    c[r][v] = vf_mul(kept, vi_as_vf(vi_slli(vi_sub(e[r][v], vi_set1(frac)), 23)));  /* 2^(E-frac) */
+                }
+            goto promote;
+        }
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) {
                 e[r][v] = vi_max(decode(vh_widen(eh[r], v)), c_exponent(c[r][v]));
-                unusual |= vi_any_outside(e[r][v], frac - 126, 127);
+                /* Products are zero whenever E < frac - 126, so clamping there keeps 2^(frac - E) finite (no
+                 * inf * 0); C takes the rest of its scale, 2^(Es - E) <= 2^frac, as a second factor. Lanes
+                 * with E >= 128 compute garbage here and are replaced by their IEEE sums below. */
+                const vi ec = vi_min(e[r][v], vi_set1(127)), es = vi_max(ec, vi_set1(frac - 126));
+                sc[r][v] = pow2(vi_sub(vi_set1(frac), es));
+                s[r][v] = vf_to_vi_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, ec))));
             }
-        if (!unusual) {
-            for (int r = 0; r < MR; r++)
-                for (int v = 0; v < NV; v++) {
-                    sc[r][v] = pow2(vi_sub(vi_set1(frac), e[r][v]));
-                    s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], sc[r][v]));
-                }
-        } else {
-            /* Products are zero whenever E < frac - 126, so clamping there keeps 2^(frac - E) finite (no
-             * inf * 0); C takes the rest of its scale, 2^(Es - E) <= 2^frac, as a second factor. Lanes
-             * with E >= 128 compute garbage here and are replaced by their IEEE sums below. */
-            for (int r = 0; r < MR; r++)
-                for (int v = 0; v < NV; v++) {
-                    const vi ec = vi_min(e[r][v], vi_set1(127)), es = vi_max(ec, vi_set1(frac - 126));
-                    sc[r][v] = pow2(vi_sub(vi_set1(frac), es));
-                    s[r][v] = vf_to_vi_trunc(vf_mul(vf_mul(c[r][v], sc[r][v]), pow2(vi_sub(es, ec))));
-                }
-        }
-        /* Pass 2: add the truncated products in units of 2^(E - frac), exactly, as int32. */
+        /* Pass 2 of a tile with unusual lanes: add the truncated products in units of 2^(E - frac), exactly,
+         * as int32 (a*b*2^-64 times 2^64 is a*b). */
+        const vf two64 = vf_set1(0x1p64f);
         for (int64_t k = k0; k < k1; k++) {
             const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
-#pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
-                const vf a = vf_set1(apanel[r * kk + k]);
-                s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vf_mul(vf_mul(a, b0), sc[r][0])));
-                s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(a, b1), sc[r][1])));
+                const float *a = apanel + r * kk + k;
+                s[r][0] = vi_add(s[r][0], vf_to_vi_trunc(vf_mul(vf_mul(mul_bcast(a, b0), two64), sc[r][0])));
+                s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vf_mul(vf_mul(mul_bcast(a, b1), two64), sc[r][1])));
             }
         }
         /* Step 5: the int32 sum as a float (exact; 0 is +0), out_frac fraction bits kept, times 2^(E - frac)
          * (in two exact factors where that alone would be subnormal). */
-        if (!unusual) {
-            for (int r = 0; r < MR; r++)
-                for (int v = 0; v < NV; v++) {
-                    const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
-                    c[r][v] = vf_mul(kept, pow2(vi_sub(e[r][v], vi_set1(frac))));
-                }
-            goto promote;
-        }
         float cin[MR * NR];
         int32_t ebuf[MR * NR];
         for (int r = 0; r < MR; r++)
@@ -633,7 +692,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int r = 0; r < MR; r++)
             for (int q = 0; q < NR; q++)
                 if (ebuf[r * NR + q] >= 128)  /* rare: an instruction with an inf or NaN term is an IEEE sum */
-                    buf[r * NR + q] = ieee_instruction(apanel + r * kk, bpanel + q, NR, k0, k1, cin[r * NR + q]);
+                    buf[r * NR + q] = ieee_instruction(apanel + r * kk, 0x1p64, bpanel + q, NR, k0, k1, cin[r * NR + q]);
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
     promote:
@@ -697,6 +756,7 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
     j.m = m, j.n = n, j.k = k, j.chunk = chunk, j.frac = frac, j.out_frac = frac < 23 ? frac : 23;
     j.n_ins = (k + chunk - 1) / chunk, j.promote = promote, j.desc = desc;
     j.c0 = c0, j.sa = sa, j.sb = sb, j.sa_ld = sa_ld, j.sb_ld = sb_ld;
+    j.prescaled = simd;
     j.has_inv = has_inv, j.inv = inv, j.bias = bias, j.bias_bf16 = bias_bf16, j.out = out, j.out_bf16 = out_bf16;
 #if SIMD
     j.mr = simd ? MR : MR_G, j.nr = simd ? NR : NR_G;
