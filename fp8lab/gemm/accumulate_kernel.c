@@ -575,10 +575,48 @@ static void state_in(const job_t *j, const float *src, int64_t i0, int64_t j0, i
     }
 }
 
+/* VL bf16 values widened exactly to fp32. */
+static inline vf vf_load_bf16(const uint16_t *p) {
+#if SIMD == 512
+    return vi_as_vf(vi_slli(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+#else
+    return vi_as_vf(vi_slli(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+#endif
+}
+
+/* x rounded to bf16 as bf16_of rounds (nearest even, NaN to 0x7FC0), VL values stored at p. */
+static inline void vf_store_bf16(uint16_t *p, vf x) {
+    const vi u = vf_as_vi(x);
+    vi r = vi_srli(vi_add(vi_add(u, vi_set1(0x7FFF)), vi_and(vi_srli(u, 16), vi_set1(1))), 16);
+#if SIMD == 512
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), vi_set1(0x7FC0));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+#else
+    r = _mm256_blendv_epi8(r, vi_set1(0x7FC0), vf_as_vi(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+#endif
+}
+
 static void state_out(const job_t *j, int last, int64_t i0, int64_t j0, int full, float *buf, vf x[MR][NV]) {
     if (!last && full) {
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) vf_store(j->acc + (i0 + r) * j->n + j0 + v * VL, x[r][v]);
+        return;
+    }
+    if (full) {  /* the epilogue in registers, each step as epilogue_row computes it */
+        const vf inv = vf_set1(j->inv);
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) {
+                const int64_t col = j0 + v * VL, at = (i0 + r) * j->n + col;
+                vf y = j->has_inv ? vf_mul(x[r][v], inv) : x[r][v];
+                if (j->bias)
+                    y = vf_add(y, j->bias_bf16 ? vf_load_bf16((const uint16_t *)j->bias + col)
+                                               : vf_load((const float *)j->bias + col));
+                if (j->out_bf16)
+                    vf_store_bf16((uint16_t *)j->out + at, y);
+                else
+                    vf_store((float *)j->out + at, y);
+            }
         return;
     }
     for (int r = 0; r < MR; r++)
@@ -607,6 +645,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         /* Pass 1: E = max(C's exponent, max over the chunk of ea + eb), on exponent codes. */
         vh eh[MR];
         for (int r = 0; r < MR; r++) eh[r] = vh_set1(-128);
+#pragma GCC unroll 4
         for (int64_t k = k0; k < k1; k++) {
             const vh eb = vh_load(ebpanel + k * NR);
 #pragma GCC unroll 8
