@@ -639,6 +639,8 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const float *state = t0 ? j->acc : j->c0;  /* the first K block starts from c0 (or zeros) */
     state_in(j, j->promote ? NULL : state, i0, j0, full, buf, c);
     state_in(j, j->promote && t0 ? j->acc : NULL, i0, j0, full, buf, acc);
+    /* ins % promote, kept up to date as t moves (promotes_after without a division per instruction) */
+    int64_t g = j->promote ? (j->desc ? j->n_ins - 1 - t0 : t0) % j->promote : 0;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t ins = j->desc ? j->n_ins - 1 - t : t;
         const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
@@ -735,7 +737,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) c[r][v] = vf_load(buf + r * NR + v * VL);
     promote:
-        if (promotes_after(j, ins)) {
+        if (j->promote && (j->desc ? g == 0 : (g == j->promote - 1 || ins == j->n_ins - 1))) {
             if (j->sa) {
                 group_scales(j, ins / j->promote, i0, j0, buf);
                 for (int r = 0; r < MR; r++)
@@ -748,6 +750,8 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
             for (int r = 0; r < MR; r++)
                 for (int v = 0; v < NV; v++) c[r][v] = vf_zero();
         }
+        if (j->promote)
+            g = j->desc ? (g == 0 ? j->promote - 1 : g - 1) : (g + 1 == j->promote ? 0 : g + 1);
     }
     state_out(j, t1 == j->n_ins, i0, j0, full, buf, j->promote ? acc : c);
 }
