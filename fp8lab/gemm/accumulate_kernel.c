@@ -861,8 +861,9 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
         if (!(bad_a || bad_b))
             for (int64_t blk = 0; blk < n_blocks; blk++) {
                 const int64_t t0 = blk ? first + (blk - 1) * block : 0, t1 = min64(j.n_ins, blk ? t0 + block : first);
-                /* Row tiles across threads; each sweeps every column panel of the block (in its L2). */
-#pragma omp for schedule(static)
+                /* Row tiles across threads; each sweeps every column panel of the block (in its L2). A static
+                 * schedule gives a thread the same row tiles in every block, so blocks need no barrier. */
+#pragma omp for schedule(static) nowait
                 for (int64_t it = 0; it < tiles_m; it++)
                     for (int64_t jt = 0; jt < tiles_n; jt++) {
 #if SIMD
