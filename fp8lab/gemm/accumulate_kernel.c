@@ -489,6 +489,8 @@ static inline vi decode(vi d) {
 static inline int vi_any_outside(vi x, int lo, int hi) {
     return _mm512_cmpgt_epu32_mask(vi_sub(x, vi_set1(lo)), vi_set1(hi - lo)) != 0;
 }
+/* Whether any lane of x exceeds hi. */
+static inline int vi_any_above(vi x, int hi) { return _mm512_cmpgt_epi32_mask(x, vi_set1(hi)) != 0; }
 /* Whether any code of x lies outside (-CODE_SPLIT, CODE_SPLIT), where decode() is not the identity. */
 static inline int vh_any_far(vh x) {
     return _mm256_cmpgt_epu8_mask(_mm256_add_epi8(x, vh_set1(CODE_SPLIT - 1)), vh_set1(2 * (CODE_SPLIT - 1))) != 0;
@@ -533,6 +535,7 @@ static inline int vi_any_outside(vi x, int lo, int hi) {
     const vi u = vi_sub(x, vi_set1(lo)), range = vi_set1(hi - lo);  /* unsigned u > range <=> max(u, range) != range */
     return !_mm256_testc_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(u, range), range), _mm256_set1_epi32(-1));
 }
+static inline int vi_any_above(vi x, int hi) { return _mm256_movemask_epi8(_mm256_cmpgt_epi32(x, vi_set1(hi))) != 0; }
 static inline int vh_any_far(vh x) {
     const vh u = _mm_add_epi8(x, vh_set1(CODE_SPLIT - 1)), range = vh_set1(2 * (CODE_SPLIT - 1));
     return _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_max_epu8(u, range), range)) != 0xFFFF;
@@ -666,7 +669,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
                 for (int v = 0; v < NV; v++) {
                     const vi cfield = vi_and(vi_srli(vf_as_vi(c[r][v]), 23), vi_set1(0xFF));
                     e[r][v] = vi_max(vi_add(vh_widen(eh[r], v), vi_set1(127)), cfield);  /* E + 127 */
-                    unusual |= vi_any_outside(e[r][v], frac + 65, frac + 191);
+                    unusual |= vi_any_above(e[r][v], frac + 191);  /* E >= frac - 62 already: codes >= -39 */
                 }
         if (!unusual) {
             /* Pass 2 scales a product by 2^(frac - E) by adding 64 + frac - E >= 0 to its exponent field: A
@@ -680,6 +683,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
                     const vi scale = vi_slli(vi_sub(vi_set1(frac + 254), e[r][v]), 23);  /* 2^(frac - E) */
                     s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], vi_as_vf(scale)));
                     d[r][v] = vi_sub(scale, vi_set1(63 << 23));  /* 64 + frac - E in the exponent field */
+                    e[r][v] = vi_sub(vi_set1(254 << 23), scale);  /* 2^(E - frac), for step 5 */
                 }
             for (int64_t k = k0; k < k1; k++) {
                 const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
@@ -693,7 +697,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
             for (int r = 0; r < MR; r++)
                 for (int v = 0; v < NV; v++) {
                     const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
-                    c[r][v] = vf_mul(kept, vi_as_vf(vi_slli(vi_sub(e[r][v], vi_set1(frac)), 23)));  /* 2^(E-frac) */
+                    c[r][v] = vf_mul(kept, vi_as_vf(e[r][v]));
                 }
             goto promote;
         }
