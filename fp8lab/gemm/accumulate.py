@@ -38,7 +38,7 @@ products where a GEMM needs one FMA); it keeps its scratch memory (about 8 bytes
 5 per element of b, 4 per output when a bf16 output spans several K blocks, for the largest call so
 far) with the calling thread between calls, because a fresh page costs microseconds on a VM
 (``accumulate_native.release`` frees it). Measured on the 2-core AVX-512 dev VM, 2048x512x128
-promoted: SIMD kernel about 4.3 ms (62 GFLOP-equivalent/s), its generic scalar path (CPUs without
+promoted: SIMD kernel about 4.0 ms (67 GFLOP-equivalent/s), its generic scalar path (CPUs without
 AVX2) 0.43 s, the pure-torch fallback 1.4 s.
 """
 
