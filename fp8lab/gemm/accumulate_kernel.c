@@ -43,10 +43,11 @@
  * Kept (session 6, the same VM): the scale as an exponent add *together with* A's broadcast as the
  * multiply's {1to16} memory operand. On Zen 4 a separate vbroadcastss from memory takes a vector pipe's
  * slot (+0.4 cycles measured) and two multiplies per 16 products fill the two multiply pipes, so the adds
- * had no room: pass 2 went from 2.5 to 2.0-2.1 cycles per 16 products, GEMMs 9-10% faster. Tried and not
- * kept: pass 1 for up to 16 instructions ahead of their pass 2 (no change: pass 1 is load-bound, about 4.4
- * cycles per k for its 7 loads), and GCC's register copies after each accumulating add (eliminated at
- * rename: no change).
+ * had no room: pass 2 went from 2.5 to 2.0-2.15 cycles per 16 products, GEMMs 9-10% faster. Also kept: the
+ * fused epilogue of full tiles in registers (the scalar row loop cost 8% of a fused GEMM). Tried and not kept:
+ * pass 1 for up to 16 instructions ahead of their pass 2 (no change; pass 1 runs at its op bound, 3.7-4.0
+ * cycles per k, and byte-broadcast codes or 512-bit forms measured slower), an asm accumulate removing GCC's
+ * register copies after each add (eliminated at rename: no change), pass 2 unrolled over k (no change).
  */
 #include <math.h>
 #include <stdint.h>
@@ -545,7 +546,6 @@ static inline int vh_any_far(vh x) {
 #if SIMD
 #define NV 2
 #define NR (NV * VL)
-
 
 /* b * (*a broadcast): on AVX-512 the broadcast is the multiply's memory operand ({1to16}); a separate
  * broadcast from memory takes a vector pipe's slot on Zen 4 (measured: +0.4 cycles each). */
