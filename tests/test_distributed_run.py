@@ -54,7 +54,7 @@ def _structure(run_dir: Path) -> dict:
     return out
 
 
-def _launch(out: Path, *args) -> subprocess.Popen:
+def _launch(out: Path, *args, env: dict | None = None) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -68,7 +68,9 @@ def _launch(out: Path, *args) -> subprocess.Popen:
         "--quiet",
         *args,
     ]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -107,10 +109,28 @@ def test_batch_not_divisible_by_nproc_is_bad_input(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing launched, nothing written
 
 
+FINALIZED = "fp8lab-test: a worker ran the interpreter's exit"
+
+
+def _finalization_marker(folder: Path) -> dict:
+    """Environment whose sitecustomize makes each torchrun worker print FINALIZED at the
+    interpreter's exit (atexit handlers run as finalization begins)."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "if 'LOCAL_RANK' in os.environ:\n"
+        f"    atexit.register(lambda: print({FINALIZED!r}, file=sys.stderr, flush=True))\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def test_two_ranks_write_what_one_process_writes(tmp_path):
-    proc = _launch(tmp_path / "two", *_sets(SHORT))
+    """...and the workers of a finished run leave without the interpreter's finalization,
+    where a gloo thread releasing a Python tensor aborts the process (cli._leave_worker)."""
+    proc = _launch(tmp_path / "two", *_sets(SHORT), env=_finalization_marker(tmp_path / "site"))
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, err[-3000:]
+    assert FINALIZED not in err
     (two,) = (tmp_path / "two" / "quickstart").iterdir()  # one run folder, from rank 0
     assert main(["run", QUICKSTART, "--out", str(tmp_path / "one"), "--quiet", *_sets(SHORT)]) == 0
     (one,) = (tmp_path / "one" / "quickstart").iterdir()

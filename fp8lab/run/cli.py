@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps; the last checkpoint is intact
@@ -274,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     args.own_process = argv is None
+    returned = None  # the command's own exit code (its files closed), not an error's
     try:
-        return args.func(args)
+        returned = args.func(args)
+        return returned
     except BaseException as err:  # the one place an error becomes an exit code
         verdict = classify(err, args)
         if verdict is None:
@@ -296,6 +299,37 @@ def main(argv: list[str] | None = None) -> int:
             from fp8lab.run.stop import SIGNALS
 
             signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            if returned is not None and _torchrun_worker():
+                _leave_worker(returned)
+
+
+def _torchrun_worker() -> bool:
+    """Whether this process is one of several torchrun workers (as Distributed.from_env decides)."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _leave_worker(code: int) -> NoReturn:
+    """End a torchrun worker whose exit code is decided, without the interpreter's finalization.
+
+    Gloo's worker threads drop their reference to a collective a moment after the collective
+    has returned to Python. When that is the last reference to a tensor Python created,
+    dropping it takes the GIL; a thread that takes the GIL while the interpreter finalizes is
+    ended by ``pthread_exit``, whose unwinding through gloo's C++ loop aborts the process
+    ("terminate called without an active exception"). The run had finished and was reported
+    as a crash: 3 of 99 four-rank FSDP resumes on the 2-core VM, always after the
+    final checkpoint (c10's stack trace: ``ProcessGroupGloo::runLoop`` ->
+    ``TensorImpl::decref_pyobject`` -> ``pthread_exit``). Only for a command that returned
+    its exit code, so its event files are closed, its checkpoints and summary written and
+    the process group destroyed: the worker flushes its output and leaves as
+    multiprocessing's workers do, through ``os._exit`` (atexit handlers do not run; fp8lab
+    registers none). An error keeps the ordinary exit, which flushes what it left open.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: the exit code still says it
+    os._exit(code)
 
 
 if __name__ == "__main__":
