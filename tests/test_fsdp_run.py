@@ -31,7 +31,14 @@ from fp8lab.run.recipe_file import load_recipe
 from fp8lab.run.runner import Runner
 from tests.helpers import QUICKSTART
 from tests.helpers import SHORT as SHORT_RUN
-from tests.test_distributed_run import LAUNCH_TIMEOUT_S, _events, _launch, _sets, launch_and_kill_rank_1
+from tests.test_distributed_run import (
+    LAUNCH_TIMEOUT_S,
+    _events,
+    _launch,
+    _sets,
+    job_failure,
+    launch_and_kill_rank_1,
+)
 
 STEPS = 8  # checkpoints every 2 steps: a kill after the first leaves the job steps to run
 SETS = [*SHORT_RUN[1:], f"train.steps={STEPS}", "train.warmup_steps=2", "train.checkpoint_interval=2"]
@@ -49,7 +56,7 @@ def _scalars(variant_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def _run(out: Path, sets: list[str]) -> Path:
     proc = _launch(out, *_sets(sets))
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, job_failure(err)
     (run_dir,) = (out / "quickstart").iterdir()
     return run_dir
 
@@ -161,7 +168,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_is_bit_exact(runs, tmp_path):
     copy = _resumable_copy(runs["fsdp"], tmp_path / "resumed")
     proc = _launch(tmp_path, *_sets(FSDP), "--resume", str(copy))
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, job_failure(err)
     _assert_continues_bit_exact(copy, runs["fsdp"], tmp_path)
 
 
@@ -169,14 +176,14 @@ def test_killed_fsdp_rank_resumes_bit_exact_from_the_sharded_checkpoint(runs, tm
     """kill -9 of rank 1 after the first sharded checkpoint (possibly in a later save: its
     ``.tmp-`` folder is ignored); 2 ranks resumed end bit for bit where the uninterrupted run did."""
     run_dir, proc, err = launch_and_kill_rank_1(tmp_path, FSDP, "dcp")
-    assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), err[-3000:]
+    assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), job_failure(err)
     step, newest = checkpoint_kinds.list_all(run_dir)[-1]
     assert newest.suffix == ".dcp" and 2 <= step < STEPS
     assert f"Newest checkpoint: step {step} ({newest})" in err
 
     proc = _launch(tmp_path, *_sets(FSDP), "--resume", str(run_dir))
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, job_failure(err)
     _assert_continues_bit_exact(run_dir, runs["fsdp"], tmp_path)
 
 
@@ -222,7 +229,7 @@ def test_two_rank_sharded_checkpoint_resumes_on_four_ranks(runs, tmp_path):
     copy = _resumable_copy(runs["fsdp"], tmp_path / "four")
     proc = _launch(tmp_path, *_sets(FSDP), "--nproc", "4", "--resume", str(copy))  # the last --nproc counts
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, job_failure(err)
     final = copy / "checkpoints" / f"step_{STEPS:08d}.dcp"
     assert json.loads((final / "manifest.json").read_text())["world_size"] == 4
     a, b = (json.loads((d / "summary.json").read_text())["variants"] for d in (copy, runs["fsdp"]))
@@ -267,7 +274,7 @@ def test_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path):
     (copy / "summary.json").unlink()
     proc = _launch(tmp_path, *_sets(FSDP), "--resume", str(copy))
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, job_failure(err)
     final = copy / "checkpoints" / f"step_{STEPS:08d}.dcp"
     assert json.loads((final / "manifest.json").read_text())["world_size"] == 2
     a, b = (json.loads((d / "summary.json").read_text())["variants"] for d in (copy, one))
