@@ -138,9 +138,13 @@ def run_ranks(entry, args: tuple, nprocs: int, timeout_s: float, what: str) -> N
 @contextlib.contextmanager
 def gloo_group(rank: int, world: int, port: int):
     """This spawned process as ``rank`` of a ``world``-process gloo group on the loopback (one
-    intra-op thread, a 60 s collective timeout), destroyed on the way out."""
+    intra-op thread, a 60 s collective timeout), destroyed on the way out. A body that returns
+    ends the process there, through ``os._exit(0)``: the interpreter's finalization can abort
+    it while a gloo thread releases a Python tensor (see ``fp8lab.run.cli._leave_worker``); a
+    body that raises takes the ordinary way, so its traceback reaches the parent."""
     import datetime
     import os
+    import sys
 
     import torch.distributed as dist
 
@@ -157,3 +161,6 @@ def gloo_group(rank: int, world: int, port: int):
         yield
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
