@@ -144,7 +144,6 @@ def gloo_group(rank: int, world: int, port: int):
     body that raises takes the ordinary way, so its traceback reaches the parent."""
     import datetime
     import os
-    import sys
 
     import torch.distributed as dist
 
@@ -161,6 +160,6 @@ def gloo_group(rank: int, world: int, port: int):
         yield
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from fp8lab.run.cli import _leave_worker
+
+    _leave_worker(0)
