@@ -299,13 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             from fp8lab.run.stop import SIGNALS
 
             signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-            if returned is not None and _torchrun_worker():
-                _leave_worker(returned)
+            if returned is not None and "LOCAL_RANK" in os.environ:  # torch is imported only under torchrun
+                from fp8lab.run.distributed import torchrun_worker
 
-
-def _torchrun_worker() -> bool:
-    """Whether this process is one of several torchrun workers (as Distributed.from_env decides)."""
-    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                if torchrun_worker():
+                    _leave_worker(returned)
 
 
 def _leave_worker(code: int) -> NoReturn:

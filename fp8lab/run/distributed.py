@@ -33,6 +33,12 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
+def torchrun_worker() -> bool:
+    """Whether this process is one of several workers torchrun started (its RANK, WORLD_SIZE
+    and LOCAL_RANK set, WORLD_SIZE above 1)."""
+    return all(name in os.environ for name in TORCHRUN_VARS) and int(os.environ["WORLD_SIZE"]) > 1
+
+
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, global_tokens: int) -> torch.Tensor:
     """Cross-entropy summed over this rank's tokens, divided by the global batch's token count.
 
@@ -98,7 +104,7 @@ class Distributed:
             device: the resolved ``train.device`` ("cuda" means this rank's CUDA device).
             timeout: how long a collective may wait for a peer before it fails.
         """
-        if not all(name in os.environ for name in TORCHRUN_VARS) or int(os.environ["WORLD_SIZE"]) == 1:
+        if not torchrun_worker():
             return cls(device=device)
         rank, world_size, local_rank = (int(os.environ[name]) for name in TORCHRUN_VARS)
         if device.type == "cuda":
