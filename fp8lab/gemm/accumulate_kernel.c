@@ -46,18 +46,20 @@
  * had no room: pass 2 went from 2.5 to 2.0-2.15 cycles per 16 products, GEMMs 9-10% faster. Also kept: the
  * fused epilogue of full tiles in registers (the scalar row loop cost 8% of a fused GEMM). Tried and not kept:
  * pass 1 for up to 16 instructions ahead of their pass 2 (no change; pass 1 runs at its op bound, 3.7-4.0
- * cycles per k, and byte-broadcast codes or 512-bit forms measured slower), an asm accumulate removing GCC's
+ * cycles per k, and 512-bit forms measured slower), an asm accumulate removing GCC's
  * register copies after each add (eliminated at rename: no change), pass 2 unrolled over k (no change).
  * Where a GEMM's time goes (session 8, the same VM; clock 3.66 GHz from a chain of dependent adds; one thread,
  * 2048 x K x 512 fast with K = 32..128, the slope per instruction of variants with one phase removed): 1160-1200
  * cycles per tile and instruction (6 x 32 outputs, 32 products each), of which pass 2 890 (2.3 cycles per 16
  * products; the same loop alone runs at 2.04-2.14), pass 1 140 (per k and row a broadcast, an add and a max,
  * 256-bit, four per cycle), the E/scale setup and step 5 130; a fixed 130-300 per tile (state, epilogue, the
- * call); the prepass 2-3 cycles per value (bound by writing 8 bytes per A value). The phases add up: the vector
- * pipes are full. Tried and not kept: pass 1 of instruction t + 1 interleaved into pass 2 of t (bit-identical, no
- * faster: no idle slots to fill), the setup in exponent-field units with one range check per tile (about 20 fewer
- * ops per tile and instruction: within +-2%), MR = 4, 5 or 7 (within noise), a 2x or 4x L2 budget (2-7% on K =
- * 2048 fast GEMMs only, none on the MLP's shapes).
+ * call); the prepass 2-3 cycles per value, bound by the bytes it writes. The phases add up: the vector pipes are
+ * full. Kept (1-3% each, bit-identical): A's exponent codes as one byte per value instead of four (the prepass
+ * writes 5 bytes per A value instead of 8; pass 1's byte broadcast costs what the 32-bit one did), and the setup
+ * in exponent-field units with one range check per tile (about 20 fewer ops per tile and instruction). Tried and
+ * not kept: pass 1 of instruction t + 1 interleaved into pass 2 of t (bit-identical, no faster: no idle slots to
+ * fill), MR = 4, 5 or 7 (within noise), a 2x or 4x L2 budget (2-7% on K = 2048 fast GEMMs only, none on the MLP's
+ * shapes).
  */
 #include <math.h>
 #include <stdint.h>
@@ -100,7 +102,7 @@ typedef struct {
     const float *c0, *sa, *sb;
     int64_t sa_ld, sb_ld;
     float *ap;           /* A as [row][k] (rows past M, up to a whole tile, repeat the last row) */
-    int32_t *ea;         /* its exponent codes, same layout, each repeated in the 4 bytes (one 32-bit broadcast) */
+    int8_t *ea;          /* its exponent codes, same layout */
     float *bp;           /* B as [panel][k][nr], columns past N zero */
     int8_t *eb;          /* its exponent codes, same layout */
     float *acc;          /* (M, N): between K blocks, the chained C ("fast") or the promoted accumulator */
@@ -188,13 +190,12 @@ static inline const void *element(const void *base, int bf16, int64_t at) {
     return bf16 ? (const void *)((const uint16_t *)base + at) : (const void *)((const float *)base + at);
 }
 
-/* Exponent codes of n packed values (each repeated in the 4 bytes), and how many are off the grid. */
-static int32_t codes32(const float *v, int32_t *codes, int64_t n, int32_t emin, int32_t mbits, uint32_t vmax_bits) {
+/* Exponent codes of n packed values, and how many are off the grid. */
+static int32_t codes_of(const float *v, int8_t *codes, int64_t n, int32_t emin, int32_t mbits, uint32_t vmax_bits) {
     int32_t bad = 0;
     for (int64_t at = 0; at < n; at++) {
         int32_t off;
-        const uint32_t c = (uint32_t)operand_code(v[at], emin, mbits, vmax_bits, &off) & 0xFFu;
-        codes[at] = (int32_t)(c * 0x01010101u);
+        codes[at] = (int8_t)operand_code(v[at], emin, mbits, vmax_bits, &off);
         bad += off;
     }
     return bad;
@@ -266,7 +267,7 @@ static int64_t pack_a(const job_t *j, const void *a, int bf16, int64_t sm, int64
             memcpy(d, j->ap + (r1 - 1) * j->lda, sizeof(float) * k);
         else if (!across)
             copy_strided(d, 1, element(a, bf16, i * sm), bf16, sk, k);
-        const int32_t off = codes32(d, j->ea + i * j->lda, k, fmt[0], fmt[1], vmax_bits);
+        const int32_t off = codes_of(d, j->ea + i * j->lda, k, fmt[0], fmt[1], vmax_bits);
         bad += i < r1 ? off : 0;
     }
     if (j->prescaled)  /* exact: FP8 values are >= 2^-16 in magnitude (or 0, inf, NaN); times 2^-64, normal */
@@ -406,11 +407,11 @@ static float ieee_instruction(const float *arow, double ascale, const float *bco
 }
 
 /* One instruction for one output (A's row arow; B's column bcol, stride nr): steps 1-5, or the IEEE sum. */
-static float instruction_scalar(const job_t *j, const float *arow, const int32_t *earow, const float *bcol,
+static float instruction_scalar(const job_t *j, const float *arow, const int8_t *earow, const float *bcol,
                                 const int8_t *ebcol, int64_t k0, int64_t k1, float cin) {
     int e = c_exponent_scalar(cin);
     for (int64_t k = k0; k < k1; k++) {
-        const int ek = exponent_of_code((int8_t)(earow[k] & 0xFF)) + exponent_of_code(ebcol[k * j->nr]);
+        const int ek = exponent_of_code(earow[k]) + exponent_of_code(ebcol[k * j->nr]);
         e = ek > e ? ek : e;
     }
     if (e >= 128) return ieee_instruction(arow, 1.0, bcol, j->nr, k0, k1, cin);
@@ -440,7 +441,7 @@ static void tile_generic(const job_t *j, int64_t it, int64_t jt, int64_t t0, int
         const int64_t k0 = ins * j->chunk, k1 = min64(j->k, k0 + j->chunk);
         for (int r = 0; r < MR_G; r++) {
             const float *arow = j->ap + (i0 + r) * j->lda;
-            const int32_t *earow = j->ea + (i0 + r) * j->lda;
+            const int8_t *earow = j->ea + (i0 + r) * j->lda;
             for (int q = 0; q < NR_G; q++)
                 c[r * NR_G + q] = instruction_scalar(j, arow, earow, bpanel + q, ebpanel + q, k0, k1, c[r * NR_G + q]);
         }
@@ -487,9 +488,10 @@ typedef __m256i vh; /* NR = 2 * VL int8 exponent codes */
 #define vi_store(p, x) _mm512_storeu_si512((void *)(p), (x))
 #define vh_load(p) _mm256_loadu_si256((const __m256i *)(p))
 #define vh_set1 _mm256_set1_epi8
-#define vh_bcast32(p) _mm256_set1_epi32(*(p)) /* four copies of a code: a plain 32-bit broadcast load */
+#define vh_bcast8(p) _mm256_set1_epi8(*(p))
 #define vh_add _mm256_adds_epi8
 #define vh_max _mm256_max_epi8
+#define vh_min _mm256_min_epi8
 #define vh_widen(x, h) _mm512_cvtepi8_epi32(_mm256_extracti128_si256((x), (h)))
 /* True exponents from the max of code sums: -62 below -CODE_SPLIT (a zero took part), EXP_NONFINITE above. */
 static inline vi decode(vi d) {
@@ -534,9 +536,10 @@ typedef __m128i vh;
 #define vi_store(p, x) _mm256_storeu_si256((__m256i *)(p), (x))
 #define vh_load(p) _mm_loadu_si128((const __m128i *)(p))
 #define vh_set1 _mm_set1_epi8
-#define vh_bcast32(p) _mm_set1_epi32(*(p))
+#define vh_bcast8(p) _mm_set1_epi8(*(p))
 #define vh_add _mm_adds_epi8
 #define vh_max _mm_max_epi8
+#define vh_min _mm_min_epi8
 #define vh_widen(x, h) _mm256_cvtepi8_epi32((h) ? _mm_srli_si128((x), 8) : (x))
 static inline vi decode(vi d) {
     d = vi_sub(d, vi_and(_mm256_cmpgt_epi32(vi_set1(-CODE_SPLIT + 1), d), vi_set1(62)));
@@ -644,7 +647,7 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
     const int8_t *ebpanel = j->eb + jt * j->k * NR;
     const int64_t kk = j->lda;  /* A's row stride */
     const float *apanel = j->ap + i0 * kk;  /* rows past M repeat the last (their outputs are dropped) */
-    const int32_t *eapanel = j->ea + i0 * kk;
+    const int8_t *eapanel = j->ea + i0 * kk;
     const int frac = j->frac;
     const vi keep = vi_set1((int)~((1u << (23 - j->out_frac)) - 1u)); /* step 5 as a mantissa mask */
     float buf[MR * NR];
@@ -664,37 +667,41 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
         for (int64_t k = k0; k < k1; k++) {
             const vh eb = vh_load(ebpanel + k * NR);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast32(eapanel + r * kk + k), eb));
+            for (int r = 0; r < MR; r++) eh[r] = vh_max(eh[r], vh_add(vh_bcast8(eapanel + r * kk + k), eb));
         }
         vi e[MR][NV], s[MR][NV];
         vf sc[MR][NV];
         /* Usually every lane's largest code sum is a product's exponent (not every product has a zero
-         * operand, and none has an inf or NaN one) and its E lies in [frac - 62, frac + 64]: then E + 127 is
-         * the max of the codes + 127 and C's exponent field (the codes + 127 are >= 88: C's clamp at -126
-         * cannot matter). */
-        int unusual = 0;
-        for (int r = 0; r < MR; r++) unusual |= vh_any_far(eh[r]);
-        if (!unusual)
+         * operand, and none has an inf or NaN one: no code sum of the tile lies outside (-CODE_SPLIT,
+         * CODE_SPLIT), which the rows' min and max tell) and its E lies in [frac - 62, frac + 64]. Then, in
+         * exponent-field units ((x + 127) << 23), E's field is the max of the codes' and C's (the codes + 127
+         * are >= 88: C's clamp at -126 cannot matter); d = (64 + frac - E) << 23 is what pass 2 adds to a
+         * product's exponent field, and d + (63 << 23) the field of 2^(frac - E) that scales C. */
+        int unusual;
+        {
+            vh lo = eh[0], hi = eh[0];
+            for (int r = 1; r < MR; r++) lo = vh_min(lo, eh[r]), hi = vh_max(hi, eh[r]);
+            unusual = vh_any_far(lo) | vh_any_far(hi);
+        }
+        vi d[MR][NV];
+        if (!unusual) {
+            vi emax = vi_set1(0);
             for (int r = 0; r < MR; r++)
                 for (int v = 0; v < NV; v++) {
-                    const vi cfield = vi_and(vi_srli(vf_as_vi(c[r][v]), 23), vi_set1(0xFF));
-                    e[r][v] = vi_max(vi_add(vh_widen(eh[r], v), vi_set1(127)), cfield);  /* E + 127 */
-                    unusual |= vi_any_above(e[r][v], frac + 191);  /* E >= frac - 62 already: codes >= -39 */
+                    const vi cf = vi_and(vf_as_vi(c[r][v]), vi_set1(0x7F800000));
+                    const vi ef = vi_max(vi_add(vi_slli(vh_widen(eh[r], v), 23), vi_set1(127 << 23)), cf);
+                    emax = vi_max(emax, ef);
+                    d[r][v] = vi_sub(vi_set1((frac + 191) << 23), ef);
+                    s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], vi_as_vf(vi_add(d[r][v], vi_set1(63 << 23)))));
                 }
+            unusual = vi_any_above(emax, (frac + 191) << 23);  /* E >= frac - 62 already: codes >= -39 */
+        }
         if (!unusual) {
-            /* Pass 2 scales a product by 2^(frac - E) by adding 64 + frac - E >= 0 to its exponent field: A
+            /* Pass 2 scales a product by 2^(frac - E) by adding d (64 + frac - E >= 0) to its exponent field: A
              * is packed times 2^-64, so a nonzero product a*b*2^-64 is exact and normal (|a*b| >= 2^-32) and
              * stays normal; a zero product (bits 0 or the sign bit alone) becomes at most 2^(frac - E - 63)
              * < 1 in magnitude, which truncates to 0. One multiply per 16 products where a second one would
              * share the multiply pipes with the other ops (Zen 4: 2.0-2.1 instead of 2.3-2.5 cycles). */
-            vi d[MR][NV];
-            for (int r = 0; r < MR; r++)
-                for (int v = 0; v < NV; v++) {
-                    const vi scale = vi_slli(vi_sub(vi_set1(frac + 254), e[r][v]), 23);  /* 2^(frac - E) */
-                    s[r][v] = vf_to_vi_trunc(vf_mul(c[r][v], vi_as_vf(scale)));
-                    d[r][v] = vi_sub(scale, vi_set1(63 << 23));  /* 64 + frac - E in the exponent field */
-                    e[r][v] = vi_sub(vi_set1(254 << 23), scale);  /* 2^(E - frac), for step 5 */
-                }
             for (int64_t k = k0; k < k1; k++) {
                 const vf b0 = vf_load(bpanel + k * NR), b1 = vf_load(bpanel + k * NR + VL);
 #pragma GCC unroll 8
@@ -704,10 +711,11 @@ static void tile_simd(const job_t *j, int64_t it, int64_t jt, int64_t t0, int64_
                     s[r][1] = vi_add(s[r][1], vf_to_vi_trunc(vi_as_vf(vi_add(vf_as_vi(mul_bcast(a, b1)), d[r][1]))));
                 }
             }
+            /* Step 5, times 2^(E - frac): its field is (191 << 23) - d. */
             for (int r = 0; r < MR; r++)
                 for (int v = 0; v < NV; v++) {
                     const vf kept = vi_as_vf(vi_and(vf_as_vi(vi_to_vf(s[r][v])), keep));
-                    c[r][v] = vf_mul(kept, vi_as_vf(e[r][v]));
+                    c[r][v] = vf_mul(kept, vi_as_vf(vi_sub(vi_set1(191 << 23), d[r][v])));
                 }
             goto promote;
         }
@@ -839,14 +847,14 @@ int fp8lab_accumulate(const void *a, int a_bf16, int64_t sam, int64_t sak, const
     const int own_acc = n_blocks > 1 && out_bf16;
     /* A's rows 64 bytes longer than 4 KiB multiples, so that a tile's rows do not share their L1 sets */
     j.lda = (kk + 15) / 16 * 16 + ((kk + 15) / 16 % 64 == 0 ? 16 : 0);
-    const size_t pieces[5] = {sizeof(float) * tiles_m * j.mr * j.lda, sizeof(int32_t) * tiles_m * j.mr * j.lda,
+    const size_t pieces[5] = {sizeof(float) * tiles_m * j.mr * j.lda, (size_t)(tiles_m * j.mr * j.lda),
                               sizeof(float) * j.np * kk, (size_t)(j.np * kk), own_acc ? sizeof(float) * m * n : 0};
     size_t total = 0, at[5];
     for (int q = 0; q < 5; q++) at[q] = total, total += (pieces[q] + 63) / 64 * 64;
     char *mem = scratch(total + 64);
     if (!mem) return -1;
     mem += (64 - (uintptr_t)mem % 64) % 64;
-    j.ap = (float *)(mem + at[0]), j.ea = (int32_t *)(mem + at[1]);
+    j.ap = (float *)(mem + at[0]), j.ea = (int8_t *)(mem + at[1]);
     j.bp = (float *)(mem + at[2]), j.eb = (int8_t *)(mem + at[3]);
     j.acc = own_acc ? (float *)(mem + at[4]) : (float *)out;
     int64_t bad_a = 0, bad_b = 0;
