@@ -46,8 +46,8 @@
  * had no room: pass 2 went from 2.5 to 2.0-2.15 cycles per 16 products, GEMMs 9-10% faster. Also kept: the
  * fused epilogue of full tiles in registers (the scalar row loop cost 8% of a fused GEMM). Tried and not kept:
  * pass 1 for up to 16 instructions ahead of their pass 2 (no change; pass 1 runs at its op bound, 3.7-4.0
- * cycles per k, and 512-bit forms measured slower), an asm accumulate removing GCC's
- * register copies after each add (eliminated at rename: no change), pass 2 unrolled over k (no change).
+ * cycles per k, and 512-bit forms measured slower), an asm accumulate removing GCC's register copies after
+ * each add (eliminated at rename: no change), pass 2 unrolled over k (no change).
  * Where a GEMM's time goes (session 8, the same VM; clock 3.66 GHz from a chain of dependent adds; one thread,
  * 2048 x K x 512 fast with K = 32..128, the slope per instruction of variants with one phase removed): 1160-1200
  * cycles per tile and instruction (6 x 32 outputs, 32 products each), of which pass 2 890 (2.3 cycles per 16
