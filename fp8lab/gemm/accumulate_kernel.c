@@ -55,12 +55,13 @@
  * 256-bit), the E/scale setup and step 5 130; a fixed 130-300 per tile (state, epilogue, the call); the prepass
  * 2-3 cycles per value, bound by the bytes it writes. The phases add up: the vector pipes are full. Kept (1-3%
  * each, bit-identical): A's exponent codes as one byte per value instead of four (the prepass writes 5 bytes per A
- * value instead of 8; pass 1's byte broadcast costs what the 32-bit one did), and the setup in exponent-field
- * units with one range check per tile (about 20 fewer ops per tile and instruction). Tried and not kept: pass 1 of
- * instruction t + 1 interleaved into pass 2 of t (bit-identical, no faster: no idle slots to fill), A's codes pre-
- * broadcast per row tile into a per-thread buffer so that pass 1 adds them from memory (6-12% slower), software
- * prefetch of B (no change), MR = 4, 5 or 7 (within noise), a 2x or 4x L2 budget (2-7% on K = 2048 fast GEMMs
- * only, none on the MLP's shapes).
+ * value instead of 8; pass 1's byte broadcast costs what the 32-bit one did), the setup in exponent-field units
+ * with one range check per tile (about 20 fewer ops per tile and instruction), and the prepass's codes sixteen at
+ * a time with A's prescale in the same pass (codes_of). Tried and not kept: pass 1 of instruction t + 1
+ * interleaved into pass 2 of t (bit-identical, no faster: no idle slots to fill), A's codes pre-broadcast per row
+ * tile into a per-thread buffer so that pass 1 adds them from memory (6-12% slower), software prefetch of B (no
+ * change), the off-grid count in a vector instead of popcnt (no change), MR = 4, 5 or 7 (within noise), a 2x or 4x
+ * L2 budget (2-7% on K = 2048 fast GEMMs only, none on the MLP's shapes).
  */
 #include <math.h>
 #include <stdint.h>
