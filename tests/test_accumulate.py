@@ -485,6 +485,30 @@ def test_off_grid_values_are_counted_once_in_every_layout():
                 tensor_core_accumulate(x, torch.ones(70, 3), E4M3, E4M3, HOPPER_FAST)
 
 
+@pytest.mark.skipif(not KERNEL_OK, reason="no C compiler here")
+@pytest.mark.parametrize("where", ["vector", "tail"])
+def test_every_kind_of_off_grid_value_is_counted_where_the_prepass_vectorises(where):
+    """The AVX-512 prepass classifies sixteen values at a time with its own copy of operand_code's rule; the
+    scalar rule classifies the tail. Both must agree on every kind of value: on the grid (E4M3 subnormals
+    2^-9 and 7 * 2^-9, zeros, inf, NaN, 448) and off it (bits below the grid, below the smallest subnormal,
+    an fp32 subnormal, past 448)."""
+    on = [2.0**-9, 7 * 2.0**-9, 0.0, -0.0, math.inf, math.nan, 448.0, -1.75]
+    off = [1.1, 2.0**-10, 3 * 2.0**-10, 1e-40, 480.0, -2.0**-12]
+    at = 0 if where == "vector" else 32  # a row of 40: values 0-31 in two vector blocks, 32-39 in the tail
+    a = torch.ones(2, 40)
+    a[1, at : at + len(on)] = torch.tensor(on)
+    b = torch.ones(40, 3)
+    kernel, _ = accumulate_native.load_kernel()
+    _, bad = accumulate_native.run(kernel, a, b, (-6, 3, -6, 3), (448.0, 448.0), Steps(32, 13, 0, False))
+    assert bad == (0, 0)
+    a[0, at : at + len(off)] = torch.tensor(off)
+    _, bad = accumulate_native.run(kernel, a, b, (-6, 3, -6, 3), (448.0, 448.0), Steps(32, 13, 0, False))
+    assert bad == (len(off), 0)
+    _, bad = accumulate_native.run(kernel, b.t().contiguous(), a.t().contiguous(), (-6, 3, -6, 3), (448.0, 448.0),
+                                   Steps(32, 13, 0, False))
+    assert bad == (0, len(off))  # B's panels go through the same classification
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_values_off_the_grid_are_refused(path):
     a, b = torch.ones(2, 40), torch.ones(40, 3)

@@ -195,7 +195,8 @@ static inline const void *element(const void *base, int bf16, int64_t at) {
 /* Exponent codes of n values, and how many are off the grid; with prescale, v[i] is then multiplied by 2^-64
  * (exact: FP8 values are >= 2^-16 in magnitude, or 0, inf or NaN; the product is normal). On AVX-512 sixteen
  * values at a time, each step as operand_code computes it (GCC's vectorisation of the scalar loop cost about
- * twice as much: it narrowed the codes with permutes). */
+ * twice as much: it narrowed the codes with permutes); tests/test_accumulate.py holds the two to the same count
+ * for every kind of value. */
 static int32_t codes_of(float *v, int8_t *codes, int64_t n, int32_t emin, int32_t mbits, uint32_t vmax_bits,
                         int prescale) {
     int32_t bad = 0;
