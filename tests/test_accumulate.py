@@ -493,7 +493,7 @@ def test_every_kind_of_off_grid_value_is_counted_where_the_prepass_vectorises(wh
     2^-9 and 7 * 2^-9, zeros, inf, NaN, 448) and off it (bits below the grid, below the smallest subnormal,
     an fp32 subnormal, past 448)."""
     on = [2.0**-9, 7 * 2.0**-9, 0.0, -0.0, math.inf, math.nan, 448.0, -1.75]
-    off = [1.1, 2.0**-10, 3 * 2.0**-10, 1e-40, 480.0, -2.0**-12]
+    off = [1.1, 2.0**-10, 3 * 2.0**-10, 1e-40, 480.0, -(2.0**-12)]
     at = 0 if where == "vector" else 32  # a row of 40: values 0-31 in two vector blocks, 32-39 in the tail
     a = torch.ones(2, 40)
     a[1, at : at + len(on)] = torch.tensor(on)
@@ -504,8 +504,9 @@ def test_every_kind_of_off_grid_value_is_counted_where_the_prepass_vectorises(wh
     a[0, at : at + len(off)] = torch.tensor(off)
     _, bad = accumulate_native.run(kernel, a, b, (-6, 3, -6, 3), (448.0, 448.0), Steps(32, 13, 0, False))
     assert bad == (len(off), 0)
-    _, bad = accumulate_native.run(kernel, b.t().contiguous(), a.t().contiguous(), (-6, 3, -6, 3), (448.0, 448.0),
-                                   Steps(32, 13, 0, False))
+    _, bad = accumulate_native.run(
+        kernel, b.t().contiguous(), a.t().contiguous(), (-6, 3, -6, 3), (448.0, 448.0), Steps(32, 13, 0, False)
+    )
     assert bad == (0, len(off))  # B's panels go through the same classification
 
 
